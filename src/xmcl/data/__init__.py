@@ -1,0 +1,1 @@
+"""Data: generators (shapes world), readers of the real formats, tokenisers and image preprocessing."""

@@ -1,0 +1,1 @@
+"""Training infrastructure shared by both systems: the loop, checkpoints, logging and progress."""
