@@ -61,6 +61,11 @@ def _coerce(value: Any, type_: Any, key: str, where: str) -> Any:
             raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
         return dict(value)
     if type_ is float:
+        if isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
         return float(value)
