@@ -1,0 +1,95 @@
+"""Pooling a padded set of local features into one vector: GPO (VSE-infinity) and masked mean / max.
+
+Every pooling module has ``forward(features (B, L, D), lengths (B,)) -> (B, D)``; padded positions never
+influence the result, so the output does not depend on how much padding a batch carries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from xmcl.errors import ConfigError
+from xmcl.nn.sequence import BiGRU, length_mask
+
+
+def positional_encoding(length: int, dim: int, device: torch.device | None = None) -> Tensor:
+    """``(length, dim)`` sinusoidal encoding of positions 0..length-1.
+
+    ``pe[p, 2k] = sin(p / 10000^(2k/dim))``, ``pe[p, 2k+1] = cos(p / 10000^(2k/dim))``; ``dim`` must be even.
+    """
+    if dim % 2:
+        raise ConfigError(f"positional encoding needs an even dimension, got {dim}")
+    position = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
+    inv_freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.empty(length, dim, device=device)
+    pe[:, 0::2] = torch.sin(position * inv_freq)
+    pe[:, 1::2] = torch.cos(position * inv_freq)
+    return pe
+
+
+class MeanPooling(nn.Module):
+    """``sum_{i < n_b} x_bi / n_b``."""
+
+    def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
+        mask = length_mask(lengths.to(features.device), features.size(1)).unsqueeze(-1)
+        total = features.masked_fill(~mask, 0).sum(dim=1)
+        return total / lengths.to(features.device, features.dtype).unsqueeze(1)
+
+
+class MaxPooling(nn.Module):
+    """Per-dimension ``max_{i < n_b} x_bi``."""
+
+    def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
+        mask = length_mask(lengths.to(features.device), features.size(1)).unsqueeze(-1)
+        return features.masked_fill(~mask, float("-inf")).amax(dim=1)
+
+
+class GPO(nn.Module):
+    """Generalized Pooling Operator (Chen et al., CVPR 2021, "VSE-infinity").
+
+    For a set of ``n`` features, each dimension is sorted in descending order and pooled with weights
+    ``theta_k`` (k = rank) that depend only on ``n``: a BiGRU reads the sinusoidal encodings of ranks
+    0..n-1, a linear scorer gives ``s_k``, and ``theta = softmax_k(s_k / temperature)`` over the n valid
+    ranks. Output: ``sum_k theta_k * sorted_k(x)``.
+    """
+
+    def __init__(self, d_pe: int = 32, d_hidden: int = 32, temperature: float = 0.1) -> None:
+        super().__init__()
+        if d_pe % 2:
+            raise ConfigError(f"GPO: d_pe must be even, got {d_pe}")
+        self.d_pe = d_pe
+        self.temperature = temperature
+        self.gru = BiGRU(d_pe, d_hidden)
+        self.scorer = nn.Linear(d_hidden, 1, bias=False)
+
+    def pool_weights(self, lengths: Tensor, max_len: int) -> Tensor:
+        """``(B, max_len)`` weights over ranks: softmax over the first ``lengths[b]`` ranks, 0 beyond."""
+        device = self.scorer.weight.device
+        mask = length_mask(lengths.to(device), max_len)
+        pe = positional_encoding(max_len, self.d_pe, device=device)
+        pe = pe.to(self.scorer.weight.dtype).expand(lengths.size(0), max_len, self.d_pe)
+        scores = self.scorer(self.gru(pe, lengths)).squeeze(-1)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores / self.temperature, dim=1)
+
+    def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
+        max_len = features.size(1)
+        mask = length_mask(lengths.to(features.device), max_len).unsqueeze(-1)
+        weights = self.pool_weights(lengths, max_len).to(features.dtype)
+        ranked = features.masked_fill(~mask, float("-inf")).sort(dim=1, descending=True).values
+        ranked = ranked.masked_fill(~mask, 0)  # the valid values now occupy ranks 0..n-1
+        return (ranked * weights.unsqueeze(-1)).sum(dim=1)
+
+
+def build_pooling(name: str) -> nn.Module:
+    """``"gpo"`` (GPO with d_pe = d_hidden = 32, as VSE-infinity), ``"mean"`` or ``"max"`` (ablations)."""
+    if name == "gpo":
+        return GPO()
+    if name == "mean":
+        return MeanPooling()
+    if name == "max":
+        return MaxPooling()
+    raise ConfigError(f"unknown pooling '{name}'; expected 'gpo', 'mean' or 'max'")

@@ -1,0 +1,49 @@
+"""Projection of local features into the joint embedding space (VSE-infinity's ``fc + MLP`` head).
+
+Unlike a ``BatchNorm1d(R)`` tied to a fixed region count, normalisation here runs over the feature
+dimension and takes its statistics from the valid (unpadded) locations only, so any number of regions
+or tokens works and padding never shifts the statistics.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from xmcl.nn.sequence import length_mask
+
+
+class ProjectionHead(nn.Module):
+    """``y = fc(x) + W_2 relu(BN(W_1 x))`` applied to each valid location.
+
+    ``forward(x (B, L, D_in), lengths (B,)) -> (B, L, D_out)`` with padded locations set to 0; with
+    ``lengths=None`` every location of ``x (..., D_in)`` is valid. BN is a ``BatchNorm1d(hidden)`` over
+    the valid locations of the batch (hidden = D_out // 2 by default, as VSE-infinity).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None) -> None:
+        super().__init__()
+        hidden_dim = hidden_dim or max(out_dim // 2, 1)
+        self.out_dim = out_dim
+        self.fc = nn.Linear(in_dim, out_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim)
+        )
+        bound = math.sqrt(6.0 / (in_dim + out_dim))  # Xavier-uniform fc, Kaiming-normal MLP, zero biases
+        nn.init.uniform_(self.fc.weight, -bound, bound)
+        nn.init.zeros_(self.fc.bias)
+        for layer in (self.mlp[0], self.mlp[3]):
+            nn.init.kaiming_normal_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        if lengths is None:
+            flat = x.reshape(-1, x.size(-1))
+            return (self.fc(flat) + self.mlp(flat)).reshape(*x.shape[:-1], self.out_dim)
+        mask = length_mask(lengths.to(x.device), x.size(1))
+        valid = x[mask]  # (N_valid, D_in): the only rows the normalisation sees
+        projected = self.fc(valid) + self.mlp(valid)
+        out = projected.new_zeros(*mask.shape, self.out_dim)
+        out[mask] = projected
+        return out

@@ -1,0 +1,1 @@
+"""USER image-text retrieval: encoders, enhancement, momentum model, feature extraction."""

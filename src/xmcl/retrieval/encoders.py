@@ -1,0 +1,178 @@
+"""USER's two towers: local features -> (SGE) -> joint space -> pooling -> L2-normalised embedding.
+
+Image tower: precomputed region features ``(B, R, D)`` + lengths, or raw images through a CNN backbone
+whose last feature map ``(B, C, h, w)`` becomes ``h*w`` grid "regions". Order, as in the authors' code:
+SGE on the raw locals, projection (``fc + MLP``) to the joint space, pooling, L2.
+Text tower: a BERT-family model from a local directory (last hidden state -> linear -> optional SGE) or a
+BiGRU over a vocabulary embedding (its output is already in the joint space -> optional SGE); then pooling, L2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xmcl.data.text import resolve_text_model_dir
+from xmcl.errors import ConfigError, DataError
+from xmcl.nn.backbones import build_image_backbone, set_trainable
+from xmcl.nn.gpo import build_pooling
+from xmcl.nn.heads import ProjectionHead
+from xmcl.nn.sequence import BiGRU, length_mask
+from xmcl.retrieval.config import ModelConfig
+from xmcl.retrieval.enhancement import SGE
+
+GRID_DROP_GATE = 0.2  # VSE-infinity: an image keeps all its cells when its draw u <= 0.2
+
+
+def drop_grid_cells(features: Tensor, rate: float) -> tuple[Tensor, Tensor]:
+    """VSE-infinity's size augmentation of grid features ``(B, N, C)``.
+
+    Per image draw ``u ~ U(0, 1)``; if ``u > 0.2`` each cell is dropped with probability ``rate * u``.
+    Kept cells move to the front (in their original order); returns ``(features (B, N', C), lengths (B,))``
+    with ``N'`` the largest kept count. At least one cell of each image is always kept.
+    """
+    batch, cells = features.shape[:2]
+    u = torch.rand(batch, 1, device=features.device)
+    keep = (torch.rand(batch, cells, device=features.device) >= rate * u) | (u <= GRID_DROP_GATE)
+    keep[:, 0] |= ~keep.any(dim=1)
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
+    lengths = keep.sum(dim=1)
+    compact = features.gather(1, order.unsqueeze(-1).expand_as(features))
+    return compact[:, : int(lengths.max())], lengths
+
+
+class ImageEncoder(nn.Module):
+    """``forward(inputs, lengths=None) -> (B, embed_dim)`` unit vectors.
+
+    Without a backbone, ``inputs`` are region features ``(B, R, local_dim)`` and ``lengths (B,)`` the valid
+    counts (None = all R valid). With one, ``inputs`` are images ``(B, 3, H, W)`` and ``lengths`` must be None.
+    """
+
+    def __init__(self, local_dim: int, embed_dim: int, pooling: str = "gpo", sge: SGE | None = None,
+                 backbone: nn.Module | None = None, grid_drop: float = 0.0) -> None:
+        super().__init__()
+        self.local_dim = local_dim
+        self.backbone = backbone
+        self.grid_drop = grid_drop
+        self.sge = sge
+        self.head = ProjectionHead(local_dim, embed_dim)
+        self.pooling = build_pooling(pooling)
+
+    def local_features(self, inputs: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The raw locals ``(B, R, local_dim)`` and their lengths (grid cells for images)."""
+        if self.backbone is not None:
+            if inputs.dim() != 4:
+                raise DataError(f"the image encoder expects images (B, 3, H, W), got shape {tuple(inputs.shape)}")
+            if lengths is not None:
+                raise DataError("images come without lengths: every grid cell of the feature map is valid")
+            grid = self.backbone(inputs)
+            local = grid.flatten(2).transpose(1, 2)  # (B, h*w, C)
+            if self.training and self.grid_drop > 0:
+                return drop_grid_cells(local, self.grid_drop)
+            return local, torch.full((local.size(0),), local.size(1), device=local.device, dtype=torch.long)
+        if inputs.dim() != 3 or inputs.size(-1) != self.local_dim:
+            raise DataError(f"the image encoder expects region features (B, R, {self.local_dim}), "
+                            f"got shape {tuple(inputs.shape)}")
+        if lengths is None:
+            lengths = torch.full((inputs.size(0),), inputs.size(1), dtype=torch.long)
+        return inputs, lengths.to(inputs.device)
+
+    def forward(self, inputs: Tensor, lengths: Tensor | None = None) -> Tensor:
+        local, lengths = self.local_features(inputs, lengths)
+        if self.sge is not None:
+            local = self.sge(local, lengths)
+        joint = self.head(local, lengths)
+        return F.normalize(self.pooling(joint, lengths), dim=-1)
+
+
+class HFTextModel(nn.Module):
+    """A BERT-family model loaded from a local directory: ``(ids, lengths) -> last hidden state (B, L, H)``."""
+
+    def __init__(self, model_dir: Path | str) -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise ConfigError(f"text model directory {model_dir} has no config.json")
+        try:
+            self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).float()
+        except (OSError, ValueError, KeyError) as error:
+            raise ConfigError(f"cannot load the text model in {model_dir}: {error}") from None
+        self.hidden_dim = int(self.model.config.hidden_size)
+
+    def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        attention_mask = length_mask(lengths.to(ids.device), ids.size(1)).long()
+        return self.model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+
+
+class GRUTextModel(nn.Module):
+    """Word embedding (uniform init in [-0.1, 0.1]) + BiGRU, directions averaged: ``-> (B, L, hidden_dim)``."""
+
+    def __init__(self, vocab_size: int, word_dim: int, hidden_dim: int, num_layers: int = 1) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, word_dim)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        self.gru = BiGRU(word_dim, hidden_dim, num_layers)
+        self.hidden_dim = hidden_dim
+
+    def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        return self.gru(self.embed(ids), lengths)
+
+
+class TextEncoder(nn.Module):
+    """``forward(ids (B, L), lengths (B,)) -> (B, embed_dim)`` unit vectors.
+
+    ``sequence`` maps ids to per-token states of size ``sequence.hidden_dim``; with ``project`` a linear layer
+    maps them to the joint space (BERT), without it they must already be ``embed_dim``-d (BiGRU); then
+    optional SGE, pooling and L2.
+    """
+
+    def __init__(self, sequence: nn.Module, embed_dim: int, project: bool = True, pooling: str = "gpo",
+                 sge: SGE | None = None) -> None:
+        super().__init__()
+        self.sequence = sequence
+        if not project and sequence.hidden_dim != embed_dim:
+            raise ConfigError(f"text states are {sequence.hidden_dim}-d but the joint space is {embed_dim}-d: "
+                              "a projection is needed")
+        self.projection = nn.Linear(sequence.hidden_dim, embed_dim) if project else nn.Identity()
+        self.sge = sge
+        self.pooling = build_pooling(pooling)
+
+    def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        if ids.dim() != 2:
+            raise DataError(f"the text encoder expects token ids (B, L), got shape {tuple(ids.shape)}")
+        lengths = lengths.to(ids.device)
+        local = self.projection(self.sequence(ids, lengths))
+        if self.sge is not None:
+            local = self.sge(local, lengths)
+        return F.normalize(self.pooling(local, lengths), dim=-1)
+
+
+def build_image_encoder(cfg: ModelConfig) -> ImageEncoder:
+    """The image tower ``cfg`` describes (the backbone from ``xmcl.nn.backbones`` when ``image_input="images"``)."""
+    backbone = None
+    local_dim = cfg.region_dim
+    if cfg.image_input == "images":
+        backbone = build_image_backbone(cfg.backbone, cfg.backbone_weights)
+        set_trainable(backbone, cfg.backbone_trainable)
+        local_dim = backbone.out_channels
+    sge = SGE(local_dim, cfg.sge_lambda, cfg.sge_dropout) if cfg.sge else None
+    return ImageEncoder(local_dim, cfg.embed_dim, cfg.pooling, sge, backbone, cfg.grid_drop)
+
+
+def build_text_encoder(cfg: ModelConfig, vocab_size: int | None = None) -> TextEncoder:
+    """The text tower ``cfg`` describes; ``vocab_size`` is required for ``text_encoder="bigru"``."""
+    if cfg.text_encoder == "bert":
+        sequence: nn.Module = HFTextModel(resolve_text_model_dir(cfg.text_model))
+    elif cfg.text_encoder == "bigru":
+        if not vocab_size:
+            raise ConfigError("model.text_encoder='bigru' needs the vocabulary size (build the vocabulary first)")
+        sequence = GRUTextModel(vocab_size, cfg.word_dim, cfg.embed_dim, cfg.gru_layers)
+    else:
+        raise ConfigError(f"model.text_encoder must be 'bert' or 'bigru', got '{cfg.text_encoder}'")
+    sge = SGE(cfg.embed_dim, cfg.sge_lambda, cfg.sge_dropout) if cfg.text_sge else None
+    return TextEncoder(sequence, cfg.embed_dim, cfg.text_encoder == "bert", cfg.pooling, sge)

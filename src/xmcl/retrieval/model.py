@@ -1,0 +1,165 @@
+"""USER: dual encoder + momentum key encoders + image/text key queues + the retrieval loss.
+
+A training step, as the trainer drives it::
+
+    losses = model(batch)            # online embeddings, momentum keys, loss; then this step's keys are queued
+    losses["loss"].backward(); optimizer.step()
+    model.momentum_step()            # key encoders follow the online ones
+
+With ``use_queue=False`` there are no key encoders or queues and the loss sees the batch only (the VSE++
+baseline / "USER without queue" setting).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from xmcl.contrast import MomentumQueue, RetrievalLoss, build_retrieval_loss, make_key_encoder, momentum_update
+from xmcl.errors import DataError
+from xmcl.retrieval.config import LossConfig, ModelConfig
+from xmcl.retrieval.encoders import build_image_encoder, build_text_encoder
+
+
+def build_loss(cfg: LossConfig) -> RetrievalLoss:
+    """The ``xmcl.contrast`` retrieval loss ``cfg`` names, with its own constants."""
+    specific = {
+        "uto": {"mu": cfg.mu, "gamma": cfg.gamma},
+        "hinge": {"margin": cfg.margin, "warmup_epochs": cfg.warmup_epochs},
+        "infonce": {"init_temperature": cfg.temperature},
+    }
+    return build_retrieval_loss(cfg.name, batch_weight=cfg.lambda_batch,
+                                queue_false_negatives=cfg.queue_false_negatives, **specific.get(cfg.name, {}))
+
+
+class USERModel(nn.Module):
+    """The retrieval model of ``ModelConfig`` trained with the loss of ``LossConfig``.
+
+    ``batch`` keys: ``images (B, 3, H, W)`` or ``regions (B, R, D)`` + ``region_lengths (B,)``;
+    ``tokens (B, L)`` + ``token_lengths (B,)``; ``image_ids (B,)``, the image index of each caption (pairs
+    with equal ids are positives of each other and never negatives, in the batch and in the queues).
+    ``vocab_size`` is needed for the BiGRU text encoder only. ``state_dict()`` holds the online and key
+    encoders and both queues (keys, ids, pointer, fill count).
+    """
+
+    def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig, vocab_size: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.image_encoder = build_image_encoder(cfg)
+        self.text_encoder = build_text_encoder(cfg, vocab_size)
+        self.loss = build_loss(loss_cfg)
+        self.image_key_encoder: nn.Module | None = None
+        self.text_key_encoder: nn.Module | None = None
+        self.image_queue: MomentumQueue | None = None
+        self.text_queue: MomentumQueue | None = None
+        if cfg.use_queue:
+            self.image_key_encoder = make_key_encoder(self.image_encoder)
+            self.text_key_encoder = make_key_encoder(self.text_encoder)
+            self.image_queue = MomentumQueue(cfg.queue_size, cfg.embed_dim)
+            self.text_queue = MomentumQueue(cfg.queue_size, cfg.embed_dim)
+            self._set_key_modes()
+
+    def train(self, mode: bool = True) -> "USERModel":
+        """As ``nn.Module.train``, except that key encoders stay in eval mode when ``key_encoders_eval``."""
+        super().train(mode)
+        self._set_key_modes()
+        return self
+
+    def _set_key_modes(self) -> None:
+        if self.cfg.use_queue and self.cfg.key_encoders_eval:
+            self.image_key_encoder.eval()
+            self.text_key_encoder.eval()
+
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The loss dict (``"loss"`` plus its parts); in training mode the batch's keys are then queued."""
+        image_inputs, region_lengths = _image_inputs(batch)
+        tokens, token_lengths = _require(batch, "tokens"), _require(batch, "token_lengths")
+        img = self.image_encoder(image_inputs, region_lengths)
+        txt = self.text_encoder(tokens, token_lengths)
+        image_ids = _require(batch, "image_ids").to(img.device)
+        if not self.cfg.use_queue:
+            return self.loss(img, txt, image_ids)
+        with torch.no_grad():
+            img_key = self.image_key_encoder(image_inputs, region_lengths)
+            txt_key = self.text_key_encoder(tokens, token_lengths)
+        # copies: the backward pass needs the queue as it was, and the queue is written before backward runs
+        losses = self.loss(img, txt, image_ids, img_key=img_key, txt_key=txt_key,
+                           img_queue=self.image_queue.keys.clone(), txt_queue=self.text_queue.keys.clone(),
+                           queue_ids=self.image_queue.ids.clone(), queue_valid=self.image_queue.valid_mask())
+        if self.training:
+            self.image_queue.enqueue(img_key, image_ids)
+            self.text_queue.enqueue(txt_key, image_ids)
+        return losses
+
+    @torch.no_grad()
+    def momentum_step(self) -> None:
+        """``theta_key <- m theta_key + (1 - m) theta_online`` for both towers (call after the optimiser step)."""
+        if self.cfg.use_queue:
+            momentum_update(self.image_encoder, self.image_key_encoder, self.cfg.momentum)
+            momentum_update(self.text_encoder, self.text_key_encoder, self.cfg.momentum)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forwarded to the loss (the hinge loss switches to hardest negatives after its warm-up)."""
+        self.loss.set_epoch(epoch)
+
+    @torch.no_grad()
+    def encode_images(self, inputs: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """``(B, embed_dim)`` unit embeddings of images or region features by the online encoder in eval mode."""
+        return _in_eval(self.image_encoder, inputs, lengths)
+
+    @torch.no_grad()
+    def encode_texts(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """``(B, embed_dim)`` unit embeddings of token ids by the online encoder in eval mode."""
+        return _in_eval(self.text_encoder, tokens, lengths)
+
+    def parameter_groups(self, lr: float, text_lr_scale: float = 0.1, weight_decay: float = 1e-4,
+                         backbone_lr_scale: float = 0.01) -> list[dict]:
+        """AdamW groups over the trainable parameters (key encoders excluded: they have no gradient).
+
+        The pretrained BERT-family text model runs at ``lr * text_lr_scale`` and the CNN backbone at
+        ``lr * backbone_lr_scale`` (VSE-infinity's ``backbone_lr_factor``); everything else at ``lr``.
+        Tensors of at most one dimension (biases, norm scales, the InfoNCE temperature) get no weight decay.
+        Only parameters that require gradients now are listed: build the groups after freezing.
+        """
+        scales = {"main": 1.0, "text_model": text_lr_scale, "backbone": backbone_lr_scale}
+        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.startswith("text_encoder.sequence.") and self.cfg.text_encoder == "bert":
+                part = "text_model"
+            elif name.startswith("image_encoder.backbone."):
+                part = "backbone"
+            else:
+                part = "main"
+            groups.setdefault((part, param.ndim > 1), []).append(param)
+        return [
+            {"name": f"{part}{'' if decay else '_no_decay'}", "params": params, "lr": lr * scales[part],
+             "weight_decay": weight_decay if decay else 0.0}
+            for (part, decay), params in groups.items()
+        ]
+
+
+def _require(batch: Mapping[str, Tensor], key: str) -> Tensor:
+    if key not in batch:
+        raise DataError(f"the batch has no '{key}' (it has {sorted(batch)})")
+    return batch[key]
+
+
+def _image_inputs(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    if "images" in batch:
+        return batch["images"], None
+    if "regions" in batch:
+        return batch["regions"], _require(batch, "region_lengths")
+    raise DataError(f"the batch has neither 'images' nor 'regions' (it has {sorted(batch)})")
+
+
+def _in_eval(encoder: nn.Module, *inputs: Tensor | None) -> Tensor:
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        return encoder(*inputs)
+    finally:
+        encoder.train(was_training)

@@ -1,0 +1,346 @@
+"""KITTI and nuScenes readers on the real frames in shared/ and on tiny files written here.
+
+The box checks use independent box maths written below: a point inside an annotated 3D box
+must project inside that object's annotated 2D box.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.spatial.transform import Rotation
+
+from xmcl.distill.geometry import project_points
+from xmcl.distill.kitti import KittiReader, read_kitti_calibration, read_kitti_objects
+from xmcl.distill.nuscenes import InfoFileReader, NuScenesReader
+from xmcl.distill.scene import read_points_bin
+from xmcl.errors import DataError
+
+FRAMES = Path(__file__).resolve().parents[2] / "shared" / "data" / "lidar_frames"
+needs_frames = pytest.mark.skipif(not FRAMES.is_dir(), reason="shared lidar frames not available")
+
+
+def inside_kitti_box(cam_xyz: np.ndarray, location, dims_lhw, rotation_y: float) -> np.ndarray:
+    """Camera-frame points inside a KITTI box (bottom centre ``location``, y down, yaw about y)."""
+    length, height, width = dims_lhw
+    rel = cam_xyz - np.asarray(location)
+    c, s = np.cos(rotation_y), np.sin(rotation_y)
+    along = c * rel[:, 0] - s * rel[:, 2]
+    across = s * rel[:, 0] + c * rel[:, 2]
+    return (np.abs(along) <= length / 2) & (np.abs(across) <= width / 2) & (rel[:, 1] <= 0) & (rel[:, 1] >= -height)
+
+
+def kitti_box_corners(location, dims_lhw, rotation_y: float) -> np.ndarray:
+    length, height, width = dims_lhw
+    x = np.array([1, 1, -1, -1, 1, 1, -1, -1]) * length / 2
+    z = np.array([1, -1, 1, -1, 1, -1, 1, -1]) * width / 2
+    y = np.array([0, 0, 0, 0, -1, -1, -1, -1]) * height
+    c, s = np.cos(rotation_y), np.sin(rotation_y)
+    return np.stack([c * x + s * z, y, -s * x + c * z], axis=1) + np.asarray(location)
+
+
+def inside_lidar_box(xyz: np.ndarray, box) -> np.ndarray:
+    """Lidar-frame points inside an (x, y, z centre, l, w, h, yaw) box."""
+    x, y, z, length, width, height, yaw = box
+    rel = xyz - [x, y, z]
+    c, s = np.cos(yaw), np.sin(yaw)
+    along = c * rel[:, 0] + s * rel[:, 1]
+    across = -s * rel[:, 0] + c * rel[:, 1]
+    return (np.abs(along) <= length / 2) & (np.abs(across) <= width / 2) & (np.abs(rel[:, 2]) <= height / 2)
+
+
+def in_bbox(uv: np.ndarray, bbox, margin: float = 2.0) -> np.ndarray:
+    left, top, right, bottom = bbox
+    return (uv[:, 0] >= left - margin) & (uv[:, 0] <= right + margin) & (uv[:, 1] >= top - margin) \
+        & (uv[:, 1] <= bottom + margin)
+
+
+def to_camera(points: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    return points[:, :3].astype(np.float64) @ transform[:3, :3].T + transform[:3, 3]
+
+
+# ----------------------------------------------------------------------------- KITTI
+
+
+@pytest.fixture
+def kitti_000008(tmp_path: Path) -> Path:
+    """The real frame 000008 laid out as a KITTI object directory, with a calib file in the real format
+    written from 000008.txt (P2) and the info file's R0_rect and Tr_velo_to_cam."""
+    src = FRAMES / "kitti_000008"
+    info = json.loads((src / "info.json").read_text())["data_list"][0]
+    for folder in ("velodyne", "image_2", "calib"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "velodyne" / "000008.bin").symlink_to(src / "000008.bin")
+    (tmp_path / "image_2" / "000008.png").symlink_to(src / "000008.png")
+    p2 = np.array((src / "000008.txt").read_text().split(), dtype=float).reshape(4, 4)[:3]
+    r0 = np.array(info["images"]["R0_rect"])[:3, :3]
+    tr = np.array(info["lidar_points"]["Tr_velo_to_cam"])[:3]
+
+    def row(key: str, m: np.ndarray) -> str:
+        return f"{key}: " + " ".join(f"{v:.12e}" for v in m.ravel())
+
+    zeros = np.zeros(12)
+    lines = [row("P0", zeros), row("P1", zeros), row("P2", p2), row("P3", zeros), row("R0_rect", r0),
+             row("Tr_velo_to_cam", tr), row("Tr_imu_to_velo", zeros)]
+    (tmp_path / "calib" / "000008.txt").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+@needs_frames
+def test_kitti_reader_on_frame_000008(kitti_000008: Path) -> None:
+    reader = KittiReader(kitti_000008)
+    assert reader.frame_ids() == ["000008"]
+    scene = reader.scene(8)
+    assert scene.points.shape == (17238, 4) and scene.labels is None
+    camera, = scene.cameras
+    assert camera.image.shape == (375, 1242, 3)
+    info = json.loads((FRAMES / "kitti_000008" / "info.json").read_text())["data_list"][0]
+    np.testing.assert_allclose(camera.lidar_to_image, info["images"]["CAM2"]["lidar2img"], rtol=1e-5, atol=1e-4)
+    uv, mask = project_points(scene.points[:, :3], camera.lidar_to_image, camera.image_hw)
+    assert mask.mean() > 0.95  # this frame's points were already cut to the camera's view
+
+    cam_xyz = to_camera(scene.points, reader.calibration(8).lidar_to_camera)
+    boxes = [inst for inst in info["instances"] if inst["bbox_label_3d"] >= 0]
+    assert len(boxes) == 6
+    for inst in boxes:
+        x, y, z, length, height, width, ry = inst["bbox_3d"]
+        inside = inside_kitti_box(cam_xyz, (x, y, z), (length, height, width), ry)
+        # the annotation's own count of points in the box (ground points at the box bottom add a few)
+        assert abs(int(inside.sum()) - inst["num_lidar_pts"]) <= 0.1 * inst["num_lidar_pts"] + 3
+        seen = inside & mask
+        assert in_bbox(uv[seen], inst["bbox"]).mean() >= 0.9
+
+
+@needs_frames
+def test_kitti_layout_argoverse_frames_project_with_their_own_calibration() -> None:
+    root = FRAMES / "argoverse_kitti_layout"
+    reader = KittiReader(root)
+    assert reader.frame_ids() == ["000000", "000001", "000002"]
+    for frame in reader.frame_ids():
+        calib = reader.calibration(frame)
+        assert calib.p2[0, 0] == pytest.approx(973.5085, abs=1e-3)
+        scene = reader.scene(frame)
+        camera, = scene.cameras
+        uv, mask = project_points(scene.points[:, :3], camera.lidar_to_image, camera.image_hw)
+        assert 0.02 < mask.mean() < 0.5  # a full sweep; one forward camera sees a slice of it
+        cam_xyz = to_camera(scene.points, calib.lidar_to_camera)
+        boxes_with_points, in_2d, total = 0, 0, 0
+        for obj in reader.objects(frame):
+            h, w, length = obj.dimensions
+            inside = inside_kitti_box(cam_xyz, obj.location, (length, h, w), obj.rotation_y) & mask
+            if inside.sum() < 10:
+                continue
+            boxes_with_points += 1
+            corners = kitti_box_corners(obj.location, (length, h, w), obj.rotation_y)
+            assert (corners[:, 2] > 0).all()
+            corner_uv = (corners @ calib.p2[:, :3].T + calib.p2[:, 3])
+            corner_uv = corner_uv[:, :2] / corner_uv[:, 2:]
+            lo, hi = corner_uv.min(axis=0) - 1.0, corner_uv.max(axis=0) + 1.0
+            assert ((uv[inside] >= lo) & (uv[inside] <= hi)).all()
+            left, top, right, bottom = obj.bbox
+            if right - left > 5 and bottom - top > 5:  # boxes clipped to zero width carry no 2D extent
+                in_2d += int(in_bbox(uv[inside], obj.bbox, margin=5.0).sum())
+                total += int(inside.sum())
+        assert boxes_with_points >= 10, frame
+        # crowds of far pedestrians share points, so count over all boxes
+        assert in_2d >= 0.95 * total, frame
+
+
+def test_kitti_errors_name_the_file_and_key(tmp_path: Path) -> None:
+    calib = tmp_path / "calib.txt"
+    calib.write_text("P2: " + " ".join(["1"] * 12) + "\nR0_rect: " + " ".join(["1"] * 9) + "\n")
+    with pytest.raises(DataError, match=r"calib\.txt.*Tr_velo_to_cam"):
+        read_kitti_calibration(calib)
+    calib.write_text("P2: 1 2 3\nR0_rect: 1 0 0 0 1 0 0 0 1\nTr_velo_to_cam: " + " ".join(["0"] * 12) + "\n")
+    with pytest.raises(DataError, match="'P2' needs 12 numbers, got 3"):
+        read_kitti_calibration(calib)
+    with pytest.raises(DataError, match="missing.txt"):
+        read_kitti_calibration(tmp_path / "missing.txt")
+    bad_bin = tmp_path / "bad.bin"
+    bad_bin.write_bytes(np.zeros(7, np.float32).tobytes())
+    with pytest.raises(DataError, match=r"bad\.bin.*28 bytes is not a multiple of 16"):
+        read_points_bin(bad_bin, 4)
+    labels = tmp_path / "label.txt"
+    labels.write_text("Car 0 0 0 1 2 3 4 1.5 1.6 4.0 1 2 10 0.1\nCar 0 0\n")
+    with pytest.raises(DataError, match=r"label\.txt:2"):
+        read_kitti_objects(labels)
+    with pytest.raises(DataError, match="velodyne"):
+        KittiReader(tmp_path)
+
+
+def test_kitti_objects_parse_fields(tmp_path: Path) -> None:
+    labels = tmp_path / "000001.txt"
+    labels.write_text("  Pedestrian 0.5 1 -2.38 10.0 296.0 20.0 494.0 1.91 0.6 0.65 -7.82 1.27 9.78 -3.06 \n\n")
+    obj, = read_kitti_objects(labels)
+    assert obj.type == "Pedestrian" and obj.occluded == 1
+    assert obj.bbox == (10.0, 296.0, 20.0, 494.0)
+    assert obj.dimensions == (1.91, 0.6, 0.65) and obj.location == (-7.82, 1.27, 9.78)
+    assert obj.rotation_y == -3.06
+
+
+# ----------------------------------------------------------------------------- nuScenes info file
+
+
+@needs_frames
+def test_nuscenes_info_frame_cameras_look_where_they_should() -> None:
+    info = json.loads((FRAMES / "nuscenes_keyframe" / "info.json").read_text())["data_list"][0]
+    scene = InfoFileReader(FRAMES / "nuscenes_keyframe" / "info.json").scene(0)
+    assert scene.points.shape == (34688, 4)
+    assert 0.0 <= scene.points[:, 3].min() and scene.points[:, 3].max() <= 1.0  # 0..255 scaled
+    assert [c.name for c in scene.cameras] == list(info["images"])
+    xyz = scene.points[:, :3]
+    azimuth = np.degrees(np.arctan2(xyz[:, 0], xyz[:, 1]))  # LIDAR_TOP: x right, y forward
+    seen_by = {}
+    for camera in scene.cameras:
+        assert camera.image.shape == (900, 1600, 3)
+        _, mask = project_points(xyz, camera.lidar_to_image, camera.image_hw)
+        seen_by[camera.name] = mask
+        assert mask.sum() > 1000, camera.name
+    # CAM_FRONT's 65 degree field of view is centred on the forward axis, CAM_BACK's on the backward one
+    assert (np.abs(azimuth[seen_by["CAM_FRONT"]]) < 36).all()
+    assert (np.abs(azimuth[seen_by["CAM_BACK"]]) > 180 - 60).all()
+    # points inside annotated 3D boxes land inside the 2D boxes of the same objects
+    centres = np.array([inst["bbox_3d"][:3] for inst in info["instances"]])
+    fractions = []
+    for camera in scene.cameras:
+        uv, mask = project_points(xyz, camera.lidar_to_image, camera.image_hw)
+        centre_uv, _ = project_points(centres, camera.lidar_to_image, camera.image_hw, min_depth=0.5)
+        for cam_inst in info["cam_instances"][camera.name]:
+            dist = np.nan_to_num(np.linalg.norm(centre_uv - cam_inst["center_2d"], axis=1), nan=np.inf)
+            assert dist.min() < 1.0  # the box centre projects where the info file says
+            inside = inside_lidar_box(xyz, info["instances"][int(np.argmin(dist))]["bbox_3d"]) & mask
+            if inside.sum() >= 5:
+                fractions.append(in_bbox(uv[inside], cam_inst["bbox"]).mean())
+    assert len(fractions) >= 20 and np.mean(fractions) >= 0.95 and min(fractions) >= 0.8
+
+
+@needs_frames
+def test_nuscenes_info_without_lidar2cam_uses_the_shared_ego_pose(tmp_path: Path) -> None:
+    src = FRAMES / "nuscenes_keyframe"
+    content = json.loads((src / "info.json").read_text())
+    for cam in content["data_list"][0]["images"].values():
+        del cam["lidar2cam"]
+    (tmp_path / "info.json").write_text(json.dumps(content))
+    chained = InfoFileReader(tmp_path / "info.json", data_root=src).scene(0, cameras=["CAM_FRONT", "CAM_BACK"])
+    info = content["data_list"][0]
+    centres = np.array([inst["bbox_3d"][:3] for inst in info["instances"]])
+    for camera in chained.cameras:
+        centre_uv, _ = project_points(centres, camera.lidar_to_image, camera.image_hw, min_depth=0.5)
+        for cam_inst in info["cam_instances"][camera.name]:
+            dist = np.nan_to_num(np.linalg.norm(centre_uv - cam_inst["center_2d"], axis=1), nan=np.inf)
+            # off by the ego's motion between the lidar and camera timestamps only (0.33 m at most here)
+            assert dist.min() < 40.0
+
+
+def test_info_file_errors(tmp_path: Path) -> None:
+    (tmp_path / "info.json").write_text(json.dumps({"data_list": [{"lidar_points": {"lidar_path": "x.bin"}}]}))
+    reader = InfoFileReader(tmp_path / "info.json")
+    with pytest.raises(DataError, match="x.bin"):
+        reader.scene(0)
+    with pytest.raises(DataError, match="frame 3 requested"):
+        reader.scene(3)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DataError, match=r"bad\.json.*invalid JSON"):
+        InfoFileReader(tmp_path / "bad.json")
+
+
+# ----------------------------------------------------------------------------- nuScenes tables
+
+
+def quat_wxyz(matrix: np.ndarray) -> list[float]:
+    x, y, z, w = Rotation.from_matrix(matrix).as_quat()
+    return [w, x, y, z]
+
+
+@pytest.fixture
+def tiny_nuscenes(tmp_path: Path) -> dict:
+    """One sample in the real table schema: LIDAR_TOP (x right, y forward, like nuScenes) and CAM_FRONT.
+
+    The ego moves 0.5 m forward and turns by 1 degree between the lidar and the camera timestamps.
+    """
+    version = tmp_path / "v1.0-tiny"
+    version.mkdir()
+    (tmp_path / "samples" / "LIDAR_TOP").mkdir(parents=True)
+    (tmp_path / "samples" / "CAM_FRONT").mkdir(parents=True)
+    lidar_rot = np.array([[0.0, 1, 0], [-1, 0, 0], [0, 0, 1]])  # lidar x = ego -y, lidar y = ego x
+    lidar_t = np.array([0.9, 0.0, 1.8])
+    cam_rot = np.array([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]])   # columns: camera x, y, z in ego coordinates
+    cam_t = np.array([1.7, 0.0, 1.5])
+    yaw0 = np.radians(30.0)
+    ego_lidar_t = np.array([100.0, 200.0, 0.0])
+    ego_cam_rot = Rotation.from_euler("z", yaw0 + np.radians(1.0)).as_matrix()
+    ego_cam_t = ego_lidar_t + 0.5 * np.array([np.cos(yaw0), np.sin(yaw0), 0.0])
+    k = [[200.0, 0.0, 64.0], [0.0, 200.0, 48.0], [0.0, 0.0, 1.0]]
+    tables = {
+        "sensor": [{"token": "s-lidar", "channel": "LIDAR_TOP", "modality": "lidar"},
+                   {"token": "s-cam", "channel": "CAM_FRONT", "modality": "camera"}],
+        "calibrated_sensor": [
+            {"token": "c-lidar", "sensor_token": "s-lidar", "translation": lidar_t.tolist(),
+             "rotation": quat_wxyz(lidar_rot), "camera_intrinsic": []},
+            {"token": "c-cam", "sensor_token": "s-cam", "translation": cam_t.tolist(),
+             "rotation": quat_wxyz(cam_rot), "camera_intrinsic": k}],
+        "ego_pose": [
+            {"token": "e-lidar", "timestamp": 1_000_050, "translation": ego_lidar_t.tolist(),
+             "rotation": quat_wxyz(Rotation.from_euler("z", yaw0).as_matrix())},
+            {"token": "e-cam", "timestamp": 1_000_000, "translation": ego_cam_t.tolist(),
+             "rotation": quat_wxyz(ego_cam_rot)}],
+        "sample": [{"token": "sample-b", "timestamp": 2_000_000, "prev": "sample-a", "next": "", "scene_token": "x"},
+                   {"token": "sample-a", "timestamp": 1_000_050, "prev": "", "next": "sample-b", "scene_token": "x"}],
+        "sample_data": [
+            {"token": "sd-lidar", "sample_token": "sample-a", "ego_pose_token": "e-lidar",
+             "calibrated_sensor_token": "c-lidar", "timestamp": 1_000_050, "fileformat": "pcd", "is_key_frame": True,
+             "height": 0, "width": 0, "filename": "samples/LIDAR_TOP/sweep.pcd.bin", "prev": "", "next": ""},
+            {"token": "sd-cam", "sample_token": "sample-a", "ego_pose_token": "e-cam",
+             "calibrated_sensor_token": "c-cam", "timestamp": 1_000_000, "fileformat": "jpg", "is_key_frame": True,
+             "height": 96, "width": 128, "filename": "samples/CAM_FRONT/img.jpg", "prev": "", "next": ""}],
+    }
+    for name, rows in tables.items():
+        (version / f"{name}.json").write_text(json.dumps(rows))
+    # global points on the camera's optical axis (10 m ahead) and 1 m to its left, taken back to the lidar frame
+    cam_global = ego_cam_rot @ cam_t + ego_cam_t
+    forward, left = ego_cam_rot @ [1.0, 0, 0], ego_cam_rot @ [0, 1.0, 0]
+    targets = np.array([cam_global + 10 * forward, cam_global + 10 * forward + left])
+    ego = (targets - ego_lidar_t) @ Rotation.from_euler("z", yaw0).as_matrix()  # inverse rotation, row vectors
+    lidar_xyz = (ego - lidar_t) @ lidar_rot
+    raw = np.c_[lidar_xyz, [51.0, 255.0], [3, 4]].astype(np.float32)
+    raw.tofile(tmp_path / "samples" / "LIDAR_TOP" / "sweep.pcd.bin")
+    Image.fromarray(np.full((96, 128, 3), 90, np.uint8)).save(tmp_path / "samples" / "CAM_FRONT" / "img.jpg")
+    return {"root": tmp_path, "version": "v1.0-tiny"}
+
+
+def test_nuscenes_tables_reader_projects_through_both_ego_poses(tiny_nuscenes: dict) -> None:
+    reader = NuScenesReader(tiny_nuscenes["root"], tiny_nuscenes["version"])
+    assert reader.sample_tokens() == ["sample-a", "sample-b"]
+    scene = reader.scene("sample-a")
+    assert scene.points.shape == (2, 4)
+    np.testing.assert_allclose(scene.points[:, 3], [0.2, 1.0], rtol=1e-6)
+    camera, = scene.cameras
+    assert camera.name == "CAM_FRONT" and camera.image.shape == (96, 128, 3)
+    uv, mask = project_points(scene.points[:, :3], camera.lidar_to_image, camera.image_hw)
+    assert mask.all()
+    # on the optical axis: the principal point; 1 m left at 10 m: 200 * 1 / 10 = 20 px left of it
+    np.testing.assert_allclose(uv, [[64.0, 48.0], [44.0, 48.0]], atol=1e-3)
+
+
+def test_nuscenes_tables_errors(tiny_nuscenes: dict) -> None:
+    root, version = tiny_nuscenes["root"], tiny_nuscenes["version"]
+    reader = NuScenesReader(root, version)
+    with pytest.raises(DataError, match="no sample with token 'nope'"):
+        reader.scene("nope")
+    with pytest.raises(DataError, match="no LIDAR_TOP keyframe"):
+        reader.scene("sample-b")
+    with pytest.raises(DataError, match="no CAM_BACK keyframe"):
+        reader.scene("sample-a", cameras=["CAM_BACK"])
+    sweep = root / "samples" / "LIDAR_TOP" / "sweep.pcd.bin"
+    sweep.write_bytes(sweep.read_bytes()[:-4])
+    with pytest.raises(DataError, match=r"sweep\.pcd\.bin.*not a multiple of 20"):
+        reader.scene("sample-a")
+    (root / version / "ego_pose.json").unlink()
+    with pytest.raises(DataError, match=r"ego_pose\.json: file not found"):
+        NuScenesReader(root, version)
+    shutil.rmtree(root / version)
+    with pytest.raises(DataError, match="table folder not found"):
+        NuScenesReader(root, version)

@@ -1,0 +1,128 @@
+"""Guided enhancement and SGE against direct per-sample loop computations; padding never leaks in."""
+
+import math
+
+import pytest
+import torch
+
+from xmcl.retrieval.enhancement import SGE, guided_enhancement
+
+LENGTHS = [4, 1, 6]
+
+
+def batch(dim=5, seed=0):
+    """Locals (B, max(LENGTHS), dim) with zero pads, and their lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(LENGTHS), max(LENGTHS), dim, generator=gen)
+    return repad(x, max(LENGTHS), 0.0), torch.tensor(LENGTHS)
+
+
+def repad(x, pad_to, pad_value):
+    """The same valid locals padded to ``pad_to`` with ``pad_value``."""
+    out = torch.full((x.shape[0], pad_to, x.shape[2]), pad_value)
+    for b, n in enumerate(LENGTHS):
+        out[b, :n] = x[b, :n]
+    return out
+
+
+def loop_guided(local, guide, lam):
+    """v_i + a_i g with a = softmax(lam <g, v_i>) / ||softmax||_2, written out with Python floats."""
+    out = local.clone()
+    for b, n in enumerate(LENGTHS):
+        g = guide[b].tolist()
+        scores = [lam * sum(gi * vi for gi, vi in zip(g, local[b, i].tolist())) for i in range(n)]
+        top = max(scores)
+        exp = [math.exp(s - top) for s in scores]
+        p = [e / sum(exp) for e in exp]
+        norm = math.sqrt(sum(q * q for q in p))
+        for i in range(n):
+            out[b, i] = torch.tensor([v + p[i] / norm * gi for v, gi in zip(local[b, i].tolist(), g)])
+    return out
+
+
+@pytest.mark.parametrize("lam", [1.0, 4.0])
+def test_guided_enhancement_matches_a_loop(lam):
+    local, lengths = batch()
+    guide = torch.randn(len(LENGTHS), 5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(guided_enhancement(local, lengths, guide, lam), loop_guided(local, guide, lam))
+
+
+def test_uniform_attention_adds_guide_over_sqrt_n():
+    local = torch.ones(1, 4, 3)
+    guide = torch.tensor([[1.0, 0.0, -1.0]])
+    out = guided_enhancement(local, torch.tensor([4]), guide)
+    torch.testing.assert_close(out, local + guide / 2)  # a_i = 1/sqrt(4)
+
+
+def test_guided_enhancement_ignores_pads():
+    local, lengths = batch()
+    noisy = repad(local, 9, 1e4)
+    guide = torch.randn(len(LENGTHS), 5)
+    clean_out = guided_enhancement(local, lengths, guide)
+    noisy_out = guided_enhancement(noisy, lengths, guide)
+    for b, n in enumerate(LENGTHS):
+        torch.testing.assert_close(noisy_out[b, :n], clean_out[b, :n])
+        assert torch.all(noisy_out[b, n:] == 1e4)  # pads pass through unchanged
+
+
+def loop_sge(sge, local):
+    """SGE in eval mode, per sample: g0 = mean, w = softmax(w_c . tanh(BN W_l v_i) * tanh(BN W_g g0))."""
+
+    def branch(seq, x):
+        linear, norm = seq[0], seq[1]
+        y = linear(x)
+        y = (y - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
+        return torch.tanh(y)
+
+    guides = torch.zeros(local.shape[0], local.shape[2])
+    for b, n in enumerate(LENGTHS):
+        v = local[b, :n]
+        gate = branch(sge.global_branch, v.mean(0))
+        scores = [sge.scorer(branch(sge.local_branch, v[i]) * gate).item() for i in range(n)]
+        weights = [math.exp(s - max(scores)) for s in scores]
+        pooled = sum(w * v[i] for i, w in enumerate(weights)) / sum(weights)
+        guides[b] = pooled / pooled.norm()
+    return guides, loop_guided(local, guides, sge.lam)
+
+
+def test_sge_matches_a_loop_in_eval_mode():
+    torch.manual_seed(0)
+    sge = SGE(5, lam=2.0)
+    for norm in (sge.local_branch[1], sge.global_branch[1]):  # non-trivial running statistics
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+    sge.eval()
+    local, lengths = batch()
+    guides, expected = loop_sge(sge, local)
+    with torch.no_grad():
+        torch.testing.assert_close(sge.guide(local, lengths), guides, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sge(local, lengths), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sge_in_training_ignores_pads_even_in_its_batch_statistics():
+    torch.manual_seed(1)
+    sge = SGE(5, dropout=0.0).train()
+    local, lengths = batch()
+    noisy = repad(local, 10, -3e3)
+    clean_out, noisy_out = sge(local, lengths), sge(noisy, lengths)
+    for b, n in enumerate(LENGTHS):
+        torch.testing.assert_close(noisy_out[b, :n], clean_out[b, :n])
+    # the local branch's batch mean is the mean over the valid locals only
+    valid = torch.cat([local[b, :n] for b, n in enumerate(LENGTHS)])
+    expected_mean = sge.local_branch[0](valid).mean(0).detach()
+    fresh = SGE(5, dropout=0.0).train()
+    fresh.load_state_dict(sge.state_dict())
+    fresh.local_branch[1].reset_running_stats()
+    fresh.local_branch[1].momentum = 1.0  # running mean := this batch's mean
+    fresh(noisy, lengths)
+    torch.testing.assert_close(fresh.local_branch[1].running_mean, expected_mean, atol=1e-5, rtol=1e-5)
+
+
+def test_sge_gradients_do_not_reach_pads():
+    torch.manual_seed(2)
+    sge = SGE(5, dropout=0.0).train()
+    local, lengths = batch()
+    local.requires_grad_(True)
+    sge(local, lengths)[torch.arange(len(LENGTHS)), 0].sum().backward()
+    for b, n in enumerate(LENGTHS):
+        assert torch.all(local.grad[b, n:] == 0)

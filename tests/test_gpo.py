@@ -1,0 +1,121 @@
+"""Pooling (GPO, masked mean/max), the length mask and the BiGRU, against direct computations."""
+
+import math
+
+import pytest
+import torch
+
+from xmcl.errors import ConfigError, DataError
+from xmcl.nn.gpo import GPO, MaxPooling, MeanPooling, build_pooling, positional_encoding
+from xmcl.nn.sequence import BiGRU, length_mask
+
+LENGTHS = [5, 2, 7, 1]
+
+
+def padded_batch(lengths, dim=6, pad_to=None, pad_value=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    pad_to = pad_to or max(lengths)
+    x = torch.randn(len(lengths), pad_to, dim, generator=gen)
+    if pad_value is not None:
+        for b, n in enumerate(lengths):
+            x[b, n:] = pad_value
+    return x, torch.tensor(lengths)
+
+
+def test_length_mask_and_its_checks():
+    mask = length_mask(torch.tensor([2, 3]), 4)
+    assert mask.tolist() == [[True, True, False, False], [True, True, True, False]]
+    with pytest.raises(DataError, match="min 0"):
+        length_mask(torch.tensor([0, 3]), 4)
+    with pytest.raises(DataError, match="max 5"):
+        length_mask(torch.tensor([2, 5]), 4)
+
+
+def test_positional_encoding_matches_the_formula():
+    pe = positional_encoding(6, 8)
+    for p in range(6):
+        for k in range(4):
+            angle = p / 10000 ** (2 * k / 8)
+            assert pe[p, 2 * k].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert pe[p, 2 * k + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+    with pytest.raises(ConfigError):
+        positional_encoding(3, 5)
+
+
+def test_masked_mean_and_max_against_loops():
+    x, lengths = padded_batch(LENGTHS, pad_value=1e4)
+    mean, top = MeanPooling()(x, lengths), MaxPooling()(x, lengths)
+    for b, n in enumerate(LENGTHS):
+        for d in range(x.shape[2]):
+            values = [x[b, i, d].item() for i in range(n)]
+            assert mean[b, d].item() == pytest.approx(sum(values) / n, abs=1e-5)
+            assert top[b, d].item() == pytest.approx(max(values), abs=1e-6)
+
+
+def test_bigru_matches_an_unpadded_run_per_sequence():
+    torch.manual_seed(0)
+    gru = BiGRU(4, 3)
+    x, lengths = padded_batch([3, 5], dim=4, pad_value=7.0)
+    out = gru(x, lengths)
+    for b, n in enumerate([3, 5]):
+        alone, _ = gru.gru(x[b : b + 1, :n])  # a plain run on the unpadded sequence
+        expected = (alone[..., :3] + alone[..., 3:]) / 2
+        torch.testing.assert_close(out[b, :n], expected[0], atol=1e-6, rtol=1e-5)
+        assert torch.all(out[b, n:] == 0)
+
+
+def test_gpo_weights_sum_to_one_over_valid_positions_and_follow_the_scorer():
+    torch.manual_seed(1)
+    gpo = GPO()
+    weights = gpo.pool_weights(torch.tensor(LENGTHS), 9)
+    for b, n in enumerate(LENGTHS):
+        assert weights[b, :n].sum().item() == pytest.approx(1.0, abs=1e-6)
+        assert torch.all(weights[b, n:] == 0)
+        states, _ = gpo.gru.gru(positional_encoding(n, 32).unsqueeze(0))
+        scores = gpo.scorer((states[..., :32] + states[..., 32:]) / 2).squeeze(-1)[0]
+        expected = [math.exp(s / 0.1) for s in scores.tolist()]
+        total = sum(expected)
+        for k in range(n):
+            assert weights[b, k].item() == pytest.approx(expected[k] / total, rel=1e-4, abs=1e-7)
+
+
+def test_gpo_is_a_weighted_sum_of_per_dimension_sorted_features():
+    torch.manual_seed(2)
+    gpo = GPO()
+    x, lengths = padded_batch(LENGTHS, pad_value=1e4)
+    pooled = gpo(x, lengths)
+    weights = gpo.pool_weights(lengths, x.shape[1])
+    for b, n in enumerate(LENGTHS):
+        for d in range(x.shape[2]):
+            ranked = sorted((x[b, i, d].item() for i in range(n)), reverse=True)
+            expected = sum(weights[b, k].item() * ranked[k] for k in range(n))
+            assert pooled[b, d].item() == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpo", "mean", "max"])
+def test_pooling_is_invariant_to_padding_length_and_pad_values(name):
+    torch.manual_seed(3)
+    pool = build_pooling(name)
+    short, lengths = padded_batch(LENGTHS, seed=4)
+    long = torch.full((len(LENGTHS), 12, short.shape[2]), 1e6)
+    long[:, : short.shape[1]] = short
+    for b, n in enumerate(LENGTHS):
+        long[b, n:] = -1e6 if b % 2 else 1e6
+    torch.testing.assert_close(pool(short, lengths), pool(long, lengths))
+    for b, n in enumerate(LENGTHS):  # and equal to pooling each set alone, unpadded
+        torch.testing.assert_close(pool(short[b : b + 1, :n], torch.tensor([n]))[0], pool(short, lengths)[b])
+
+
+def test_padded_positions_receive_no_gradient():
+    torch.manual_seed(5)
+    x, lengths = padded_batch(LENGTHS)
+    x.requires_grad_(True)
+    GPO()(x, lengths).square().sum().backward()
+    for b, n in enumerate(LENGTHS):
+        assert torch.all(x.grad[b, n:] == 0)
+        assert x.grad[b, :n].abs().sum() > 0
+
+
+def test_unknown_pooling_is_a_config_error():
+    with pytest.raises(ConfigError, match="'avg'"):
+        build_pooling("avg")

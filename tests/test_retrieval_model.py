@@ -1,0 +1,295 @@
+"""The projection head, both encoders and the USER model: shapes, masking, momentum, queues, state."""
+
+import copy
+
+import pytest
+import torch
+
+from xmcl.contrast import build_retrieval_loss
+from xmcl.errors import ConfigError, DataError
+from xmcl.nn.heads import ProjectionHead
+from xmcl.retrieval.config import LossConfig, ModelConfig
+from xmcl.retrieval.encoders import HFTextModel, build_text_encoder, drop_grid_cells
+from xmcl.retrieval.model import USERModel
+
+EMBED, REGION_DIM, VOCAB = 16, 12, 30
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "runs", "on", "the", "grass", "red", "ball"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models run fastest on one thread (and far faster than two threads on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A random 1-layer BERT and its tokenizer saved like a pretrained model."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    directory = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(WORDS), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=32)
+    BertModel(config).save_pretrained(str(directory))
+    BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(str(directory))
+    return directory
+
+
+def tiny_config(**overrides):
+    values = dict(embed_dim=EMBED, region_dim=REGION_DIM, text_encoder="bigru", word_dim=8, queue_size=8,
+                  sge_dropout=0.0, momentum=0.9)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def region_batch(num=4, regions=5, lengths=None, tokens_len=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths or [regions] * num)
+    token_lengths = torch.randint(2, tokens_len + 1, (num,), generator=gen)
+    token_lengths[0] = tokens_len
+    tokens = torch.randint(5, VOCAB, (num, tokens_len), generator=gen)
+    tokens[torch.arange(tokens_len)[None, :] >= token_lengths[:, None]] = 0
+    return {
+        "regions": torch.randn(num, regions, REGION_DIM, generator=gen),
+        "region_lengths": lengths,
+        "tokens": tokens,
+        "token_lengths": token_lengths,
+        "image_ids": torch.arange(num) + 10 * seed,
+    }
+
+
+# ---------------------------------------------------------------- projection head
+
+def test_projection_head_normalises_over_valid_locals_only():
+    torch.manual_seed(0)
+    head = ProjectionHead(6, 4).train()
+    lengths = torch.tensor([3, 1, 2])
+    x = torch.randn(3, 3, 6)
+    padded = torch.full((3, 7, 6), 50.0)
+    padded[:, :3] = x
+    for b, n in enumerate(lengths.tolist()):
+        padded[b, n:] = 50.0
+    out = head(padded, lengths)
+    valid = torch.cat([x[b, :n] for b, n in enumerate(lengths.tolist())])
+    hidden = head.mlp[0](valid)
+    normalised = (hidden - hidden.mean(0)) / torch.sqrt(hidden.var(0, unbiased=False) + 1e-5)
+    expected = head.fc(valid) + head.mlp[3](torch.relu(normalised * head.mlp[1].weight + head.mlp[1].bias))
+    torch.testing.assert_close(torch.cat([out[b, :n] for b, n in enumerate(lengths.tolist())]), expected)
+    for b, n in enumerate(lengths.tolist()):
+        assert torch.all(out[b, n:] == 0)
+    assert head(torch.randn(5, 6)).shape == (5, 4)  # no lengths: every row is a location
+
+
+# ---------------------------------------------------------------- encoders
+
+def test_grid_drop_keeps_cells_in_order_at_the_front():
+    torch.manual_seed(0)
+    features = torch.arange(2 * 10, dtype=torch.float32).reshape(2, 10, 1) + 1
+    dropped, lengths = drop_grid_cells(features, rate=0.9)
+    assert dropped.shape[1] == int(lengths.max()) and torch.all(lengths >= 1)
+    for b in range(2):
+        kept = dropped[b, : lengths[b], 0].tolist()
+        assert kept == sorted(kept) and set(kept) <= set(features[b, :, 0].tolist())
+    untouched, full = drop_grid_cells(features, rate=0.0)
+    assert torch.equal(untouched, features) and full.tolist() == [10, 10]
+
+
+def test_bert_text_encoder_loads_a_local_model_and_ignores_padding(tiny_bert_dir):
+    encoder = build_text_encoder(tiny_config(text_encoder="bert", text_model=str(tiny_bert_dir), sge=False,
+                                             text_sge=True)).eval()
+    tokens = torch.tensor([[2, 5, 6, 7, 3, 0, 0], [2, 9, 6, 3, 0, 0, 0]])
+    lengths = torch.tensor([5, 4])
+    with torch.no_grad():
+        both = encoder(tokens, lengths)
+        alone = encoder(tokens[1:, :4], lengths[1:])
+    assert both.shape == (2, EMBED)
+    torch.testing.assert_close(both.norm(dim=1), torch.ones(2))
+    torch.testing.assert_close(both[1], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_text_model_directory_without_config_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="config.json"):
+        HFTextModel(tmp_path)
+    with pytest.raises(ConfigError, match="vocabulary size"):
+        build_text_encoder(tiny_config(), vocab_size=None)
+
+
+# ---------------------------------------------------------------- the model
+
+def test_forward_backward_and_any_region_count():
+    torch.manual_seed(0)
+    model = USERModel(tiny_config(), LossConfig(), vocab_size=VOCAB)
+    for batch in (region_batch(regions=5, lengths=[5, 3, 5, 1]), region_batch(regions=49, seed=1)):
+        losses = model(batch)
+        assert set(losses) == {"loss", "batch", "queue_i2t", "queue_t2i"}
+        assert torch.isfinite(losses["loss"])
+        model.zero_grad()
+        losses["loss"].backward()
+        for name in ("image_encoder.head.fc.weight", "image_encoder.sge.scorer.weight",
+                     "text_encoder.sequence.embed.weight", "image_encoder.pooling.scorer.weight"):
+            assert model.get_parameter(name).grad.abs().sum() > 0, name
+        assert all(p.grad is None for p in model.image_key_encoder.parameters())
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
+    torch.manual_seed(1)
+    model = USERModel(tiny_config(use_queue=False), LossConfig(), vocab_size=VOCAB).train()
+    optimizer = torch.optim.AdamW(model.parameter_groups(lr=3e-3))
+    batch = region_batch(num=6, regions=7, seed=2)
+    first = model(batch)["loss"].item()
+    for _ in range(15):
+        optimizer.zero_grad()
+        model(batch)["loss"].backward()
+        optimizer.step()
+    assert model(batch)["loss"].item() < first - 0.1
+
+
+def test_first_step_uses_the_empty_queue_then_queues_this_steps_keys():
+    torch.manual_seed(2)
+    model = USERModel(tiny_config(), LossConfig(), vocab_size=VOCAB).train()
+    batch = region_batch(num=3, seed=3)
+    img = model.image_encoder(batch["regions"], batch["region_lengths"])
+    txt = model.text_encoder(batch["tokens"], batch["token_lengths"])
+    with torch.no_grad():
+        img_key = model.image_key_encoder(batch["regions"], batch["region_lengths"])
+        txt_key = model.text_key_encoder(batch["tokens"], batch["token_lengths"])
+    reference = build_retrieval_loss("uto", mu=90.0, gamma=0.5)
+    empty = torch.zeros(8, EMBED)
+    expected = reference(img, txt, batch["image_ids"], img_key, txt_key, empty, empty,
+                         torch.full((8,), -1), torch.zeros(8, dtype=torch.bool))
+    losses = model(batch)
+    for key in expected:
+        torch.testing.assert_close(losses[key], expected[key])
+    assert int(model.image_queue.filled) == int(model.text_queue.filled) == 3
+    torch.testing.assert_close(model.image_queue.keys[:3], img_key)
+    torch.testing.assert_close(model.text_queue.keys[:3], txt_key)
+    assert model.image_queue.ids[:3].tolist() == batch["image_ids"].tolist()
+    model.eval()
+    model(region_batch(num=3, seed=4))
+    assert int(model.image_queue.filled) == 3  # evaluation never writes the queue
+
+
+def test_momentum_step_follows_the_formula_exactly():
+    torch.manual_seed(3)
+    model = USERModel(tiny_config(momentum=0.75), LossConfig(), vocab_size=VOCAB).train()
+    optimizer = torch.optim.AdamW(model.parameter_groups(lr=1e-2))
+    model(region_batch())["loss"].backward()
+    optimizer.step()
+    online = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
+    key_before = {k: v.clone() for k, v in model.image_key_encoder.state_dict().items()}
+    model.momentum_step()
+    key_after = model.image_key_encoder.state_dict()
+    params = {name for name, _ in model.image_encoder.named_parameters()}
+    moved = 0
+    for name, value in key_after.items():
+        if name in params:
+            torch.testing.assert_close(value, 0.75 * key_before[name] + 0.25 * online[name])
+            moved += int(not torch.equal(online[name], key_before[name]))
+        else:  # buffers (BatchNorm statistics) are copied
+            torch.testing.assert_close(value, online[name])
+    assert moved > 0
+
+
+def test_key_encoders_stay_in_eval_mode_unless_configured():
+    model = USERModel(tiny_config(), LossConfig(), vocab_size=VOCAB).train()
+    assert model.image_encoder.training and not model.image_key_encoder.training
+    assert not model.text_key_encoder.training
+    authors = USERModel(tiny_config(key_encoders_eval=False), LossConfig(), vocab_size=VOCAB).train()
+    assert authors.image_key_encoder.training and authors.text_key_encoder.training
+
+
+def test_state_dict_round_trip_restores_queues_and_key_encoders():
+    torch.manual_seed(4)
+    model = USERModel(tiny_config(), LossConfig(), vocab_size=VOCAB).train()
+    optimizer = torch.optim.AdamW(model.parameter_groups(lr=1e-2))
+    for seed in range(3):  # 3 x 4 keys into a queue of 8: wraps around
+        optimizer.zero_grad()
+        model(region_batch(seed=seed))["loss"].backward()
+        optimizer.step()
+        model.momentum_step()
+    state = copy.deepcopy(model.state_dict())
+    assert {"image_queue.keys", "image_queue.ids", "image_queue.ptr", "text_queue.filled"} <= set(state)
+    restored = USERModel(tiny_config(), LossConfig(), vocab_size=VOCAB)
+    restored.load_state_dict(state)
+    for name in ("keys", "ids", "ptr", "filled"):
+        assert torch.equal(getattr(restored.image_queue, name), getattr(model.image_queue, name))
+        assert torch.equal(getattr(restored.text_queue, name), getattr(model.text_queue, name))
+    assert int(restored.image_queue.ptr) == 4
+    for (name, a), (_, b) in zip(model.text_key_encoder.state_dict().items(),
+                                 restored.text_key_encoder.state_dict().items()):
+        assert torch.equal(a, b), name
+    batch = region_batch(seed=9)
+    model.eval(), restored.eval()
+    torch.testing.assert_close(restored(batch)["loss"], model(batch)["loss"])
+
+
+def test_without_queue_there_are_no_key_encoders():
+    model = USERModel(tiny_config(use_queue=False), LossConfig(name="hinge"), vocab_size=VOCAB)
+    assert model.image_key_encoder is None and model.image_queue is None
+    assert not any("key_encoder" in k or "queue" in k for k in model.state_dict())
+    assert set(model(region_batch())) == {"loss", "batch"}
+    model.momentum_step()  # a no-op
+
+
+def test_encode_is_eval_mode_no_grad_and_keeps_the_training_flag():
+    torch.manual_seed(5)
+    model = USERModel(tiny_config(sge_dropout=0.5), LossConfig(), vocab_size=VOCAB).train()
+    batch = region_batch(lengths=[5, 2, 4, 5])
+    first = model.encode_images(batch["regions"], batch["region_lengths"])
+    again = model.encode_images(batch["regions"], batch["region_lengths"])
+    texts = model.encode_texts(batch["tokens"], batch["token_lengths"])
+    torch.testing.assert_close(first, again)  # no dropout, running statistics
+    assert not first.requires_grad and first.shape == texts.shape == (4, EMBED)
+    torch.testing.assert_close(texts.norm(dim=1), torch.ones(4))
+    assert model.image_encoder.training
+
+
+def test_parameter_groups_cover_each_trainable_parameter_once(tiny_bert_dir):
+    model = USERModel(tiny_config(text_encoder="bert", text_model=str(tiny_bert_dir)),
+                      LossConfig(name="infonce"))
+    groups = model.parameter_groups(lr=1e-3, text_lr_scale=0.1, weight_decay=0.05)
+    listed = [id(p) for g in groups for p in g["params"]]
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    assert sorted(listed) == sorted(trainable) and len(set(listed)) == len(listed)
+    key_params = {id(p) for p in model.image_key_encoder.parameters()} | \
+                 {id(p) for p in model.text_key_encoder.parameters()}
+    assert not key_params & set(listed)
+    by_name = {g["name"]: g for g in groups}
+    bert = {id(p) for p in model.text_encoder.sequence.parameters()}
+    assert {id(p) for p in by_name["text_model"]["params"] + by_name["text_model_no_decay"]["params"]} == bert
+    assert by_name["text_model"]["lr"] == pytest.approx(1e-4) and by_name["main"]["lr"] == pytest.approx(1e-3)
+    for group in groups:
+        assert all(p.ndim <= 1 for p in group["params"]) == group["name"].endswith("no_decay")
+        assert group["weight_decay"] == (0.0 if group["name"].endswith("no_decay") else 0.05)
+    assert id(model.loss.log_scale) in {id(p) for p in by_name["main_no_decay"]["params"]}
+
+
+def test_images_path_with_a_tiny_backbone():
+    torch.manual_seed(6)
+    model = USERModel(tiny_config(image_input="images", backbone="resnet18", backbone_trainable="partial"),
+                      LossConfig(), vocab_size=VOCAB).train()
+    batch = region_batch(num=2)
+    del batch["regions"], batch["region_lengths"]
+    batch["images"] = torch.randn(2, 3, 64, 64)
+    losses = model(batch)
+    losses["loss"].backward()
+    assert model.image_encoder.local_dim == 512
+    assert model.image_encoder.head.fc.weight.grad.abs().sum() > 0
+    assert model.encode_images(batch["images"]).shape == (2, EMBED)
+    groups = {g["name"]: g for g in model.parameter_groups(lr=1.0, backbone_lr_scale=0.01)}
+    assert groups["backbone"]["lr"] == pytest.approx(0.01)
+    with pytest.raises(DataError, match="without lengths"):
+        model.image_encoder(batch["images"], torch.tensor([4, 4]))
+
+
+def test_a_batch_without_tokens_or_images_is_a_data_error():
+    model = USERModel(tiny_config(use_queue=False), LossConfig(), vocab_size=VOCAB)
+    batch = region_batch()
+    with pytest.raises(DataError, match="'tokens'"):
+        model({k: v for k, v in batch.items() if k != "tokens"})
+    with pytest.raises(DataError, match="neither 'images' nor 'regions'"):
+        model({k: v for k, v in batch.items() if k != "regions"})
