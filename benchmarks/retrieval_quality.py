@@ -1,0 +1,90 @@
+"""Retrieval quality of USER against its baselines, each trained with the same budget and seed.
+
+Variants (one harness, one table):
+  infonce       GPO encoders, symmetric InfoNCE (learnable temperature), no queue
+  vsepp         GPO encoders, VSE++ hinge (sum during warm-up, then hardest negative), no queue
+  user_noqueue  + SGE, UTO on in-batch negatives only
+  user_keep     + momentum encoders and queues, UTO; queued keys of the query's own image count as negatives
+                (the authors' code)
+  user          + momentum encoders and queues, UTO, the id mask keeps same-image keys out of the negatives
+
+Usage (features from `xmcl features`):
+  python benchmarks/retrieval_quality.py --data runs/shapes_feats --epochs 8
+  python benchmarks/retrieval_quality.py --data runs/f8k_feats --text-encoder bert --epochs 3 --lambda-batch 20
+Prints R@1/5/10 both directions and rSum of each variant's best-validation checkpoint on --split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from xmcl.config import load_config
+from xmcl.data.open import open_split
+from xmcl.evaluation import format_table
+from xmcl.training.retrieval import RetrievalTrainConfig, evaluate_checkpoint, train_retrieval
+
+VARIANTS: dict[str, list[str]] = {
+    "infonce": ["loss.name=infonce", "model.sge=false", "model.use_queue=false"],
+    "vsepp": ["loss.name=hinge", "model.sge=false", "model.use_queue=false"],
+    "user_noqueue": ["loss.name=uto", "model.sge=true", "model.use_queue=false"],
+    "user_keep": ["loss.name=uto", "model.sge=true", "model.use_queue=true", "loss.queue_false_negatives=keep"],
+    "user": ["loss.name=uto", "model.sge=true", "model.use_queue=true", "loss.queue_false_negatives=mask"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="precomputed-feature folder (train + val splits)")
+    parser.add_argument("--split", default="val", help="split to report (validation also picks the best epoch)")
+    parser.add_argument("--out", type=Path, default=Path("runs/retrieval_quality"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--epochs", type=int, default=8, help="budget: epochs per variant")
+    parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="budget: steps per epoch")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--text-encoder", choices=["bigru", "bert"], default="bigru",
+                        help="bigru (vocabulary from the training captions) or bert (the installed MiniLM by default)")
+    parser.add_argument("--text-model", default=None, help="BERT-family model directory (text-encoder bert)")
+    parser.add_argument("--embed-dim", type=int, default=1024)
+    parser.add_argument("--queue-size", type=int, default=4096)
+    parser.add_argument("--lambda-batch", type=float, default=1.0, help="UTO in-batch weight (paper: 20 on Flickr)")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override applied to every variant")
+    args = parser.parse_args()
+
+    region_dim = int(open_split(args.data, "train").region_features.shape[-1])
+    common = [
+        f"data.path={args.data}", f"data.val_split={args.split}", f"seed={args.seed}",
+        f"model.region_dim={region_dim}", f"model.embed_dim={args.embed_dim}",
+        f"model.text_encoder={args.text_encoder}", f"model.queue_size={args.queue_size}",
+        f"loss.lambda_batch={args.lambda_batch}", f"optim.epochs={args.epochs}", f"optim.batch_size={args.batch_size}",
+        f"optim.lr={args.lr}", f"optim.lr_decay_epochs=[{max(1, int(args.epochs * 0.75))}]",
+    ]
+    if args.text_model:
+        common.append(f"model.text_model={args.text_model}")
+    if args.max_steps_per_epoch:
+        common.append(f"optim.max_steps_per_epoch={args.max_steps_per_epoch}")
+    results, seconds = {}, {}
+    for name in args.variants:
+        cfg = load_config(RetrievalTrainConfig, None, common + VARIANTS[name] + args.overrides)
+        run_dir = args.out / name
+        tic = time.perf_counter()
+        summary = train_retrieval(cfg, run_dir)
+        seconds[name] = time.perf_counter() - tic
+        results[name] = evaluate_checkpoint(run_dir / "best.pt", args.data, args.split, ("all",))["all"]
+        print(f"{name}: best epoch {summary['best_epoch']}, {seconds[name]:.0f} s", flush=True)
+
+    print(f"\n{args.data} / {args.split}: {args.epochs} epochs"
+          f"{f' x {args.max_steps_per_epoch} steps' if args.max_steps_per_epoch else ''}, batch {args.batch_size}, "
+          f"seed {args.seed}, text encoder {args.text_encoder}, lambda_batch {args.lambda_batch}")
+    print(format_table(results, show_folds=False))
+    best = max(results, key=lambda k: results[k].rsum)
+    print(f"best rSum: {best} ({results[best].rsum:.2f}); "
+          f"train time per variant: {', '.join(f'{k} {v:.0f}s' for k, v in seconds.items())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The retrieval trainer: exact resume, divergence handling, checkpoints and evaluation from a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xmcl.config import load_config
+from xmcl.errors import CheckpointError, ConfigError, TrainingDiverged
+from xmcl.evaluation import evaluate_embeddings
+from xmcl.training.checkpoint import load_checkpoint
+from xmcl.training.retrieval import RetrievalTrainConfig, encode_split, evaluate_checkpoint, load_trained, \
+    train_retrieval
+
+WORDS = ["red", "blue", "green", "circle", "square", "star", "left", "right", "big", "small"]
+
+
+def write_corpus(root: Path, images: dict[str, int], regions: int = 4, dim: int = 12, seed: int = 0) -> Path:
+    """A precomputed-feature corpus whose captions name 3 words tied to each image's features."""
+    rng = np.random.default_rng(seed)
+    for split, n in images.items():
+        feats = rng.normal(size=(n, regions, dim)).astype(np.float32)
+        caps = []
+        for i in range(n):
+            words = [WORDS[int(j)] for j in np.argsort(feats[i].mean(0))[-3:] % len(WORDS)]
+            caps += [" ".join(rng.permutation(words)) for _ in range(2)]
+        np.save(root / f"{split}_ims.npy", feats)
+        (root / f"{split}_caps.txt").write_text("\n".join(caps) + "\n")
+        (root / f"{split}_ids.txt").write_text("\n".join(f"{split}{i}" for i in range(n)) + "\n")
+    return root
+
+
+def tiny_config(data: Path, *extra: str) -> RetrievalTrainConfig:
+    return load_config(RetrievalTrainConfig, None, [
+        f"data.path={data}", "data.val_split=val", "model.embed_dim=16", "model.region_dim=12",
+        "model.text_encoder=bigru", "model.word_dim=8", "model.queue_size=10", "model.sge_dropout=0.0",
+        "optim.epochs=2", "optim.batch_size=8", "optim.lr=1e-3", "optim.lr_decay_epochs=[1]", *extra])
+
+
+@pytest.fixture()
+def corpus(tmp_path: Path) -> Path:
+    root = tmp_path / "corpus"
+    root.mkdir()
+    return write_corpus(root, {"train": 20, "val": 6})
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def test_resume_mid_run_reproduces_uninterrupted_run(corpus: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(corpus)
+    straight = train_retrieval(cfg, tmp_path / "straight", progress=False)
+    train_retrieval(tiny_config(corpus, "optim.epochs=1"), tmp_path / "split", progress=False)
+    resumed = train_retrieval(cfg, tmp_path / "split", progress=False)
+    a, b = _weights(straight["last"]), _weights(resumed["last"])
+    assert a.keys() == b.keys()
+    for key in a:  # model, key encoders and queues alike
+        assert torch.equal(a[key], b[key]), key
+    assert straight["best_rsum"] == resumed["best_rsum"]
+    log = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if "val_rsum" in r] == [1, 2]
+    assert (tmp_path / "split" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_crash_mid_epoch_then_resume_reproduces_uninterrupted_run(corpus: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_config(corpus, "optim.checkpoint_every=2")
+    straight = train_retrieval(cfg, tmp_path / "straight", progress=False)
+
+    clip = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def crash_on_step_four(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash_on_step_four)
+    with pytest.raises(KeyboardInterrupt):
+        train_retrieval(cfg, tmp_path / "crashed", progress=False)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    state = load_checkpoint(tmp_path / "crashed" / "last.pt")
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 2)
+    resumed = train_retrieval(cfg, tmp_path / "crashed", progress=False)
+    a, b = _weights(straight["last"]), _weights(resumed["last"])
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_queue_and_key_encoders_are_in_the_checkpoint(corpus: Path, tmp_path: Path) -> None:
+    train_retrieval(tiny_config(corpus, "optim.epochs=1"), tmp_path / "run", progress=False)
+    weights = _weights(tmp_path / "run" / "last.pt")
+    assert int(weights["image_queue.filled"]) == 10 and int(weights["text_queue.filled"]) == 10
+    assert any(k.startswith("image_key_encoder.") for k in weights)
+    ids = weights["image_queue.ids"]
+    assert ((ids >= 0) & (ids < 20)).all()
+
+
+def test_resume_with_another_model_config_is_refused(corpus: Path, tmp_path: Path) -> None:
+    train_retrieval(tiny_config(corpus, "optim.epochs=1"), tmp_path / "run", progress=False)
+    with pytest.raises(CheckpointError, match="model.embed_dim"):
+        train_retrieval(tiny_config(corpus, "model.embed_dim=8"), tmp_path / "run", progress=False)
+
+
+def test_divergence_stops_with_message_and_keeps_last_good(corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train_retrieval(tiny_config(corpus, "optim.epochs=1"), run, progress=False)
+    before = _weights(run / "last.pt")
+    features = np.load(corpus / "train_ims.npy")
+    features[:] = np.nan  # corrupt features make the loss NaN on the next step
+    np.save(corpus / "train_ims.npy", features)
+    with pytest.raises(TrainingDiverged, match="epoch 2, step 1.*last good checkpoint is .*last.pt"):
+        train_retrieval(tiny_config(corpus), run, progress=False)
+    after = _weights(run / "last.pt")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_evaluate_checkpoint_matches_direct_encoding(corpus: Path, tmp_path: Path) -> None:
+    summary = train_retrieval(tiny_config(corpus, "optim.epochs=1"), tmp_path / "run", progress=False)
+    metrics = evaluate_checkpoint(summary["best"], None, "val", ("all",))["all"]
+    model, tokenizer, cfg = load_trained(summary["best"], torch.device("cpu"))
+    from xmcl.data.open import open_split
+
+    split = open_split(corpus, "val")
+    img, txt = encode_split(model, split, tokenizer, None, torch.device("cpu"))
+    expected = evaluate_embeddings(img, txt, split.caption_image)["all"]
+    assert metrics.rsum == pytest.approx(expected.rsum)
+    assert metrics.rsum == pytest.approx(summary["best_rsum"])
+
+
+def test_model_input_mismatch_is_named(corpus: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="region_dim is 7"):
+        train_retrieval(tiny_config(corpus, "model.region_dim=7"), tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match="image_input='images'"):
+        train_retrieval(tiny_config(corpus, "model.image_input=images"), tmp_path / "run2", progress=False)
