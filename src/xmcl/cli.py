@@ -122,5 +122,47 @@ def demo(out: Path, images: int, epochs: int | None) -> None:
     click.echo(run_demo(out, num_images=images, epochs=epochs))
 
 
+# -------------------------------------------------------------------------------------- distill
+@main.group(cls=_Group)
+def distill() -> None:
+    """ST-SLidR: distil a frozen 2D backbone into a 3D point-cloud backbone, then probe it."""
+
+
+@distill.command("pretrain")
+@click.option("--config", "config_path", type=PathArg, required=True, help="YAML config (configs/distill_*.yaml).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value.")
+@click.option("--out", type=PathArg, required=True, help="Run folder (checkpoints, log, curves).")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Continue from OUT/last.pt when it exists.")
+def distill_pretrain(config_path: Path, overrides: tuple[str, ...], out: Path, resume: bool) -> None:
+    """Pretrain the 3D backbone with the (semantically tolerant, class-balanced) superpixel contrastive loss."""
+    from xmcl.config import load_config
+    from xmcl.distill.config import DistillConfig
+    from xmcl.distill.pretrain import run_pretrain
+
+    checkpoint = run_pretrain(load_config(DistillConfig, config_path, overrides), out, resume=resume)
+    click.echo(f"wrote {checkpoint}")
+
+
+@distill.command("probe")
+@click.option("--config", "config_path", type=PathArg, required=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value.")
+@click.option("--checkpoint", type=PathArg, default=None, help="Pretrained 3D backbone (omit: random init).")
+@click.option("--mode", type=click.Choice(["linear", "finetune"]), default="linear", show_default=True)
+@click.option("--label-fraction", type=float, default=1.0, show_default=True,
+              help="Share of the probe's training labels used (e.g. 0.01).")
+@click.option("--out", type=PathArg, required=True, help="Folder for probe_<mode>.json.")
+def distill_probe(config_path: Path, overrides: tuple[str, ...], checkpoint: Path | None, mode: str,
+                  label_fraction: float, out: Path) -> None:
+    """3D semantic segmentation by linear probing or fine-tuning: per-class IoU and mIoU."""
+    from xmcl.config import load_config
+    from xmcl.distill.config import DistillConfig
+    from xmcl.distill.probe import format_probe, run_probe
+
+    result = run_probe(load_config(DistillConfig, config_path, overrides), checkpoint, out, mode=mode,
+                       label_fraction=label_fraction)
+    click.echo(format_probe(result))
+
+
 if __name__ == "__main__":
     main()
