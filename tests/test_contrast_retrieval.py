@@ -250,3 +250,31 @@ def test_bad_inputs_are_named():
         loss(**{**x, "queue_ids": None})
     with pytest.raises(DataError, match="queue_valid"):
         loss(**{**x, "queue_valid": x["queue_valid"].long()})
+
+
+def test_warm_start_gives_uto_a_gradient_where_it_has_none() -> None:
+    """All matching similarities negative (towers pointing apart): UTO's gradient is exactly zero, the hinge
+    warm-up's is not; after the warm-up epochs the wrapper is UTO itself."""
+    from xmcl.contrast import HingeLoss, UTOLoss, WarmStartLoss
+
+    torch.manual_seed(0)
+    base = torch.nn.functional.normalize(torch.randn(1, 8), dim=1)
+    img = torch.nn.functional.normalize(base + 0.05 * torch.randn(6, 8), dim=1).requires_grad_(True)
+    txt = torch.nn.functional.normalize(-base + 0.05 * torch.randn(6, 8), dim=1)
+    ids = torch.arange(6)
+    assert ((img @ txt.T) < 0).all()
+    uto, hinge = UTOLoss(), HingeLoss(margin=0.2, warmup_epochs=1)
+    wrapped = WarmStartLoss(uto, hinge, epochs=1)
+    wrapped.set_epoch(0)
+    (grad_warm,) = torch.autograd.grad(wrapped(img, txt, ids)["loss"], img)
+    wrapped.set_epoch(1)
+    out = wrapped(img, txt, ids)["loss"]
+    (grad_main,) = torch.autograd.grad(out, img)
+    assert grad_warm.abs().sum() > 0
+    assert grad_main.abs().max() < 1e-12
+    # hand-computed sum-of-violations hinge at epoch 0: sum over queries and negatives of [0.2 + s_qk - s_qq]_+
+    s = (img @ txt.T).detach()
+    expected = sum(max(0.0, 0.2 + s[q, k] - s[q, q]) + max(0.0, 0.2 + s[k, q] - s[q, q])
+                   for q in range(6) for k in range(6) if k != q)
+    wrapped.set_epoch(0)
+    assert wrapped(img, txt, ids)["loss"].item() == pytest.approx(float(expected), rel=1e-5)

@@ -19,3 +19,7 @@ class CheckpointError(XmclError):
 
 class TrainingDiverged(XmclError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingStalled(XmclError):
+    """The loss gives no gradient at all, so training cannot start; the message says what to change."""

@@ -17,6 +17,7 @@ from xmcl.contrast.retrieval_losses import (
     InfoNCELoss,
     RetrievalLoss,
     UTOLoss,
+    WarmStartLoss,
     build_retrieval_loss,
 )
 from xmcl.contrast.semantic_weights import (
@@ -35,6 +36,7 @@ __all__ = [
     "RetrievalLoss",
     "STSlidrLoss",
     "UTOLoss",
+    "WarmStartLoss",
     "build_retrieval_loss",
     "class_balance_weights",
     "make_key_encoder",

@@ -242,6 +242,32 @@ class InfoNCELoss(RetrievalLoss):
         return (torch.logsumexp(torch.cat([pos[:, None], neg], dim=1), dim=1) - pos).mean()
 
 
+class WarmStartLoss(nn.Module):
+    """``warmup`` for the first ``epochs`` epochs, then ``main`` (same call signature as a ``RetrievalLoss``).
+
+    Why: UTO's positive term log(1 + relu(s_ii)) has no gradient where s_ii <= 0, and its negative term
+    exp(mu (s - gamma)) vanishes far below gamma. Freshly initialised towers often embed every image near one
+    direction and every caption near another; when the two point apart, all s_ii < 0 and UTO cannot start
+    (observed on Flickr8K with the pretrained MiniLM, seed 0: loss exactly 0, gradient exactly 0). A short
+    warm-up with a loss that always has a gradient (VSE++'s sum-of-violations hinge) aligns the towers first.
+    """
+
+    def __init__(self, main: RetrievalLoss, warmup: RetrievalLoss, epochs: int) -> None:
+        super().__init__()
+        if epochs < 0:
+            raise ConfigError(f"warm-up epochs must be >= 0, got {epochs}")
+        self.main, self.warmup, self.epochs = main, warmup, epochs
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.main.set_epoch(epoch)
+        self.warmup.set_epoch(epoch)
+
+    def forward(self, *args: Tensor | None, **kwargs: Tensor | None) -> dict[str, Tensor]:
+        return (self.warmup if self.epoch < self.epochs else self.main)(*args, **kwargs)
+
+
 RETRIEVAL_LOSSES: dict[str, type[RetrievalLoss]] = {"uto": UTOLoss, "hinge": HingeLoss, "infonce": InfoNCELoss}
 
 
