@@ -37,7 +37,8 @@ VARIANTS: dict[str, list[str]] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="precomputed-feature folder (train + val splits)")
-    parser.add_argument("--split", default="val", help="split to report (validation also picks the best epoch)")
+    parser.add_argument("--split", default="val", help="split to report")
+    parser.add_argument("--val-split", default="val", help="split whose rSum picks each variant's best epoch")
     parser.add_argument("--out", type=Path, default=Path("runs/retrieval_quality"))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--epochs", type=int, default=8, help="budget: epochs per variant")
@@ -57,7 +58,7 @@ def main() -> None:
 
     region_dim = int(open_split(args.data, "train").region_features.shape[-1])
     common = [
-        f"data.path={args.data}", f"data.val_split={args.split}", f"seed={args.seed}",
+        f"data.path={args.data}", f"data.val_split={args.val_split}", f"seed={args.seed}",
         f"model.region_dim={region_dim}", f"model.embed_dim={args.embed_dim}",
         f"model.text_encoder={args.text_encoder}", f"model.queue_size={args.queue_size}",
         f"loss.lambda_batch={args.lambda_batch}", f"optim.epochs={args.epochs}", f"optim.batch_size={args.batch_size}",
@@ -77,7 +78,7 @@ def main() -> None:
         results[name] = evaluate_checkpoint(run_dir / "best.pt", args.data, args.split, ("all",))["all"]
         print(f"{name}: best epoch {summary['best_epoch']}, {seconds[name]:.0f} s", flush=True)
 
-    print(f"\n{args.data} / {args.split}: {args.epochs} epochs"
+    print(f"\n{args.data} / {args.split} (best epoch by {args.val_split} rSum): {args.epochs} epochs"
           f"{f' x {args.max_steps_per_epoch} steps' if args.max_steps_per_epoch else ''}, batch {args.batch_size}, "
           f"seed {args.seed}, text encoder {args.text_encoder}, lambda_batch {args.lambda_batch}")
     print(format_table(results, show_folds=False))

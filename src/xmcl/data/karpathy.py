@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from xmcl.data.corpus import CaptionSplit
+from xmcl.data.files import read_text
 from xmcl.errors import DataError
 
 
@@ -25,12 +26,7 @@ def default_image_dir(json_path: Path) -> Path:
 
 def load_karpathy_json(json_path: Path) -> list[dict]:
     """The ``images`` list of a Karpathy-style file; ``DataError`` naming the file if it is missing or malformed."""
-    try:
-        text = json_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{json_path}: no such caption file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{json_path}: cannot read the caption file ({err})") from None
+    text = read_text(json_path, "caption file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:

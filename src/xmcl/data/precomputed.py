@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from xmcl.data.corpus import CaptionSplit
+from xmcl.data.files import read_text
 from xmcl.errors import CheckpointError, DataError
 
 
@@ -45,13 +46,7 @@ def split_files(data_dir: Path, split: str) -> dict[str, Path]:
 
 
 def _read_lines(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read ({err})") from None
-    lines = text.split("\n")
+    lines = read_text(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     return [line.rstrip("\r") for line in lines]

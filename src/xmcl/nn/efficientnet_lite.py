@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xmcl.nn.init import init_conv_batchnorm
+
 # (expand ratio, kernel, stride, repeats, output channels) of the seven MBConv stages of B0 / Lite0.
 LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
     (1, 3, 1, 1, 16),
@@ -114,13 +116,9 @@ class EfficientNetLite0(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        init_conv_batchnorm(self)
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear):
                 bound = 1.0 / math.sqrt(m.weight.shape[1])
                 nn.init.uniform_(m.weight, -bound, bound)
                 nn.init.zeros_(m.bias)

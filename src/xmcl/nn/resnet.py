@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmcl.errors import ConfigError
+from xmcl.nn.init import init_conv_batchnorm
 
 
 def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -108,12 +109,7 @@ class ResNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.out_channels = in_channels
         self.fc = nn.Linear(in_channels, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_batchnorm(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.maxpool(F.relu(self.bn1(self.conv1(x))))
