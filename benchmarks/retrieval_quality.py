@@ -7,6 +7,8 @@ Variants (one harness, one table):
   user_keep     + momentum encoders and queues, UTO; queued keys of the query's own image count as negatives
                 (the authors' code)
   user          + momentum encoders and queues, UTO, the id mask keeps same-image keys out of the negatives
+  user_keys_train  as user, but the key encoders run in train mode (dropout on), as the authors' code leaves them
+                   (not run by default)
 
 Usage (features from `xmcl features`):
   python benchmarks/retrieval_quality.py --data runs/shapes_feats --epochs 8
@@ -31,7 +33,10 @@ VARIANTS: dict[str, list[str]] = {
     "user_noqueue": ["loss.name=uto", "model.sge=true", "model.use_queue=false"],
     "user_keep": ["loss.name=uto", "model.sge=true", "model.use_queue=true", "loss.queue_false_negatives=keep"],
     "user": ["loss.name=uto", "model.sge=true", "model.use_queue=true", "loss.queue_false_negatives=mask"],
+    "user_keys_train": ["loss.name=uto", "model.sge=true", "model.use_queue=true", "loss.queue_false_negatives=mask",
+                        "model.key_encoders_eval=false"],
 }
+DEFAULT_VARIANTS = ["infonce", "vsepp", "user_noqueue", "user_keep", "user"]
 
 
 def main() -> None:
@@ -40,7 +45,7 @@ def main() -> None:
     parser.add_argument("--split", default="val", help="split to report")
     parser.add_argument("--val-split", default="val", help="split whose rSum picks each variant's best epoch")
     parser.add_argument("--out", type=Path, default=Path("runs/retrieval_quality"))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--epochs", type=int, default=8, help="budget: epochs per variant")
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="budget: steps per epoch")
     parser.add_argument("--batch-size", type=int, default=128)

@@ -29,7 +29,7 @@ def reference_metrics(i2t: np.ndarray, t2i: np.ndarray) -> dict:
             out[f"{name}_r{k}"] = 100.0 * np.count_nonzero(r < k) / len(r)
         out[f"{name}_medr"] = np.floor(np.median(r)) + 1
         out[f"{name}_meanr"] = r.sum() / len(r) + 1
-    out["rsum"] = sum(v for k, v in out.items() if "_r" in k and not k.endswith(("medr", "meanr")))
+    out["rsum"] = sum(out[f"{name}_r{k}"] for name in ("i2t", "t2i") for k in (1, 5, 10))
     return out
 
 

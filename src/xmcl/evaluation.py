@@ -208,7 +208,10 @@ def _count_ahead(scores: torch.Tensor, target: torch.Tensor, target_index: torch
     order = torch.argsort(target_index // tile)
     ends = torch.bincount(target_index // tile, minlength=-(-length // tile)).cumsum(0).tolist()
     counts = torch.zeros(num_queries, dtype=scores.dtype, device=scores.device)
-    work = torch.empty_like(scores[:, :tile])
+    if scores.stride(0) < scores.stride(1):  # a transposed view: keep the comparisons in memory order
+        work = torch.empty(tile, num_queries, dtype=scores.dtype, device=scores.device).T
+    else:
+        work = torch.empty(num_queries, tile, dtype=scores.dtype, device=scores.device)
     for k, start in enumerate(range(0, length, tile)):
         block = scores[:, start:start + tile]
         threshold = torch.where(target_index >= start + tile, before, target).unsqueeze(1)

@@ -3,6 +3,8 @@
 A training item is one caption with its image (raw pixels or region features) and its image index, which the
 losses use to keep captions of the same image out of each other's negatives. Caption augmentation draws from a
 generator seeded by (seed, epoch, caption index), so an epoch replays identically after a resume.
+With CLIP-guided enhancement, items also carry ``clip_image`` (row n of an (N, c) array aligned with the split's
+images) and ``clip_text`` (row m of an (M, c) array aligned with its captions), read from the CLIP cache.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch.utils.data import Dataset
 from xmcl.data.corpus import CaptionSplit
 from xmcl.data.images import ImageTransform
 from xmcl.data.text import TextTokenizer, collate_tokens
+from xmcl.errors import DataError
 
 
 def _image_item(split: CaptionSplit, image: int, transform: ImageTransform | None,
@@ -28,13 +31,33 @@ def _image_item(split: CaptionSplit, image: int, transform: ImageTransform | Non
     return {"images": transform(split.image_paths[image], generator)}
 
 
+def _guide_rows(guides: np.ndarray | None, rows: int, what: str, split: CaptionSplit) -> np.ndarray | None:
+    if guides is not None and (guides.ndim != 2 or guides.shape[0] != rows):
+        raise DataError(f"{split.source} (split '{split.name}'): CLIP {what} embeddings of shape {guides.shape} do "
+                        f"not give one row per {what} ({rows})")
+    return guides
+
+
+def _add_guides(item: dict[str, Any], image_guides: np.ndarray | None, image: int,
+                text_guides: np.ndarray | None = None, caption: int = 0) -> dict[str, Any]:
+    if image_guides is not None:
+        item["clip_image"] = torch.from_numpy(np.asarray(image_guides[image], dtype=np.float32))
+    if text_guides is not None:
+        item["clip_text"] = torch.from_numpy(np.asarray(text_guides[caption], dtype=np.float32))
+    return item
+
+
 class CaptionPairs(Dataset):
-    """Item m: caption m's tokens (augmented when ``augment_captions``), its image, and the image index."""
+    """Item m: caption m's tokens (augmented when ``augment_captions``), its image, and the image index; with
+    ``clip_image`` (N, c) / ``clip_text`` (M, c), the CLIP embeddings of its image / caption."""
 
     def __init__(self, split: CaptionSplit, tokenizer: TextTokenizer, image_transform: ImageTransform | None = None,
-                 augment_captions: bool = False, seed: int = 0) -> None:
+                 augment_captions: bool = False, seed: int = 0, clip_image: np.ndarray | None = None,
+                 clip_text: np.ndarray | None = None) -> None:
         self.split, self.tokenizer, self.transform = split, tokenizer, image_transform
         self.augment_captions, self.seed, self.epoch = augment_captions, seed, 0
+        self.clip_image = _guide_rows(clip_image, split.num_images, "image", split)
+        self.clip_text = _guide_rows(clip_text, split.num_captions, "caption", split)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -50,33 +73,39 @@ class CaptionPairs(Dataset):
         item = _image_item(self.split, image, self.transform, generator)
         item["tokens"] = self.tokenizer.encode(self.split.captions[caption], rng)
         item["image_id"] = image
-        return item
+        return _add_guides(item, self.clip_image, image, self.clip_text, caption)
 
 
 class SplitImages(Dataset):
-    """Item n: image n (no augmentation), for encoding a split's images once each."""
+    """Item n: image n (no augmentation), for encoding a split's images once each; its CLIP embedding too when
+    ``clip_image`` (N, c) is given."""
 
-    def __init__(self, split: CaptionSplit, image_transform: ImageTransform | None = None) -> None:
+    def __init__(self, split: CaptionSplit, image_transform: ImageTransform | None = None,
+                 clip_image: np.ndarray | None = None) -> None:
         self.split, self.transform = split, image_transform
+        self.clip_image = _guide_rows(clip_image, split.num_images, "image", split)
 
     def __len__(self) -> int:
         return self.split.num_images
 
     def __getitem__(self, image: int) -> dict[str, Any]:
-        return _image_item(self.split, image, self.transform, None)
+        return _add_guides(_image_item(self.split, image, self.transform, None), self.clip_image, image)
 
 
 class SplitCaptions(Dataset):
-    """Item m: caption m's tokens (no augmentation), for encoding a split's captions."""
+    """Item m: caption m's tokens (no augmentation), for encoding a split's captions; its CLIP embedding too
+    when ``clip_text`` (M, c) is given."""
 
-    def __init__(self, split: CaptionSplit, tokenizer: TextTokenizer) -> None:
+    def __init__(self, split: CaptionSplit, tokenizer: TextTokenizer, clip_text: np.ndarray | None = None) -> None:
         self.split, self.tokenizer = split, tokenizer
+        self.clip_text = _guide_rows(clip_text, split.num_captions, "caption", split)
 
     def __len__(self) -> int:
         return self.split.num_captions
 
     def __getitem__(self, caption: int) -> dict[str, Any]:
-        return {"tokens": self.tokenizer.encode(self.split.captions[caption])}
+        item = {"tokens": self.tokenizer.encode(self.split.captions[caption])}
+        return _add_guides(item, None, 0, self.clip_text, caption)
 
 
 def pad_regions(regions: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -90,7 +119,8 @@ def pad_regions(regions: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
 
 class Collate:
     """Items -> batch dict: ``images`` (B, 3, H, W) or ``regions`` + ``region_lengths``; ``tokens`` +
-    ``token_lengths`` (padded with ``pad_id``); ``image_ids`` (B,) when the items carry them."""
+    ``token_lengths`` (padded with ``pad_id``); ``image_ids`` (B,), ``clip_image`` and ``clip_text`` (B, c)
+    when the items carry them."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -106,4 +136,7 @@ class Collate:
             batch["tokens"], batch["token_lengths"] = collate_tokens([it["tokens"] for it in items], self.pad_id)
         if "image_id" in first:
             batch["image_ids"] = torch.tensor([it["image_id"] for it in items], dtype=torch.long)
+        for key in ("clip_image", "clip_text"):
+            if key in first:
+                batch[key] = torch.stack([it[key] for it in items])
         return batch

@@ -17,7 +17,11 @@ class ModelConfig:
     Text side: ``"bert"`` loads a BERT-family model from ``text_model`` (a local directory; None = the
     installed default MiniLM), ``"bigru"`` embeds a vocabulary (size given to the model) in ``word_dim`` and
     runs a ``gru_layers``-layer BiGRU. ``sge``/``text_sge`` switch SGE on image/text locals (``sge_lambda`` is
-    the attention sharpness, ``sge_dropout`` its dropout). ``use_queue`` adds momentum key encoders
+    the attention sharpness, ``sge_dropout`` its dropout). ``cge``/``text_cge`` switch CLIP-guided enhancement
+    (``xmcl.retrieval.cge``, sharpness ``cge_lambda``) of image/text locals, independently of SGE: the guides are
+    ``clip_dim``-d embeddings of a frozen CLIP read from the ``clip_cache`` folder (``xmcl clip-cache``); the CLIP
+    checkpoint ``clip_path`` (a transformers directory or an OpenAI ``.pt``) checks the cache is current and
+    encodes images or captions the cache lacks at evaluation. ``use_queue`` adds momentum key encoders
     (``momentum``; kept in eval mode when ``key_encoders_eval``) and image/text queues of ``queue_size`` keys.
     """
 
@@ -37,6 +41,12 @@ class ModelConfig:
     text_sge: bool = False
     sge_lambda: float = 1.0
     sge_dropout: float = 0.4
+    cge: bool = False
+    text_cge: bool = False
+    cge_lambda: float = 1.0
+    clip_dim: int = 512
+    clip_path: str | None = None
+    clip_cache: str | None = None
     momentum: float = 0.999
     key_encoders_eval: bool = True
     queue_size: int = 4096
@@ -50,7 +60,9 @@ class LossConfig:
     ``uto``: ``mu`` (scale), ``gamma`` (margin); ``hinge``: ``margin``, ``warmup_epochs`` of summed violations
     before hardest-negative; ``infonce``: initial ``temperature`` (learnable). ``lambda_batch`` weighs the
     in-batch term against the queue terms; ``queue_false_negatives="mask"`` keeps queued keys of the query's
-    own image out of its negatives (``"keep"`` counts them, as the USER authors do).
+    own image out of its negatives (``"keep"`` counts them, as the USER authors do). ``uto_warmup_epochs``:
+    epochs of the VSE++ sum-of-violations hinge before UTO takes over (0 = none, as in the paper; see
+    ``xmcl.contrast.WarmStartLoss`` for when UTO cannot start without it).
     """
 
     name: Literal["uto", "hinge", "infonce"] = "uto"
@@ -59,5 +71,6 @@ class LossConfig:
     lambda_batch: float = 1.0
     margin: float = 0.2
     warmup_epochs: int = 1
+    uto_warmup_epochs: int = 0
     temperature: float = 0.07
     queue_false_negatives: Literal["mask", "keep"] = "mask"

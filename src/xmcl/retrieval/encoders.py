@@ -21,6 +21,7 @@ from xmcl.nn.backbones import build_image_backbone, set_trainable
 from xmcl.nn.gpo import build_pooling
 from xmcl.nn.heads import ProjectionHead
 from xmcl.nn.sequence import BiGRU, length_mask
+from xmcl.retrieval.cge import CGE
 from xmcl.retrieval.config import ModelConfig
 from xmcl.retrieval.enhancement import SGE
 
@@ -44,15 +45,23 @@ def drop_grid_cells(features: Tensor, rate: float) -> tuple[Tensor, Tensor]:
     return compact[:, : int(lengths.max())], lengths
 
 
+def _need_guide(clip: Tensor | None, key: str, switch: str) -> Tensor:
+    if clip is None:
+        raise DataError(f"CGE is on ({switch}) but no CLIP embeddings were given (batch key '{key}'); compute them "
+                        f"with `xmcl clip-cache` and set model.clip_cache")
+    return clip
+
+
 class ImageEncoder(nn.Module):
-    """``forward(inputs, lengths=None) -> (B, embed_dim)`` unit vectors.
+    """``forward(inputs, lengths=None, clip=None) -> (B, embed_dim)`` unit vectors.
 
     Without a backbone, ``inputs`` are region features ``(B, R, local_dim)`` and ``lengths (B,)`` the valid
     counts (None = all R valid). With one, ``inputs`` are images ``(B, 3, H, W)`` and ``lengths`` must be None.
+    The raw locals go through SGE, then CGE guided by ``clip (B, clip_dim)`` (required when ``cge`` is set).
     """
 
     def __init__(self, local_dim: int, embed_dim: int, pooling: str = "gpo", sge: SGE | None = None,
-                 backbone: nn.Module | None = None, grid_drop: float = 0.0) -> None:
+                 backbone: nn.Module | None = None, grid_drop: float = 0.0, cge: CGE | None = None) -> None:
         super().__init__()
         self.local_dim = local_dim
         self.backbone = backbone
@@ -60,6 +69,7 @@ class ImageEncoder(nn.Module):
         self.sge = sge
         self.head = ProjectionHead(local_dim, embed_dim)
         self.pooling = build_pooling(pooling)
+        self.cge = cge
 
     def local_features(self, inputs: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The raw locals ``(B, R, local_dim)`` and their lengths (grid cells for images)."""
@@ -80,10 +90,12 @@ class ImageEncoder(nn.Module):
             lengths = torch.full((inputs.size(0),), inputs.size(1), dtype=torch.long)
         return inputs, lengths.to(inputs.device)
 
-    def forward(self, inputs: Tensor, lengths: Tensor | None = None) -> Tensor:
+    def forward(self, inputs: Tensor, lengths: Tensor | None = None, clip: Tensor | None = None) -> Tensor:
         local, lengths = self.local_features(inputs, lengths)
         if self.sge is not None:
             local = self.sge(local, lengths)
+        if self.cge is not None:
+            local = self.cge(local, lengths, _need_guide(clip, "clip_image", "model.cge"))
         joint = self.head(local, lengths)
         return F.normalize(self.pooling(joint, lengths), dim=-1)
 
@@ -124,15 +136,15 @@ class GRUTextModel(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """``forward(ids (B, L), lengths (B,)) -> (B, embed_dim)`` unit vectors.
+    """``forward(ids (B, L), lengths (B,), clip=None) -> (B, embed_dim)`` unit vectors.
 
     ``sequence`` maps ids to per-token states of size ``sequence.hidden_dim``; with ``project`` a linear layer
     maps them to the joint space (BERT), without it they must already be ``embed_dim``-d (BiGRU); then
-    optional SGE, pooling and L2.
+    optional SGE, optional CGE guided by ``clip (B, clip_dim)``, pooling and L2.
     """
 
     def __init__(self, sequence: nn.Module, embed_dim: int, project: bool = True, pooling: str = "gpo",
-                 sge: SGE | None = None) -> None:
+                 sge: SGE | None = None, cge: CGE | None = None) -> None:
         super().__init__()
         self.sequence = sequence
         if not project and sequence.hidden_dim != embed_dim:
@@ -141,14 +153,17 @@ class TextEncoder(nn.Module):
         self.projection = nn.Linear(sequence.hidden_dim, embed_dim) if project else nn.Identity()
         self.sge = sge
         self.pooling = build_pooling(pooling)
+        self.cge = cge
 
-    def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
+    def forward(self, ids: Tensor, lengths: Tensor, clip: Tensor | None = None) -> Tensor:
         if ids.dim() != 2:
             raise DataError(f"the text encoder expects token ids (B, L), got shape {tuple(ids.shape)}")
         lengths = lengths.to(ids.device)
         local = self.projection(self.sequence(ids, lengths))
         if self.sge is not None:
             local = self.sge(local, lengths)
+        if self.cge is not None:
+            local = self.cge(local, lengths, _need_guide(clip, "clip_text", "model.text_cge"))
         return F.normalize(self.pooling(local, lengths), dim=-1)
 
 
@@ -161,7 +176,8 @@ def build_image_encoder(cfg: ModelConfig) -> ImageEncoder:
         set_trainable(backbone, cfg.backbone_trainable)
         local_dim = backbone.out_channels
     sge = SGE(local_dim, cfg.sge_lambda, cfg.sge_dropout) if cfg.sge else None
-    return ImageEncoder(local_dim, cfg.embed_dim, cfg.pooling, sge, backbone, cfg.grid_drop)
+    cge = CGE(cfg.clip_dim, local_dim, cfg.cge_lambda) if cfg.cge else None
+    return ImageEncoder(local_dim, cfg.embed_dim, cfg.pooling, sge, backbone, cfg.grid_drop, cge)
 
 
 def build_text_encoder(cfg: ModelConfig, vocab_size: int | None = None) -> TextEncoder:
@@ -175,4 +191,5 @@ def build_text_encoder(cfg: ModelConfig, vocab_size: int | None = None) -> TextE
     else:
         raise ConfigError(f"model.text_encoder must be 'bert' or 'bigru', got '{cfg.text_encoder}'")
     sge = SGE(cfg.embed_dim, cfg.sge_lambda, cfg.sge_dropout) if cfg.text_sge else None
-    return TextEncoder(sequence, cfg.embed_dim, cfg.text_encoder == "bert", cfg.pooling, sge)
+    cge = CGE(cfg.clip_dim, cfg.embed_dim, cfg.cge_lambda) if cfg.text_cge else None
+    return TextEncoder(sequence, cfg.embed_dim, cfg.text_encoder == "bert", cfg.pooling, sge, cge)

@@ -17,21 +17,27 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from xmcl.contrast import MomentumQueue, RetrievalLoss, build_retrieval_loss, make_key_encoder, momentum_update
+from xmcl.contrast import MomentumQueue, RetrievalLoss, WarmStartLoss, build_retrieval_loss, make_key_encoder, \
+    momentum_update
 from xmcl.errors import DataError
 from xmcl.retrieval.config import LossConfig, ModelConfig
 from xmcl.retrieval.encoders import build_image_encoder, build_text_encoder
 
 
-def build_loss(cfg: LossConfig) -> RetrievalLoss:
-    """The ``xmcl.contrast`` retrieval loss ``cfg`` names, with its own constants."""
+def build_loss(cfg: LossConfig) -> RetrievalLoss | WarmStartLoss:
+    """The ``xmcl.contrast`` retrieval loss ``cfg`` names, with its own constants; UTO with
+    ``uto_warmup_epochs > 0`` starts with that many epochs of the VSE++ sum-of-violations hinge."""
     specific = {
         "uto": {"mu": cfg.mu, "gamma": cfg.gamma},
         "hinge": {"margin": cfg.margin, "warmup_epochs": cfg.warmup_epochs},
         "infonce": {"init_temperature": cfg.temperature},
     }
-    return build_retrieval_loss(cfg.name, batch_weight=cfg.lambda_batch,
-                                queue_false_negatives=cfg.queue_false_negatives, **specific.get(cfg.name, {}))
+    common = {"batch_weight": cfg.lambda_batch, "queue_false_negatives": cfg.queue_false_negatives}
+    loss = build_retrieval_loss(cfg.name, **common, **specific.get(cfg.name, {}))
+    if cfg.name != "uto" or cfg.uto_warmup_epochs == 0:
+        return loss
+    warmup = build_retrieval_loss("hinge", margin=cfg.margin, warmup_epochs=cfg.uto_warmup_epochs, **common)
+    return WarmStartLoss(loss, warmup, cfg.uto_warmup_epochs)
 
 
 class USERModel(nn.Module):
@@ -39,7 +45,9 @@ class USERModel(nn.Module):
 
     ``batch`` keys: ``images (B, 3, H, W)`` or ``regions (B, R, D)`` + ``region_lengths (B,)``;
     ``tokens (B, L)`` + ``token_lengths (B,)``; ``image_ids (B,)``, the image index of each caption (pairs
-    with equal ids are positives of each other and never negatives, in the batch and in the queues).
+    with equal ids are positives of each other and never negatives, in the batch and in the queues);
+    ``clip_image (B, clip_dim)`` / ``clip_text (B, clip_dim)``, the frozen CLIP's embeddings of each item's image
+    and caption, needed when ``cfg.cge`` / ``cfg.text_cge`` is on (SGE and CGE switch independently).
     ``vocab_size`` is needed for the BiGRU text encoder only. ``state_dict()`` holds the online and key
     encoders and both queues (keys, ids, pointer, fill count).
     """
@@ -76,14 +84,15 @@ class USERModel(nn.Module):
         """The loss dict (``"loss"`` plus its parts); in training mode the batch's keys are then queued."""
         image_inputs, region_lengths = _image_inputs(batch)
         tokens, token_lengths = _require(batch, "tokens"), _require(batch, "token_lengths")
-        img = self.image_encoder(image_inputs, region_lengths)
-        txt = self.text_encoder(tokens, token_lengths)
+        clip_image, clip_text = batch.get("clip_image"), batch.get("clip_text")
+        img = self.image_encoder(image_inputs, region_lengths, clip_image)
+        txt = self.text_encoder(tokens, token_lengths, clip_text)
         image_ids = _require(batch, "image_ids").to(img.device)
         if not self.cfg.use_queue:
             return self.loss(img, txt, image_ids)
         with torch.no_grad():
-            img_key = self.image_key_encoder(image_inputs, region_lengths)
-            txt_key = self.text_key_encoder(tokens, token_lengths)
+            img_key = self.image_key_encoder(image_inputs, region_lengths, clip_image)
+            txt_key = self.text_key_encoder(tokens, token_lengths, clip_text)
         # copies: the backward pass needs the queue as it was, and the queue is written before backward runs
         losses = self.loss(img, txt, image_ids, img_key=img_key, txt_key=txt_key,
                            img_queue=self.image_queue.keys.clone(), txt_queue=self.text_queue.keys.clone(),
@@ -105,14 +114,16 @@ class USERModel(nn.Module):
         self.loss.set_epoch(epoch)
 
     @torch.no_grad()
-    def encode_images(self, inputs: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """``(B, embed_dim)`` unit embeddings of images or region features by the online encoder in eval mode."""
-        return _in_eval(self.image_encoder, inputs, lengths)
+    def encode_images(self, inputs: Tensor, lengths: Tensor | None = None, clip_image: Tensor | None = None) -> Tensor:
+        """``(B, embed_dim)`` unit embeddings of images or region features by the online encoder in eval mode
+        (``clip_image``: the CGE guides, needed when ``cfg.cge``)."""
+        return _in_eval(self.image_encoder, inputs, lengths, clip_image)
 
     @torch.no_grad()
-    def encode_texts(self, tokens: Tensor, lengths: Tensor) -> Tensor:
-        """``(B, embed_dim)`` unit embeddings of token ids by the online encoder in eval mode."""
-        return _in_eval(self.text_encoder, tokens, lengths)
+    def encode_texts(self, tokens: Tensor, lengths: Tensor, clip_text: Tensor | None = None) -> Tensor:
+        """``(B, embed_dim)`` unit embeddings of token ids by the online encoder in eval mode
+        (``clip_text``: the CGE guides, needed when ``cfg.text_cge``)."""
+        return _in_eval(self.text_encoder, tokens, lengths, clip_text)
 
     def parameter_groups(self, lr: float, text_lr_scale: float = 0.1, weight_decay: float = 1e-4,
                          backbone_lr_scale: float = 0.01) -> list[dict]:

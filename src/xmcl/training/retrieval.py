@@ -27,8 +27,9 @@ from xmcl.data.images import ImageTransform
 from xmcl.data.open import open_split
 from xmcl.device import resolve_device
 from xmcl.data.text import HFTokenizer, TextTokenizer, Vocabulary, VocabTokenizer, resolve_text_model_dir
-from xmcl.errors import CheckpointError, ConfigError, TrainingDiverged
+from xmcl.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingStalled
 from xmcl.evaluation import Metrics, evaluate_embeddings
+from xmcl.retrieval.clip_cache import SplitGuides, split_guides
 from xmcl.retrieval.config import LossConfig, ModelConfig
 from xmcl.retrieval.model import USERModel
 from xmcl.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint, \
@@ -132,20 +133,22 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 @torch.no_grad()
 def encode_split(model: USERModel, split: CaptionSplit, tokenizer: TextTokenizer,
                  transform: ImageTransform | None, device: torch.device, batch_size: int = 256,
-                 num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit embeddings of every image (N, d) and caption (M, d) of the split, by the online encoders."""
+                 num_workers: int = 0, guides: SplitGuides | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit embeddings of every image (N, d) and caption (M, d) of the split, by the online encoders
+    (``guides``: the split's CLIP embeddings, needed when the model has CGE; see ``split_guides``)."""
     model.eval()
     collate = Collate(tokenizer.pad_id)
+    clip_image, clip_text = (guides.image, guides.text) if guides is not None else (None, None)
     images, texts = [], []
-    for batch in DataLoader(SplitImages(split, transform), batch_size=batch_size, collate_fn=collate,
+    for batch in DataLoader(SplitImages(split, transform, clip_image), batch_size=batch_size, collate_fn=collate,
                             num_workers=num_workers):
         batch = _to_device(batch, device)
         inputs = batch["images"] if "images" in batch else batch["regions"]
-        images.append(model.encode_images(inputs, batch.get("region_lengths")).float().cpu())
-    for batch in DataLoader(SplitCaptions(split, tokenizer), batch_size=batch_size, collate_fn=collate,
+        images.append(model.encode_images(inputs, batch.get("region_lengths"), batch.get("clip_image")).float().cpu())
+    for batch in DataLoader(SplitCaptions(split, tokenizer, clip_text), batch_size=batch_size, collate_fn=collate,
                             num_workers=num_workers):
         batch = _to_device(batch, device)
-        texts.append(model.encode_texts(batch["tokens"], batch["token_lengths"]).float().cpu())
+        texts.append(model.encode_texts(batch["tokens"], batch["token_lengths"], batch.get("clip_text")).float().cpu())
     return torch.cat(images), torch.cat(texts)
 
 
@@ -165,6 +168,7 @@ class _Run:
         self.last, self.best = self.out / "last.pt", self.out / "best.pt"
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_rsum, self.best_epoch = -math.inf, -1
+        self.clip_sha256: str | None = None  # the CLIP checkpoint behind the CGE guides
 
     def state(self, model, optimizer, scheduler, vocab: Vocabulary | None) -> dict:
         return {
@@ -180,6 +184,7 @@ class _Run:
             "global_step": self.global_step,
             "best_rsum": self.best_rsum,
             "best_epoch": self.best_epoch,
+            "clip_sha256": self.clip_sha256,
         }
 
     def restore(self, state: dict, model, optimizer, scheduler) -> None:
@@ -217,11 +222,17 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = Tru
     if cfg.data.val_max_images:
         val_split = val_split.subset(np.arange(min(cfg.data.val_max_images, val_split.num_images)))
     _check_input(train_split, cfg.model)
+    train_guides = split_guides(cfg.model, train_split, device)
+    val_guides = split_guides(cfg.model, val_split, device)
+    run.clip_sha256 = train_guides.sha256
 
     state = None
     if resume and run.last.exists():
         state = load_checkpoint(run.last)
         _check_resumable(state, cfg, run.last)
+        if state.get("clip_sha256") != run.clip_sha256:
+            raise CheckpointError(f"{run.last} was trained with CGE guides of another CLIP checkpoint than the "
+                                  f"cache's now; use another --out folder or --no-resume")
     vocab = None
     if cfg.model.text_encoder == "bigru":
         vocab = Vocabulary(state["vocab"]) if state else Vocabulary.build(train_split.captions,
@@ -238,7 +249,8 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = Tru
 
     dataset = CaptionPairs(train_split, tokenizer, image_transform(cfg.model, model, cfg.data.image_size,
                                                                    cfg.data.augment_images),
-                           augment_captions=cfg.data.augment_captions, seed=cfg.seed)
+                           augment_captions=cfg.data.augment_captions, seed=cfg.seed,
+                           clip_image=train_guides.image, clip_text=train_guides.text)
     eval_transform = image_transform(cfg.model, model, cfg.data.image_size, train=False)
     collate = Collate(tokenizer.pad_id)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
@@ -268,6 +280,11 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = Tru
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.optim.grad_clip)
+            if run.global_step == 0 and float(grad_norm) == 0.0:
+                raise TrainingStalled(
+                    f"the {cfg.loss.name} loss ({loss.item():.4g}) gives no gradient at the first step: with UTO "
+                    f"this happens when every matching image-caption similarity starts <= 0; set "
+                    f"loss.uto_warmup_epochs=1 (a VSE++ hinge warm-up) or another seed")
             optimizer.step()
             model.momentum_step()
             run.step_in_epoch += 1
@@ -284,7 +301,7 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = Tru
         bar.close()
 
         img, txt = encode_split(model, val_split, tokenizer, eval_transform, device,
-                                num_workers=cfg.data.num_workers)
+                                num_workers=cfg.data.num_workers, guides=val_guides)
         metrics = evaluate_embeddings(img, txt, val_split.caption_image, protocols=("all",))["all"]
         scheduler.step()
         run.epoch, run.step_in_epoch = epoch + 1, 0
@@ -307,6 +324,12 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = Tru
 
 def load_trained(checkpoint: Path, device: torch.device) -> tuple[USERModel, TextTokenizer, RetrievalTrainConfig]:
     """The model (eval mode), tokenizer and config saved in a training checkpoint."""
+    model, tokenizer, cfg, _ = _load_trained_state(checkpoint, device)
+    return model, tokenizer, cfg
+
+
+def _load_trained_state(checkpoint: Path, device: torch.device
+                        ) -> tuple[USERModel, TextTokenizer, RetrievalTrainConfig, dict]:
     state = load_checkpoint(checkpoint)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{checkpoint}: not a retrieval checkpoint (format {state.get('format')!r})")
@@ -315,16 +338,21 @@ def load_trained(checkpoint: Path, device: torch.device) -> tuple[USERModel, Tex
     tokenizer = build_tokenizer(cfg.model, cfg.data.max_caption_tokens, vocab)
     model = USERModel(cfg.model, cfg.loss, vocab_size=tokenizer.vocab_size)
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), tokenizer, cfg
+    return model.to(device).eval(), tokenizer, cfg, state
 
 
 def evaluate_checkpoint(checkpoint: Path, data_path: Path | None, split: str, protocols: Iterable[str],
                         device: str = "auto") -> dict[str, Metrics]:
-    """Metrics per protocol of a trained model on ``split`` of ``data_path`` (default: its training corpus)."""
+    """Metrics per protocol of a trained model on ``split`` of ``data_path`` (default: its training corpus).
+
+    With CGE, the CLIP embeddings come from the model's cache; images or captions it lacks are encoded by the
+    CLIP teacher (``model.clip_path``), which must be the checkpoint the model was trained with."""
     torch_device = resolve_device(device)
-    model, tokenizer, cfg = load_trained(checkpoint, torch_device)
+    model, tokenizer, cfg, state = _load_trained_state(checkpoint, torch_device)
     corpus = open_split(data_path if data_path is not None else cfg.data.path, split)
     _check_input(corpus, cfg.model)
+    guides = split_guides(cfg.model, corpus, torch_device, compute_missing=True,
+                          trained_sha256=state.get("clip_sha256"))
     transform = image_transform(cfg.model, model, cfg.data.image_size, train=False)
-    img, txt = encode_split(model, corpus, tokenizer, transform, torch_device)
+    img, txt = encode_split(model, corpus, tokenizer, transform, torch_device, guides=guides)
     return evaluate_embeddings(img, txt, corpus.caption_image, protocols=tuple(protocols))

@@ -1,0 +1,124 @@
+"""Inference cost per image of USER's image tower with CLIP-guided enhancement (cache hit, cache miss) vs without.
+
+    python benchmarks/cge_inference.py --data runs/shapes --clip runs/clip_shapes [--images 128] [--image-size 96]
+    python benchmarks/cge_inference.py --data ../shared/data/flickr8k --vit-b32 --image-size 224
+
+The image tower is the one of ``configs/shapes_user.yaml`` on raw images (EfficientNet-Lite0 ImageNet backbone,
+SGE, GPO, 256-d), timed from image file to embedding on ``--images`` images of ``--split``:
+
+- without CGE: preprocessing + backbone + SGE + head + pooling;
+- CGE, cache hit: the same with CGE, plus reading the images' CLIP embeddings from a cache (``ClipCache.lookup``);
+- CGE, cache miss: the same with CGE, plus the CLIP teacher (its preprocessing and image tower) on every image.
+
+``--vit-b32`` replaces ``--clip`` by a ViT-B/32-sized image tower (224 px, 12 x 768, patch 32) with random weights,
+for the cost of a real CLIP miss without its weights. Each figure is the median of ``--repeats`` runs after a
+warm-up; ms per image at each ``--batch-sizes``; ``--threads`` torch threads (default 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xmcl.data.images import ImageTransform
+from xmcl.data.open import open_split
+from xmcl.retrieval.clip_cache import ClipCache, build_clip_cache
+from xmcl.retrieval.clip_teacher import clip_vocabulary, load_clip_teacher
+from xmcl.retrieval.clip_training import save_clip
+from xmcl.retrieval.config import LossConfig, ModelConfig
+from xmcl.retrieval.model import USERModel
+
+
+def random_vit_b32(out: Path) -> Path:
+    """A CLIP directory with a ViT-B/32-sized image tower (random weights) and a minimal text tower."""
+    from transformers import CLIPConfig, CLIPModel
+
+    vocab = clip_vocabulary([])
+    config = CLIPConfig(
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=224, patch_size=32, hidden_act="quick_gelu"),
+        text_config=dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=1, max_position_embeddings=77, bos_token_id=len(vocab) - 2,
+                         eos_token_id=len(vocab) - 1, pad_token_id=0),
+        projection_dim=512)
+    return save_clip(CLIPModel(config), vocab, [], out)
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("runs/shapes"), help="corpus with raw images")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--clip", type=Path, default=Path("runs/clip_shapes"), help="CLIP checkpoint (teacher)")
+    parser.add_argument("--vit-b32", action="store_true", help="time a random ViT-B/32-sized teacher instead")
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=96, help="USER's input size")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    split = open_split(args.data, args.split)
+    split = split.subset(np.arange(min(args.images, split.num_images)))
+    with tempfile.TemporaryDirectory() as tmp:
+        clip_path = random_vit_b32(Path(tmp) / "vit_b32") if args.vit_b32 else args.clip
+        teacher = load_clip_teacher(clip_path)
+        cache_dir = Path(tmp) / "cache"
+        build_clip_cache(clip_path, args.data, cache_dir, splits=(args.split,), device="cpu", progress=False)
+        common = dict(embed_dim=256, image_input="images", backbone="efficientnet_lite0", backbone_weights="imagenet",
+                      text_encoder="bigru", sge=True, clip_dim=teacher.dim, use_queue=False)
+        torch.manual_seed(0)
+        plain = USERModel(ModelConfig(**common), LossConfig(), vocab_size=10).eval()
+        torch.manual_seed(0)
+        guided = USERModel(ModelConfig(**common, cge=True, clip_cache=str(cache_dir)), LossConfig(),
+                           vocab_size=10).eval()
+        transform = ImageTransform(args.image_size, plain.image_encoder.backbone.normalization)
+        paths = split.image_paths
+
+        print(f"{split.num_images} images of {split.source} ({args.split}), USER input {args.image_size} px, "
+              f"teacher {'random ViT-B/32' if args.vit_b32 else clip_path} ({teacher.image_size} px, "
+              f"{teacher.dim}-d), {torch.get_num_threads()} thread(s)")
+        print(f"{'batch':>5}  {'without CGE':>12}  {'CGE, cache hit':>15}  {'CGE, cache miss':>16}  "
+              f"{'hit / without':>13}  {'miss / without':>14}   (ms per image)")
+        for batch_size in args.batch_sizes:
+            chunks = [slice(i, min(i + batch_size, len(paths))) for i in range(0, len(paths), batch_size)]
+
+            def without() -> None:
+                for rows in chunks:
+                    plain.encode_images(torch.stack([transform(p) for p in paths[rows]]))
+
+            def hit() -> None:
+                guides = torch.from_numpy(ClipCache.open(cache_dir).lookup(split).image)
+                for rows in chunks:
+                    guided.encode_images(torch.stack([transform(p) for p in paths[rows]]), None, guides[rows])
+
+            def miss() -> None:
+                for rows in chunks:
+                    clip = teacher.encode_images(paths[rows], batch_size)
+                    guided.encode_images(torch.stack([transform(p) for p in paths[rows]]), None, clip)
+
+            with torch.inference_mode():
+                seconds = [timed(fn, args.repeats) for fn in (without, hit, miss)]
+            ms = [1000 * s / len(paths) for s in seconds]
+            print(f"{batch_size:>5}  {ms[0]:>12.2f}  {ms[1]:>15.2f}  {ms[2]:>16.2f}  {ms[1] / ms[0]:>13.2f}  "
+                  f"{ms[2] / ms[0]:>14.2f}")
+
+
+if __name__ == "__main__":
+    main()
