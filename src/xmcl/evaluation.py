@@ -41,8 +41,11 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 
 PROTOCOLS = ("all", "fold5")
 RECALL_KS = (1, 5, 10)
-DEFAULT_CHUNK_SIZE = 1 << 22
-"""Similarity entries compared at a time (16 MiB of float32): few enough parallel calls, temporaries still small."""
+DEFAULT_CHUNK_SIZE = 1 << 20
+"""Similarity entries compared at a time (4 MiB of float32). Each tile also re-reads the rows of the queries whose
+target falls inside it (about ``queries x tile`` entries in all), a cost that grows with the tile: on 1K folds,
+1 << 22 made that pass as long as the count itself; 1 << 20 (measured with ``benchmarks/eval_speed.py``) halves the
+protocol's ranking time and keeps the tiles inside the caches."""
 
 _EXACT_COUNT_LIMIT = 1 << 24
 """Counts are summed as float32 0/1 values, exact while they stay below 2**24."""
