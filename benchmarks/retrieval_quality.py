@@ -10,9 +10,17 @@ Variants (one harness, one table):
   user_keys_train  as user, but the key encoders run in train mode (dropout on), as the authors' code leaves them
                    (not run by default)
 
+The enhancement ablation (``--variants user_plain user user_cge user_sge_cge``; CGE needs ``--clip-cache``):
+  user_plain    momentum encoders, queues, UTO, id mask, neither SGE nor CGE
+  user          + SGE (as above)
+  user_cge      + CGE on the image locals (guided by the cached CLIP image embeddings), no SGE
+  user_sge_cge  + SGE and CGE
+
 Usage (features from `xmcl features`):
   python benchmarks/retrieval_quality.py --data runs/shapes_feats --epochs 8
   python benchmarks/retrieval_quality.py --data runs/f8k_feats --text-encoder bert --epochs 3 --lambda-batch 20
+  python benchmarks/retrieval_quality.py --data runs/shapes_feats --clip-cache runs/clip_shapes_cache \
+      --variants user_plain user user_cge user_sge_cge
 Prints R@1/5/10 both directions and rSum of each variant's best-validation checkpoint on --split.
 """
 
@@ -25,6 +33,7 @@ from pathlib import Path
 from xmcl.config import load_config
 from xmcl.data.open import open_split
 from xmcl.evaluation import format_table
+from xmcl.retrieval.clip_cache import ClipCache
 from xmcl.training.retrieval import RetrievalTrainConfig, evaluate_checkpoint, train_retrieval
 
 VARIANTS: dict[str, list[str]] = {
@@ -36,6 +45,12 @@ VARIANTS: dict[str, list[str]] = {
     "user_keys_train": ["loss.name=uto", "model.sge=true", "model.use_queue=true", "loss.queue_false_negatives=mask",
                         "model.key_encoders_eval=false"],
 }
+_QUEUED = ["loss.name=uto", "model.use_queue=true", "loss.queue_false_negatives=mask"]
+VARIANTS.update({
+    "user_plain": _QUEUED + ["model.sge=false", "model.cge=false"],
+    "user_cge": _QUEUED + ["model.sge=false", "model.cge=true"],
+    "user_sge_cge": _QUEUED + ["model.sge=true", "model.cge=true"],
+})
 DEFAULT_VARIANTS = ["infonce", "vsepp", "user_noqueue", "user_keep", "user"]
 
 
@@ -57,6 +72,8 @@ def main() -> None:
     parser.add_argument("--queue-size", type=int, default=4096)
     parser.add_argument("--lambda-batch", type=float, default=1.0, help="UTO in-batch weight (paper: 20 on Flickr)")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--clip-cache", type=Path, default=None,
+                        help="CLIP feature cache (`xmcl clip-cache`) of the raw corpus, for the CGE variants")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override applied to every variant")
     args = parser.parse_args()
@@ -71,6 +88,10 @@ def main() -> None:
     ]
     if args.text_model:
         common.append(f"model.text_model={args.text_model}")
+    if args.clip_cache:
+        common += [f"model.clip_cache={args.clip_cache}", f"model.clip_dim={ClipCache.open(args.clip_cache).dim}"]
+    elif any("model.cge=true" in VARIANTS[name] for name in args.variants):
+        parser.error("the CGE variants need --clip-cache")
     if args.max_steps_per_epoch:
         common.append(f"optim.max_steps_per_epoch={args.max_steps_per_epoch}")
     results, seconds = {}, {}

@@ -11,7 +11,7 @@ from xmcl.cli import main
 def test_help_lists_the_commands() -> None:
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    for command in ("data", "features", "train", "evaluate", "demo", "distill"):
+    for command in ("data", "features", "train", "evaluate", "demo", "distill", "train-clip", "clip-cache"):
         assert command in result.output
 
 
@@ -38,3 +38,31 @@ def test_bad_override_names_the_key(tmp_path: Path) -> None:
                                        "--out", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert "'optim.epoch'" in result.output
+
+
+def test_train_clip_then_clip_cache(tmp_path: Path) -> None:
+    world = tmp_path / "w"
+    assert CliRunner().invoke(main, ["data", "shapes", "--out", str(world), "--images", "20", "--size", "64"]
+                              ).exit_code == 0
+    tiny = ["image_size=32", "patch_size=8", "width=32", "layers=1", "heads=1", "embed_dim=8", "context_length=24",
+            "batch_size=8", "epochs=2", "device=cpu"]
+    result = CliRunner().invoke(main, ["train-clip", "--data", str(world), "--out", str(tmp_path / "clip")]
+                                + [arg for item in tiny for arg in ("--set", item)])
+    assert result.exit_code == 0, result.output
+    assert "best val rSum" in result.output and (tmp_path / "clip" / "model.safetensors").is_file()
+
+    result = CliRunner().invoke(main, ["clip-cache", "--clip", str(tmp_path / "clip"), "--data", str(world),
+                                       "--split", "val", "--out", str(tmp_path / "cache"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["dim"] == 8 and list(manifest["splits"]) == ["val"] and manifest["splits"]["val"]["complete"]
+
+
+def test_clip_cache_names_a_clip_folder_without_config(tmp_path: Path) -> None:
+    world, clip = tmp_path / "w", tmp_path / "clip"
+    CliRunner().invoke(main, ["data", "shapes", "--out", str(world), "--images", "20", "--size", "64"])
+    clip.mkdir()
+    result = CliRunner().invoke(main, ["clip-cache", "--clip", str(clip), "--data", str(world), "--out",
+                                       str(tmp_path / "cache")])
+    assert result.exit_code == 2
+    assert f"CLIP directory {clip} has no config.json" in result.output and "Traceback" not in result.output

@@ -87,6 +87,46 @@ def train(config_path: Path, overrides: tuple[str, ...], out: Path, resume: bool
                f"checkpoints in {out}")
 
 
+# ------------------------------------------------------------------------------------------ CLIP
+@main.command("clip-cache")
+@click.option("--clip", "clip_path", type=PathArg, required=True,
+              help="Frozen CLIP: a transformers directory or an OpenAI / open_clip .pt file.")
+@click.option("--data", "data_path", type=PathArg, required=True, help="Corpus folder or Karpathy JSON (raw images).")
+@click.option("--split", "splits", multiple=True, default=("train", "val"), show_default=True)
+@click.option("--out", type=PathArg, required=True, help="Cache folder (set model.clip_cache to it).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--shard-size", type=int, default=1024, show_default=True, help="Rows per .npy shard (resume unit).")
+@click.option("--activation", type=click.Choice(["quick_gelu", "gelu"]), default="quick_gelu", show_default=True,
+              help="MLP activation of a .pt checkpoint: quick_gelu for OpenAI's weights, gelu for most open_clip ones.")
+@click.option("--device", default="auto", show_default=True)
+def clip_cache(clip_path: Path, data_path: Path, splits: tuple[str, ...], out: Path, batch_size: int,
+               shard_size: int, activation: str, device: str) -> None:
+    """Compute a frozen CLIP's global image and caption embeddings once (resumable), for CGE."""
+    from xmcl.retrieval.clip_cache import build_clip_cache
+
+    manifest = build_clip_cache(clip_path, data_path, out, splits, batch_size=batch_size, shard_size=shard_size,
+                                device=device, activation=activation)
+    click.echo(f"wrote {manifest}")
+
+
+@main.command("train-clip")
+@click.option("--data", "data_path", type=PathArg, required=True, help="Corpus folder or Karpathy JSON (raw images).")
+@click.option("--config", "config_path", type=PathArg, default=None, help="YAML of ClipTrainConfig fields.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value.")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--val-split", default="val", show_default=True)
+@click.option("--out", type=PathArg, required=True, help="Folder for the best model (transformers CLIP format).")
+def train_clip(data_path: Path, config_path: Path | None, overrides: tuple[str, ...], train_split: str,
+               val_split: str, out: Path) -> None:
+    """Train a small CLIP from scratch on a corpus (a CGE teacher for the shapes world)."""
+    from xmcl.config import load_config
+    from xmcl.retrieval.clip_training import ClipTrainConfig, train_clip as run_train_clip
+
+    cfg = load_config(ClipTrainConfig, config_path, overrides)
+    summary = run_train_clip(data_path, out, cfg, train_split=train_split, val_split=val_split)
+    click.echo(f"best val rSum {summary['best_rsum']:.2f} at epoch {summary['best_epoch']}; model in {out}")
+
+
 # ------------------------------------------------------------------------------------- evaluate
 @main.command()
 @click.option("--checkpoint", type=PathArg, required=True)
