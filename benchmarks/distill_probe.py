@@ -1,13 +1,15 @@
 """Linear-probe mIoU of a random 3D backbone and of SLidR, semantically tolerant and ST-SLidR pretraining.
 
     python benchmarks/distill_probe.py [--config configs/distill_synthetic.yaml] [--seeds 0 1 2] [--quick]
-        [--methods random slidr tolerant st_slidr] [--set KEY=VALUE ...] [--threads 1] [--out runs/bench_distill_probe]
+        [--methods random slidr tolerant st_slidr st_authors st_soft] [--set KEY=VALUE ...] [--threads 1] [--out runs/bench_distill_probe]
 
 One harness, the same budget for every method: for each seed s (``train.seed = probe.seed = s``; the scenes are the
 same for all seeds), pretrain with the method's loss, then train a linear layer on the frozen backbone's per-point
 features (``xmcl.distill.probe``, label fraction 1) and score it on the evaluation scenes. ``random`` skips the
 pretraining. Prints the mIoU of each run and the mean and sample standard deviation per method, then the mean
 per-class IoU; writes everything to OUT/results.json. ``--quick`` shrinks the budget (fewer scenes and steps).
+``st_authors`` (the authors' zeroed logits instead of removed negatives) and ``st_soft`` (weights 1 - s) compare the
+tolerance rules under ST-SLidR; they run only when named.
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ METHODS = {
     "slidr": ["loss.tolerance=none", "loss.balance=false"],
     "tolerant": ["loss.tolerance=quantile", "loss.balance=false"],
     "st_slidr": ["loss.tolerance=quantile", "loss.balance=true"],
+    # the tolerance rules compared (not run by default): the authors' code zeroes the dropped negatives' logits
+    # (each still adds exp(0) = 1 to the denominator) instead of removing them; the soft rule weights every
+    # negative by 1 - s
+    "st_authors": ["loss.tolerance=quantile", "loss.quantile_variant=authors", "loss.balance=true"],
+    "st_soft": ["loss.tolerance=soft", "loss.balance=true"],
 }
+DEFAULT_METHODS = ["random", "slidr", "tolerant", "st_slidr"]
 QUICK = ["data.pretrain_scenes=16", "data.probe_train_scenes=8", "data.eval_scenes=8", "optim.steps=80",
          "probe.linear_steps=200"]
 
@@ -39,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/distill_synthetic.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=DEFAULT_METHODS)
     parser.add_argument("--quick", action="store_true", help="small budget: " + " ".join(QUICK))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--threads", type=int, default=1,
@@ -66,7 +74,7 @@ def main() -> None:
             result = run_probe(cfg, checkpoint, run_dir, mode="linear", label_fraction=1.0)
             result["seconds"] = time.perf_counter() - began
             results[method].append(result)
-            print(f"  seed {seed} {method:<9} mIoU {100 * result['miou']:5.1f}  ({result['seconds']:.0f} s)",
+            print(f"  seed {seed} {method:<10} mIoU {100 * result['miou']:5.1f}  ({result['seconds']:.0f} s)",
                   flush=True)
 
     print(f"\n{'method':<10} {'mIoU mean':>9} {'std':>5}  per seed")

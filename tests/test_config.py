@@ -67,7 +67,8 @@ def test_missing_and_malformed_files_are_named(tmp_path: Path) -> None:
         load_config(Outer, bad)
 
 
-@pytest.mark.parametrize("name", ["shapes_user", "shapes_vsepp", "flickr8k_user", "f30k_user", "coco_user"])
+@pytest.mark.parametrize("name", ["shapes_user", "shapes_user_cge", "shapes_vsepp", "flickr8k_user", "f30k_user",
+                                  "coco_user"])
 def test_shipped_retrieval_configs_load(name: str) -> None:
     from xmcl.training.retrieval import RetrievalTrainConfig
 
