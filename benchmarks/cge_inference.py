@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,8 @@ from xmcl.retrieval.clip_teacher import clip_vocabulary, load_clip_teacher
 from xmcl.retrieval.clip_training import save_clip
 from xmcl.retrieval.config import LossConfig, ModelConfig
 from xmcl.retrieval.model import USERModel
+
+from timing import repeat_seconds
 
 
 def random_vit_b32(out: Path) -> Path:
@@ -48,16 +49,6 @@ def random_vit_b32(out: Path) -> Path:
                          eos_token_id=len(vocab) - 1, pad_token_id=0),
         projection_dim=512)
     return save_clip(CLIPModel(config), vocab, [], out)
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
 
 
 def main() -> None:
@@ -114,7 +105,7 @@ def main() -> None:
                     guided.encode_images(torch.stack([transform(p) for p in paths[rows]]), None, clip)
 
             with torch.inference_mode():
-                seconds = [timed(fn, args.repeats) for fn in (without, hit, miss)]
+                seconds = [statistics.median(repeat_seconds(fn, args.repeats)) for fn in (without, hit, miss)]
             ms = [1000 * s / len(paths) for s in seconds]
             print(f"{batch_size:>5}  {ms[0]:>12.2f}  {ms[1]:>15.2f}  {ms[2]:>16.2f}  {ms[1] / ms[0]:>13.2f}  "
                   f"{ms[2] / ms[0]:>14.2f}")

@@ -36,19 +36,11 @@ from xmcl.distill.pretrain import (
 )
 from xmcl.distill.superpixels import SuperpixelCache
 
+from timing import repeat_seconds
+
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def timed(fn, repeats: int) -> list[float]:
-    fn()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return times
 
 
 def main() -> None:
@@ -90,7 +82,7 @@ def main() -> None:
 
     net.train()
     head.train()
-    step_times = timed(train_step, args.steps)
+    step_times = repeat_seconds(train_step, args.steps)
     rss_steps = peak_rss_mib()
     voxels = voxelize_scenes([prepared.points], cfg.voxel, None)
 
@@ -101,8 +93,8 @@ def main() -> None:
     def forward_backward() -> None:
         net(voxels).sum().backward()
 
-    fwd = timed(forward, args.steps)
-    fwd_bwd = timed(forward_backward, args.steps)
+    fwd = repeat_seconds(forward, args.steps)
+    fwd_bwd = repeat_seconds(forward_backward, args.steps)
     _, k = distillation_loss(net, head, loss_fn, [prepared], cfg.voxel, None)
 
     print(f"scene: {scene.num_points} points, {voxels.coords.shape[0]} voxels of {cfg.voxel.voxel_size} m, "

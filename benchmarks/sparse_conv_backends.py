@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +36,8 @@ from xmcl.config import load_config
 from xmcl.distill.config import DistillConfig
 from xmcl.distill.pretrain import load_scenes, scene_points, voxelize_scenes
 from xmcl.distill.voxel_net import CoordinateMap, SparseTensor, StridedConv3d, SubmanifoldConv3d, hash_coordinates
+
+from timing import repeat_seconds
 
 try:
     import spconv as spconv_package
@@ -58,13 +59,7 @@ def patch_cpu_backward() -> bool:
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(repeat_seconds(fn, repeats))
 
 
 def max_diff(a: Tensor, b: Tensor) -> float:

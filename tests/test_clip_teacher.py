@@ -25,14 +25,6 @@ WIDTH, LAYERS, CONTEXT, PROJ, IMAGE, PATCH = 64, 2, 16, 24, 32, 8
 TEXTS = ["a dog", "a cat", "dog cat dog", "a"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_tokenizer(directory):
     vocab = clip_vocabulary(MERGES)
     (directory / "vocab.json").write_text(json.dumps(vocab))

@@ -16,15 +16,6 @@ EMBED, REGION_DIM, VOCAB = 16, 12, 30
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "runs", "on", "the", "grass", "red", "ball"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread (and far faster than two threads on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory):
     """A random 1-layer BERT and its tokenizer saved like a pretrained model."""
