@@ -84,8 +84,8 @@ class OptimConfig:
 class RetrievalTrainConfig:
     """Everything one training run needs (``configs/*.yaml`` hold instances).
 
-    ``threads``: CPU threads for torch (0 = torch's default). Small models step several times faster on one
-    thread than on two contended ones (the GRUs issue many tiny kernels).
+    ``threads``: CPU threads for torch (0 = torch's default). Use 1 when other jobs share the cores: small
+    models step several times slower on two contended threads (the GRUs issue many tiny kernels).
     """
 
     seed: int = 0
