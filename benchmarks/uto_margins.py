@@ -1,0 +1,79 @@
+"""Where a trained model's positives and rank-1 failures sit relative to UTO's margin gamma.
+
+UTO's negative term (1/mu) log(1 + sum_j exp(mu (s_j - gamma))) weighs a negative of score s_j by
+exp(mu (s_j - gamma)): at mu = 90 it is below 0.011 once s_j < gamma - 0.05 and near 1 from gamma up. For each
+checkpoint this prints, per direction on ``--split``: the mean score of each query's best positive and of its best
+wrong candidate, the share of positives below gamma, the rank-1 failure rate (a wrong candidate scores above every
+positive; exact ties, from identical captions of different images, are not counted), and where the winning wrong
+candidate of the failures sits: under gamma - 0.05 (quiet: UTO hardly pushes it), in [gamma - 0.05, gamma), or at or
+above gamma.
+
+    python benchmarks/uto_margins.py runs/rq_shapes/user/best.pt runs/rq_shapes/vsepp/best.pt [--gamma 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from xmcl.data.open import open_split
+from xmcl.device import resolve_device
+from xmcl.retrieval.clip_cache import split_guides
+from xmcl.training.retrieval import encode_split, image_transform, load_trained
+
+QUIET_BELOW = 0.05  # a negative this far under gamma gets < exp(-mu * 0.05) ~ 0.01 of UTO's gradient at mu = 90
+
+
+def margin_report(scores: torch.Tensor, positive: torch.Tensor, gamma: float) -> dict[str, float]:
+    """Figures (scores, or % of queries / of failures) for queries in rows of ``scores (Q, C)`` with boolean
+    ``positive (Q, C)``, at least one positive per row; see the module docstring."""
+    best_positive = scores.masked_fill(~positive, float("-inf")).amax(1)
+    best_wrong = scores.masked_fill(positive, float("-inf")).amax(1)
+    failed = best_wrong > best_positive
+    winner = best_wrong[failed]
+
+    def share_of_failures(mask: torch.Tensor) -> float:
+        return mask.float().mean().item() * 100 if failed.any() else 0.0
+
+    return {
+        "positive_mean": best_positive.mean().item(),
+        "wrong_mean": best_wrong.mean().item(),
+        "positives_below_gamma": (best_positive < gamma).float().mean().item() * 100,
+        "rank1_failures": failed.float().mean().item() * 100,
+        "failures_quiet": share_of_failures(winner < gamma - QUIET_BELOW),
+        "failures_band": share_of_failures((winner >= gamma - QUIET_BELOW) & (winner < gamma)),
+        "failures_above": share_of_failures(winner >= gamma),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", type=Path, nargs="+")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--gamma", type=float, default=None, help="margin to test against (default: each run's)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    print(f"{'checkpoint':36s} {'dir':>3s} {'gamma':>5s} {'pos':>6s} {'wrong':>6s} {'pos<g %':>7s} {'R@1 fail %':>10s}"
+          f" | winner of failures: {'<g-.05':>6s} {'band':>6s} {'>=g':>6s} (%)")
+    for checkpoint in args.checkpoints:
+        model, tokenizer, cfg = load_trained(checkpoint, device)
+        split = open_split(cfg.data.path, args.split)
+        guides = split_guides(cfg.model, split, device, compute_missing=True)
+        transform = image_transform(cfg.model, model, cfg.data.image_size, train=False)
+        images, texts = encode_split(model, split, tokenizer, transform, device, guides=guides)
+        scores = (images @ texts.T).cpu()
+        caption_image = torch.as_tensor(split.caption_image)
+        own = caption_image[None, :] == torch.arange(scores.size(0))[:, None]
+        gamma = args.gamma if args.gamma is not None else cfg.loss.gamma
+        for direction, s, positive in (("i2t", scores, own), ("t2i", scores.T, own.T)):
+            r = margin_report(s, positive, gamma)
+            print(f"{str(checkpoint):36s} {direction:>3s} {gamma:5.2f} {r['positive_mean']:6.3f} {r['wrong_mean']:6.3f} "
+                  f"{r['positives_below_gamma']:7.1f} {r['rank1_failures']:10.1f} |                     "
+                  f"{r['failures_quiet']:6.1f} {r['failures_band']:6.1f} {r['failures_above']:6.1f}")
+
+if __name__ == "__main__":
+    main()
