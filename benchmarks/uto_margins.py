@@ -18,10 +18,7 @@ from pathlib import Path
 
 import torch
 
-from xmcl.data.open import open_split
-from xmcl.device import resolve_device
-from xmcl.retrieval.clip_cache import split_guides
-from xmcl.training.retrieval import encode_split, image_transform, load_trained
+from xmcl.training.retrieval import embed_checkpoint
 
 QUIET_BELOW = 0.05  # a negative this far under gamma gets < exp(-mu * 0.05) ~ 0.01 of UTO's gradient at mu = 90
 
@@ -56,15 +53,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    device = resolve_device(args.device)
     print(f"{'checkpoint':36s} {'dir':>3s} {'gamma':>5s} {'pos':>6s} {'wrong':>6s} {'pos<g %':>7s} {'R@1 fail %':>10s}"
           f" | winner of failures: {'<g-.05':>6s} {'band':>6s} {'>=g':>6s} (%)")
     for checkpoint in args.checkpoints:
-        model, tokenizer, cfg = load_trained(checkpoint, device)
-        split = open_split(cfg.data.path, args.split)
-        guides = split_guides(cfg.model, split, device, compute_missing=True)
-        transform = image_transform(cfg.model, model, cfg.data.image_size, train=False)
-        images, texts = encode_split(model, split, tokenizer, transform, device, guides=guides)
+        images, texts, split, cfg = embed_checkpoint(checkpoint, None, args.split, args.device)
         scores = (images @ texts.T).cpu()
         caption_image = torch.as_tensor(split.caption_image)
         own = caption_image[None, :] == torch.arange(scores.size(0))[:, None]
@@ -74,6 +66,7 @@ def main() -> None:
             print(f"{str(checkpoint):36s} {direction:>3s} {gamma:5.2f} {r['positive_mean']:6.3f} {r['wrong_mean']:6.3f} "
                   f"{r['positives_below_gamma']:7.1f} {r['rank1_failures']:10.1f} |                     "
                   f"{r['failures_quiet']:6.1f} {r['failures_band']:6.1f} {r['failures_above']:6.1f}")
+
 
 if __name__ == "__main__":
     main()

@@ -341,9 +341,10 @@ def _load_trained_state(checkpoint: Path, device: torch.device
     return model.to(device).eval(), tokenizer, cfg, state
 
 
-def evaluate_checkpoint(checkpoint: Path, data_path: Path | None, split: str, protocols: Iterable[str],
-                        device: str = "auto") -> dict[str, Metrics]:
-    """Metrics per protocol of a trained model on ``split`` of ``data_path`` (default: its training corpus).
+def embed_checkpoint(checkpoint: Path, data_path: Path | None, split: str, device: str | torch.device = "auto"
+                     ) -> tuple[torch.Tensor, torch.Tensor, CaptionSplit, RetrievalTrainConfig]:
+    """Image (N, d) and caption (M, d) unit embeddings of ``split`` of ``data_path`` (default: the model's
+    training corpus) by a trained model, with the split and the model's config.
 
     With CGE, the CLIP embeddings come from the model's cache; images or captions it lacks are encoded by the
     CLIP teacher (``model.clip_path``), which must be the checkpoint the model was trained with."""
@@ -355,4 +356,11 @@ def evaluate_checkpoint(checkpoint: Path, data_path: Path | None, split: str, pr
                           trained_sha256=state.get("clip_sha256"))
     transform = image_transform(cfg.model, model, cfg.data.image_size, train=False)
     img, txt = encode_split(model, corpus, tokenizer, transform, torch_device, guides=guides)
+    return img, txt, corpus, cfg
+
+
+def evaluate_checkpoint(checkpoint: Path, data_path: Path | None, split: str, protocols: Iterable[str],
+                        device: str = "auto") -> dict[str, Metrics]:
+    """Metrics per protocol of a trained model on ``split`` of ``data_path`` (see ``embed_checkpoint``)."""
+    img, txt, corpus, _ = embed_checkpoint(checkpoint, data_path, split, device)
     return evaluate_embeddings(img, txt, corpus.caption_image, protocols=tuple(protocols))
