@@ -27,10 +27,11 @@ import torch
 
 from xmcl.data.images import ImageTransform
 from xmcl.data.open import open_split
-from xmcl.retrieval.clip_cache import ClipCache, build_clip_cache
-from xmcl.retrieval.clip_teacher import clip_vocabulary, load_clip_teacher
-from xmcl.retrieval.clip_training import save_clip
-from xmcl.retrieval.config import LossConfig, ModelConfig
+from xmcl.retrieval.clip.cache import ClipCache, build_clip_cache
+from xmcl.retrieval.clip.teacher import load_clip_teacher
+from xmcl.retrieval.clip.tokenizer import clip_vocabulary
+from xmcl.retrieval.clip.small import save_clip
+from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig
 from xmcl.retrieval.model import USERModel
 
 from timing import repeat_seconds
@@ -75,9 +76,9 @@ def main() -> None:
         common = dict(embed_dim=256, image_input="images", backbone="efficientnet_lite0", backbone_weights="imagenet",
                       text_encoder="bigru", sge=True, clip_dim=teacher.dim, use_queue=False)
         torch.manual_seed(0)
-        plain = USERModel(ModelConfig(**common), LossConfig(), vocab_size=10).eval()
+        plain = USERModel(RetrievalModelConfig(**common), RetrievalLossConfig(), vocab_size=10).eval()
         torch.manual_seed(0)
-        guided = USERModel(ModelConfig(**common, cge=True, clip_cache=str(cache_dir)), LossConfig(),
+        guided = USERModel(RetrievalModelConfig(**common, cge=True, clip_cache=str(cache_dir)), RetrievalLossConfig(),
                            vocab_size=10).eval()
         transform = ImageTransform(args.image_size, plain.image_encoder.backbone.normalization)
         paths = split.image_paths

@@ -3,7 +3,7 @@
     python benchmarks/distill_probe.py [--config configs/distill_synthetic.yaml] [--seeds 0 1 2] [--quick]
         [--methods random slidr tolerant st_slidr st_authors st_soft] [--set KEY=VALUE ...] [--threads 1] [--out runs/bench_distill_probe]
 
-One harness, the same budget for every method: for each seed s (``train.seed = probe.seed = s``; the scenes are the
+One harness, the same budget for every method: for each seed s (``run.seed = probe.seed = s``; the scenes are the
 same for all seeds), pretrain with the method's loss, then train a linear layer on the frozen backbone's per-point
 features (``xmcl.distill.probe``, label fraction 1) and score it on the evaluation scenes. ``random`` skips the
 pretraining. Prints the mIoU of each run and the mean and sample standard deviation per method, then the mean
@@ -24,8 +24,8 @@ import torch
 
 from xmcl.config import load_config
 from xmcl.distill.config import DistillConfig
-from xmcl.distill.pretrain import run_pretrain
 from xmcl.distill.probe import run_probe
+from xmcl.training.distill_trainer import pretrain_distill
 
 METHODS = {
     "random": None,
@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    base = (QUICK if args.quick else []) + args.overrides + ["train.progress=false",
+    base = (QUICK if args.quick else []) + args.overrides + ["run.progress=false",
                                                               f"superpixels.cache_dir={args.out / 'superpixels'}"]
     cfg0 = load_config(DistillConfig, args.config, base)
     print(f"config {args.config} + {' '.join(base)}")
@@ -67,10 +67,10 @@ def main() -> None:
     for seed in args.seeds:
         for method in args.methods:
             cfg = load_config(DistillConfig, args.config,
-                              base + (METHODS[method] or []) + [f"train.seed={seed}", f"probe.seed={seed}"])
+                              base + (METHODS[method] or []) + [f"run.seed={seed}", f"probe.seed={seed}"])
             run_dir = args.out / f"{method}_seed{seed}"
             began = time.perf_counter()
-            checkpoint = None if METHODS[method] is None else run_pretrain(cfg, run_dir, resume=True)
+            checkpoint = None if METHODS[method] is None else pretrain_distill(cfg, run_dir, resume=True)
             result = run_probe(cfg, checkpoint, run_dir, mode="linear", label_fraction=1.0)
             result["seconds"] = time.perf_counter() - began
             results[method].append(result)

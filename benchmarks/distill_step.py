@@ -23,17 +23,11 @@ import torch
 
 from xmcl.config import load_config
 from xmcl.distill.config import DistillConfig
-from xmcl.distill.pretrain import (
-    build_image_head,
-    build_loss,
-    build_optimizer,
-    build_voxel_net,
-    distillation_loss,
-    load_scenes,
-    prepare_scene,
-    seeded_generator,
-    voxelize_scenes,
-)
+from xmcl.distill.networks import build_image_head, build_voxel_net
+from xmcl.distill.objective import build_distill_loss, distillation_loss
+from xmcl.distill.preparation import load_scenes, prepare_scene, voxelize_scenes
+from xmcl.distill.schedule import build_optimizer
+from xmcl.runtime.rng import seeded_generator
 from xmcl.distill.superpixels import SuperpixelCache
 
 from timing import repeat_seconds
@@ -53,10 +47,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(DistillConfig, args.config, ["data.pretrain_scenes=1", f"data.num_points={args.points}",
-                                                   "optim.batch_scenes=1", "train.device=cpu"] + args.overrides)
+                                                   "optim.batch_scenes=1", "run.device=cpu"] + args.overrides)
     device = torch.device("cpu")
     torch.manual_seed(0)
-    net, head, loss_fn = build_voxel_net(cfg.voxel), build_image_head(cfg), build_loss(cfg)
+    net, head, loss_fn = build_voxel_net(cfg.voxel), build_image_head(cfg), build_distill_loss(cfg)
     optimizer, _ = build_optimizer(list(net.parameters()) + list(head.head.parameters()), cfg.optim)
     rss_start = peak_rss_mib()
 
@@ -74,7 +68,7 @@ def main() -> None:
     step_index = iter(range(1_000_000))
 
     def train_step() -> None:
-        generator = seeded_generator(cfg.train.seed, 0, next(step_index)) if cfg.train.augment else None
+        generator = seeded_generator(cfg.run.seed, 0, next(step_index)) if cfg.data.augment else None
         loss, _ = distillation_loss(net, head, loss_fn, [prepared], cfg.voxel, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

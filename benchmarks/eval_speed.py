@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from xmcl.evaluation import RECALL_KS, Ranks, evaluate_embeddings, format_table, retrieval_ranks
+from xmcl.metrics.retrieval import RECALL_KS, Ranks, evaluate_embeddings, format_table, retrieval_ranks
 
 
 def classic_ranks(sim: np.ndarray, caption_image: np.ndarray) -> tuple[Ranks, float]:

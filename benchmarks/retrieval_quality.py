@@ -32,9 +32,11 @@ from pathlib import Path
 
 from xmcl.config import load_config
 from xmcl.data.open import open_split
-from xmcl.evaluation import format_table
-from xmcl.retrieval.clip_cache import ClipCache
-from xmcl.training.retrieval import RetrievalTrainConfig, evaluate_checkpoint, train_retrieval
+from xmcl.metrics.retrieval import format_table
+from xmcl.retrieval.clip.cache import ClipCache
+from xmcl.retrieval.config import RetrievalTrainConfig
+from xmcl.retrieval.inference import evaluate_checkpoint
+from xmcl.training.retrieval_trainer import train_retrieval
 
 VARIANTS: dict[str, list[str]] = {
     "infonce": ["loss.name=infonce", "model.sge=false", "model.use_queue=false"],
@@ -80,7 +82,7 @@ def main() -> None:
 
     region_dim = int(open_split(args.data, "train").region_features.shape[-1])
     common = [
-        f"data.path={args.data}", f"data.val_split={args.val_split}", f"seed={args.seed}",
+        f"data.path={args.data}", f"data.val_split={args.val_split}", f"run.seed={args.seed}",
         f"model.region_dim={region_dim}", f"model.embed_dim={args.embed_dim}",
         f"model.text_encoder={args.text_encoder}", f"model.queue_size={args.queue_size}",
         f"loss.lambda_batch={args.lambda_batch}", f"optim.epochs={args.epochs}", f"optim.batch_size={args.batch_size}",

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from xmcl.config import load_config
 from xmcl.distill.config import DistillConfig
-from xmcl.distill.pretrain import load_scenes, scene_points, voxelize_scenes
+from xmcl.distill.preparation import load_scenes, scene_points, voxelize_scenes
 from xmcl.distill.voxel_net import CoordinateMap, SparseTensor, StridedConv3d, SubmanifoldConv3d, hash_coordinates
 
 from timing import repeat_seconds

@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from xmcl.device import resolve_device
-from xmcl.retrieval.config import LossConfig, ModelConfig
+from xmcl.runtime.device import resolve_device
+from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig
 from xmcl.retrieval.model import USERModel
 
 
@@ -82,8 +82,8 @@ def main() -> None:
                   text_encoder=args.text_encoder, word_dim=300, pooling="gpo", sge=True, queue_size=args.queue_size)
     vocab = 30522 if args.text_encoder == "bert" else 10000
     models = {
-        "VSE++ baseline": USERModel(ModelConfig(**shared, use_queue=False), LossConfig(name="hinge"), vocab),
-        "USER (momentum + queues + UTO)": USERModel(ModelConfig(**shared, use_queue=True), LossConfig(name="uto"),
+        "VSE++ baseline": USERModel(RetrievalModelConfig(**shared, use_queue=False), RetrievalLossConfig(name="hinge"), vocab),
+        "USER (momentum + queues + UTO)": USERModel(RetrievalModelConfig(**shared, use_queue=True), RetrievalLossConfig(name="uto"),
                                                     vocab),
     }
     batches = [make_batch(args.batch_size, args.regions, args.region_dim, args.tokens, vocab, device, s)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from xmcl.training.retrieval import embed_checkpoint
+from xmcl.retrieval.inference import embed_checkpoint
 
 QUIET_BELOW = 0.05  # a negative this far under gamma gets < exp(-mu * 0.05) ~ 0.01 of UTO's gradient at mu = 90
 

@@ -14,15 +14,18 @@ from xmcl.data.open import open_split
 from xmcl.data.shapes import generate_shapes_world
 from xmcl.data.text import Vocabulary, VocabTokenizer
 from xmcl.errors import DataError
-from xmcl.evaluation import evaluate_embeddings
+from xmcl.metrics.retrieval import evaluate_embeddings
 from xmcl.retrieval.cge import CGE
-from xmcl.retrieval.clip_cache import SplitGuides, build_clip_cache
-from xmcl.retrieval.clip_teacher import load_clip_teacher
-from xmcl.retrieval.clip_training import ClipTrainConfig, new_clip_model, save_clip, train_bpe
-from xmcl.retrieval.config import LossConfig, ModelConfig
+from xmcl.retrieval.clip.cache import SplitGuides, build_clip_cache
+from xmcl.retrieval.clip.teacher import load_clip_teacher
+from xmcl.retrieval.clip.config import ClipModelConfig
+from xmcl.retrieval.clip.small import new_clip_model, save_clip
+from xmcl.retrieval.clip.tokenizer import train_bpe
+from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig
 from xmcl.retrieval.model import USERModel
-from xmcl.training.retrieval import RetrievalTrainConfig, encode_split, evaluate_checkpoint, load_trained, \
-    train_retrieval
+from xmcl.retrieval.config import RetrievalTrainConfig
+from xmcl.retrieval.inference import encode_split, evaluate_checkpoint, load_trained
+from xmcl.training.retrieval_trainer import train_retrieval
 
 EMBED, REGION_DIM, CLIP_DIM, VOCAB = 8, 6, 4, 20
 
@@ -54,11 +57,11 @@ def test_cge_names_a_width_mismatch():
         cge(torch.randn(2, 3, REGION_DIM), torch.tensor([3, 3]), torch.randn(2, 5))
 
 
-def tiny(**overrides) -> ModelConfig:
+def tiny(**overrides) -> RetrievalModelConfig:
     values = dict(embed_dim=EMBED, region_dim=REGION_DIM, text_encoder="bigru", word_dim=8, queue_size=8,
                   sge_dropout=0.0, clip_dim=CLIP_DIM)
     values.update(overrides)
-    return ModelConfig(**values)
+    return RetrievalModelConfig(**values)
 
 
 def batch(num=4, seed=0, guides=True):
@@ -73,9 +76,9 @@ def batch(num=4, seed=0, guides=True):
 
 
 def test_sge_and_cge_switch_independently():
-    assert ModelConfig().cge is False and ModelConfig().text_cge is False
+    assert RetrievalModelConfig().cge is False and RetrievalModelConfig().text_cge is False
     for sge, cge, text_cge in itertools.product((False, True), repeat=3):
-        model = USERModel(tiny(sge=sge, cge=cge, text_cge=text_cge), LossConfig(), vocab_size=VOCAB)
+        model = USERModel(tiny(sge=sge, cge=cge, text_cge=text_cge), RetrievalLossConfig(), vocab_size=VOCAB)
         assert (model.image_encoder.sge is not None) == sge
         assert (model.image_encoder.cge is not None) == cge and (model.text_encoder.cge is not None) == text_cge
         assert (model.image_key_encoder.cge is not None) == cge
@@ -91,7 +94,7 @@ def test_sge_and_cge_switch_independently():
 def test_guides_matter_only_when_cge_is_on():
     data, other = batch(seed=0), batch(seed=1)
     torch.manual_seed(0)
-    with_cge = USERModel(tiny(cge=True, text_cge=True), LossConfig(), vocab_size=VOCAB)
+    with_cge = USERModel(tiny(cge=True, text_cge=True), RetrievalLossConfig(), vocab_size=VOCAB)
     a = with_cge.encode_images(data["regions"], data["region_lengths"], data["clip_image"])
     b = with_cge.encode_images(data["regions"], data["region_lengths"], other["clip_image"])
     assert (a - b).abs().max() > 1e-4
@@ -104,7 +107,7 @@ def test_guides_matter_only_when_cge_is_on():
     with pytest.raises(DataError, match="model.text_cge.*'clip_text'"):
         with_cge(images_only)
     torch.manual_seed(0)
-    without = USERModel(tiny(), LossConfig(), vocab_size=VOCAB)
+    without = USERModel(tiny(), RetrievalLossConfig(), vocab_size=VOCAB)
     assert torch.equal(without.encode_images(data["regions"], data["region_lengths"], data["clip_image"]),
                        without.encode_images(data["regions"], data["region_lengths"]))
 
@@ -139,8 +142,8 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("cge")
     generate_shapes_world(root / "shapes", num_images=20, seed=0, image_size=64, progress=False)
     torch.manual_seed(0)
-    clip_cfg = ClipTrainConfig(image_size=32, patch_size=8, width=64, layers=1, heads=1, embed_dim=CLIP_DIM,
-                               context_length=24)
+    clip_cfg = ClipModelConfig(image_size=32, patch_size=8, width=64, layers=1, heads=1, embed_dim=CLIP_DIM,
+                              context_length=24)
     vocab, merges = train_bpe(open_split(root / "shapes", "train").captions, 600)
     save_clip(new_clip_model(clip_cfg, len(vocab)), vocab, merges, root / "clip")
     build_clip_cache(root / "clip", root / "shapes", root / "cache", splits=("train", "val"), device="cpu",
@@ -150,7 +153,7 @@ def world(tmp_path_factory):
 
 def test_cge_end_to_end_with_new_images_encoded_by_the_teacher(world, tmp_path):
     cfg = load_config(RetrievalTrainConfig, None, [
-        f"data.path={world / 'shapes'}", "device=cpu", "data.image_size=32", "data.augment_images=false",
+        f"data.path={world / 'shapes'}", "run.device=cpu", "data.image_size=32", "data.augment_images=false",
         "model.image_input=images", "model.backbone=resnet18", "model.backbone_trainable=frozen",
         "model.embed_dim=16", "model.text_encoder=bigru", "model.word_dim=8", "model.queue_size=16",
         "model.sge=false", "model.cge=true", "model.text_cge=true", f"model.clip_dim={CLIP_DIM}",
@@ -167,7 +170,7 @@ def test_cge_end_to_end_with_new_images_encoded_by_the_teacher(world, tmp_path):
     teacher = load_clip_teacher(world / "clip")
     guides = SplitGuides(teacher.encode_images(test.image_paths).numpy().astype(np.float16).astype(np.float32),
                          teacher.encode_texts(test.captions).numpy().astype(np.float16).astype(np.float32), None)
-    from xmcl.training.retrieval import image_transform
+    from xmcl.retrieval.inference import image_transform
 
     img, txt = encode_split(model, test, tokenizer, image_transform(cfg.model, model, 32, train=False),
                             torch.device("cpu"), guides=guides)

@@ -44,8 +44,8 @@ def test_train_clip_then_clip_cache(tmp_path: Path) -> None:
     world = tmp_path / "w"
     assert CliRunner().invoke(main, ["data", "shapes", "--out", str(world), "--images", "20", "--size", "64"]
                               ).exit_code == 0
-    tiny = ["image_size=32", "patch_size=8", "width=32", "layers=1", "heads=1", "embed_dim=8", "context_length=24",
-            "batch_size=8", "epochs=2", "device=cpu"]
+    tiny = ["model.image_size=32", "model.patch_size=8", "model.width=32", "model.layers=1", "model.heads=1",
+            "model.embed_dim=8", "model.context_length=24", "optim.batch_size=8", "optim.epochs=2", "run.device=cpu"]
     result = CliRunner().invoke(main, ["train-clip", "--data", str(world), "--out", str(tmp_path / "clip")]
                                 + [arg for item in tiny for arg in ("--set", item)])
     assert result.exit_code == 0, result.output

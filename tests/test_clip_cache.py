@@ -11,12 +11,14 @@ import torch
 from xmcl.data.open import open_split
 from xmcl.data.shapes import generate_shapes_world
 from xmcl.errors import CheckpointError, ConfigError
-from xmcl.retrieval.clip_cache import ClipCache, SplitGuides, build_clip_cache, split_guides
-from xmcl.retrieval.clip_teacher import CLIPTeacher, load_clip_teacher
-from xmcl.retrieval.clip_training import ClipTrainConfig, new_clip_model, save_clip, train_bpe
-from xmcl.retrieval.config import ModelConfig
+from xmcl.retrieval.clip.cache import ClipCache, SplitGuides, build_clip_cache, split_guides
+from xmcl.retrieval.clip.teacher import CLIPTeacher, load_clip_teacher
+from xmcl.retrieval.clip.config import ClipModelConfig
+from xmcl.retrieval.clip.small import new_clip_model, save_clip
+from xmcl.retrieval.clip.tokenizer import train_bpe
+from xmcl.retrieval.config import RetrievalModelConfig
 
-TINY = ClipTrainConfig(image_size=32, patch_size=8, width=64, layers=1, heads=1, embed_dim=16, context_length=24)
+TINY = ClipModelConfig(image_size=32, patch_size=8, width=64, layers=1, heads=1, embed_dim=16, context_length=24)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def built(shapes, clips, tmp_path_factory):
 
 
 def guide_config(cache=None, clip=None, **extra):
-    return ModelConfig(cge=True, text_cge=True, clip_dim=TINY.embed_dim, clip_cache=None if cache is None else
+    return RetrievalModelConfig(cge=True, text_cge=True, clip_dim=TINY.embed_dim, clip_cache=None if cache is None else
                        str(cache), clip_path=None if clip is None else str(clip), **extra)
 
 
@@ -122,7 +124,7 @@ def test_stale_or_mismatched_cache_is_refused(shapes, clips, built, tmp_path):
 
 def test_guides_for_training_and_for_new_images(shapes, clips, built, tmp_path):
     train, test = open_split(shapes, "train"), open_split(shapes, "test")
-    assert split_guides(ModelConfig(), train) == SplitGuides(None, None, None)  # CGE off: nothing to read
+    assert split_guides(RetrievalModelConfig(), train) == SplitGuides(None, None, None)  # CGE off: nothing to read
     guides = split_guides(guide_config(built, clips[0]), train)
     found = ClipCache.open(built).lookup(train)
     assert np.array_equal(guides.image, found.image) and np.array_equal(guides.text, found.text)

@@ -10,15 +10,9 @@ from torch import nn
 
 from xmcl.data.images import CLIP
 from xmcl.errors import CheckpointError, ConfigError
-from xmcl.retrieval.clip_teacher import (
-    ClipImagePreprocess,
-    ClipTokenizer,
-    byte_alphabet,
-    checkpoint_sha256,
-    clip_vocabulary,
-    load_clip_teacher,
-    packaged_bpe_file,
-)
+from xmcl.retrieval.clip.preprocess import ClipImagePreprocess
+from xmcl.retrieval.clip.teacher import checkpoint_sha256, load_clip_teacher
+from xmcl.retrieval.clip.tokenizer import ClipTokenizer, byte_alphabet, clip_vocabulary, packaged_bpe_file
 
 MERGES = [("d", "o"), ("do", "g</w>"), ("c", "a"), ("ca", "t</w>")]
 WIDTH, LAYERS, CONTEXT, PROJ, IMAGE, PATCH = 64, 2, 16, 24, 32, 8
@@ -171,7 +165,7 @@ def test_byte_alphabet_layout():
 
 @pytest.mark.skipif(packaged_bpe_file() is None, reason="open_clip_torch wheel (CLIP BPE vocabulary) not installed")
 def test_real_clip_vocabulary_ids():
-    from xmcl.retrieval.clip_teacher import build_clip_tokenizer
+    from xmcl.retrieval.clip.tokenizer import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(None)
     assert tokenizer.vocab_size == 49408

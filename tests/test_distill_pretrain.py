@@ -8,22 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-import xmcl.distill.pretrain as pretrain
+import xmcl.training.distill_trainer as trainer
+from xmcl.distill import networks, objective, preparation
 from xmcl.config import load_config
 from xmcl.distill.config import DistillConfig
 from xmcl.distill.geometry import project_points
 from xmcl.distill.probe import run_probe
 from xmcl.distill.superpixels import SuperpixelCache
 from xmcl.errors import CheckpointError, TrainingDiverged
-from xmcl.training.checkpoint import load_checkpoint
-from xmcl.training.logging import read_jsonl
+from xmcl.runtime.checkpoint import read_checkpoint
+from xmcl.runtime.log import read_jsonl
 
 TINY = [
     "data.pretrain_scenes=3", "data.probe_train_scenes=2", "data.eval_scenes=1", "data.num_points=1500",
     "data.image_size=[32,64]", "voxel.widths=[4,8]", "voxel.out_dim=8", "voxel.voxel_size=0.2",
     "image.backbone=resnet18", "image.weights=null", "image.resnet_width=8", "superpixels.n_segments=12",
-    "optim.steps=4", "optim.batch_scenes=2", "train.checkpoint_every=2", "train.log_every=1",
-    "train.progress=false", "train.device=cpu", "probe.linear_steps=20", "probe.finetune_steps=2",
+    "optim.steps=4", "optim.batch_scenes=2", "run.checkpoint_every=2", "run.log_every=1",
+    "run.progress=false", "run.device=cpu", "probe.linear_steps=20", "probe.finetune_steps=2",
 ]
 
 
@@ -32,24 +33,24 @@ def tiny_config(*extra: str) -> DistillConfig:
 
 
 def test_batches_cover_each_scene_once_per_epoch() -> None:
-    seen = [i for step in range(3) for i in pretrain.batch_indices(7, 2, seed=5, step=step)]
+    seen = [i for step in range(3) for i in preparation.batch_indices(7, 2, seed=5, step=step)]
     assert sorted(seen) == sorted(set(seen)) and len(seen) == 6  # 3 disjoint pairs; the 7th scene waits
-    second = [i for step in range(3, 6) for i in pretrain.batch_indices(7, 2, seed=5, step=step)]
+    second = [i for step in range(3, 6) for i in preparation.batch_indices(7, 2, seed=5, step=step)]
     assert len(set(second)) == 6
 
 
 def test_distillation_loss_matches_pooling_and_infonce_by_hand(tmp_path: Path) -> None:
     cfg = tiny_config("loss.tolerance=none", "loss.balance=false")
     torch.manual_seed(0)
-    net = pretrain.build_voxel_net(cfg.voxel).eval()
-    head = pretrain.build_image_head(cfg)
-    scenes = pretrain.load_scenes(cfg.data, "pretrain")[:2]
+    net = networks.build_voxel_net(cfg.voxel).eval()
+    head = networks.build_image_head(cfg)
+    scenes = preparation.load_scenes(cfg.data, "pretrain")[:2]
     cache = SuperpixelCache(tmp_path, n_segments=12)
-    prepared = [pretrain.prepare_scene(s, head, cache, torch.device("cpu"), with_semantic=True) for s in scenes]
-    loss, k = pretrain.distillation_loss(net, head, pretrain.build_loss(cfg), prepared, cfg.voxel, None)
+    prepared = [preparation.prepare_scene(s, head, cache, torch.device("cpu"), with_semantic=True) for s in scenes]
+    loss, k = objective.distillation_loss(net, head, objective.build_distill_loss(cfg), prepared, cfg.voxel, None)
 
     with torch.no_grad():
-        point_features = net(pretrain.voxelize_scenes([p.points for p in prepared], cfg.voxel, None))
+        point_features = net(preparation.voxelize_scenes([p.points for p in prepared], cfg.voxel, None))
         f_rows, g_rows, z_rows, used = [], [], [], []
         offset = sp_offset = 0
         for scene in scenes:
@@ -80,14 +81,14 @@ def test_distillation_loss_matches_pooling_and_infonce_by_hand(tmp_path: Path) -
 
 
 def _weights(path: Path) -> dict:
-    return load_checkpoint(path)["voxel_net"]
+    return read_checkpoint(path)["voxel_net"]
 
 
 def test_resume_reproduces_the_uninterrupted_run_and_probe_reads_it(tmp_path: Path, monkeypatch) -> None:
     cfg = tiny_config(f"superpixels.cache_dir={tmp_path / 'sp'}")
-    straight = pretrain.run_pretrain(cfg, tmp_path / "straight")
+    straight = trainer.pretrain_distill(cfg, tmp_path / "straight")
 
-    real_loss, calls = pretrain.distillation_loss, {"n": 0}
+    real_loss, calls = trainer.distillation_loss, {"n": 0}
 
     def crash_on_third(*args, **kwargs):
         calls["n"] += 1
@@ -95,18 +96,18 @@ def test_resume_reproduces_the_uninterrupted_run_and_probe_reads_it(tmp_path: Pa
             raise KeyboardInterrupt
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(pretrain, "distillation_loss", crash_on_third)
+    monkeypatch.setattr(trainer, "distillation_loss", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        pretrain.run_pretrain(cfg, tmp_path / "resumed")
-    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 2
-    monkeypatch.setattr(pretrain, "distillation_loss", real_loss)
-    resumed = pretrain.run_pretrain(cfg, tmp_path / "resumed", resume=True)
+        trainer.pretrain_distill(cfg, tmp_path / "resumed")
+    assert read_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 2
+    monkeypatch.setattr(trainer, "distillation_loss", real_loss)
+    resumed = trainer.pretrain_distill(cfg, tmp_path / "resumed", resume=True)
 
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    steps = [r["step"] for r in read_jsonl(tmp_path / "resumed" / "pretrain_log.jsonl")]
+    steps = [r["step"] for r in read_jsonl(tmp_path / "resumed" / "log.jsonl")]
     assert steps == [1, 2, 3, 4]
-    assert (tmp_path / "straight" / "pretrain_curves.png").is_file()
+    assert (tmp_path / "straight" / "curves.png").is_file()
 
     result = run_probe(cfg, resumed, tmp_path / "probe", mode="linear", label_fraction=1.0)
     defined = [v for v in result["iou"].values() if v is not None]
@@ -116,12 +117,12 @@ def test_resume_reproduces_the_uninterrupted_run_and_probe_reads_it(tmp_path: Pa
 
 def test_resume_refuses_a_different_network(tmp_path: Path) -> None:
     cfg = tiny_config("optim.steps=1", f"superpixels.cache_dir={tmp_path / 'sp'}")
-    pretrain.run_pretrain(cfg, tmp_path / "run")
-    with pytest.raises(CheckpointError, match=r"voxel.widths = \[4, 8\]"):
-        pretrain.run_pretrain(tiny_config("optim.steps=2", "voxel.widths=[4,4]"), tmp_path / "run")
+    trainer.pretrain_distill(cfg, tmp_path / "run")
+    with pytest.raises(CheckpointError, match=r"voxel.widths: \[4, 8\] -> \[4, 4\]"):
+        trainer.pretrain_distill(tiny_config("optim.steps=2", "voxel.widths=[4,4]"), tmp_path / "run")
 
 
 def test_non_finite_loss_stops_the_run(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(pretrain, "distillation_loss", lambda *a, **k: (torch.tensor(math.nan, requires_grad=True), 1))
+    monkeypatch.setattr(trainer, "distillation_loss", lambda *a, **k: (torch.tensor(math.nan, requires_grad=True), 1))
     with pytest.raises(TrainingDiverged, match="step 0"):
-        pretrain.run_pretrain(tiny_config(f"superpixels.cache_dir={tmp_path / 'sp'}"), tmp_path / "run")
+        trainer.pretrain_distill(tiny_config(f"superpixels.cache_dir={tmp_path / 'sp'}"), tmp_path / "run")

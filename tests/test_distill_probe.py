@@ -9,8 +9,8 @@ import torch
 
 from xmcl.config import load_config
 from xmcl.distill.config import DistillConfig, VoxelConfig
-from xmcl.distill.metrics import confusion_matrix, mean_iou, segmentation_scores
-from xmcl.distill.pretrain import build_voxel_net
+from xmcl.metrics.segmentation import confusion_matrix, mean_iou, segmentation_scores
+from xmcl.distill.networks import build_voxel_net
 from xmcl.distill.probe import recalibrate_batchnorm, run_probe, select_labels
 from xmcl.distill.scene import Scene
 from xmcl.errors import ConfigError, DataError
@@ -77,7 +77,7 @@ def test_probe_without_checkpoint_finetunes_a_random_network(tmp_path: Path) -> 
     cfg = load_config(DistillConfig, None, [
         "data.probe_train_scenes=2", "data.eval_scenes=1", "data.num_points=1500", "data.image_size=[16,32]",
         "voxel.widths=[4,8]", "voxel.voxel_size=0.2", "probe.finetune_steps=3", "probe.batch_scenes=2",
-        "train.progress=false", "train.device=cpu"])
+        "run.progress=false", "run.device=cpu"])
     result = run_probe(cfg, None, tmp_path, mode="finetune", label_fraction=0.5)
     assert result["train_scenes"] == 1 and result["checkpoint"] is None
     defined = [v for v in result["iou"].values() if v is not None]

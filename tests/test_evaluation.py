@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import xmcl.evaluation as evaluation
+import xmcl.metrics.retrieval as evaluation
 from xmcl.errors import ConfigError, DataError
-from xmcl.evaluation import (Metrics, Ranks, evaluate_embeddings, evaluate_similarity, fold_ranks, format_table,
+from xmcl.metrics.retrieval import (Metrics, Ranks, evaluate_embeddings, evaluate_similarity, fold_ranks, format_table,
                              retrieval_ranks, save_json)
 
 

@@ -8,7 +8,7 @@ import torch
 from xmcl.contrast import build_retrieval_loss
 from xmcl.errors import ConfigError, DataError
 from xmcl.nn.heads import ProjectionHead
-from xmcl.retrieval.config import LossConfig, ModelConfig
+from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig
 from xmcl.retrieval.encoders import HFTextModel, build_text_encoder, drop_grid_cells
 from xmcl.retrieval.model import USERModel
 
@@ -34,7 +34,7 @@ def tiny_config(**overrides):
     values = dict(embed_dim=EMBED, region_dim=REGION_DIM, text_encoder="bigru", word_dim=8, queue_size=8,
                   sge_dropout=0.0, momentum=0.9)
     values.update(overrides)
-    return ModelConfig(**values)
+    return RetrievalModelConfig(**values)
 
 
 def region_batch(num=4, regions=5, lengths=None, tokens_len=6, seed=0):
@@ -113,7 +113,7 @@ def test_text_model_directory_without_config_is_a_config_error(tmp_path):
 
 def test_forward_backward_and_any_region_count():
     torch.manual_seed(0)
-    model = USERModel(tiny_config(), LossConfig(), vocab_size=VOCAB)
+    model = USERModel(tiny_config(), RetrievalLossConfig(), vocab_size=VOCAB)
     for batch in (region_batch(regions=5, lengths=[5, 3, 5, 1]), region_batch(regions=49, seed=1)):
         losses = model(batch)
         assert set(losses) == {"loss", "batch", "queue_i2t", "queue_t2i"}
@@ -128,7 +128,7 @@ def test_forward_backward_and_any_region_count():
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     torch.manual_seed(1)
-    model = USERModel(tiny_config(use_queue=False), LossConfig(), vocab_size=VOCAB).train()
+    model = USERModel(tiny_config(use_queue=False), RetrievalLossConfig(), vocab_size=VOCAB).train()
     optimizer = torch.optim.AdamW(model.parameter_groups(lr=3e-3))
     batch = region_batch(num=6, regions=7, seed=2)
     first = model(batch)["loss"].item()
@@ -141,7 +141,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
 
 def test_first_step_uses_the_empty_queue_then_queues_this_steps_keys():
     torch.manual_seed(2)
-    model = USERModel(tiny_config(), LossConfig(), vocab_size=VOCAB).train()
+    model = USERModel(tiny_config(), RetrievalLossConfig(), vocab_size=VOCAB).train()
     batch = region_batch(num=3, seed=3)
     img = model.image_encoder(batch["regions"], batch["region_lengths"])
     txt = model.text_encoder(batch["tokens"], batch["token_lengths"])
@@ -166,7 +166,7 @@ def test_first_step_uses_the_empty_queue_then_queues_this_steps_keys():
 
 def test_momentum_step_follows_the_formula_exactly():
     torch.manual_seed(3)
-    model = USERModel(tiny_config(momentum=0.75), LossConfig(), vocab_size=VOCAB).train()
+    model = USERModel(tiny_config(momentum=0.75), RetrievalLossConfig(), vocab_size=VOCAB).train()
     optimizer = torch.optim.AdamW(model.parameter_groups(lr=1e-2))
     model(region_batch())["loss"].backward()
     optimizer.step()
@@ -186,16 +186,16 @@ def test_momentum_step_follows_the_formula_exactly():
 
 
 def test_key_encoders_stay_in_eval_mode_unless_configured():
-    model = USERModel(tiny_config(), LossConfig(), vocab_size=VOCAB).train()
+    model = USERModel(tiny_config(), RetrievalLossConfig(), vocab_size=VOCAB).train()
     assert model.image_encoder.training and not model.image_key_encoder.training
     assert not model.text_key_encoder.training
-    authors = USERModel(tiny_config(key_encoders_eval=False), LossConfig(), vocab_size=VOCAB).train()
+    authors = USERModel(tiny_config(key_encoders_eval=False), RetrievalLossConfig(), vocab_size=VOCAB).train()
     assert authors.image_key_encoder.training and authors.text_key_encoder.training
 
 
 def test_state_dict_round_trip_restores_queues_and_key_encoders():
     torch.manual_seed(4)
-    model = USERModel(tiny_config(), LossConfig(), vocab_size=VOCAB).train()
+    model = USERModel(tiny_config(), RetrievalLossConfig(), vocab_size=VOCAB).train()
     optimizer = torch.optim.AdamW(model.parameter_groups(lr=1e-2))
     for seed in range(3):  # 3 x 4 keys into a queue of 8: wraps around
         optimizer.zero_grad()
@@ -204,7 +204,7 @@ def test_state_dict_round_trip_restores_queues_and_key_encoders():
         model.momentum_step()
     state = copy.deepcopy(model.state_dict())
     assert {"image_queue.keys", "image_queue.ids", "image_queue.ptr", "text_queue.filled"} <= set(state)
-    restored = USERModel(tiny_config(), LossConfig(), vocab_size=VOCAB)
+    restored = USERModel(tiny_config(), RetrievalLossConfig(), vocab_size=VOCAB)
     restored.load_state_dict(state)
     for name in ("keys", "ids", "ptr", "filled"):
         assert torch.equal(getattr(restored.image_queue, name), getattr(model.image_queue, name))
@@ -219,7 +219,7 @@ def test_state_dict_round_trip_restores_queues_and_key_encoders():
 
 
 def test_without_queue_there_are_no_key_encoders():
-    model = USERModel(tiny_config(use_queue=False), LossConfig(name="hinge"), vocab_size=VOCAB)
+    model = USERModel(tiny_config(use_queue=False), RetrievalLossConfig(name="hinge"), vocab_size=VOCAB)
     assert model.image_key_encoder is None and model.image_queue is None
     assert not any("key_encoder" in k or "queue" in k for k in model.state_dict())
     assert set(model(region_batch())) == {"loss", "batch"}
@@ -228,7 +228,7 @@ def test_without_queue_there_are_no_key_encoders():
 
 def test_encode_is_eval_mode_no_grad_and_keeps_the_training_flag():
     torch.manual_seed(5)
-    model = USERModel(tiny_config(sge_dropout=0.5), LossConfig(), vocab_size=VOCAB).train()
+    model = USERModel(tiny_config(sge_dropout=0.5), RetrievalLossConfig(), vocab_size=VOCAB).train()
     batch = region_batch(lengths=[5, 2, 4, 5])
     first = model.encode_images(batch["regions"], batch["region_lengths"])
     again = model.encode_images(batch["regions"], batch["region_lengths"])
@@ -241,7 +241,7 @@ def test_encode_is_eval_mode_no_grad_and_keeps_the_training_flag():
 
 def test_parameter_groups_cover_each_trainable_parameter_once(tiny_bert_dir):
     model = USERModel(tiny_config(text_encoder="bert", text_model=str(tiny_bert_dir)),
-                      LossConfig(name="infonce"))
+                      RetrievalLossConfig(name="infonce"))
     groups = model.parameter_groups(lr=1e-3, text_lr_scale=0.1, weight_decay=0.05)
     listed = [id(p) for g in groups for p in g["params"]]
     trainable = [id(p) for p in model.parameters() if p.requires_grad]
@@ -262,7 +262,7 @@ def test_parameter_groups_cover_each_trainable_parameter_once(tiny_bert_dir):
 def test_images_path_with_a_tiny_backbone():
     torch.manual_seed(6)
     model = USERModel(tiny_config(image_input="images", backbone="resnet18", backbone_trainable="partial"),
-                      LossConfig(), vocab_size=VOCAB).train()
+                      RetrievalLossConfig(), vocab_size=VOCAB).train()
     batch = region_batch(num=2)
     del batch["regions"], batch["region_lengths"]
     batch["images"] = torch.randn(2, 3, 64, 64)
@@ -278,7 +278,7 @@ def test_images_path_with_a_tiny_backbone():
 
 
 def test_a_batch_without_tokens_or_images_is_a_data_error():
-    model = USERModel(tiny_config(use_queue=False), LossConfig(), vocab_size=VOCAB)
+    model = USERModel(tiny_config(use_queue=False), RetrievalLossConfig(), vocab_size=VOCAB)
     batch = region_batch()
     with pytest.raises(DataError, match="'tokens'"):
         model({k: v for k, v in batch.items() if k != "tokens"})

@@ -1,19 +1,28 @@
 """train-clip: the corpus BPE, and a trained model saved so that the CLIP teacher loader reads it back."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from xmcl.config import load_config
 from xmcl.data.open import open_split
 from xmcl.data.shapes import generate_shapes_world
 from xmcl.errors import ConfigError
-from xmcl.evaluation import evaluate_embeddings
-from xmcl.retrieval.clip_teacher import ClipTokenizer, load_clip_teacher
-from xmcl.retrieval.clip_training import ClipTrainConfig, new_clip_model, train_bpe, train_clip
+from xmcl.metrics.retrieval import evaluate_embeddings
+from xmcl.retrieval.clip.config import ClipModelConfig, ClipTrainConfig
+from xmcl.retrieval.clip.teacher import load_clip_teacher
+from xmcl.retrieval.clip.tokenizer import ClipTokenizer, train_bpe
+from xmcl.training.clip_trainer import train_clip
 
-TINY = dict(image_size=32, patch_size=8, width=64, layers=1, heads=1, embed_dim=16, context_length=24,
-            batch_size=16, lr=2e-3, warmup_fraction=0.0, device="cpu")
+TINY_MODEL = dict(image_size=32, patch_size=8, width=64, layers=1, heads=1, embed_dim=16, context_length=24)
+
+
+def tiny_config(data: Path, epochs: int) -> ClipTrainConfig:
+    return load_config(ClipTrainConfig, None, [f"data.path={data}", f"optim.epochs={epochs}", "optim.batch_size=16",
+                                               "optim.lr=2e-3", "optim.warmup_fraction=0.0", "run.device=cpu",
+                                               *(f"model.{k}={v}" for k, v in TINY_MODEL.items())])
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +46,10 @@ def test_bpe_makes_frequent_words_single_tokens():
 
 def test_trained_clip_is_saved_in_the_format_the_teacher_loads(shapes, tmp_path):
     out = tmp_path / "clip"
-    summary = train_clip(shapes, out, ClipTrainConfig(epochs=3, **TINY), progress=False)
+    summary = train_clip(tiny_config(shapes, 3), out, progress=False)
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "vocab.json", "merges.txt"}
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log = [r for r in log if "val_rsum" in r]
     assert [r["epoch"] for r in log] == [1, 2, 3]
     assert log[-1]["train_loss_mean"] < log[0]["train_loss_mean"]
     assert summary["best_rsum"] == max(r["val_rsum"] for r in log)
@@ -54,7 +64,7 @@ def test_trained_clip_is_saved_in_the_format_the_teacher_loads(shapes, tmp_path)
 
 
 def test_bad_shapes_are_refused():
-    with pytest.raises(ConfigError, match="width 64 is not a multiple of heads 3"):
-        new_clip_model(ClipTrainConfig(**dict(TINY, heads=3)), 600)
-    with pytest.raises(ConfigError, match="image_size 30 is not a multiple of patch_size 8"):
-        new_clip_model(ClipTrainConfig(**dict(TINY, image_size=30)), 600)
+    with pytest.raises(ConfigError, match="model: 'width' = 64 is not a multiple of 'heads' = 3"):
+        load_config(ClipTrainConfig, None, ["model.width=64", "model.heads=3"])
+    with pytest.raises(ConfigError, match="'image_size' = 30 is not a multiple of 'patch_size' = 8"):
+        ClipModelConfig(**dict(TINY_MODEL, image_size=30))

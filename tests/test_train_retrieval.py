@@ -11,10 +11,11 @@ import torch
 
 from xmcl.config import load_config
 from xmcl.errors import CheckpointError, ConfigError, TrainingDiverged
-from xmcl.evaluation import evaluate_embeddings
-from xmcl.training.checkpoint import load_checkpoint
-from xmcl.training.retrieval import RetrievalTrainConfig, encode_split, evaluate_checkpoint, load_trained, \
-    train_retrieval
+from xmcl.metrics.retrieval import evaluate_embeddings
+from xmcl.runtime.checkpoint import read_checkpoint
+from xmcl.retrieval.config import RetrievalTrainConfig
+from xmcl.retrieval.inference import encode_split, evaluate_checkpoint, load_trained
+from xmcl.training.retrieval_trainer import train_retrieval
 
 WORDS = ["red", "blue", "green", "circle", "square", "star", "left", "right", "big", "small"]
 
@@ -49,7 +50,7 @@ def corpus(tmp_path: Path) -> Path:
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path)["model"]
+    return read_checkpoint(path)["model"]
 
 
 def test_resume_mid_run_reproduces_uninterrupted_run(corpus: Path, tmp_path: Path) -> None:
@@ -69,7 +70,7 @@ def test_resume_mid_run_reproduces_uninterrupted_run(corpus: Path, tmp_path: Pat
 
 def test_crash_mid_epoch_then_resume_reproduces_uninterrupted_run(corpus: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = tiny_config(corpus, "optim.checkpoint_every=2")
+    cfg = tiny_config(corpus, "run.checkpoint_every=2")
     straight = train_retrieval(cfg, tmp_path / "straight", progress=False)
 
     clip = torch.nn.utils.clip_grad_norm_
@@ -85,7 +86,7 @@ def test_crash_mid_epoch_then_resume_reproduces_uninterrupted_run(corpus: Path, 
     with pytest.raises(KeyboardInterrupt):
         train_retrieval(cfg, tmp_path / "crashed", progress=False)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
-    state = load_checkpoint(tmp_path / "crashed" / "last.pt")
+    state = read_checkpoint(tmp_path / "crashed" / "last.pt")
     assert (state["epoch"], state["step_in_epoch"]) == (0, 2)
     resumed = train_retrieval(cfg, tmp_path / "crashed", progress=False)
     a, b = _weights(straight["last"]), _weights(resumed["last"])

@@ -79,7 +79,8 @@ def features(data_path: Path, splits: tuple[str, ...], backbone: str, backbone_w
 def train(config_path: Path, overrides: tuple[str, ...], out: Path, resume: bool) -> None:
     """Train a retrieval model (USER or a baseline)."""
     from xmcl.config import load_config
-    from xmcl.training.retrieval import RetrievalTrainConfig, train_retrieval
+    from xmcl.retrieval.config import RetrievalTrainConfig
+    from xmcl.training.retrieval_trainer import train_retrieval
 
     cfg = load_config(RetrievalTrainConfig, config_path, overrides)
     summary = train_retrieval(cfg, out, resume=resume)
@@ -102,7 +103,7 @@ def train(config_path: Path, overrides: tuple[str, ...], out: Path, resume: bool
 def clip_cache(clip_path: Path, data_path: Path, splits: tuple[str, ...], out: Path, batch_size: int,
                shard_size: int, activation: str, device: str) -> None:
     """Compute a frozen CLIP's global image and caption embeddings once (resumable), for CGE."""
-    from xmcl.retrieval.clip_cache import build_clip_cache
+    from xmcl.retrieval.clip.cache import build_clip_cache
 
     manifest = build_clip_cache(clip_path, data_path, out, splits, batch_size=batch_size, shard_size=shard_size,
                                 device=device, activation=activation)
@@ -110,20 +111,24 @@ def clip_cache(clip_path: Path, data_path: Path, splits: tuple[str, ...], out: P
 
 
 @main.command("train-clip")
-@click.option("--data", "data_path", type=PathArg, required=True, help="Corpus folder or Karpathy JSON (raw images).")
+@click.option("--data", "data_path", type=PathArg, default=None,
+              help="Corpus folder or Karpathy JSON (raw images); sets data.path.")
 @click.option("--config", "config_path", type=PathArg, default=None, help="YAML of ClipTrainConfig fields.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value.")
-@click.option("--train-split", default="train", show_default=True)
-@click.option("--val-split", default="val", show_default=True)
-@click.option("--out", type=PathArg, required=True, help="Folder for the best model (transformers CLIP format).")
-def train_clip(data_path: Path, config_path: Path | None, overrides: tuple[str, ...], train_split: str,
-               val_split: str, out: Path) -> None:
+@click.option("--out", type=PathArg, required=True, help="Run folder; the best model is saved there in the "
+                                                           "transformers CLIP format.")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Continue from OUT/last.pt when it exists.")
+def train_clip(data_path: Path | None, config_path: Path | None, overrides: tuple[str, ...], out: Path,
+               resume: bool) -> None:
     """Train a small CLIP from scratch on a corpus (a CGE teacher for the shapes world)."""
     from xmcl.config import load_config
-    from xmcl.retrieval.clip_training import ClipTrainConfig, train_clip as run_train_clip
+    from xmcl.retrieval.clip.config import ClipTrainConfig
+    from xmcl.training.clip_trainer import train_clip as run_train_clip
 
-    cfg = load_config(ClipTrainConfig, config_path, overrides)
-    summary = run_train_clip(data_path, out, cfg, train_split=train_split, val_split=val_split)
+    data_override = [f"data.path={data_path}"] if data_path is not None else []
+    cfg = load_config(ClipTrainConfig, config_path, [*data_override, *overrides])
+    summary = run_train_clip(cfg, out, resume=resume)
     click.echo(f"best val rSum {summary['best_rsum']:.2f} at epoch {summary['best_epoch']}; model in {out}")
 
 
@@ -140,8 +145,8 @@ def train_clip(data_path: Path, config_path: Path | None, overrides: tuple[str, 
 def evaluate(checkpoint: Path, data_path: Path | None, split: str, protocols: tuple[str, ...], out: Path | None,
              device: str) -> None:
     """Evaluate a trained model: R@1/5/10 both directions, median/mean rank, rSum."""
-    from xmcl.evaluation import format_table, save_json
-    from xmcl.training.retrieval import evaluate_checkpoint
+    from xmcl.metrics.retrieval import format_table, save_json
+    from xmcl.retrieval.inference import evaluate_checkpoint
 
     results = evaluate_checkpoint(checkpoint, data_path, split, protocols, device=device)
     click.echo(format_table(results))
@@ -178,9 +183,9 @@ def distill_pretrain(config_path: Path, overrides: tuple[str, ...], out: Path, r
     """Pretrain the 3D backbone with the (semantically tolerant, class-balanced) superpixel contrastive loss."""
     from xmcl.config import load_config
     from xmcl.distill.config import DistillConfig
-    from xmcl.distill.pretrain import run_pretrain
+    from xmcl.training.distill_trainer import pretrain_distill
 
-    checkpoint = run_pretrain(load_config(DistillConfig, config_path, overrides), out, resume=resume)
+    checkpoint = pretrain_distill(load_config(DistillConfig, config_path, overrides), out, resume=resume)
     click.echo(f"wrote {checkpoint}")
 
 

@@ -2,7 +2,9 @@
 
 ``load_config(TrainConfig, path, ["optim.lr=1e-3", "model.sge=false"])`` reads the YAML file, applies the
 overrides (values parsed as YAML scalars), and builds the nested dataclasses; an unknown key or a value of the
-wrong type raises ``ConfigError`` naming the dotted key and the file.
+wrong type raises ``ConfigError`` naming the dotted key and the file. Each dataclass checks its ranges in
+``__post_init__`` with ``require``; a value out of range is reported with its dotted key, the value and the
+allowed range.
 """
 
 from __future__ import annotations
@@ -18,6 +20,41 @@ import yaml
 from xmcl.errors import ConfigError
 
 T = TypeVar("T")
+
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"  # the YAML configs installed with the package
+
+
+class FieldRangeError(ConfigError):
+    """A config field holds a value outside its allowed range (raised by ``require``)."""
+
+    def __init__(self, name: str, value: Any, allowed: str) -> None:
+        self.name, self.value, self.allowed = name, value, allowed
+        super().__init__(f"'{name}' = {value!r} is out of range: must be {allowed}")
+
+    def at(self, prefix: str, where: str) -> ConfigError:
+        """The same error with the field's dotted key under ``prefix`` and the config's origin ``where``."""
+        key = f"{prefix}.{self.name}" if prefix else self.name
+        return ConfigError(f"{where}: '{key}' = {self.value!r} is out of range: must be {self.allowed}")
+
+
+def _bounds_text(ge: float | None, gt: float | None, le: float | None, lt: float | None) -> str:
+    low = f">= {ge}" if ge is not None else f"> {gt}" if gt is not None else ""
+    high = f"<= {le}" if le is not None else f"< {lt}" if lt is not None else ""
+    return " and ".join(part for part in (low, high) if part)
+
+
+def require(cfg: Any, name: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None) -> None:
+    """Raise ``FieldRangeError`` unless ``cfg.name`` (a number, each item of a list, or None = unset) lies in the
+    range ``ge <= x``, ``gt < x``, ``x <= le``, ``x < lt`` (bounds left None are open)."""
+    value = getattr(cfg, name)
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if item is None:
+            continue
+        if ((ge is not None and not item >= ge) or (gt is not None and not item > gt)
+                or (le is not None and not item <= le) or (lt is not None and not item < lt)):
+            raise FieldRangeError(name, value, _bounds_text(ge, gt, le, lt))
 
 
 def _describe(type_: Any) -> str:
@@ -94,10 +131,26 @@ def _build(cls: type[T], data: dict, prefix: str, where: str) -> T:
         full = ", ".join(f"'{prefix}.{k}'" if prefix else f"'{k}'" for k in unknown)
         raise ConfigError(f"{where}: unknown key {full}; {cls.__name__} has {sorted(names)}")
     kwargs = {}
+    defaults = {f.name: f.default_factory for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
+        if name in defaults and dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
+            value = _merged(dataclasses.asdict(defaults[name]()), value)  # a partial section keeps this default
         kwargs[name] = _coerce(value, hints[name], key, where)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except FieldRangeError as error:
+        raise error.at(prefix, where) from None
+    except ConfigError as error:  # a rule across fields of the section
+        raise ConfigError(f"{where}: {prefix + ': ' if prefix else ''}{error}") from None
+
+
+def _merged(base: dict, update: dict) -> dict:
+    """``base`` with ``update`` written over it, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -142,9 +195,23 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
+def find_config(path: Path | str) -> Path:
+    """``path`` when it exists; else the shipped config of that name (``shapes_user``, ``shapes_user.yaml`` or
+    ``configs/shapes_user.yaml`` all name ``SHIPPED_CONFIGS / "shapes_user.yaml"``), so commands work from any
+    folder; any other path is taken as it is (reading it then reports that it does not exist)."""
+    path = Path(path)
+    if path.exists() or path.parent not in (Path("."), Path("configs")):
+        return path
+    shipped = SHIPPED_CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    return shipped if shipped.is_file() else path
+
+
 def load_config(cls: type[T], path: Path | str | None = None, overrides: typing.Iterable[str] = ()) -> T:
-    """Build ``cls`` from an optional YAML file and ``key=value`` overrides (defaults fill the rest)."""
-    data = read_yaml(Path(path)) if path is not None else {}
+    """Build ``cls`` from an optional YAML file (see ``find_config``) and ``key=value`` overrides (defaults fill
+    the rest)."""
+    if path is not None:
+        path = find_config(path)
+    data = read_yaml(path) if path is not None else {}
     overrides = list(overrides)
     apply_overrides(data, overrides)
     where = str(path) if path is not None else "config"

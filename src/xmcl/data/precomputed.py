@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ import numpy as np
 from xmcl.data.corpus import CaptionSplit
 from xmcl.data.files import read_text
 from xmcl.errors import CheckpointError, DataError
+from xmcl.runtime.files import atomic_write_text
 
 
 def split_files(data_dir: Path, split: str) -> dict[str, Path]:
@@ -167,12 +167,6 @@ def _read_cap_image(path: Path, num_captions: int, rows: int) -> np.ndarray:
     return caption_image
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 class PrecomputedWriter:
     """Writes a split's region features row block by row block, resumable after a crash.
 
@@ -209,9 +203,9 @@ class PrecomputedWriter:
         }
         self.files["ims"].parent.mkdir(parents=True, exist_ok=True)
         self._done = self._resume_point()
-        _write_text_atomic(self.files["ids"], "".join(f"{i}\n" for i in image_ids))
-        _write_text_atomic(self.files["caps"], "".join(" ".join(c.splitlines()) + "\n" for c in captions))
-        _write_text_atomic(self.files["cap_image"], "".join(f"{n}\n" for n in caption_image))
+        atomic_write_text(self.files["ids"], "".join(f"{i}\n" for i in image_ids))
+        atomic_write_text(self.files["caps"], "".join(" ".join(c.splitlines()) + "\n" for c in captions))
+        atomic_write_text(self.files["cap_image"], "".join(f"{n}\n" for n in caption_image))
         if self._done == 0:
             self._save_progress(complete=False)  # before the array, so an array without progress is never ours
         self._array = np.lib.format.open_memmap(self.files["ims"], mode="r+" if self._done else "w+",
@@ -242,7 +236,7 @@ class PrecomputedWriter:
 
     def _save_progress(self, complete: bool) -> None:
         record = {"done": self._done, "complete": complete, **self._identity}
-        _write_text_atomic(self.files["progress"], json.dumps(record, indent=1))
+        atomic_write_text(self.files["progress"], json.dumps(record, indent=1))
 
     @property
     def done(self) -> int:

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from xmcl.errors import ConfigError
+from xmcl.runtime.files import atomic_directory
 
 JSON_NAME = "dataset_shapes.json"
 GENERATOR_VERSION = 1
@@ -465,12 +464,8 @@ def generate_shapes_world(out_dir: Path | str, num_images: int, seed: int, image
         raise ConfigError(f"shapes world: {out_dir} already exists and is not empty; choose another directory "
                           f"or overwrite it")
     sizes = split_sizes(num_images, val_fraction, test_fraction, min_eval_images)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        (tmp / "images").mkdir(parents=True)
+    with atomic_directory(out_dir, replace=True) as tmp:
+        (tmp / "images").mkdir()
         entries = []
         extension = "png" if image_format == "png" else "jpg"
         scenes = _scenes(seed, sizes)
@@ -502,12 +497,4 @@ def generate_shapes_world(out_dir: Path | str, num_images: int, seed: int, image
             "images": entries,
         }
         (tmp / JSON_NAME).write_text(json.dumps(corpus, indent=1), encoding="utf-8")
-        if out_dir.is_dir():
-            shutil.rmtree(out_dir)
-        elif out_dir.exists():
-            out_dir.unlink()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ShapesWorld(json_path=out_dir / JSON_NAME, image_dir=out_dir / "images", split_sizes=sizes)

@@ -1,8 +1,8 @@
 """Typed configuration of ST-SLidR pretraining and its evaluation (loaded from YAML by ``xmcl.config``).
 
-One ``DistillConfig`` serves both commands: ``pretrain`` reads ``data``, ``voxel``, ``image``, ``superpixels``,
-``loss``, ``optim`` and ``train``; ``probe`` reads ``data`` and ``probe`` (and ``voxel`` only when no checkpoint is
-given: a checkpoint carries the shape of its network).
+One ``DistillConfig`` serves both commands: ``pretrain`` reads ``run``, ``data``, ``voxel``, ``image``,
+``superpixels``, ``loss`` and ``optim``; ``probe`` reads ``run``, ``data`` and ``probe`` (and ``voxel`` only when no
+checkpoint is given: a checkpoint carries the shape of its network). Ranges are checked at load.
 """
 
 from __future__ import annotations
@@ -11,14 +11,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from xmcl.config import require
+from xmcl.errors import ConfigError
+from xmcl.runtime.run_config import RunConfig
+
 
 @dataclass
-class DataConfig:
+class DistillDataConfig:
     """Built-in synthetic driving scenes (``xmcl.distill.synthetic``).
 
     Pretraining uses scenes ``0..pretrain_scenes-1`` of the set drawn from ``seed``; the probe trains on the first
     ``probe_train_scenes`` of the same set (labels of scenes seen unlabelled in pretraining, as SLidR's protocol on
     nuScenes' train split) and evaluates on ``eval_scenes`` scenes of the disjoint set drawn from ``seed + 1``.
+    ``augment``: random rotation about z and random mirroring of the points fed to the 3D net (the point-pixel
+    pairing is fixed before it), in pretraining and fine-tuning.
     """
 
     source: Literal["synthetic"] = "synthetic"
@@ -29,6 +35,16 @@ class DataConfig:
     num_points: int = 8000
     image_size: list[int] = field(default_factory=lambda: [96, 192])
     num_cameras: int = 4
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        require(self, "seed", ge=0)
+        for name in ("pretrain_scenes", "probe_train_scenes", "eval_scenes", "num_cameras"):
+            require(self, name, ge=1)
+        require(self, "num_points", ge=100)
+        require(self, "image_size", ge=16)
+        if len(self.image_size) != 2:
+            raise ConfigError(f"'image_size' must be [height, width], got {self.image_size}")
 
 
 @dataclass
@@ -46,6 +62,15 @@ class VoxelConfig:
     blocks: int = 1
     out_dim: int = 64
 
+    def __post_init__(self) -> None:
+        require(self, "voxel_size", gt=0.0)
+        require(self, "angular_resolution_deg", gt=0.0, le=360.0)
+        require(self, "widths", ge=1)
+        require(self, "blocks", ge=1)
+        require(self, "out_dim", ge=1)
+        if not self.widths:
+            raise ConfigError("'widths' must list at least one width")
+
 
 @dataclass
 class ImageConfig:
@@ -58,6 +83,10 @@ class ImageConfig:
     resnet_width: int = 64
     input_scale: float = 2.0
 
+    def __post_init__(self) -> None:
+        require(self, "resnet_width", ge=1)
+        require(self, "input_scale", gt=0.0)
+
 
 @dataclass
 class SuperpixelConfig:
@@ -68,9 +97,14 @@ class SuperpixelConfig:
     sigma: float = 3.0
     cache_dir: Path | None = None
 
+    def __post_init__(self) -> None:
+        require(self, "n_segments", ge=1)
+        require(self, "compactness", gt=0.0)
+        require(self, "sigma", ge=0.0)
+
 
 @dataclass
-class LossConfig:
+class DistillLossConfig:
     """``xmcl.contrast.STSlidrLoss``: SLidR = tolerance "none", balance false; semantically tolerant = tolerance
     "quantile" (or "soft"); ST-SLidR = tolerant + ``balance`` true."""
 
@@ -81,9 +115,14 @@ class LossConfig:
     balance: bool = True
     threshold: float = 0.5
 
+    def __post_init__(self) -> None:
+        require(self, "tau", gt=0.0)
+        require(self, "q", ge=0.0, lt=1.0)
+        require(self, "threshold", ge=-1.0, le=1.0)
+
 
 @dataclass
-class OptimConfig:
+class DistillOptimConfig:
     """Optimiser of the 3D network and the 2D head; cosine decay to 0 after ``warmup_steps`` of linear warm-up."""
 
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -94,18 +133,13 @@ class OptimConfig:
     steps: int = 300
     batch_scenes: int = 2
 
-
-@dataclass
-class TrainConfig:
-    """Run control: ``augment`` = random rotation about z and random mirroring of the points fed to the 3D net
-    (the point-pixel pairing is fixed before it)."""
-
-    seed: int = 0
-    device: str = "auto"
-    augment: bool = True
-    checkpoint_every: int = 100
-    log_every: int = 10
-    progress: bool = True
+    def __post_init__(self) -> None:
+        require(self, "lr", gt=0.0)
+        require(self, "weight_decay", ge=0.0)
+        require(self, "momentum", ge=0.0, lt=1.0)
+        require(self, "warmup_steps", ge=0)
+        require(self, "steps", ge=1)
+        require(self, "batch_scenes", ge=1)
 
 
 @dataclass
@@ -129,14 +163,29 @@ class ProbeConfig:
     label_unit: Literal["scenes", "points"] = "scenes"
     recalibrate_bn: bool = True
 
+    def __post_init__(self) -> None:
+        require(self, "seed", ge=0)
+        require(self, "linear_steps", ge=1)
+        require(self, "finetune_steps", ge=1)
+        require(self, "linear_lr", gt=0.0)
+        require(self, "finetune_lr", gt=0.0)
+        require(self, "batch_scenes", ge=1)
+
+
+def _distill_run() -> RunConfig:
+    return RunConfig(checkpoint_every=100, log_every=10)
+
 
 @dataclass
 class DistillConfig:
-    data: DataConfig = field(default_factory=DataConfig)
+    """Everything ST-SLidR pretraining and its probe need (``run`` defaults: a checkpoint every 100 steps, a log
+    line every 10)."""
+
+    run: RunConfig = field(default_factory=_distill_run)
+    data: DistillDataConfig = field(default_factory=DistillDataConfig)
     voxel: VoxelConfig = field(default_factory=VoxelConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     superpixels: SuperpixelConfig = field(default_factory=SuperpixelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: DistillLossConfig = field(default_factory=DistillLossConfig)
+    optim: DistillOptimConfig = field(default_factory=DistillOptimConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)

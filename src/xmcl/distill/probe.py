@@ -20,40 +20,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from xmcl.config import config_from_dict
-from xmcl.device import resolve_device
-from xmcl.distill.config import DistillConfig, OptimConfig, VoxelConfig
-from xmcl.distill.metrics import confusion_matrix, segmentation_scores
-from xmcl.distill.pretrain import (
-    CHECKPOINT_KIND,
-    batch_indices,
-    build_optimizer,
-    build_voxel_net,
-    load_scenes,
-    scene_points,
-    seeded_generator,
-    voxelize_scenes,
-)
+from xmcl.distill.config import DistillConfig, DistillOptimConfig, VoxelConfig
+from xmcl.distill.networks import build_voxel_net, load_pretrained_backbone
+from xmcl.distill.preparation import batch_indices, load_scenes, scene_points, voxelize_scenes
 from xmcl.distill.scene import Scene
+from xmcl.distill.schedule import build_optimizer
 from xmcl.distill.voxel_net import VoxelUNet
-from xmcl.errors import CheckpointError, ConfigError, DataError
-from xmcl.training.checkpoint import load_checkpoint, seed_everything
+from xmcl.errors import ConfigError, DataError
+from xmcl.metrics.segmentation import confusion_matrix, segmentation_scores
+from xmcl.runtime.device import resolve_device
+from xmcl.runtime.files import atomic_write_text
+from xmcl.runtime.rng import seed_everything, seeded_generator
 
 MODES = ("linear", "finetune")
-
-
-def load_pretrained_backbone(checkpoint: Path, device: torch.device) -> tuple[VoxelUNet, VoxelConfig]:
-    """The 3D network stored by ``run_pretrain`` and the voxel config it was trained with."""
-    state = load_checkpoint(checkpoint, map_location=device)
-    if state.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(f"{checkpoint} is not a distillation pretraining checkpoint")
-    voxel_cfg = config_from_dict(DistillConfig, state["config"], where=str(checkpoint)).voxel
-    net = build_voxel_net(voxel_cfg)
-    try:
-        net.load_state_dict(state["voxel_net"])
-    except RuntimeError as error:
-        raise CheckpointError(f"{checkpoint}: the 3D network weights do not fit its config: {error}") from None
-    return net.to(device), voxel_cfg
 
 
 def select_labels(scenes: list[Scene], fraction: float, unit: str, seed: int) -> list[tuple[Scene, np.ndarray]]:
@@ -104,7 +83,7 @@ def _train_linear(net: VoxelUNet, classifier: nn.Linear, clouds: list[Tensor], l
     keep = target >= 0
     features, target = features[keep], target[keep]
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=cfg.probe.linear_lr, weight_decay=1e-4)
-    for _ in tqdm(range(cfg.probe.linear_steps), desc="linear probe", disable=not cfg.train.progress):
+    for _ in tqdm(range(cfg.probe.linear_steps), desc="linear probe", disable=not cfg.run.progress):
         loss = F.cross_entropy(classifier(features), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -114,16 +93,16 @@ def _train_linear(net: VoxelUNet, classifier: nn.Linear, clouds: list[Tensor], l
 def _finetune(net: VoxelUNet, classifier: nn.Linear, clouds: list[Tensor], labels: list[Tensor],
               voxel_cfg: VoxelConfig, cfg: DistillConfig) -> None:
     p = cfg.probe
-    optim_cfg = OptimConfig(optimizer="adamw", lr=p.finetune_lr, steps=p.finetune_steps,
+    optim_cfg = DistillOptimConfig(optimizer="adamw", lr=p.finetune_lr, steps=p.finetune_steps,
                             batch_scenes=min(p.batch_scenes, len(clouds)))
     optimizer, scheduler = build_optimizer(list(net.parameters()) + list(classifier.parameters()), optim_cfg)
     net.train()
-    for step in tqdm(range(p.finetune_steps), desc="fine-tune", disable=not cfg.train.progress):
+    for step in tqdm(range(p.finetune_steps), desc="fine-tune", disable=not cfg.run.progress):
         chosen = batch_indices(len(clouds), optim_cfg.batch_scenes, p.seed, step)
         target = torch.cat([labels[i] for i in chosen])
         if not bool((target >= 0).any()):
             continue
-        generator = seeded_generator(p.seed, 2, step) if cfg.train.augment else None
+        generator = seeded_generator(p.seed, 2, step) if cfg.data.augment else None
         features = net.features(voxelize_scenes([clouds[i] for i in chosen], voxel_cfg, generator))
         loss = F.cross_entropy(classifier(features), target, ignore_index=-1)
         optimizer.zero_grad(set_to_none=True)
@@ -156,7 +135,7 @@ def run_probe(cfg: DistillConfig, checkpoint: Path | None, out_dir: Path, mode: 
     """
     if mode not in MODES:
         raise ConfigError(f"probe mode must be one of {MODES}, got {mode!r}")
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.run.device)
     seed_everything(cfg.probe.seed)
     if checkpoint is not None:
         net, voxel_cfg = load_pretrained_backbone(Path(checkpoint), device)
@@ -188,7 +167,7 @@ def run_probe(cfg: DistillConfig, checkpoint: Path | None, out_dir: Path, mode: 
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"probe_{mode}.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out_dir / f"probe_{mode}.json", json.dumps(result, indent=2))
     return result
 
 

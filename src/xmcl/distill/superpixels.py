@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ import skimage
 from skimage.segmentation import slic
 
 from xmcl.errors import ConfigError, DataError
+from xmcl.runtime.files import atomic_save_npy
 
 DEFAULT_SEGMENTS = 150
 DEFAULT_COMPACTNESS = 10.0
@@ -93,13 +92,5 @@ class SuperpixelCache:
                 return labels
         self.misses += 1
         labels = superpixels(image, **self.params)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
-        try:
-            with os.fdopen(handle, "wb") as f:
-                np.save(f, labels, allow_pickle=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_save_npy(path, labels)
         return labels

@@ -1,13 +1,17 @@
-"""Typed configuration of the USER retrieval model and its loss (loaded from YAML by ``xmcl.config``)."""
+"""Typed configuration of a retrieval run: the USER model, its loss, the corpus and the optimiser (loaded from YAML
+by ``xmcl.config``; ``configs/*_user.yaml`` and ``*_vsepp.yaml`` hold instances). Ranges are checked at load."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from xmcl.config import require
+from xmcl.runtime.run_config import RunConfig
 
 
 @dataclass
-class ModelConfig:
+class RetrievalModelConfig:
     """Shapes and switches of :class:`xmcl.retrieval.model.USERModel`.
 
     Image side: ``image_input="regions"`` takes precomputed region features (``region_dim``-d);
@@ -52,9 +56,18 @@ class ModelConfig:
     queue_size: int = 4096
     use_queue: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("embed_dim", "region_dim", "word_dim", "gru_layers", "clip_dim", "queue_size"):
+            require(self, name, ge=1)
+        require(self, "grid_drop", ge=0.0, lt=1.0)
+        require(self, "sge_dropout", ge=0.0, lt=1.0)
+        require(self, "momentum", ge=0.0, le=1.0)
+        require(self, "sge_lambda", gt=0.0)
+        require(self, "cge_lambda", gt=0.0)
+
 
 @dataclass
-class LossConfig:
+class RetrievalLossConfig:
     """Which retrieval loss (``xmcl.contrast``) and its constants.
 
     ``uto``: ``mu`` (scale), ``gamma`` (margin); ``hinge``: ``margin``, ``warmup_epochs`` of summed violations
@@ -74,3 +87,79 @@ class LossConfig:
     uto_warmup_epochs: int = 0
     temperature: float = 0.07
     queue_false_negatives: Literal["mask", "keep"] = "mask"
+
+    def __post_init__(self) -> None:
+        require(self, "mu", gt=0.0)
+        require(self, "gamma", ge=0.0)
+        require(self, "lambda_batch", ge=0.0)
+        require(self, "margin", ge=0.0)
+        require(self, "warmup_epochs", ge=0)
+        require(self, "uto_warmup_epochs", ge=0)
+        require(self, "temperature", gt=0.0)
+
+
+@dataclass
+class RetrievalDataConfig:
+    """Where the corpus is and how items are prepared.
+
+    ``path``: a corpus folder or Karpathy JSON (raw images) or a folder of precomputed features.
+    ``val_max_images``: evaluate on the first N validation images only (faster epochs; None = all).
+    """
+
+    path: str = "runs/shapes"
+    train_split: str = "train"
+    val_split: str = "val"
+    image_size: int = 224
+    augment_images: bool = True
+    augment_captions: bool = True
+    max_caption_tokens: int = 64
+    vocab_min_count: int = 1
+    num_workers: int = 0
+    val_max_images: int | None = None
+
+    def __post_init__(self) -> None:
+        require(self, "image_size", ge=16)
+        require(self, "max_caption_tokens", ge=2)
+        require(self, "vocab_min_count", ge=1)
+        require(self, "num_workers", ge=0)
+        require(self, "val_max_images", ge=1)
+
+
+@dataclass
+class RetrievalOptimConfig:
+    """AdamW with step decay: lr x ``lr_decay_factor`` at each epoch of ``lr_decay_epochs``;
+    ``max_steps_per_epoch`` caps an epoch (budgeted comparisons)."""
+
+    epochs: int = 25
+    batch_size: int = 128
+    lr: float = 5e-4
+    text_lr_scale: float = 0.1
+    backbone_lr_scale: float = 0.1
+    weight_decay: float = 1e-4
+    lr_decay_epochs: list[int] = field(default_factory=lambda: [15])
+    lr_decay_factor: float = 0.1
+    grad_clip: float = 2.0
+    max_steps_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        require(self, "epochs", ge=1)
+        require(self, "batch_size", ge=2)
+        require(self, "lr", gt=0.0)
+        require(self, "text_lr_scale", ge=0.0)
+        require(self, "backbone_lr_scale", ge=0.0)
+        require(self, "weight_decay", ge=0.0)
+        require(self, "lr_decay_epochs", ge=1)
+        require(self, "lr_decay_factor", gt=0.0, le=1.0)
+        require(self, "grad_clip", gt=0.0)
+        require(self, "max_steps_per_epoch", ge=1)
+
+
+@dataclass
+class RetrievalTrainConfig:
+    """Everything one retrieval training run needs."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: RetrievalDataConfig = field(default_factory=RetrievalDataConfig)
+    model: RetrievalModelConfig = field(default_factory=RetrievalModelConfig)
+    loss: RetrievalLossConfig = field(default_factory=RetrievalLossConfig)
+    optim: RetrievalOptimConfig = field(default_factory=RetrievalOptimConfig)

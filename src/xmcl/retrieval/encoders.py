@@ -22,7 +22,7 @@ from xmcl.nn.gpo import build_pooling
 from xmcl.nn.heads import ProjectionHead
 from xmcl.nn.sequence import BiGRU, length_mask
 from xmcl.retrieval.cge import CGE
-from xmcl.retrieval.config import ModelConfig
+from xmcl.retrieval.config import RetrievalModelConfig
 from xmcl.retrieval.enhancement import SGE
 
 GRID_DROP_GATE = 0.2  # VSE-infinity: an image keeps all its cells when its draw u <= 0.2
@@ -167,7 +167,7 @@ class TextEncoder(nn.Module):
         return F.normalize(self.pooling(local, lengths), dim=-1)
 
 
-def build_image_encoder(cfg: ModelConfig) -> ImageEncoder:
+def build_image_encoder(cfg: RetrievalModelConfig) -> ImageEncoder:
     """The image tower ``cfg`` describes (the backbone from ``xmcl.nn.backbones`` when ``image_input="images"``)."""
     backbone = None
     local_dim = cfg.region_dim
@@ -180,7 +180,7 @@ def build_image_encoder(cfg: ModelConfig) -> ImageEncoder:
     return ImageEncoder(local_dim, cfg.embed_dim, cfg.pooling, sge, backbone, cfg.grid_drop, cge)
 
 
-def build_text_encoder(cfg: ModelConfig, vocab_size: int | None = None) -> TextEncoder:
+def build_text_encoder(cfg: RetrievalModelConfig, vocab_size: int | None = None) -> TextEncoder:
     """The text tower ``cfg`` describes; ``vocab_size`` is required for ``text_encoder="bigru"``."""
     if cfg.text_encoder == "bert":
         sequence: nn.Module = HFTextModel(resolve_text_model_dir(cfg.text_model))

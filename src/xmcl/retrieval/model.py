@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from xmcl.contrast import MomentumQueue, RetrievalLoss, WarmStartLoss, build_retrieval_loss, make_key_encoder, \
     momentum_update
 from xmcl.errors import DataError
-from xmcl.retrieval.config import LossConfig, ModelConfig
+from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig
 from xmcl.retrieval.encoders import build_image_encoder, build_text_encoder
 
 
-def build_loss(cfg: LossConfig) -> RetrievalLoss | WarmStartLoss:
+def build_loss(cfg: RetrievalLossConfig) -> RetrievalLoss | WarmStartLoss:
     """The ``xmcl.contrast`` retrieval loss ``cfg`` names, with its own constants; UTO with
     ``uto_warmup_epochs > 0`` starts with that many epochs of the VSE++ sum-of-violations hinge."""
     specific = {
@@ -41,7 +41,7 @@ def build_loss(cfg: LossConfig) -> RetrievalLoss | WarmStartLoss:
 
 
 class USERModel(nn.Module):
-    """The retrieval model of ``ModelConfig`` trained with the loss of ``LossConfig``.
+    """The retrieval model of ``RetrievalModelConfig`` trained with the loss of ``RetrievalLossConfig``.
 
     ``batch`` keys: ``images (B, 3, H, W)`` or ``regions (B, R, D)`` + ``region_lengths (B,)``;
     ``tokens (B, L)`` + ``token_lengths (B,)``; ``image_ids (B,)``, the image index of each caption (pairs
@@ -52,7 +52,7 @@ class USERModel(nn.Module):
     encoders and both queues (keys, ids, pointer, fill count).
     """
 
-    def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig, vocab_size: int | None = None) -> None:
+    def __init__(self, cfg: RetrievalModelConfig, loss_cfg: RetrievalLossConfig, vocab_size: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.image_encoder = build_image_encoder(cfg)

@@ -19,7 +19,6 @@ images or captions differ from the corpus, or when its embedding width is not th
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 from dataclasses import dataclass
@@ -33,11 +32,12 @@ from tqdm import tqdm
 
 from xmcl.data.corpus import CaptionSplit
 from xmcl.data.open import open_split
-from xmcl.device import resolve_device
 from xmcl.errors import CheckpointError, ConfigError, DataError
-from xmcl.retrieval.clip_teacher import CLIPTeacher, ClipImagePreprocess, checkpoint_sha256, load_clip_teacher
-from xmcl.retrieval.config import ModelConfig
-from xmcl.training.checkpoint import atomic_write_bytes
+from xmcl.retrieval.clip.preprocess import ClipImagePreprocess
+from xmcl.retrieval.clip.teacher import CLIPTeacher, checkpoint_sha256, load_clip_teacher
+from xmcl.retrieval.config import RetrievalModelConfig
+from xmcl.runtime.device import resolve_device
+from xmcl.runtime.files import atomic_save_npy, atomic_write_json
 
 CACHE_FORMAT = "xmcl-clip-cache/1"
 MANIFEST = "manifest.json"
@@ -63,16 +63,6 @@ def _captions_of_images(caption_image: np.ndarray, num_images: int) -> list[np.n
 def _split_keys(split: CaptionSplit) -> dict:
     return {"image_ids": list(split.image_ids), "caption_image": split.caption_image.tolist(),
             "image_digest": image_digests(split)}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write_bytes(path, lambda handle: handle.write(json.dumps(data).encode("utf-8")))
-
-
-def _write_npy(path: Path, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    atomic_write_bytes(path, lambda handle: handle.write(buffer.getvalue()))
 
 
 def _read_json(path: Path) -> dict:
@@ -154,11 +144,11 @@ def _build_split(teacher: CLIPTeacher, split: CaptionSplit, name: str, out: Path
         raise CheckpointError(f"the CLIP cache {out} holds a split '{name}' with other images or captions than "
                               f"{split.source}; use another output folder")
     if entry is None:
-        _write_json(folder / "keys.json", keys)
+        atomic_write_json(folder / "keys.json", keys)
         entry = {"num_images": split.num_images, "num_captions": split.num_captions, "image_shards": 0,
                  "text_shards": 0, "complete": False}
         manifest["splits"][name] = entry
-        _write_json(out / MANIFEST, manifest)
+        atomic_write_json(out / MANIFEST, manifest)
     jobs = (("image", "images", split.num_images), ("text", "texts", split.num_captions))
     done_rows = sum(min(total, entry[f"{kind}_shards"] * size) for kind, _, total in jobs)
     total_rows = split.num_images + split.num_captions
@@ -173,12 +163,12 @@ def _build_split(teacher: CLIPTeacher, split: CaptionSplit, name: str, out: Path
                     embeddings = torch.cat([teacher.encode_pixels(pixels).cpu() for pixels in loader])
                 else:
                     embeddings = teacher.encode_texts(split.captions[rows], batch_size).cpu()
-                _write_npy(folder / f"{stem}_{shard:05d}.npy", embeddings.numpy().astype(np.float16))
+                atomic_save_npy(folder / f"{stem}_{shard:05d}.npy", embeddings.numpy().astype(np.float16))
                 entry[f"{kind}_shards"] = shard + 1
-                _write_json(out / MANIFEST, manifest)
+                atomic_write_json(out / MANIFEST, manifest)
                 bar.update(rows.stop - rows.start)
     entry["complete"] = True
-    _write_json(out / MANIFEST, manifest)
+    atomic_write_json(out / MANIFEST, manifest)
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -277,7 +267,7 @@ class SplitGuides:
     sha256: str | None
 
 
-def split_guides(cfg: ModelConfig, split: CaptionSplit, device: torch.device | str = "cpu",
+def split_guides(cfg: RetrievalModelConfig, split: CaptionSplit, device: torch.device | str = "cpu",
                  compute_missing: bool = False, trained_sha256: str | None = None) -> SplitGuides:
     """The CLIP embeddings the model of ``cfg`` needs for ``split`` (none when CGE is off).
 

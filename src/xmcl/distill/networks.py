@@ -1,0 +1,40 @@
+"""The networks a distillation config describes, and the pretraining checkpoint that stores the 3D one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from xmcl.config import config_from_dict
+from xmcl.distill.config import DistillConfig, VoxelConfig
+from xmcl.distill.image_head import ImageFeatureHead
+from xmcl.distill.voxel_net import VoxelUNet
+from xmcl.errors import CheckpointError
+from xmcl.nn.backbones import build_image_backbone
+from xmcl.runtime.checkpoint import load_checkpoint
+
+DISTILL_CHECKPOINT = ("xmcl.distill.pretrain", 2)  # kind and version of the pretraining checkpoints
+
+
+def build_voxel_net(cfg: VoxelConfig) -> VoxelUNet:
+    """The 3D network of ``cfg`` (one input channel: intensity)."""
+    return VoxelUNet(1, widths=cfg.widths, blocks=cfg.blocks, out_dim=cfg.out_dim)
+
+
+def build_image_head(cfg: DistillConfig) -> ImageFeatureHead:
+    """The frozen 2D backbone of ``cfg.image`` under a trainable 1x1 head to ``cfg.voxel.out_dim`` channels."""
+    backbone = build_image_backbone(cfg.image.backbone, cfg.image.weights, resnet_width=cfg.image.resnet_width)
+    return ImageFeatureHead(backbone, cfg.voxel.out_dim, cfg.image.input_scale)
+
+
+def load_pretrained_backbone(checkpoint: Path, device: torch.device) -> tuple[VoxelUNet, VoxelConfig]:
+    """The 3D network stored by distillation pretraining and the voxel config it was trained with."""
+    state = load_checkpoint(checkpoint, *DISTILL_CHECKPOINT, map_location=device)
+    voxel_cfg = config_from_dict(DistillConfig, state["config"], where=str(checkpoint)).voxel
+    net = build_voxel_net(voxel_cfg)
+    try:
+        net.load_state_dict(state["voxel_net"])
+    except RuntimeError as error:
+        raise CheckpointError(f"{checkpoint}: the 3D network weights do not fit its config: {error}") from None
+    return net.to(device), voxel_cfg

@@ -1,0 +1,139 @@
+"""Inference with a trained retrieval model: checkpoint -> model, tokenizer and config -> embeddings -> metrics.
+
+The CLI, the demo, the benchmarks and the search code call this module; the trainer uses its encoding pieces for
+validation. A checkpoint of kind ``RETRIEVAL_CHECKPOINT`` holds the config, the vocabulary (BiGRU) and the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch.utils.data import DataLoader
+
+from xmcl.config import config_from_dict
+from xmcl.data.batches import Collate, SplitCaptions, SplitImages
+from xmcl.data.corpus import CaptionSplit
+from xmcl.data.images import ImageTransform
+from xmcl.data.open import open_split
+from xmcl.data.text import HFTokenizer, TextTokenizer, Vocabulary, VocabTokenizer, resolve_text_model_dir
+from xmcl.errors import CheckpointError, ConfigError
+from xmcl.metrics.retrieval import Metrics, evaluate_embeddings
+from xmcl.retrieval.clip.cache import SplitGuides, split_guides
+from xmcl.retrieval.config import RetrievalModelConfig, RetrievalTrainConfig
+from xmcl.retrieval.model import USERModel
+from xmcl.runtime.checkpoint import load_checkpoint
+from xmcl.runtime.device import resolve_device
+
+RETRIEVAL_CHECKPOINT = ("xmcl.retrieval", 2)  # kind and version of the trainer's checkpoints
+
+
+def build_tokenizer(model_cfg: RetrievalModelConfig, max_tokens: int, vocab: Vocabulary | None) -> TextTokenizer:
+    """The tokenizer of the configured text encoder (a vocabulary for the BiGRU, the model's own for BERT)."""
+    if model_cfg.text_encoder == "bert":
+        return HFTokenizer(resolve_text_model_dir(model_cfg.text_model))
+    if vocab is None:
+        raise ConfigError("model.text_encoder='bigru' needs a vocabulary")
+    return VocabTokenizer(vocab, max_length=max_tokens)
+
+
+def image_transform(model_cfg: RetrievalModelConfig, model: USERModel, size: int, train: bool
+                    ) -> ImageTransform | None:
+    """The pixel preprocessing of the model's backbone (None when the model reads region features)."""
+    if model_cfg.image_input != "images":
+        return None
+    return ImageTransform(size, model.image_encoder.backbone.normalization, train=train)
+
+
+def check_input(split: CaptionSplit, model_cfg: RetrievalModelConfig) -> None:
+    """Refuse a corpus whose image side does not fit the model (raw images vs region features, feature width)."""
+    if model_cfg.image_input == "regions":
+        if split.region_features is None:
+            raise ConfigError(f"{split.source}: model.image_input='regions' but this corpus holds raw images; "
+                              f"extract features with `xmcl features` or set model.image_input=images")
+        if split.region_features.shape[-1] != model_cfg.region_dim:
+            raise ConfigError(f"{split.source}: region features are {split.region_features.shape[-1]}-d but "
+                              f"model.region_dim is {model_cfg.region_dim}")
+    elif split.image_paths is None:
+        raise ConfigError(f"{split.source}: model.image_input='images' but this corpus holds precomputed "
+                          f"features; set model.image_input=regions")
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of a batch on ``device`` (non-blocking where the source is pinned)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def encode_split(model: USERModel, split: CaptionSplit, tokenizer: TextTokenizer,
+                 transform: ImageTransform | None, device: torch.device, batch_size: int = 256,
+                 num_workers: int = 0, guides: SplitGuides | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit embeddings of every image (N, d) and caption (M, d) of the split, by the online encoders
+    (``guides``: the split's CLIP embeddings, needed when the model has CGE; see ``split_guides``)."""
+    model.eval()
+    collate = Collate(tokenizer.pad_id)
+    clip_image, clip_text = (guides.image, guides.text) if guides is not None else (None, None)
+    images, texts = [], []
+    for batch in DataLoader(SplitImages(split, transform, clip_image), batch_size=batch_size, collate_fn=collate,
+                            num_workers=num_workers):
+        batch = to_device(batch, device)
+        inputs = batch["images"] if "images" in batch else batch["regions"]
+        images.append(model.encode_images(inputs, batch.get("region_lengths"), batch.get("clip_image")).float().cpu())
+    for batch in DataLoader(SplitCaptions(split, tokenizer, clip_text), batch_size=batch_size, collate_fn=collate,
+                            num_workers=num_workers):
+        batch = to_device(batch, device)
+        texts.append(model.encode_texts(batch["tokens"], batch["token_lengths"], batch.get("clip_text")).float().cpu())
+    return torch.cat(images), torch.cat(texts)
+
+
+def load_retrieval_checkpoint(checkpoint: Path) -> dict:
+    """The state dict of a retrieval training checkpoint (kind and version checked)."""
+    kind, version = RETRIEVAL_CHECKPOINT
+    return load_checkpoint(checkpoint, kind, version)
+
+
+def model_from_state(state: dict, where: str, device: torch.device
+                     ) -> tuple[USERModel, TextTokenizer, RetrievalTrainConfig]:
+    """The model (eval mode, on ``device``), tokenizer and config held by a checkpoint's state."""
+    cfg = config_from_dict(RetrievalTrainConfig, state["config"], where=where)
+    vocab = Vocabulary(state["vocab"]) if state.get("vocab") else None
+    tokenizer = build_tokenizer(cfg.model, cfg.data.max_caption_tokens, vocab)
+    model = USERModel(cfg.model, cfg.loss, vocab_size=tokenizer.vocab_size)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"{where}: the weights do not fit the model its config describes: "
+                              f"{str(error).splitlines()[0]}") from None
+    return model.to(device).eval(), tokenizer, cfg
+
+
+def load_trained(checkpoint: Path, device: torch.device) -> tuple[USERModel, TextTokenizer, RetrievalTrainConfig]:
+    """The model (eval mode), tokenizer and config saved in a training checkpoint."""
+    return model_from_state(load_retrieval_checkpoint(checkpoint), str(checkpoint), device)
+
+
+def embed_checkpoint(checkpoint: Path, data_path: Path | None, split: str, device: str | torch.device = "auto"
+                     ) -> tuple[torch.Tensor, torch.Tensor, CaptionSplit, RetrievalTrainConfig]:
+    """Image (N, d) and caption (M, d) unit embeddings of ``split`` of ``data_path`` (default: the model's
+    training corpus) by a trained model, with the split and the model's config.
+
+    With CGE, the CLIP embeddings come from the model's cache; images or captions it lacks are encoded by the
+    CLIP teacher (``model.clip_path``), which must be the checkpoint the model was trained with."""
+    torch_device = resolve_device(device)
+    state = load_retrieval_checkpoint(checkpoint)
+    model, tokenizer, cfg = model_from_state(state, str(checkpoint), torch_device)
+    corpus = open_split(data_path if data_path is not None else cfg.data.path, split)
+    check_input(corpus, cfg.model)
+    guides = split_guides(cfg.model, corpus, torch_device, compute_missing=True,
+                          trained_sha256=state.get("clip_sha256"))
+    transform = image_transform(cfg.model, model, cfg.data.image_size, train=False)
+    img, txt = encode_split(model, corpus, tokenizer, transform, torch_device, guides=guides)
+    return img, txt, corpus, cfg
+
+
+def evaluate_checkpoint(checkpoint: Path, data_path: Path | None, split: str, protocols: Iterable[str],
+                        device: str = "auto") -> dict[str, Metrics]:
+    """Metrics per protocol of a trained model on ``split`` of ``data_path`` (see ``embed_checkpoint``)."""
+    img, txt, corpus, _ = embed_checkpoint(checkpoint, data_path, split, device)
+    return evaluate_embeddings(img, txt, corpus.caption_image, protocols=tuple(protocols))

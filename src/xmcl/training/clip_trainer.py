@@ -1,0 +1,153 @@
+"""The ``xmcl train-clip`` loop, written out: a small CLIP trained from scratch on a corpus (the shapes world), so
+that CGE runs end to end without outside weights.
+
+The model is a ``transformers.CLIPModel`` (``xmcl.retrieval.clip.small``) trained with symmetric InfoNCE
+(``xmcl.contrast``, learnable temperature; captions of the same image are not negatives of each other). Its
+tokenizer is CLIP's byte-level BPE layout with merges learned from the training captions. Images go through CLIP's
+preprocessing without augmentation (flips would swap "left of" and "right of"). Each epoch ends with validation
+rSum; the best model is saved into the run folder in the transformers CLIP format, which ``load_clip_teacher``
+reads. ``last.pt`` (model, temperature, optimiser, scheduler, RNG, tokenizer, epoch and step) resumes exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xmcl.contrast import build_retrieval_loss
+from xmcl.data.corpus import CaptionSplit
+from xmcl.data.open import open_split
+from xmcl.errors import DataError
+from xmcl.metrics.retrieval import Metrics, evaluate_embeddings
+from xmcl.retrieval.clip.config import ClipTrainConfig
+from xmcl.retrieval.clip.preprocess import ClipImagePreprocess
+from xmcl.retrieval.clip.small import new_clip_model, save_clip
+from xmcl.retrieval.clip.teacher import clip_image_features, clip_text_features
+from xmcl.retrieval.clip.tokenizer import ClipTokenizer, train_bpe
+from xmcl.runtime.rng import capture_rng_state, restore_rng_state
+from xmcl.runtime.run_config import start_run
+from xmcl.training.run import Checkpointer, RunFolder, StepLogger, check_finite
+
+CLIP_RUN_CHECKPOINT = ("xmcl.clip.train", 1)  # kind and version of train-clip's last.pt
+
+
+def _pixels(split: CaptionSplit, size: int) -> torch.Tensor:
+    if split.image_paths is None:
+        raise DataError(f"{split.source} (split '{split.name}') holds region features; train-clip needs raw images")
+    preprocess = ClipImagePreprocess(size)
+    return torch.stack([preprocess(path) for path in split.image_paths])
+
+
+def one_caption_per_image(caption_image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One caption index per image, drawn uniformly among its captions, the images in random order."""
+    shuffled = rng.permutation(len(caption_image))
+    _, first = np.unique(caption_image[shuffled], return_index=True)
+    return rng.permutation(shuffled[first])
+
+
+@torch.no_grad()
+def _evaluate(model, pixels: torch.Tensor, tokenizer: ClipTokenizer, split: CaptionSplit,
+              device: torch.device, batch_size: int = 256) -> Metrics:
+    model.eval()
+    img = torch.cat([clip_image_features(model, pixels[i: i + batch_size].to(device)).cpu()
+                     for i in range(0, len(pixels), batch_size)])
+    txt = torch.cat([clip_text_features(model, *(t.to(device) for t in tokenizer.batch(
+        split.captions[i: i + batch_size]))).cpu() for i in range(0, split.num_captions, batch_size)])
+    return evaluate_embeddings(img, txt, split.caption_image, protocols=("all",))["all"]
+
+
+def train_clip(cfg: ClipTrainConfig, out: Path | str, resume: bool = True, progress: bool = True) -> dict:
+    """Train a small CLIP on ``cfg.data`` and save the best (validation rSum) into ``out``.
+
+    Returns ``{"best_rsum", "best_epoch", "metrics" (the best epoch's Metrics), "out"}``.
+    """
+    folder = RunFolder(out)
+    checkpointer = Checkpointer(folder, *CLIP_RUN_CHECKPOINT)
+    device = start_run(cfg.run)
+    train, val = open_split(cfg.data.path, cfg.data.train_split), open_split(cfg.data.path, cfg.data.val_split)
+    state = checkpointer.resume_state(cfg, resume)
+    if state is not None:
+        vocab, merges = state["vocab"], [tuple(pair) for pair in state["merges"]]
+    else:
+        vocab, merges = train_bpe(train.captions, cfg.model.bpe_vocab_size)
+    tokenizer = ClipTokenizer(vocab, merges, cfg.model.context_length, source=f"BPE of {train.source}")
+    train_pixels, val_pixels = _pixels(train, cfg.model.image_size), _pixels(val, cfg.model.image_size)
+    model = new_clip_model(cfg.model, len(vocab)).to(device)
+    loss_fn = build_retrieval_loss("infonce", init_temperature=cfg.model.temperature).to(device)
+    params = list(model.parameters()) + list(loss_fn.parameters())
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.optim.weight_decay},
+                                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                                  lr=cfg.optim.lr)
+    steps_per_epoch = max(1, train.num_images // cfg.optim.batch_size)
+    total = steps_per_epoch * cfg.optim.epochs
+    warmup = max(1, int(cfg.optim.warmup_fraction * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
+        (step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))))
+    epoch = step_in_epoch = global_step = 0
+    best_rsum, best_epoch, best_metrics = -math.inf, 0, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        loss_fn.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        best_rsum, best_epoch = state["best_rsum"], state["best_epoch"]
+        best_metrics = Metrics(**state["best_metrics"]) if state["best_metrics"] else None
+    folder.create(cfg)
+    logger = StepLogger(folder, progress and cfg.run.progress)
+    caption_image = torch.as_tensor(train.caption_image)
+
+    def checkpoint() -> None:
+        checkpointer.save(folder.last, cfg, {
+            "vocab": vocab, "merges": [list(pair) for pair in merges], "model": model.state_dict(),
+            "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": capture_rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+            "best_rsum": best_rsum, "best_epoch": best_epoch,
+            "best_metrics": None if best_metrics is None else best_metrics.as_dict()})
+
+    while epoch < cfg.optim.epochs:
+        model.train()
+        order = one_caption_per_image(train.caption_image, np.random.default_rng([cfg.run.seed, epoch]))
+        tic, losses = time.perf_counter(), []
+        bar = logger.bar(range(step_in_epoch, steps_per_epoch), steps_per_epoch, step_in_epoch,
+                         f"train-clip {epoch + 1}/{cfg.optim.epochs}", "batch")
+        for step in bar:
+            rows = order[step * cfg.optim.batch_size: (step + 1) * cfg.optim.batch_size]
+            images = caption_image[rows]
+            ids, mask = tokenizer.batch([train.captions[m] for m in rows])
+            img = clip_image_features(model, train_pixels[images].to(device))
+            txt = clip_text_features(model, ids.to(device), mask.to(device))
+            loss = loss_fn(img, txt, images.to(device))["loss"]
+            check_finite(loss.item(), f"epoch {epoch + 1}, step {step + 1}", folder)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step_in_epoch, global_step = step + 1, global_step + 1
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if global_step % cfg.run.log_every == 0:
+                logger.log({"step": global_step, "epoch": epoch + 1, "loss": loss.item(),
+                            "lr": scheduler.get_last_lr()[0]})
+            if cfg.run.checkpoint_every and global_step % cfg.run.checkpoint_every == 0:
+                checkpoint()
+        bar.close()
+        metrics = _evaluate(model, val_pixels, tokenizer, val, device)
+        epoch, step_in_epoch = epoch + 1, 0
+        if metrics.rsum > best_rsum:
+            with torch.no_grad():
+                model.logit_scale.copy_(loss_fn.log_scale.detach().clamp(max=loss_fn.max_log_scale))
+            save_clip(model, vocab, merges, folder.root)
+            best_rsum, best_epoch, best_metrics = metrics.rsum, epoch, metrics
+        checkpoint()
+        logger.log({"step": global_step, "epoch": epoch, "train_loss_mean": float(np.mean(losses)) if losses else None,
+                    "seconds": time.perf_counter() - tic, **{f"val_{k}": v for k, v in metrics.as_dict().items()}})
+        logger.plot()
+        logger.note(f"epoch {epoch}: val rSum {metrics.rsum:.1f}")
+    return {"best_rsum": best_rsum, "best_epoch": best_epoch, "metrics": best_metrics, "out": folder.root}

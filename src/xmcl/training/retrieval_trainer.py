@@ -1,0 +1,155 @@
+"""The retrieval training loop (USER or a baseline), written out.
+
+Per step: loss -> finite check -> backward -> clip (``optim.grad_clip``) -> AdamW step -> momentum update of the key
+encoders (the queues were filled inside the forward, after the loss). Per epoch: validation rSum, ``last.pt``
+(and ``best.pt`` when rSum improves) written atomically, a JSONL log and a PNG of the curves. A checkpoint holds
+everything an exact resume needs: model (key encoders and queues included), optimiser, scheduler, RNG states,
+epoch and step within the epoch (batches are a seeded permutation per epoch, so a resume skips the done ones).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from xmcl.data.batches import CaptionPairs, Collate
+from xmcl.data.open import open_split
+from xmcl.data.text import Vocabulary
+from xmcl.errors import CheckpointError, TrainingStalled
+from xmcl.metrics.retrieval import evaluate_embeddings
+from xmcl.retrieval.clip.cache import split_guides
+from xmcl.retrieval.config import RetrievalTrainConfig
+from xmcl.retrieval.inference import RETRIEVAL_CHECKPOINT, build_tokenizer, check_input, encode_split, \
+    image_transform, to_device
+from xmcl.retrieval.model import USERModel
+from xmcl.runtime.rng import capture_rng_state, restore_rng_state
+from xmcl.runtime.run_config import start_run
+from xmcl.training.run import Checkpointer, RunFolder, StepLogger, check_finite
+
+RESUMABLE = ("optim.epochs", "data.num_workers")  # may change when a run resumes
+
+
+def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, max_steps: int | None) -> list[list[int]]:
+    """The batches of an epoch: a permutation drawn from ``(seed, epoch)`` cut into ``batch_size`` slices; a last
+    batch of one is dropped (it has no in-batch negative), and at most ``max_steps`` batches are kept."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_items)
+    batches = [order[i: i + batch_size].tolist() for i in range(0, num_items, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches.pop()
+    return batches[:max_steps] if max_steps else batches
+
+
+def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = True, progress: bool = True) -> dict:
+    """Train per ``cfg`` into ``out_dir``; returns ``{"best_rsum", "best_epoch", "last", "best"}``.
+    ``progress=False`` silences the run whatever ``run.progress`` says."""
+    folder = RunFolder(out_dir)
+    checkpointer = Checkpointer(folder, *RETRIEVAL_CHECKPOINT, resumable=RESUMABLE)
+    device = start_run(cfg.run)
+    train_split = open_split(cfg.data.path, cfg.data.train_split)
+    val_split = open_split(cfg.data.path, cfg.data.val_split)
+    if cfg.data.val_max_images:
+        val_split = val_split.subset(np.arange(min(cfg.data.val_max_images, val_split.num_images)))
+    check_input(train_split, cfg.model)
+    train_guides = split_guides(cfg.model, train_split, device)
+    val_guides = split_guides(cfg.model, val_split, device)
+
+    state = checkpointer.resume_state(cfg, resume)
+    if state is not None and state.get("clip_sha256") != train_guides.sha256:
+        raise CheckpointError(f"{folder.last} was trained with CGE guides of another CLIP checkpoint than the "
+                              f"cache's now; use another --out folder or --no-resume")
+    vocab = None
+    if cfg.model.text_encoder == "bigru":
+        vocab = Vocabulary(state["vocab"]) if state else Vocabulary.build(train_split.captions,
+                                                                          cfg.data.vocab_min_count)
+    tokenizer = build_tokenizer(cfg.model, cfg.data.max_caption_tokens, vocab)
+    model = USERModel(cfg.model, cfg.loss, vocab_size=tokenizer.vocab_size).to(device)
+    optimizer = torch.optim.AdamW(model.parameter_groups(cfg.optim.lr, cfg.optim.text_lr_scale,
+                                                         cfg.optim.weight_decay, cfg.optim.backbone_lr_scale))
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.optim.lr_decay_epochs, cfg.optim.lr_decay_factor)
+    epoch = step_in_epoch = global_step = 0
+    best_rsum, best_epoch = -math.inf, -1
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        best_rsum, best_epoch = state["best_rsum"], state["best_epoch"]
+    folder.create(cfg)
+    logger = StepLogger(folder, progress and cfg.run.progress)
+
+    dataset = CaptionPairs(train_split, tokenizer, image_transform(cfg.model, model, cfg.data.image_size,
+                                                                   cfg.data.augment_images),
+                           augment_captions=cfg.data.augment_captions, seed=cfg.run.seed,
+                           clip_image=train_guides.image, clip_text=train_guides.text)
+    eval_transform = image_transform(cfg.model, model, cfg.data.image_size, train=False)
+    collate = Collate(tokenizer.pad_id)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def checkpoint(path: Path) -> None:
+        checkpointer.save(path, cfg, {
+            "vocab": None if vocab is None else vocab.words, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": capture_rng_state(),
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+            "best_rsum": best_rsum, "best_epoch": best_epoch, "clip_sha256": train_guides.sha256})
+
+    while epoch < cfg.optim.epochs:
+        dataset.set_epoch(epoch)
+        model.set_epoch(epoch)
+        model.train()
+        batches = epoch_batches(len(dataset), cfg.optim.batch_size, cfg.run.seed, epoch,
+                                cfg.optim.max_steps_per_epoch)
+        loader = DataLoader(dataset, batch_sampler=batches[step_in_epoch:], collate_fn=collate,
+                            num_workers=cfg.data.num_workers, persistent_workers=False)
+        bar = logger.bar(loader, len(batches), step_in_epoch, f"epoch {epoch + 1}/{cfg.optim.epochs}", "batch")
+        tic, seen, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
+        for batch in bar:
+            batch = to_device(batch, device)
+            losses = model(batch)
+            loss = losses["loss"]
+            check_finite(loss.item(), f"epoch {epoch + 1}, step {step_in_epoch + 1}", folder)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.optim.grad_clip)
+            if global_step == 0 and float(grad_norm) == 0.0:
+                raise TrainingStalled(
+                    f"the {cfg.loss.name} loss ({loss.item():.4g}) gives no gradient at the first step: with UTO "
+                    f"this happens when every matching image-caption similarity starts <= 0; set "
+                    f"loss.uto_warmup_epochs=1 (a VSE++ hinge warm-up) or another seed")
+            optimizer.step()
+            model.momentum_step()
+            step_in_epoch, global_step = step_in_epoch + 1, global_step + 1
+            seen += batch["tokens"].shape[0]
+            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+            bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{seen / max(time.perf_counter() - tic, 1e-9):.0f}")
+            if global_step % cfg.run.log_every == 0:
+                logger.log({"step": global_step, "epoch": epoch + 1, "loss": loss.item(),
+                            "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
+                            **{f"loss_{k}": v.item() for k, v in losses.items() if k != "loss"}})
+            if cfg.run.checkpoint_every and global_step % cfg.run.checkpoint_every == 0:
+                checkpoint(folder.last)
+        bar.close()
+
+        img, txt = encode_split(model, val_split, tokenizer, eval_transform, device,
+                                num_workers=cfg.data.num_workers, guides=val_guides)
+        metrics = evaluate_embeddings(img, txt, val_split.caption_image, protocols=("all",))["all"]
+        scheduler.step()
+        epoch, step_in_epoch = epoch + 1, 0
+        improved = metrics.rsum > best_rsum
+        if improved:
+            best_rsum, best_epoch = metrics.rsum, epoch
+        checkpoint(folder.last)
+        if improved:
+            checkpoint(folder.best)
+        logger.log({"step": global_step, "epoch": epoch, "train_loss_mean": loss_sum / max(loss_count, 1),
+                    "samples_per_s": seen / max(time.perf_counter() - tic, 1e-9),
+                    **{f"val_{k}": v for k, v in metrics.as_dict().items()}})
+        logger.plot()
+        logger.note(f"epoch {epoch}: val rSum {metrics.rsum:.2f} (R@1 i2t {metrics.i2t_r1:.1f}, "
+                    f"t2i {metrics.t2i_r1:.1f}){'  best' if improved else ''}")
+    return {"best_rsum": best_rsum, "best_epoch": best_epoch, "last": folder.last, "best": folder.best}
