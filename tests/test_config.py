@@ -65,12 +65,3 @@ def test_missing_and_malformed_files_are_named(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(Outer, bad)
-
-
-@pytest.mark.parametrize("name", ["shapes_user", "shapes_user_cge", "shapes_vsepp", "flickr8k_user", "f30k_user",
-                                  "coco_user"])
-def test_shipped_retrieval_configs_load(name: str) -> None:
-    from xmcl.retrieval.config import RetrievalTrainConfig
-
-    cfg = load_config(RetrievalTrainConfig, Path(__file__).parent.parent / "configs" / f"{name}.yaml")
-    assert cfg.optim.batch_size == 128 and cfg.model.image_input == "regions"

@@ -131,10 +131,24 @@ def test_equal_votes_give_uniform_weights():
     assert STSlidrLoss(balance=True)(f[:4], pix[:4], z).item() == pytest.approx(plain.item(), rel=1e-12)
 
 
-def test_identical_semantics_never_drop_the_positive():
-    z = torch.ones(K, C, dtype=torch.float64)
-    drop = quantile_drop_mask(semantic_similarity(z), 0.5)
-    assert not drop.diagonal().any()
+@pytest.mark.parametrize("variant", ["remove", "authors"])
+def test_the_positive_is_kept_although_a_whole_row_rule_would_drop_it(variant: str) -> None:
+    """d_ii = 0 is the smallest distance of every row, below the row's q-quantile: a rule over the whole row
+    (diagonal included) would drop the positive. It stays in the numerator and the denominator."""
+    f, pix, z = make(5)
+    s = cosines(z)
+    q = 0.5
+    for i in range(K):
+        row = [1.0 - min(max(s[i][j], 0.0), 1.0) for j in range(K)]
+        assert min(row[j] for j in range(K) if j != i) > 0.0  # self-similarity 1 is the row's unique maximum
+        assert row[i] < float(np.quantile(np.array(row), q))  # whole-row rule: the positive is below the cut
+    dropped = ref_dropped(s, q)
+    assert quantile_drop_mask(semantic_similarity(z), q).tolist() == dropped
+    assert all(sum(row) > 0 for row in dropped)  # every anchor loses some negatives, never its positive
+    filler = 1.0 if variant == "authors" else 0.0  # authors: a dropped logit becomes 0, adding exp(0)
+    ref = sum(ref_anchor_losses(f, pix, lambda i, j, x: filler if dropped[i][j] else math.exp(x))) / K
+    got = STSlidrLoss(tolerance="quantile", quantile_variant=variant, q=q)(f, pix, z)
+    assert got.item() == pytest.approx(ref, rel=1e-12)
 
 
 @pytest.mark.parametrize("variant", ["remove", "authors"])
