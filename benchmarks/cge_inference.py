@@ -24,17 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import repeat_seconds
 
 from xmcl.data.images import ImageTransform
 from xmcl.data.open import open_split
 from xmcl.retrieval.clip.cache import ClipCache, build_clip_cache
+from xmcl.retrieval.clip.small import save_clip
 from xmcl.retrieval.clip.teacher import load_clip_teacher
 from xmcl.retrieval.clip.tokenizer import clip_vocabulary
-from xmcl.retrieval.clip.small import save_clip
 from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig
 from xmcl.retrieval.model import USERModel
-
-from timing import repeat_seconds
 
 
 def random_vit_b32(out: Path) -> Path:

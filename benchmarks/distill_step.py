@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import repeat_seconds
 
 from xmcl.config import load_config
 from xmcl.distill.config import DistillConfig
@@ -27,10 +28,8 @@ from xmcl.distill.networks import build_image_head, build_voxel_net
 from xmcl.distill.objective import build_distill_loss, distillation_loss
 from xmcl.distill.preparation import load_scenes, prepare_scene, voxelize_scenes
 from xmcl.distill.schedule import build_optimizer
-from xmcl.runtime.rng import seeded_generator
 from xmcl.distill.superpixels import SuperpixelCache
-
-from timing import repeat_seconds
+from xmcl.runtime.rng import seeded_generator
 
 
 def peak_rss_mib() -> float:

@@ -30,14 +30,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from timing import repeat_seconds
 from torch import Tensor, nn
 
 from xmcl.config import load_config
 from xmcl.distill.config import DistillConfig
 from xmcl.distill.preparation import load_scenes, scene_points, voxelize_scenes
 from xmcl.distill.voxel_net import CoordinateMap, SparseTensor, StridedConv3d, SubmanifoldConv3d, hash_coordinates
-
-from timing import repeat_seconds
 
 try:
     import spconv as spconv_package

@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from xmcl.runtime.device import resolve_device
 from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig
 from xmcl.retrieval.model import USERModel
+from xmcl.runtime.device import resolve_device
 
 
 def make_batch(batch: int, regions: int, region_dim: int, tokens: int, vocab: int, device: torch.device,
@@ -82,9 +82,10 @@ def main() -> None:
                   text_encoder=args.text_encoder, word_dim=300, pooling="gpo", sge=True, queue_size=args.queue_size)
     vocab = 30522 if args.text_encoder == "bert" else 10000
     models = {
-        "VSE++ baseline": USERModel(RetrievalModelConfig(**shared, use_queue=False), RetrievalLossConfig(name="hinge"), vocab),
-        "USER (momentum + queues + UTO)": USERModel(RetrievalModelConfig(**shared, use_queue=True), RetrievalLossConfig(name="uto"),
-                                                    vocab),
+        "VSE++ baseline": USERModel(RetrievalModelConfig(**shared, use_queue=False),
+                                    RetrievalLossConfig(name="hinge"), vocab),
+        "USER (momentum + queues + UTO)": USERModel(RetrievalModelConfig(**shared, use_queue=True),
+                                                    RetrievalLossConfig(name="uto"), vocab),
     }
     batches = [make_batch(args.batch_size, args.regions, args.region_dim, args.tokens, vocab, device, s)
                for s in range(4)]

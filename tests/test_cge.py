@@ -12,19 +12,18 @@ from xmcl.config import load_config
 from xmcl.data.batches import CaptionPairs, Collate, SplitImages
 from xmcl.data.open import open_split
 from xmcl.data.shapes import generate_shapes_world
-from xmcl.data.text import Vocabulary, VocabTokenizer
+from xmcl.data.text import VocabTokenizer, Vocabulary
 from xmcl.errors import DataError
 from xmcl.metrics.retrieval import evaluate_embeddings
 from xmcl.retrieval.cge import CGE
 from xmcl.retrieval.clip.cache import SplitGuides, build_clip_cache
-from xmcl.retrieval.clip.teacher import load_clip_teacher
 from xmcl.retrieval.clip.config import ClipModelConfig
 from xmcl.retrieval.clip.small import new_clip_model, save_clip
+from xmcl.retrieval.clip.teacher import load_clip_teacher
 from xmcl.retrieval.clip.tokenizer import train_bpe
-from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig
-from xmcl.retrieval.model import USERModel
-from xmcl.retrieval.config import RetrievalTrainConfig
+from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig, RetrievalTrainConfig
 from xmcl.retrieval.inference import encode_split, evaluate_checkpoint, load_trained
+from xmcl.retrieval.model import USERModel
 from xmcl.training.retrieval_trainer import train_retrieval
 
 EMBED, REGION_DIM, CLIP_DIM, VOCAB = 8, 6, 4, 20

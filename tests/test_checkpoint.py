@@ -9,8 +9,8 @@ import torch
 
 from xmcl.errors import CheckpointError
 from xmcl.runtime.checkpoint import load_checkpoint, save_checkpoint
-from xmcl.runtime.rng import capture_rng_state, restore_rng_state
 from xmcl.runtime.log import JsonlLogger, plot_curves, read_jsonl
+from xmcl.runtime.rng import capture_rng_state, restore_rng_state
 
 
 def test_round_trip(tmp_path: Path) -> None:

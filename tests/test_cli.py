@@ -66,3 +66,13 @@ def test_clip_cache_names_a_clip_folder_without_config(tmp_path: Path) -> None:
                                        str(tmp_path / "cache")])
     assert result.exit_code == 2
     assert f"CLIP directory {clip} has no config.json" in result.output and "Traceback" not in result.output
+
+
+def test_the_cli_runs_as_a_module() -> None:
+    """``python -m xmcl`` is the same CLI (``torchrun -m xmcl`` launches it that way)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "xmcl", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "train-clip" in result.stdout and "distill" in result.stdout

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner, Result
-
 from test_train_retrieval import tiny_config, write_corpus
+
 from xmcl.cli import main
 from xmcl.data.images import load_image
 from xmcl.data.open import open_split

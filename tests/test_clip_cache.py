@@ -12,9 +12,9 @@ from xmcl.data.open import open_split
 from xmcl.data.shapes import generate_shapes_world
 from xmcl.errors import CheckpointError, ConfigError
 from xmcl.retrieval.clip.cache import ClipCache, SplitGuides, build_clip_cache, split_guides
-from xmcl.retrieval.clip.teacher import CLIPTeacher, load_clip_teacher
 from xmcl.retrieval.clip.config import ClipModelConfig
 from xmcl.retrieval.clip.small import new_clip_model, save_clip
+from xmcl.retrieval.clip.teacher import CLIPTeacher, load_clip_teacher
 from xmcl.retrieval.clip.tokenizer import train_bpe
 from xmcl.retrieval.config import RetrievalModelConfig
 

@@ -65,3 +65,44 @@ def test_missing_and_malformed_files_are_named(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(Outer, bad)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.batch_size=-4"], r"'optim.batch_size' = -4 is out of range: must be >= 2"),
+    (["optim.lr=-0.1"], r"'optim.lr' = -0.1 is out of range: must be > 0.0"),
+    (["model.embed_dim=0"], r"'model.embed_dim' = 0 is out of range: must be >= 1"),
+    (["run.log_every=0"], r"'run.log_every' = 0 is out of range: must be >= 1"),
+    (["optim.lr_decay_epochs=[3, 0]"], r"'optim.lr_decay_epochs' = \[3, 0\] is out of range: must be >= 1"),
+    (["model.sge_dropout=1.0"], r"'model.sge_dropout' = 1.0 is out of range: must be >= 0.0 and < 1.0"),
+])
+def test_values_out_of_range_are_refused_at_load_naming_key_value_and_range(overrides, message) -> None:
+    from xmcl.retrieval.config import RetrievalTrainConfig
+
+    with pytest.raises(ConfigError, match=r"config \(with overrides\): " + message):
+        load_config(RetrievalTrainConfig, None, overrides)
+
+
+def test_cross_field_rules_name_their_section() -> None:
+    from xmcl.distill.config import DistillConfig
+
+    with pytest.raises(ConfigError, match=r"data: 'image_size' must be \[height, width\], got \[32\]"):
+        load_config(DistillConfig, None, ["data.image_size=[32]"])
+
+
+def test_a_partial_section_keeps_the_systems_own_defaults() -> None:
+    """distill's run section defaults to a checkpoint every 100 steps; setting only its seed keeps that."""
+    from xmcl.distill.config import DistillConfig
+
+    cfg = load_config(DistillConfig, None, ["run.seed=3"])
+    assert (cfg.run.seed, cfg.run.checkpoint_every, cfg.run.log_every) == (3, 100, 10)
+
+
+def test_shipped_configs_are_found_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from xmcl.config import SHIPPED_CONFIGS, find_config
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("shapes_user", "shapes_user.yaml", "configs/shapes_user.yaml"):
+        assert find_config(name) == SHIPPED_CONFIGS / "shapes_user.yaml"
+    (tmp_path / "shapes_user.yaml").write_text("run:\n  seed: 4\n")
+    assert find_config("shapes_user.yaml") == Path("shapes_user.yaml")  # a file that exists wins
+    assert find_config(tmp_path / "elsewhere" / "shapes_user.yaml") == tmp_path / "elsewhere" / "shapes_user.yaml"

@@ -19,12 +19,12 @@ import yaml
 from xmcl.config import config_to_dict, load_config
 from xmcl.distill.config import DistillConfig
 from xmcl.distill.geometry import project_points
-from xmcl.distill.superpixels import SuperpixelCache
-from xmcl.retrieval.model import USERModel
 from xmcl.distill.networks import build_image_head, build_voxel_net
 from xmcl.distill.objective import build_distill_loss, distillation_loss
 from xmcl.distill.preparation import load_scenes, prepare_scene, scene_points, voxelize_scenes
+from xmcl.distill.superpixels import SuperpixelCache
 from xmcl.retrieval.config import RetrievalTrainConfig
+from xmcl.retrieval.model import USERModel
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import xmcl.training.distill_trainer as trainer
-from xmcl.distill import networks, objective, preparation
 from xmcl.config import load_config
+from xmcl.distill import networks, objective, preparation
 from xmcl.distill.config import DistillConfig
 from xmcl.distill.geometry import project_points
 from xmcl.distill.probe import run_probe

@@ -9,11 +9,11 @@ import torch
 
 from xmcl.config import load_config
 from xmcl.distill.config import DistillConfig, VoxelConfig
-from xmcl.metrics.segmentation import confusion_matrix, mean_iou, segmentation_scores
 from xmcl.distill.networks import build_voxel_net
 from xmcl.distill.probe import recalibrate_batchnorm, run_probe, select_labels
 from xmcl.distill.scene import Scene
 from xmcl.errors import ConfigError, DataError
+from xmcl.metrics.segmentation import confusion_matrix, mean_iou, segmentation_scores
 
 
 def test_iou_and_miou_match_hand_counts() -> None:

@@ -9,8 +9,16 @@ import torch
 
 import xmcl.metrics.retrieval as evaluation
 from xmcl.errors import ConfigError, DataError
-from xmcl.metrics.retrieval import (Metrics, Ranks, evaluate_embeddings, evaluate_similarity, fold_ranks, format_table,
-                             retrieval_ranks, save_json)
+from xmcl.metrics.retrieval import (
+    Metrics,
+    Ranks,
+    evaluate_embeddings,
+    evaluate_similarity,
+    fold_ranks,
+    format_table,
+    retrieval_ranks,
+    save_json,
+)
 
 
 # ------------------------------------------------------------------------------------ references

@@ -9,11 +9,12 @@ import torch
 from xmcl.config import load_config
 from xmcl.data.open import open_split
 from xmcl.data.shapes import generate_shapes_world
-from xmcl.errors import ConfigError
+from xmcl.errors import CheckpointError, ConfigError
 from xmcl.metrics.retrieval import evaluate_embeddings
 from xmcl.retrieval.clip.config import ClipModelConfig, ClipTrainConfig
 from xmcl.retrieval.clip.teacher import load_clip_teacher
 from xmcl.retrieval.clip.tokenizer import ClipTokenizer, train_bpe
+from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.training.clip_trainer import train_clip
 
 TINY_MODEL = dict(image_size=32, patch_size=8, width=64, layers=1, heads=1, embed_dim=16, context_length=24)
@@ -68,3 +69,36 @@ def test_bad_shapes_are_refused():
         load_config(ClipTrainConfig, None, ["model.width=64", "model.heads=3"])
     with pytest.raises(ConfigError, match="'image_size' = 30 is not a multiple of 'patch_size' = 8"):
         ClipModelConfig(**dict(TINY_MODEL, image_size=30))
+
+
+def test_interrupted_run_resumes_to_the_same_weights(shapes, tmp_path, monkeypatch):
+    """A run stopped after its first epoch's checkpoint and resumed ends with the uninterrupted run's weights."""
+    import xmcl.training.clip_trainer as clip_trainer
+
+    cfg = tiny_config(shapes, 2)
+    straight = train_clip(cfg, tmp_path / "straight", progress=False)
+    evaluate, calls = clip_trainer._evaluate, {"n": 0}
+
+    def stop_at_second_validation(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(clip_trainer, "_evaluate", stop_at_second_validation)
+    with pytest.raises(KeyboardInterrupt):
+        train_clip(cfg, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(clip_trainer, "_evaluate", evaluate)
+    assert read_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    resumed = train_clip(cfg, tmp_path / "resumed", progress=False)
+    a = read_checkpoint(tmp_path / "straight" / "last.pt")["model"]
+    b = read_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["best_rsum"] == straight["best_rsum"] and resumed["best_epoch"] == straight["best_epoch"]
+
+
+def test_resume_with_another_model_is_refused(shapes, tmp_path):
+    train_clip(tiny_config(shapes, 1), tmp_path / "run", progress=False)
+    with pytest.raises(CheckpointError, match=r"model.width: 64 -> 32"):
+        train_clip(load_config(ClipTrainConfig, None, [f"data.path={shapes}", "model.width=32", "model.heads=1",
+                                                       "run.device=cpu"]), tmp_path / "run", progress=False)

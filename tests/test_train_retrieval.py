@@ -12,10 +12,10 @@ import torch
 from xmcl.config import load_config
 from xmcl.errors import CheckpointError, ConfigError, TrainingDiverged
 from xmcl.metrics.retrieval import evaluate_embeddings
-from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.inference import encode_split, evaluate_checkpoint, load_trained
 from xmcl.retrieval.model import USERModel
+from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.training.retrieval_trainer import train_retrieval
 
 WORDS = ["red", "blue", "green", "circle", "square", "star", "left", "right", "big", "small"]

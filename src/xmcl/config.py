@@ -131,7 +131,8 @@ def _build(cls: type[T], data: dict, prefix: str, where: str) -> T:
         full = ", ".join(f"'{prefix}.{k}'" if prefix else f"'{k}'" for k in unknown)
         raise ConfigError(f"{where}: unknown key {full}; {cls.__name__} has {sorted(names)}")
     kwargs = {}
-    defaults = {f.name: f.default_factory for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}
+    defaults = {f.name: f.default_factory for f in dataclasses.fields(cls)
+                if f.default_factory is not dataclasses.MISSING}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         if name in defaults and dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):

@@ -20,10 +20,10 @@ from tqdm import tqdm
 from xmcl.data.corpus import CaptionSplit
 from xmcl.data.images import load_image
 from xmcl.data.open import open_split
-from xmcl.runtime.device import resolve_device
 from xmcl.data.precomputed import PrecomputedWriter
 from xmcl.errors import DataError
 from xmcl.nn.backbones import ImageBackbone, build_image_backbone
+from xmcl.runtime.device import resolve_device
 
 
 class _ImageFiles(Dataset):

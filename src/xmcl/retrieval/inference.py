@@ -17,7 +17,7 @@ from xmcl.data.batches import Collate, SplitCaptions, SplitImages
 from xmcl.data.corpus import CaptionSplit
 from xmcl.data.images import ImageTransform
 from xmcl.data.open import open_split
-from xmcl.data.text import HFTokenizer, TextTokenizer, Vocabulary, VocabTokenizer, resolve_text_model_dir
+from xmcl.data.text import HFTokenizer, TextTokenizer, VocabTokenizer, Vocabulary, resolve_text_model_dir
 from xmcl.errors import CheckpointError, ConfigError
 from xmcl.metrics.retrieval import Metrics, evaluate_embeddings
 from xmcl.retrieval.clip.cache import SplitGuides, split_guides

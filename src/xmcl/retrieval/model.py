@@ -17,8 +17,14 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from xmcl.contrast import MomentumQueue, RetrievalLoss, WarmStartLoss, build_retrieval_loss, make_key_encoder, \
-    momentum_update
+from xmcl.contrast import (
+    MomentumQueue,
+    RetrievalLoss,
+    WarmStartLoss,
+    build_retrieval_loss,
+    make_key_encoder,
+    momentum_update,
+)
 from xmcl.errors import DataError
 from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig
 from xmcl.retrieval.encoders import build_image_encoder, build_text_encoder

@@ -53,23 +53,30 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
 
 
 @contextmanager
+def _staging(target: Path, tag: str) -> Iterator[Path]:
+    """An empty folder beside ``target``, removed (with whatever is left in it) when the block ends."""
+    staging = target.parent / f".{target.name}.{tag}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
 def atomic_directory(target: Path, replace: bool = False) -> Iterator[Path]:
     """Yield an empty staging folder beside ``target``; when the block succeeds it is renamed to ``target``, when it
     fails it is removed, so ``target`` appears complete or not at all. An existing ``target`` is removed just
     before the rename when ``replace`` (else only an empty folder may stand there)."""
     target = Path(target)
-    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with _staging(target, "partial") as staging:
         yield staging
         if replace and target.is_dir():
             shutil.rmtree(target)
         elif replace and target.exists():
             target.unlink()
         os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextmanager
@@ -77,15 +84,10 @@ def atomic_files_into(target: Path) -> Iterator[Path]:
     """Yield an empty staging folder; when the block succeeds each file written there replaces its namesake in
     ``target`` (created if needed; other files of ``target`` are kept). Each file is replaced whole."""
     target = Path(target)
-    staging = target.parent / f".{target.name}.saving-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with _staging(target, "saving") as staging:
         yield staging
         target.mkdir(parents=True, exist_ok=True)
         for file in sorted(staging.iterdir()):
             with file.open("rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(file, target / file.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

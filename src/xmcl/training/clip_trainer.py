@@ -28,9 +28,8 @@ from xmcl.retrieval.clip.preprocess import ClipImagePreprocess
 from xmcl.retrieval.clip.small import new_clip_model, save_clip
 from xmcl.retrieval.clip.teacher import clip_image_features, clip_text_features
 from xmcl.retrieval.clip.tokenizer import ClipTokenizer, train_bpe
-from xmcl.runtime.rng import capture_rng_state, restore_rng_state
 from xmcl.runtime.run_config import start_run
-from xmcl.training.run import Checkpointer, RunFolder, StepLogger, check_finite
+from xmcl.training.run import Checkpointer, RunFolder, StepLogger, capture_states, check_finite, restore_states
 
 CLIP_RUN_CHECKPOINT = ("xmcl.clip.train", 1)  # kind and version of train-clip's last.pt
 
@@ -79,9 +78,9 @@ def train_clip(cfg: ClipTrainConfig, out: Path | str, resume: bool = True, progr
     model = new_clip_model(cfg.model, len(vocab)).to(device)
     loss_fn = build_retrieval_loss("infonce", init_temperature=cfg.model.temperature).to(device)
     params = list(model.parameters()) + list(loss_fn.parameters())
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.optim.weight_decay},
-                                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-                                  lr=cfg.optim.lr)
+    matrices, vectors = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.optim.weight_decay},
+                                   {"params": vectors, "weight_decay": 0.0}], lr=cfg.optim.lr)
     steps_per_epoch = max(1, train.num_images // cfg.optim.batch_size)
     total = steps_per_epoch * cfg.optim.epochs
     warmup = max(1, int(cfg.optim.warmup_fraction * total))
@@ -90,11 +89,7 @@ def train_clip(cfg: ClipTrainConfig, out: Path | str, resume: bool = True, progr
     epoch = step_in_epoch = global_step = 0
     best_rsum, best_epoch, best_metrics = -math.inf, 0, None
     if state is not None:
-        model.load_state_dict(state["model"])
-        loss_fn.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"])
+        restore_states(state, model=model, loss=loss_fn, optimizer=optimizer, scheduler=scheduler)
         epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         best_rsum, best_epoch = state["best_rsum"], state["best_epoch"]
         best_metrics = Metrics(**state["best_metrics"]) if state["best_metrics"] else None
@@ -104,9 +99,9 @@ def train_clip(cfg: ClipTrainConfig, out: Path | str, resume: bool = True, progr
 
     def checkpoint() -> None:
         checkpointer.save(folder.last, cfg, {
-            "vocab": vocab, "merges": [list(pair) for pair in merges], "model": model.state_dict(),
-            "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": capture_rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+            "vocab": vocab, "merges": [list(pair) for pair in merges],
+            **capture_states(model=model, loss=loss_fn, optimizer=optimizer, scheduler=scheduler),
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "best_rsum": best_rsum, "best_epoch": best_epoch,
             "best_metrics": None if best_metrics is None else best_metrics.as_dict()})
 

@@ -20,9 +20,9 @@ from xmcl.distill.objective import build_distill_loss, distillation_loss
 from xmcl.distill.preparation import batch_indices, load_scenes, prepare_scene
 from xmcl.distill.schedule import build_optimizer
 from xmcl.distill.superpixels import SuperpixelCache
-from xmcl.runtime.rng import capture_rng_state, restore_rng_state, seeded_generator
+from xmcl.runtime.rng import seeded_generator
 from xmcl.runtime.run_config import start_run
-from xmcl.training.run import Checkpointer, RunFolder, StepLogger, check_finite
+from xmcl.training.run import Checkpointer, RunFolder, StepLogger, capture_states, check_finite, restore_states
 
 # May change when a run resumes: the probe's settings and scene counts, and where superpixels are cached.
 RESUMABLE = ("probe.", "data.probe_train_scenes", "data.eval_scenes", "superpixels.cache_dir")
@@ -41,11 +41,7 @@ def pretrain_distill(cfg: DistillConfig, out_dir: Path, resume: bool = True) -> 
     start = 0
     state = checkpointer.resume_state(cfg, resume)
     if state is not None:
-        net.load_state_dict(state["voxel_net"])
-        head.head.load_state_dict(state["image_head"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"])
+        restore_states(state, voxel_net=net, image_head=head.head, optimizer=optimizer, scheduler=scheduler)
         start = int(state["step"])
     folder.create(cfg)
     if start >= cfg.optim.steps:
@@ -53,8 +49,8 @@ def pretrain_distill(cfg: DistillConfig, out_dir: Path, resume: bool = True) -> 
 
     def save(step: int, last_loss: float) -> None:
         checkpointer.save(folder.last, cfg, {
-            "step": step, "loss": last_loss, "voxel_net": net.state_dict(), "image_head": head.head.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": capture_rng_state()})
+            "step": step, "loss": last_loss,
+            **capture_states(voxel_net=net, image_head=head.head, optimizer=optimizer, scheduler=scheduler)})
 
     sp_dir = cfg.superpixels.cache_dir if cfg.superpixels.cache_dir is not None else folder.root / "superpixels"
     superpixels = SuperpixelCache(sp_dir, cfg.superpixels.n_segments, cfg.superpixels.compactness,

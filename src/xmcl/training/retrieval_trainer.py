@@ -24,12 +24,17 @@ from xmcl.errors import CheckpointError, TrainingStalled
 from xmcl.metrics.retrieval import evaluate_embeddings
 from xmcl.retrieval.clip.cache import split_guides
 from xmcl.retrieval.config import RetrievalTrainConfig
-from xmcl.retrieval.inference import RETRIEVAL_CHECKPOINT, build_tokenizer, check_input, encode_split, \
-    image_transform, to_device
+from xmcl.retrieval.inference import (
+    RETRIEVAL_CHECKPOINT,
+    build_tokenizer,
+    check_input,
+    encode_split,
+    image_transform,
+    to_device,
+)
 from xmcl.retrieval.model import USERModel
-from xmcl.runtime.rng import capture_rng_state, restore_rng_state
 from xmcl.runtime.run_config import start_run
-from xmcl.training.run import Checkpointer, RunFolder, StepLogger, check_finite
+from xmcl.training.run import Checkpointer, RunFolder, StepLogger, capture_states, check_finite, restore_states
 
 RESUMABLE = ("optim.epochs", "data.num_workers")  # may change when a run resumes
 
@@ -74,10 +79,7 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = Tru
     epoch = step_in_epoch = global_step = 0
     best_rsum, best_epoch = -math.inf, -1
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"])
+        restore_states(state, model=model, optimizer=optimizer, scheduler=scheduler)
         epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         best_rsum, best_epoch = state["best_rsum"], state["best_epoch"]
     folder.create(cfg)
@@ -93,8 +95,8 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = Tru
 
     def checkpoint(path: Path) -> None:
         checkpointer.save(path, cfg, {
-            "vocab": None if vocab is None else vocab.words, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": capture_rng_state(),
+            "vocab": None if vocab is None else vocab.words,
+            **capture_states(model=model, optimizer=optimizer, scheduler=scheduler),
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "best_rsum": best_rsum, "best_epoch": best_epoch, "clip_sha256": train_guides.sha256})
 

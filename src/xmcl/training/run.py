@@ -3,7 +3,8 @@
 ``RunFolder``: the files of a run folder. ``Checkpointer``: saves checkpoints of one kind and version, and loads
 ``last.pt`` for a resume under one compatibility policy: every config key must match the saved one, except the
 keys the loop declares resumable. ``check_finite``: stop on a NaN/inf loss, keeping the last good checkpoint.
-``StepLogger``: progress bar, JSONL log and PNG curves.
+``StepLogger``: progress bar, JSONL log and PNG curves. ``capture_states`` / ``restore_states``: the state dicts
+of a loop's stateful objects (model, optimiser, scheduler, ...) and the global RNG, by name.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from xmcl.config import config_to_dict, save_config
 from xmcl.errors import CheckpointError, TrainingDiverged
 from xmcl.runtime.checkpoint import load_checkpoint, save_checkpoint
 from xmcl.runtime.log import JsonlLogger, plot_curves
+from xmcl.runtime.rng import capture_rng_state, restore_rng_state
 
 # Run controls that may change when a run resumes (the seed may not: it fixes every random stream).
 RESUMABLE_RUN_KEYS = frozenset({"run.device", "run.threads", "run.progress", "run.checkpoint_every", "run.log_every"})
@@ -89,6 +91,18 @@ class Checkpointer:
             raise CheckpointError(f"{self.folder.last} was trained with another config ({listed}{more}); these keys "
                                   f"cannot change on resume; use another --out folder or --no-resume")
         return state
+
+
+def capture_states(**stateful: Any) -> dict[str, Any]:
+    """``{name: obj.state_dict()}`` for each named object, plus ``"rng"``: every global generator's state."""
+    return {**{name: obj.state_dict() for name, obj in stateful.items()}, "rng": capture_rng_state()}
+
+
+def restore_states(state: dict[str, Any], **stateful: Any) -> None:
+    """Load ``state[name]`` into each named object and restore the global generators (``capture_states``' inverse)."""
+    for name, obj in stateful.items():
+        obj.load_state_dict(state[name])
+    restore_rng_state(state["rng"])
 
 
 def check_finite(loss: float, where: str, folder: RunFolder) -> None:

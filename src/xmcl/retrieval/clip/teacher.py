@@ -45,7 +45,6 @@ def checkpoint_sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-
 def _from_state_dict(path: Path, activation: str):
     from transformers import CLIPModel
 
@@ -80,7 +79,6 @@ def _from_directory(path: Path):
         raise CheckpointError(f"CLIP directory {path}: the weights lack {len(missing)} tensors "
                               f"(e.g. {', '.join(missing[:3])})")
     return model.float()
-
 
 
 def clip_image_features(model, pixels: Tensor) -> Tensor:

@@ -166,7 +166,6 @@ def build_clip_tokenizer(source: Path | str | None, context_length: int = 77) ->
     return ClipTokenizer.from_bpe_file(source, context_length)
 
 
-
 def train_bpe(captions: Sequence[str], vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP-layout ``(vocab, merges)`` whose merges a byte-level BPE trainer learns from ``captions`` (with CLIP's
     normalisation, word split and ``</w>`` end-of-word suffix; merges of pairs seen at least twice)."""
