@@ -13,6 +13,7 @@ from xmcl.contrast.momentum import make_key_encoder, momentum_update
 from xmcl.contrast.queue import MomentumQueue
 from xmcl.contrast.retrieval_losses import (
     RETRIEVAL_LOSSES,
+    GlobalBatch,
     HingeLoss,
     InfoNCELoss,
     RetrievalLoss,
@@ -30,6 +31,7 @@ from xmcl.contrast.superpixel_losses import STSlidrLoss
 
 __all__ = [
     "RETRIEVAL_LOSSES",
+    "GlobalBatch",
     "HingeLoss",
     "InfoNCELoss",
     "MomentumQueue",

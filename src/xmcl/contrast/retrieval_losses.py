@@ -20,12 +20,18 @@ candidate scores s_qk with a boolean negative mask N_qk (True = counts as a nega
 total = batch_weight * batch + queue_i2t + queue_t2i; ``forward`` returns ``{"loss", "batch"}`` plus
 ``"queue_i2t"`` and ``"queue_t2i"`` when a queue is given. Queues and keys are detached inside the loss: no
 gradient reaches the key encoder.
+
+Data parallel (``global_batch``): with W ranks of B pairs each, this rank's B image and B text queries are scored
+against the G = W B candidates of every rank (gathered with gradient, rank order), the local-loss form: the mean
+over ranks of the ranks' losses is the one-process loss of the G pairs, and so are the averaged gradients. A loss
+that sums over queries (``sums_over_queries``: the hinge) multiplies its rank loss by W for that to hold.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +42,22 @@ from xmcl.errors import ConfigError, DataError
 QUEUE_FALSE_NEGATIVE_MODES = ("mask", "keep")
 
 
+@dataclass
+class GlobalBatch:
+    """The embeddings and image ids of every rank's batch, in rank order (this rank's rows at ``offset``), and the
+    number of ranks: the in-batch candidates of a data-parallel step."""
+
+    img: Tensor
+    txt: Tensor
+    image_ids: Tensor
+    offset: int
+    world_size: int
+
+
 class RetrievalLoss(nn.Module):
     """Base class: input checks, masks, batch and queue terms; subclasses define ``directional``."""
+
+    sums_over_queries = False  # True where ``directional`` sums (not averages) over its queries
 
     def __init__(self, batch_weight: float = 1.0, queue_false_negatives: str = "mask") -> None:
         super().__init__()
@@ -57,10 +77,11 @@ class RetrievalLoss(nn.Module):
         """Scalar loss of Q queries: ``scores`` (Q x N), ``positives`` (Q,), ``negatives`` (Q x N) bool."""
         raise NotImplementedError
 
-    def batch_term(self, sim: Tensor, negatives: Tensor) -> Tensor:
-        """Image-to-text plus text-to-image directional terms over the batch similarity ``sim`` (B x B)."""
-        diagonal = sim.diagonal()
-        return self.directional(sim, diagonal, negatives) + self.directional(sim.T, diagonal, negatives.T)
+    def batch_term(self, i2t: Tensor, t2i: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
+        """Image-to-text plus text-to-image directional terms: ``i2t`` (B x G) scores of the image queries against
+        the candidate captions, ``t2i`` (B x G) of the text queries against the candidate images, ``positives`` (B,)
+        the pairs' scores, ``negatives`` (B x G) the mask of candidates with another image id."""
+        return self.directional(i2t, positives, negatives) + self.directional(t2i, positives, negatives)
 
     def forward(
         self,
@@ -73,11 +94,17 @@ class RetrievalLoss(nn.Module):
         txt_queue: Tensor | None = None,
         queue_ids: Tensor | None = None,
         queue_valid: Tensor | None = None,
+        global_batch: GlobalBatch | None = None,
     ) -> dict[str, Tensor]:
         _check_batch(img, txt, image_ids)
-        same = image_ids[:, None] == image_ids[None, :]
-        sim = img @ txt.T
-        batch = self.batch_term(sim, ~same)
+        if global_batch is None:
+            sim = img @ txt.T
+            batch = self.batch_term(sim, sim.T, sim.diagonal(), image_ids[:, None] != image_ids[None, :])
+        else:
+            i2t = img @ global_batch.txt.T
+            local = torch.arange(img.shape[0], device=img.device)
+            negatives = image_ids[:, None] != global_batch.image_ids[None, :]
+            batch = self.batch_term(i2t, txt @ global_batch.img.T, i2t[local, global_batch.offset + local], negatives)
         out = {"batch": batch}
         loss = self.batch_weight * batch
         if img_queue is not None or txt_queue is not None:
@@ -88,6 +115,8 @@ class RetrievalLoss(nn.Module):
             out["queue_t2i"] = self.directional(txt @ img_queue.detach().T, (txt * img_key).sum(1), negatives)
             loss = loss + out["queue_i2t"] + out["queue_t2i"]
         out["loss"] = loss
+        if global_batch is not None and self.sums_over_queries:
+            out = {name: value * global_batch.world_size for name, value in out.items()}
         return out
 
     def _queue_negatives(
@@ -170,9 +199,9 @@ class UTOLoss(RetrievalLoss):
     def directional(self, scores: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
         return (self._negative_part(scores, negatives) - self._positive_part(positives)).mean()
 
-    def batch_term(self, sim: Tensor, negatives: Tensor) -> Tensor:
-        return (self._negative_part(sim, negatives).mean() + self._negative_part(sim.T, negatives.T).mean()
-                - self._positive_part(sim.diagonal()).mean())
+    def batch_term(self, i2t: Tensor, t2i: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
+        return (self._negative_part(i2t, negatives).mean() + self._negative_part(t2i, negatives).mean()
+                - self._positive_part(positives).mean())
 
 
 class HingeLoss(RetrievalLoss):
@@ -184,6 +213,8 @@ class HingeLoss(RetrievalLoss):
     Differences: same-id items are never negatives (VSE-infinity masks only the diagonal); the queue terms use
     the same rule with the momentum key as the positive. The trainer calls ``set_epoch`` every epoch.
     """
+
+    sums_over_queries = True
 
     def __init__(self, margin: float = 0.2, warmup_epochs: int = 1, batch_weight: float = 1.0,
                  queue_false_negatives: str = "mask") -> None:

@@ -11,6 +11,7 @@ import math
 
 from torch import Tensor, nn
 
+from xmcl.nn.global_batchnorm import GlobalBatchNorm1d
 from xmcl.nn.sequence import length_mask
 
 
@@ -19,7 +20,8 @@ class ProjectionHead(nn.Module):
 
     ``forward(x (B, L, D_in), lengths (B,)) -> (B, L, D_out)`` with padded locations set to 0; with
     ``lengths=None`` every location of ``x (..., D_in)`` is valid. BN is a ``BatchNorm1d(hidden)`` over
-    the valid locations of the batch (hidden = D_out // 2 by default, as VSE-infinity).
+    the valid locations of the batch (hidden = D_out // 2 by default, as VSE-infinity); in data-parallel training,
+of every rank's batch (``GlobalBatchNorm1d``).
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None) -> None:
@@ -28,7 +30,7 @@ class ProjectionHead(nn.Module):
         self.out_dim = out_dim
         self.fc = nn.Linear(in_dim, out_dim)
         self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim)
+            nn.Linear(in_dim, hidden_dim), GlobalBatchNorm1d(hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim)
         )
         bound = math.sqrt(6.0 / (in_dim + out_dim))  # Xavier-uniform fc, Kaiming-normal MLP, zero biases
         nn.init.uniform_(self.fc.weight, -bound, bound)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xmcl.nn.global_batchnorm import GlobalBatchNorm1d
 from xmcl.nn.sequence import length_mask
 
 
@@ -42,8 +43,8 @@ class SGE(nn.Module):
     def __init__(self, dim: int, lam: float = 1.0, dropout: float = 0.4) -> None:
         super().__init__()
         self.lam = lam
-        self.local_branch = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.Tanh(), nn.Dropout(dropout))
-        self.global_branch = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.Tanh(), nn.Dropout(dropout))
+        self.local_branch = nn.Sequential(nn.Linear(dim, dim), GlobalBatchNorm1d(dim), nn.Tanh(), nn.Dropout(dropout))
+        self.global_branch = nn.Sequential(nn.Linear(dim, dim), GlobalBatchNorm1d(dim), nn.Tanh(), nn.Dropout(dropout))
         self.scorer = nn.Linear(dim, 1)
         for layer in (self.local_branch[0], self.global_branch[0], self.scorer):
             nn.init.xavier_uniform_(layer.weight)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from xmcl.contrast import (
+    GlobalBatch,
     MomentumQueue,
     RetrievalLoss,
     WarmStartLoss,
@@ -26,8 +27,10 @@ from xmcl.contrast import (
     momentum_update,
 )
 from xmcl.errors import DataError
+from xmcl.nn.global_batchnorm import set_world
 from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig
 from xmcl.retrieval.encoders import build_image_encoder, build_text_encoder
+from xmcl.runtime.distributed import SINGLE_PROCESS, World, gather_no_grad, gather_with_grad
 
 
 def build_loss(cfg: RetrievalLossConfig) -> RetrievalLoss | WarmStartLoss:
@@ -64,6 +67,7 @@ class USERModel(nn.Module):
         self.image_encoder = build_image_encoder(cfg)
         self.text_encoder = build_text_encoder(cfg, vocab_size)
         self.loss = build_loss(loss_cfg)
+        self.world = SINGLE_PROCESS
         self.image_key_encoder: nn.Module | None = None
         self.text_key_encoder: nn.Module | None = None
         self.image_queue: MomentumQueue | None = None
@@ -94,19 +98,34 @@ class USERModel(nn.Module):
         img = self.image_encoder(image_inputs, region_lengths, clip_image)
         txt = self.text_encoder(tokens, token_lengths, clip_text)
         image_ids = _require(batch, "image_ids").to(img.device)
+        global_batch = self._global_batch(img, txt, image_ids)
         if not self.cfg.use_queue:
-            return self.loss(img, txt, image_ids)
+            return self.loss(img, txt, image_ids, global_batch=global_batch)
         with torch.no_grad():
             img_key = self.image_key_encoder(image_inputs, region_lengths, clip_image)
             txt_key = self.text_key_encoder(tokens, token_lengths, clip_text)
         # copies: the backward pass needs the queue as it was, and the queue is written before backward runs
         losses = self.loss(img, txt, image_ids, img_key=img_key, txt_key=txt_key,
                            img_queue=self.image_queue.keys.clone(), txt_queue=self.text_queue.keys.clone(),
-                           queue_ids=self.image_queue.ids.clone(), queue_valid=self.image_queue.valid_mask())
-        if self.training:
-            self.image_queue.enqueue(img_key, image_ids)
-            self.text_queue.enqueue(txt_key, image_ids)
+                           queue_ids=self.image_queue.ids.clone(), queue_valid=self.image_queue.valid_mask(),
+                           global_batch=global_batch)
+        if self.training:  # every rank writes every rank's keys, in rank order: one queue, the same everywhere
+            queued_ids = gather_no_grad(image_ids, self.world)
+            self.image_queue.enqueue(gather_no_grad(img_key, self.world), queued_ids)
+            self.text_queue.enqueue(gather_no_grad(txt_key, self.world), queued_ids)
         return losses
+
+    def set_world(self, world: World) -> None:
+        """Train data-parallel in ``world``: in-batch negatives come from every rank's batch (gathered with
+        gradient), BatchNorm statistics span every rank's batch, and the queues take every rank's keys."""
+        self.world = world
+        set_world(self, world)
+
+    def _global_batch(self, img: Tensor, txt: Tensor, image_ids: Tensor) -> GlobalBatch | None:
+        if not self.world.distributed:
+            return None
+        return GlobalBatch(gather_with_grad(img, self.world), gather_with_grad(txt, self.world),
+                           gather_no_grad(image_ids, self.world), self.world.rank * img.shape[0], self.world.size)
 
     @torch.no_grad()
     def momentum_step(self) -> None:

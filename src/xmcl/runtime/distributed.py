@@ -1,0 +1,117 @@
+"""torch.distributed for the loops: the process group a ``torchrun`` launch describes, and the collectives the
+losses and queues need. One process (no ``WORLD_SIZE`` > 1 in the environment) is a world of size 1 where every
+collective is the identity, so the same code runs with and without a launcher.
+
+Backend: gloo on CPU, nccl on CUDA (chosen from the device). Every collective has a timeout
+(``init_world(timeout_s=...)``): a rank that dies makes the others fail instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from xmcl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job: ``rank`` of ``size`` processes, ``local_rank`` on its node."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes checkpoints, logs and curves."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+SINGLE_PROCESS = World()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_world(device: torch.device, timeout_s: float = 600.0) -> World:
+    """The world ``torchrun`` set up (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT`` or a
+    rendezvous), with its process group initialised; ``SINGLE_PROCESS`` when not launched distributed."""
+    size = _env_int("WORLD_SIZE", 1)
+    if size <= 1:
+        return SINGLE_PROCESS
+    world = World(rank=_env_int("RANK", 0), size=size, local_rank=_env_int("LOCAL_RANK", 0))
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return world
+
+
+def close_world(world: World) -> None:
+    """Destroy the process group of a distributed world (no-op for one process)."""
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_with_grad(tensor: Tensor, world: World) -> Tensor:
+    """Rows of every rank concatenated in rank order; the gradient of each rank's loss flows back to the rows'
+    owners (the backward is a reduce-scatter), so a loss over the gathered rows trains every rank's tower."""
+    if not world.distributed:
+        return tensor
+    from torch.distributed._functional_collectives import all_gather_single_autograd
+
+    gathered = all_gather_single_autograd(tensor.contiguous(), 0, dist.group.WORLD)
+    return gathered.wait() if hasattr(gathered, "wait") else gathered
+
+
+@torch.no_grad()
+def gather_no_grad(tensor: Tensor, world: World) -> Tensor:
+    """Rows of every rank concatenated in rank order, without gradient (momentum keys and their ids)."""
+    if not world.distributed:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world.size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def mean_over_ranks(value: float, world: World, device: torch.device | str = "cpu") -> float:
+    """The mean of a number over the ranks (``device``: where the backend reduces: CUDA for nccl)."""
+    if not world.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor) / world.size
+
+
+@torch.no_grad()
+def average_gradients(parameters: list[torch.nn.Parameter], world: World) -> None:
+    """Replace each gradient by its mean over the ranks (one flattened all-reduce), as data-parallel training
+    does after the backward pass; parameters without a gradient are skipped on every rank alike."""
+    if not world.distributed:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world.size
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
