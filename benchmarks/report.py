@@ -107,8 +107,9 @@ def provenance(data: dict) -> str:
     m = data["machine"]
     commit = (m.get("commit") or "unknown")[:7] + ("+changes" if m.get("dirty") else "")
     load = m.get("load_average") or []
+    nice = f", nice {m['nice']}" if m.get("nice") else ""
     return (f"commit {commit}, {data['date'][:10]}, {m['cores_usable']} cores, {m['torch_threads']} torch threads, "
-            f"load average {load[0] if load else '?'}{f', nice {m["nice"]}' if m.get('nice') else ''}")
+            f"load average {load[0] if load else '?'}{nice}")
 
 
 def command_lines(*datas: dict) -> str:
