@@ -112,6 +112,13 @@ def provenance(data: dict) -> str:
             f"load average {load[0] if load else '?'}{nice}")
 
 
+def conditions(data: dict) -> str:
+    """``2 cores, load average 7.1, nice 10``: what a timing shared the machine with."""
+    m = data["machine"]
+    nice = f", nice {m['nice']}" if m.get("nice") else ""
+    return f"{m['cores_usable']} cores, load average {m['load_average'][0]}{nice}"
+
+
 def command_lines(*datas: dict) -> str:
     return "\n".join(f"```\n{d['command']}\n```\n({provenance(d)})" for d in datas)
 
@@ -165,7 +172,7 @@ def eval_speed_summary(d: dict) -> str:
     f = d["figures"]
     return (f"- `{d['command']}`: for {f['num_images']:,} × {f['num_captions']:,} similarities, the full protocol "
             f"takes {f['protocol_over_gemm']:.2f}x the bare GEMM, and ranking is {f['classic_over_ours']:.1f}x "
-            f"faster than the classic per-query argsort loop.")
+            f"faster than the classic per-query argsort loop ({conditions(d)}).")
 
 
 def demo(d: dict) -> str:
@@ -181,8 +188,8 @@ def demo(d: dict) -> str:
 def demo_summary(d: dict) -> str:
     f = d["figures"]
     rsums = ", ".join(f"{name} {m['rsum']:.1f}" for name, m in f["runs"].items())
-    return (f"- `{d['command']}` (what `make demo` runs): {f['wall_s'] / 60:.0f} minutes wall at load average "
-            f"{d['machine']['load_average'][0]} on {d['machine']['cores_usable']} cores; test rSum {rsums}.")
+    return (f"- `{d['command']}` (what `make demo` runs): {f['wall_s'] / 60:.0f} minutes wall ({conditions(d)}); "
+            f"test rSum {rsums}.")
 
 
 def throughput(bigru: dict, bert: dict) -> str:
@@ -205,7 +212,8 @@ def throughput_summary(bigru: dict, bert: dict) -> str:
     r = [d["figures"]["user_over"] for d in (bigru, bert)]
     return (f"- `python benchmarks/train_throughput.py [--text-encoder bert]`: a USER step (SGE, momentum encoders, "
             f"queues, UTO) takes {r[0]['vsepp']:.2f}x the VSE++ baseline's step (no SGE, no queues) with BiGRU, "
-            f"{r[1]['vsepp']:.2f}x with MiniLM ({r[0]['infonce']:.2f}x and {r[1]['infonce']:.2f}x InfoNCE's).")
+            f"{r[1]['vsepp']:.2f}x with MiniLM ({r[0]['infonce']:.2f}x and {r[1]['infonce']:.2f}x InfoNCE's; "
+            f"{conditions(bigru)}).")
 
 
 LABELS = {
@@ -310,6 +318,12 @@ def probe(d: dict) -> str:
             + "\n\nMean IoU per class:\n\n" + table(["method", *classes], class_rows))
 
 
+def probe_summary(d: dict) -> str:
+    f = d["figures"]
+    means = ", ".join(f"{name} {m['miou_mean']:.1f}" for name, m in f["methods"].items())
+    return f"- `{d['command']}` (built-in scenes, seeds {', '.join(map(str, f['seeds']))}), linear-probe mIoU: {means}."
+
+
 def distill_step(d: dict) -> str:
     f = d["figures"]
     rows = [["training step, 1 scene", f"median {f['step_median_ms']:.0f} ms, min {f['step_min_ms']:.0f} ms → "
@@ -330,7 +344,7 @@ def distill_step_summary(d: dict) -> str:
     f = d["figures"]
     return (f"- `{d['command']}`: an ST-SLidR step on a {f['points']:,}-point cloud takes "
             f"{f['step_median_ms'] / 1000:.1f} s on {d['machine']['torch_threads']} thread(s), with "
-            f"{f['rss_steps_mib'] / 1024:.1f} GiB peak RSS.")
+            f"{f['rss_steps_mib'] / 1024:.1f} GiB peak RSS ({conditions(d)}).")
 
 
 def sparse_conv(d: dict) -> str:
@@ -352,6 +366,10 @@ def sparse_conv(d: dict) -> str:
     return f"{command_lines(d)}\n\n{f['voxels']:,} voxels; {note}; ms, medians:\n\n" + table(header, rows)
 
 
+def setup_commands() -> str:
+    return "```\n" + "\n".join(step.command for step in PLAN if step.key is None) + "\n```"
+
+
 @dataclass(frozen=True)
 class Block:
     """A generated block of a document: ``render(*figures files of keys)``."""
@@ -362,6 +380,7 @@ class Block:
 
 
 BLOCKS = (
+    Block("setup", (), setup_commands),
     Block("eval_speed", ("eval_speed",), eval_speed),
     Block("demo", ("demo",), demo),
     Block("throughput", ("throughput_bigru", "throughput_bert"), throughput),
@@ -380,6 +399,7 @@ SUMMARIES = (
     Block("throughput:summary", ("throughput_bigru", "throughput_bert"), throughput_summary),
     Block("rq_shapes:summary", ("rq_shapes",), quality_summary),
     Block("rq_f8k:summary", ("rq_f8k",), quality_summary),
+    Block("distill_probe:summary", ("distill_probe",), probe_summary),
     Block("distill_step:summary", ("distill_step",), distill_step_summary),
     Block("demo:summary", ("demo",), demo_summary),
 )
@@ -398,13 +418,14 @@ def render_blocks(figures_dir: Path, blocks: tuple[Block, ...]) -> tuple[dict[st
 
 
 def _marker(name: str) -> re.Pattern:
-    return re.compile(rf"(<!-- figures:{re.escape(name)} -->\n)(.*?)(\n<!-- /figures:{re.escape(name)} -->)", re.S)
+    return re.compile(rf"<!-- figures:{re.escape(name)} -->\n.*?<!-- /figures:{re.escape(name)} -->", re.S)
 
 
 def update_document(text: str, rendered: dict[str, str]) -> str:
     """``text`` with each block named in ``rendered`` replaced; blocks it does not name stay as they are."""
     for name, body in rendered.items():
-        text, count = _marker(name).subn(lambda m: m.group(1) + body + m.group(3), text)
+        block = f"<!-- figures:{name} -->\n{body}\n<!-- /figures:{name} -->"
+        text, count = _marker(name).subn(lambda m: block, text)
         if count != 1:
             raise SystemExit(f"error: the document has {count} blocks '{name}' (expected one)")
     return text

@@ -5,7 +5,9 @@ overrides) on the same shapes: region features -> projection -> GPO, a text enco
 have neither SGE nor momentum encoders and queues (VSE++: hinge, hardest negative; InfoNCE: symmetric, learnable
 temperature); USER adds SGE on the image regions, the key encoders' forward passes, the queue terms (UTO, id
 mask), the momentum update and the enqueue. One step = forward, backward, gradient clipping, AdamW step, momentum
-update (a no-op without queues), on random batches; the losses are timed past their warm-up epochs.
+update (a no-op without queues), on random batches; the losses are timed past their warm-up epochs. The three
+models take turns step by step (``--warmup`` untimed rounds, then ``--steps`` timed ones) and each figure is the
+median of its steps, so that other work on shared cores weighs on all three alike.
 
   python benchmarks/train_throughput.py                       # BiGRU text encoder, 36 x 2048 regions
   python benchmarks/train_throughput.py --text-encoder bert   # the installed MiniLM
@@ -15,6 +17,7 @@ Last lines: USER's step time over each baseline's (target <= 1.6x); figures in O
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -42,29 +45,39 @@ def make_batch(batch: int, regions: int, region_dim: int, tokens: int, vocab: in
     }
 
 
-def steps_per_second(model: USERModel, batches: list[dict], steps: int, warmup: int, device: torch.device) -> float:
-    optimizer = torch.optim.AdamW(model.parameter_groups(2e-4))
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    model.train()
+class Stepper:
+    """One model's training step: forward, backward, gradient clipping, AdamW step, momentum update."""
 
-    def step(batch: dict) -> None:
-        loss = model(batch)["loss"]
-        optimizer.zero_grad(set_to_none=True)
+    def __init__(self, model: USERModel) -> None:
+        self.model = model.train()
+        self.optimizer = torch.optim.AdamW(model.parameter_groups(2e-4))
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def __call__(self, batch: dict) -> None:
+        loss = self.model(batch)["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 2.0)
-        optimizer.step()
-        model.momentum_step()
+        torch.nn.utils.clip_grad_norm_(self.params, 2.0)
+        self.optimizer.step()
+        self.model.momentum_step()
 
-    for i in range(warmup):
-        step(batches[i % len(batches)])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    tic = time.perf_counter()
-    for i in range(steps):
-        step(batches[i % len(batches)])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps / (time.perf_counter() - tic)
+
+def step_seconds(steppers: dict[str, Stepper], batches: list[dict], steps: int, warmup: int,
+                 device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each model's timed steps, the models taking turns step by step (round-robin), so that a change in
+    what else runs on shared cores falls on every model alike; ``warmup`` untimed rounds first."""
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for i in range(warmup + steps):
+        for name, step in steppers.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            tic = time.perf_counter()
+            step(batches[i % len(batches)])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - tic)
+    return times
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,17 +113,19 @@ def main() -> None:
     print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch_size}, "
           f"{args.regions} x {args.region_dim} regions, {args.tokens} tokens, text {args.text_encoder}, "
           f"queue {args.queue_size}")
+    steppers = {}
+    for name in MEASURED:
+        torch.manual_seed(0)
+        model = USERModel(configs[name].model, configs[name].loss, vocab).to(device)
+        model.set_epoch(max(configs[name].loss.warmup_epochs, configs[name].loss.uto_warmup_epochs))
+        steppers[name] = Stepper(model)
+    times = step_seconds(steppers, batches, args.steps, args.warmup, device)
     measured = {}
     for name, label in MEASURED.items():
-        cfg = configs[name]
-        torch.manual_seed(0)
-        model = USERModel(cfg.model, cfg.loss, vocab).to(device)
-        model.set_epoch(max(cfg.loss.warmup_epochs, cfg.loss.uto_warmup_epochs))
-        rate = steps_per_second(model, batches, args.steps, args.warmup, device)
-        measured[name] = {"label": label, "samples_per_s": rate * args.batch_size, "ms_per_step": 1000 / rate,
-                          "overrides": VARIANTS[name]}
-        print(f"{label:32s} {rate * args.batch_size:9.1f} samples/s  ({1000 / rate:.0f} ms/step)", flush=True)
-        del model
+        seconds = statistics.median(times[name])
+        measured[name] = {"label": label, "samples_per_s": args.batch_size / seconds, "ms_per_step": 1000 * seconds,
+                          "ms_per_step_all": [1000 * t for t in times[name]], "overrides": VARIANTS[name]}
+        print(f"{label:32s} {args.batch_size / seconds:9.1f} samples/s  ({1000 * seconds:.0f} ms/step, median)")
     ratios = {base: measured["user"]["ms_per_step"] / measured[base]["ms_per_step"] for base in ("vsepp", "infonce")}
     for base, ratio in ratios.items():
         print(f"USER step time / {MEASURED[base]} step time = {ratio:.2f}x (target <= 1.6x)")

@@ -99,7 +99,7 @@ def test_write_replaces_blocks_with_figures_and_leaves_pending_ones(tmp_path):
     write(figures_dir, "throughput_bigru", record("throughput_bigru", {}))  # its pair is missing: stays pending
     pending = "Old table, from the previous code, rerun pending:\n| a | 1.0 |"
     results = tmp_path / "results.md"
-    results.write_text(f"# Figures\nProse 1.\n<!-- figures:eval_speed -->\nstale\n<!-- /figures:eval_speed -->\n"
+    results.write_text(f"# Figures\n<!-- figures:setup -->\n<!-- /figures:setup -->\nProse 1.\n<!-- figures:eval_speed -->\nstale\n<!-- /figures:eval_speed -->\n"
                        f"Prose 2.\n<!-- figures:throughput -->\n{pending}\n<!-- /figures:throughput -->\nEnd.\n")
     readme = tmp_path / "README.md"
     readme.write_text("- <!-- figures:eval_speed:summary -->\nold\n<!-- /figures:eval_speed:summary -->\n")
@@ -108,7 +108,8 @@ def test_write_replaces_blocks_with_figures_and_leaves_pending_ones(tmp_path):
     assert report.main(options + ["--write"]) == 0
     assert report.main(options + ["--check"]) == 0
     text = results.read_text()
-    assert text.startswith("# Figures\nProse 1.\n<!-- figures:eval_speed -->\n```\npython benchmarks/eval_speed.py")
+    assert text.startswith("# Figures\n<!-- figures:setup -->\n```\nxmcl data shapes --out runs/shapes")
+    assert "```\n<!-- /figures:setup -->\nProse 1.\n<!-- figures:eval_speed -->\n```\npython benchmarks/eval_speed.py" in text
     assert "stale" not in text and f"Prose 2.\n<!-- figures:throughput -->\n{pending}\n<!--" in text
     assert "the full protocol takes 1.25x the bare GEMM, and ranking is 32.0x faster" in readme.read_text()
 
@@ -162,3 +163,8 @@ def test_documented_commands_never_share_an_output_folder(root, tmp_path, monkey
         assert checkpoint.parent.parent == harness.out and checkpoint.parent.name in harness.variants
     every_key = {key for block in report.BLOCKS + report.SUMMARIES for key in block.keys}
     assert every_key <= set(report.STEPS)
+
+
+def test_the_committed_documents_match_their_figures_files():
+    """docs/results.md and README.md hold exactly what report.py makes from docs/figures (no table by hand)."""
+    assert report.main(["--check"]) == 0
