@@ -5,8 +5,8 @@
 
     {"format": "xmcl-figures/1", "benchmark": NAME, "argv": [...], "command": "python benchmarks/NAME.py ...",
      "config": {every option, resolved, plus what the benchmark adds}, "date": ISO-8601 UTC,
-     "machine": {"commit", "dirty", "cores", "cores_usable", "torch_threads", "load_average", "nice", "torch",
-                 "python", "platform", "runs_root"},
+     "machine": {"commit", "dirty", "changed", "cores", "cores_usable", "torch_threads", "load_average_start",
+                 "load_average", "nice", "torch", "python", "platform", "runs_root"},
      "figures": {what the benchmark measured}}
 
 ``OUT`` defaults to ``runs/bench/NAME/VARIANT``: VARIANT is built from the options that name the variant (each
@@ -110,16 +110,28 @@ def _git(*command: str) -> str | None:
         return None
 
 
-def machine() -> dict[str, Any]:
-    """The git commit (and whether tracked files differ from it), cores, torch threads, the load average when the
-    figures were written and the process's niceness (others' work on shared cores slows timings), versions."""
+def _code_version() -> dict[str, Any]:
+    """The git commit and the tracked files that differ from it, when the benchmark started (this import)."""
     status = _git("status", "--porcelain", "--untracked-files=no")
+    changed = None if status is None else [line[3:] for line in status.splitlines()]
+    return {"commit": _git("rev-parse", "HEAD"), "dirty": None if changed is None else bool(changed),
+            "changed": changed}
+
+
+CODE_VERSION = _code_version()
+START_LOAD = [round(x, 2) for x in os.getloadavg()]
+
+
+def machine() -> dict[str, Any]:
+    """The code version the benchmark started from (``CODE_VERSION``), cores, torch threads, the load average when
+    the benchmark started and when it wrote its figures, the process's niceness (others' work on shared cores
+    slows timings), versions."""
     return {
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty": None if status is None else bool(status),
+        **CODE_VERSION,
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_start": START_LOAD,
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "nice": os.nice(0),
         "torch": torch.__version__,

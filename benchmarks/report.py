@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
+DOCUMENTS = ("docs/", "README.md")  # changes to these do not change a figure
 FIGURES_DIR = REPO / "docs" / "figures"
 RESULTS = REPO / "docs" / "results.md"
 README = REPO / "README.md"
@@ -103,20 +104,23 @@ def load(figures_dir: Path, key: str) -> dict | None:
 
 
 def provenance(data: dict) -> str:
-    """``commit 1234567, 2026-12-02, 2 cores, 2 torch threads, load 3.1``: where and when a file was made."""
+    """``commit 1234567, 2026-12-02, 2 torch threads, 2 cores, load average 3.1 → 2.9``: where and when a figures
+    file was made."""
     m = data["machine"]
-    commit = (m.get("commit") or "unknown")[:7] + ("+changes" if m.get("dirty") else "")
-    load = m.get("load_average") or []
-    nice = f", nice {m['nice']}" if m.get("nice") else ""
-    return (f"commit {commit}, {data['date'][:10]}, {m['cores_usable']} cores, {m['torch_threads']} torch threads, "
-            f"load average {load[0] if load else '?'}{nice}")
+    code_changed = m.get("dirty") and any(not path.startswith(DOCUMENTS) for path in m.get("changed") or ["?"])
+    commit = (m.get("commit") or "unknown")[:7] + (" with uncommitted code changes" if code_changed else "")
+    return (f"commit {commit}, {data['date'][:10]}, {m['torch_threads']} torch threads, {conditions(data)}")
 
 
 def conditions(data: dict) -> str:
-    """``2 cores, load average 7.1, nice 10``: what a timing shared the machine with."""
+    """``2 cores, load average 7.1 → 6.5, nice 10``: what a timing shared the machine with (the 1-minute load
+    average when the benchmark started and when it wrote its figures)."""
     m = data["machine"]
+    load = m["load_average"][0]
+    if "load_average_start" in m:
+        load = f"{m['load_average_start'][0]} → {load}"
     nice = f", nice {m['nice']}" if m.get("nice") else ""
-    return f"{m['cores_usable']} cores, load average {m['load_average'][0]}{nice}"
+    return f"{m['cores_usable']} cores, load average {load}{nice}"
 
 
 def command_lines(*datas: dict) -> str:

@@ -99,7 +99,8 @@ def test_write_replaces_blocks_with_figures_and_leaves_pending_ones(tmp_path):
     write(figures_dir, "throughput_bigru", record("throughput_bigru", {}))  # its pair is missing: stays pending
     pending = "Old table, from the previous code, rerun pending:\n| a | 1.0 |"
     results = tmp_path / "results.md"
-    results.write_text(f"# Figures\n<!-- figures:setup -->\n<!-- /figures:setup -->\nProse 1.\n<!-- figures:eval_speed -->\nstale\n<!-- /figures:eval_speed -->\n"
+    results.write_text("# Figures\n<!-- figures:setup -->\n<!-- /figures:setup -->\n"
+                       f"Prose 1.\n<!-- figures:eval_speed -->\nstale\n<!-- /figures:eval_speed -->\n"
                        f"Prose 2.\n<!-- figures:throughput -->\n{pending}\n<!-- /figures:throughput -->\nEnd.\n")
     readme = tmp_path / "README.md"
     readme.write_text("- <!-- figures:eval_speed:summary -->\nold\n<!-- /figures:eval_speed:summary -->\n")
@@ -109,7 +110,8 @@ def test_write_replaces_blocks_with_figures_and_leaves_pending_ones(tmp_path):
     assert report.main(options + ["--check"]) == 0
     text = results.read_text()
     assert text.startswith("# Figures\n<!-- figures:setup -->\n```\nxmcl data shapes --out runs/shapes")
-    assert "```\n<!-- /figures:setup -->\nProse 1.\n<!-- figures:eval_speed -->\n```\npython benchmarks/eval_speed.py" in text
+    assert ("```\n<!-- /figures:setup -->\nProse 1.\n<!-- figures:eval_speed -->\n```\n"
+            "python benchmarks/eval_speed.py") in text
     assert "stale" not in text and f"Prose 2.\n<!-- figures:throughput -->\n{pending}\n<!--" in text
     assert "the full protocol takes 1.25x the bare GEMM, and ranking is 32.0x faster" in readme.read_text()
 
