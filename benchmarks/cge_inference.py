@@ -12,7 +12,8 @@ SGE, GPO, 256-d), timed from image file to embedding on ``--images`` images of `
 
 ``--vit-b32`` replaces ``--clip`` by a ViT-B/32-sized image tower (224 px, 12 x 768, patch 32) with random weights,
 for the cost of a real CLIP miss without its weights. Each figure is the median of ``--repeats`` runs after a
-warm-up; ms per image at each ``--batch-sizes``; ``--threads`` torch threads (default 1).
+warm-up; ms per image at each ``--batch-sizes``; ``--threads`` torch threads (default 1). Figures in
+OUT/figures.json (OUT defaults to runs/bench/cge_inference/<data folder>[-h<hash of the other options>]).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from figures import parse_with_out, write_figures
 from timing import repeat_seconds
 
 from xmcl.data.images import ImageTransform
@@ -51,7 +53,8 @@ def random_vit_b32(out: Path) -> Path:
     return save_clip(CLIPModel(config), vocab, [], out)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options (``argv``, default the command line), ``out`` resolved."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("runs/shapes"), help="corpus with raw images")
     parser.add_argument("--split", default="val")
@@ -62,7 +65,11 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    return parse_with_out(parser, "cge_inference", naming=["data"], argv=argv)
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
 
     split = open_split(args.data, args.split)
@@ -85,6 +92,7 @@ def main() -> None:
         print(f"{split.num_images} images of {split.source} ({args.split}), USER input {args.image_size} px, "
               f"teacher {'random ViT-B/32' if args.vit_b32 else clip_path} ({teacher.image_size} px, "
               f"{teacher.dim}-d), {torch.get_num_threads()} thread(s)")
+        rows = {}
         print(f"{'batch':>5}  {'without CGE':>12}  {'CGE, cache hit':>15}  {'CGE, cache miss':>16}  "
               f"{'hit / without':>13}  {'miss / without':>14}   (ms per image)")
         for batch_size in args.batch_sizes:
@@ -107,8 +115,15 @@ def main() -> None:
             with torch.inference_mode():
                 seconds = [statistics.median(repeat_seconds(fn, args.repeats)) for fn in (without, hit, miss)]
             ms = [1000 * s / len(paths) for s in seconds]
+            rows[batch_size] = {"without_ms": ms[0], "hit_ms": ms[1], "miss_ms": ms[2],
+                                "hit_over_without": ms[1] / ms[0], "miss_over_without": ms[2] / ms[0]}
             print(f"{batch_size:>5}  {ms[0]:>12.2f}  {ms[1]:>15.2f}  {ms[2]:>16.2f}  {ms[1] / ms[0]:>13.2f}  "
                   f"{ms[2] / ms[0]:>14.2f}")
+
+        write_figures(args.out, "cge_inference", args, {
+            "num_images": split.num_images, "source": split.source, "split": args.split,
+            "teacher": "random ViT-B/32" if args.vit_b32 else str(clip_path), "teacher_image_size": teacher.image_size,
+            "teacher_dim": teacher.dim, "ms_per_image": rows})
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """Linear-probe mIoU of a random 3D backbone and of SLidR, semantically tolerant and ST-SLidR pretraining.
 
     python benchmarks/distill_probe.py [--config configs/distill_synthetic.yaml] [--seeds 0 1 2] [--quick]
-        [--methods random slidr tolerant st_slidr st_authors st_soft] [--set KEY=VALUE ...] [--threads 1] [--out runs/bench_distill_probe]
+        [--methods random slidr tolerant st_slidr st_authors st_soft] [--set KEY=VALUE ...] [--threads 1]
+        [--out runs/bench/distill_probe/<methods>[-h<hash of the other options>]]
 
 One harness, the same budget for every method: for each seed s (``run.seed = probe.seed = s``; the scenes are the
 same for all seeds), pretrain with the method's loss, then train a linear layer on the frozen backbone's per-point
 features (``xmcl.distill.probe``, label fraction 1) and score it on the evaluation scenes. ``random`` skips the
 pretraining. Prints the mIoU of each run and the mean and sample standard deviation per method, then the mean
-per-class IoU; writes everything to OUT/results.json. ``--quick`` shrinks the budget (fewer scenes and steps).
+per-class IoU; writes everything to OUT/figures.json. Each run (method, seed) pretrains into OUT/METHOD_seedS and
+resumes there, so two commands with other methods never share a pretraining. ``--quick`` shrinks the budget
+(fewer scenes and steps).
 ``st_authors`` (the authors' zeroed logits instead of removed negatives) and ``st_soft`` (weights 1 - s) compare the
 tolerance rules under ST-SLidR; they run only when named.
 """
@@ -15,12 +18,12 @@ tolerance rules under ST-SLidR; they run only when named.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from figures import parse_with_out, write_figures
 
 from xmcl.config import load_config
 from xmcl.distill.config import DistillConfig
@@ -43,7 +46,8 @@ QUICK = ["data.pretrain_scenes=16", "data.probe_train_scenes=8", "data.eval_scen
          "probe.linear_steps=200"]
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options (``argv``, default the command line), ``out`` resolved."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/distill_synthetic.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -52,8 +56,11 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 avoids the slowdown of oversubscribed shared cores)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_distill_probe"))
-    args = parser.parse_args()
+    return parse_with_out(parser, "distill_probe", naming=["methods"], argv=argv)
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
 
     base = (QUICK if args.quick else []) + args.overrides + ["run.progress=false",
@@ -78,21 +85,29 @@ def main() -> None:
                   flush=True)
 
     print(f"\n{'method':<10} {'mIoU mean':>9} {'std':>5}  per seed")
+    summary = {}
     for method, runs in results.items():
         values = [100 * r["miou"] for r in runs]
         spread = statistics.stdev(values) if len(values) > 1 else float("nan")
+        summary[method] = {"miou_mean": statistics.mean(values), "miou_std": spread, "miou_per_seed": values}
         print(f"{method:<10} {statistics.mean(values):9.1f} {spread:5.1f}  {' '.join(f'{v:.1f}' for v in values)}")
     names = list(next(iter(results.values()))[0]["iou"])
     print("\nmean IoU per class (%)\n" + f"{'method':<10} " + " ".join(f"{n[:8]:>8}" for n in names))
     for method, runs in results.items():
-        cells = []
+        cells, per_class = [], {}
         for name in names:
             values = [r["iou"][name] for r in runs if r["iou"][name] is not None]
-            cells.append(f"{100 * statistics.mean(values):8.1f}" if values else f"{'-':>8}")
+            per_class[name] = 100 * statistics.mean(values) if values else None
+            cells.append(f"{per_class[name]:8.1f}" if values else f"{'-':>8}")
+        summary[method]["iou_per_class"] = per_class
         print(f"{method:<10} " + " ".join(cells))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out / 'results.json'}")
+    write_figures(args.out, "distill_probe", args, {
+        "seeds": args.seeds, "methods": summary, "runs": results,
+        "budget": {"pretrain_scenes": cfg0.data.pretrain_scenes, "num_points": cfg0.data.num_points,
+                   "steps": cfg0.optim.steps, "batch_scenes": cfg0.optim.batch_scenes,
+                   "probe_train_scenes": cfg0.data.probe_train_scenes, "eval_scenes": cfg0.data.eval_scenes,
+                   "linear_steps": cfg0.probe.linear_steps}},
+        config={"distill_config": cfg0, "method_overrides": {m: METHODS[m] for m in args.methods}})
 
 
 if __name__ == "__main__":

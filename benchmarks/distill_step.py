@@ -1,13 +1,14 @@
 """Time and memory of one ST-SLidR pretraining step on CPU for a 30k-point synthetic sweep.
 
     python benchmarks/distill_step.py [--config configs/distill_synthetic.yaml] [--points 30000] [--steps 10]
-        [--threads 1] [--set KEY=VALUE ...]
+        [--threads 1] [--set KEY=VALUE ...] [--out runs/bench/distill_step/default]
 
 One built-in scene of ``--points`` lidar returns (the config's cameras and image size) is prepared once (SLIC,
 frozen backbone maps, per-superpixel z: timed separately), then ``--steps`` full training steps (voxelise + augment,
 3D U-Net, 2D head, superpixel pooling, loss, backward, optimiser) are timed after one warm-up step; the 3D network's
 forward and forward + backward are also timed alone. Memory: peak resident set size of the process
-(``resource.getrusage``) after the preparation and after the steps (what the steps add to the peak).
+(``resource.getrusage``) after the preparation and after the steps (what the steps add to the peak). Figures in
+OUT/figures.json.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from figures import parse_with_out, write_figures
 from timing import repeat_seconds
 
 from xmcl.config import load_config
@@ -36,14 +38,19 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options (``argv``, default the command line), ``out`` resolved."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/distill_synthetic.yaml"))
     parser.add_argument("--points", type=int, default=30000)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
+    return parse_with_out(parser, "distill_step", argv=argv)
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(DistillConfig, args.config, ["data.pretrain_scenes=1", f"data.num_points={args.points}",
                                                    "optim.batch_scenes=1", "run.device=cpu"] + args.overrides)
@@ -104,6 +111,18 @@ def main() -> None:
           f"forward + backward {1000 * statistics.median(fwd_bwd):.0f} ms (median)")
     print(f"peak RSS: {rss_start:.0f} MiB after building the models, {rss_prepared:.0f} MiB after preparation, "
           f"{rss_steps:.0f} MiB after the steps (+{rss_steps - rss_prepared:.0f} MiB)")
+
+    write_figures(args.out, "distill_step", args, {
+        "points": scene.num_points, "voxels": int(voxels.coords.shape[0]), "voxel_size": cfg.voxel.voxel_size,
+        "cameras": len(scene.cameras), "image_size": list(cfg.data.image_size),
+        "pairs": int(prepared.pair_point.shape[0]), "superpixels": int(k),
+        "parameters": sum(p.numel() for p in net.parameters()), "widths": list(cfg.voxel.widths),
+        "generation_s": generated, "preparation_s": preparation,
+        "step_median_ms": 1000 * statistics.median(step_times), "step_min_ms": 1000 * min(step_times),
+        "scenes_per_s": 1 / statistics.median(step_times), "forward_ms": 1000 * statistics.median(fwd),
+        "forward_backward_ms": 1000 * statistics.median(fwd_bwd), "rss_models_mib": rss_start,
+        "rss_prepared_mib": rss_prepared, "rss_steps_mib": rss_steps},
+        config={"distill_config": cfg})
 
 
 if __name__ == "__main__":

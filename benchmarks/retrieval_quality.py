@@ -16,23 +16,33 @@ The enhancement ablation (``--variants user_plain user user_cge user_sge_cge``; 
   user_cge      + CGE on the image locals (guided by the cached CLIP image embeddings), no SGE
   user_sge_cge  + SGE and CGE
 
+The loss ablation: ``user_uto_plain`` (UTO alone: no SGE, no queue) against ``vsepp`` isolates the loss.
+  user_uto_plain  GPO encoders, UTO on in-batch negatives, neither SGE nor queues (not run by default)
+
 Usage (features from `xmcl features`):
-  python benchmarks/retrieval_quality.py --data runs/shapes_feats --epochs 8
+  python benchmarks/retrieval_quality.py --data runs/shapes_feats --epochs 8 --out runs/rq_shapes
   python benchmarks/retrieval_quality.py --data runs/f8k_feats --text-encoder bert --epochs 3 --lambda-batch 20
   python benchmarks/retrieval_quality.py --data runs/shapes_feats --clip-cache runs/clip_shapes_cache \
       --variants user_plain user user_cge user_sge_cge
-Prints R@1/5/10 both directions and rSum of each variant's best-validation checkpoint on --split.
+Each variant trains into OUT/VARIANT (resumed if interrupted); OUT defaults to
+runs/bench/retrieval_quality/<data folder>[-h<hash of the other options>]. Prints R@1/5/10 both directions and
+rSum of each variant's best-validation checkpoint on --split and writes them, with each variant's validation
+rSum per epoch, train time and full configuration, to OUT/figures.json. With --clip-cache, the CLIP teacher's own
+figures on --split (its cached embeddings ranked by the same protocol) are added.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
+from figures import parse_with_out, write_figures
+
 from xmcl.config import load_config
 from xmcl.data.open import open_split
-from xmcl.metrics.retrieval import format_table
+from xmcl.metrics.retrieval import evaluate_embeddings, format_table
 from xmcl.retrieval.clip.cache import ClipCache
 from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.inference import evaluate_checkpoint
@@ -46,6 +56,7 @@ VARIANTS: dict[str, list[str]] = {
     "user": ["loss.name=uto", "model.sge=true", "model.use_queue=true", "loss.queue_false_negatives=mask"],
     "user_keys_train": ["loss.name=uto", "model.sge=true", "model.use_queue=true", "loss.queue_false_negatives=mask",
                         "model.key_encoders_eval=false"],
+    "user_uto_plain": ["loss.name=uto", "model.sge=false", "model.use_queue=false"],
 }
 _QUEUED = ["loss.name=uto", "model.use_queue=true", "loss.queue_false_negatives=mask"]
 VARIANTS.update({
@@ -56,12 +67,34 @@ VARIANTS.update({
 DEFAULT_VARIANTS = ["infonce", "vsepp", "user_noqueue", "user_keep", "user"]
 
 
-def main() -> None:
+def val_rsum_per_epoch(log: Path) -> dict[int, float]:
+    """Validation rSum by epoch from a run's ``log.jsonl`` (the last record of an epoch wins, as after a resume)."""
+    curve = {}
+    for line in log.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if "val_rsum" in record:
+            curve[int(record["epoch"])] = float(record["val_rsum"])
+    return dict(sorted(curve.items()))
+
+
+def teacher_metrics(cache_dir: Path, data: Path, split: str) -> dict:
+    """The CLIP teacher's own figures on ``split`` of ``data``: its cached image and caption embeddings, ranked
+    (empty when the cache does not hold the whole split)."""
+    corpus = open_split(data, split)
+    cache = ClipCache.open(cache_dir)
+    found = cache.lookup(corpus)
+    if not (found.image_found.all() and found.text_found.all()):
+        return {}
+    metrics = evaluate_embeddings(found.image, found.text, corpus.caption_image, ("all",))["all"]
+    return {"checkpoint": cache.manifest["checkpoint"], **metrics.as_dict()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options (``argv``, default the command line), ``out`` resolved."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="precomputed-feature folder (train + val splits)")
     parser.add_argument("--split", default="val", help="split to report")
     parser.add_argument("--val-split", default="val", help="split whose rSum picks each variant's best epoch")
-    parser.add_argument("--out", type=Path, default=Path("runs/retrieval_quality"))
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--epochs", type=int, default=8, help="budget: epochs per variant")
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="budget: steps per epoch")
@@ -78,7 +111,14 @@ def main() -> None:
                         help="CLIP feature cache (`xmcl clip-cache`) of the raw corpus, for the CGE variants")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override applied to every variant")
-    args = parser.parse_args()
+    args = parse_with_out(parser, "retrieval_quality", naming=["data"], argv=argv)
+    if not args.clip_cache and any("model.cge=true" in VARIANTS[name] for name in args.variants):
+        parser.error("the CGE variants need --clip-cache")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
 
     region_dim = int(open_split(args.data, "train").region_features.shape[-1])
     common = [
@@ -92,11 +132,9 @@ def main() -> None:
         common.append(f"model.text_model={args.text_model}")
     if args.clip_cache:
         common += [f"model.clip_cache={args.clip_cache}", f"model.clip_dim={ClipCache.open(args.clip_cache).dim}"]
-    elif any("model.cge=true" in VARIANTS[name] for name in args.variants):
-        parser.error("the CGE variants need --clip-cache")
     if args.max_steps_per_epoch:
         common.append(f"optim.max_steps_per_epoch={args.max_steps_per_epoch}")
-    results, seconds = {}, {}
+    results, seconds, runs, configs = {}, {}, {}, {}
     for name in args.variants:
         cfg = load_config(RetrievalTrainConfig, None, common + VARIANTS[name] + args.overrides)
         run_dir = args.out / name
@@ -104,6 +142,10 @@ def main() -> None:
         summary = train_retrieval(cfg, run_dir)
         seconds[name] = time.perf_counter() - tic
         results[name] = evaluate_checkpoint(run_dir / "best.pt", args.data, args.split, ("all",))["all"]
+        configs[name] = cfg
+        runs[name] = {"metrics": results[name].as_dict(), "best_epoch": summary["best_epoch"],
+                      "train_seconds": seconds[name], "val_rsum_per_epoch": val_rsum_per_epoch(run_dir / "log.jsonl"),
+                      "overrides": VARIANTS[name], "checkpoint": run_dir / "best.pt"}
         print(f"{name}: best epoch {summary['best_epoch']}, {seconds[name]:.0f} s", flush=True)
 
     print(f"\n{args.data} / {args.split} (best epoch by {args.val_split} rSum): {args.epochs} epochs"
@@ -113,6 +155,12 @@ def main() -> None:
     best = max(results, key=lambda k: results[k].rsum)
     print(f"best rSum: {best} ({results[best].rsum:.2f}); "
           f"train time per variant: {', '.join(f'{k} {v:.0f}s' for k, v in seconds.items())}")
+    split = open_split(args.data, args.split)
+    figures = {"split": args.split, "val_split": args.val_split, "num_images": split.num_images,
+               "num_captions": split.num_captions, "variants": runs}
+    if args.clip_cache:
+        figures["teacher"] = teacher_metrics(args.clip_cache, args.data, args.split)
+    write_figures(args.out, "retrieval_quality", args, figures, config={"variant_configs": configs})
 
 
 if __name__ == "__main__":

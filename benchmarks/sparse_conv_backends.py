@@ -1,7 +1,7 @@
 """Sparse 3D convolution backends on one synthetic lidar sweep: xmcl's plain-PyTorch convs against spconv's CPU ops.
 
     python benchmarks/sparse_conv_backends.py [--config configs/distill_synthetic.yaml] [--points 30000]
-        [--widths 32 64 128] [--repeats 7] [--threads 1]
+        [--widths 32 64 128] [--repeats 7] [--threads 1] [--out runs/bench/sparse_conv_backends/default]
 
 One built-in scene of ``--points`` lidar returns is voxelised as in pretraining (the config's voxel size, no
 augmentation). For each width C, a C -> C 3x3x3 submanifold conv (xmcl ``SubmanifoldConv3d`` vs spconv
@@ -15,7 +15,8 @@ maps is timed on its own: xmcl ``CoordinateMap(coords).neighbours()`` / ``.coars
 ``ops.get_indice_pairs`` (what a layer runs when no ``indice_key`` cache holds its pairs). Times are medians over
 ``--repeats`` calls after one warm-up call, in ms. spconv weights are stored (C_out, kd, kh, kw, C_in) and correlate
 (no kernel flip), so xmcl's (k^3, C_in, C_out) weight maps onto them by a reshape and a permute.
-Without spconv (``import spconv.pytorch`` fails) only xmcl's convs are timed.
+Without spconv (``import spconv.pytorch`` fails) only xmcl's convs are timed. Figures (times, the largest
+differences, whether spconv was importable) go to OUT/figures.json.
 
 spconv 2.3.8's backward (``ops.indice_conv_backward``) asks ``torch.cuda`` for the current stream before taking its
 CPU branch, which never uses it; with a CPU-only torch that raises "Torch not compiled with CUDA enabled", so the
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from figures import parse_with_out, write_figures
 from timing import repeat_seconds
 from torch import Tensor, nn
 
@@ -100,9 +102,9 @@ def spconv_pairs(conv: nn.Module, grid: SpconvGrid) -> tuple[Tensor, Tensor, Ten
                                        conv.padding, conv.dilation, conv.output_padding, conv.subm, conv.transposed)
 
 
-def compare(kind: str, channels: int, coords: Tensor, repeats: int) -> tuple[float, float | None]:
+def compare(kind: str, channels: int, coords: Tensor, repeats: int) -> dict:
     """Print one line for ``kind`` ("submanifold" or "strided") at ``channels`` -> ``channels``; return the
-    forward + backward times (ms) of xmcl and spconv (None without spconv)."""
+    times (ms; lists of xmcl's, then spconv's when present) and the relative differences of out, grad_in, grad_w."""
     subm = kind == "submanifold"
     torch.manual_seed(0)
     ours = SubmanifoldConv3d(channels, channels) if subm else StridedConv3d(channels, channels)
@@ -122,7 +124,7 @@ def compare(kind: str, channels: int, coords: Tensor, repeats: int) -> tuple[flo
     label = f"{kind + (' 3x3x3' if subm else ' 2x2x2/2'):<22} {channels:>3}->{channels:<3}"
     if spconv is None:
         print(f"{label} map ours {maps[0]:7.1f} | forward ours {fwd[0]:7.1f} | fwd+bwd ours {fwd_bwd[0]:7.1f}")
-        return fwd_bwd[0], None
+        return {"map_ms": maps, "forward_ms": fwd, "forward_backward_ms": fwd_bwd}
 
     k = 3 if subm else 2
     theirs = (spconv.SubMConv3d(channels, channels, 3, bias=False) if subm
@@ -153,17 +155,22 @@ def compare(kind: str, channels: int, coords: Tensor, repeats: int) -> tuple[flo
     print(f"{label} map ours {maps[0]:7.1f} spconv {maps[1]:7.1f} | forward ours {fwd[0]:7.1f} spconv {fwd[1]:7.1f} "
           f"| fwd+bwd ours {fwd_bwd[0]:7.1f} spconv {fwd_bwd[1]:7.1f} | rel. max diff out {diffs[0]:.1e} "
           f"grad_in {diffs[1]:.1e} grad_w {diffs[2]:.1e} ({agree})")
-    return fwd_bwd[0], fwd_bwd[1]
+    return {"map_ms": maps, "forward_ms": fwd, "forward_backward_ms": fwd_bwd, "max_rel_diff": list(diffs)}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options (``argv``, default the command line), ``out`` resolved."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/distill_synthetic.yaml"))
     parser.add_argument("--points", type=int, default=30000)
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    return parse_with_out(parser, "sparse_conv_backends", argv=argv)
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(DistillConfig, args.config, ["data.pretrain_scenes=1", f"data.num_points={args.points}",
                                                    "data.num_cameras=1", "data.image_size=[8, 8]"])
@@ -179,14 +186,20 @@ def main() -> None:
         patched = patch_cpu_backward()
         print(f"spconv {spconv_package.__version__} (algorithm {spconv.SubMConv3d(1, 1, 3).algo.name}"
               f"{', CPU backward stream lookup patched' if patched else ''})")
-    ratios = []
+    ratios, layers = [], []
     for channels in args.widths:
         for kind in ("submanifold", "strided"):
-            ours_ms, theirs_ms = compare(kind, channels, coords, args.repeats)
-            if theirs_ms is not None:
-                ratios.append(f"{kind} {channels}: {theirs_ms / ours_ms:.2f}")
+            layer = {"kind": kind, "channels": channels, **compare(kind, channels, coords, args.repeats)}
+            if len(layer["forward_backward_ms"]) == 2:
+                layer["spconv_over_ours"] = layer["forward_backward_ms"][1] / layer["forward_backward_ms"][0]
+                ratios.append(f"{kind} {channels}: {layer['spconv_over_ours']:.2f}")
+            layers.append(layer)
     if ratios:
         print("spconv / ours, forward + backward (< 1: spconv faster): " + ", ".join(ratios))
+    write_figures(args.out, "sparse_conv_backends", args, {
+        "points": scene.num_points, "voxels": int(coords.shape[0]), "coarse_voxels": int(coarse),
+        "spconv": None if spconv is None else spconv_package.__version__, "spconv_error": SPCONV_ERROR,
+        "layers": layers})
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ candidate of the failures sits: under gamma - 0.05 (quiet: UTO hardly pushes it)
 above gamma.
 
     python benchmarks/uto_margins.py runs/rq_shapes/user/best.pt runs/rq_shapes/vsepp/best.pt [--gamma 0.5]
+        [--out runs/bench/uto_margins/<hash of the options>]
+
+The figures of every checkpoint and direction go to OUT/figures.json, keyed by the checkpoint's run folder name.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from figures import parse_with_out, write_figures
 
 from xmcl.retrieval.inference import embed_checkpoint
 
@@ -45,27 +49,38 @@ def margin_report(scores: torch.Tensor, positive: torch.Tensor, gamma: float) ->
     }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options (``argv``, default the command line), ``out`` resolved."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", type=Path, nargs="+")
     parser.add_argument("--split", default="val")
     parser.add_argument("--gamma", type=float, default=None, help="margin to test against (default: each run's)")
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    return parse_with_out(parser, "uto_margins", argv=argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     print(f"{'checkpoint':36s} {'dir':>3s} {'gamma':>5s} {'pos':>6s} {'wrong':>6s} {'pos<g %':>7s} {'R@1 fail %':>10s}"
           f" | winner of failures: {'<g-.05':>6s} {'band':>6s} {'>=g':>6s} (%)")
+    runs = {}
     for checkpoint in args.checkpoints:
         images, texts, split, cfg = embed_checkpoint(checkpoint, None, args.split, args.device)
         scores = (images @ texts.T).cpu()
         caption_image = torch.as_tensor(split.caption_image)
         own = caption_image[None, :] == torch.arange(scores.size(0))[:, None]
         gamma = args.gamma if args.gamma is not None else cfg.loss.gamma
+        run = runs.setdefault(checkpoint.parent.name, {"checkpoint": checkpoint, "gamma": gamma,
+                                                         "loss": cfg.loss.name})
         for direction, s, positive in (("i2t", scores, own), ("t2i", scores.T, own.T)):
-            r = margin_report(s, positive, gamma)
-            print(f"{str(checkpoint):36s} {direction:>3s} {gamma:5.2f} {r['positive_mean']:6.3f} {r['wrong_mean']:6.3f} "
+            r = run[direction] = margin_report(s, positive, gamma)
+            print(f"{str(checkpoint):36s} {direction:>3s} {gamma:5.2f} {r['positive_mean']:6.3f} "
+                  f"{r['wrong_mean']:6.3f} "
                   f"{r['positives_below_gamma']:7.1f} {r['rank1_failures']:10.1f} |                     "
                   f"{r['failures_quiet']:6.1f} {r['failures_band']:6.1f} {r['failures_above']:6.1f}")
+
+    write_figures(args.out, "uto_margins", args, {"split": args.split, "quiet_below": QUIET_BELOW, "runs": runs})
 
 
 if __name__ == "__main__":

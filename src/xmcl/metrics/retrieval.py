@@ -4,16 +4,18 @@ The figures are those of the classic ``i2t``/``t2i`` functions of the field (VSE
 generalised from "5 consecutive captions per image" to any ``caption_image`` mapping:
 
 - similarity ``S[n, m]`` = dot product of image ``n`` and caption ``m`` (embeddings are L2-normalised by the caller);
-- candidates are ordered by score descending, then by index ascending (a stable descending sort), so the 0-based
-  rank of candidate ``j`` in a query's list is ``#{score > s_j} + #{score == s_j and index < j}``;
+- candidates are ordered by score descending and, on exactly equal scores, by index descending (the order of
+  the classic ``np.argsort(d)[::-1]``: an ascending sort that keeps equal scores in index order, reversed), so the
+  0-based rank of candidate ``j`` in a query's list is ``#{score > s_j} + #{score == s_j and index > j}``;
 - image-to-text: an image's rank is the best (smallest) rank among its own captions;
   text-to-image: a caption's rank is the rank of its image;
 - ``R@K = 100 * mean(rank < K)``, ``medr = floor(median(rank)) + 1``, ``meanr = mean(rank) + 1``,
   ``rSum`` = the six recalls added.
 
-The classic code ranks with ``np.argsort(d)[::-1]`` (an unstable ascending sort, reversed), which leaves the order
-of exactly equal scores to the sort algorithm (the larger index first, for a stable one); the two agree everywhere
-except on exact ties, where this module's order is the documented one above.
+The classic loop equals this module on every input, ties included, when its ascending argsort keeps equal scores
+in index order: numpy's ``kind="stable"``, and the insertion sort that numpy's introsort used on short rows. Its
+default ``np.argsort`` is unstable, so on exact ties the classic code's order is whatever the sort algorithm leaves
+(numpy 2's SIMD sorts on x86 reorder equal scores); away from exact ties the two agree whatever the sort.
 
 Protocols: ``"all"`` ranks against the whole split (Flickr 1K, COCO 5K); ``"fold5"`` (COCO 1K) cuts the images into
 5 consecutive folds, ranks each fold against its own images and their captions only, and reports the mean of every
@@ -187,27 +189,27 @@ def _captions_by_image(caption_image: torch.Tensor, num_images: int) -> torch.Te
     return table
 
 
-def _ties_before(scores: torch.Tensor, value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Per row ``r``: ``#{j < index[r] : scores[r, j] == value[r]}`` (``value``, ``index`` shaped (k, 1))."""
+def _ties_after(scores: torch.Tensor, value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per row ``r``: ``#{j > index[r] : scores[r, j] == value[r]}`` (``value``, ``index`` shaped (k, 1))."""
     position = torch.arange(scores.shape[1], device=scores.device)
-    return ((scores == value) & (position < index)).sum(1)
+    return ((scores == value) & (position > index)).sum(1)
 
 
 def _count_ahead(scores: torch.Tensor, target: torch.Tensor, target_index: torch.Tensor, tile: int) -> torch.Tensor:
     """Per query row ``q`` of ``scores`` (Q x L, any strides): how many candidates sort ahead of its target, i.e.
-    ``#{j : scores[q, j] > target[q]} + #{j < target_index[q] : scores[q, j] == target[q]}``.
+    ``#{j : scores[q, j] > target[q]} + #{j > target_index[q] : scores[q, j] == target[q]}``.
 
-    One comparison per entry, in tiles of ``tile`` columns: a tile wholly before the target's column counts
-    ``scores > nextafter(target, -inf)`` (that is ``>=``), a tile at or after it counts ``>``; the few equal scores
-    before the target inside the target's own tile are then counted on that tile's queries only. Where flushed
+    One comparison per entry, in tiles of ``tile`` columns: a tile wholly after the target's column counts
+    ``scores > nextafter(target, -inf)`` (that is ``>=``), a tile at or before it counts ``>``; the few equal scores
+    after the target inside the target's own tile are then counted on that tile's queries only. Where flushed
     denormals make ``nextafter`` useless (a zero or tiny target), the query counts ``>`` everywhere and its ties
-    before its tile are counted on its whole row.
+    after its tile are counted on its whole row.
     """
     num_queries, length = scores.shape
     before = torch.nextafter(target, torch.full_like(target, -math.inf))
     exact = before < target
     before = torch.where(exact, before, target)
-    tile_start = target_index // tile * tile
+    tile_end = target_index // tile * tile + tile
     order = torch.argsort(target_index // tile)
     ends = torch.bincount(target_index // tile, minlength=-(-length // tile)).cumsum(0).tolist()
     counts = torch.zeros(num_queries, dtype=scores.dtype, device=scores.device)
@@ -217,23 +219,23 @@ def _count_ahead(scores: torch.Tensor, target: torch.Tensor, target_index: torch
         work = torch.empty(num_queries, tile, dtype=scores.dtype, device=scores.device)
     for k, start in enumerate(range(0, length, tile)):
         block = scores[:, start:start + tile]
-        threshold = torch.where(target_index >= start + tile, before, target).unsqueeze(1)
+        threshold = torch.where(target_index < start, before, target).unsqueeze(1)
         counts += torch.gt(block, threshold, out=work[:, : block.shape[1]]).sum(1)
         mixed = order[(ends[k - 1] if k else 0):ends[k]]
         if mixed.numel():
-            counts[mixed] += _ties_before(block[mixed], target[mixed, None], (target_index[mixed] - start)[:, None])
+            counts[mixed] += _ties_after(block[mixed], target[mixed, None], (target_index[mixed] - start)[:, None])
     flushed = torch.nonzero(~exact).flatten()
     rows = max(1, tile * num_queries // length)
     for first in range(0, flushed.numel(), rows):
         q = flushed[first:first + rows]
-        counts[q] += _ties_before(scores[q], target[q, None], tile_start[q, None])
+        counts[q] += _ties_after(scores[q], target[q, None], tile_end[q, None] - 1)
     return counts.long()
 
 
 def _ranks(sim: torch.Tensor, caption_image: torch.Tensor, chunk_size: int) -> Ranks:
     """Ranks of a validated float32 similarity (see the module docstring): one comparison per entry and direction.
 
-    Image-to-text: the image's best caption ``j*`` (highest score, then smallest index) holds its best rank, the
+    Image-to-text: the image's best caption ``j*`` (highest score, then largest index) holds its best rank, the
     number of captions ahead of ``(S[n, j*], j*)``. Text-to-image: the number of images ahead of
     ``(S[image(m), m], image(m))`` in column ``m``. Tiles hold about ``chunk_size`` entries.
     """
@@ -241,7 +243,7 @@ def _ranks(sim: torch.Tensor, caption_image: torch.Tensor, chunk_size: int) -> R
     own_captions = _captions_by_image(caption_image, num_images)
     positive = sim.gather(1, own_captions)
     best = positive.amax(1)
-    best_index = torch.where(positive == best[:, None], own_captions, num_captions).amin(1)
+    best_index = torch.where(positive == best[:, None], own_captions, -1).amax(1)
     target = sim[caption_image, torch.arange(num_captions, device=sim.device)]
     i2t = _count_ahead(sim, best, best_index, max(1, chunk_size // num_images))
     t2i = _count_ahead(sim.T, target, caption_image, max(1, chunk_size // num_captions))

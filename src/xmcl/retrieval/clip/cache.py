@@ -4,7 +4,7 @@ Layout of a cache folder::
 
     manifest.json          {"format", "checkpoint", "checkpoint_sha256", "activation", "dim", "dtype",
                             "shard_size", "splits": {name: {"num_images", "num_captions", "image_shards", "text_shards",
-                                              "complete"}}}
+                                              "complete", "corpus"}}}
     {split}/keys.json      {"image_ids", "caption_image", "image_digest"}: what each row is
     {split}/images_00000.npy, ...   float16 (<= shard_size, dim) unit embeddings of the split's images, in order
     {split}/texts_00000.npy, ...    the same for its captions
@@ -14,6 +14,11 @@ each image's captions tells a cache built from another corpus with the same ids.
 are written atomically one by one and the manifest, rewritten after each, records how many are done. A cache is
 refused (``CheckpointError``) when its checkpoint hash is not the CLIP's asked for (stale), when a split's
 images or captions differ from the corpus, or when its embedding width is not the model's ``clip_dim``.
+
+``corpus`` is the absolute path of the raw corpus (Karpathy JSON) a split was built from. At evaluation, images the
+cache lacks are encoded by the CLIP teacher from their files: a raw-image split names them; for a split of region
+features (``xmcl features`` keeps the corpus' image ids and captions), each is found by id in the split of the same
+name of a corpus the cache records, its captions checked against the features' (``raw_image_files``).
 """
 
 from __future__ import annotations
@@ -146,7 +151,7 @@ def _build_split(teacher: CLIPTeacher, split: CaptionSplit, name: str, out: Path
     if entry is None:
         atomic_write_json(folder / "keys.json", keys)
         entry = {"num_images": split.num_images, "num_captions": split.num_captions, "image_shards": 0,
-                 "text_shards": 0, "complete": False}
+                 "text_shards": 0, "complete": False, "corpus": str(Path(split.source).resolve())}
         manifest["splits"][name] = entry
         atomic_write_json(out / MANIFEST, manifest)
     jobs = (("image", "images", split.num_images), ("text", "texts", split.num_captions))
@@ -250,6 +255,44 @@ class ClipCache:
                 found.text_found[captions[n]] = True
         return found
 
+    def corpora(self) -> list[str]:
+        """The raw corpora (Karpathy JSON paths) the cache's splits were built from, first seen first."""
+        recorded = (entry.get("corpus") for entry in self.manifest["splits"].values())
+        return list(dict.fromkeys(corpus for corpus in recorded if corpus))
+
+
+def raw_image_files(split: CaptionSplit, rows: np.ndarray, corpora: Sequence[str]) -> list[Path]:
+    """The image files of images ``rows`` of a region-feature ``split``: found by id in the split of the same name
+    of the first of ``corpora`` (raw Karpathy corpora) that holds them all, their captions checked.
+
+    ``CheckpointError`` if that corpus gives one of them other captions (the features come from another corpus);
+    ``DataError`` naming every corpus tried when none holds them all."""
+    tried = []
+    for corpus in corpora:
+        if not Path(corpus).exists():
+            tried.append(f"{corpus} (not found)")
+            continue
+        try:
+            raw = open_split(corpus, split.name)
+        except DataError as error:
+            tried.append(f"{corpus} ({error})")
+            continue
+        index = {image_id: n for n, image_id in enumerate(raw.image_ids)}
+        absent = [split.image_ids[r] for r in rows if split.image_ids[r] not in index]
+        if absent:
+            tried.append(f"{corpus} (split '{split.name}' lacks image '{absent[0]}' and {len(absent) - 1} more)")
+            continue
+        raw_digests, digests = image_digests(raw), image_digests(split)
+        for r in rows:
+            if raw_digests[index[split.image_ids[r]]] != digests[r]:
+                raise CheckpointError(f"{split.source} (split '{split.name}') gives image '{split.image_ids[r]}' "
+                                      f"other captions than {corpus}: its features come from another corpus")
+        return [raw.image_paths[index[split.image_ids[r]]] for r in rows]
+    raise DataError(f"{split.source} (split '{split.name}') holds region features, and {len(rows)} of its images "
+                    f"have no cached CLIP embedding: the CLIP teacher needs their raw images, looked for by id in the "
+                    f"corpora the cache was built from: {'; '.join(tried) or 'none recorded'}; build their "
+                    f"embeddings with `xmcl clip-cache --data RAW_IMAGE_CORPUS --split {split.name}`")
+
 
 # ------------------------------------------------------------------------------------------------ guides
 def _as_cached(embeddings: torch.Tensor) -> np.ndarray:
@@ -287,10 +330,11 @@ def split_guides(cfg: RetrievalModelConfig, split: CaptionSplit, device: torch.d
         raise CheckpointError(f"model.clip_path {cfg.clip_path} (sha256 {teacher_sha[:12]}...) is not the CLIP this "
                               f"model was trained with (sha256 {trained_sha256[:12]}...)")
     source_sha = teacher_sha or trained_sha256
+    corpora: list[str] = []
     if cfg.clip_cache:
         cache = ClipCache.open(cfg.clip_cache, source_sha, cfg.clip_path or "the trained model's CLIP",
                                cfg.clip_dim)
-        found = cache.lookup(split)
+        found, corpora = cache.lookup(split), cache.corpora()
         source_sha, activation = cache.sha256, cache.manifest["activation"]
     else:
         found, activation = CacheLookup.empty(split, cfg.clip_dim), "quick_gelu"
@@ -303,7 +347,7 @@ def split_guides(cfg: RetrievalModelConfig, split: CaptionSplit, device: torch.d
                 f"{missing_images.size} images and {missing_texts.size} captions of {where} have no CLIP embedding "
                 f"in {cfg.clip_cache or 'any cache'}; build them with "
                 f"`xmcl clip-cache --clip {cfg.clip_path or 'CLIP'} "
-                f"--data {split.source if split.image_paths is not None else 'RAW_IMAGE_CORPUS'} "
+                f"--data {split.source if split.image_paths is not None else (corpora or ['RAW_IMAGE_CORPUS'])[0]} "
                 f"--split {split.name} --out {cfg.clip_cache or 'FOLDER'}`")
         teacher = load_clip_teacher(cfg.clip_path, device, activation=activation)
         if teacher.dim != cfg.clip_dim:
@@ -311,9 +355,9 @@ def split_guides(cfg: RetrievalModelConfig, split: CaptionSplit, device: torch.d
                               f"{teacher.dim} dimensions")
         if missing_images.size:
             if split.image_paths is None:
-                raise DataError(f"{where} holds region features, and {missing_images.size} of its images have no "
-                                f"cached CLIP embedding: the CLIP teacher needs the raw images")
-            paths = [split.image_paths[n] for n in missing_images]
+                paths = raw_image_files(split, missing_images, corpora)
+            else:
+                paths = [split.image_paths[n] for n in missing_images]
             found.image[missing_images] = _as_cached(teacher.encode_images(paths))
         if missing_texts.size:
             texts = [split.captions[m] for m in missing_texts]

@@ -1,0 +1,162 @@
+"""The figures file every benchmark writes beside what it prints (imported as ``figures``: scripts run from
+``benchmarks/``).
+
+``OUT/figures.json``::
+
+    {"format": "xmcl-figures/1", "benchmark": NAME, "argv": [...], "command": "python benchmarks/NAME.py ...",
+     "config": {every option, resolved, plus what the benchmark adds}, "date": ISO-8601 UTC,
+     "machine": {"commit", "dirty", "changed", "cores", "cores_usable", "torch_threads", "load_average_start",
+                 "load_average", "nice", "torch", "python", "platform", "runs_root"},
+     "figures": {what the benchmark measured}}
+
+``OUT`` defaults to ``runs/bench/NAME/VARIANT``: VARIANT is built from the options that name the variant (each
+benchmark chooses them), plus a short hash of every other option that differs from its default, so two
+commands that differ in any option never share a folder. The ``runs`` root moves with ``XMCL_RUNS``
+(``benchmarks/reproduce.py`` sets it to rerun every documented command into fresh folders); ``argv`` and
+``command`` name paths under that root as ``runs/...``, so a rerun records the command as documented.
+``benchmarks/report.py`` turns these files into the tables of ``docs/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from xmcl.runtime.files import atomic_write_text
+
+FORMAT = "xmcl-figures/1"
+FILE_NAME = "figures.json"
+RUNS_ENV = "XMCL_RUNS"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def runs_root() -> Path:
+    """Where documented ``runs/...`` paths live: ``$XMCL_RUNS`` if set, else ``runs``."""
+    return Path(os.environ.get(RUNS_ENV) or "runs")
+
+
+def as_documented(argv: Sequence[str]) -> list[str]:
+    """``argv`` with paths under the runs root spelt ``runs/...`` again (identity without ``XMCL_RUNS``)."""
+    root = str(runs_root()).rstrip("/") + "/"
+    return [f"runs/{arg[len(root):]}" if root != "runs/" and arg.startswith(root) else arg for arg in argv]
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with paths as strings, dataclasses as dicts, tuples and arrays as lists (for ``json.dumps``)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return jsonable(value.tolist())
+    if isinstance(value, float) and value != value:
+        return None  # NaN has no JSON spelling
+    return value
+
+
+def _slug(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "+".join(_slug(v) for v in value)
+    text = Path(value).name if isinstance(value, Path) else str(value)
+    return re.sub(r"[^A-Za-z0-9._+=-]+", "_", text).strip("_") or "x"
+
+
+def default_out(benchmark: str, args: argparse.Namespace, parser: argparse.ArgumentParser,
+                naming: Sequence[str] = ()) -> Path:
+    """``runs/bench/BENCHMARK/VARIANT``: the values of the ``naming`` options, then ``h`` + 8 hex digits of the
+    other options that differ from their defaults (``out`` excluded); ``default`` when there is neither."""
+    parts = [_slug(getattr(args, name)) for name in naming]
+    others = {name: jsonable(value) for name, value in sorted(vars(args).items())
+              if name not in naming and name != "out" and value != parser.get_default(name)}
+    if others:
+        parts.append("h" + hashlib.sha256(json.dumps(others, sort_keys=True).encode()).hexdigest()[:8])
+    return runs_root() / "bench" / benchmark / ("-".join(parts) or "default")
+
+
+def parse_with_out(parser: argparse.ArgumentParser, benchmark: str, naming: Sequence[str] = (),
+                   argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``) with an ``--out`` option added, defaulting to ``default_out``."""
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"folder for {FILE_NAME} (default: runs/bench/{benchmark}/<variant>)")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = default_out(benchmark, args, parser, naming)
+    return args
+
+
+def _git(*command: str) -> str | None:
+    try:
+        return subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _code_version() -> dict[str, Any]:
+    """The git commit and the tracked files that differ from it, when the benchmark started (this import)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    changed = None if status is None else [line[3:] for line in status.splitlines()]
+    return {"commit": _git("rev-parse", "HEAD"), "dirty": None if changed is None else bool(changed),
+            "changed": changed}
+
+
+CODE_VERSION = _code_version()
+START_LOAD = [round(x, 2) for x in os.getloadavg()]
+
+
+def machine() -> dict[str, Any]:
+    """The code version the benchmark started from (``CODE_VERSION``), cores, torch threads, the load average when
+    the benchmark started and when it wrote its figures, the process's niceness (others' work on shared cores
+    slows timings), versions."""
+    return {
+        **CODE_VERSION,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_start": START_LOAD,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "nice": os.nice(0),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "runs_root": str(runs_root()),
+    }
+
+
+def write_figures(out: Path, benchmark: str, args: argparse.Namespace, figures: dict[str, Any],
+                  config: dict[str, Any] | None = None, argv: Sequence[str] | None = None) -> Path:
+    """Write ``out/figures.json`` (atomically) for ``benchmark`` run with ``args`` (plus ``config``, what the run
+    resolved beyond its options); return its path and print where it went."""
+    argv = as_documented(sys.argv[1:] if argv is None else argv)
+    record = {
+        "format": FORMAT,
+        "benchmark": benchmark,
+        "argv": argv,
+        "command": shlex.join(["python", f"benchmarks/{benchmark}.py", *argv]),
+        "config": jsonable({**vars(args), **(config or {})}),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "figures": jsonable(figures),
+    }
+    path = Path(out) / FILE_NAME
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")
+    return path

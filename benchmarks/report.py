@@ -1,0 +1,507 @@
+"""The tables of ``docs/results.md`` (and the summary lines of README's "Measured figures"), made from the
+benchmarks' figures files, each printed with the command that made it.
+
+    python benchmarks/report.py                     # print every table with its command; list what is pending
+    python benchmarks/report.py --collect runs      # first copy the figures files of the documented commands
+                                                    # found under runs/ into docs/figures/
+    python benchmarks/report.py --write             # rewrite the generated blocks of docs/results.md and README.md
+    python benchmarks/report.py --check             # exit 1 if a document's block differs from its figures
+
+``PLAN`` lists the documented commands in the order ``benchmarks/reproduce.py`` runs them: set-up commands (corpora,
+features, the CLIP teacher) and benchmark commands, each of which writes one figures file (``figures.py``).
+``docs/figures/KEY.json`` is the figures file behind the block ``KEY``: ``--collect`` finds it under a runs root by
+its recorded command (``argv`` as documented), the newest of several. A document holds each block between
+``<!-- figures:KEY -->`` and ``<!-- /figures:KEY -->`` (README: ``figures:KEY:summary``); ``--write`` replaces the
+blocks whose figures files are all present and leaves the others (figures from earlier code, marked pending in
+the text) as they are. Every number in a block comes from its files; nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+DOCUMENTS = ("docs/", "README.md")  # changes to these do not change a figure
+FIGURES_DIR = REPO / "docs" / "figures"
+RESULTS = REPO / "docs" / "results.md"
+README = REPO / "README.md"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One documented command; ``key`` names its figures file (None for a set-up command, which writes none);
+    ``long``: hours on 2 CPU cores (``reproduce.py --skip-long`` leaves it out)."""
+
+    name: str
+    command: str
+    key: str | None = None
+    long: bool = False
+
+    @property
+    def benchmark(self) -> str | None:
+        words = shlex.split(self.command)
+        if len(words) > 1 and words[0] == "python" and words[1].startswith("benchmarks/"):
+            return Path(words[1]).stem
+        return None
+
+    @property
+    def argv(self) -> list[str]:
+        """The benchmark's arguments (after ``python benchmarks/NAME.py``)."""
+        return shlex.split(self.command)[2:]
+
+
+SHAPES_VARIANTS = "infonce vsepp user_uto_plain user_noqueue user_keep user user_plain user_cge user_sge_cge"
+PLAN: tuple[Step, ...] = (
+    Step("shapes corpus", "xmcl data shapes --out runs/shapes --images 2000 --seed 0"),
+    Step("shapes features", "xmcl features --data runs/shapes --split train --split val --split test "
+                            "--image-size 128 --out runs/shapes_feats"),
+    Step("shapes CLIP teacher", "xmcl train-clip --data runs/shapes --out runs/clip_shapes"),
+    Step("shapes CLIP cache", "xmcl clip-cache --clip runs/clip_shapes --data runs/shapes --split train --split val "
+                              "--split test --out runs/clip_shapes_cache"),
+    Step("evaluation speed", "python benchmarks/eval_speed.py", "eval_speed"),
+    Step("training throughput, BiGRU", "python benchmarks/train_throughput.py", "throughput_bigru"),
+    Step("training throughput, MiniLM", "python benchmarks/train_throughput.py --text-encoder bert",
+         "throughput_bert"),
+    Step("shapes retrieval quality",
+         f"python benchmarks/retrieval_quality.py --data runs/shapes_feats --clip-cache runs/clip_shapes_cache "
+         f"--variants {SHAPES_VARIANTS} --epochs 8 --embed-dim 256 --queue-size 1024 --set model.momentum=0.99 "
+         f"--set model.word_dim=128 --out runs/rq_shapes", "rq_shapes"),
+    Step("UTO margins", "python benchmarks/uto_margins.py " + " ".join(
+        f"runs/rq_shapes/{v}/best.pt" for v in ("user", "user_plain", "user_uto_plain", "user_cge", "vsepp",
+                                                 "infonce")), "uto_margins"),
+    Step("CGE inference, shapes", "python benchmarks/cge_inference.py --data runs/shapes --clip runs/clip_shapes",
+         "cge_shapes"),
+    Step("CGE inference, Flickr8K", "python benchmarks/cge_inference.py --data ../shared/data/flickr8k --images 64 "
+                                    "--image-size 224 --vit-b32", "cge_f8k"),
+    Step("demo", "python benchmarks/demo_run.py", "demo"),
+    Step("ST-SLidR step", "python benchmarks/distill_step.py", "distill_step"),
+    Step("sparse-conv backends", "python benchmarks/sparse_conv_backends.py", "sparse_conv"),
+    Step("Flickr8K features", "xmcl features --data ../shared/data/flickr8k --split train --split val "
+                              "--out runs/f8k_feats", long=True),
+    Step("Flickr8K retrieval quality",
+         "python benchmarks/retrieval_quality.py --data runs/f8k_feats --text-encoder bert --epochs 4 "
+         "--max-steps-per-epoch 50 --lambda-batch 20 --queue-size 2048 --set run.threads=1 --set model.momentum=0.99 "
+         "--set loss.uto_warmup_epochs=1 --out runs/rq_f8k", "rq_f8k", long=True),
+    Step("ST-SLidR linear probe", "python benchmarks/distill_probe.py --threads 1", "distill_probe", long=True),
+    Step("tolerance rules", "python benchmarks/distill_probe.py --threads 1 --methods st_slidr st_authors st_soft",
+         "distill_tolerance", long=True),
+)
+STEPS = {step.key: step for step in PLAN if step.key}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def load(figures_dir: Path, key: str) -> dict | None:
+    path = Path(figures_dir) / f"{key}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def provenance(data: dict) -> str:
+    """``commit 1234567, 2026-12-02, 2 torch threads, 2 cores, load average 3.1 → 2.9``: where and when a figures
+    file was made."""
+    m = data["machine"]
+    code_changed = m.get("dirty") and any(not path.startswith(DOCUMENTS) for path in m.get("changed") or ["?"])
+    commit = (m.get("commit") or "unknown")[:7] + (" with uncommitted code changes" if code_changed else "")
+    return (f"commit {commit}, {data['date'][:10]}, {m['torch_threads']} torch threads, {conditions(data)}")
+
+
+def conditions(data: dict) -> str:
+    """``2 cores, load average 7.1 → 6.5, nice 10``: what a timing shared the machine with (the 1-minute load
+    average when the benchmark started and when it wrote its figures)."""
+    m = data["machine"]
+    load = m["load_average"][0]
+    if "load_average_start" in m:
+        load = f"{m['load_average_start'][0]} → {load}"
+    nice = f", nice {m['nice']}" if m.get("nice") else ""
+    return f"{m['cores_usable']} cores, load average {load}{nice}"
+
+
+def command_lines(*datas: dict) -> str:
+    return "\n".join(f"```\n{d['command']}\n```\n({provenance(d)})" for d in datas)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def f2(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def signed(value: float, digits: int = 1) -> str:
+    return f"{value:+.{digits}f}".replace("-", "−")
+
+
+RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+RECALL_HEADER = ["i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rSum"]
+
+
+def recall_rows(runs: dict[str, dict], labels: dict[str, str] | None = None) -> list[list[str]]:
+    """One row per run (R@1/5/10 both ways, rSum), the best rSum in bold."""
+    best = max(m["rsum"] for m in runs.values())
+    rows = []
+    for name, m in runs.items():
+        rsum = f"**{f2(m['rsum'])}**" if m["rsum"] == best and len(runs) > 1 else f2(m["rsum"])
+        rows.append([(labels or {}).get(name, name), *(f2(m[k]) for k in RECALLS), rsum])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ blocks
+def eval_speed(d: dict) -> str:
+    f = d["figures"]
+    rows = [["bare GEMM", f"{f['gemm_s']:.3f} s"],
+            [f"full protocol ({' + '.join(f['protocols'])}, GEMM included)", f"{f['protocol_s']:.3f} s"],
+            ["ranking alone, ours", f"{f['ranking_ours_s']:.3f} s"],
+            ["ranking alone, classic per-query argsort loop", f"{f['ranking_classic_s']:.3f} s"]]
+    same = "the same" if f["same_recalls"] else "different"
+    return (f"{command_lines(d)}\n\n{f['num_images']:,} × {f['num_captions']:,} unit embeddings, dim "
+            f"{d['config']['dim']}:\n\n{table(['what', 'time'], rows)}\n\n"
+            f"- protocol / GEMM = **{f['protocol_over_gemm']:.2f}x** (target ≤ 1.5).\n"
+            f"- loop / ours = **{f['classic_over_ours']:.1f}x** (target ≥ 20).\n"
+            f"- The two rankings give {same} R@K; ranks differing: i2t {f['ranks_differing']['i2t']}, t2i "
+            f"{f['ranks_differing']['t2i']} (only exact ties can differ, which numpy's unstable default sort orders "
+            f"as it likes).")
+
+
+def eval_speed_summary(d: dict) -> str:
+    f = d["figures"]
+    return (f"- `{d['command']}`: for {f['num_images']:,} × {f['num_captions']:,} similarities, the full protocol "
+            f"takes {f['protocol_over_gemm']:.2f}x the bare GEMM, and ranking is {f['classic_over_ours']:.1f}x "
+            f"faster than the classic per-query argsort loop ({conditions(d)}).")
+
+
+def demo(d: dict) -> str:
+    f = d["figures"]
+    minutes, seconds = divmod(round(f["wall_s"]), 60)
+    fresh = "a fresh folder" if f["fresh"] else "a folder that already held part of the demo (resumed)"
+    return (f"{command_lines(d)}\n\nIn {fresh} the demo took **{minutes}:{seconds:02d} wall** with "
+            f"{f['peak_rss_mib']:.0f} MiB peak RSS. It generates 1,500 images, extracts features, then trains USER "
+            f"and VSE++ for 8 epochs each.\n\nShapes-world {f['split']} split:\n\n"
+            f"{table(['run', *RECALL_HEADER], recall_rows(f['runs']))}")
+
+
+def demo_summary(d: dict) -> str:
+    f = d["figures"]
+    rsums = ", ".join(f"{name} {m['rsum']:.1f}" for name, m in f["runs"].items())
+    return (f"- `{d['command']}` (what `make demo` runs): {f['wall_s'] / 60:.0f} minutes wall ({conditions(d)}); "
+            f"test rSum {rsums}.")
+
+
+def throughput(bigru: dict, bert: dict) -> str:
+    rows = []
+    for name, d in (("BiGRU", bigru), ("MiniLM", bert)):
+        models = d["figures"]["models"]
+        cells = [f"{m['samples_per_s']:.1f} samples/s ({m['ms_per_step']:.0f} ms/step)" for m in models.values()]
+        ratios = d["figures"]["user_over"]
+        rows.append([name, *cells, f"{ratios['vsepp']:.2f}x", f"{ratios['infonce']:.2f}x"])
+    c = bigru["config"]
+    labels = [m["label"] for m in bigru["figures"]["models"].values()]
+    return (f"{command_lines(bigru, bert)}\n\nBatch {c['batch_size']}, {c['regions']} × {c['region_dim']} regions, "
+            f"queue {c['queue_size']}, embed {c['embed_dim']}. Each model is its `retrieval_quality.py` variant: "
+            f"the baselines without SGE or queues, USER with SGE, momentum encoders, queues and UTO. Target: USER "
+            f"step time ≤ 1.6x the baseline's.\n\n"
+            f"{table(['text encoder', *labels, 'USER / VSE++', 'USER / InfoNCE'], rows)}")
+
+
+def throughput_summary(bigru: dict, bert: dict) -> str:
+    r = [d["figures"]["user_over"] for d in (bigru, bert)]
+    return (f"- `python benchmarks/train_throughput.py [--text-encoder bert]`: a USER step (SGE, momentum encoders, "
+            f"queues, UTO) takes {r[0]['vsepp']:.2f}x the VSE++ baseline's step (no SGE, no queues) with BiGRU, "
+            f"{r[1]['vsepp']:.2f}x with MiniLM ({r[0]['infonce']:.2f}x and {r[1]['infonce']:.2f}x InfoNCE's; "
+            f"{conditions(bigru)}).")
+
+
+LABELS = {
+    "user_uto_plain": "user_uto_plain (UTO alone: no SGE, no queues)",
+    "user_noqueue": "user_noqueue (SGE, UTO)",
+    "user_keep": "user_keep (+queues, authors' false negatives)",
+    "user": "user (+queues, id mask)",
+    "user_plain": "user_plain (queues, no SGE/CGE)",
+    "user_cge": "user_cge (queues, CGE, no SGE)",
+    "user_sge_cge": "user_sge_cge (queues, SGE, CGE)",
+}
+DIFFERENCES = (  # what changes from the second variant to the first, one component at a time
+    ("UTO instead of the hinge (neither has SGE or queues)", "user_uto_plain", "vsepp"),
+    ("UTO instead of InfoNCE (neither has SGE or queues)", "user_uto_plain", "infonce"),
+    ("SGE, without queues", "user_noqueue", "user_uto_plain"),
+    ("momentum queues with the id mask, with SGE", "user", "user_noqueue"),
+    ("the id mask instead of the authors' false negatives", "user", "user_keep"),
+    ("SGE, with queues", "user", "user_plain"),
+    ("CGE, with queues", "user_cge", "user_plain"),
+    ("SGE + CGE, with queues", "user_sge_cge", "user_plain"),
+)
+
+
+def quality(d: dict) -> str:
+    f = d["figures"]
+    runs = {name: v["metrics"] for name, v in f["variants"].items()}
+    c = d["config"]
+    budget = f"{c['epochs']} epochs" + (f" × {c['max_steps_per_epoch']} steps" if c["max_steps_per_epoch"] else "")
+    parts = [command_lines(d),
+             f"{c['data']} / {f['split']} ({f['num_images']:,} images, {f['num_captions']:,} captions), best epoch by "
+             f"{f['val_split']} rSum; {budget} of batch {c['batch_size']}, seed {c['seed']}, text encoder "
+             f"{c['text_encoder']}:",
+             table(["variant", *RECALL_HEADER], recall_rows(runs, LABELS))]
+    diffs = [f"- {what}: {signed(runs[a]['rsum'] - runs[b]['rsum'])} rSum ({a} against {b})"
+             for what, a, b in DIFFERENCES if a in runs and b in runs]
+    if diffs:
+        parts.append("One component at a time, from the table:\n\n" + "\n".join(diffs))
+    epochs = sorted({int(e) for v in f["variants"].values() for e in v["val_rsum_per_epoch"]})
+    curve_rows = [[name, *(f"{v['val_rsum_per_epoch'].get(str(e), float('nan')):.1f}" for e in epochs)]
+                  for name, v in f["variants"].items()]
+    parts.append(f"{f['val_split'].capitalize()} rSum per epoch:\n\n"
+                 + table(["variant", *(f"epoch {e}" for e in epochs)], curve_rows))
+    parts.append("Train time per variant: " + ", ".join(f"{name} {v['train_seconds'] / 60:.1f} min"
+                                                      for name, v in f["variants"].items()) + ".")
+    teacher = f.get("teacher")
+    if teacher:
+        parts.append(f"The CLIP teacher itself (`{teacher['checkpoint']}`, its cached embeddings ranked by the same "
+                     f"protocol): rSum {teacher['rsum']:.2f} (R@1 {teacher['i2t_r1']:.1f} / {teacher['t2i_r1']:.1f}).")
+    return "\n\n".join(parts)
+
+
+def quality_summary(d: dict) -> str:
+    f = d["figures"]
+    rsums = ", ".join(f"{name} {v['metrics']['rsum']:.1f}" for name, v in f["variants"].items())
+    c = d["config"]
+    budget = f"{c['epochs']} epochs" + (f" × {c['max_steps_per_epoch']} steps" if c["max_steps_per_epoch"] else "")
+    return f"- `benchmarks/retrieval_quality.py` on `{c['data']}` ({budget}), {f['split']} rSum: {rsums}."
+
+
+def margins(d: dict) -> str:
+    f = d["figures"]
+    rows = []
+    for name, run in f["runs"].items():
+        for direction in ("i2t", "t2i"):
+            r = run[direction]
+            rows.append([name, run["loss"], direction, f"{r['positive_mean']:.3f}", f"{r['wrong_mean']:.3f}",
+                         *(f"{r[k]:.1f}%" for k in ("positives_below_gamma", "rank1_failures", "failures_quiet",
+                                                   "failures_band", "failures_above"))])
+    gamma = next(iter(f["runs"].values()))["gamma"]
+    q = f["quiet_below"]
+    return (f"{command_lines(d)}\n\nShapes {f['split']}, γ = {gamma}:\n\n"
+            + table(["run", "loss", "dir", "best positive (mean)", "best wrong (mean)", "positives < γ",
+                     "R@1 failures", f"winner < γ−{q}", f"winner in [γ−{q}, γ)", "winner ≥ γ"], rows))
+
+
+def cge(d: dict) -> str:
+    f = d["figures"]
+    c = d["config"]
+    rows = [[str(batch), *(f"{r[k]:.2f}" for k in ("without_ms", "hit_ms", "miss_ms")),
+             f"{r['hit_over_without']:.2f}x", f"{r['miss_over_without']:.2f}x"]
+            for batch, r in f["ms_per_image"].items()]
+    return (f"{command_lines(d)}\n\n{f['num_images']} {f['split']} images of `{c['data']}`, USER at "
+            f"{c['image_size']} px, teacher {f['teacher']} at {f['teacher_image_size']} px ({f['teacher_dim']}-d), "
+            f"ms per image:\n\n"
+            + table(["batch", "without CGE", "CGE, cache hit", "CGE, cache miss", "hit / without",
+                     "miss / without"], rows))
+
+
+def probe(d: dict) -> str:
+    f = d["figures"]
+    b = f["budget"]
+    rows = [[name, f"{m['miou_mean']:.1f}", f"{m['miou_std']:.1f}" if m["miou_std"] is not None else "-",
+             " / ".join(f"{v:.1f}" for v in m["miou_per_seed"])] for name, m in f["methods"].items()]
+    classes = list(next(iter(f["methods"].values()))["iou_per_class"])
+    class_rows = [[name, *("-" if m["iou_per_class"][c] is None else f"{m['iou_per_class'][c]:.1f}" for c in classes)]
+                  for name, m in f["methods"].items()]
+    seeds = " / ".join(str(s) for s in f["seeds"])
+    return (f"{command_lines(d)}\n\n{b['pretrain_scenes']} pretraining scenes × {b['num_points']:,} points, "
+            f"{b['steps']} steps of {b['batch_scenes']} scenes; the probe trains on {b['probe_train_scenes']} scenes "
+            f"and scores on {b['eval_scenes']}, with {b['linear_steps']} linear steps.\n\n"
+            + table(["method", "mIoU mean", "std", f"seeds {seeds}"], rows)
+            + "\n\nMean IoU per class:\n\n" + table(["method", *classes], class_rows))
+
+
+def probe_summary(d: dict) -> str:
+    f = d["figures"]
+    means = ", ".join(f"{name} {m['miou_mean']:.1f}" for name, m in f["methods"].items())
+    return f"- `{d['command']}` (built-in scenes, seeds {', '.join(map(str, f['seeds']))}), linear-probe mIoU: {means}."
+
+
+def distill_step(d: dict) -> str:
+    f = d["figures"]
+    rows = [["training step, 1 scene", f"median {f['step_median_ms']:.0f} ms, min {f['step_min_ms']:.0f} ms → "
+                                       f"{f['scenes_per_s']:.2f} scenes/s"],
+            ["3D network forward", f"{f['forward_ms']:.0f} ms"],
+            ["3D network forward + backward", f"{f['forward_backward_ms']:.0f} ms"],
+            ["one-off preparation (SLIC, backbone, z)", f"{f['preparation_s']:.2f} s"],
+            ["peak RSS after building the models", f"{f['rss_models_mib']:.0f} MiB"],
+            ["peak RSS after preparation", f"{f['rss_prepared_mib']:.0f} MiB"],
+            ["peak RSS after the steps", f"{f['rss_steps_mib']:.0f} MiB"]]
+    return (f"{command_lines(d)}\n\nCloud: {f['points']:,} points → {f['voxels']:,} voxels of {f['voxel_size']} m; "
+            f"{f['cameras']} cameras at {f['image_size'][0]}×{f['image_size'][1]}; {f['superpixels']} superpixels with "
+            f"points. 3D network: VoxelUNet, {f['parameters'] / 1e6:.2f} M parameters.\n\n"
+            + table(["what", "figure"], rows))
+
+
+def distill_step_summary(d: dict) -> str:
+    f = d["figures"]
+    return (f"- `{d['command']}`: an ST-SLidR step on a {f['points']:,}-point cloud takes "
+            f"{f['step_median_ms'] / 1000:.1f} s on {d['machine']['torch_threads']} thread(s), with "
+            f"{f['rss_steps_mib'] / 1024:.1f} GiB peak RSS ({conditions(d)}).")
+
+
+def sparse_conv(d: dict) -> str:
+    f = d["figures"]
+    with_spconv = f["spconv"] is not None
+    header = ["layer", "width", "map ours"] + (["map spconv"] if with_spconv else []) + ["fwd+bwd ours"]
+    header += ["fwd+bwd spconv", "spconv / ours", "max rel. diff"] if with_spconv else []
+    rows = []
+    for layer in f["layers"]:
+        row = [layer["kind"], str(layer["channels"]), f"{layer['map_ms'][0]:.1f}"]
+        if with_spconv:
+            row.append(f"{layer['map_ms'][1]:.1f}")
+        row.append(f"{layer['forward_backward_ms'][0]:.1f}")
+        if with_spconv:
+            row += [f"{layer['forward_backward_ms'][1]:.1f}", f"{layer['spconv_over_ours']:.2f}",
+                    f"{max(layer['max_rel_diff']):.1e}"]
+        rows.append(row)
+    note = (f"spconv {f['spconv']}" if with_spconv else f"spconv not importable ({f['spconv_error']}): xmcl only")
+    return f"{command_lines(d)}\n\n{f['voxels']:,} voxels; {note}; ms, medians:\n\n" + table(header, rows)
+
+
+def setup_commands() -> str:
+    return "```\n" + "\n".join(step.command for step in PLAN if step.key is None) + "\n```"
+
+
+@dataclass(frozen=True)
+class Block:
+    """A generated block of a document: ``render(*figures files of keys)``."""
+
+    name: str
+    keys: tuple[str, ...]
+    render: Callable[..., str]
+
+
+BLOCKS = (
+    Block("setup", (), setup_commands),
+    Block("eval_speed", ("eval_speed",), eval_speed),
+    Block("demo", ("demo",), demo),
+    Block("throughput", ("throughput_bigru", "throughput_bert"), throughput),
+    Block("rq_shapes", ("rq_shapes",), quality),
+    Block("uto_margins", ("uto_margins",), margins),
+    Block("rq_f8k", ("rq_f8k",), quality),
+    Block("distill_probe", ("distill_probe",), probe),
+    Block("distill_step", ("distill_step",), distill_step),
+    Block("sparse_conv", ("sparse_conv",), sparse_conv),
+    Block("cge_shapes", ("cge_shapes",), cge),
+    Block("cge_f8k", ("cge_f8k",), cge),
+    Block("distill_tolerance", ("distill_tolerance",), probe),
+)
+SUMMARIES = (
+    Block("eval_speed:summary", ("eval_speed",), eval_speed_summary),
+    Block("throughput:summary", ("throughput_bigru", "throughput_bert"), throughput_summary),
+    Block("rq_shapes:summary", ("rq_shapes",), quality_summary),
+    Block("rq_f8k:summary", ("rq_f8k",), quality_summary),
+    Block("distill_probe:summary", ("distill_probe",), probe_summary),
+    Block("distill_step:summary", ("distill_step",), distill_step_summary),
+    Block("demo:summary", ("demo",), demo_summary),
+)
+
+
+def render_blocks(figures_dir: Path, blocks: tuple[Block, ...]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """The text of each block whose figures files all exist, and the missing keys of the others."""
+    rendered, pending = {}, {}
+    for block in blocks:
+        datas = [load(figures_dir, key) for key in block.keys]
+        if all(datas):
+            rendered[block.name] = block.render(*datas)
+        else:
+            pending[block.name] = [key for key, data in zip(block.keys, datas) if data is None]
+    return rendered, pending
+
+
+def _marker(name: str) -> re.Pattern:
+    return re.compile(rf"<!-- figures:{re.escape(name)} -->\n.*?<!-- /figures:{re.escape(name)} -->", re.S)
+
+
+def update_document(text: str, rendered: dict[str, str]) -> str:
+    """``text`` with each block named in ``rendered`` replaced; blocks it does not name stay as they are."""
+    for name, body in rendered.items():
+        block = f"<!-- figures:{name} -->\n{body}\n<!-- /figures:{name} -->"
+        text, count = _marker(name).subn(lambda m: block, text)
+        if count != 1:
+            raise SystemExit(f"error: the document has {count} blocks '{name}' (expected one)")
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ collect
+def documented(record: dict) -> Step | None:
+    """The plan step whose command made this figures file (by benchmark and documented argv), if any."""
+    for step in PLAN:
+        if step.key and step.benchmark == record.get("benchmark") and step.argv == record.get("argv"):
+            return step
+    return None
+
+
+def collect(root: Path, figures_dir: Path) -> list[str]:
+    """Copy the newest figures file of each documented command found under ``root`` to ``figures_dir/KEY.json``
+    (unless that one is newer); returns the keys copied."""
+    newest: dict[str, tuple[str, Path]] = {}
+    for path in sorted(Path(root).rglob("figures.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        step = documented(record)
+        if step and (step.key not in newest or record["date"] > newest[step.key][0]):
+            newest[step.key] = (record["date"], path)
+    copied = []
+    for key, (date, path) in sorted(newest.items()):
+        current = load(figures_dir, key)
+        if current is None or date > current["date"]:
+            Path(figures_dir).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, Path(figures_dir) / f"{key}.json")
+            copied.append(key)
+    return copied
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--figures", type=Path, default=FIGURES_DIR, help="folder of KEY.json figures files")
+    parser.add_argument("--collect", type=Path, action="append", default=[], metavar="ROOT",
+                        help="first copy the documented commands' figures files found under ROOT")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--readme", type=Path, default=README)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--write", action="store_true", help="rewrite the generated blocks of both documents")
+    group.add_argument("--check", action="store_true", help="exit 1 if a document's block is not what it generates")
+    args = parser.parse_args(argv)
+
+    for root in args.collect:
+        copied = collect(root, args.figures)
+        print(f"collected from {root}: {', '.join(copied) or 'nothing newer'}")
+    stale = []
+    for path, blocks in ((args.results, BLOCKS), (args.readme, SUMMARIES)):
+        rendered, pending = render_blocks(args.figures, blocks)
+        if not (args.write or args.check):
+            for name, body in rendered.items():
+                print(f"\n## {name}\n\n{body}")
+        for name, keys in pending.items():
+            print(f"\npending ({path.name}, block {name}): no figures yet; run "
+                  + "; ".join(f"`{STEPS[key].command}`" for key in keys))
+        text = path.read_text(encoding="utf-8")
+        updated = update_document(text, rendered)
+        if args.write and updated != text:
+            path.write_text(updated, encoding="utf-8")
+            print(f"rewrote {path}")
+        if args.check and updated != text:
+            stale.append(str(path))
+    if stale:
+        print(f"out of date with their figures files: {', '.join(stale)} (run benchmarks/report.py --write)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The figures pipeline of benchmarks/: what a benchmark writes (figures.py), the tables report.py makes from small
+figures files (their cells are the files' numbers), the document blocks it rewrites or leaves pending, and the
+plan of documented commands (no two of them share an output folder)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import figures  # noqa: E402
+import report  # noqa: E402
+
+
+def record(key: str, figures_: dict, config: dict | None = None, date: str = "2026-12-01T10:00:00+00:00") -> dict:
+    """A figures file as the plan step ``key``'s command would write it."""
+    step = report.STEPS[key]
+    return {"format": figures.FORMAT, "benchmark": step.benchmark, "argv": step.argv, "command": step.command,
+            "config": config or {}, "date": date, "figures": figures_,
+            "machine": {"commit": "0123456789abcdef", "dirty": False, "cores": 2, "cores_usable": 2,
+                        "torch_threads": 2, "load_average": [0.5, 0.4, 0.3]}}
+
+
+def metrics(base: float) -> dict:
+    """R@K figures whose six recalls add to rSum."""
+    values = {k: base + i for i, k in enumerate(report.RECALLS)}
+    return {**values, "rsum": sum(values.values())}
+
+
+EVAL_SPEED = {"num_images": 5000, "num_captions": 25000, "protocols": ["all", "fold5"], "gemm_s": 2.5,
+              "protocol_s": 3.125, "ranking_ours_s": 0.25, "ranking_classic_s": 8.0, "protocol_over_gemm": 1.25,
+              "classic_over_ours": 32.0, "same_recalls": True, "ranks_differing": {"i2t": 0, "t2i": 3}}
+
+
+def quality_figures() -> dict:
+    variants = {}
+    for n, name in enumerate(("infonce", "vsepp", "user_uto_plain", "user_plain", "user_cge")):
+        variants[name] = {"metrics": metrics(10.0 * n), "best_epoch": 2, "train_seconds": 60.0 * (n + 1),
+                          "val_rsum_per_epoch": {"1": 100.0 + n, "2": 200.5 + n}, "overrides": []}
+    return {"split": "val", "val_split": "val", "num_images": 250, "num_captions": 1250, "variants": variants,
+            "teacher": {"checkpoint": "runs/clip_shapes", **metrics(40.0)}}
+
+
+QUALITY_CONFIG = {"data": "runs/shapes_feats", "epochs": 8, "max_steps_per_epoch": None, "batch_size": 128, "seed": 0,
+                  "text_encoder": "bigru"}
+
+
+def write(folder: Path, key: str, data: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{key}.json").write_text(json.dumps(data))
+
+
+def rows_of(markdown: str) -> list[list[str]]:
+    """The cells of every table row (header and rule rows included) of a block."""
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in markdown.splitlines()
+            if line.startswith("|")]
+
+
+def tables_of(markdown: str) -> list[list[list[str]]]:
+    """The rows of each table of a block, table by table."""
+    return [rows_of(part) for part in markdown.split("\n\n") if part.startswith("|")]
+
+
+def test_eval_speed_table_holds_the_files_numbers():
+    text = report.eval_speed(record("eval_speed", EVAL_SPEED, {"dim": 1024}))
+    rows = {row[0]: row[1] for row in rows_of(text)}
+    assert rows["bare GEMM"] == "2.500 s" and rows["ranking alone, ours"] == "0.250 s"
+    assert rows["ranking alone, classic per-query argsort loop"] == "8.000 s"
+    assert rows["full protocol (all + fold5, GEMM included)"] == "3.125 s"
+    assert "**1.25x**" in text and "**32.0x**" in text and "t2i 3" in text
+    assert "```\npython benchmarks/eval_speed.py\n```" in text and "commit 0123456, 2026-12-01" in text
+
+
+def test_quality_table_rows_differences_and_curves_come_from_the_file():
+    data = record("rq_shapes", quality_figures(), QUALITY_CONFIG)
+    text = report.quality(data)
+    recalls, curves = tables_of(text)
+    by_name = {row[0]: row for row in recalls}
+    for name, run in data["figures"]["variants"].items():
+        row = by_name[report.LABELS.get(name, name)]
+        expected = [f"{run['metrics'][k]:.2f}" for k in report.RECALLS] + [f"{run['metrics']['rsum']:.2f}"]
+        assert [cell.strip("*") for cell in row[1:8]] == expected
+    assert by_name["user_cge (queues, CGE, no SGE)"][7] == "**255.00**"  # the best rSum, in bold
+    assert by_name["infonce"][7] == "15.00"
+    # one component at a time: differences of the rSums above (vsepp 75, user_uto_plain 135, user_plain 195)
+    assert "UTO instead of the hinge (neither has SGE or queues): +60.0 rSum (user_uto_plain against vsepp)" in text
+    assert "CGE, with queues: +60.0 rSum" in text
+    assert "SGE, without queues" not in text  # user_noqueue was not run
+    assert curves[0] == ["variant", "epoch 1", "epoch 2"] and ["vsepp", "101.0", "201.5"] in curves
+    assert "rSum 255.00 (R@1 40.0 / 43.0)" in text  # the teacher's own figures
+
+
+def test_write_replaces_blocks_with_figures_and_leaves_pending_ones(tmp_path):
+    figures_dir = tmp_path / "figures"
+    write(figures_dir, "eval_speed", record("eval_speed", EVAL_SPEED, {"dim": 1024}))
+    write(figures_dir, "throughput_bigru", record("throughput_bigru", {}))  # its pair is missing: stays pending
+    pending = "Old table, from the previous code, rerun pending:\n| a | 1.0 |"
+    results = tmp_path / "results.md"
+    results.write_text("# Figures\n<!-- figures:setup -->\n<!-- /figures:setup -->\n"
+                       f"Prose 1.\n<!-- figures:eval_speed -->\nstale\n<!-- /figures:eval_speed -->\n"
+                       f"Prose 2.\n<!-- figures:throughput -->\n{pending}\n<!-- /figures:throughput -->\nEnd.\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("- <!-- figures:eval_speed:summary -->\nold\n<!-- /figures:eval_speed:summary -->\n")
+    options = ["--figures", str(figures_dir), "--results", str(results), "--readme", str(readme)]
+    assert report.main(options + ["--check"]) == 1
+    assert report.main(options + ["--write"]) == 0
+    assert report.main(options + ["--check"]) == 0
+    text = results.read_text()
+    assert text.startswith("# Figures\n<!-- figures:setup -->\n```\nxmcl data shapes --out runs/shapes")
+    assert ("```\n<!-- /figures:setup -->\nProse 1.\n<!-- figures:eval_speed -->\n```\n"
+            "python benchmarks/eval_speed.py") in text
+    assert "stale" not in text and f"Prose 2.\n<!-- figures:throughput -->\n{pending}\n<!--" in text
+    assert "the full protocol takes 1.25x the bare GEMM, and ranking is 32.0x faster" in readme.read_text()
+
+
+def test_collect_finds_figures_files_by_their_documented_command(tmp_path):
+    root, figures_dir = tmp_path / "runs", tmp_path / "figures"
+    old = record("throughput_bert", {"n": 1}, date="2026-12-01T10:00:00+00:00")
+    new = record("throughput_bert", {"n": 2}, date="2026-12-02T10:00:00+00:00")
+    other = {**record("throughput_bert", {"n": 3}), "argv": ["--text-encoder", "bert", "--steps", "2"]}
+    for folder, data in (("a", old), ("b", new), ("c", other)):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "figures.json").write_text(json.dumps(data))
+    assert report.collect(root, figures_dir) == ["throughput_bert"]
+    assert report.load(figures_dir, "throughput_bert")["figures"] == {"n": 2}  # the newest documented one
+    assert report.collect(root, figures_dir) == []  # nothing newer the second time
+
+
+def test_benchmark_writes_its_configuration_machine_and_documented_command(tmp_path, monkeypatch):
+    monkeypatch.setenv(figures.RUNS_ENV, str(tmp_path / "fresh"))
+    import eval_speed
+
+    args = eval_speed.parse_args(["--images", "10", "--seed", "3"])
+    assert args.out.parent == tmp_path / "fresh" / "bench" / "eval_speed"  # default: under the moved runs root
+    path = figures.write_figures(args.out, "eval_speed", args, {"x": 1.5},
+                                 argv=["--images", "10", str(tmp_path / "fresh" / "a" / "b.pt")])
+    data = json.loads(path.read_text())
+    assert data["command"] == "python benchmarks/eval_speed.py --images 10 runs/a/b.pt"
+    assert data["config"]["images"] == 10 and data["config"]["seed"] == 3 and data["figures"] == {"x": 1.5}
+    machine = data["machine"]
+    assert machine["cores"] >= 1 and machine["torch_threads"] >= 1 and len(machine["load_average"]) == 3
+    assert machine["commit"] is None or len(machine["commit"]) == 40
+    assert data["date"][:2] == "20" and report.documented(data) is None  # not a documented command
+
+
+def parsed(step: report.Step):
+    module = __import__(step.benchmark)
+    return module.parse_args(step.argv)
+
+
+@pytest.mark.parametrize("root", [None, "elsewhere"])
+def test_documented_commands_never_share_an_output_folder(root, tmp_path, monkeypatch):
+    if root:
+        monkeypatch.setenv(figures.RUNS_ENV, str(tmp_path / root))
+    outs = {step.key: parsed(step).out for step in report.PLAN if step.key}
+    assert len(set(outs.values())) == len(outs), outs
+    # the tolerance rules rerun st_slidr in a folder of their own, so its pretraining really runs again
+    assert outs["distill_tolerance"] != outs["distill_probe"]
+    # uto_margins reads the checkpoints the shapes harness writes
+    harness = parsed(report.STEPS["rq_shapes"])
+    for checkpoint in parsed(report.STEPS["uto_margins"]).checkpoints:
+        assert checkpoint.parent.parent == harness.out and checkpoint.parent.name in harness.variants
+    every_key = {key for block in report.BLOCKS + report.SUMMARIES for key in block.keys}
+    assert every_key <= set(report.STEPS)
+
+
+def test_the_committed_documents_match_their_figures_files():
+    """docs/results.md and README.md hold exactly what report.py makes from docs/figures (no table by hand)."""
+    assert report.main(["--check"]) == 0
