@@ -42,17 +42,26 @@ def _fake_scene(n: int, seed: int) -> Scene:
     return Scene(points=rng.normal(size=(n, 4)), cameras=[], labels=labels, class_names=("a", "b", "c"))
 
 
-def test_label_fraction_by_scenes_and_by_points() -> None:
+def test_label_fraction_by_scenes_points_and_skip() -> None:
     scenes = [_fake_scene(2000, i) for i in range(4)]
     by_scene = select_labels(scenes, 0.5, "scenes", seed=0)
-    assert len(by_scene) == 2 and all(labels is scene.labels for scene, labels in by_scene)
-    assert len(select_labels(scenes, 0.01, "scenes", seed=0)) == 1
+    assert len(by_scene.indices) == 2 and len(set(by_scene.indices)) == 2
+    assert all(by_scene.labels(i, scenes[i]) is scenes[i].labels for i in by_scene.indices)
+    assert len(select_labels(scenes, 0.01, "scenes", seed=0).indices) == 1
     by_point = select_labels(scenes, 0.3, "points", seed=0)
-    for scene, labels in by_point:
+    assert by_point.indices == [0, 1, 2, 3]
+    for i, scene in enumerate(scenes):
+        labels = by_point.labels(i, scene)
         kept = labels >= 0
         assert np.array_equal(labels[kept], scene.labels[kept])
         share = kept.sum() / (scene.labels >= 0).sum()
         assert 0.25 < share < 0.35
+        assert np.array_equal(labels, by_point.labels(i, scene))  # the same points on every read
+    # the authors' rule: fraction 1/k keeps scans 0, k, 2k, ... (their SemanticKITTI loader's files[::k])
+    many = [_fake_scene(10, i) for i in range(250)]
+    assert select_labels(many, 0.01, "skip", seed=0).indices == [0, 100, 200]
+    assert select_labels(many, 0.1, "skip", seed=3).indices == list(range(0, 250, 10))
+    assert select_labels(many, 1.0, "skip", seed=0).indices == list(range(250))
     with pytest.raises(ConfigError, match="label fraction"):
         select_labels(scenes, 0.0, "scenes", seed=0)
 
