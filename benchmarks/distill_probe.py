@@ -56,7 +56,7 @@ PROBES = {
     "authors": ["probe.protocol=authors", "probe.label_unit=skip"],
 }
 QUICK = ["data.pretrain_scenes=16", "data.probe_train_scenes=8", "data.eval_scenes=8", "optim.steps=80",
-         "probe.linear_steps=200", "probe.epochs=20"]
+         "probe.linear_steps=200", "probe.epochs=10"]
 
 
 def run_one(config: Path, overrides: list[str], method: str, seed: int, probe: str, out: Path) -> dict:

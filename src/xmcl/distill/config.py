@@ -206,12 +206,14 @@ class DistillLossConfig:
 
 @dataclass
 class DistillOptimConfig:
-    """Optimiser of the 3D network and the 2D head; cosine decay to 0 after ``warmup_steps`` of linear warm-up."""
+    """Optimiser of the 3D network and the 2D head; cosine decay to 0 after ``warmup_steps`` of linear warm-up.
+    ``momentum`` and ``dampening`` are SGD's (the authors pretrain with SGD, lr 0.5, momentum 0.9, dampening 0.1)."""
 
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 2e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9
+    dampening: float = 0.0
     warmup_steps: int = 10
     steps: int = 300
     batch_scenes: int = 2
@@ -220,6 +222,7 @@ class DistillOptimConfig:
         require(self, "lr", gt=0.0)
         require(self, "weight_decay", ge=0.0)
         require(self, "momentum", ge=0.0, lt=1.0)
+        require(self, "dampening", ge=0.0, lt=1.0)
         require(self, "warmup_steps", ge=0)
         require(self, "steps", ge=1)
         require(self, "batch_scenes", ge=1)
