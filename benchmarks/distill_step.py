@@ -65,7 +65,8 @@ def main() -> None:
     cfg = load_config(DistillConfig, args.config, overrides)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    net, head, loss_fn = build_voxel_net(cfg.voxel).to(device), build_image_head(cfg).to(device), build_distill_loss(cfg)
+    net, head = build_voxel_net(cfg.voxel).to(device), build_image_head(cfg).to(device)
+    loss_fn = build_distill_loss(cfg)
     optimizer, _ = build_optimizer(list(net.parameters()) + list(head.head.parameters()), cfg.optim)
     rss_start = peak_rss_mib()
 

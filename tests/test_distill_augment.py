@@ -10,8 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from xmcl.config import load_config
-from xmcl.distill.augment import (CameraInputs, augment_points, crop_box, drop_cuboid, flip_horizontal,
-                                  random_resized_crop, resized_crop)
+from xmcl.distill.augment import (
+    CameraInputs,
+    augment_points,
+    crop_box,
+    drop_cuboid,
+    flip_horizontal,
+    random_resized_crop,
+    resized_crop,
+)
 from xmcl.distill.config import AugmentationConfig, DistillConfig
 from xmcl.distill.networks import build_image_head, build_voxel_net
 from xmcl.distill.objective import build_distill_loss, distillation_loss

@@ -14,7 +14,6 @@ from xmcl.cli import main as cli
 from xmcl.config import load_config
 from xmcl.distill.config import DistillConfig
 from xmcl.distill.geometry import project_points
-from xmcl.distill.kitti import KittiReader
 from xmcl.distill.nuscenes_lidarseg import CLASS_NAMES as NUSCENES_CLASSES
 from xmcl.distill.nuscenes_lidarseg import NuScenesLidarsegReader, category_lut, scene_splits
 from xmcl.distill.probe import select_labels

@@ -13,8 +13,8 @@ from xmcl.distill.config import DistillConfig, VoxelConfig
 from xmcl.distill.networks import build_voxel_net
 from xmcl.distill.probe import recalibrate_batchnorm, run_probe, select_labels
 from xmcl.distill.scene import Scene
-from xmcl.errors import ConfigError, DataError
 from xmcl.distill.segmentation_loss import cross_entropy_lovasz, lovasz_softmax
+from xmcl.errors import ConfigError, DataError
 from xmcl.metrics.segmentation import authors_mean_iou, confusion_matrix, mean_iou, segmentation_scores
 
 

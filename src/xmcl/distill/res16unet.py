@@ -27,8 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xmcl.distill.voxel_net import (BatchNormReLU, CoordinateMap, SparseTensor, StridedConv3d, SubmanifoldConv3d,
-                                    TransposedConv3d, VoxelBatch, residual_blocks)
+from xmcl.distill.voxel_net import (
+    BatchNormReLU,
+    CoordinateMap,
+    SparseTensor,
+    StridedConv3d,
+    SubmanifoldConv3d,
+    TransposedConv3d,
+    VoxelBatch,
+    residual_blocks,
+)
 from xmcl.errors import ConfigError, DataError
 
 RES16UNET34C_PLANES = (32, 64, 128, 256, 256, 128, 96, 96)
