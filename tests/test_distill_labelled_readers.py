@@ -231,14 +231,17 @@ def _pose(matrix: np.ndarray) -> dict:
     return {"translation": np.asarray(matrix)[:3, 3].tolist(), "rotation": [w, x, y, z]}
 
 
-def write_nuscenes_release(root: Path, scenes: dict[str, int], version: str = "v1.0-mini") -> np.ndarray:
+def write_nuscenes_release(root: Path, scenes: dict[str, int], version: str = "v1.0-mini",
+                           cameras: tuple[str, ...] | None = None) -> np.ndarray:
     """A nuScenes-lidarseg release whose every sample is the real keyframe: ``scenes`` = scene name -> number of
-    samples. Tables are written from the info file (each camera's ego pose solved from its lidar2cam, so the table
-    chain reproduces it), and one lidarseg .bin per sweep from the 3D boxes (detection class -> a lidarseg
-    category; other points driveable surface below -1.4 m, noise for every 10th, else manmade). Returns the expected
-    class indices."""
+    samples, with the keyframe's ``cameras`` (default all six). Tables are written from the info file (each
+    camera's ego pose solved from its lidar2cam, so the table chain reproduces it), and one lidarseg .bin per sweep
+    from the 3D boxes (detection class -> a lidarseg category; other points driveable surface below -1.4 m, noise
+    for every 10th, else manmade). Returns the expected class indices."""
     src = FRAMES / "nuscenes_keyframe"
     info = json.loads((src / "info.json").read_text())["data_list"][0]
+    if cameras is not None:
+        info["images"] = {name: info["images"][name] for name in cameras}
     tables = {name: [] for name in ("sensor", "calibrated_sensor", "ego_pose", "sample", "sample_data", "scene",
                                     "lidarseg", "category")}
     tables["category"] = [{"token": f"cat{i}", "name": n, "description": "", "index": i}
@@ -374,3 +377,25 @@ def test_cli_probe_reaches_nuscenes(tmp_path: Path) -> None:
     stored = json.loads((tmp_path / "probe" / "probe_linear_authors.json").read_text())
     assert stored["protocol"] == "authors" and set(stored["iou"]) == set(NUSCENES_CHALLENGE)
     assert stored["points"] == int((expected >= 0).sum())  # every labelled point of the val scan is scored
+
+
+@needs_frames
+def test_cli_pretrain_reaches_nuscenes(tmp_path: Path) -> None:
+    """``xmcl distill pretrain --set data.source=nuscenes ...``: two augmented steps on the real keyframe (one camera,
+    SLIC on its full 1600 x 900 image, cropped to 64 x 112) write a checkpoint the probe then reads."""
+    write_nuscenes_release(tmp_path / "data", {"scene-0001": 1, "scene-0003": 1}, version="v1.0-trainval",
+                           cameras=("CAM_FRONT",))
+    config = tmp_path / "tiny.yaml"
+    config.write_text("voxel:\n  widths: [4, 8]\n  out_dim: 8\n  voxel_size: 0.3\nimage:\n  backbone: resnet18\n"
+                      "  weights: null\n  resnet_width: 8\n  input_scale: 1.0\nsuperpixels:\n  n_segments: 30\n"
+                      "augmentation:\n  crop_size: [64, 112]\n  min_pairs: 50\noptim:\n  steps: 2\n"
+                      "  batch_scenes: 1\n  warmup_steps: 0\nrun:\n  device: cpu\n  progress: false\n")
+    overrides = ["--set", "data.source=nuscenes", "--set", f"data.root={tmp_path / 'data'}"]
+    result = CliRunner().invoke(cli, ["distill", "pretrain", "--config", str(config), *overrides,
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 2 and np.isfinite(lines[-1]["loss"]) and lines[-1]["superpixels"] > 5
+    probe = CliRunner().invoke(cli, ["distill", "probe", "--config", str(config), *overrides, "--checkpoint",
+                                     str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "probe")])
+    assert probe.exit_code == 0, probe.output

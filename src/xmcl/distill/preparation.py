@@ -81,7 +81,7 @@ def camera_inputs(scene: Scene, superpixels: SuperpixelCache, device: torch.devi
     cams = []
     for camera, (idx, uv) in zip(scene.cameras, point_pixel_pairs(scene)):
         cams.append(CameraInputs(
-            image=torch.from_numpy(camera.image).to(device),
+            image=torch.tensor(camera.image, device=device),  # a copy: decoded images can be read-only
             superpixels=torch.from_numpy(superpixels(camera.image)).long().to(device),
             pair_point=torch.from_numpy(idx).to(device),
             pair_row=torch.from_numpy(uv[:, 1]).to(device),
