@@ -3,7 +3,7 @@ our probe and by the authors' probe.
 
     python benchmarks/distill_probe.py [--config configs/distill_synthetic.yaml] [--seeds 0 1 2 3 4] [--quick]
         [--methods random slidr tolerant st_slidr st_authors st_soft] [--probes ours authors]
-        [--set KEY=VALUE ...] [--threads 1] [--out runs/bench_distill_probe]
+        [--set KEY=VALUE ...] [--threads 1] [--out runs/bench_distill_probe] [--report-only]
 
 One harness, the same budget for every method: for each seed s (``run.seed = probe.seed = s``; the scenes are the
 same for all seeds), pretrain with the method's loss (``random`` skips it), then train a linear layer on the frozen
@@ -18,7 +18,9 @@ writes ``OUT/<method>_seed<s>/result_<probe>.json`` when done, and a finished re
 is not run again, so the command can be stopped and started again at will. Prints per run, then per probe the mIoU
 mean and sample standard deviation per method with every seed, the per-seed paired difference ST-SLidR minus SLidR
 (mean, std, and how many seeds it is positive on), the authors' mIoU (absent classes counted as 1), and the mean
-per-class IoU; writes everything to ``OUT/results.json``. ``--quick`` shrinks the budget (fewer scenes and steps).
+per-class IoU; writes everything to ``OUT/results.json``. ``--report-only`` runs nothing: it prints the tables over
+the seeds whose every method has finished (a run still under way can be reported this way). ``--quick`` shrinks the
+budget (fewer scenes and steps).
 ``st_authors`` (the authors' zeroed logits instead of removed negatives) and ``st_soft`` (weights 1 - s) compare the
 tolerance rules under ST-SLidR; they run only when named.
 """
@@ -59,16 +61,28 @@ QUICK = ["data.pretrain_scenes=16", "data.probe_train_scenes=8", "data.eval_scen
          "probe.linear_steps=200", "probe.epochs=10"]
 
 
-def run_one(config: Path, overrides: list[str], method: str, seed: int, probe: str, out: Path) -> dict:
-    """The result of one (method, seed, probe), from its JSON when already finished with these overrides."""
-    run_dir = out / f"{method}_seed{seed}"
-    result_path = run_dir / f"result_{probe}.json"
-    pretrain = overrides + (METHODS[method] or []) + [f"run.seed={seed}", f"probe.seed={seed}"]
-    settings = pretrain + PROBES[probe]
+def _settings(overrides: list[str], method: str, seed: int, probe: str) -> list[str]:
+    return overrides + (METHODS[method] or []) + [f"run.seed={seed}", f"probe.seed={seed}"] + PROBES[probe]
+
+
+def finished(overrides: list[str], method: str, seed: int, probe: str, out: Path) -> dict | None:
+    """The stored result of one (method, seed, probe) if it finished with these overrides, else None."""
+    result_path = out / f"{method}_seed{seed}" / f"result_{probe}.json"
     if result_path.is_file():
         stored = json.loads(result_path.read_text())
-        if stored.get("overrides") == settings:
+        if stored.get("overrides") == _settings(overrides, method, seed, probe):
             return stored
+    return None
+
+
+def run_one(config: Path, overrides: list[str], method: str, seed: int, probe: str, out: Path) -> dict:
+    """The result of one (method, seed, probe), from its JSON when already finished with these overrides."""
+    stored = finished(overrides, method, seed, probe, out)
+    if stored is not None:
+        return stored
+    run_dir = out / f"{method}_seed{seed}"
+    result_path = run_dir / f"result_{probe}.json"
+    settings = _settings(overrides, method, seed, probe)
     cfg = load_config(DistillConfig, config, settings)
     began = time.perf_counter()
     checkpoint = None if METHODS[method] is None else pretrain_distill(cfg, run_dir, resume=True)
@@ -120,6 +134,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 avoids the slowdown of oversubscribed shared cores)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_distill_probe"))
+    parser.add_argument("--report-only", action="store_true", help="print the tables of the finished runs only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -133,6 +148,14 @@ def main() -> None:
           f"which cannot be fetched here); augment {cfg0.data.augment}; probe: {cfg0.data.probe_train_scenes} train /"
           f" {cfg0.data.eval_scenes} eval scenes, ours {cfg0.probe.linear_steps} steps, authors {cfg0.probe.epochs} "
           f"epochs of {cfg0.probe.batch_scenes}; seeds {args.seeds}", flush=True)
+    if args.report_only:
+        for probe in args.probes:
+            complete = [s for s in args.seeds if all(finished(base, m, s, probe, args.out) for m in args.methods)]
+            print(f"{probe} probe: seeds finished for every method: {complete}")
+            if complete:
+                report({probe: {m: [finished(base, m, s, probe, args.out) for s in complete] for m in args.methods}},
+                       complete)
+        return
     results: dict[str, dict[str, list[dict]]] = {p: {m: [] for m in args.methods} for p in args.probes}
     for seed in args.seeds:
         for method in args.methods:

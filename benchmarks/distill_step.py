@@ -132,7 +132,8 @@ def main() -> None:
           f", augmented crops {cfg.augmentation.crop_size[0]}x{cfg.augmentation.crop_size[1]}, "
           f"{batch[0].pair_point.shape[0]} point-pixel pairs after augmentation, {k} superpixels with points")
     print(f"network: {shape}, {sum(p.numel() for p in net.parameters())} parameters; 2D {cfg.image.backbone} "
-          f"({cfg.image.weights} weights, frozen, input x{cfg.image.input_scale}); loss tolerance="
+          f"({cfg.image.weights} weights, frozen, input x{cfg.image.input_scale}; the authors' self-supervised "
+          f"ResNet-50 weights cannot be fetched here); loss tolerance="
           f"{cfg.loss.tolerance} q={cfg.loss.q} balance={cfg.loss.balance}; device {device}, torch threads "
           f"{torch.get_num_threads()}")
     print(f"one-off: scene generation {generated:.2f} s, fixed part (SLIC, pairs) {preparation:.2f} s")
