@@ -1,14 +1,17 @@
-"""Time and memory of one ST-SLidR pretraining step on CPU for a 30k-point synthetic sweep.
+"""Time and memory of one ST-SLidR pretraining step for a 30k-point synthetic sweep, augmentations on.
 
     python benchmarks/distill_step.py [--config configs/distill_synthetic.yaml] [--points 30000] [--steps 10]
-        [--threads 1] [--set KEY=VALUE ...] [--out runs/bench/distill_step/default]
+        [--threads 1] [--device cpu] [--authors-net] [--set KEY=VALUE ...]
 
-One built-in scene of ``--points`` lidar returns (the config's cameras and image size) is prepared once (SLIC,
-frozen backbone maps, per-superpixel z: timed separately), then ``--steps`` full training steps (voxelise + augment,
-3D U-Net, 2D head, superpixel pooling, loss, backward, optimiser) are timed after one warm-up step; the 3D network's
-forward and forward + backward are also timed alone. Memory: peak resident set size of the process
-(``resource.getrusage``) after the preparation and after the steps (what the steps add to the peak). Figures in
-OUT/figures.json.
+One built-in scene of ``--points`` lidar returns (the config's cameras and image size) is generated, its fixed part
+(SLIC superpixels, point-pixel pairs) prepared once (timed), then ``--steps`` full training steps are timed after one
+warm-up step: the authors' mixed augmentations (DropCuboids, ResizedCrop, horizontal flip) and the frozen
+backbone's pass over the augmented images (timed on their own too: the part that cannot be cached once the images
+change every step), voxelising with the point augmentation, the 3D network, the 2D head, superpixel pooling, the
+loss, backward and the optimiser. The 3D network's forward and forward + backward are also timed alone.
+``--authors-net`` uses the authors' 3D network shape (``voxel.architecture=res16unet``: Res16UNet34C, planes
+32..96, layers 2,3,4,6,2,2,2,2). Memory: peak resident set size of the process (``resource.getrusage``) after the
+preparation and after the steps, and on a CUDA device the peak allocated GPU memory of the steps.
 """
 
 from __future__ import annotations
@@ -25,103 +28,138 @@ from figures import parse_with_out, write_figures
 from timing import repeat_seconds
 
 from xmcl.config import load_config
+from xmcl.distill.augment import augment_scan
 from xmcl.distill.config import DistillConfig
 from xmcl.distill.networks import build_image_head, build_voxel_net
 from xmcl.distill.objective import build_distill_loss, distillation_loss
-from xmcl.distill.preparation import load_scenes, prepare_scene, voxelize_scenes
+from xmcl.distill.preparation import DistillInputs, prepare_cameras, voxelize_scenes
 from xmcl.distill.schedule import build_optimizer
+from xmcl.distill.sources import open_scans
 from xmcl.distill.superpixels import SuperpixelCache
 from xmcl.runtime.rng import seeded_generator
+
+AUTHORS_NET = ["voxel.architecture=res16unet", "voxel.bn_momentum=0.05"]
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The options (``argv``, default the command line), ``out`` resolved."""
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/distill_synthetic.yaml"))
     parser.add_argument("--points", type=int, default=30000)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--authors-net", action="store_true", help="3D network: " + " ".join(AUTHORS_NET))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    return parse_with_out(parser, "distill_step", argv=argv)
-
-
-def main() -> None:
-    args = parse_args()
+    args = parse_with_out(parser, "distill_step")
     torch.set_num_threads(args.threads)
-    cfg = load_config(DistillConfig, args.config, ["data.pretrain_scenes=1", f"data.num_points={args.points}",
-                                                   "optim.batch_scenes=1", "run.device=cpu"] + args.overrides)
-    device = torch.device("cpu")
+    overrides = ["data.pretrain_scenes=1", f"data.num_points={args.points}", "optim.batch_scenes=1",
+                 f"run.device={args.device}"] + (AUTHORS_NET if args.authors_net else []) + args.overrides
+    cfg = load_config(DistillConfig, args.config, overrides)
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    net, head, loss_fn = build_voxel_net(cfg.voxel), build_image_head(cfg), build_distill_loss(cfg)
+    net, head = build_voxel_net(cfg.voxel).to(device), build_image_head(cfg).to(device)
+    loss_fn = build_distill_loss(cfg)
     optimizer, _ = build_optimizer(list(net.parameters()) + list(head.head.parameters()), cfg.optim)
     rss_start = peak_rss_mib()
 
     began = time.perf_counter()
-    scene = load_scenes(cfg.data, "pretrain")[0]
+    scans = open_scans(cfg.data, "pretrain")
+    scene = scans[0]
     generated = time.perf_counter() - began
     with tempfile.TemporaryDirectory() as cache_dir:
         cache = SuperpixelCache(cache_dir, cfg.superpixels.n_segments, cfg.superpixels.compactness,
                                 cfg.superpixels.sigma)
+        inputs = DistillInputs(scans, head, cache, device, loss_fn.needs_semantic,
+                               cfg.augmentation if cfg.data.augment else None, cfg.run.seed, keep_in_memory=True)
         began = time.perf_counter()
-        prepared = prepare_scene(scene, head, cache, device, loss_fn.needs_semantic)
+        inputs.warm(progress=False)
         preparation = time.perf_counter() - began
     rss_prepared = peak_rss_mib()
-
+    points, cams = inputs._camera_inputs(0)
     step_index = iter(range(1_000_000))
 
     def train_step() -> None:
-        generator = seeded_generator(cfg.run.seed, 0, next(step_index)) if cfg.data.augment else None
-        loss, _ = distillation_loss(net, head, loss_fn, [prepared], cfg.voxel, generator)
+        step = next(step_index)
+        batch = inputs.batch([0], step)
+        generator = seeded_generator(cfg.run.seed, 0, step) if cfg.data.augment else None
+        loss, _ = distillation_loss(net, head, loss_fn, batch, cfg.voxel, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        synchronize(device)
+
+    def augment_and_backbone() -> None:
+        moved_points, moved = augment_scan(points, cams, cfg.augmentation, seeded_generator(0, 9, next(step_index)))
+        prepare_cameras(moved_points, moved, head, loss_fn.needs_semantic)
+        synchronize(device)
 
     net.train()
     head.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     step_times = repeat_seconds(train_step, args.steps)
+    gpu_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     rss_steps = peak_rss_mib()
-    voxels = voxelize_scenes([prepared.points], cfg.voxel, None)
+    image_times = repeat_seconds(augment_and_backbone, args.steps)
+    voxels = voxelize_scenes([points], cfg.voxel, None)
 
     def forward() -> None:
         with torch.no_grad():
             net(voxels)
+        synchronize(device)
 
     def forward_backward() -> None:
         net(voxels).sum().backward()
+        synchronize(device)
 
     fwd = repeat_seconds(forward, args.steps)
     fwd_bwd = repeat_seconds(forward_backward, args.steps)
-    _, k = distillation_loss(net, head, loss_fn, [prepared], cfg.voxel, None)
+    batch = inputs.batch([0], 0)
+    _, k = distillation_loss(net, head, loss_fn, batch, cfg.voxel, None)
 
-    print(f"scene: {scene.num_points} points, {voxels.coords.shape[0]} voxels of {cfg.voxel.voxel_size} m, "
-          f"{len(scene.cameras)} cameras {cfg.data.image_size[0]}x{cfg.data.image_size[1]}, "
-          f"{prepared.pair_point.shape[0]} point-pixel pairs, {k} superpixels with points")
-    print(f"network: VoxelUNet widths {cfg.voxel.widths}, {sum(p.numel() for p in net.parameters())} parameters; "
-          f"2D {cfg.image.backbone} (frozen, input x{cfg.image.input_scale}); loss tolerance={cfg.loss.tolerance} "
-          f"balance={cfg.loss.balance}; torch threads {torch.get_num_threads()}")
-    print(f"one-off: scene generation {generated:.2f} s, preparation (SLIC, backbone, z) {preparation:.2f} s")
-    print(f"training step (1 scene): median {1000 * statistics.median(step_times):.0f} ms, "
+    shape = (f"Res16UNet planes {cfg.voxel.planes} layers {cfg.voxel.layers}" if cfg.voxel.architecture == "res16unet"
+             else f"VoxelUNet widths {cfg.voxel.widths}")
+    print(f"scene: {scene.num_points} points, {voxels.coords.shape[0]} {cfg.voxel.coordinates} voxels of "
+          f"{cfg.voxel.voxel_size} m, {len(scene.cameras)} cameras {cfg.data.image_size[0]}x{cfg.data.image_size[1]}"
+          f", augmented crops {cfg.augmentation.crop_size[0]}x{cfg.augmentation.crop_size[1]}, "
+          f"{batch[0].pair_point.shape[0]} point-pixel pairs after augmentation, {k} superpixels with points")
+    print(f"network: {shape}, {sum(p.numel() for p in net.parameters())} parameters; 2D {cfg.image.backbone} "
+          f"({cfg.image.weights} weights, frozen, input x{cfg.image.input_scale}; the authors' self-supervised "
+          f"ResNet-50 weights cannot be fetched here); loss tolerance="
+          f"{cfg.loss.tolerance} q={cfg.loss.q} balance={cfg.loss.balance}; device {device}, torch threads "
+          f"{torch.get_num_threads()}")
+    print(f"one-off: scene generation {generated:.2f} s, fixed part (SLIC, pairs) {preparation:.2f} s")
+    print(f"training step (1 scene, augmentations on): median {1000 * statistics.median(step_times):.0f} ms, "
           f"min {1000 * min(step_times):.0f} ms over {args.steps} steps "
           f"-> {1 / statistics.median(step_times):.2f} scenes/s")
+    print(f"  of which augmentation + backbone on the augmented images + z: median "
+          f"{1000 * statistics.median(image_times):.0f} ms (recomputed every step)")
     print(f"3D network alone: forward {1000 * statistics.median(fwd):.0f} ms, "
           f"forward + backward {1000 * statistics.median(fwd_bwd):.0f} ms (median)")
     print(f"peak RSS: {rss_start:.0f} MiB after building the models, {rss_prepared:.0f} MiB after preparation, "
           f"{rss_steps:.0f} MiB after the steps (+{rss_steps - rss_prepared:.0f} MiB)")
-
+    if gpu_peak is not None:
+        print(f"peak GPU memory allocated during the steps: {gpu_peak:.0f} MiB")
     write_figures(args.out, "distill_step", args, {
         "points": scene.num_points, "voxels": int(voxels.coords.shape[0]), "voxel_size": cfg.voxel.voxel_size,
-        "cameras": len(scene.cameras), "image_size": list(cfg.data.image_size),
-        "pairs": int(prepared.pair_point.shape[0]), "superpixels": int(k),
-        "parameters": sum(p.numel() for p in net.parameters()), "widths": list(cfg.voxel.widths),
+        "coordinates": cfg.voxel.coordinates, "network": shape, "cameras": len(scene.cameras),
+        "image_size": list(cfg.data.image_size), "pairs": int(batch[0].pair_point.shape[0]), "superpixels": int(k),
+        "parameters": sum(p.numel() for p in net.parameters()), "device": str(device),
         "generation_s": generated, "preparation_s": preparation,
         "step_median_ms": 1000 * statistics.median(step_times), "step_min_ms": 1000 * min(step_times),
-        "scenes_per_s": 1 / statistics.median(step_times), "forward_ms": 1000 * statistics.median(fwd),
+        "scenes_per_s": 1 / statistics.median(step_times),
+        "augment_backbone_ms": 1000 * statistics.median(image_times), "forward_ms": 1000 * statistics.median(fwd),
         "forward_backward_ms": 1000 * statistics.median(fwd_bwd), "rss_models_mib": rss_start,
-        "rss_prepared_mib": rss_prepared, "rss_steps_mib": rss_steps},
+        "rss_prepared_mib": rss_prepared, "rss_steps_mib": rss_steps, "gpu_peak_mib": gpu_peak},
         config={"distill_config": cfg})
 
 

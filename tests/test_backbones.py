@@ -201,3 +201,80 @@ def test_imagenet_efficientnet_lite0_sees_dogs():
     dogs = [[int(c) in IMAGENET_DOGS for c in row] for row in top5]
     assert all(row[0] for row in dogs), f"top-1 classes {top5[:, 0].tolist()} are not all dog breeds"
     assert all(sum(row) >= 4 for row in dogs), f"top-5 classes {top5.tolist()}: too few dog breeds"
+
+
+def test_dilated_resnet50_is_output_stride_4_and_the_a_trous_twin_of_resnet50():
+    """Same weights: the stride-32 map is the dilated stride-4 map read every 8th position (exact in float64)."""
+    strided = tiny("resnet50").double()
+    dilated = tiny("resnet50_dilated").double()
+    assert dilated.out_channels == 8 * 8 * 4 and dilated.net.output_stride == 4
+    x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
+    with torch.no_grad():
+        coarse, fine = strided(x), dilated(x)
+    assert fine.shape == (1, 256, 16, 24)
+    torch.testing.assert_close(fine[:, :, ::8, ::8], coarse, rtol=1e-9, atol=1e-9)
+    # torchvision's replace_stride_with_dilation=[True, True, True]: dilations of layer2-4 blocks
+    conv2 = [[block.conv2.dilation[0] for block in layer] for layer in (dilated.net.layer2, dilated.net.layer3,
+                                                                      dilated.net.layer4)]
+    assert conv2 == [[1, 2, 2, 2], [2, 4, 4, 4, 4, 4], [4, 8, 8]]
+
+
+def _backbone_state(width: int = 8) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    net = build_image_backbone("resnet50", None, resnet_width=width).net
+    return {k: v + 0.01 * torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v
+            for k, v in net.state_dict().items() if not k.startswith("fc.")}
+
+
+def _self_supervised_files(tmp_path: Path, backbone: dict[str, torch.Tensor]) -> dict[str, Path]:
+    """Random ResNet-50 weights written as each publisher lays them out."""
+    moco = {f"module.encoder_q.{k}": v for k, v in backbone.items()}
+    moco.update({"module.encoder_q.fc.0.weight": torch.randn(16, 256), "module.encoder_q.fc.2.weight":
+                 torch.randn(8, 16), "module.encoder_k.conv1.weight": torch.randn(8, 3, 7, 7),
+                 "module.queue": torch.randn(8, 32), "module.queue_ptr": torch.zeros(1, dtype=torch.long)})
+    swav = {f"module.{k}": v for k, v in backbone.items()}
+    swav.update({"module.projection_head.0.weight": torch.randn(16, 256), "module.prototypes.weight":
+                 torch.randn(30, 8)})
+    files = {"moco_v2": tmp_path / "moco_v2_800ep_pretrain.pth.tar", "swav": tmp_path / "swav_800ep_pretrain.pth.tar",
+             "dino": tmp_path / "dino_resnet50_pretrain.pth"}
+    torch.save({"epoch": 800, "arch": "resnet50", "state_dict": moco, "optimizer": {"lr": 0.03}}, files["moco_v2"])
+    torch.save(swav, files["swav"])
+    torch.save(dict(backbone), files["dino"])
+    return files
+
+
+@pytest.mark.parametrize("fmt", ["moco_v2", "swav", "dino"])
+def test_self_supervised_checkpoints_load_into_the_dilated_resnet50(tmp_path, fmt):
+    backbone = _backbone_state()
+    path = _self_supervised_files(tmp_path, backbone)[fmt]
+    loaded = build_image_backbone("resnet50_dilated", path, resnet_width=8, weights_format=fmt)
+    state = loaded.net.state_dict()
+    for key, value in backbone.items():
+        assert torch.equal(state[key], value), key
+    assert fmt in loaded.weights
+    # the plain ResNet-50 takes the same file
+    plain = build_image_backbone("resnet50", path, resnet_width=8, weights_format=fmt)
+    assert torch.equal(plain.net.layer4[0].conv2.weight, backbone["layer4.0.conv2.weight"])
+
+
+def test_self_supervised_checkpoints_are_checked(tmp_path):
+    backbone = _backbone_state()
+    files = _self_supervised_files(tmp_path, backbone)
+    with pytest.raises(CheckpointError, match="'state_dict' mapping"):
+        build_image_backbone("resnet50_dilated", files["swav"], resnet_width=8, weights_format="moco_v2")
+    with pytest.raises(CheckpointError, match=r"\(swav\) do not fit.*unexpected keys: .*encoder_q\.conv1\.weight"):
+        build_image_backbone("resnet50_dilated", files["moco_v2"], resnet_width=8, weights_format="swav")
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="no tensor named 'module.encoder_q.<layer>'"):
+        build_image_backbone("resnet50_dilated", tmp_path / "other.pth", resnet_width=8, weights_format="moco_v2")
+    del backbone["layer3.2.bn1.weight"]
+    torch.save(backbone, tmp_path / "cut.pth")
+    with pytest.raises(CheckpointError, match=r"cut\.pth \(dino\).*missing keys: 1 \(layer3\.2\.bn1\.weight\)"):
+        build_image_backbone("resnet50_dilated", tmp_path / "cut.pth", resnet_width=8, weights_format="dino")
+    with pytest.raises(CheckpointError, match="do not fit"):  # a width-16 file for a width-8 network
+        build_image_backbone("resnet50_dilated", _self_supervised_files(tmp_path, _backbone_state(16))["dino"],
+                             resnet_width=8, weights_format="dino")
+    with pytest.raises(ConfigError, match="ResNet-50 weights"):
+        build_image_backbone("resnet18", files["dino"], resnet_width=8, weights_format="dino")
+    with pytest.raises(ConfigError, match="format"):
+        build_image_backbone("resnet50", files["dino"], resnet_width=8, weights_format="simclr")

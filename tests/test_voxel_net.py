@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from xmcl.distill.res16unet import Res16UNet
 from xmcl.distill.voxel_net import (
     OFFSETS_2X2X2,
     OFFSETS_3X3X3,
@@ -152,6 +153,70 @@ def test_unet_gradients_reach_every_parameter() -> None:
     net = VoxelUNet(2, widths=(4, 8, 16), blocks=2, out_dim=5)
     xyz, batch_index, feats = _cloud(gen)
     out = net(voxelize(grid_coordinates(xyz, 0.3), batch_index, feats))
+    (out * torch.randn(out.shape, generator=gen)).sum().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def _res16unet_parameters(in_channels: int, init_dim: int, planes, layers, out_dim: int) -> int:
+    """Parameter count of MinkowskiEngine's Res16UNet by hand, from its layout (3x3x3 kernels = 27 weights per
+    channel pair, 2x2x2 = 8, no conv biases, BatchNorm weight + bias, a 1x1x1 conv + BN shortcut where a block
+    changes width, a final 1x1x1 layer with bias)."""
+    def blocks(c_in: int, c_out: int, count: int) -> int:
+        total = 0
+        for i in range(count):
+            c = c_in if i == 0 else c_out
+            total += 27 * c * c_out + 2 * c_out + 27 * c_out * c_out + 2 * c_out
+            total += c * c_out + 2 * c_out if c != c_out else 0
+        return total
+
+    total = 27 * in_channels * init_dim + 2 * init_dim
+    width = init_dim
+    for s in range(4):
+        total += 8 * width * width + 2 * width + blocks(width, planes[s], layers[s])
+        width = planes[s]
+    for s, skip in zip(range(4, 8), (planes[2], planes[1], planes[0], init_dim)):
+        total += 8 * width * planes[s] + 2 * planes[s] + blocks(planes[s] + skip, planes[s], layers[s])
+        width = planes[s]
+    return total + planes[7] * out_dim + out_dim
+
+
+def test_res16unet34c_has_the_authors_layout() -> None:
+    net = Res16UNet(1, out_dim=64)
+    assert net.feature_dim == 96
+    assert [len(b) for b in net.enc_blocks] + [len(b) for b in net.dec_blocks] == [2, 3, 4, 6, 2, 2, 2, 2]
+    # decoder inputs: upsampled width + the skip's width, as MinkUNet's block5..block8 inplanes
+    assert [b[0].conv1.weight.shape[1] for b in net.dec_blocks] == [256 + 128, 128 + 64, 96 + 32, 96 + 32]
+    expected = _res16unet_parameters(1, 32, (32, 64, 128, 256, 256, 128, 96, 96), (2, 3, 4, 6, 2, 2, 2, 2), 64)
+    assert sum(p.numel() for p in net.parameters()) == expected
+    small = Res16UNet(2, planes=(4, 8, 8, 12, 8, 8, 6, 6), layers=(1, 2, 1, 1, 1, 1, 1, 2), init_dim=4, out_dim=3)
+    assert sum(p.numel() for p in small.parameters()) == _res16unet_parameters(
+        2, 4, (4, 8, 8, 12, 8, 8, 6, 6), (1, 2, 1, 1, 1, 1, 1, 2), 3)
+
+
+def test_res16unet_is_translation_equivariant_and_batches_independently() -> None:
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(0)
+    net = Res16UNet(2, planes=(4, 8, 8, 8, 8, 8, 6, 6), layers=(1, 1, 1, 1, 1, 1, 1, 1), init_dim=4,
+                    out_dim=5).double().eval()
+    xyz, batch_index, feats = _cloud(gen)
+    cells = grid_coordinates(xyz, 0.2)
+    out = net(voxelize(cells, batch_index, feats.double()))
+    assert out.shape == (600, 5) and net.features(voxelize(cells, batch_index, feats.double())).shape == (600, 6)
+    shift = torch.tensor([16, -32, 48])  # four stride-2 levels: multiples of 16 keep every coarse cell's content
+    torch.testing.assert_close(net(voxelize(cells + shift, batch_index, feats.double())), out)
+    first = batch_index == 0
+    torch.testing.assert_close(net(voxelize(cells[first], batch_index[first], feats[first].double())), out[first])
+    odd = torch.tensor([1, 0, 0])  # a shift the coarse grid does not absorb changes the output
+    assert not torch.allclose(net(voxelize(cells + odd, batch_index, feats.double())), out)
+
+
+def test_res16unet_gradients_reach_every_parameter() -> None:
+    gen = torch.Generator().manual_seed(6)
+    torch.manual_seed(0)
+    net = Res16UNet(2, planes=(4, 8, 8, 8, 8, 8, 6, 6), layers=(1, 2, 1, 1, 1, 1, 1, 1), init_dim=4, out_dim=3)
+    xyz, batch_index, feats = _cloud(gen)
+    out = net(voxelize(grid_coordinates(xyz, 0.2), batch_index, feats))
     (out * torch.randn(out.shape, generator=gen)).sum().backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name

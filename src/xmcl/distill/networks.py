@@ -9,26 +9,32 @@ import torch
 from xmcl.config import config_from_dict
 from xmcl.distill.config import DistillConfig, VoxelConfig
 from xmcl.distill.image_head import ImageFeatureHead
+from xmcl.distill.res16unet import Res16UNet
 from xmcl.distill.voxel_net import VoxelUNet
 from xmcl.errors import CheckpointError
 from xmcl.nn.backbones import build_image_backbone
 from xmcl.runtime.checkpoint import load_checkpoint
 
 DISTILL_CHECKPOINT = ("xmcl.distill.pretrain", 2)  # kind and version of the pretraining checkpoints
+PointNet = VoxelUNet | Res16UNet
 
 
-def build_voxel_net(cfg: VoxelConfig) -> VoxelUNet:
+def build_voxel_net(cfg: VoxelConfig) -> PointNet:
     """The 3D network of ``cfg`` (one input channel: intensity)."""
-    return VoxelUNet(1, widths=cfg.widths, blocks=cfg.blocks, out_dim=cfg.out_dim)
+    if cfg.architecture == "res16unet":
+        return Res16UNet(1, planes=cfg.planes, layers=cfg.layers, init_dim=cfg.init_dim, out_dim=cfg.out_dim,
+                         bn_momentum=cfg.bn_momentum)
+    return VoxelUNet(1, widths=cfg.widths, blocks=cfg.blocks, out_dim=cfg.out_dim, bn_momentum=cfg.bn_momentum)
 
 
 def build_image_head(cfg: DistillConfig) -> ImageFeatureHead:
     """The frozen 2D backbone of ``cfg.image`` under a trainable 1x1 head to ``cfg.voxel.out_dim`` channels."""
-    backbone = build_image_backbone(cfg.image.backbone, cfg.image.weights, resnet_width=cfg.image.resnet_width)
+    backbone = build_image_backbone(cfg.image.backbone, cfg.image.weights, resnet_width=cfg.image.resnet_width,
+                                    weights_format=cfg.image.weights_format)
     return ImageFeatureHead(backbone, cfg.voxel.out_dim, cfg.image.input_scale)
 
 
-def load_pretrained_backbone(checkpoint: Path, device: torch.device) -> tuple[VoxelUNet, VoxelConfig]:
+def load_pretrained_backbone(checkpoint: Path, device: torch.device) -> tuple[PointNet, VoxelConfig]:
     """The 3D network stored by distillation pretraining and the voxel config it was trained with."""
     state = load_checkpoint(checkpoint, *DISTILL_CHECKPOINT, map_location=device)
     voxel_cfg = config_from_dict(DistillConfig, state["config"], where=str(checkpoint)).voxel

@@ -93,3 +93,39 @@ def build_superpixel_pooling(pair_point: Tensor, pair_pixel: Tensor, num_points:
         pixel_matrix=averaging_matrix(pixel_rows[in_kept], pixel_cols, k, num_pixels),
         superpixel_ids=kept,
     )
+
+
+def _bilinear_taps(size_in: int, size_out: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For each output index of a bilinear resize ``size_in -> size_out`` (``align_corners=False``, as
+    ``F.interpolate``): the two source indices and their weights. ``src = max(0, (o + 0.5) * in / out - 0.5)``,
+    ``i0 = floor(src)``, ``i1 = min(i0 + 1, in - 1)``, weights ``1 - (src - i0)`` and ``src - i0``."""
+    src = ((torch.arange(size_out, device=device, dtype=torch.float64) + 0.5) * size_in / size_out - 0.5).clamp(min=0)
+    i0 = torch.floor(src).long().clamp(max=size_in - 1)
+    i1 = (i0 + 1).clamp(max=size_in - 1)
+    w1 = src - i0
+    return i0, i1, 1.0 - w1, w1
+
+
+def upsampled_superpixel_means(feature_map: Tensor, superpixel_map: Tensor, num_superpixels: int) -> Tensor:
+    """(S, C) mean over each superpixel's pixels of ``feature_map`` (C, h, w) bilinearly upsampled to the (H, W) of
+    ``superpixel_map``, without forming the (C, H, W) upsampled map.
+
+    Upsampling is linear, ``up = U m`` with U holding the 4 bilinear taps of each pixel, so the means are
+    ``(A U) m`` with A the (S x H*W) averaging matrix: A U is (S x h*w), accumulated from the taps of every pixel.
+    Equals averaging ``F.interpolate(m, (H, W), mode="bilinear", align_corners=False)``; an id absent from the map
+    gets a zero row.
+    """
+    channels, h, w = feature_map.shape
+    height, width = superpixel_map.shape
+    device = feature_map.device
+    r0, r1, wr0, wr1 = _bilinear_taps(h, height, device)
+    c0, c1, wc0, wc1 = _bilinear_taps(w, width, device)
+    sp = superpixel_map.long().to(device)
+    counts = torch.bincount(sp.reshape(-1), minlength=num_superpixels).double().clamp(min=1)
+    weights = torch.zeros(num_superpixels * h * w, dtype=torch.float64, device=device)
+    for rows, row_w in ((r0, wr0), (r1, wr1)):
+        for cols, col_w in ((c0, wc0), (c1, wc1)):
+            flat = sp * (h * w) + rows[:, None] * w + cols[None, :]
+            weights.index_add_(0, flat.reshape(-1), (row_w[:, None] * col_w[None, :]).reshape(-1))
+    weights = weights.reshape(num_superpixels, h * w) / counts[:, None]
+    return (weights.to(feature_map.dtype) @ feature_map.reshape(channels, h * w).T)

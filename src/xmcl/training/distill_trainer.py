@@ -12,13 +12,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from xmcl.distill.config import DistillConfig
 from xmcl.distill.networks import DISTILL_CHECKPOINT, build_image_head, build_voxel_net
 from xmcl.distill.objective import build_distill_loss, distillation_loss
-from xmcl.distill.preparation import batch_indices, load_scenes, prepare_scene
+from xmcl.distill.preparation import DistillInputs, batch_indices
 from xmcl.distill.schedule import build_optimizer
+from xmcl.distill.sources import open_scans
 from xmcl.distill.superpixels import SuperpixelCache
 from xmcl.runtime.rng import seeded_generator
 from xmcl.runtime.run_config import start_run
@@ -55,8 +54,10 @@ def pretrain_distill(cfg: DistillConfig, out_dir: Path, resume: bool = True) -> 
     sp_dir = cfg.superpixels.cache_dir if cfg.superpixels.cache_dir is not None else folder.root / "superpixels"
     superpixels = SuperpixelCache(sp_dir, cfg.superpixels.n_segments, cfg.superpixels.compactness,
                                   cfg.superpixels.sigma)
-    prepared = [prepare_scene(s, head, superpixels, device, loss_fn.needs_semantic)
-                for s in tqdm(load_scenes(cfg.data, "pretrain"), desc="preparing scenes", disable=not cfg.run.progress)]
+    inputs = DistillInputs(open_scans(cfg.data, "pretrain"), head, superpixels, device, loss_fn.needs_semantic,
+                           cfg.augmentation if cfg.data.augment else None, cfg.run.seed,
+                           keep_in_memory=cfg.data.source == "synthetic")
+    inputs.warm(cfg.run.progress)
     logger = StepLogger(folder, cfg.run.progress)
     net.train()
     head.train()
@@ -64,7 +65,7 @@ def pretrain_distill(cfg: DistillConfig, out_dir: Path, resume: bool = True) -> 
     for step in bar:
         began = time.perf_counter()
         generator = seeded_generator(cfg.run.seed, 0, step)
-        batch = [prepared[i] for i in batch_indices(len(prepared), cfg.optim.batch_scenes, cfg.run.seed, step)]
+        batch = inputs.batch(batch_indices(len(inputs), cfg.optim.batch_scenes, cfg.run.seed, step), step)
         loss, num_superpixels = distillation_loss(net, head, loss_fn, batch, cfg.voxel,
                                                   generator if cfg.data.augment else None)
         loss_value = loss.item()
