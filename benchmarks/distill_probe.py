@@ -140,7 +140,8 @@ def report(results: dict[str, dict[str, list[dict]]], seeds: list[int]) -> None:
             print(f"{method:<10} " + " ".join(cells))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options (``argv``, default the command line), ``out`` resolved."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/distill_synthetic.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -151,7 +152,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 avoids the slowdown of oversubscribed shared cores)")
     parser.add_argument("--report-only", action="store_true", help="print the tables of the finished runs only")
-    args = parse_with_out(parser, "distill_probe", naming=["methods"])
+    return parse_with_out(parser, "distill_probe", naming=["methods"], argv=argv)
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
 
     base = (QUICK if args.quick else []) + args.overrides + ["run.progress=false",

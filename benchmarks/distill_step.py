@@ -50,7 +50,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options (``argv``, default the command line), ``out`` resolved."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/distill_synthetic.yaml"))
     parser.add_argument("--points", type=int, default=30000)
@@ -59,7 +60,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--authors-net", action="store_true", help="3D network: " + " ".join(AUTHORS_NET))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parse_with_out(parser, "distill_step")
+    return parse_with_out(parser, "distill_step", argv=argv)
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     overrides = ["data.pretrain_scenes=1", f"data.num_points={args.points}", "optim.batch_scenes=1",
                  f"run.device={args.device}"] + (AUTHORS_NET if args.authors_net else []) + args.overrides
