@@ -2,7 +2,9 @@
 
 
 class XmclError(Exception):
-    """Base class: the CLI prints the message and exits with status 2, without a traceback."""
+    """Base class: the CLI prints the message and exits with ``exit_code`` (2), without a traceback."""
+
+    exit_code = 2
 
 
 class DataError(XmclError):
@@ -14,7 +16,18 @@ class ConfigError(XmclError):
 
 
 class CheckpointError(XmclError):
-    """A checkpoint or cache is missing, corrupt or does not match what asks for it."""
+    """A checkpoint or cache is missing, corrupt, unsafe to load, or does not match what asks for it."""
+
+
+class RunFolderError(XmclError):
+    """An output folder is in use by another process, already holds another run, or cannot hold the output."""
+
+
+class RunInterrupted(XmclError):
+    """SIGINT or SIGTERM stopped a run at a step boundary after saving its checkpoint; the message says how to
+    resume. Exit status 130, as for an interrupted command."""
+
+    exit_code = 130
 
 
 class TrainingDiverged(XmclError):
