@@ -77,15 +77,40 @@ def save_checkpoint(path: Path, kind: str, version: int, payload: dict[str, Any]
         raise CheckpointError(f"cannot write checkpoint {path}: {_write_failure(error)}{kept}") from None
 
 
-def _refused_global(error: Exception) -> str:
-    """What a refused pickle asked to build, from torch's message (e.g. "GLOBAL builtins.exec")."""
-    found = re.search(r"GLOBAL ([\w.]+)", str(error))
-    return found.group(1) if found else "objects other than tensors and plain values"
+def _refused_global(error: Exception) -> str | None:
+    """What a refused pickle asked to build, from torch's message ("Unsupported global: GLOBAL builtins.exec");
+    None when the refusal is not about a global."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    return found.group(1) if found else None
+
+
+def safe_load(path: Path, what: str = "checkpoint", map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain values only, never code. ``what`` names the file
+    in errors ("checkpoint", "backbone weights", ...): ``UnsafeCheckpointError`` for a file that asks to build other
+    objects, ``CheckpointError`` for a truncated or foreign one."""
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = _refused_global(error)
+        if refused is None:  # junk, or a pickle made of operations the safe unpickler does not run at all
+            operand = re.search(r"Unsupported operand (\d+)", str(error))
+            detail = f" (pickle operation {operand.group(1)} is not allowed)" if operand else ""
+            raise CheckpointError(f"{what} {path} cannot be read: it is not a file of tensors and plain values"
+                                  f"{detail}") from None
+        raise UnsafeCheckpointError(
+            f"{what} {path} is refused: it asks to build {refused}, which a checkpoint never needs and which could "
+            f"run code; xmcl loads only tensors and plain values (only load files from people you trust)") from None
+    except Exception as error:  # torch raises many types for a truncated or foreign file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{what} {path} cannot be read: {reason}") from None
 
 
 def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """The raw dict stored at ``path`` (no header check), loaded safely; a missing, unreadable or unsafe file raises
-    ``CheckpointError`` (``UnsafeCheckpointError`` when it holds more than tensors and plain values)."""
+    """The raw dict stored at ``path`` (no header check), loaded safely (``safe_load``); a missing, unreadable or
+    unsafe file raises ``CheckpointError`` (``UnsafeCheckpointError`` when it holds more than tensors and plain
+    values)."""
     path = Path(path)
     if path.is_dir():
         hint = next((f"; did you mean {path / name}?" for name in ("best.pt", "last.pt") if (path / name).is_file()),
@@ -93,17 +118,7 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise UnsafeCheckpointError(
-            f"checkpoint {path} is refused: it asks to build {_refused_global(error)}, which a checkpoint never "
-            f"needs and which could run code; xmcl loads only tensors and plain values (only load files from "
-            f"people you trust)") from None
-    except Exception as error:  # torch raises many types for a truncated or foreign file
-        raise CheckpointError(f"checkpoint {path} cannot be read: {str(error).splitlines()[0]}") from None
+    state = safe_load(path, "checkpoint", map_location)
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a dict of state")
     return state

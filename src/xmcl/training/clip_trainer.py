@@ -111,12 +111,14 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
     model_stream = TorchStream(derived_seed(cfg.run.seed, MODEL_STREAM), device)
     epoch = step_in_epoch = global_step = 0
     best_rsum, best_epoch, best_metrics = -math.inf, 0, None
+    loss_sum, loss_count = 0.0, 0  # over the epoch's steps so far (a resumed epoch's mean covers them all)
     if state is not None:
         restore_states(state, folder.last, model=model, loss=loss_fn, optimizer=optimizer, scheduler=scheduler,
                        model_stream=model_stream)
         epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         best_rsum, best_epoch = state["best_rsum"], state["best_epoch"]
         best_metrics = Metrics(**state["best_metrics"]) if state["best_metrics"] else None
+        loss_sum, loss_count = state["epoch_loss_sum"], state["epoch_loss_count"]
         if epoch >= cfg.optim.epochs:
             announce(f"{folder.root} already finished: {epoch} of {cfg.optim.epochs} epochs done (best val rSum "
                      f"{best_rsum:.2f} at epoch {best_epoch}); nothing to do. Pass --no-resume --overwrite to "
@@ -138,12 +140,13 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
                              model_stream=model_stream),
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "best_rsum": best_rsum, "best_epoch": best_epoch,
-            "best_metrics": None if best_metrics is None else best_metrics.as_dict(), "log_bytes": logger.size()})
+            "best_metrics": None if best_metrics is None else best_metrics.as_dict(),
+            "epoch_loss_sum": loss_sum, "epoch_loss_count": loss_count, "log_bytes": logger.size()})
 
     while epoch < cfg.optim.epochs:
         model.train()
         order = one_caption_per_image(train.caption_image, np.random.default_rng([cfg.run.seed, epoch]))
-        tic, losses = time.perf_counter(), []
+        tic = time.perf_counter()
         bar = logger.bar(range(step_in_epoch, steps_per_epoch), steps_per_epoch, step_in_epoch,
                          f"train-clip {epoch + 1}/{cfg.optim.epochs}", "batch")
         for step in bar:
@@ -161,7 +164,7 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
             optimizer.step()
             scheduler.step()
             step_in_epoch, global_step = step + 1, global_step + 1
-            losses.append(loss.item())
+            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if global_step % cfg.run.log_every == 0:
                 logger.log({"step": global_step, "epoch": epoch + 1, "loss": loss.item(),
@@ -180,8 +183,9 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
             with torch.no_grad():
                 model.logit_scale.copy_(loss_fn.log_scale.detach().clamp(max=loss_fn.max_log_scale))
             best_rsum, best_epoch, best_metrics = metrics.rsum, epoch, metrics
-        logger.log({"step": global_step, "epoch": epoch, "train_loss_mean": float(np.mean(losses)) if losses else None,
-                    "seconds": time.perf_counter() - tic, **{f"val_{k}": v for k, v in metrics.as_dict().items()}})
+        logger.log({"step": global_step, "epoch": epoch,
+                    "train_loss_mean": loss_sum / loss_count if loss_count else None, "seconds": time.perf_counter() - tic, **{f"val_{k}": v for k, v in metrics.as_dict().items()}})
+        loss_sum, loss_count = 0.0, 0
         checkpoint()  # then the best model: a stop between the two is healed on resume (see above)
         if improved:
             save_clip(model, vocab, merges, folder.root)

@@ -106,11 +106,13 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     model_stream = TorchStream(derived_seed(cfg.run.seed, MODEL_STREAM), device)
     epoch = step_in_epoch = global_step = 0
     best_rsum, best_epoch = -math.inf, 0
+    loss_sum, loss_count = 0.0, 0  # over the epoch's steps so far (a resumed epoch's mean covers them all)
     if state is not None:
         restore_states(state, folder.last, model=model, optimizer=optimizer, scheduler=scheduler,
                        model_stream=model_stream)
         epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         best_rsum, best_epoch = state["best_rsum"], state["best_epoch"]
+        loss_sum, loss_count = state["epoch_loss_sum"], state["epoch_loss_count"]
         if epoch >= cfg.optim.epochs:
             announce(f"{folder.root} already finished: {epoch} of {cfg.optim.epochs} epochs done (best val rSum "
                      f"{best_rsum:.2f} at epoch {best_epoch}); nothing to do. Set a larger optim.epochs to train "
@@ -140,7 +142,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
             **capture_states(model=model, optimizer=optimizer, scheduler=scheduler, model_stream=model_stream),
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "best_rsum": best_rsum, "best_epoch": best_epoch, "clip_sha256": train_guides.sha256,
-            "log_bytes": logger.size()})
+            "epoch_loss_sum": loss_sum, "epoch_loss_count": loss_count, "log_bytes": logger.size()})
 
     while epoch < cfg.optim.epochs:
         dataset.set_epoch(epoch)
@@ -152,7 +154,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
                             num_workers=cfg.data.num_workers, persistent_workers=False,
                             generator=seeded_generator(cfg.run.seed, LOADER_STREAM, epoch))
         bar = logger.bar(loader, len(batches), step_in_epoch, f"epoch {epoch + 1}/{cfg.optim.epochs}", "batch")
-        tic, seen, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
+        tic, seen = time.perf_counter(), 0
         for batch in bar:
             batch = to_device(batch, device)
             with model_stream.active():
@@ -196,6 +198,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
         logger.log({"step": global_step, "epoch": epoch, "train_loss_mean": loss_sum / max(loss_count, 1),
                     "samples_per_s": seen / max(time.perf_counter() - tic, 1e-9),
                     **{f"val_{k}": v for k, v in metrics.as_dict().items()}})
+        loss_sum, loss_count = 0.0, 0
         checkpoint(folder.last)  # then best.pt: a stop between the two is healed on resume (see above)
         if improved:
             checkpoint(folder.best)

@@ -11,9 +11,10 @@ Layout of a cache folder::
 
 Image rows are keyed by image id, caption rows by (image id, k) = the k-th caption of that image; the digest of
 each image's captions tells a cache built from another corpus with the same ids. Building is resumable: shards
-are written atomically one by one and the manifest, rewritten after each, records how many are done; a second process building into the same
-folder is refused at once (``xmcl.runtime.lock``). A cache is refused (``CheckpointError``) when its checkpoint hash is not the CLIP's asked for (stale), when a split's
-images or captions differ from the corpus, or when its embedding width is not the model's ``clip_dim``.
+are written atomically one by one and the manifest, rewritten after each, records how many are done; a second
+process building into the same folder is refused at once (``xmcl.runtime.lock``). A cache is refused
+(``CheckpointError``) when its checkpoint hash is not the CLIP's asked for (stale), when a split's images or
+captions differ from the corpus, or when its embedding width is not the model's ``clip_dim``.
 """
 
 from __future__ import annotations
