@@ -36,3 +36,11 @@ class TrainingDiverged(XmclError):
 
 class TrainingStalled(XmclError):
     """The loss gives no gradient at all, so training cannot start; the message says what to change."""
+
+
+def brief(error: BaseException, lines: int = 2, limit: int = 300) -> str:
+    """The first ``lines`` non-empty lines of ``error``'s message joined on one line, at most ``limit`` characters
+    (e.g. torch's "Error(s) in loading state_dict for M: Missing key(s) in state_dict: ...")."""
+    parts = [line.strip() for line in str(error).splitlines() if line.strip()][:lines]
+    text = " ".join(parts) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

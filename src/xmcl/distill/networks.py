@@ -10,7 +10,7 @@ from xmcl.config import config_from_dict
 from xmcl.distill.config import DistillConfig, VoxelConfig
 from xmcl.distill.image_head import ImageFeatureHead
 from xmcl.distill.voxel_net import VoxelUNet
-from xmcl.errors import CheckpointError
+from xmcl.errors import CheckpointError, brief
 from xmcl.nn.backbones import build_image_backbone
 from xmcl.runtime.checkpoint import load_checkpoint
 
@@ -40,5 +40,5 @@ def load_pretrained_backbone(checkpoint: Path, device: torch.device) -> tuple[Vo
         net.load_state_dict(state["voxel_net"])
     except (RuntimeError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{checkpoint}: the 3D network weights do not fit its config: "
-                              f"{str(error).splitlines()[0]}") from None
+                              f"{brief(error)}") from None
     return net.to(device), voxel_cfg

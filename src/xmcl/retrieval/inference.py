@@ -18,7 +18,7 @@ from xmcl.data.corpus import CaptionSplit
 from xmcl.data.images import ImageTransform
 from xmcl.data.open import open_split
 from xmcl.data.text import HFTokenizer, TextTokenizer, VocabTokenizer, Vocabulary, resolve_text_model_dir
-from xmcl.errors import CheckpointError, ConfigError
+from xmcl.errors import CheckpointError, ConfigError, brief
 from xmcl.metrics.retrieval import Metrics, evaluate_embeddings
 from xmcl.retrieval.clip.cache import SplitGuides, split_guides
 from xmcl.retrieval.config import RetrievalModelConfig, RetrievalTrainConfig
@@ -107,7 +107,7 @@ def model_from_state(state: dict, where: str, device: torch.device
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{where}: the weights do not fit the model its config describes: "
-                              f"{str(error).splitlines()[0]}") from None
+                              f"{brief(error)}") from None
     return model.to(device).eval(), tokenizer, cfg
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from xmcl.errors import CheckpointError
+from xmcl.errors import CheckpointError, brief
 from xmcl.runtime.files import atomic_write_bytes
 
 # Headers written before the common one, recognised only to name them in the refusal.
@@ -103,8 +103,7 @@ def safe_load(path: Path, what: str = "checkpoint", map_location: str | torch.de
             f"{what} {path} is refused: it asks to build {refused}, which a checkpoint never needs and which could "
             f"run code; xmcl loads only tensors and plain values (only load files from people you trust)") from None
     except Exception as error:  # torch raises many types for a truncated or foreign file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{what} {path} cannot be read: {reason}") from None
+        raise CheckpointError(f"{what} {path} cannot be read: {brief(error, lines=1)}") from None
 
 
 def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:

@@ -24,7 +24,7 @@ import yaml
 from tqdm import tqdm
 
 from xmcl.config import config_to_dict
-from xmcl.errors import CheckpointError, RunFolderError, RunInterrupted, TrainingDiverged
+from xmcl.errors import CheckpointError, RunFolderError, RunInterrupted, TrainingDiverged, brief
 from xmcl.runtime.checkpoint import load_checkpoint, save_checkpoint
 from xmcl.runtime.files import atomic_write_text
 from xmcl.runtime.lock import RunLock, describe_holder
@@ -164,8 +164,8 @@ def restore_states(state: dict[str, Any], where: Path | str, **stateful: Any) ->
         try:
             obj.load_state_dict(state[name])
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise CheckpointError(f"checkpoint {where}: its '{name}' state does not fit this run: {reason}") from None
+            raise CheckpointError(f"checkpoint {where}: its '{name}' state does not fit this run: "
+                                  f"{brief(error)}") from None
     try:
         restore_rng_state(state["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
