@@ -106,3 +106,51 @@ def test_shipped_configs_are_found_from_any_folder(tmp_path: Path, monkeypatch: 
     (tmp_path / "shapes_user.yaml").write_text("run:\n  seed: 4\n")
     assert find_config("shapes_user.yaml") == Path("shapes_user.yaml")  # a file that exists wins
     assert find_config(tmp_path / "elsewhere" / "shapes_user.yaml") == tmp_path / "elsewhere" / "shapes_user.yaml"
+
+
+def _numeric_keys(cls: type, prefix: str = "") -> list[tuple[str, bool, bool]]:
+    """Dotted keys of every int / float field (lists and optionals of them too) of a config, with whether the
+    field holds floats and whether it is a list."""
+    import dataclasses
+    import typing
+
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += _numeric_keys(hint, f"{prefix}{f.name}.")
+            continue
+        text = str(hint)
+        if ("int" in text or "float" in text) and "Literal" not in text:
+            keys.append((f"{prefix}{f.name}", "float" in text, text.startswith("list")))
+    return keys
+
+
+TRAIN_CONFIGS = ["xmcl.retrieval.config:RetrievalTrainConfig", "xmcl.retrieval.clip.config:ClipTrainConfig",
+                 "xmcl.distill.config:DistillConfig"]
+
+
+@pytest.mark.parametrize("target", TRAIN_CONFIGS)
+def test_every_number_of_every_config_is_range_checked_at_load(target: str) -> None:
+    """An absurd value (minus a billion; infinity for floats) of any numeric key is refused at load, naming the
+    key, the value and the allowed range: no number reaches a run unchecked."""
+    import importlib
+    import re
+
+    module, name = target.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    keys = _numeric_keys(cls)
+    assert len(keys) > 15
+    for key, is_float, is_list in keys:
+        for value in ["-1000000000"] + ([".inf"] if is_float else []):
+            value = f"[{value}, {value}]" if is_list else value
+            with pytest.raises(ConfigError, match=rf"'{re.escape(key)}' = .* is out of range: must be "):
+                load_config(cls, None, [f"{key}={value}"])
+
+
+def test_a_device_that_torch_does_not_know_is_refused_at_load() -> None:
+    from xmcl.retrieval.config import RetrievalTrainConfig
+
+    with pytest.raises(ConfigError, match=r"'run.device' = 'gpu0' is out of range: must be 'auto' or a torch device"):
+        load_config(RetrievalTrainConfig, None, ["run.device=gpu0"])

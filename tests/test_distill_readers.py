@@ -5,6 +5,7 @@ must project inside that object's annotated 2D box.
 """
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from scipy.spatial.transform import Rotation
 from xmcl.distill.geometry import project_points
 from xmcl.distill.kitti import KittiReader, read_kitti_calibration, read_kitti_objects
 from xmcl.distill.nuscenes import InfoFileReader, NuScenesReader
-from xmcl.distill.scene import read_points_bin
+from xmcl.distill.scene import PointLimits, read_points_bin
 from xmcl.errors import DataError
 
 FRAMES = Path(__file__).resolve().parents[2] / "shared" / "data" / "lidar_frames"
@@ -344,3 +345,64 @@ def test_nuscenes_tables_errors(tiny_nuscenes: dict) -> None:
     shutil.rmtree(root / version)
     with pytest.raises(DataError, match="table folder not found"):
         NuScenesReader(root, version)
+
+
+# ------------------------------------------------------------------------------------ garbage point files
+@needs_frames
+def test_garbage_point_files_are_refused_naming_the_file(tmp_path: Path) -> None:
+    """Real KITTI points made into the garbage a reader meets: empty, a byte cut mid-point, float64, random bytes,
+    and nuScenes' 5-field file read with KITTI's 4 fields."""
+    points = np.fromfile(FRAMES / "kitti_000008" / "000008.bin", "<f4").reshape(-1, 4)
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty\.bin: the file holds no points"):
+        read_points_bin(empty, 4)
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes(points.tobytes()[:-6])
+    with pytest.raises(DataError, match=rf"cut\.bin: {points.nbytes - 6} bytes is not a multiple of 16"):
+        read_points_bin(cut, 4)
+    doubles = tmp_path / "doubles.bin"
+    doubles.write_bytes(points.astype(np.float64).tobytes())  # 32 bytes a point: a multiple of 16, so it parses
+    as_float32 = np.frombuffer(doubles.read_bytes(), "<f4").reshape(-1, 4)
+    assert np.isfinite(as_float32).all()  # what float64 looks like as float32 here: finite, but absurd
+    largest = float(np.abs(as_float32[:, :3]).max())
+    assert largest > 1e6
+    with pytest.raises(DataError, match=rf"doubles\.bin: coordinates reach {re.escape(f'{largest:.3g}')} m, beyond "
+                                        rf"the plausible 500 m; .*float64"):
+        read_points_bin(doubles, 4)
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 16 * 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(DataError, match=r"noise\.bin: \d+ of 4096 points hold NaN or infinite values"):
+        read_points_bin(noise, 4)
+    nuscenes = next((FRAMES / "nuscenes_keyframe").glob("*LIDAR_TOP*.pcd.bin"))
+    with pytest.raises(DataError, match=rf"{re.escape(nuscenes.name)}: intensities span \[-\S+, \S+\], outside the plausible"):
+        read_points_bin(nuscenes, 4)  # 5 fields read as 4: coordinates land in the intensity column
+
+
+@needs_frames
+def test_a_file_of_another_layout_fails_the_nuscenes_checks(tiny_nuscenes: dict) -> None:
+    """A KITTI file (4 fields) whose size 5 fields also divide is refused; so is a 5-field file whose ring column
+    is not nuScenes' (whole laser indices)."""
+    sweep = tiny_nuscenes["root"] / "samples" / "LIDAR_TOP" / "sweep.pcd.bin"
+    reader = NuScenesReader(tiny_nuscenes["root"], tiny_nuscenes["version"])
+    points = np.fromfile(FRAMES / "kitti_000008" / "000008.bin", "<f4")
+    points[: len(points) // 20 * 20].tofile(sweep)
+    with pytest.raises(DataError, match=r"sweep\.pcd\.bin: .*wrong layout"):
+        reader.scene("sample-a")
+    np.array([[1.0, 2.0, 0.5, 30.0, 3.0], [4.0, 5.0, 0.5, 40.0, 3.5]], np.float32).tofile(sweep)
+    with pytest.raises(DataError, match=r"sweep\.pcd\.bin: 1 of 2 points have a ring index that is not a whole "
+                                        r"number in \[0, 128\) \(first: 3\.5\)"):
+        reader.scene("sample-a")
+
+
+def test_point_limits_are_configurable(tmp_path: Path) -> None:
+    far = tmp_path / "far.bin"
+    np.array([[600.0, 0.0, 0.0, 0.5], [1.0, 2.0, 0.0, 0.25]], np.float32).tofile(far)
+    with pytest.raises(DataError, match=r"far\.bin: coordinates reach 600 m, beyond the plausible 500 m"):
+        read_points_bin(far, 4)
+    points = read_points_bin(far, 4, PointLimits(max_abs_coordinate=1000.0))
+    np.testing.assert_array_equal(points[:, 0], [600.0, 1.0])
+    with pytest.raises(DataError, match=r"far\.bin: 2 points, fewer than the 10 a sweep must hold"):
+        read_points_bin(far, 4, PointLimits(max_abs_coordinate=1000.0, min_points=10))
+    with pytest.raises(DataError, match=r"intensities span \[0\.25, 0\.5\], outside the plausible \[0, 0\.3\]"):
+        read_points_bin(far, 4, PointLimits(max_abs_coordinate=1000.0, max_intensity=0.3))

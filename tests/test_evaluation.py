@@ -282,12 +282,19 @@ def test_format_table_and_json(tmp_path: Path) -> None:
     lines = table.splitlines()
     assert "image-to-text" in lines[0] and "text-to-image" in lines[0] and "rSum" in lines[1]
     rows = {line[:8].strip(): line[8:].split() for line in lines[2:]}  # names are at most 8 wide ("  fold 5")
-    assert rows["all"] == ["80.00", "100.00", "100.00", "90.00", "100.00", "100.00", "570.00"]
-    assert rows["fold5"] == ["90.00", "100.00", "100.00", "95.00", "100.00", "100.00", "585.00"]
-    assert rows["fold 1"] == ["50.00", "100.00", "100.00", "100.00", "100.00", "100.00", "550.00"]
-    assert rows["fold 4"] == ["100.00", "100.00", "100.00", "75.00", "100.00", "100.00", "575.00"]
+    # per direction R@1, R@5, R@10, median rank, mean rank (two images of ten at rank 2: mean 1.2), then rSum
+    assert rows["all"] == ["80.00", "100.00", "100.00", "1.0", "1.20", "90.00", "100.00", "100.00", "1.0", "1.10",
+                           "570.00"]
+    assert rows["fold5"] == ["90.00", "100.00", "100.00", "1.0", "1.10", "95.00", "100.00", "100.00", "1.0", "1.05",
+                             "585.00"]
+    assert rows["fold 1"] == ["50.00", "100.00", "100.00", "1.0", "1.50", "100.00", "100.00", "100.00", "1.0",
+                              "1.00", "550.00"]
+    assert rows["fold 4"] == ["100.00", "100.00", "100.00", "1.0", "1.00", "75.00", "100.00", "100.00", "1.0",
+                              "1.25", "575.00"]
+    assert lines[1].split()[:6] == ["run", "R@1", "R@5", "R@10", "medr", "meanr"]
     assert len(lines) == 2 + 2 + 5 and len({len(line) for line in lines[1:]}) == 1
     assert len(format_table(results, show_folds=False).splitlines()) == 4
+    assert format_table(results, label="protocol").splitlines()[1].split()[0] == "protocol"
 
     path = save_json(results, tmp_path / "out" / "metrics.json")
     loaded = json.loads(path.read_text())

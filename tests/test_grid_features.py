@@ -120,3 +120,43 @@ def test_a_split_without_raw_images_is_refused(corpus, tmp_path):
         "val")
     with pytest.raises(DataError, match="need raw images"):
         extract_grid_features(features_only, backbone(), tmp_path / "again", "val", progress=False)
+
+
+def test_every_unreadable_image_is_listed_in_one_pass_and_a_rerun_continues(corpus, tmp_path):
+    """Images 1 and 4 of 6 are corrupt: one run lists both (in the error and in val_unreadable.txt), keeps the row
+    before the first; once they are fixed, the rerun gives the one-shot result."""
+    good = {n: corpus.image_paths[n].read_bytes() for n in (1, 4)}
+    one_shot = np.load(extract_grid_features(corpus, backbone(), tmp_path / "once", "val", image_size=SIZE,
+                                             batch_size=4, progress=False))
+    corpus.image_paths[1].write_bytes(b"not an image")
+    corpus.image_paths[4].write_bytes(good[4][: len(good[4]) // 2])  # a truncated PNG
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"2 of 6 images .* cannot be read, all listed in .*val_unreadable\.txt: "
+                                        r".*im1\.png.*; .*im4\.png.*the 1 images before the first are kept.*"
+                                        r"--skip-unreadable"):
+        extract_grid_features(corpus, backbone(), out, "val", image_size=SIZE, batch_size=4, progress=False)
+    listed = (out / "val_unreadable.txt").read_text().splitlines()
+    assert [Path(line.split(":")[0]).name for line in listed] == ["im1.png", "im4.png"]
+    assert json.loads((out / "val_ims.progress.json").read_text())["done"] == 1
+
+    for n, data in good.items():
+        corpus.image_paths[n].write_bytes(data)
+    resumed = extract_grid_features(corpus, backbone(), out, "val", image_size=SIZE, batch_size=4, progress=False)
+    # other batch compositions than the one-shot run's: equal up to float16 rounding of the kernels' differences
+    np.testing.assert_allclose(np.load(resumed).astype(np.float32), one_shot.astype(np.float32), rtol=2e-3,
+                               atol=2e-3)
+    assert not (out / "val_unreadable.txt").exists()
+
+
+def test_unreadable_images_are_left_out_with_the_flag(corpus, tmp_path):
+    one_shot = np.load(extract_grid_features(corpus, backbone(), tmp_path / "once", "val", image_size=SIZE,
+                                             batch_size=4, progress=False))
+    corpus.image_paths[2].write_bytes(b"\x89PNG garbage")
+    out = extract_grid_features(corpus, backbone(), tmp_path / "out", "val", image_size=SIZE, batch_size=4,
+                                progress=False, skip_unreadable=True).parent
+    kept = read_precomputed(out, "val")
+    assert kept.image_ids == [corpus.image_ids[n] for n in (0, 1, 3, 4, 5)]
+    assert kept.captions == [c for c, n in zip(corpus.captions, corpus.caption_image) if n != 2]
+    np.testing.assert_allclose(np.asarray(kept.region_features, np.float32), one_shot[[0, 1, 3, 4, 5]].astype(
+        np.float32), rtol=2e-3, atol=2e-3)
+    assert "im2.png" in (out / "val_unreadable.txt").read_text()

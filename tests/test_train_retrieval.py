@@ -194,9 +194,6 @@ def test_resume_at_epoch_end_with_dropout_reproduces_uninterrupted_run(dropout_r
     _assert_same_weights(straight, resumed["last"])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="creating the DataLoader iterator draws from torch's global generator after "
-                                       "the RNG state of a mid-epoch checkpoint was captured, so the resumed "
-                                       "run's dropout masks are shifted by one draw (reliability issue)")
 def test_crash_mid_epoch_with_dropout_then_resume_reproduces_uninterrupted_run(
         dropout_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Dropout on: a crash during step 4 of epoch 1, resumed from the step-2 checkpoint, gives the straight run's

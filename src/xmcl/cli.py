@@ -10,6 +10,9 @@ import click
 from xmcl.errors import XmclError
 
 PathArg = click.Path(path_type=Path)
+Positive = click.IntRange(min=1)
+OVERWRITE = click.option("--overwrite", is_flag=True, help="Delete the run already in OUT (checkpoints, log, "
+                         "config) and start over; implies --no-resume.")
 
 
 class _Group(click.Group):
@@ -20,7 +23,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except XmclError as error:
             click.echo(f"error: {error}", err=True)
-            sys.exit(2)
+            sys.exit(error.exit_code)
 
 
 @click.group(cls=_Group)
@@ -37,14 +40,15 @@ def data() -> None:
 
 @data.command("shapes")
 @click.option("--out", type=PathArg, required=True, help="Folder to write the corpus to (Karpathy layout).")
-@click.option("--images", type=int, default=2000, show_default=True, help="Number of images.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--size", type=int, default=96, show_default=True, help="Image side in pixels (64-128).")
-def data_shapes(out: Path, images: int, seed: int, size: int) -> None:
+@click.option("--images", type=Positive, default=2000, show_default=True, help="Number of images.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--size", type=click.IntRange(64, 128), default=96, show_default=True, help="Image side in pixels.")
+@click.option("--overwrite", is_flag=True, help="Replace a corpus already in OUT (once the new one is complete).")
+def data_shapes(out: Path, images: int, seed: int, size: int, overwrite: bool) -> None:
     """Generate the shapes-world image-caption corpus."""
     from xmcl.data.shapes import generate_shapes_world
 
-    world = generate_shapes_world(out, num_images=images, seed=seed, image_size=size)
+    world = generate_shapes_world(out, num_images=images, seed=seed, image_size=size, overwrite=overwrite)
     click.echo(f"wrote {world.json_path} ({world.split_sizes})")
 
 
@@ -55,17 +59,20 @@ def data_shapes(out: Path, images: int, seed: int, size: int) -> None:
 @click.option("--backbone", default="efficientnet_lite0", show_default=True)
 @click.option("--backbone-weights", default="imagenet", show_default=True,
               help="'imagenet' (packaged EfficientNet-Lite0 weights), a local state-dict path, or 'none'.")
-@click.option("--image-size", type=int, default=224, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--image-size", type=click.IntRange(min=16), default=224, show_default=True)
+@click.option("--batch-size", type=Positive, default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=PathArg, required=True, help="Folder for {split}_ims.npy / _caps.txt / _ids.txt.")
+@click.option("--skip-unreadable", is_flag=True, help="Leave out images that cannot be decoded (and their "
+              "captions), listed in OUT/{split}_unreadable.txt, instead of failing.")
 def features(data_path: Path, splits: tuple[str, ...], backbone: str, backbone_weights: str, image_size: int,
-             batch_size: int, device: str, out: Path) -> None:
+             batch_size: int, device: str, out: Path, skip_unreadable: bool) -> None:
     """Extract the grid features of a frozen backbone once (float16, memory-mapped, resumable)."""
     from xmcl.retrieval.grid_features import extract_corpus_features
 
     for path in extract_corpus_features(data_path, splits, backbone, backbone_weights, out,
-                                        image_size=image_size, batch_size=batch_size, device=device):
+                                        image_size=image_size, batch_size=batch_size, device=device,
+                                        skip_unreadable=skip_unreadable):
         click.echo(f"wrote {path}")
 
 
@@ -76,14 +83,15 @@ def features(data_path: Path, splits: tuple[str, ...], backbone: str, backbone_w
 @click.option("--out", type=PathArg, required=True, help="Run folder (checkpoints, log, curves).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from OUT/last.pt when it exists.")
-def train(config_path: Path, overrides: tuple[str, ...], out: Path, resume: bool) -> None:
+@OVERWRITE
+def train(config_path: Path, overrides: tuple[str, ...], out: Path, resume: bool, overwrite: bool) -> None:
     """Train a retrieval model (USER or a baseline)."""
     from xmcl.config import load_config
     from xmcl.retrieval.config import RetrievalTrainConfig
     from xmcl.training.retrieval_trainer import train_retrieval
 
     cfg = load_config(RetrievalTrainConfig, config_path, overrides)
-    summary = train_retrieval(cfg, out, resume=resume)
+    summary = train_retrieval(cfg, out, resume=resume, overwrite=overwrite)
     click.echo(f"best val rSum {summary['best_rsum']:.2f} at epoch {summary['best_epoch']}; "
                f"checkpoints in {out}")
 
@@ -95,8 +103,8 @@ def train(config_path: Path, overrides: tuple[str, ...], out: Path, resume: bool
 @click.option("--data", "data_path", type=PathArg, required=True, help="Corpus folder or Karpathy JSON (raw images).")
 @click.option("--split", "splits", multiple=True, default=("train", "val"), show_default=True)
 @click.option("--out", type=PathArg, required=True, help="Cache folder (set model.clip_cache to it).")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--shard-size", type=int, default=1024, show_default=True, help="Rows per .npy shard (resume unit).")
+@click.option("--batch-size", type=Positive, default=64, show_default=True)
+@click.option("--shard-size", type=Positive, default=1024, show_default=True, help="Rows per .npy shard (resume unit).")
 @click.option("--activation", type=click.Choice(["quick_gelu", "gelu"]), default="quick_gelu", show_default=True,
               help="MLP activation of a .pt checkpoint: quick_gelu for OpenAI's weights, gelu for most open_clip ones.")
 @click.option("--device", default="auto", show_default=True)
@@ -119,8 +127,9 @@ def clip_cache(clip_path: Path, data_path: Path, splits: tuple[str, ...], out: P
                                                            "transformers CLIP format.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from OUT/last.pt when it exists.")
+@OVERWRITE
 def train_clip(data_path: Path | None, config_path: Path | None, overrides: tuple[str, ...], out: Path,
-               resume: bool) -> None:
+               resume: bool, overwrite: bool) -> None:
     """Train a small CLIP from scratch on a corpus (a CGE teacher for the shapes world)."""
     from xmcl.config import load_config
     from xmcl.retrieval.clip.config import ClipTrainConfig
@@ -128,7 +137,7 @@ def train_clip(data_path: Path | None, config_path: Path | None, overrides: tupl
 
     data_override = [f"data.path={data_path}"] if data_path is not None else []
     cfg = load_config(ClipTrainConfig, config_path, [*data_override, *overrides])
-    summary = run_train_clip(cfg, out, resume=resume)
+    summary = run_train_clip(cfg, out, resume=resume, overwrite=overwrite)
     click.echo(f"best val rSum {summary['best_rsum']:.2f} at epoch {summary['best_epoch']}; model in {out}")
 
 
@@ -145,11 +154,16 @@ def train_clip(data_path: Path | None, config_path: Path | None, overrides: tupl
 def evaluate(checkpoint: Path, data_path: Path | None, split: str, protocols: tuple[str, ...], out: Path | None,
              device: str) -> None:
     """Evaluate a trained model: R@1/5/10 both directions, median/mean rank, rSum."""
-    from xmcl.metrics.retrieval import format_table, save_json
+    from xmcl.metrics.retrieval import format_table, protocol_warnings, save_json
     from xmcl.retrieval.inference import evaluate_checkpoint
+    from xmcl.runtime.files import check_output_file
 
+    if out is not None:
+        check_output_file(out, "--out")
     results = evaluate_checkpoint(checkpoint, data_path, split, protocols, device=device)
-    click.echo(format_table(results))
+    for warning in protocol_warnings(results):
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(format_table(results, label="protocol"))
     if out is not None:
         save_json(results, out)
         click.echo(f"wrote {out}")
@@ -179,13 +193,15 @@ def distill() -> None:
 @click.option("--out", type=PathArg, required=True, help="Run folder (checkpoints, log, curves).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from OUT/last.pt when it exists.")
-def distill_pretrain(config_path: Path, overrides: tuple[str, ...], out: Path, resume: bool) -> None:
+@OVERWRITE
+def distill_pretrain(config_path: Path, overrides: tuple[str, ...], out: Path, resume: bool, overwrite: bool) -> None:
     """Pretrain the 3D backbone with the (semantically tolerant, class-balanced) superpixel contrastive loss."""
     from xmcl.config import load_config
     from xmcl.distill.config import DistillConfig
     from xmcl.training.distill_trainer import pretrain_distill
 
-    checkpoint = pretrain_distill(load_config(DistillConfig, config_path, overrides), out, resume=resume)
+    checkpoint = pretrain_distill(load_config(DistillConfig, config_path, overrides), out, resume=resume,
+                                  overwrite=overwrite)
     click.echo(f"wrote {checkpoint}")
 
 
@@ -194,7 +210,7 @@ def distill_pretrain(config_path: Path, overrides: tuple[str, ...], out: Path, r
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value.")
 @click.option("--checkpoint", type=PathArg, default=None, help="Pretrained 3D backbone (omit: random init).")
 @click.option("--mode", type=click.Choice(["linear", "finetune"]), default="linear", show_default=True)
-@click.option("--label-fraction", type=float, default=1.0, show_default=True,
+@click.option("--label-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
               help="Share of the probe's training labels used (e.g. 0.01).")
 @click.option("--out", type=PathArg, required=True, help="Folder for probe_<mode>.json.")
 def distill_probe(config_path: Path, overrides: tuple[str, ...], checkpoint: Path | None, mode: str,

@@ -10,6 +10,7 @@ allowed range.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -45,13 +46,15 @@ def _bounds_text(ge: float | None, gt: float | None, le: float | None, lt: float
 
 def require(cfg: Any, name: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
             lt: float | None = None) -> None:
-    """Raise ``FieldRangeError`` unless ``cfg.name`` (a number, each item of a list, or None = unset) lies in the
-    range ``ge <= x``, ``gt < x``, ``x <= le``, ``x < lt`` (bounds left None are open)."""
+    """Raise ``FieldRangeError`` unless ``cfg.name`` (a number, each item of a list, or None = unset) is finite and
+    lies in the range ``ge <= x``, ``gt < x``, ``x <= le``, ``x < lt`` (bounds left None are open)."""
     value = getattr(cfg, name)
     items = value if isinstance(value, (list, tuple)) else [value]
     for item in items:
         if item is None:
             continue
+        if isinstance(item, float) and not math.isfinite(item):
+            raise FieldRangeError(name, value, " and ".join(filter(None, ["finite", _bounds_text(ge, gt, le, lt)])))
         if ((ge is not None and not item >= ge) or (gt is not None and not item > gt)
                 or (le is not None and not item <= le) or (lt is not None and not item < lt)):
             raise FieldRangeError(name, value, _bounds_text(ge, gt, le, lt))

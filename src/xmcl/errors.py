@@ -2,7 +2,9 @@
 
 
 class XmclError(Exception):
-    """Base class: the CLI prints the message and exits with status 2, without a traceback."""
+    """Base class: the CLI prints the message and exits with ``exit_code`` (2), without a traceback."""
+
+    exit_code = 2
 
 
 class DataError(XmclError):
@@ -14,7 +16,18 @@ class ConfigError(XmclError):
 
 
 class CheckpointError(XmclError):
-    """A checkpoint or cache is missing, corrupt or does not match what asks for it."""
+    """A checkpoint or cache is missing, corrupt, unsafe to load, or does not match what asks for it."""
+
+
+class RunFolderError(XmclError):
+    """An output folder is in use by another process, already holds another run, or cannot hold the output."""
+
+
+class RunInterrupted(XmclError):
+    """SIGINT or SIGTERM stopped a run at a step boundary after saving its checkpoint; the message says how to
+    resume. Exit status 130, as for an interrupted command."""
+
+    exit_code = 130
 
 
 class TrainingDiverged(XmclError):
@@ -23,3 +36,11 @@ class TrainingDiverged(XmclError):
 
 class TrainingStalled(XmclError):
     """The loss gives no gradient at all, so training cannot start; the message says what to change."""
+
+
+def brief(error: BaseException, lines: int = 2, limit: int = 300) -> str:
+    """The first ``lines`` non-empty lines of ``error``'s message joined on one line, at most ``limit`` characters
+    (e.g. torch's "Error(s) in loading state_dict for M: Missing key(s) in state_dict: ...")."""
+    parts = [line.strip() for line in str(error).splitlines() if line.strip()][:lines]
+    text = " ".join(parts) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -24,13 +24,17 @@ def karpathy_json_in(directory: Path) -> Path | None:
 
 
 def open_split(path: Path | str, split: str, *, image_dir: Path | str | None = None,
-               include_restval: bool = False) -> CaptionSplit:
+               include_restval: bool = False, key: str | None = None) -> CaptionSplit:
     """The split ``split`` of the corpus at ``path``.
 
     ``image_dir`` and ``include_restval`` apply to Karpathy corpora (see ``read_karpathy``); images default to
-    ``images/`` beside the JSON file, else its folder.
+    ``images/`` beside the JSON file, else its folder. ``key``: the config key ``path`` comes from (e.g.
+    "data.path"), named when the path does not exist.
     """
     path = Path(path)
+    if key is not None and not path.exists():
+        where = "" if path.is_absolute() else f" (a relative path is read from the current folder, {Path.cwd()})"
+        raise ConfigError(f"{key} = '{path}' does not exist{where}")
     if path.is_file():
         if path.suffix != ".json":
             raise DataError(f"{path}: not a caption file; expected a dataset_*.json file or a corpus directory")

@@ -462,7 +462,7 @@ def generate_shapes_world(out_dir: Path | str, num_images: int, seed: int, image
         raise ConfigError(f"shapes world: image_format must be 'png' or 'jpeg', got {image_format!r}")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise ConfigError(f"shapes world: {out_dir} already exists and is not empty; choose another directory "
-                          f"or overwrite it")
+                          f"or pass --overwrite to replace it")
     sizes = split_sizes(num_images, val_fraction, test_fraction, min_eval_images)
     with atomic_directory(out_dir, replace=True) as tmp:
         (tmp / "images").mkdir()

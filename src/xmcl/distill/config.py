@@ -135,7 +135,7 @@ class VoxelConfig:
     out_dim: int = 64
 
     def __post_init__(self) -> None:
-        require(self, "voxel_size", gt=0.0)
+        require(self, "voxel_size", gt=0.0, le=100.0)
         require(self, "angular_resolution_deg", gt=0.0, le=360.0)
         require(self, "widths", ge=1)
         require(self, "blocks", ge=1)
@@ -168,7 +168,7 @@ class ImageConfig:
 
     def __post_init__(self) -> None:
         require(self, "resnet_width", ge=1)
-        require(self, "input_scale", gt=0.0)
+        require(self, "input_scale", gt=0.0, le=16.0)
 
 
 @dataclass
@@ -183,7 +183,7 @@ class SuperpixelConfig:
     def __post_init__(self) -> None:
         require(self, "n_segments", ge=1)
         require(self, "compactness", gt=0.0)
-        require(self, "sigma", ge=0.0)
+        require(self, "sigma", ge=0.0, le=100.0)
 
 
 @dataclass
@@ -199,7 +199,7 @@ class DistillLossConfig:
     threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        require(self, "tau", gt=0.0)
+        require(self, "tau", gt=0.0, le=10.0)
         require(self, "q", ge=0.0, lt=1.0)
         require(self, "threshold", ge=-1.0, le=1.0)
 
@@ -219,8 +219,8 @@ class DistillOptimConfig:
     batch_scenes: int = 2
 
     def __post_init__(self) -> None:
-        require(self, "lr", gt=0.0)
-        require(self, "weight_decay", ge=0.0)
+        require(self, "lr", gt=0.0, le=10.0)
+        require(self, "weight_decay", ge=0.0, le=1.0)
         require(self, "momentum", ge=0.0, lt=1.0)
         require(self, "dampening", ge=0.0, lt=1.0)
         require(self, "warmup_steps", ge=0)
@@ -265,8 +265,8 @@ class ProbeConfig:
         require(self, "seed", ge=0)
         require(self, "linear_steps", ge=1)
         require(self, "finetune_steps", ge=1)
-        require(self, "linear_lr", gt=0.0)
-        require(self, "finetune_lr", gt=0.0)
+        require(self, "linear_lr", gt=0.0, le=10.0)
+        require(self, "finetune_lr", gt=0.0, le=10.0)
         require(self, "batch_scenes", ge=1)
         require(self, "epochs", ge=1)
         require(self, "sgd_lr", gt=0.0)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from xmcl.distill.geometry import kitti_lidar_to_image, pad_to_4x4
-from xmcl.distill.scene import CameraView, Scene, read_points_bin, read_rgb_image
+from xmcl.distill.scene import CameraView, PointLimits, Scene, read_points_bin, read_rgb_image
 from xmcl.errors import DataError
 
 CALIB_SHAPES = {"P2": (3, 4), "R0_rect": (3, 3), "Tr_velo_to_cam": (3, 4)}
@@ -120,10 +120,11 @@ def _stem(frame_id: str | int) -> str:
 
 
 class KittiReader:
-    """Frames of a KITTI-object-layout directory: ``KittiReader(root).scene("000008")``."""
+    """Frames of a KITTI-object-layout directory: ``KittiReader(root).scene("000008")``; point files are checked
+    against ``limits`` (see ``PointLimits``)."""
 
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Path | str, limits: PointLimits = PointLimits()) -> None:
+        self.root, self.limits = Path(root), limits
         if not (self.root / "velodyne").is_dir():
             raise DataError(f"{self.root}: not a KITTI object directory (no 'velodyne/' folder)")
 
@@ -143,7 +144,7 @@ class KittiReader:
 
     def scene(self, frame_id: str | int) -> Scene:
         """Points (full sweep, reflectance as intensity) and camera 2 (``name='image_2'``)."""
-        points = read_points_bin(self._path("velodyne", frame_id, ".bin"), num_fields=4)
+        points = read_points_bin(self._path("velodyne", frame_id, ".bin"), num_fields=4, limits=self.limits)
         image = read_rgb_image(self._path("image_2", frame_id, ".png"))
         camera = CameraView(image=image, lidar_to_image=self.calibration(frame_id).lidar_to_image, name="image_2")
         return Scene(points=points, cameras=[camera], labels=None, name=f"{self.root.name}/{_stem(frame_id)}")

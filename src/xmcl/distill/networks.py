@@ -11,11 +11,11 @@ from xmcl.distill.config import DistillConfig, VoxelConfig
 from xmcl.distill.image_head import ImageFeatureHead
 from xmcl.distill.res16unet import Res16UNet
 from xmcl.distill.voxel_net import VoxelUNet
-from xmcl.errors import CheckpointError
+from xmcl.errors import CheckpointError, brief
 from xmcl.nn.backbones import build_image_backbone
 from xmcl.runtime.checkpoint import load_checkpoint
 
-DISTILL_CHECKPOINT = ("xmcl.distill.pretrain", 2)  # kind and version of the pretraining checkpoints
+DISTILL_CHECKPOINT = ("xmcl.distill.pretrain", 3)  # kind and version of the pretraining checkpoints (3: safe)
 PointNet = VoxelUNet | Res16UNet
 
 
@@ -37,10 +37,14 @@ def build_image_head(cfg: DistillConfig) -> ImageFeatureHead:
 def load_pretrained_backbone(checkpoint: Path, device: torch.device) -> tuple[PointNet, VoxelConfig]:
     """The 3D network stored by distillation pretraining and the voxel config it was trained with."""
     state = load_checkpoint(checkpoint, *DISTILL_CHECKPOINT, map_location=device)
+    missing = [key for key in ("config", "voxel_net") if key not in state]
+    if missing:
+        raise CheckpointError(f"{checkpoint}: the checkpoint has no {' or '.join(repr(k) for k in missing)} entry")
     voxel_cfg = config_from_dict(DistillConfig, state["config"], where=str(checkpoint)).voxel
     net = build_voxel_net(voxel_cfg)
     try:
         net.load_state_dict(state["voxel_net"])
-    except RuntimeError as error:
-        raise CheckpointError(f"{checkpoint}: the 3D network weights do not fit its config: {error}") from None
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{checkpoint}: the 3D network weights do not fit its config: "
+                              f"{brief(error)}") from None
     return net.to(device), voxel_cfg

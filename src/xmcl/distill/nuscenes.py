@@ -14,7 +14,8 @@ frame's single ego pose, so the chain reduces to ``cam2img @ inv(cam2ego) @ lida
 KITTI info files have the same layout and are read the same way.
 
 nuScenes ``.pcd.bin`` points are float32 x 5 (x, y, z, intensity 0..255, ring); scenes keep
-x, y, z and intensity / 255. No per-point classes are read: ``labels=None``.
+x, y, z and intensity / 255. No per-point classes are read: ``labels=None``. Point files are checked against the
+readers' ``PointLimits`` (size against the layout, empty, finite, plausible ranges) and nuScenes' ring column.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from xmcl.distill.geometry import nuscenes_lidar_to_image, pad_to_4x4, rigid_transform
-from xmcl.distill.scene import CameraView, Scene, read_points_bin, read_rgb_image
+from xmcl.distill.scene import CameraView, PointLimits, Scene, read_points_bin, read_rgb_image
 from xmcl.errors import DataError
 
 NUSCENES_POINT_FIELDS = 5
 NUSCENES_MAX_INTENSITY = 255.0
+NUSCENES_MAX_RING = 128  # ring (laser) indices lie in [0, 128): 32 on nuScenes' LIDAR_TOP
 TABLES = ("sample", "sample_data", "calibrated_sensor", "ego_pose", "sensor")
 
 
@@ -59,9 +61,20 @@ def _matrix(value: Any, shapes: tuple[tuple[int, int], ...], where: str) -> np.n
     return m
 
 
-def _read_xyzi(path: Path, num_fields: int, intensity_scale: float) -> np.ndarray:
-    """(P, 4) x, y, z, intensity * intensity_scale from a float32 point file of ``num_fields`` columns."""
-    points = read_points_bin(path, num_fields)[:, :4].copy()
+def _read_xyzi(path: Path, num_fields: int, intensity_scale: float, limits: PointLimits,
+               ring: bool = False) -> np.ndarray:
+    """(P, 4) x, y, z, intensity * intensity_scale from a float32 point file of ``num_fields`` columns (checked
+    against ``limits``); ``ring``: the fifth column is nuScenes' ring index, which must be a whole number in
+    [0, NUSCENES_MAX_RING) (a strong check that the file has this layout)."""
+    points = read_points_bin(path, num_fields, limits)
+    if ring and num_fields >= 5:
+        rings = points[:, 4]
+        bad = (rings != np.round(rings)) | (rings < 0) | (rings >= NUSCENES_MAX_RING)
+        if bad.any():
+            raise DataError(f"{path}: {int(bad.sum())} of {len(points)} points have a ring index that is not a "
+                            f"whole number in [0, {NUSCENES_MAX_RING}) (first: {float(rings[bad][0]):.4g}); the "
+                            f"file is not nuScenes' {num_fields} float32 fields per point")
+    points = points[:, :4].copy()
     points[:, 3] *= intensity_scale
     return points
 
@@ -69,8 +82,8 @@ def _read_xyzi(path: Path, num_fields: int, intensity_scale: float) -> np.ndarra
 class NuScenesReader:
     """Keyframes of a nuScenes release read from its JSON tables: ``NuScenesReader(root, "v1.0-mini")``."""
 
-    def __init__(self, root: Path | str, version: str = "v1.0-mini") -> None:
-        self.root = Path(root)
+    def __init__(self, root: Path | str, version: str = "v1.0-mini", limits: PointLimits = PointLimits()) -> None:
+        self.root, self.limits = Path(root), limits
         table_dir = self.root / version
         if not table_dir.is_dir():
             raise DataError(f"{table_dir}: nuScenes table folder not found")
@@ -124,7 +137,7 @@ class NuScenesReader:
         lidar_to_ego = self._pose("calibrated_sensor", lidar_row["calibrated_sensor_token"], where)
         ego_at_lidar = self._pose("ego_pose", _field(lidar_row, "ego_pose_token", where), where)
         points = _read_xyzi(self.root / _field(lidar_row, "filename", where), NUSCENES_POINT_FIELDS,
-                            1.0 / NUSCENES_MAX_INTENSITY)
+                            1.0 / NUSCENES_MAX_INTENSITY, self.limits, ring=True)
         names = sorted(c for c in frames if c.startswith("CAM")) if cameras is None else list(cameras)
         views = []
         for name in names:
@@ -152,8 +165,9 @@ class InfoFileReader:
     (the nuScenes layout); ``data_root`` defaults to the info file's folder.
     """
 
-    def __init__(self, info_path: Path | str, data_root: Path | str | None = None) -> None:
-        self.info_path = Path(info_path)
+    def __init__(self, info_path: Path | str, data_root: Path | str | None = None,
+                 limits: PointLimits = PointLimits()) -> None:
+        self.info_path, self.limits = Path(info_path), limits
         self.data_root = self.info_path.parent if data_root is None else Path(data_root)
         content = _load_json(self.info_path)
         if not isinstance(content, dict) or not isinstance(content.get("data_list"), list):
@@ -161,7 +175,8 @@ class InfoFileReader:
         self.frames: list[dict] = content["data_list"]
         metainfo = content.get("metainfo", {})
         dataset = str(metainfo.get("dataset", metainfo.get("DATASET", ""))).lower()
-        self.intensity_scale = 1.0 / NUSCENES_MAX_INTENSITY if dataset == "nuscenes" else 1.0
+        self.is_nuscenes = dataset == "nuscenes"
+        self.intensity_scale = 1.0 / NUSCENES_MAX_INTENSITY if self.is_nuscenes else 1.0
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -182,7 +197,7 @@ class InfoFileReader:
         lidar = _field(frame, "lidar_points", where)
         num_fields = int(lidar.get("num_pts_feats", NUSCENES_POINT_FIELDS))
         points = _read_xyzi(self._file(_field(lidar, "lidar_path", where), "LIDAR_TOP", where), num_fields,
-                            self.intensity_scale)
+                            self.intensity_scale, self.limits, ring=self.is_nuscenes)
         images = _field(frame, "images", where)
         if cameras is None:  # KITTI infos also keep non-camera entries (R0_rect) and image-less cameras here
             names = [n for n, v in images.items() if isinstance(v, dict) and v.get("img_path")]

@@ -94,8 +94,24 @@ class Scene:
         return int(self.points.shape[0])
 
 
-def read_points_bin(path: Path | str, num_fields: int) -> np.ndarray:
-    """(P, num_fields) float32 from a raw little-endian float32 point file (KITTI ``.bin``, nuScenes ``.pcd.bin``)."""
+@dataclass(frozen=True)
+class PointLimits:
+    """What a plausible lidar sweep holds, checked by ``read_points_bin``: at least ``min_points`` points, every
+    value finite, coordinates within ``max_abs_coordinate`` metres of the sensor on each axis, and the raw
+    intensity (the file's own scale: KITTI reflectance 0..1, nuScenes 0..255) within
+    ``[min_intensity, max_intensity]``. Readers take one to accept other sensors."""
+
+    min_points: int = 1
+    max_abs_coordinate: float = 500.0
+    min_intensity: float = 0.0
+    max_intensity: float = 255.0
+
+
+def read_points_bin(path: Path | str, num_fields: int, limits: PointLimits = PointLimits()) -> np.ndarray:
+    """(P, num_fields) float32 from a raw little-endian float32 point file (KITTI ``.bin``, nuScenes ``.pcd.bin``):
+    x, y, z, intensity, then any other fields. ``DataError`` naming the file when its size does not fit the
+    layout, it is empty, or its values are not finite or fall outside ``limits`` (a file of another layout or
+    dtype, e.g. float64, read as float32 gives such values)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: point file not found")
@@ -104,7 +120,26 @@ def read_points_bin(path: Path | str, num_fields: int) -> np.ndarray:
     if size % record != 0:
         raise DataError(f"{path}: {size} bytes is not a multiple of {record} "
                         f"({num_fields} float32 fields per point); wrong file or field count")
-    return np.fromfile(path, dtype="<f4").reshape(-1, num_fields)
+    points = np.fromfile(path, dtype="<f4").reshape(-1, num_fields)
+    if len(points) < limits.min_points:
+        raise DataError(f"{path}: {len(points)} points, fewer than the {limits.min_points} a sweep must hold"
+                        if len(points) else f"{path}: the file holds no points")
+    finite = np.isfinite(points).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise DataError(f"{path}: {int((~finite).sum())} of {len(points)} points hold NaN or infinite values "
+                        f"(first: point {row}); the file is corrupt or not {num_fields} float32 fields per point")
+    largest = float(np.abs(points[:, :3]).max())
+    if largest > limits.max_abs_coordinate:
+        raise DataError(f"{path}: coordinates reach {largest:.3g} m, beyond the plausible "
+                        f"{limits.max_abs_coordinate:g} m; the file is not {num_fields} float32 fields per point "
+                        f"(float64? another layout?) or is corrupt (PointLimits.max_abs_coordinate sets the bound)")
+    low, high = float(points[:, 3].min()), float(points[:, 3].max())
+    if low < limits.min_intensity or high > limits.max_intensity:
+        raise DataError(f"{path}: intensities span [{low:.3g}, {high:.3g}], outside the plausible "
+                        f"[{limits.min_intensity:g}, {limits.max_intensity:g}]; wrong layout or a corrupt file "
+                        f"(PointLimits sets the range)")
+    return points
 
 
 def read_rgb_image(path: Path | str) -> np.ndarray:

@@ -57,7 +57,8 @@ _EXACT_COUNT_LIMIT = 1 << 24
 class Metrics:
     """Recall (percent) at 1/5/10, median and mean rank (1-based) for both directions, and rSum.
 
-    For ``fold5`` every field is the mean over the folds and ``folds`` holds each fold's own figures.
+    ``images``: how many images were ranked (the split, or one fold). For ``fold5`` every field is the mean over
+    the folds and ``folds`` holds each fold's own figures.
     """
 
     i2t_r1: float
@@ -71,6 +72,7 @@ class Metrics:
     t2i_medr: float
     t2i_meanr: float
     rsum: float
+    images: int = 0
     folds: tuple["Metrics", ...] = ()
 
     def as_dict(self) -> dict:
@@ -85,6 +87,7 @@ class Metrics:
         """Every figure averaged over ``folds`` (as the classic 1K protocol reports), keeping the folds."""
         names = [f.name for f in fields(cls) if f.name != "folds"]
         means = {name: float(np.mean([getattr(fold, name) for fold in folds])) for name in names}
+        means["images"] = int(round(means["images"]))
         return cls(**means, folds=tuple(folds))
 
 
@@ -99,7 +102,7 @@ class Ranks:
         i2t = _direction_figures(self.i2t)
         t2i = _direction_figures(self.t2i)
         rsum = sum(i2t[:3]) + sum(t2i[:3])
-        return Metrics(*i2t, *t2i, rsum=rsum)
+        return Metrics(*i2t, *t2i, rsum=rsum, images=len(self.i2t))
 
 
 def _direction_figures(ranks: np.ndarray) -> tuple[float, ...]:
@@ -317,25 +320,42 @@ def evaluate_embeddings(image_emb: ArrayLike, text_emb: ArrayLike, caption_image
 
 
 # ----------------------------------------------------------------------------------------- reports
-_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr", "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr",
+            "t2i_meanr", "rsum")
+FOLD_IMAGES = 1000  # the images of one fold of the classic COCO 1K protocol
 
 
-def format_table(results: dict[str, Metrics], show_folds: bool = True) -> str:
-    """A fixed-width table: one row per run/protocol (and per fold under it), R@1/5/10 both ways and rSum."""
+def protocol_warnings(results: dict[str, Metrics]) -> list[str]:
+    """Warnings for figures that are not what their protocol's name promises: ``fold5`` on folds of fewer than
+    ``FOLD_IMAGES`` images (recall on small folds is much higher than the published 1K figures)."""
+    warnings = []
+    for name, metrics in results.items():
+        if metrics.folds:
+            size = metrics.folds[0].images
+            if size < FOLD_IMAGES:
+                warnings.append(f"{name}: folds of {size} images, not the {FOLD_IMAGES:,} of the COCO 1K protocol; "
+                                f"these figures are not comparable to published 1K results (use --protocol all)")
+    return warnings
+
+
+def format_table(results: dict[str, Metrics], show_folds: bool = True, label: str = "run") -> str:
+    """A fixed-width table: one row per result (``label`` heads their names: a run, or a protocol) and per fold
+    under it; R@1/5/10, median and mean rank both ways, and rSum."""
     rows = []
     for name, metrics in results.items():
         rows.append((name, metrics))
         if show_folds:
             rows.extend((f"  fold {i + 1}", fold) for i, fold in enumerate(metrics.folds))
-    width = max([len("run")] + [len(name) for name, _ in rows])
+    width = max([len(label)] + [len(name) for name, _ in rows])
+    direction = f"{'R@1':>6} {'R@5':>7} {'R@10':>7} {'medr':>6} {'meanr':>7}"
     lines = [
-        f"{'':{width}}  {'image-to-text':^22}  {'text-to-image':^22}",
-        f"{'run':{width}}  {'R@1':>6} {'R@5':>7} {'R@10':>7}  {'R@1':>6} {'R@5':>7} {'R@10':>7}  {'rSum':>7}",
+        f"{'':{width}}  {'image-to-text':^36}  {'text-to-image':^36}",
+        f"{label:{width}}  {direction}  {direction}  {'rSum':>7}",
     ]
     for name, metrics in rows:
         v = [getattr(metrics, column) for column in _COLUMNS]
-        lines.append(f"{name:{width}}  {v[0]:6.2f} {v[1]:7.2f} {v[2]:7.2f}  {v[3]:6.2f} {v[4]:7.2f} {v[5]:7.2f}"
-                     f"  {v[6]:7.2f}")
+        lines.append(f"{name:{width}}  {v[0]:6.2f} {v[1]:7.2f} {v[2]:7.2f} {v[3]:6.1f} {v[4]:7.2f}  "
+                     f"{v[5]:6.2f} {v[6]:7.2f} {v[7]:7.2f} {v[8]:6.1f} {v[9]:7.2f}  {v[10]:7.2f}")
     return "\n".join(lines)
 
 

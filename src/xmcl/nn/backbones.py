@@ -22,6 +22,7 @@ from xmcl.data.images import EFFICIENTNET_LITE, IMAGENET, Normalization
 from xmcl.errors import CheckpointError, ConfigError
 from xmcl.nn.efficientnet_lite import EfficientNetLite0
 from xmcl.nn.resnet import ResNet
+from xmcl.runtime.checkpoint import safe_load
 from xmcl.nn.self_supervised import SELF_SUPERVISED_FORMATS, read_self_supervised
 
 BACKBONE_NAMES = ("efficientnet_lite0", "resnet18", "resnet34", "resnet50", "resnet101", "resnet50_dilated")
@@ -130,14 +131,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"backbone weights {path} do not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
             state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch and safetensors raise many types for a foreign or truncated file
-        raise CheckpointError(f"backbone weights {path} cannot be read: {error}") from None
+        except Exception as error:  # safetensors raises many types for a foreign or truncated file
+            raise CheckpointError(f"backbone weights {path} cannot be read: {error}") from None
+    else:
+        state = safe_load(path, "backbone weights")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -92,12 +92,12 @@ class RetrievalLossConfig:
 
     def __post_init__(self) -> None:
         require(self, "mu", gt=0.0)
-        require(self, "gamma", ge=0.0)
+        require(self, "gamma", ge=0.0, le=2.0)  # margins on cosine similarities
         require(self, "lambda_batch", ge=0.0)
-        require(self, "margin", ge=0.0)
+        require(self, "margin", ge=0.0, le=2.0)
         require(self, "warmup_epochs", ge=0)
         require(self, "uto_warmup_epochs", ge=0)
-        require(self, "temperature", gt=0.0)
+        require(self, "temperature", gt=0.0, le=10.0)
 
 
 @dataclass
@@ -146,10 +146,10 @@ class RetrievalOptimConfig:
     def __post_init__(self) -> None:
         require(self, "epochs", ge=1)
         require(self, "batch_size", ge=2)
-        require(self, "lr", gt=0.0)
-        require(self, "text_lr_scale", ge=0.0)
-        require(self, "backbone_lr_scale", ge=0.0)
-        require(self, "weight_decay", ge=0.0)
+        require(self, "lr", gt=0.0, le=10.0)
+        require(self, "text_lr_scale", ge=0.0, le=10.0)
+        require(self, "backbone_lr_scale", ge=0.0, le=10.0)
+        require(self, "weight_decay", ge=0.0, le=1.0)
         require(self, "lr_decay_epochs", ge=1)
         require(self, "lr_decay_factor", gt=0.0, le=1.0)
         require(self, "grad_clip", gt=0.0)

@@ -9,6 +9,7 @@ BiGRU over a vocabulary embedding (its output is already in the joint space -> o
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmcl.data.text import resolve_text_model_dir
-from xmcl.errors import ConfigError, DataError
+from xmcl.errors import CheckpointError, ConfigError, DataError
 from xmcl.nn.backbones import build_image_backbone, set_trainable
 from xmcl.nn.gpo import build_pooling
 from xmcl.nn.heads import ProjectionHead
@@ -112,6 +113,9 @@ class HFTextModel(nn.Module):
             raise ConfigError(f"text model directory {model_dir} has no config.json")
         try:
             self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).float()
+        except pickle.UnpicklingError:  # transformers loads .bin weights with torch.load(weights_only=True)
+            raise CheckpointError(f"text model directory {model_dir}: a weights file is refused: it holds objects "
+                                  f"other than tensors, and loading it could run code") from None
         except (OSError, ValueError, KeyError) as error:
             raise ConfigError(f"cannot load the text model in {model_dir}: {error}") from None
         self.hidden_dim = int(self.model.config.hidden_size)

@@ -10,6 +10,7 @@ size and the split are the same; otherwise ``PrecomputedWriter`` raises ``Checkp
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,16 @@ from xmcl.data.corpus import CaptionSplit
 from xmcl.data.images import load_image
 from xmcl.data.open import open_split
 from xmcl.data.precomputed import PrecomputedWriter
-from xmcl.errors import DataError
+from xmcl.errors import ConfigError, DataError
 from xmcl.nn.backbones import ImageBackbone, build_image_backbone
 from xmcl.runtime.device import resolve_device
+from xmcl.runtime.files import atomic_write_text
+from xmcl.runtime.lock import RunLock
 
 
 class _ImageFiles(Dataset):
-    """Decodes image files to uint8 tensors (size, size, 3); run in DataLoader workers."""
+    """Decodes image files to uint8 tensors (size, size, 3) with "" (or, for a file that cannot be decoded, a
+    blank image with the reason); run in DataLoader workers."""
 
     def __init__(self, paths: list[Path], size: int) -> None:
         self.paths, self.size = paths, size
@@ -35,8 +39,43 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(np.array(load_image(self.paths[index], self.size)))
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        try:
+            return torch.from_numpy(np.array(load_image(self.paths[index], self.size))), ""
+        except DataError as error:
+            return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), str(error)
+
+
+def _check_sizes(batch_size: int, image_size: int) -> None:
+    if batch_size < 1:
+        raise ConfigError(f"features: batch size (--batch-size) = {batch_size} is out of range: must be >= 1")
+    if image_size < 16:
+        raise ConfigError(f"features: image size (--image-size) = {image_size} is out of range: must be >= 16")
+
+
+def unreadable_list(out_dir: Path, split_name: str) -> Path:
+    """Where the images of a split that cannot be decoded are listed (one ``path: reason`` per line)."""
+    return Path(out_dir) / f"{split_name}_unreadable.txt"
+
+
+def find_unreadable(paths: list[Path], num_workers: int = 0, progress: bool = True) -> list[tuple[int, str]]:
+    """``(index, reason)`` of every file of ``paths`` that cannot be decoded as an image (one pass over all)."""
+    found = []
+    loader = DataLoader(_ImageFiles(paths, 16), batch_size=64, num_workers=num_workers,
+                        generator=torch.Generator())
+    with tqdm(total=len(paths), unit="img", desc="checking images", disable=not progress) as bar:
+        for start, (_, reasons) in zip(range(0, len(paths), 64), loader):
+            found += [(start + i, reason) for i, reason in enumerate(reasons) if reason]
+            bar.update(len(reasons))
+    return found
+
+
+def _refuse_unreadable(failed: list[tuple[int, str]], split: CaptionSplit, listed: Path, kept: int) -> DataError:
+    shown = "; ".join(reason for _, reason in failed[:5]) + (f"; and {len(failed) - 5} more" if len(failed) > 5
+                                                            else "")
+    return DataError(f"{len(failed)} of {split.num_images} images of {split.source} (split '{split.name}') cannot "
+                     f"be read, all listed in {listed}: {shown}. Fix or replace them and run again (the {kept} "
+                     f"images before the first are kept), or pass --skip-unreadable to leave them out")
 
 
 def grid_shape(backbone: ImageBackbone, image_size: int, device: torch.device) -> tuple[int, int]:
@@ -48,44 +87,73 @@ def grid_shape(backbone: ImageBackbone, image_size: int, device: torch.device) -
 
 def extract_grid_features(split: CaptionSplit, backbone: ImageBackbone, out_dir: Path, split_name: str,
                           image_size: int = 224, batch_size: int = 32, device: str | torch.device = "cpu",
-                          num_workers: int = 0, progress: bool = True) -> Path:
+                          num_workers: int = 0, progress: bool = True, skip_unreadable: bool = False) -> Path:
     """Write ``out_dir/{split_name}_ims.npy`` (N, h * w, C) float16 plus the split's captions; return that path.
 
     The backbone is moved to ``device`` and put in eval mode; it runs without gradients. Resumes an
-    interrupted extraction of the same split with the same backbone and image size.
+    interrupted extraction of the same split with the same backbone and image size. Images that cannot be decoded
+    are all found in one pass and listed in ``unreadable_list(out_dir, split_name)``: by default the extraction
+    stops writing at the first (the rows before it are kept, so a rerun after fixing them continues there),
+    checks every remaining file, and raises ``DataError`` naming them; with ``skip_unreadable`` they are found
+    first and left out of the split, with their captions.
     """
     if split.image_paths is None:
         raise DataError(f"{split.source} (split '{split.name}'): grid features need raw images, but this split "
                         f"holds precomputed region features")
+    _check_sizes(batch_size, image_size)
+    listed = unreadable_list(out_dir, split_name)
+    if skip_unreadable:
+        skipped = find_unreadable(split.image_paths, num_workers, progress)
+        if skipped:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            atomic_write_text(listed, "".join(f"{reason}\n" for _, reason in skipped))
+            tqdm.write(f"skipping {len(skipped)} of {split.num_images} images of split '{split_name}' that cannot be "
+                       f"read (listed in {listed})", file=sys.stderr)
+            bad = {index for index, _ in skipped}
+            split = split.subset([n for n in range(split.num_images) if n not in bad])
     device = torch.device(device)
     backbone.to(device).eval()
     regions, dim = grid_shape(backbone, image_size, device)
     meta = {"backbone": backbone.name, "weights_sha256": backbone.fingerprint(), "image_size": image_size}
     writer = PrecomputedWriter(Path(out_dir), split_name, split.image_ids, split.captions, split.caption_image,
                                regions=regions, dim=dim, dtype=np.float16, meta=meta)
+    failed: list[tuple[int, str]] = []
     with writer:
-        row = writer.done
+        row = position = writer.done
         loader = DataLoader(_ImageFiles(split.image_paths[row:], image_size), batch_size=batch_size,
-                            num_workers=num_workers, pin_memory=device.type == "cuda")
+                            num_workers=num_workers, pin_memory=device.type == "cuda", generator=torch.Generator())
         with tqdm(total=split.num_images, initial=row, unit="img", desc=f"grid features {split_name}",
                   disable=not progress) as bar:
-            for images in loader:
-                with torch.no_grad():
-                    fmap = backbone(backbone.preprocess(images.to(device, non_blocking=True)))
-                features = fmap.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h * w, C)
-                writer.write(row, features.float().cpu().numpy())
-                row += len(images)
+            for images, reasons in loader:
+                bad = [i for i, reason in enumerate(reasons) if reason]
+                usable = len(images) if not (failed or bad) else 0 if failed else bad[0]
+                failed += [(position + i, reasons[i]) for i in bad]
+                if usable:  # rows are written in order: none after the first unreadable image
+                    with torch.no_grad():
+                        fmap = backbone(backbone.preprocess(images[:usable].to(device, non_blocking=True)))
+                    features = fmap.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h * w, C)
+                    writer.write(row, features.float().cpu().numpy())
+                    row += usable
+                position += len(images)
                 bar.update(len(images))
+    if failed:
+        atomic_write_text(listed, "".join(f"{reason}\n" for _, reason in failed))
+        raise _refuse_unreadable(failed, split, listed, row)
+    if not skip_unreadable:
+        listed.unlink(missing_ok=True)  # an earlier run's list, now fixed
     return writer.files["ims"]
 
 
 def extract_corpus_features(data_path: Path, splits: tuple[str, ...], backbone_name: str, weights: str | None,
                             out_dir: Path, image_size: int = 224, batch_size: int = 32, device: str = "auto",
-                            num_workers: int = 0) -> list[Path]:
+                            num_workers: int = 0, skip_unreadable: bool = False) -> list[Path]:
     """``extract_grid_features`` for each split of a raw-image corpus, one backbone for all (``weights`` 'none' =
-    random init). Returns the written ``{split}_ims.npy`` paths."""
-
-    backbone = build_image_backbone(backbone_name, None if weights in (None, "none") else weights)
-    torch_device = resolve_device(device)
-    return [extract_grid_features(open_split(data_path, split), backbone, Path(out_dir), split, image_size,
-                                  batch_size, torch_device, num_workers) for split in splits]
+    random init), with ``out_dir`` locked against a second writer. Returns the written ``{split}_ims.npy``
+    paths."""
+    _check_sizes(batch_size, image_size)
+    with RunLock(out_dir, "features folder"):
+        backbone = build_image_backbone(backbone_name, None if weights in (None, "none") else weights)
+        torch_device = resolve_device(device)
+        return [extract_grid_features(open_split(data_path, split), backbone, Path(out_dir), split, image_size,
+                                      batch_size, torch_device, num_workers, skip_unreadable=skip_unreadable)
+                for split in splits]

@@ -18,7 +18,7 @@ from xmcl.data.corpus import CaptionSplit
 from xmcl.data.images import ImageTransform
 from xmcl.data.open import open_split
 from xmcl.data.text import HFTokenizer, TextTokenizer, VocabTokenizer, Vocabulary, resolve_text_model_dir
-from xmcl.errors import CheckpointError, ConfigError
+from xmcl.errors import CheckpointError, ConfigError, brief
 from xmcl.metrics.retrieval import Metrics, evaluate_embeddings
 from xmcl.retrieval.clip.cache import SplitGuides, split_guides
 from xmcl.retrieval.config import RetrievalModelConfig, RetrievalTrainConfig
@@ -26,7 +26,7 @@ from xmcl.retrieval.model import USERModel
 from xmcl.runtime.checkpoint import load_checkpoint
 from xmcl.runtime.device import resolve_device
 
-RETRIEVAL_CHECKPOINT = ("xmcl.retrieval", 2)  # kind and version of the trainer's checkpoints
+RETRIEVAL_CHECKPOINT = ("xmcl.retrieval", 3)  # kind and version of the trainer's checkpoints (3: safe to load)
 
 
 def build_tokenizer(model_cfg: RetrievalModelConfig, max_tokens: int, vocab: Vocabulary | None) -> TextTokenizer:
@@ -76,12 +76,12 @@ def encode_split(model: USERModel, split: CaptionSplit, tokenizer: TextTokenizer
     clip_image, clip_text = (guides.image, guides.text) if guides is not None else (None, None)
     images, texts = [], []
     for batch in DataLoader(SplitImages(split, transform, clip_image), batch_size=batch_size, collate_fn=collate,
-                            num_workers=num_workers):
+                            num_workers=num_workers, generator=torch.Generator()):  # the global RNG is left alone
         batch = to_device(batch, device)
         inputs = batch["images"] if "images" in batch else batch["regions"]
         images.append(model.encode_images(inputs, batch.get("region_lengths"), batch.get("clip_image")).float().cpu())
     for batch in DataLoader(SplitCaptions(split, tokenizer, clip_text), batch_size=batch_size, collate_fn=collate,
-                            num_workers=num_workers):
+                            num_workers=num_workers, generator=torch.Generator()):
         batch = to_device(batch, device)
         texts.append(model.encode_texts(batch["tokens"], batch["token_lengths"], batch.get("clip_text")).float().cpu())
     return torch.cat(images), torch.cat(texts)
@@ -96,15 +96,18 @@ def load_retrieval_checkpoint(checkpoint: Path) -> dict:
 def model_from_state(state: dict, where: str, device: torch.device
                      ) -> tuple[USERModel, TextTokenizer, RetrievalTrainConfig]:
     """The model (eval mode, on ``device``), tokenizer and config held by a checkpoint's state."""
+    missing = [key for key in ("config", "model") if key not in state]
+    if missing:
+        raise CheckpointError(f"{where}: the checkpoint has no {' or '.join(repr(k) for k in missing)} entry")
     cfg = config_from_dict(RetrievalTrainConfig, state["config"], where=where)
     vocab = Vocabulary(state["vocab"]) if state.get("vocab") else None
     tokenizer = build_tokenizer(cfg.model, cfg.data.max_caption_tokens, vocab)
     model = USERModel(cfg.model, cfg.loss, vocab_size=tokenizer.vocab_size)
     try:
         model.load_state_dict(state["model"])
-    except RuntimeError as error:
+    except (RuntimeError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{where}: the weights do not fit the model its config describes: "
-                              f"{str(error).splitlines()[0]}") from None
+                              f"{brief(error)}") from None
     return model.to(device).eval(), tokenizer, cfg
 
 
@@ -123,7 +126,8 @@ def embed_checkpoint(checkpoint: Path, data_path: Path | None, split: str, devic
     torch_device = resolve_device(device)
     state = load_retrieval_checkpoint(checkpoint)
     model, tokenizer, cfg = model_from_state(state, str(checkpoint), torch_device)
-    corpus = open_split(data_path if data_path is not None else cfg.data.path, split)
+    corpus = open_split(data_path if data_path is not None else cfg.data.path, split,
+                        key=None if data_path is not None else f"data.path of {checkpoint}")
     check_input(corpus, cfg.model)
     guides = split_guides(cfg.model, corpus, torch_device, compute_missing=True,
                           trained_sha256=state.get("clip_sha256"))

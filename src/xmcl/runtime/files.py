@@ -1,7 +1,10 @@
-"""Atomic writes: a file or folder appears whole or not at all.
+"""Atomic writes: a file or folder appears whole or not at all; and the checks of an output path.
 
-Each write goes to a temporary sibling, is flushed and fsynced, then renamed over the target: the rename is the
-commit point, so a crash mid-write leaves the previous version (or nothing) in place, never a torn file.
+Each write goes to a temporary sibling (``.NAME.xmcl-XXXX.tmp``), is flushed and fsynced, then renamed over the
+target: the rename is the commit point, so a crash mid-write leaves the previous version (or nothing) in place,
+never a torn file. Files get the mode the umask gives (``0o666 & ~umask``), as ``open`` would. A process killed
+mid-write leaves its temporary behind; ``remove_stale_temporaries`` clears them from a folder its caller holds
+locked (``xmcl.runtime.lock``).
 """
 
 from __future__ import annotations
@@ -17,13 +20,36 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from xmcl.errors import RunFolderError
+
+TEMPORARY_TAG = ".xmcl-"  # in the names of every temporary file and staging folder written here
+
+
+def _umask() -> int:
+    """The process's umask (read from /proc where it can be, without changing it; else set and reset)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets from ``open``: ``0o666`` less the umask."""
+    return 0o666 & ~_umask()
+
 
 def atomic_write_bytes(path: Path, write: Callable[[Any], Any]) -> None:
     """Call ``write(binary_file)`` on a temporary file beside ``path`` and rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMPORARY_TAG}", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -55,7 +81,7 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
 @contextmanager
 def _staging(target: Path, tag: str) -> Iterator[Path]:
     """An empty folder beside ``target``, removed (with whatever is left in it) when the block ends."""
-    staging = target.parent / f".{target.name}.{tag}-{os.getpid()}"
+    staging = target.parent / f".{target.name}{TEMPORARY_TAG}{tag}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -84,10 +110,53 @@ def atomic_files_into(target: Path) -> Iterator[Path]:
     """Yield an empty staging folder; when the block succeeds each file written there replaces its namesake in
     ``target`` (created if needed; other files of ``target`` are kept). Each file is replaced whole."""
     target = Path(target)
-    with _staging(target, "saving") as staging:
+    target.mkdir(parents=True, exist_ok=True)
+    with _staging(target / "staging", "saving") as staging:  # inside ``target``: its lock covers the leftovers
         yield staging
-        target.mkdir(parents=True, exist_ok=True)
         for file in sorted(staging.iterdir()):
             with file.open("rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(file, target / file.name)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporaries (files and staging folders) that writes killed mid-way left under ``folder``; only
+    for a caller that holds the folder's lock, so that no live write owns them. Returns what was removed."""
+    removed = []
+    for path in sorted(Path(folder).rglob(f".*{TEMPORARY_TAG}*")):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_dir(path: Path, what: str = "output folder") -> None:
+    """Refuse, before any work, a folder that cannot be made or written: ``path`` or one of its parents is a
+    file, or the nearest existing parent is not writable. ``RunFolderError`` names the path and the problem."""
+    path = Path(path)
+    existing = _first_existing(path.absolute())
+    if existing == path.absolute() and not existing.is_dir():
+        raise RunFolderError(f"{what} {path} is a file, not a folder")
+    if not existing.is_dir():
+        raise RunFolderError(f"{what} {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunFolderError(f"{what} {path} cannot be written: {existing} is not writable")
+
+
+def check_output_file(path: Path, what: str = "output file") -> None:
+    """Refuse, before any work, a file path that cannot be written: a folder stands there, a parent is a file, or
+    the nearest existing parent is not writable. ``RunFolderError`` names the path and the problem."""
+    path = Path(path)
+    if path.is_dir():
+        raise RunFolderError(f"{what} {path} is a folder; give a file path, e.g. {path / 'metrics.json'}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise RunFolderError(f"{what} {path} is not writable")
+    check_output_dir(path.parent, f"the folder of {what}")

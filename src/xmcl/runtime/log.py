@@ -1,15 +1,22 @@
-"""Run logs: one JSON object per line (append, flushed each record) and a PNG of the curves."""
+"""Run logs: one JSON object per line (append, flushed each record) and a PNG of the curves (written atomically)."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+from xmcl.runtime.files import atomic_write_bytes
+
 
 class JsonlLogger:
-    """Append-only JSONL log; each ``log`` call writes and flushes one line, so a crash loses nothing logged."""
+    """Append-only JSONL log; each ``log`` call writes and flushes one line, so a crash loses nothing logged.
+
+    A run records ``size()`` in each checkpoint and, when it resumes from one, calls ``truncate(size)``: the
+    records written after that checkpoint (steps the resumed run redoes) are dropped, so no step appears twice.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -18,6 +25,16 @@ class JsonlLogger:
     def log(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record, default=float) + "\n")
+
+    def size(self) -> int:
+        """Bytes written so far (0 when there is no log yet)."""
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def truncate(self, size: int) -> None:
+        """Keep the first ``size`` bytes of the log (everything, if it is shorter)."""
+        if self.path.exists() and self.path.stat().st_size > size:
+            with self.path.open("r+b") as handle:
+                handle.truncate(size)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -56,6 +73,8 @@ def plot_curves(jsonl_path: Path, png_path: Path, x_key: str = "step") -> Path |
         ax.axis("off")
     fig.tight_layout()
     png_path = Path(png_path)
-    fig.savefig(png_path, dpi=90)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
+    atomic_write_bytes(png_path, lambda handle: handle.write(buffer.getvalue()))
     return png_path

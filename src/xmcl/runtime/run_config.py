@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xmcl.config import require
+from xmcl.config import FieldRangeError, require
 from xmcl.runtime.device import resolve_device
 from xmcl.runtime.rng import seed_everything
 
@@ -34,6 +34,12 @@ class RunConfig:
         require(self, "threads", ge=0)
         require(self, "checkpoint_every", ge=0)
         require(self, "log_every", ge=1)
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise FieldRangeError("device", self.device, "'auto' or a torch device (cpu, cuda, cuda:1, ...)") \
+                    from None
 
 
 def start_run(run: RunConfig) -> torch.device:

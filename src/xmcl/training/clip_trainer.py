@@ -6,7 +6,8 @@ The model is a ``transformers.CLIPModel`` (``xmcl.retrieval.clip.small``) traine
 tokenizer is CLIP's byte-level BPE layout with merges learned from the training captions. Images go through CLIP's
 preprocessing without augmentation (flips would swap "left of" and "right of"). Each epoch ends with validation
 rSum; the best model is saved into the run folder in the transformers CLIP format, which ``load_clip_teacher``
-reads. ``last.pt`` (model, temperature, optimiser, scheduler, RNG, tokenizer, epoch and step) resumes exactly.
+reads. ``last.pt`` (model, temperature, optimiser, scheduler, RNG, the model's random stream, tokenizer, epoch
+and step) resumes exactly from any step, even after ``kill -9``; log records after it are dropped on resume.
 """
 
 from __future__ import annotations
@@ -28,10 +29,22 @@ from xmcl.retrieval.clip.preprocess import ClipImagePreprocess
 from xmcl.retrieval.clip.small import new_clip_model, save_clip
 from xmcl.retrieval.clip.teacher import clip_image_features, clip_text_features
 from xmcl.retrieval.clip.tokenizer import ClipTokenizer, train_bpe
+from xmcl.runtime.rng import TorchStream, derived_seed
 from xmcl.runtime.run_config import start_run
-from xmcl.training.run import Checkpointer, RunFolder, StepLogger, capture_states, check_finite, restore_states
+from xmcl.training.run import (
+    Checkpointer,
+    RunFolder,
+    StepLogger,
+    StopSignals,
+    announce,
+    capture_states,
+    check_finite,
+    restore_states,
+)
 
-CLIP_RUN_CHECKPOINT = ("xmcl.clip.train", 1)  # kind and version of train-clip's last.pt
+CLIP_RUN_CHECKPOINT = ("xmcl.clip.train", 2)  # kind and version of train-clip's last.pt (2: safe to load)
+CLIP_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")  # the best model, as save_clip writes
+MODEL_STREAM = 1  # purpose of the model's random stream drawn from run.seed
 
 
 def _pixels(split: CaptionSplit, size: int) -> torch.Tensor:
@@ -59,22 +72,31 @@ def _evaluate(model, pixels: torch.Tensor, tokenizer: ClipTokenizer, split: Capt
     return evaluate_embeddings(img, txt, split.caption_image, protocols=("all",))["all"]
 
 
-def train_clip(cfg: ClipTrainConfig, out: Path | str, resume: bool = True, progress: bool = True) -> dict:
-    """Train a small CLIP on ``cfg.data`` and save the best (validation rSum) into ``out``.
+def train_clip(cfg: ClipTrainConfig, out: Path | str, resume: bool = True, progress: bool = True,
+               overwrite: bool = False) -> dict:
+    """Train a small CLIP on ``cfg.data`` and save the best (validation rSum) into ``out`` (held locked for the
+    run). ``resume`` / ``overwrite`` / ``progress`` as for ``train_retrieval``; SIGINT / SIGTERM save a
+    checkpoint and raise ``RunInterrupted``.
 
     Returns ``{"best_rsum", "best_epoch", "metrics" (the best epoch's Metrics), "out"}``.
     """
-    folder = RunFolder(out)
+    folder = RunFolder(out, outputs=CLIP_FILES)
+    with folder.locked(progress), StopSignals(progress) as stop:
+        return _train(cfg, folder, resume, overwrite, progress, stop)
+
+
+def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: bool, verbose: bool,
+           stop: StopSignals) -> dict:
     checkpointer = Checkpointer(folder, *CLIP_RUN_CHECKPOINT)
     device = start_run(cfg.run)
-    train, val = open_split(cfg.data.path, cfg.data.train_split), open_split(cfg.data.path, cfg.data.val_split)
-    state = checkpointer.resume_state(cfg, resume)
+    train = open_split(cfg.data.path, cfg.data.train_split, key="data.path")
+    val = open_split(cfg.data.path, cfg.data.val_split, key="data.path")
+    state = checkpointer.start(cfg, resume, overwrite)
     if state is not None:
         vocab, merges = state["vocab"], [tuple(pair) for pair in state["merges"]]
     else:
         vocab, merges = train_bpe(train.captions, cfg.model.bpe_vocab_size)
     tokenizer = ClipTokenizer(vocab, merges, cfg.model.context_length, source=f"BPE of {train.source}")
-    train_pixels, val_pixels = _pixels(train, cfg.model.image_size), _pixels(val, cfg.model.image_size)
     model = new_clip_model(cfg.model, len(vocab)).to(device)
     loss_fn = build_retrieval_loss("infonce", init_temperature=cfg.model.temperature).to(device)
     params = list(model.parameters()) + list(loss_fn.parameters())
@@ -86,38 +108,55 @@ def train_clip(cfg: ClipTrainConfig, out: Path | str, resume: bool = True, progr
     warmup = max(1, int(cfg.optim.warmup_fraction * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
         (step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))))
+    model_stream = TorchStream(derived_seed(cfg.run.seed, MODEL_STREAM), device)
     epoch = step_in_epoch = global_step = 0
     best_rsum, best_epoch, best_metrics = -math.inf, 0, None
+    loss_sum, loss_count = 0.0, 0  # over the epoch's steps so far (a resumed epoch's mean covers them all)
     if state is not None:
-        restore_states(state, model=model, loss=loss_fn, optimizer=optimizer, scheduler=scheduler)
+        restore_states(state, folder.last, model=model, loss=loss_fn, optimizer=optimizer, scheduler=scheduler,
+                       model_stream=model_stream)
         epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         best_rsum, best_epoch = state["best_rsum"], state["best_epoch"]
         best_metrics = Metrics(**state["best_metrics"]) if state["best_metrics"] else None
-    folder.create(cfg)
-    logger = StepLogger(folder, progress and cfg.run.progress)
+        loss_sum, loss_count = state["epoch_loss_sum"], state["epoch_loss_count"]
+        if epoch >= cfg.optim.epochs:
+            announce(f"{folder.root} already finished: {epoch} of {cfg.optim.epochs} epochs done (best val rSum "
+                     f"{best_rsum:.2f} at epoch {best_epoch}); nothing to do. Pass --no-resume --overwrite to "
+                     f"start over", verbose)
+            return {"best_rsum": best_rsum, "best_epoch": best_epoch, "metrics": best_metrics, "out": folder.root}
+        announce(f"resuming {folder.last} from epoch {epoch + 1}, step {step_in_epoch} (global step "
+                 f"{global_step})", verbose)
+        if step_in_epoch == 0 and best_epoch == epoch and epoch > 0:
+            save_clip(model, vocab, merges, folder.root)  # a stop between last.pt and the best model's files
+    train_pixels, val_pixels = _pixels(train, cfg.model.image_size), _pixels(val, cfg.model.image_size)
+    folder.write_config(cfg)
+    logger = StepLogger(folder, verbose and cfg.run.progress, state["log_bytes"] if state else 0)
     caption_image = torch.as_tensor(train.caption_image)
 
     def checkpoint() -> None:
         checkpointer.save(folder.last, cfg, {
             "vocab": vocab, "merges": [list(pair) for pair in merges],
-            **capture_states(model=model, loss=loss_fn, optimizer=optimizer, scheduler=scheduler),
+            **capture_states(model=model, loss=loss_fn, optimizer=optimizer, scheduler=scheduler,
+                             model_stream=model_stream),
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "best_rsum": best_rsum, "best_epoch": best_epoch,
-            "best_metrics": None if best_metrics is None else best_metrics.as_dict()})
+            "best_metrics": None if best_metrics is None else best_metrics.as_dict(),
+            "epoch_loss_sum": loss_sum, "epoch_loss_count": loss_count, "log_bytes": logger.size()})
 
     while epoch < cfg.optim.epochs:
         model.train()
         order = one_caption_per_image(train.caption_image, np.random.default_rng([cfg.run.seed, epoch]))
-        tic, losses = time.perf_counter(), []
+        tic = time.perf_counter()
         bar = logger.bar(range(step_in_epoch, steps_per_epoch), steps_per_epoch, step_in_epoch,
                          f"train-clip {epoch + 1}/{cfg.optim.epochs}", "batch")
         for step in bar:
             rows = order[step * cfg.optim.batch_size: (step + 1) * cfg.optim.batch_size]
             images = caption_image[rows]
             ids, mask = tokenizer.batch([train.captions[m] for m in rows])
-            img = clip_image_features(model, train_pixels[images].to(device))
-            txt = clip_text_features(model, ids.to(device), mask.to(device))
-            loss = loss_fn(img, txt, images.to(device))["loss"]
+            with model_stream.active():
+                img = clip_image_features(model, train_pixels[images].to(device))
+                txt = clip_text_features(model, ids.to(device), mask.to(device))
+                loss = loss_fn(img, txt, images.to(device))["loss"]
             check_finite(loss.item(), f"epoch {epoch + 1}, step {step + 1}", folder)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -125,24 +164,33 @@ def train_clip(cfg: ClipTrainConfig, out: Path | str, resume: bool = True, progr
             optimizer.step()
             scheduler.step()
             step_in_epoch, global_step = step + 1, global_step + 1
-            losses.append(loss.item())
+            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if global_step % cfg.run.log_every == 0:
                 logger.log({"step": global_step, "epoch": epoch + 1, "loss": loss.item(),
                             "lr": scheduler.get_last_lr()[0]})
             if cfg.run.checkpoint_every and global_step % cfg.run.checkpoint_every == 0:
                 checkpoint()
+            if stop.requested:
+                bar.close()
+                checkpoint()
+                raise stop.interrupted(f"epoch {epoch + 1}, step {step_in_epoch}", folder)
         bar.close()
         metrics = _evaluate(model, val_pixels, tokenizer, val, device)
         epoch, step_in_epoch = epoch + 1, 0
-        if metrics.rsum > best_rsum:
+        improved = metrics.rsum > best_rsum
+        if improved:
             with torch.no_grad():
                 model.logit_scale.copy_(loss_fn.log_scale.detach().clamp(max=loss_fn.max_log_scale))
-            save_clip(model, vocab, merges, folder.root)
             best_rsum, best_epoch, best_metrics = metrics.rsum, epoch, metrics
-        checkpoint()
-        logger.log({"step": global_step, "epoch": epoch, "train_loss_mean": float(np.mean(losses)) if losses else None,
-                    "seconds": time.perf_counter() - tic, **{f"val_{k}": v for k, v in metrics.as_dict().items()}})
+        logger.log({"step": global_step, "epoch": epoch,
+                    "train_loss_mean": loss_sum / loss_count if loss_count else None, "seconds": time.perf_counter() - tic, **{f"val_{k}": v for k, v in metrics.as_dict().items()}})
+        loss_sum, loss_count = 0.0, 0
+        checkpoint()  # then the best model: a stop between the two is healed on resume (see above)
+        if improved:
+            save_clip(model, vocab, merges, folder.root)
         logger.plot()
         logger.note(f"epoch {epoch}: val rSum {metrics.rsum:.1f}")
+        if stop.requested:
+            raise stop.interrupted(f"the end of epoch {epoch}", folder)
     return {"best_rsum": best_rsum, "best_epoch": best_epoch, "metrics": best_metrics, "out": folder.root}

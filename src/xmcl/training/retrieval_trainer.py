@@ -5,11 +5,18 @@ encoders (the queues were filled inside the forward, after the loss). Per epoch:
 (and ``best.pt`` when rSum improves) written atomically, a JSONL log and a PNG of the curves. A checkpoint holds
 everything an exact resume needs: model (key encoders and queues included), optimiser, scheduler, RNG states,
 epoch and step within the epoch (batches are a seeded permutation per epoch, so a resume skips the done ones).
+
+Every random stream is explicit and restored on resume, so a run stopped at any step (even by ``kill -9``) and
+resumed ends bit for bit where the uninterrupted run does on the same device: the batch order is drawn from
+``(run.seed, epoch)``, caption and image augmentation from ``(run.seed, epoch, caption)``, the DataLoader's worker
+seeds from ``(run.seed, LOADER_STREAM, epoch)``, and dropout / grid drop run on the model's own ``TorchStream``,
+saved in each checkpoint. The log records written after the resumed checkpoint are dropped (``log_bytes``).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -33,10 +40,21 @@ from xmcl.retrieval.inference import (
     to_device,
 )
 from xmcl.retrieval.model import USERModel
+from xmcl.runtime.rng import TorchStream, derived_seed, seeded_generator
 from xmcl.runtime.run_config import start_run
-from xmcl.training.run import Checkpointer, RunFolder, StepLogger, capture_states, check_finite, restore_states
+from xmcl.training.run import (
+    Checkpointer,
+    RunFolder,
+    StepLogger,
+    StopSignals,
+    announce,
+    capture_states,
+    check_finite,
+    restore_states,
+)
 
 RESUMABLE = ("optim.epochs", "data.num_workers")  # may change when a run resumes
+MODEL_STREAM, LOADER_STREAM = 1, 2  # purposes of the random streams drawn from run.seed
 
 
 def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, max_steps: int | None) -> list[list[int]]:
@@ -49,24 +67,33 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, max_st
     return batches[:max_steps] if max_steps else batches
 
 
-def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = True, progress: bool = True) -> dict:
-    """Train per ``cfg`` into ``out_dir``; returns ``{"best_rsum", "best_epoch", "last", "best"}``.
-    ``progress=False`` silences the run whatever ``run.progress`` says."""
+def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = True, progress: bool = True,
+                    overwrite: bool = False) -> dict:
+    """Train per ``cfg`` into ``out_dir`` (held locked for the run); returns ``{"best_rsum", "best_epoch", "last",
+    "best"}``. ``resume``: continue from ``out_dir/last.pt`` when it exists; ``overwrite``: delete the run already
+    there and start over (without it, starting over where a run exists is refused). ``progress=False`` silences
+    the run whatever ``run.progress`` says. SIGINT / SIGTERM save a checkpoint and raise ``RunInterrupted``."""
     folder = RunFolder(out_dir)
+    with folder.locked(progress), StopSignals(progress) as stop:
+        return _train(cfg, folder, resume, overwrite, progress, stop)
+
+
+def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite: bool, verbose: bool,
+           stop: StopSignals) -> dict:
     checkpointer = Checkpointer(folder, *RETRIEVAL_CHECKPOINT, resumable=RESUMABLE)
     device = start_run(cfg.run)
-    train_split = open_split(cfg.data.path, cfg.data.train_split)
-    val_split = open_split(cfg.data.path, cfg.data.val_split)
+    train_split = open_split(cfg.data.path, cfg.data.train_split, key="data.path")
+    val_split = open_split(cfg.data.path, cfg.data.val_split, key="data.path")
     if cfg.data.val_max_images:
         val_split = val_split.subset(np.arange(min(cfg.data.val_max_images, val_split.num_images)))
     check_input(train_split, cfg.model)
     train_guides = split_guides(cfg.model, train_split, device)
     val_guides = split_guides(cfg.model, val_split, device)
 
-    state = checkpointer.resume_state(cfg, resume)
+    state = checkpointer.start(cfg, resume, overwrite)
     if state is not None and state.get("clip_sha256") != train_guides.sha256:
         raise CheckpointError(f"{folder.last} was trained with CGE guides of another CLIP checkpoint than the "
-                              f"cache's now; use another --out folder or --no-resume")
+                              f"cache's now; use another --out folder or --no-resume --overwrite")
     vocab = None
     if cfg.model.text_encoder == "bigru":
         vocab = Vocabulary(state["vocab"]) if state else Vocabulary.build(train_split.captions,
@@ -76,14 +103,30 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = Tru
     optimizer = torch.optim.AdamW(model.parameter_groups(cfg.optim.lr, cfg.optim.text_lr_scale,
                                                          cfg.optim.weight_decay, cfg.optim.backbone_lr_scale))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.optim.lr_decay_epochs, cfg.optim.lr_decay_factor)
+    model_stream = TorchStream(derived_seed(cfg.run.seed, MODEL_STREAM), device)
     epoch = step_in_epoch = global_step = 0
-    best_rsum, best_epoch = -math.inf, -1
+    best_rsum, best_epoch = -math.inf, 0
+    loss_sum, loss_count = 0.0, 0  # over the epoch's steps so far (a resumed epoch's mean covers them all)
     if state is not None:
-        restore_states(state, model=model, optimizer=optimizer, scheduler=scheduler)
+        restore_states(state, folder.last, model=model, optimizer=optimizer, scheduler=scheduler,
+                       model_stream=model_stream)
         epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         best_rsum, best_epoch = state["best_rsum"], state["best_epoch"]
-    folder.create(cfg)
-    logger = StepLogger(folder, progress and cfg.run.progress)
+        loss_sum, loss_count = state["epoch_loss_sum"], state["epoch_loss_count"]
+        if epoch >= cfg.optim.epochs:
+            announce(f"{folder.root} already finished: {epoch} of {cfg.optim.epochs} epochs done (best val rSum "
+                     f"{best_rsum:.2f} at epoch {best_epoch}); nothing to do. Set a larger optim.epochs to train "
+                     f"longer, or pass --no-resume --overwrite to start over", verbose)
+            return {"best_rsum": best_rsum, "best_epoch": best_epoch, "last": folder.last, "best": folder.best}
+        announce(f"resuming {folder.last} from epoch {epoch + 1}, step {step_in_epoch} (global step "
+                 f"{global_step})", verbose)
+        if step_in_epoch == 0 and best_epoch == epoch and epoch > 0:
+            shutil.copyfile(folder.last, folder.best)  # a stop between last.pt and best.pt: best.pt is this state
+    if cfg.loss.name == "uto":
+        announce("note: the UTO loss goes below zero as training succeeds (its positive term is "
+                 "-log(1 + similarity)); lower is better", verbose and state is None)
+    folder.write_config(cfg)
+    logger = StepLogger(folder, verbose and cfg.run.progress, state["log_bytes"] if state else 0)
 
     dataset = CaptionPairs(train_split, tokenizer, image_transform(cfg.model, model, cfg.data.image_size,
                                                                    cfg.data.augment_images),
@@ -96,9 +139,10 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = Tru
     def checkpoint(path: Path) -> None:
         checkpointer.save(path, cfg, {
             "vocab": None if vocab is None else vocab.words,
-            **capture_states(model=model, optimizer=optimizer, scheduler=scheduler),
+            **capture_states(model=model, optimizer=optimizer, scheduler=scheduler, model_stream=model_stream),
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-            "best_rsum": best_rsum, "best_epoch": best_epoch, "clip_sha256": train_guides.sha256})
+            "best_rsum": best_rsum, "best_epoch": best_epoch, "clip_sha256": train_guides.sha256,
+            "epoch_loss_sum": loss_sum, "epoch_loss_count": loss_count, "log_bytes": logger.size()})
 
     while epoch < cfg.optim.epochs:
         dataset.set_epoch(epoch)
@@ -107,12 +151,14 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = Tru
         batches = epoch_batches(len(dataset), cfg.optim.batch_size, cfg.run.seed, epoch,
                                 cfg.optim.max_steps_per_epoch)
         loader = DataLoader(dataset, batch_sampler=batches[step_in_epoch:], collate_fn=collate,
-                            num_workers=cfg.data.num_workers, persistent_workers=False)
+                            num_workers=cfg.data.num_workers, persistent_workers=False,
+                            generator=seeded_generator(cfg.run.seed, LOADER_STREAM, epoch))
         bar = logger.bar(loader, len(batches), step_in_epoch, f"epoch {epoch + 1}/{cfg.optim.epochs}", "batch")
-        tic, seen, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
+        tic, seen = time.perf_counter(), 0
         for batch in bar:
             batch = to_device(batch, device)
-            losses = model(batch)
+            with model_stream.active():
+                losses = model(batch)
             loss = losses["loss"]
             check_finite(loss.item(), f"epoch {epoch + 1}, step {step_in_epoch + 1}", folder)
             optimizer.zero_grad(set_to_none=True)
@@ -135,6 +181,10 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = Tru
                             **{f"loss_{k}": v.item() for k, v in losses.items() if k != "loss"}})
             if cfg.run.checkpoint_every and global_step % cfg.run.checkpoint_every == 0:
                 checkpoint(folder.last)
+            if stop.requested:
+                bar.close()
+                checkpoint(folder.last)
+                raise stop.interrupted(f"epoch {epoch + 1}, step {step_in_epoch}", folder)
         bar.close()
 
         img, txt = encode_split(model, val_split, tokenizer, eval_transform, device,
@@ -145,13 +195,16 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = Tru
         improved = metrics.rsum > best_rsum
         if improved:
             best_rsum, best_epoch = metrics.rsum, epoch
-        checkpoint(folder.last)
-        if improved:
-            checkpoint(folder.best)
         logger.log({"step": global_step, "epoch": epoch, "train_loss_mean": loss_sum / max(loss_count, 1),
                     "samples_per_s": seen / max(time.perf_counter() - tic, 1e-9),
                     **{f"val_{k}": v for k, v in metrics.as_dict().items()}})
+        loss_sum, loss_count = 0.0, 0
+        checkpoint(folder.last)  # then best.pt: a stop between the two is healed on resume (see above)
+        if improved:
+            checkpoint(folder.best)
         logger.plot()
         logger.note(f"epoch {epoch}: val rSum {metrics.rsum:.2f} (R@1 i2t {metrics.i2t_r1:.1f}, "
                     f"t2i {metrics.t2i_r1:.1f}){'  best' if improved else ''}")
+        if stop.requested:
+            raise stop.interrupted(f"the end of epoch {epoch}", folder)
     return {"best_rsum": best_rsum, "best_epoch": best_epoch, "last": folder.last, "best": folder.best}

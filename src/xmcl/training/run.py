@@ -1,22 +1,33 @@
 """Pieces every training loop shares (not a framework: each loop stays written out).
 
-``RunFolder``: the files of a run folder. ``Checkpointer``: saves checkpoints of one kind and version, and loads
-``last.pt`` for a resume under one compatibility policy: every config key must match the saved one, except the
-keys the loop declares resumable. ``check_finite``: stop on a NaN/inf loss, keeping the last good checkpoint.
-``StepLogger``: progress bar, JSONL log and PNG curves. ``capture_states`` / ``restore_states``: the state dicts
-of a loop's stateful objects (model, optimiser, scheduler, ...) and the global RNG, by name.
+``RunFolder``: the files of a run folder, held under an exclusive lock (``xmcl.runtime.lock``) for the whole run.
+``Checkpointer``: saves checkpoints of one kind and version, and decides how a run starts: resume ``last.pt``
+(every config key must match the saved one, except the keys the loop declares resumable), start afresh, or refuse
+(``--no-resume`` into a folder that already holds a run, unless ``overwrite``). ``check_finite``: stop on a NaN/inf
+loss, keeping the last good checkpoint. ``StepLogger``: progress bar, JSONL log (cut back to a resumed checkpoint's
+length, so no step is logged twice) and PNG curves. ``StopSignals``: SIGINT / SIGTERM stop the loop at the next step
+boundary, after a checkpoint. ``capture_states`` / ``restore_states``: the state dicts of a loop's stateful objects
+(model, optimiser, scheduler, random streams, ...) and the global RNG, by name.
 """
 
 from __future__ import annotations
 
+import shutil
+import signal
+import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
+import yaml
 from tqdm import tqdm
 
-from xmcl.config import config_to_dict, save_config
-from xmcl.errors import CheckpointError, TrainingDiverged
+from xmcl.config import config_to_dict
+from xmcl.errors import CheckpointError, RunFolderError, RunInterrupted, TrainingDiverged, brief
 from xmcl.runtime.checkpoint import load_checkpoint, save_checkpoint
+from xmcl.runtime.files import atomic_write_text
+from xmcl.runtime.lock import RunLock, describe_holder
 from xmcl.runtime.log import JsonlLogger, plot_curves
 from xmcl.runtime.rng import capture_rng_state, restore_rng_state
 
@@ -24,21 +35,46 @@ from xmcl.runtime.rng import capture_rng_state, restore_rng_state
 RESUMABLE_RUN_KEYS = frozenset({"run.device", "run.threads", "run.progress", "run.checkpoint_every", "run.log_every"})
 
 
-class RunFolder:
-    """``config.yaml``, ``last.pt``, ``best.pt``, ``log.jsonl`` and ``curves.png`` of one run folder."""
+def announce(message: str, enabled: bool = True) -> None:
+    """Print a line to stderr without breaking a progress bar (``enabled=False``: a silenced run)."""
+    if enabled:
+        tqdm.write(message, file=sys.stderr)
 
-    def __init__(self, root: Path | str) -> None:
+
+class RunFolder:
+    """``config.yaml``, ``last.pt``, ``best.pt``, ``log.jsonl`` and ``curves.png`` of one run folder, plus the
+    ``outputs`` (file names) a loop also writes there; ``locked()`` holds the folder's lock."""
+
+    def __init__(self, root: Path | str, outputs: Iterable[str] = ()) -> None:
         self.root = Path(root)
         self.config = self.root / "config.yaml"
         self.last = self.root / "last.pt"
         self.best = self.root / "best.pt"
         self.log = self.root / "log.jsonl"
         self.curves = self.root / "curves.png"
+        self.outputs = tuple(self.root / name for name in outputs)
 
-    def create(self, cfg: Any) -> None:
-        """Make the folder and write the run's config."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.config)
+    @contextmanager
+    def locked(self, verbose: bool = True) -> Iterator[RunLock]:
+        """Hold the folder's exclusive lock (created if missing; ``RunFolderError`` if another process holds it)."""
+        with RunLock(self.root) as lock:
+            if lock.stale_holder:
+                announce(f"{self.root}: took over the lock left by {describe_holder(lock.stale_holder)}, which is "
+                         f"no longer running", verbose)
+            yield lock
+
+    def run_files(self) -> list[Path]:
+        """The files of a run that exist in the folder."""
+        return [p for p in (self.config, self.last, self.best, self.log, self.curves, *self.outputs) if p.exists()]
+
+    def clear(self) -> None:
+        """Delete the run's files (``--overwrite``); other files of the folder are left alone."""
+        for path in self.run_files():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    def write_config(self, cfg: Any) -> None:
+        """Write the run's config (atomically): the file the run can be reproduced from."""
+        atomic_write_text(self.config, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     def last_good(self) -> str:
         """The path of ``last.pt``, or a note that none was written yet (for error messages)."""
@@ -62,7 +98,7 @@ def _is_resumable(key: str, resumable: Iterable[str]) -> bool:
 
 
 class Checkpointer:
-    """Checkpoints of one ``kind`` and ``version`` in a run folder, and the resume policy.
+    """Checkpoints of one ``kind`` and ``version`` in a run folder, and the start / resume policy.
 
     ``resumable``: dotted config keys (or sections ending in ".") that may differ between the saved run and the
     resumed one, in addition to ``RESUMABLE_RUN_KEYS``.
@@ -76,11 +112,29 @@ class Checkpointer:
         """Write ``payload`` and the run's config under this checkpointer's header, atomically."""
         save_checkpoint(path, self.kind, self.version, {"config": config_to_dict(cfg), **payload})
 
-    def resume_state(self, cfg: Any, resume: bool) -> dict | None:
-        """The state in ``last.pt`` when resuming and it exists (None otherwise); a checkpoint of another kind,
-        version or config is refused, naming the keys that differ."""
-        if not resume or not self.folder.last.is_file():
+    def start(self, cfg: Any, resume: bool, overwrite: bool = False) -> dict | None:
+        """How the run in the (locked) folder starts: the state of ``last.pt`` to resume from, or None to start
+        afresh. ``overwrite`` deletes the run's files first. Refused (``RunFolderError``): starting afresh
+        (``resume=False``) where a run's files exist, or where a ``best.pt`` / output has no ``last.pt`` to resume
+        (either would destroy them); resuming a checkpoint of another kind, version or config (``CheckpointError``
+        naming the keys that differ)."""
+        if overwrite:
+            self.folder.clear()
             return None
+        existing = self.folder.run_files()
+        if resume and self.folder.last.is_file():
+            return self._resumable_state(cfg)
+        names = ", ".join(p.name for p in existing)
+        if existing and not resume:
+            raise RunFolderError(f"{self.folder.root} already holds a run ({names}); --no-resume would start over "
+                                 f"and destroy it: add --overwrite to replace it, drop --no-resume to continue it, "
+                                 f"or use another --out folder")
+        if any(p not in (self.folder.config, self.folder.log, self.folder.curves) for p in existing):
+            raise RunFolderError(f"{self.folder.root} holds {names} but no last.pt to resume from; starting afresh "
+                                 f"would destroy them: pass --overwrite to replace them, or use another --out folder")
+        return None  # a run that never wrote a checkpoint: its config and log are replaced
+
+    def _resumable_state(self, cfg: Any) -> dict:
         state = load_checkpoint(self.folder.last, self.kind, self.version)
         saved, now = _flatten(state["config"]), _flatten(config_to_dict(cfg))
         changed = [key for key in sorted(set(saved) | set(now))
@@ -88,8 +142,10 @@ class Checkpointer:
         if changed:
             listed = "; ".join(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in changed[:6])
             more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
-            raise CheckpointError(f"{self.folder.last} was trained with another config ({listed}{more}); these keys "
-                                  f"cannot change on resume; use another --out folder or --no-resume")
+            allowed = ", ".join(sorted(self.resumable))
+            raise CheckpointError(f"{self.folder.last} was trained with another config ({listed}{more}); only "
+                                  f"{allowed} may change on resume: use the run's config ({self.folder.config}), "
+                                  f"another --out folder, or --no-resume --overwrite")
         return state
 
 
@@ -98,11 +154,22 @@ def capture_states(**stateful: Any) -> dict[str, Any]:
     return {**{name: obj.state_dict() for name, obj in stateful.items()}, "rng": capture_rng_state()}
 
 
-def restore_states(state: dict[str, Any], **stateful: Any) -> None:
-    """Load ``state[name]`` into each named object and restore the global generators (``capture_states``' inverse)."""
+def restore_states(state: dict[str, Any], where: Path | str, **stateful: Any) -> None:
+    """Load ``state[name]`` into each named object and restore the global generators (``capture_states``' inverse);
+    a state that does not fit (a missing entry or weight, another shape) raises ``CheckpointError`` naming
+    ``where`` (the checkpoint) and the object."""
     for name, obj in stateful.items():
-        obj.load_state_dict(state[name])
-    restore_rng_state(state["rng"])
+        if name not in state:
+            raise CheckpointError(f"checkpoint {where} has no '{name}' state; it was not written by this loop")
+        try:
+            obj.load_state_dict(state[name])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as error:
+            raise CheckpointError(f"checkpoint {where}: its '{name}' state does not fit this run: "
+                                  f"{brief(error)}") from None
+    try:
+        restore_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint {where}: its random-generator state is unreadable ({error})") from None
 
 
 def check_finite(loss: float, where: str, folder: RunFolder) -> None:
@@ -112,12 +179,50 @@ def check_finite(loss: float, where: str, folder: RunFolder) -> None:
                                f"{folder.last_good()}")
 
 
-class StepLogger:
-    """A run's progress bar, its JSONL log (``log.jsonl``: one record per line, flushed) and its curves."""
+class StopSignals:
+    """While active (``with StopSignals() as stop:``), SIGINT and SIGTERM do not kill the loop: the first sets
+    ``requested`` (the signal's name), and the loop checkpoints at the next step boundary and raises
+    ``stop.interrupted(...)``; a second signal stops at once (``KeyboardInterrupt``). Outside the main thread,
+    where handlers cannot be installed, signals keep their usual effect."""
 
-    def __init__(self, folder: RunFolder, progress: bool) -> None:
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, verbose: bool = True) -> None:
+        self.verbose = verbose
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def _handle(self, number: int, frame: Any) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(number).name
+        announce(f"\n{self.requested} received: saving a checkpoint after this step, then stopping (send it again "
+                 f"to stop at once, losing the steps since the last checkpoint)", self.verbose)
+
+    def interrupted(self, where: str, folder: RunFolder) -> RunInterrupted:
+        """The error that ends a stopped run, saying where it stopped and how to resume."""
+        return RunInterrupted(f"stopped by {self.requested} at {where}; everything up to there is saved in "
+                              f"{folder.last}: run the same command again to resume")
+
+
+class StepLogger:
+    """A run's progress bar, its JSONL log (``log.jsonl``: one record per line, flushed) and its curves. The log is
+    cut back to ``keep_bytes`` (the length a resumed checkpoint recorded; 0 for a fresh run)."""
+
+    def __init__(self, folder: RunFolder, progress: bool, keep_bytes: int = 0) -> None:
         self.folder, self.progress = folder, progress
         self.jsonl = JsonlLogger(folder.log)
+        self.jsonl.truncate(keep_bytes)
 
     def bar(self, iterable: Iterable, total: int, initial: int, desc: str, unit: str = "step") -> tqdm:
         """A progress bar over ``iterable`` (hidden when the run has no progress output)."""
@@ -127,6 +232,10 @@ class StepLogger:
     def log(self, record: dict[str, Any]) -> None:
         """Append one record to the JSONL log."""
         self.jsonl.log(record)
+
+    def size(self) -> int:
+        """The log's length in bytes (saved in checkpoints as ``log_bytes``)."""
+        return self.jsonl.size()
 
     def note(self, message: str) -> None:
         """Print a line without breaking the progress bar (only when the run shows progress)."""

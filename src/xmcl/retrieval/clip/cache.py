@@ -11,9 +11,10 @@ Layout of a cache folder::
 
 Image rows are keyed by image id, caption rows by (image id, k) = the k-th caption of that image; the digest of
 each image's captions tells a cache built from another corpus with the same ids. Building is resumable: shards
-are written atomically one by one and the manifest, rewritten after each, records how many are done. A cache is
-refused (``CheckpointError``) when its checkpoint hash is not the CLIP's asked for (stale), when a split's
-images or captions differ from the corpus, or when its embedding width is not the model's ``clip_dim``.
+are written atomically one by one and the manifest, rewritten after each, records how many are done; a second
+process building into the same folder is refused at once (``xmcl.runtime.lock``). A cache is refused
+(``CheckpointError``) when its checkpoint hash is not the CLIP's asked for (stale), when a split's images or
+captions differ from the corpus, or when its embedding width is not the model's ``clip_dim``.
 
 ``corpus`` is the absolute path of the raw corpus (Karpathy JSON) a split was built from. At evaluation, images the
 cache lacks are encoded by the CLIP teacher from their files: a raw-image split names them; for a split of region
@@ -43,6 +44,7 @@ from xmcl.retrieval.clip.teacher import CLIPTeacher, checkpoint_sha256, load_cli
 from xmcl.retrieval.config import RetrievalModelConfig
 from xmcl.runtime.device import resolve_device
 from xmcl.runtime.files import atomic_save_npy, atomic_write_json
+from xmcl.runtime.lock import RunLock
 
 CACHE_FORMAT = "xmcl-clip-cache/1"
 MANIFEST = "manifest.json"
@@ -122,6 +124,13 @@ def build_clip_cache(clip: Path | str, data: Path | str, out: Path | str, splits
     out = Path(out)
     if shard_size < 1 or batch_size < 1:
         raise ConfigError(f"shard_size and batch_size must be positive, got {shard_size} and {batch_size}")
+    with RunLock(out, "CLIP cache folder"):
+        return _build_cache(clip, data, out, splits, batch_size, shard_size, device, num_workers, activation,
+                            progress)
+
+
+def _build_cache(clip: Path | str, data: Path | str, out: Path, splits: Sequence[str], batch_size: int,
+                 shard_size: int, device: str, num_workers: int, activation: str, progress: bool) -> Path:
     if (out / MANIFEST).exists():
         manifest = _read_manifest(out)
         teacher = load_clip_teacher(clip, resolve_device(device), activation=manifest["activation"])

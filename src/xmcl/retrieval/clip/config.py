@@ -30,7 +30,7 @@ class ClipModelConfig:
         for name in ("image_size", "patch_size", "width", "layers", "heads", "embed_dim", "bpe_vocab_size"):
             require(self, name, ge=1)
         require(self, "context_length", ge=3)
-        require(self, "temperature", gt=0.0)
+        require(self, "temperature", gt=0.0, le=10.0)
         if self.width % self.heads:
             raise ConfigError(f"'width' = {self.width} is not a multiple of 'heads' = {self.heads}")
         if self.image_size % self.patch_size:
@@ -63,8 +63,8 @@ class ClipOptimConfig:
     def __post_init__(self) -> None:
         require(self, "epochs", ge=1)
         require(self, "batch_size", ge=2)
-        require(self, "lr", gt=0.0)
-        require(self, "weight_decay", ge=0.0)
+        require(self, "lr", gt=0.0, le=10.0)
+        require(self, "weight_decay", ge=0.0, le=1.0)
         require(self, "warmup_fraction", ge=0.0, le=1.0)
         require(self, "grad_clip", gt=0.0)
 

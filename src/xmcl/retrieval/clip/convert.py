@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from xmcl.errors import CheckpointError
+from xmcl.runtime.checkpoint import safe_load
 
 ACTIVATIONS = ("quick_gelu", "gelu")  # OpenAI's weights / most open_clip ones
 HEAD_WIDTH = 64  # OpenAI CLIP: attention heads = width / 64
@@ -29,12 +30,12 @@ def load_openai_state_dict(path: Path | str) -> dict[str, Tensor]:
     try:
         is_torchscript = zipfile.is_zipfile(path) and any(
             name.endswith("constants.pkl") for name in zipfile.ZipFile(path).namelist())
-        if is_torchscript:
+        if is_torchscript:  # TorchScript's own unpickler builds no Python objects
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a truncated or foreign file
         raise CheckpointError(f"CLIP checkpoint {path} cannot be read: {error}") from None
+    if not is_torchscript:
+        state = safe_load(path, "CLIP checkpoint")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):

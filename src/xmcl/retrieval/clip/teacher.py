@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 from typing import Sequence
 
@@ -72,6 +73,9 @@ def _from_directory(path: Path):
         raise CheckpointError(f"CLIP directory {path}: config.json describes a '{model_type}' model, not 'clip'")
     try:
         model, info = CLIPModel.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
+    except pickle.UnpicklingError:  # transformers loads .bin weights with torch.load(weights_only=True)
+        raise CheckpointError(f"CLIP directory {path}: a weights file is refused: it holds objects other than "
+                              f"tensors, and loading it could run code") from None
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise CheckpointError(f"cannot load the CLIP model in {path}: {error}") from None
     missing = sorted(info.get("missing_keys", []))
