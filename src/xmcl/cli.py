@@ -142,13 +142,16 @@ def train_clip(data_path: Path | None, config_path: Path | None, overrides: tupl
               show_default=True, help="'all' = whole split (Flickr 1K, COCO 5K); 'fold5' = COCO 1K.")
 @click.option("--out", type=PathArg, default=None, help="Write the metrics as JSON here.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--allow-feature-mismatch", is_flag=True,
+              help="Evaluate on region features made otherwise than the training ones (backbone, weights, size).")
 def evaluate(checkpoint: Path, data_path: Path | None, split: str, protocols: tuple[str, ...], out: Path | None,
-             device: str) -> None:
+             device: str, allow_feature_mismatch: bool) -> None:
     """Evaluate a trained model: R@1/5/10 both directions, median/mean rank, rSum."""
     from xmcl.metrics.retrieval import format_table, save_json
     from xmcl.retrieval.inference import evaluate_checkpoint
 
-    results = evaluate_checkpoint(checkpoint, data_path, split, protocols, device=device)
+    results = evaluate_checkpoint(checkpoint, data_path, split, protocols, device=device,
+                                  allow_feature_mismatch=allow_feature_mismatch)
     click.echo(format_table(results))
     if out is not None:
         save_json(results, out)

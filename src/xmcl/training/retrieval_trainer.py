@@ -30,6 +30,7 @@ from xmcl.retrieval.inference import (
     check_input,
     encode_split,
     image_transform,
+    inputs_record,
     to_device,
 )
 from xmcl.retrieval.model import USERModel
@@ -62,6 +63,7 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = Tru
     check_input(train_split, cfg.model)
     train_guides = split_guides(cfg.model, train_split, device)
     val_guides = split_guides(cfg.model, val_split, device)
+    inputs = inputs_record(cfg.model, train_split, train_guides.sha256)
 
     state = checkpointer.resume_state(cfg, resume)
     if state is not None and state.get("clip_sha256") != train_guides.sha256:
@@ -98,7 +100,8 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = Tru
             "vocab": None if vocab is None else vocab.words,
             **capture_states(model=model, optimizer=optimizer, scheduler=scheduler),
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-            "best_rsum": best_rsum, "best_epoch": best_epoch, "clip_sha256": train_guides.sha256})
+            "best_rsum": best_rsum, "best_epoch": best_epoch, "clip_sha256": train_guides.sha256,
+            "inputs": inputs})
 
     while epoch < cfg.optim.epochs:
         dataset.set_epoch(epoch)
