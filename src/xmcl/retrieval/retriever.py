@@ -18,12 +18,13 @@ Encoding is batched and runs on the chosen device; ``prepare`` (decode + preproc
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from xmcl.data.images import ImageTransform, open_image
@@ -39,6 +40,22 @@ from xmcl.runtime.device import resolve_device
 
 ImageInput = Image.Image | np.ndarray | Path | str
 MISMATCH_FLAG = "--allow-mismatch"
+MAX_PIXELS = 50_000_000  # an upload decoding to more pixels is refused before it is decoded
+
+
+def decode_image_bytes(data: bytes, what: str = "the upload") -> Image.Image:
+    """An RGB PIL image from encoded bytes (JPEG, PNG, WebP, ...); ``DataError`` when they are not an image or
+    would decode to more than ``MAX_PIXELS`` pixels."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise DataError(f"{what} is {image.width} x {image.height} pixels, more than {MAX_PIXELS:,}")
+            image.load()
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise DataError(f"{what} is not an image in a format Pillow reads (JPEG, PNG, WebP, ...)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"{what} is not a decodable image ({error})") from None
 
 
 def as_rgb(image: ImageInput) -> Image.Image:

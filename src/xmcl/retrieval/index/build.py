@@ -352,3 +352,40 @@ def build_index(retriever: Retriever, images: Path | str, out: Path | str, capti
         return report
     finally:
         ranks.close()
+
+
+def _gigabytes(count: int) -> str:
+    return f"{count / (1 << 30):.2f} GiB"
+
+
+def format_report(report: dict, out: Path | str) -> str:
+    """The lines ``xmcl index`` prints: counts, skipped files, each vector index with its recall and memory."""
+    lines = [f"{out}: {report['images']} images ({report['encoded']} encoded, {report['reused']} reused, "
+             f"{report['removed']} removed, {report['changed']} changed), {report['captions']} captions "
+             f"({report['captions_encoded']} encoded, {report['captions_removed']} removed)"]
+    if report.get("images_per_second"):
+        lines.append(f"encoding: {report['images_per_second']:.1f} images/s on {report['world_size']} process(es)")
+    failures = report["failures"]
+    if failures:
+        lines.append(f"{len(failures)} unreadable files skipped (all listed in {Path(out) / REPORT}):")
+        lines += [f"  {f['path']}: {f['error']}" for f in failures[:10]]
+        if len(failures) > 10:
+            lines.append(f"  ... and {len(failures) - 10} more")
+    if report["captions_unmatched"]:
+        lines.append(f"{len(report['captions_unmatched'])} captioned paths match no indexed image "
+                     f"(first: {report['captions_unmatched'][0]})")
+    for kind, info in report["indexes"].items():
+        if not info.get("count"):
+            continue
+        tuning = info["tuning"]
+        tuned = f", {tuning['parameter']}={tuning['value']}" if tuning["parameter"] else ""
+        recall = (f"recall@10 {tuning['recall']:.3f} against exact on {tuning['queries']} held-out vectors"
+                  f"{'' if tuning['target_met'] else ' (below the target ' + str(tuning['target']) + ')'}"
+                  if tuning["parameter"] else "exact search")
+        lines.append(f"{kind}: {info['factory']}{tuned}, {recall}; {_gigabytes(info['bytes'])} now, "
+                     f"{_gigabytes(info['bytes_per_million'])} per million vectors")
+    table = report["memory_per_index_kind"]
+    lines.append("memory by index kind (estimates): " + "; ".join(
+        f"{int(n):,} vectors: " + ", ".join(f"{kind} {_gigabytes(size)}" for kind, size in sizes.items())
+        for n, sizes in table.items()))
+    return "\n".join(lines)

@@ -199,3 +199,16 @@ class Searcher:
         check_k(k)
         hits = self.index.search(self.query_vector(**query)[None], target, k)[0]
         return self.index.results(hits, target)
+
+
+def format_results(results: list[dict], width: int = 60) -> str:
+    """A readable table of results: rank, score, path, caption (cut to ``width`` characters)."""
+    if not results:
+        return "no results"
+    path_width = min(max(len(r["path"]) for r in results), 48)
+    lines = [f"{'rank':>4}  {'score':>6}  {'path':<{path_width}}  caption"]
+    for r in results:
+        caption = r.get("caption") or ""
+        caption = caption if len(caption) <= width else caption[: width - 3] + "..."
+        lines.append(f"{r['rank']:>4}  {r['score']:>6.3f}  {r['path']:<{path_width}}  {caption}")
+    return "\n".join(lines)
