@@ -290,7 +290,8 @@ def search(index_dir: Path, text: str | None, image: Path | None, k: int, target
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--max-upload-mb", type=float, default=10.0, show_default=True, help="Largest image upload accepted.")
-def serve(indexes: tuple[str, ...], host: str, port: int, device: str, max_upload_mb: float) -> None:
+@click.option("--threads", type=int, default=1, show_default=True, help="torch and FAISS threads per query.")
+def serve(indexes: tuple[str, ...], host: str, port: int, device: str, max_upload_mb: float, threads: int) -> None:
     """Serve indexes over HTTP (POST /search, GET /items/ID, /thumbs/ID, /healthz, /metrics) and the page at /."""
     from xmcl.errors import DataError
     from xmcl.retrieval.index.search import Searcher
@@ -303,7 +304,7 @@ def serve(indexes: tuple[str, ...], host: str, port: int, device: str, max_uploa
             raise DataError(f"two indexes are named {name!r}; name them with NAME=INDEX")
         searchers[name] = Searcher.open(path, device=device)
     click.echo(f"serving {', '.join(searchers)} on http://{host}:{port}/")
-    run_server(searchers, host, port, int(max_upload_mb * (1 << 20)))
+    run_server(searchers, host, port, int(max_upload_mb * (1 << 20)), threads)
 
 
 if __name__ == "__main__":

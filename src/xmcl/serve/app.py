@@ -241,11 +241,14 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
 
 
 def serve(searchers: dict[str, Searcher], host: str = "127.0.0.1", port: int = 8000,
-          max_upload_bytes: int = 10 << 20) -> None:
-    """Run the app with uvicorn until interrupted (FAISS on one thread per query)."""
+          max_upload_bytes: int = 10 << 20, threads: int = 1) -> None:
+    """Run the app with uvicorn until interrupted. Each query runs on ``threads`` torch and FAISS threads (1: one
+    small query gains nothing from more, and concurrent queries then use the other cores)."""
+    import torch
     import uvicorn
 
     from xmcl.retrieval.index.vectors import set_search_threads
 
-    set_search_threads(1)
+    set_search_threads(threads)
+    torch.set_num_threads(threads)
     uvicorn.run(create_app(searchers, max_upload_bytes), host=host, port=port, log_level="warning")

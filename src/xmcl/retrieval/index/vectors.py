@@ -181,9 +181,7 @@ class Tuning:
 
 def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Ids of the ``k`` largest inner products of each query over ``vectors`` (brute force, FAISS Flat)."""
-    flat = faiss.IndexFlatIP(vectors.shape[1])
-    flat.add(_as_matrix(vectors))
-    return flat.search(_as_matrix(queries), k)[1]
+    return faiss.knn(_as_matrix(queries), _as_matrix(vectors), k, metric=faiss.METRIC_INNER_PRODUCT)[1]
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray, query_ids: np.ndarray, k: int) -> float:
