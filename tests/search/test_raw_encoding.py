@@ -108,3 +108,46 @@ def test_a_checkpoint_without_a_features_manifest_cannot_encode_raw_images(check
     explicit = Retriever.load(old, "cpu", backbone="efficientnet_lite0", backbone_weights="imagenet",
                               image_size=IMAGE_SIZE, allow_mismatch=True)
     assert explicit.grid.image_size == IMAGE_SIZE
+
+
+def test_a_cge_model_records_its_teacher_and_encodes_raw_inputs_as_cached(world: Path, features: Path,
+                                                                          tmp_path: Path) -> None:
+    from xmcl.retrieval.clip.cache import build_clip_cache
+    from xmcl.retrieval.clip.config import ClipModelConfig
+    from xmcl.retrieval.clip.small import new_clip_model, save_clip
+    from xmcl.retrieval.clip.teacher import checkpoint_sha256
+    from xmcl.retrieval.clip.tokenizer import train_bpe
+    from xmcl.training.retrieval_trainer import train_retrieval
+
+    from search_world import tiny_config
+
+    torch.manual_seed(0)
+    clip_cfg = ClipModelConfig(image_size=32, patch_size=8, width=32, layers=1, heads=1, embed_dim=8,
+                               context_length=24)
+    vocab, merges = train_bpe(open_split(world, "train").captions, 400)
+    save_clip(new_clip_model(clip_cfg, len(vocab)), vocab, merges, tmp_path / "clip")
+    build_clip_cache(tmp_path / "clip", world, tmp_path / "cache", splits=("train", "val"), device="cpu",
+                     progress=False)
+    cfg = tiny_config(features, "model.cge=true", "model.text_cge=true", "model.clip_dim=8",
+                      f"model.clip_cache={tmp_path / 'cache'}", f"model.clip_path={tmp_path / 'clip'}")
+    best = train_retrieval(cfg, tmp_path / "run", progress=False)["best"]
+    record = read_checkpoint(best)["inputs"]["clip"]
+    assert record == {"path": str((tmp_path / "clip").resolve()), "sha256": checkpoint_sha256(tmp_path / "clip"),
+                      "activation": "quick_gelu"}
+
+    retriever = Retriever.load(best, "cpu")
+    cached_images, cached_texts, split, _ = embed_checkpoint(best, None, "val", "cpu")
+    raw = open_split(world, "val")
+    np.testing.assert_allclose(retriever.encode_images(raw.image_paths).numpy(), cached_images.numpy(),
+                               atol=FLOAT16_TOLERANCE)
+    np.testing.assert_allclose(retriever.encode_texts(raw.captions).numpy(), cached_texts.numpy(),
+                               atol=FLOAT16_TOLERANCE)
+
+    torch.manual_seed(1)
+    save_clip(new_clip_model(clip_cfg, len(vocab)), vocab, merges, tmp_path / "other_clip")
+    with pytest.raises(CheckpointError, match="is not the teacher"):
+        Retriever.load(best, "cpu", clip_path=str(tmp_path / "other_clip"))
+    (tmp_path / "clip").rename(tmp_path / "moved_clip")
+    with pytest.raises(CheckpointError, match="give --clip-path"):
+        Retriever.load(best, "cpu")
+    assert Retriever.load(best, "cpu", clip_path=str(tmp_path / "moved_clip")).teacher is not None
