@@ -218,15 +218,16 @@ def distill_probe(config_path: Path, overrides: tuple[str, ...], checkpoint: Pat
 @click.option("--images", type=PathArg, required=True, help="Folder of images (jpg/png/webp, searched recursively).")
 @click.option("--out", type=PathArg, required=True, help="Index folder (created, or updated in place).")
 @click.option("--captions", type=PathArg, default=None,
-              help="Captions: a Karpathy JSON, a JSONL with 'path' and 'caption(s)' (+ any fields), or path<TAB>caption "
-                   "lines.")
+              help="Captions: a Karpathy JSON, a JSONL with 'path' and 'caption(s)' (+ any fields), or "
+                   "path<TAB>caption lines.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--workers", type=int, default=0, show_default=True, help="Image decoding processes.")
 @click.option("--shard-size", type=int, default=2048, show_default=True, help="Images per shard (the resume unit).")
 @click.option("--index-type", type=click.Choice(["auto", "exact", "hnsw", "ivf_flat", "ivf_sq8", "ivf_pq"]),
               default="auto", show_default=True, help="auto: chosen from the size and --memory-budget.")
-@click.option("--memory-budget", default=None, help="Memory the vector index may take, e.g. 8G (default: half the RAM).")
+@click.option("--memory-budget", default=None,
+              help="Memory the vector index may take, e.g. 8G (default: half the RAM).")
 @click.option("--recall-target", type=float, default=0.95, show_default=True,
               help="recall@10 against exact search that nprobe / efSearch are tuned to reach.")
 @click.option("--backbone", default=None, help="Override the backbone the checkpoint's features manifest records.")
@@ -293,16 +294,10 @@ def search(index_dir: Path, text: str | None, image: Path | None, k: int, target
 @click.option("--threads", type=int, default=1, show_default=True, help="torch and FAISS threads per query.")
 def serve(indexes: tuple[str, ...], host: str, port: int, device: str, max_upload_mb: float, threads: int) -> None:
     """Serve indexes over HTTP (POST /search, GET /items/ID, /thumbs/ID, /healthz, /metrics) and the page at /."""
-    from xmcl.errors import DataError
-    from xmcl.retrieval.index.search import Searcher
+    from xmcl.retrieval.index.search import open_searchers, parse_index_specs
     from xmcl.serve.app import serve as run_server
 
-    searchers = {}
-    for spec in indexes:
-        name, _, path = spec.partition("=") if "=" in spec else (Path(spec).name, "", spec)
-        if name in searchers:
-            raise DataError(f"two indexes are named {name!r}; name them with NAME=INDEX")
-        searchers[name] = Searcher.open(path, device=device)
+    searchers = open_searchers(parse_index_specs(indexes), device)
     click.echo(f"serving {', '.join(searchers)} on http://{host}:{port}/")
     run_server(searchers, host, port, int(max_upload_mb * (1 << 20)), threads)
 

@@ -61,3 +61,17 @@ def test_search_needs_exactly_one_query(built_index: Path, world: Path) -> None:
     both = CliRunner().invoke(main, ["search", str(built_index), "a dog", "--image", str(world / "images" / "x.png")])
     for result in (neither, both):
         assert result.exit_code == 2 and "give a query text or --image" in result.output
+
+
+def test_serve_names_indexes_and_shares_a_checkpoint(built_index: Path) -> None:
+    import pytest
+
+    from xmcl.errors import DataError
+    from xmcl.retrieval.index.search import open_searchers, parse_index_specs
+
+    named = parse_index_specs([str(built_index), f"again={built_index}"])
+    assert named == {built_index.name: built_index, "again": built_index}
+    searchers = open_searchers(named, "cpu")
+    assert searchers["again"].retriever is searchers[built_index.name].retriever
+    with pytest.raises(DataError, match="two indexes are named 'x'"):
+        parse_index_specs([f"x={built_index}", f"x={built_index}"])

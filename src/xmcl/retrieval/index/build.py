@@ -21,7 +21,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +80,6 @@ class Ranks:
         self.rank = int(os.environ.get("RANK", "0"))
         self.started = False
         if self.world > 1 and not torch.distributed.is_initialized():
-            from datetime import timedelta
-
             torch.distributed.init_process_group("gloo", timeout=timedelta(minutes=30))
             self.started = True
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -199,6 +200,30 @@ class Searcher:
         check_k(k)
         hits = self.index.search(self.query_vector(**query)[None], target, k)[0]
         return self.index.results(hits, target)
+
+
+def parse_index_specs(specs: Sequence[str]) -> dict[str, Path]:
+    """``NAME=FOLDER`` or ``FOLDER`` (named by its last component) -> ``{name: folder}``; a repeated name is refused."""
+    named: dict[str, Path] = {}
+    for spec in specs:
+        name, _, path = spec.partition("=") if "=" in spec else (Path(spec).name, "", spec)
+        if name in named:
+            raise QueryError(f"two indexes are named {name!r}; name them with NAME=INDEX")
+        named[name] = Path(path)
+    return named
+
+
+def open_searchers(folders: dict[str, Path], device: str = "auto") -> dict[str, Searcher]:
+    """A ``Searcher`` per named index folder; indexes built with the same checkpoint share one retriever."""
+    retrievers: dict[str, Retriever] = {}
+    searchers = {}
+    for name, folder in folders.items():
+        checkpoint = str(Path(read_manifest(folder)["checkpoint"]).resolve())
+        if checkpoint not in retrievers:
+            retrievers[checkpoint] = Retriever.load(checkpoint, device)
+        retriever = retrievers[checkpoint]
+        searchers[name] = Searcher(CollectionIndex.open(folder, retriever.sha256, checkpoint), retriever)
+    return searchers
 
 
 def format_results(results: list[dict], width: int = 60) -> str:

@@ -28,7 +28,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS shards (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, file TEXT UNIQUE NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT UNIQUE NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
-    caption TEXT, fields TEXT NOT NULL DEFAULT '{}', shard INTEGER NOT NULL REFERENCES shards(id), row INTEGER NOT NULL);
+    caption TEXT, fields TEXT NOT NULL DEFAULT '{}', shard INTEGER NOT NULL REFERENCES shards(id),
+    row INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS captions (
     id INTEGER PRIMARY KEY AUTOINCREMENT, item_id INTEGER NOT NULL REFERENCES items(id) ON DELETE CASCADE,
     text TEXT NOT NULL, shard INTEGER NOT NULL REFERENCES shards(id), row INTEGER NOT NULL, UNIQUE (item_id, text));
@@ -83,7 +84,8 @@ class MetadataStore:
                                (sidecar["kind"], sidecar["file"])).lastrowid
             if sidecar["kind"] == "images":
                 db.executemany(
-                    "INSERT INTO items (path, size, mtime_ns, caption, fields, shard, row) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO items (path, size, mtime_ns, caption, fields, shard, row) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [(r["path"], r["size"], r["mtime_ns"], r.get("caption"), json.dumps(r.get("fields") or {}),
                       shard, row) for row, r in enumerate(sidecar["rows"])])
                 db.executemany("DELETE FROM failures WHERE path = ?", [(r["path"],) for r in sidecar["rows"]])
