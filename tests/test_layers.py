@@ -20,7 +20,7 @@ LAYERS = {
     "nn": 2, "data": 2, "contrast": 2, "metrics": 2,
     "retrieval": 3, "distill": 3,
     "training": 4,
-    "cli": 5, "demo": 5, "__main__": 5, "__init__": 0,
+    "cli": 5, "demo": 5, "__main__": 5, "serve": 5, "__init__": 0,
 }
 
 

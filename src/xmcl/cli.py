@@ -151,8 +151,10 @@ def train_clip(data_path: Path | None, config_path: Path | None, overrides: tupl
               show_default=True, help="'all' = whole split (Flickr 1K, COCO 5K); 'fold5' = COCO 1K.")
 @click.option("--out", type=PathArg, default=None, help="Write the metrics as JSON here.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--allow-feature-mismatch", is_flag=True,
+              help="Evaluate on region features made otherwise than the training ones (backbone, weights, size).")
 def evaluate(checkpoint: Path, data_path: Path | None, split: str, protocols: tuple[str, ...], out: Path | None,
-             device: str) -> None:
+             device: str, allow_feature_mismatch: bool) -> None:
     """Evaluate a trained model: R@1/5/10 both directions, median/mean rank, rSum."""
     from xmcl.metrics.retrieval import format_table, protocol_warnings, save_json
     from xmcl.retrieval.inference import evaluate_checkpoint
@@ -160,7 +162,8 @@ def evaluate(checkpoint: Path, data_path: Path | None, split: str, protocols: tu
 
     if out is not None:
         check_output_file(out, "--out")
-    results = evaluate_checkpoint(checkpoint, data_path, split, protocols, device=device)
+    results = evaluate_checkpoint(checkpoint, data_path, split, protocols, device=device,
+                                  allow_feature_mismatch=allow_feature_mismatch)
     for warning in protocol_warnings(results):
         click.echo(f"warning: {warning}", err=True)
     click.echo(format_table(results, label="protocol"))
@@ -223,6 +226,96 @@ def distill_probe(config_path: Path, overrides: tuple[str, ...], checkpoint: Pat
     result = run_probe(load_config(DistillConfig, config_path, overrides), checkpoint, out, mode=mode,
                        label_fraction=label_fraction)
     click.echo(format_probe(result))
+
+
+# ---------------------------------------------------------------------------------------- search
+@main.command("index")
+@click.option("--checkpoint", type=PathArg, required=True, help="Trained retrieval checkpoint (best.pt).")
+@click.option("--images", type=PathArg, required=True, help="Folder of images (jpg/png/webp, searched recursively).")
+@click.option("--out", type=PathArg, required=True, help="Index folder (created, or updated in place).")
+@click.option("--captions", type=PathArg, default=None,
+              help="Captions: a Karpathy JSON, a JSONL with 'path' and 'caption(s)' (+ any fields), or "
+                   "path<TAB>caption lines.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--workers", type=int, default=0, show_default=True, help="Image decoding processes.")
+@click.option("--shard-size", type=int, default=2048, show_default=True, help="Images per shard (the resume unit).")
+@click.option("--index-type", type=click.Choice(["auto", "exact", "hnsw", "ivf_flat", "ivf_sq8", "ivf_pq"]),
+              default="auto", show_default=True, help="auto: chosen from the size and --memory-budget.")
+@click.option("--memory-budget", default=None,
+              help="Memory the vector index may take, e.g. 8G (default: half the RAM).")
+@click.option("--recall-target", type=float, default=0.95, show_default=True,
+              help="recall@10 against exact search that nprobe / efSearch are tuned to reach.")
+@click.option("--backbone", default=None, help="Override the backbone the checkpoint's features manifest records.")
+@click.option("--backbone-weights", default=None, help="Where the recorded backbone weights are now (a path).")
+@click.option("--image-size", type=int, default=None, help="Override the recorded image size.")
+@click.option("--clip-path", default=None, help="Where the CGE teacher the checkpoint records is now.")
+@click.option("--allow-mismatch", is_flag=True,
+              help="Encode with a backbone, weights or image size other than the checkpoint's features were made with.")
+def index_command(checkpoint: Path, images: Path, out: Path, captions: Path | None, device: str, batch_size: int,
+                  workers: int, shard_size: int, index_type: str, memory_budget: str | None, recall_target: float,
+                  backbone: str | None, backbone_weights: str | None, image_size: int | None, clip_path: str | None,
+                  allow_mismatch: bool) -> None:
+    """Encode a folder of images (and captions) with a trained model and index it (resumable, incremental)."""
+    from xmcl.retrieval.index.build import IndexOptions, build_index, format_report, rank_device
+    from xmcl.retrieval.index.vectors import parse_size
+    from xmcl.retrieval.retriever import Retriever
+
+    options = IndexOptions(shard_size=shard_size, batch_size=batch_size, num_workers=workers, index_type=index_type,
+                           memory_budget=parse_size(memory_budget) if memory_budget else None,
+                           recall_target=recall_target)
+    retriever = Retriever.load(checkpoint, rank_device(device), backbone=backbone, backbone_weights=backbone_weights,
+                               image_size=image_size, clip_path=clip_path, allow_mismatch=allow_mismatch)
+    report = build_index(retriever, images, out, captions, options)
+    if report:
+        click.echo(format_report(report, out))
+
+
+@main.command()
+@click.argument("index_dir", metavar="INDEX", type=PathArg)
+@click.argument("text", required=False)
+@click.option("--image", type=PathArg, default=None, help="Search by this image instead of a text.")
+@click.option("-k", "k", type=int, default=10, show_default=True, help="Number of results.")
+@click.option("--target", type=click.Choice(["images", "captions"]), default="images", show_default=True,
+              help="What to find.")
+@click.option("--json", "as_json", is_flag=True, help="Print {query, target, results: [...]} as JSON.")
+@click.option("--checkpoint", type=PathArg, default=None, help="Default: the checkpoint the index records.")
+@click.option("--device", default="auto", show_default=True)
+def search(index_dir: Path, text: str | None, image: Path | None, k: int, target: str, as_json: bool,
+           checkpoint: Path | None, device: str) -> None:
+    """Search an index by a text ("a dog jumps over a fence") or by an image (--image q.jpg)."""
+    import json
+
+    from xmcl.errors import DataError
+    from xmcl.retrieval.index.search import Searcher, format_results
+    from xmcl.retrieval.index.vectors import set_search_threads
+
+    if (text is None) == (image is None):
+        raise DataError("give a query text or --image, not both and not neither")
+    set_search_threads(1)
+    results = Searcher.open(index_dir, checkpoint, device).search(target=target, k=k, text=text, image=image)
+    if as_json:
+        query = {"text": text} if text is not None else {"image": str(image)}
+        click.echo(json.dumps({"query": query, "target": target, "results": results}, indent=1))
+    else:
+        click.echo(format_results(results))
+
+
+@main.command()
+@click.argument("indexes", metavar="[NAME=]INDEX...", nargs=-1, required=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 = every interface).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--max-upload-mb", type=float, default=10.0, show_default=True, help="Largest image upload accepted.")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch and FAISS threads per query.")
+def serve(indexes: tuple[str, ...], host: str, port: int, device: str, max_upload_mb: float, threads: int) -> None:
+    """Serve indexes over HTTP (POST /search, GET /items/ID, /thumbs/ID, /healthz, /metrics) and the page at /."""
+    from xmcl.retrieval.index.search import open_searchers, parse_index_specs
+    from xmcl.serve.app import serve as run_server
+
+    searchers = open_searchers(parse_index_specs(indexes), device)
+    click.echo(f"serving {', '.join(searchers)} on http://{host}:{port}/")
+    run_server(searchers, host, port, int(max_upload_mb * (1 << 20)), threads)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,17 @@ written as float16 in the precomputed layout (``xmcl.data.precomputed``) so the 
 reads it like bottom-up-attention features. Extraction is resumable: rows are flushed block by block, and a
 rerun continues after the last flushed block, provided the backbone (name and weights fingerprint), the image
 size and the split are the same; otherwise ``PrecomputedWriter`` raises ``CheckpointError``.
+
+The folder's ``features.json`` (``FeaturesManifest``) says what made its features: backbone, weights (as given and
+their SHA-256), image size, resize rule and normalisation. Training records it in the checkpoint, so that a model
+knows how to turn a raw image into its input; ``check_features_match`` refuses a mismatch, naming both sides.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +28,101 @@ from xmcl.data.corpus import CaptionSplit
 from xmcl.data.images import load_image
 from xmcl.data.open import open_split
 from xmcl.data.precomputed import PrecomputedWriter
-from xmcl.errors import ConfigError, DataError
+from xmcl.errors import CheckpointError, ConfigError, DataError
 from xmcl.nn.backbones import ImageBackbone, build_image_backbone
 from xmcl.runtime.device import resolve_device
-from xmcl.runtime.files import atomic_write_text
+from xmcl.runtime.files import atomic_write_json, atomic_write_text
 from xmcl.runtime.lock import RunLock
+
+FEATURES_MANIFEST = "features.json"
+MANIFEST_FORMAT = "xmcl-features/1"
+RESIZE_RULE = "bicubic to image_size x image_size, aspect ratio not kept"
+# The fields that make two feature sets interchangeable (``weights`` as given may differ: a moved file, "imagenet").
+IDENTITY_FIELDS = ("backbone", "weights_sha256", "image_size", "resize", "mean", "std")
+
+
+@dataclass(frozen=True)
+class FeaturesManifest:
+    """What made a folder's grid features: ``backbone`` name, ``weights`` as given ("imagenet", a path or "none")
+    and the SHA-256 of the network's state (``ImageBackbone.fingerprint``), the ``image_size``, the ``resize`` rule
+    and the normalisation ``mean`` / ``std`` (0-255 scale)."""
+
+    backbone: str
+    weights: str
+    weights_sha256: str
+    image_size: int
+    resize: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, backbone: ImageBackbone, weights: str | None, image_size: int) -> "FeaturesManifest":
+        """The manifest of features made by ``backbone`` (built from ``weights``) at ``image_size``."""
+        given = "none" if weights in (None, "none") else "imagenet" if weights == "imagenet" else \
+            str(Path(weights).resolve())
+        return cls(backbone.name, given, backbone.fingerprint(),
+                   int(image_size), RESIZE_RULE, tuple(backbone.normalization.mean),
+                   tuple(backbone.normalization.std))
+
+    def to_dict(self) -> dict:
+        return {"format": MANIFEST_FORMAT, **asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> "FeaturesManifest":
+        """The manifest held by ``data`` (a ``features.json`` or a checkpoint's record); ``CheckpointError``
+        naming ``where`` when it is not one."""
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            raise CheckpointError(f"{where}: not an xmcl features manifest (format {MANIFEST_FORMAT!r} expected)")
+        try:
+            return cls(str(data["backbone"]), str(data["weights"]), str(data["weights_sha256"]),
+                       int(data["image_size"]), str(data["resize"]), tuple(float(v) for v in data["mean"]),
+                       tuple(float(v) for v in data["std"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{where}: malformed features manifest ({error!r})") from None
+
+    def differences(self, other: "FeaturesManifest") -> list[str]:
+        """``"field: mine vs other"`` for each identity field that differs."""
+        return [f"{name}: {_short(getattr(self, name))} vs {_short(getattr(other, name))}"
+                for name in IDENTITY_FIELDS if getattr(self, name) != getattr(other, name)]
+
+
+def _short(value) -> str:
+    text = str(value)
+    return f"{text[:12]}..." if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
+
+
+def read_features_manifest(folder: Path | str) -> FeaturesManifest | None:
+    """The ``features.json`` of a features folder, None when it has none (features made before manifests)."""
+    path = Path(folder) / FEATURES_MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} cannot be read: {error}") from None
+    return FeaturesManifest.from_dict(data, str(path))
+
+
+def check_features_match(recorded: FeaturesManifest, found: FeaturesManifest, recorded_from: str, found_from: str,
+                         allow: bool = False, flag: str = "--allow-feature-mismatch") -> list[str]:
+    """Refuse (``CheckpointError``) features ``found`` (from ``found_from``) made otherwise than the ``recorded`` ones
+    (from ``recorded_from``), naming every differing field on both sides; with ``allow`` return the differences."""
+    differences = recorded.differences(found)
+    if differences and not allow:
+        raise CheckpointError(f"{found_from} was made otherwise than {recorded_from} ({'; '.join(differences)}; "
+                              f"{recorded_from} first); pass {flag} to go on anyway")
+    return differences
+
+
+def write_features_manifest(folder: Path, manifest: FeaturesManifest) -> Path:
+    """Write ``folder/features.json``; a folder whose features were made otherwise is refused."""
+    existing = read_features_manifest(folder)
+    if existing is not None:
+        check_features_match(existing, manifest, str(Path(folder) / FEATURES_MANIFEST), "this extraction",
+                             flag="another --out folder")
+    path = Path(folder) / FEATURES_MANIFEST
+    atomic_write_json(path, manifest.to_dict())
+    return path
 
 
 class _ImageFiles(Dataset):
@@ -148,12 +244,13 @@ def extract_corpus_features(data_path: Path, splits: tuple[str, ...], backbone_n
                             out_dir: Path, image_size: int = 224, batch_size: int = 32, device: str = "auto",
                             num_workers: int = 0, skip_unreadable: bool = False) -> list[Path]:
     """``extract_grid_features`` for each split of a raw-image corpus, one backbone for all (``weights`` 'none' =
-    random init), with ``out_dir`` locked against a second writer. Returns the written ``{split}_ims.npy``
-    paths."""
+    random init), with ``out_dir`` locked against a second writer. Writes the folder's ``features.json`` first.
+    Returns the written ``{split}_ims.npy`` paths."""
     _check_sizes(batch_size, image_size)
     with RunLock(out_dir, "features folder"):
         backbone = build_image_backbone(backbone_name, None if weights in (None, "none") else weights)
         torch_device = resolve_device(device)
+        write_features_manifest(Path(out_dir), FeaturesManifest.of(backbone, weights, image_size))
         return [extract_grid_features(open_split(data_path, split), backbone, Path(out_dir), split, image_size,
                                       batch_size, torch_device, num_workers, skip_unreadable=skip_unreadable)
                 for split in splits]

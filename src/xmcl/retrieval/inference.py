@@ -1,7 +1,9 @@
 """Inference with a trained retrieval model: checkpoint -> model, tokenizer and config -> embeddings -> metrics.
 
 The CLI, the demo, the benchmarks and the search code call this module; the trainer uses its encoding pieces for
-validation. A checkpoint of kind ``RETRIEVAL_CHECKPOINT`` holds the config, the vocabulary (BiGRU) and the weights.
+validation. A checkpoint of kind ``RETRIEVAL_CHECKPOINT`` holds the config, the vocabulary (BiGRU), the weights and
+``inputs`` (``inputs_record``: the features manifest of the corpus it was trained on, and its CGE teacher), which
+``xmcl.retrieval.retriever`` needs to encode raw images and which evaluation checks a feature corpus against.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from xmcl.data.open import open_split
 from xmcl.data.text import HFTokenizer, TextTokenizer, VocabTokenizer, Vocabulary, resolve_text_model_dir
 from xmcl.errors import CheckpointError, ConfigError, brief
 from xmcl.metrics.retrieval import Metrics, evaluate_embeddings
-from xmcl.retrieval.clip.cache import SplitGuides, split_guides
+from xmcl.retrieval.clip.cache import ClipCache, SplitGuides, split_guides
 from xmcl.retrieval.config import RetrievalModelConfig, RetrievalTrainConfig
+from xmcl.retrieval.grid_features import FeaturesManifest, check_features_match, read_features_manifest
 from xmcl.retrieval.model import USERModel
 from xmcl.runtime.checkpoint import load_checkpoint
 from xmcl.runtime.device import resolve_device
@@ -58,6 +61,40 @@ def check_input(split: CaptionSplit, model_cfg: RetrievalModelConfig) -> None:
     elif split.image_paths is None:
         raise ConfigError(f"{split.source}: model.image_input='images' but this corpus holds precomputed "
                           f"features; set model.image_input=regions")
+
+
+def inputs_record(model_cfg: RetrievalModelConfig, split: CaptionSplit, clip_sha256: str | None) -> dict:
+    """What a model's inputs are made from, saved in its checkpoint: ``features``, the manifest of the region-feature
+    corpus ``split`` comes from (None for raw images or a folder without ``features.json``), and ``clip``, the CGE
+    teacher (``path``, ``sha256``, ``activation``; None without CGE)."""
+    features = None
+    if model_cfg.image_input == "regions" and split.region_features is not None:
+        manifest = read_features_manifest(Path(split.source))
+        features = manifest.to_dict() if manifest is not None else None
+    clip = None
+    if model_cfg.cge or model_cfg.text_cge:
+        activation = ClipCache.open(model_cfg.clip_cache).manifest["activation"] if model_cfg.clip_cache \
+            else "quick_gelu"
+        clip = {"path": str(Path(model_cfg.clip_path).resolve()) if model_cfg.clip_path else None,
+                "sha256": clip_sha256, "activation": activation}
+    return {"features": features, "clip": clip}
+
+
+def recorded_features(state: dict, where: str) -> FeaturesManifest | None:
+    """The features manifest a checkpoint's state records (None: trained on raw images, or before manifests)."""
+    record = (state.get("inputs") or {}).get("features")
+    return FeaturesManifest.from_dict(record, f"checkpoint {where}") if record else None
+
+
+def check_corpus_features(state: dict, corpus: CaptionSplit, where: str, allow: bool = False) -> None:
+    """Refuse a region-feature corpus whose ``features.json`` differs from the manifest the checkpoint ``where``
+    was trained with (backbone, weights hash, image size, ...), naming both sides, unless ``allow``."""
+    recorded = recorded_features(state, where)
+    if recorded is None or corpus.region_features is None:
+        return
+    found = read_features_manifest(Path(corpus.source))
+    if found is not None:
+        check_features_match(recorded, found, f"checkpoint {where}", f"the features in {corpus.source}", allow)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -116,10 +153,12 @@ def load_trained(checkpoint: Path, device: torch.device) -> tuple[USERModel, Tex
     return model_from_state(load_retrieval_checkpoint(checkpoint), str(checkpoint), device)
 
 
-def embed_checkpoint(checkpoint: Path, data_path: Path | None, split: str, device: str | torch.device = "auto"
+def embed_checkpoint(checkpoint: Path, data_path: Path | None, split: str, device: str | torch.device = "auto",
+                     allow_feature_mismatch: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, CaptionSplit, RetrievalTrainConfig]:
     """Image (N, d) and caption (M, d) unit embeddings of ``split`` of ``data_path`` (default: the model's
-    training corpus) by a trained model, with the split and the model's config.
+    training corpus) by a trained model, with the split and the model's config. Region features made otherwise
+    than the training ones are refused unless ``allow_feature_mismatch`` (``check_corpus_features``).
 
     With CGE, the CLIP embeddings come from the model's cache; images or captions it lacks are encoded by the
     CLIP teacher (``model.clip_path``), which must be the checkpoint the model was trained with."""
@@ -129,6 +168,7 @@ def embed_checkpoint(checkpoint: Path, data_path: Path | None, split: str, devic
     corpus = open_split(data_path if data_path is not None else cfg.data.path, split,
                         key=None if data_path is not None else f"data.path of {checkpoint}")
     check_input(corpus, cfg.model)
+    check_corpus_features(state, corpus, str(checkpoint), allow_feature_mismatch)
     guides = split_guides(cfg.model, corpus, torch_device, compute_missing=True,
                           trained_sha256=state.get("clip_sha256"))
     transform = image_transform(cfg.model, model, cfg.data.image_size, train=False)
@@ -137,7 +177,7 @@ def embed_checkpoint(checkpoint: Path, data_path: Path | None, split: str, devic
 
 
 def evaluate_checkpoint(checkpoint: Path, data_path: Path | None, split: str, protocols: Iterable[str],
-                        device: str = "auto") -> dict[str, Metrics]:
+                        device: str = "auto", allow_feature_mismatch: bool = False) -> dict[str, Metrics]:
     """Metrics per protocol of a trained model on ``split`` of ``data_path`` (see ``embed_checkpoint``)."""
-    img, txt, corpus, _ = embed_checkpoint(checkpoint, data_path, split, device)
+    img, txt, corpus, _ = embed_checkpoint(checkpoint, data_path, split, device, allow_feature_mismatch)
     return evaluate_embeddings(img, txt, corpus.caption_image, protocols=tuple(protocols))

@@ -37,6 +37,7 @@ from xmcl.retrieval.inference import (
     check_input,
     encode_split,
     image_transform,
+    inputs_record,
     to_device,
 )
 from xmcl.retrieval.model import USERModel
@@ -89,6 +90,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     check_input(train_split, cfg.model)
     train_guides = split_guides(cfg.model, train_split, device)
     val_guides = split_guides(cfg.model, val_split, device)
+    inputs = inputs_record(cfg.model, train_split, train_guides.sha256)
 
     state = checkpointer.start(cfg, resume, overwrite)
     if state is not None and state.get("clip_sha256") != train_guides.sha256:
@@ -142,7 +144,8 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
             **capture_states(model=model, optimizer=optimizer, scheduler=scheduler, model_stream=model_stream),
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "best_rsum": best_rsum, "best_epoch": best_epoch, "clip_sha256": train_guides.sha256,
-            "epoch_loss_sum": loss_sum, "epoch_loss_count": loss_count, "log_bytes": logger.size()})
+            "epoch_loss_sum": loss_sum, "epoch_loss_count": loss_count, "log_bytes": logger.size(),
+            "inputs": inputs})
 
     while epoch < cfg.optim.epochs:
         dataset.set_epoch(epoch)

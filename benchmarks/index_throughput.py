@@ -1,0 +1,75 @@
+"""Indexing throughput from raw image files, and the size of an index per million images.
+
+    nice python benchmarks/index_throughput.py [--images 500] [--workers 0 1] [--threads 2]
+
+``--images`` real Flickr8K val photos (224 x 224 JPEGs) are copied into a folder and indexed with ``build_index``
+(the ``xmcl index`` path) by an untrained model of ``configs/flickr8k_user.yaml`` (EfficientNet-Lite0 ImageNet
+backbone at 224 px -> 7 x 7 x 1280 cells -> SGE, GPO, 1024-d; the cost does not depend on the tower weights), once
+per ``--workers`` setting (image decoding processes), each into a fresh index, without captions. Prints images/s
+of the encoding pass, then the index's bytes per image on disk (float16 shards, SQLite store, FAISS index) scaled to
+a million images; the FAISS part at a million is ``choose_index``'s estimate for that size (the index kind changes
+with the size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from untrained import untrained_checkpoint
+
+from xmcl.retrieval.index.build import IndexOptions, build_index
+from xmcl.retrieval.index.vectors import choose_index, index_bytes
+from xmcl.retrieval.retriever import Retriever
+
+ROOT = Path(__file__).resolve().parents[1]
+FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
+
+
+def folder_bytes(folder: Path, pattern: str) -> int:
+    return sum(p.stat().st_size for p in folder.glob(pattern))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = [im["filename"] for im in json.loads((FLICKR / "dataset_flickr8k.json").read_text())["images"]
+             if im["split"] == "val"][: args.images]
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = Path(tmp) / "photos"
+        photos.mkdir()
+        for name in names:
+            shutil.copy(FLICKR / "images" / name, photos / name)
+        retriever = Retriever.load(untrained_checkpoint("flickr8k_user", Path(tmp) / "untrained.pt"), "cpu")
+        print(f"{len(names)} Flickr8K val photos, {os.cpu_count()} cores, {args.threads} torch threads, batch "
+              f"{args.batch_size}; model configs/flickr8k_user.yaml (untrained), EfficientNet-Lite0 at 224 px")
+        for workers in args.workers:
+            out = Path(tmp) / f"index_w{workers}"
+            report = build_index(retriever, photos, out, options=IndexOptions(
+                batch_size=args.batch_size, num_workers=workers, progress=False))
+            print(f"  {workers} decoding workers: {report['images_per_second']:.1f} images/s "
+                  f"({report['images']} images in {report['encode_seconds']:.1f} s)")
+        n, dim = report["images"], retriever.dim
+        shards = folder_bytes(out / "shards", "*.npy") / n
+        store = folder_bytes(out, "items.sqlite*") / n
+        plan = choose_index(1_000_000, dim)
+        faiss_bytes = index_bytes(plan, 1_000_000, dim)
+        print(f"per image on disk: shards {shards:.0f} B (float16 x {dim}), SQLite store {store:.0f} B, "
+              f"FAISS {report['indexes']['images']['bytes'] / n:.0f} B ({report['indexes']['images']['factory']})")
+        total = (shards + store) * 1_000_000 + faiss_bytes
+        print(f"per million images: shards {shards * 1e6 / 2**30:.2f} GiB + store {store * 1e6 / 2**30:.2f} GiB + "
+              f"FAISS {plan.factory(dim)} {faiss_bytes / 2**30:.2f} GiB (estimate) = {total / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

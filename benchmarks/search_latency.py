@@ -1,0 +1,222 @@
+"""Search latency: exact search against the index ``xmcl index`` chooses, then end to end over HTTP.
+
+    nice python benchmarks/search_latency.py [--n 1000000] [--dims 1024 256] [--queries 1000] [--http]
+
+Vectors: ``--n`` clustered synthetic unit vectors per dimension (``--clusters`` centres, unit Gaussian noise of
+scale ``--spread`` around each, then L2-normalised), generated from ``--seed``; queries are fresh draws from the same
+distribution. For exact search (``IndexFlatIP``) and for the index ``choose_index`` picks at that size under
+``--memory-budget``: build time (training included), memory (serialised size), recall@10 against exact on the
+queries, single-query latency p50/p95/p99 on one thread, and batched throughput (all ``--queries`` at once, every
+thread). Targets: the chosen index's p95 <= 5 ms at recall@10 >= 0.95.
+
+``--http`` (1024-d only): the chosen index is written as an xmcl index folder (a SQLite store of ``--n`` items)
+for an untrained model of ``configs/flickr8k_user.yaml`` (MiniLM text tower: the cost does not depend on the
+weights), ``xmcl serve`` runs it on 127.0.0.1, and Flickr8K val captions are sent as ``POST /search`` text queries
+(encode -> search -> JSON): one client (``--http-queries`` sequential requests), then ``--clients`` concurrent
+clients; p50/p95 and queries/s. Target: one-client p95 <= 25 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import faiss
+import numpy as np
+from untrained import untrained_checkpoint
+
+from xmcl.retrieval.index import vectors
+from xmcl.retrieval.index.build import INDEX_FORMAT, MANIFEST, REPORT
+from xmcl.retrieval.index.store import MetadataStore
+from xmcl.retrieval.clip.teacher import checkpoint_sha256
+from xmcl.runtime.files import atomic_save_npy, atomic_write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def clustered(n: int, dim: int, clusters: int, spread: float, seed: int, draw: int = 0) -> np.ndarray:
+    """``n`` unit vectors around ``clusters`` random centres (drawn from ``seed``); ``draw`` seeds the points, so
+    another ``draw`` gives fresh points of the same distribution (float32, generated in blocks)."""
+    centres = np.random.default_rng(seed).standard_normal((clusters, dim), dtype=np.float32)
+    rng = np.random.default_rng([seed, draw])
+    out = np.empty((n, dim), np.float32)
+    for start in range(0, n, 100_000):
+        rows = min(100_000, n - start)
+        block = centres[rng.integers(0, clusters, rows)] + spread * rng.standard_normal((rows, dim), dtype=np.float32)
+        out[start: start + rows] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+def quantiles_ms(seconds: list[float]) -> str:
+    ms = np.array(seconds) * 1000
+    return f"p50 {np.percentile(ms, 50):.2f} ms, p95 {np.percentile(ms, 95):.2f} ms, p99 {np.percentile(ms, 99):.2f} ms"
+
+
+def single_query_latency(index: faiss.Index, queries: np.ndarray, k: int = 10) -> list[float]:
+    vectors.set_search_threads(1)
+    index.search(queries[:1], k)
+    times = []
+    for q in queries:
+        began = time.perf_counter()
+        index.search(q[None], k)
+        times.append(time.perf_counter() - began)
+    return times
+
+
+def batched_qps(index: faiss.Index, queries: np.ndarray, k: int = 10) -> float:
+    vectors.set_search_threads(os.cpu_count() or 1)
+    began = time.perf_counter()
+    index.search(queries, k)
+    return len(queries) / (time.perf_counter() - began)
+
+
+def recall(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
+    return float(np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth)]))
+
+
+def write_index_folder(folder: Path, index: faiss.Index, report: dict, checkpoint: Path, dim: int) -> None:
+    """An xmcl index folder around an already built vector index: manifest, a store of ``ntotal`` items, the index."""
+    folder.mkdir(parents=True)
+    atomic_write_json(folder / MANIFEST, {"format": INDEX_FORMAT, "checkpoint": str(checkpoint),
+                                          "checkpoint_sha256": checkpoint_sha256(checkpoint), "dim": dim,
+                                          "root": str(folder / "images")})
+    store = MetadataStore(folder)
+    n = index.ntotal
+    store.ingest({"kind": "images", "file": "synthetic.npy", "failures": [],
+                  "rows": [{"path": f"synthetic/{i:08d}.jpg", "size": 0, "mtime_ns": 0, "caption": f"vector {i}"}
+                           for i in range(n)]})
+    store.close()
+    vectors.save_index(index, folder / "images.faiss")
+    atomic_save_npy(folder / "images.ids.npy", np.arange(1, n + 1, dtype=np.int64))
+    atomic_write_json(folder / REPORT, {"indexes": {"images": report, "captions": {"count": 0}}})
+
+
+def http_benchmark(folder: Path, texts: list[str], queries: int, clients: int) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "xmcl", "serve", str(folder), "--port", str(port),
+                               "--device", "cpu"], env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(url + "/healthz", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise SystemExit("xmcl serve did not start within 600 s")
+
+        def ask(text: str) -> float:
+            body = json.dumps({"text": text, "k": 10}).encode()
+            request = urllib.request.Request(url + "/search", body, {"Content-Type": "application/json"})
+            began = time.perf_counter()
+            with urllib.request.urlopen(request, timeout=60) as response:
+                json.loads(response.read())
+            return time.perf_counter() - began
+
+        for text in texts[:20]:
+            ask(text)  # warm-up
+        one = [ask(texts[i % len(texts)]) for i in range(queries)]
+        print(f"  HTTP, one client, {queries} text queries (encode -> search -> JSON): {quantiles_ms(one)}, "
+              f"{len(one) / sum(one):.1f} queries/s")
+        times: list[float] = []
+        lock = threading.Lock()
+
+        def client(offset: int) -> None:
+            for i in range(queries // clients):
+                took = ask(texts[(offset + i) % len(texts)])
+                with lock:
+                    times.append(took)
+
+        began = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(c * 97,)) for c in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - began
+        print(f"  HTTP, {clients} concurrent clients, {len(times)} queries: {quantiles_ms(times)}, "
+              f"{len(times) / wall:.1f} queries/s")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def flickr_captions(limit: int = 5000) -> list[str]:
+    path = ROOT.parent / "shared" / "data" / "flickr8k" / "dataset_flickr8k.json"
+    data = json.loads(path.read_text())
+    return [s["raw"] for im in data["images"] if im["split"] == "val" for s in im["sentences"]][:limit]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--dims", type=int, nargs="+", default=[1024, 256])
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--exact-queries", type=int, default=50, help="single queries timed on the exact index")
+    parser.add_argument("--clusters", type=int, default=1000)
+    parser.add_argument("--spread", type=float, default=0.3)
+    parser.add_argument("--memory-budget", default="12G")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--http", action="store_true")
+    parser.add_argument("--http-queries", type=int, default=300)
+    parser.add_argument("--clients", type=int, default=4)
+    args = parser.parse_args()
+    budget = vectors.parse_size(args.memory_budget)
+    print(f"{os.cpu_count()} CPU cores, faiss {faiss.__version__}, n = {args.n:,} vectors per dimension")
+    for dim in args.dims:
+        print(f"\n== {args.n:,} x {dim} clustered unit vectors ({args.clusters} clusters, spread {args.spread})")
+        began = time.perf_counter()
+        data = clustered(args.n, dim, args.clusters, args.spread, args.seed)
+        queries = clustered(args.queries, dim, args.clusters, args.spread, args.seed, draw=1)
+        print(f"  generated in {time.perf_counter() - began:.1f} s")
+
+        began = time.perf_counter()
+        exact = vectors.build(data, vectors.IndexPlan("exact"))
+        exact_build = time.perf_counter() - began
+        vectors.set_search_threads(os.cpu_count() or 1)
+        began = time.perf_counter()
+        truth = exact.search(queries, 10)[1]
+        truth_seconds = time.perf_counter() - began
+        lat = single_query_latency(exact, queries[: args.exact_queries])
+        print(f"  exact (Flat): build {exact_build:.1f} s, memory {data.nbytes / 2**30:.2f} GiB, recall@10 1.000, "
+              f"one thread {quantiles_ms(lat)}, batched {len(queries) / truth_seconds:.0f} queries/s")
+        del exact
+
+        plan = vectors.choose_index(args.n, dim, budget)
+        index, report = vectors.build_and_tune(data, plan, target=0.95, sample=500, seed=args.seed)
+        tuning = report["tuning"]
+        vectors.set_search_threads(os.cpu_count() or 1)
+        found = index.search(queries, 10)[1]
+        lat = single_query_latency(index, queries)
+        print(f"  chosen {report['factory']} ({tuning['parameter']}={tuning['value']}, tuned on 500 held-out "
+              f"vectors to recall {tuning['recall']:.3f}): build {report['build_seconds']:.1f} s, memory "
+              f"{report['bytes'] / 2**30:.2f} GiB ({report['bytes_per_million'] / 2**30:.2f} GiB per million), "
+              f"recall@10 on {len(queries)} fresh queries {recall(found, truth):.3f}, one thread {quantiles_ms(lat)}, "
+              f"batched {batched_qps(index, queries):.0f} queries/s")
+        del data
+        if args.http and dim == 1024:
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = untrained_checkpoint("flickr8k_user", Path(tmp) / "untrained.pt")
+                began = time.perf_counter()
+                write_index_folder(Path(tmp) / "index", index, report, checkpoint, dim)
+                del index
+                print(f"  index folder with {args.n:,} items written in {time.perf_counter() - began:.1f} s")
+                http_benchmark(Path(tmp) / "index", flickr_captions(), args.http_queries, args.clients)
+
+
+if __name__ == "__main__":
+    main()

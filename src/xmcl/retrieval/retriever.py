@@ -1,0 +1,221 @@
+"""A trained model as a retriever: raw image files / PIL images and caption strings -> unit embeddings.
+
+``Retriever.load(checkpoint)`` builds on ``xmcl.retrieval.inference`` (checkpoint -> model and tokenizer) and adds
+what turns a raw input into the model's input:
+
+- a model trained on region features (``xmcl features`` output) gets the backbone its checkpoint's features
+  manifest names, rebuilt from the recorded weights; each image is resized as the features were (bicubic,
+  aspect ratio not kept), normalised, run through the backbone, and its grid cells rounded through float16 as the
+  feature files store them, then the image tower runs. The rebuilt backbone's weights hash, and any backbone,
+  weights or image size asked for, must match the manifest (``check_features_match``) unless ``allow_mismatch``;
+- a model trained end to end on images uses its own backbone and the evaluation transform (centred square);
+- a CGE model loads its CLIP teacher (the recorded path, or ``clip_path``), which must hash to the recorded
+  checkpoint; its guides are rounded through float16 as the CLIP cache stores them.
+
+Encoding is batched and runs on the chosen device; ``prepare`` (decode + preprocess one image) is separate from
+``encode_prepared`` (a stacked batch -> embeddings) so that decoding can run in DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from xmcl.data.images import ImageTransform, open_image
+from xmcl.data.text import TextTokenizer, collate_tokens
+from xmcl.errors import CheckpointError, DataError
+from xmcl.nn.backbones import ImageBackbone, build_image_backbone
+from xmcl.retrieval.clip.teacher import CLIPTeacher, checkpoint_sha256, load_clip_teacher
+from xmcl.retrieval.config import RetrievalTrainConfig
+from xmcl.retrieval.grid_features import FeaturesManifest, check_features_match
+from xmcl.retrieval.inference import load_retrieval_checkpoint, model_from_state, recorded_features
+from xmcl.retrieval.model import USERModel
+from xmcl.runtime.device import resolve_device
+
+ImageInput = Image.Image | np.ndarray | Path | str
+MISMATCH_FLAG = "--allow-mismatch"
+MAX_PIXELS = 50_000_000  # an upload decoding to more pixels is refused before it is decoded
+
+
+def decode_image_bytes(data: bytes, what: str = "the upload") -> Image.Image:
+    """An RGB PIL image from encoded bytes (JPEG, PNG, WebP, ...); ``DataError`` when they are not an image or
+    would decode to more than ``MAX_PIXELS`` pixels."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise DataError(f"{what} is {image.width} x {image.height} pixels, more than {MAX_PIXELS:,}")
+            image.load()
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise DataError(f"{what} is not an image in a format Pillow reads (JPEG, PNG, WebP, ...)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"{what} is not a decodable image ({error})") from None
+
+
+def as_rgb(image: ImageInput) -> Image.Image:
+    """A decoded RGB PIL image from a file path, a PIL image or a uint8 H x W x 3 array (``DataError`` if not)."""
+    if isinstance(image, (str, Path)):
+        return open_image(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise DataError(f"expected a uint8 H x W x 3 image array, got {image.dtype} {image.shape}")
+        return Image.fromarray(image)
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    raise DataError(f"not an image: {type(image).__name__}")
+
+
+class GridFeaturePipeline:
+    """Raw image -> the grid features ``xmcl features`` would have stored for it (float16-rounded, ``(R, C)``)."""
+
+    def __init__(self, backbone: ImageBackbone, image_size: int, device: torch.device) -> None:
+        self.backbone = backbone.to(device).eval().requires_grad_(False)
+        self.image_size, self.device = image_size, device
+
+    def prepare(self, image: ImageInput) -> Tensor:
+        """uint8 ``(S, S, 3)``: resized without keeping the aspect ratio, as ``grid_features`` does."""
+        resized = as_rgb(image).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.array(resized, dtype=np.uint8))
+
+    @torch.no_grad()
+    def features(self, pixels: Tensor) -> Tensor:
+        """``(B, S, S, 3)`` uint8 -> ``(B, h * w, C)`` float32 holding float16 values."""
+        fmap = self.backbone(self.backbone.preprocess(pixels.to(self.device)))
+        return fmap.flatten(2).transpose(1, 2).half().float()
+
+
+class Retriever:
+    """Encodes images and captions with a trained model (eval mode, no gradients) on ``device``.
+
+    ``sha256`` identifies the checkpoint file (indexes record it); ``dim`` is the embedding width.
+    """
+
+    def __init__(self, model: USERModel, tokenizer: TextTokenizer, cfg: RetrievalTrainConfig, sha256: str,
+                 source: str, device: torch.device, grid: GridFeaturePipeline | None,
+                 transform: ImageTransform | None, teacher: CLIPTeacher | None) -> None:
+        self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, cfg
+        self.sha256, self.source, self.device = sha256, source, device
+        self.grid, self.transform, self.teacher = grid, transform, teacher
+        self.dim = cfg.model.embed_dim
+
+    @classmethod
+    def load(cls, checkpoint: Path | str, device: str | torch.device = "auto", *, backbone: str | None = None,
+             backbone_weights: str | None = None, image_size: int | None = None, clip_path: str | None = None,
+             allow_mismatch: bool = False) -> "Retriever":
+        """The retriever of a training checkpoint (see the module docstring). ``backbone`` / ``backbone_weights``
+        / ``image_size`` override what the features manifest records (a moved weights file, say); a result that
+        differs from the manifest is refused unless ``allow_mismatch``. ``clip_path`` overrides the CGE teacher's
+        recorded path (it must still hash to the recorded checkpoint)."""
+        checkpoint = Path(checkpoint)
+        torch_device = resolve_device(device)
+        state = load_retrieval_checkpoint(checkpoint)
+        model, tokenizer, cfg = model_from_state(state, str(checkpoint), torch_device)
+        grid, transform = None, None
+        if cfg.model.image_input == "regions":
+            grid = _grid_pipeline(state, str(checkpoint), backbone, backbone_weights, image_size, allow_mismatch,
+                                  torch_device)
+            if grid.backbone.out_channels != cfg.model.region_dim:
+                raise CheckpointError(f"backbone {grid.backbone.name} gives {grid.backbone.out_channels}-d cells but "
+                                      f"checkpoint {checkpoint} reads {cfg.model.region_dim}-d region features")
+        else:
+            transform = ImageTransform(image_size or cfg.data.image_size,
+                                       model.image_encoder.backbone.normalization, train=False)
+        teacher = _teacher(state, cfg, str(checkpoint), clip_path, torch_device)
+        return cls(model, tokenizer, cfg, checkpoint_sha256(checkpoint), str(checkpoint.resolve()), torch_device, grid,
+                   transform, teacher)
+
+    # ---------------------------------------------------------------------------------------------- images
+    def prepare(self, image: ImageInput) -> dict[str, Tensor]:
+        """One decoded, preprocessed image: ``pixels`` for the image tower (and ``clip`` pixels with CGE).
+        ``DataError`` naming the file when it cannot be decoded."""
+        rgb = as_rgb(image)
+        item = {"pixels": self.grid.prepare(rgb) if self.grid is not None else self.transform(rgb)}
+        if self.teacher is not None and self.cfg.model.cge:
+            item["clip"] = self.teacher.preprocess(rgb)
+        return item
+
+    @torch.no_grad()
+    def encode_prepared(self, batch: dict[str, Tensor]) -> Tensor:
+        """A batch of stacked ``prepare`` outputs -> ``(B, dim)`` float32 unit embeddings (on the CPU)."""
+        guides = None
+        if "clip" in batch:
+            guides = self.teacher.encode_pixels(batch["clip"]).half().float()
+        if self.grid is not None:
+            inputs = self.grid.features(batch["pixels"])
+        else:
+            inputs = batch["pixels"].to(self.device)
+        return self.model.encode_images(inputs, None, guides).float().cpu()
+
+    def encode_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> Tensor:
+        """Image files / PIL images / uint8 arrays -> ``(B, dim)`` float32 unit embeddings."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            items = [self.prepare(image) for image in images[start: start + batch_size]]
+            out.append(self.encode_prepared({key: torch.stack([it[key] for it in items]) for key in items[0]}))
+        return torch.cat(out) if out else torch.zeros((0, self.dim))
+
+    # ------------------------------------------------------------------------------------------------ text
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> Tensor:
+        """Captions -> ``(M, dim)`` float32 unit embeddings; an empty caption is a ``DataError``."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            chunk = list(texts[start: start + batch_size])
+            for text in chunk:
+                if not isinstance(text, str) or not text.strip():
+                    raise DataError("a caption to encode is empty")
+            ids, lengths = collate_tokens([self.tokenizer.encode(text) for text in chunk], self.tokenizer.pad_id)
+            guides = None
+            if self.teacher is not None and self.cfg.model.text_cge:
+                guides = self.teacher.encode_texts(chunk).half().float()
+            out.append(self.model.encode_texts(ids.to(self.device), lengths, guides).float().cpu())
+        return torch.cat(out) if out else torch.zeros((0, self.dim))
+
+
+def _grid_pipeline(state: dict, where: str, backbone: str | None, weights: str | None, image_size: int | None,
+                   allow_mismatch: bool, device: torch.device) -> GridFeaturePipeline:
+    recorded = recorded_features(state, where)
+    if recorded is None and not (backbone and weights and image_size):
+        raise CheckpointError(f"checkpoint {where} was trained on region features without a features manifest "
+                              f"(made before manifests, or by another tool), so it does not know how to encode a raw "
+                              f"image: give --backbone, --backbone-weights and --image-size of the network that made "
+                              f"its features, with {MISMATCH_FLAG}")
+    name = backbone or recorded.backbone
+    given = weights or recorded.weights
+    if given == "none":
+        raise CheckpointError(f"checkpoint {where} was trained on features of a randomly initialised {name} whose "
+                              f"weights were never saved; give --backbone-weights of the network that made them")
+    try:
+        network = build_image_backbone(name, given)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error} (the backbone of checkpoint {where}'s features; give --backbone-weights "
+                              f"where the file is now)") from None
+    size = image_size or recorded.image_size
+    built = FeaturesManifest.of(network, given, size)
+    if recorded is not None:
+        check_features_match(recorded, built, f"checkpoint {where}", f"the backbone asked for ({name}, {given}, "
+                             f"{size} px)", allow_mismatch, MISMATCH_FLAG)
+    return GridFeaturePipeline(network, size, device)
+
+
+def _teacher(state: dict, cfg: RetrievalTrainConfig, where: str, clip_path: str | None,
+             device: torch.device) -> CLIPTeacher | None:
+    if not (cfg.model.cge or cfg.model.text_cge):
+        return None
+    record = (state.get("inputs") or {}).get("clip") or {}
+    path = clip_path or record.get("path") or cfg.model.clip_path
+    trained = record.get("sha256") or state.get("clip_sha256")
+    if not path or not Path(path).exists():
+        raise CheckpointError(f"checkpoint {where} uses CLIP-guided enhancement, and its CLIP teacher "
+                              f"{path or '(not recorded)'} is not there: give --clip-path")
+    teacher = load_clip_teacher(path, device, activation=record.get("activation", "quick_gelu"))
+    if trained and teacher.sha256 != trained:
+        raise CheckpointError(f"CLIP {path} (sha256 {teacher.sha256[:12]}...) is not the teacher checkpoint {where} "
+                              f"was trained with (sha256 {trained[:12]}...)")
+    return teacher

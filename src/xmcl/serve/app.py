@@ -1,0 +1,254 @@
+"""The search service: a FastAPI app over named indexes (each a ``Searcher``), and the page at ``/``.
+
+Routes::
+
+    POST /search          JSON {"index", "text" | "embedding" | "item", "k", "target"} or a multipart form with an
+                          "image" file and the same fields -> {"index", "target", "k", "results": [...]}
+    GET  /items/{id}      an image item's metadata and captions          (?index=NAME, default the first)
+    GET  /thumbs/{id}     a JPEG thumbnail of an item's image (?size=)
+    GET  /images/{id}     the item's image file
+    GET  /healthz         {"status": "ok", "indexes": {name: {"images", "captions", "dim"}}}
+    GET  /metrics         Prometheus text: searches by index and status, latency quantiles, items per index
+    GET  /                the search page (``static/``)
+
+Bad input is a 4xx with ``{"detail": message}`` and the server goes on: 400 for an empty text, an upload that is
+not an image, an embedding of the wrong width, k out of range or a malformed request; 413 for a body or upload over
+the limit; 404 for an unknown index or item. Files are reached by item id only, inside the indexed folder; any
+other path (``/thumbs/../../etc/passwd``, an id that is not a number) is a 404.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+from functools import lru_cache
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from xmcl.data.images import open_image
+from xmcl.errors import DataError, XmclError
+from xmcl.retrieval.index.search import Searcher
+from xmcl.retrieval.retriever import decode_image_bytes
+from xmcl.serve.metrics import ServiceMetrics
+
+STATIC = Path(__file__).parent / "static"
+INDEX_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries and small fields on top of the image itself
+THUMB_SIZES = (64, 512)
+
+
+class HTTPError(Exception):
+    """An answer other than 200: ``status`` and a one-line ``message``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _item_id(text: str) -> int:
+    if not text.isdigit() or len(text) > 18:
+        raise HTTPError(404, f"no item {text!r}")
+    return int(text)
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPError(413, f"the request body is {int(declared):,} bytes, over the limit of {limit:,}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, f"the request body is over the limit of {limit:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _int_field(value, name: str, default: int) -> int:
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        raise HTTPError(400, f"'{name}' must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise HTTPError(400, f"'{name}' must be an integer, got {value!r}")
+
+
+def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20, default_k: int = 12) -> FastAPI:
+    """The app over ``searchers`` (name -> Searcher; the first is the default index)."""
+    if not searchers:
+        raise DataError("serve needs at least one index")
+    for name in searchers:
+        if not INDEX_NAME.match(name):
+            raise DataError(f"index name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+    default_index = next(iter(searchers))
+    metrics = ServiceMetrics()
+    app = FastAPI(title="xmcl search", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def searcher_of(name: str | None) -> tuple[str, Searcher]:
+        name = default_index if name in (None, "") else name
+        if not isinstance(name, str) or name not in searchers:
+            raise HTTPError(404, f"no index named {name!r} (served: {', '.join(searchers)})")
+        return name, searchers[name]
+
+    @app.exception_handler(HTTPError)
+    async def http_error(_: Request, error: HTTPError) -> JSONResponse:
+        return JSONResponse({"detail": error.message}, status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return JSONResponse({"detail": f"invalid request: {where}: {first.get('msg', 'malformed')}"}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def not_found(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": str(error.detail)}, status_code=error.status_code)
+
+    async def parse_search(request: Request) -> dict:
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            body = await _read_limited(request, max_upload_bytes + FORM_OVERHEAD)
+
+            async def replay() -> dict:
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            try:
+                form = await Request(request.scope, replay).form(max_files=1, max_fields=16)
+            except Exception as error:  # noqa: BLE001 - starlette raises several types for a malformed form
+                raise HTTPError(400, f"malformed multipart form: {error}") from None
+            upload = form.get("image")
+            if upload is None or isinstance(upload, str):
+                raise HTTPError(400, "the form has no 'image' file")
+            data = await upload.read()
+            if len(data) > max_upload_bytes:
+                raise HTTPError(413, f"the image is {len(data):,} bytes, over the limit of {max_upload_bytes:,}")
+            try:
+                image = decode_image_bytes(data)
+            except DataError as error:
+                raise HTTPError(400, str(error)) from None
+            return {"index": form.get("index"), "k": form.get("k"), "target": form.get("target"), "image": image}
+        if content_type and not content_type.startswith("application/json"):
+            raise HTTPError(400, f"send JSON or a multipart form with an image, not {content_type!r}")
+        body = await _read_limited(request, max_upload_bytes + FORM_OVERHEAD)
+        try:
+            payload = json.loads(body or b"null")
+        except (UnicodeDecodeError, ValueError) as error:
+            raise HTTPError(400, f"the body is not valid JSON ({error})") from None
+        if not isinstance(payload, dict):
+            raise HTTPError(400, "the body must be a JSON object")
+        unknown = set(payload) - {"index", "text", "embedding", "item", "k", "target"}
+        if unknown:
+            raise HTTPError(400, f"unknown fields: {', '.join(sorted(unknown))}")
+        return payload
+
+    @app.post("/search")
+    async def search(request: Request) -> JSONResponse:
+        began, name = time.perf_counter(), "?"
+        try:
+            query = await parse_search(request)
+            name, searcher = searcher_of(query.get("index"))
+            k = _int_field(query.get("k"), "k", default_k)
+            target = query.get("target") or "images"
+            forms = {key: query.get(key) for key in ("text", "image", "embedding", "item")}
+            if forms["item"] is not None:
+                forms["item"] = _int_field(forms["item"], "item", 0)
+            if forms["embedding"] is not None and not (isinstance(forms["embedding"], list) and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in forms["embedding"])):
+                raise HTTPError(400, "'embedding' must be a list of numbers")
+            try:
+                results = await run_in_threadpool(searcher.search, target=target, k=k, **forms)
+            except XmclError as error:
+                raise HTTPError(400, str(error)) from None
+        except HTTPError as error:
+            metrics.observe(name if name in searchers else "?", error.status, time.perf_counter() - began)
+            raise
+        metrics.observe(name, 200, time.perf_counter() - began)
+        return JSONResponse({"index": name, "target": target, "k": k, "results": results})
+
+    @app.get("/items/{item_id}")
+    def item(item_id: str, index: str | None = None) -> JSONResponse:
+        name, searcher = searcher_of(index)
+        found = searcher.index.item(_item_id(item_id))
+        if found is None:
+            raise HTTPError(404, f"no item {item_id} in index {name}")
+        return JSONResponse({"index": name, **found})
+
+    @lru_cache(maxsize=4096)
+    def thumbnail(name: str, item_id: int, size: int) -> bytes | None:
+        path = searchers[name].index.file_of(item_id)
+        if path is None:
+            return None
+        try:
+            image = open_image(path)
+        except DataError:
+            return None
+        image.thumbnail((size, size), Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+        return buffer.getvalue()
+
+    @app.get("/thumbs/{item_id}")
+    def thumbs(item_id: str, index: str | None = None, size: int = 256) -> Response:
+        name, _ = searcher_of(index)
+        if not THUMB_SIZES[0] <= size <= THUMB_SIZES[1]:
+            raise HTTPError(400, f"size must lie in [{THUMB_SIZES[0]}, {THUMB_SIZES[1]}], got {size}")
+        data = thumbnail(name, _item_id(item_id), size)
+        if data is None:
+            raise HTTPError(404, f"no image for item {item_id} in index {name}")
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/images/{item_id}")
+    def images(item_id: str, index: str | None = None) -> FileResponse:
+        name, searcher = searcher_of(index)
+        path = searcher.index.file_of(_item_id(item_id))
+        if path is None:
+            raise HTTPError(404, f"no image for item {item_id} in index {name}")
+        return FileResponse(path)
+
+    def gauges() -> dict[tuple[str, str], int]:
+        return {(name, target): s.index.count(target) for name, s in searchers.items()
+                for target in ("images", "captions")}
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok", "default": default_index, "indexes": {
+            name: {"images": s.index.count("images"), "captions": s.index.count("captions"), "dim": s.index.dim}
+            for name, s in searchers.items()}})
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(metrics.render(gauges()), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/")
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def serve(searchers: dict[str, Searcher], host: str = "127.0.0.1", port: int = 8000,
+          max_upload_bytes: int = 10 << 20, threads: int = 1) -> None:
+    """Run the app with uvicorn until interrupted. Each query runs on ``threads`` torch and FAISS threads (1: one
+    small query gains nothing from more, and concurrent queries then use the other cores)."""
+    import torch
+    import uvicorn
+
+    from xmcl.retrieval.index.vectors import set_search_threads
+
+    set_search_threads(threads)
+    torch.set_num_threads(threads)
+    uvicorn.run(create_app(searchers, max_upload_bytes), host=host, port=port, log_level="warning")

@@ -1,0 +1,235 @@
+"""The HTTP API on a real uvicorn server on 127.0.0.1: searches by text, upload, embedding and item on two named
+indexes; every 4xx the service promises (the server keeps serving); items, thumbnails, and files reached only by id
+inside the indexed folder; Prometheus metrics."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import socket
+import sqlite3
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from xmcl.retrieval.index.build import IndexOptions, build_index
+from xmcl.retrieval.index.search import CollectionIndex, Searcher
+from xmcl.retrieval.retriever import Retriever
+from xmcl.serve.app import create_app
+
+from search_world import copy_images
+
+UPLOAD_LIMIT = 100_000
+
+
+class Server:
+    def __init__(self, url: str, port: int, secret_item: int, world: Path) -> None:
+        self.url, self.port, self.secret_item, self.world = url, port, secret_item, world
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, bytes, str]:
+        """Status, body and content type; the path is sent as written (no normalisation)."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, response.read(), response.getheader("content-type", "")
+        finally:
+            connection.close()
+
+    def post_json(self, payload) -> tuple[int, dict]:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        status, body, _ = self.request("POST", "/search", data, {"Content-Type": "application/json"})
+        return status, json.loads(body)
+
+    def post_form(self, fields: dict[str, str], image: bytes | None, filename: str = "q.png") -> tuple[int, dict]:
+        boundary = "xmcltestboundary"
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                 for k, v in fields.items()]
+        if image is not None:
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+                         f"Content-Type: image/png\r\n\r\n".encode() + image + b"\r\n")
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        status, data, _ = self.request("POST", "/search", body,
+                                       {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        return status, json.loads(data)
+
+
+@pytest.fixture(scope="module")
+def server(world: Path, built_index: Path, retriever: Retriever, tmp_path_factory) -> Server:
+    base = tmp_path_factory.mktemp("http")
+    photos = copy_images(world, base / "photos", [f"shapes_{n:06d}.png" for n in range(4)])
+    secret = base / "secret.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(secret)
+    (photos / "escape.png").symlink_to(secret)  # points outside the folder: never indexed
+    build_index(retriever, photos, base / "small", options=IndexOptions(progress=False))
+    with sqlite3.connect(base / "small" / "items.sqlite") as db:  # an item whose path leads out of the folder
+        secret_item = db.execute("SELECT MAX(id) FROM items").fetchone()[0]
+        db.execute("UPDATE items SET path = '../secret.png' WHERE id = ?", (secret_item,))
+    searchers = {"shapes": Searcher(CollectionIndex.open(built_index), retriever),
+                 "small": Searcher(CollectionIndex.open(base / "small"), retriever)}
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(create_app(searchers, max_upload_bytes=UPLOAD_LIMIT), log_level="warning"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert uv.started, "the server did not start within 30 s"
+    yield Server(f"http://127.0.0.1:{port}", port, secret_item, world)
+    uv.should_exit = True
+    thread.join(timeout=10)
+
+
+def png_bytes(path: Path) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(path).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_health_lists_both_indexes(server: Server) -> None:
+    with urllib.request.urlopen(server.url + "/healthz", timeout=30) as response:
+        health = json.loads(response.read())
+    assert health["status"] == "ok" and health["default"] == "shapes"
+    assert health["indexes"]["shapes"]["images"] == 30 and health["indexes"]["shapes"]["captions"] == 150
+    assert health["indexes"]["small"]["images"] == 4 and health["indexes"]["small"]["captions"] == 0
+
+
+def test_searches_by_text_upload_embedding_and_item(server: Server, built_index: Path, retriever: Retriever) -> None:
+    searcher = Searcher(CollectionIndex.open(built_index), retriever)
+    status, body = server.post_json({"text": "a red circle", "k": 5})
+    assert status == 200 and body["index"] == "shapes" and body["k"] == 5
+    assert [r["id"] for r in body["results"]] == [r["id"] for r in searcher.search(text="a red circle", k=5)]
+
+    image = server.world / "images" / "shapes_000006.png"
+    status, body = server.post_form({"k": "3", "index": "shapes"}, png_bytes(image))
+    assert status == 200 and body["results"][0]["path"] == "shapes_000006.png" and body["results"][0]["score"] > 0.999
+    status, captions = server.post_form({"k": "4", "target": "captions"}, png_bytes(image))
+    assert status == 200 and captions["target"] == "captions" and len(captions["results"]) == 4
+
+    item = body["results"][1]["id"]
+    status, by_item = server.post_json({"item": item, "k": 2})
+    assert status == 200 and by_item["results"][0]["id"] == item
+    vector = searcher.index.item_vector(item)
+    status, by_vector = server.post_json({"embedding": (3.0 * vector).tolist(), "k": 2})
+    assert status == 200 and by_vector["results"][0]["id"] == item
+    assert by_vector["results"][0]["score"] == pytest.approx(float(vector @ vector) / np.linalg.norm(vector), abs=1e-3)
+
+    status, small = server.post_json({"index": "small", "text": "a red circle", "k": 10})
+    assert status == 200 and len(small["results"]) == 4  # k above the collection's size: all of it
+
+
+@pytest.mark.parametrize("payload, status, message", [
+    ({"text": "   "}, 400, "the query text is empty"),
+    ({"text": "a cat", "k": 0}, 400, "k must be an integer from 1 to 1000"),
+    ({"text": "a cat", "k": 1001}, 400, "k must be an integer from 1 to 1000"),
+    ({"text": "a cat", "k": "many"}, 400, "'k' must be an integer"),
+    ({"embedding": [0.1] * 5}, 400, "the embedding must be a list of 16 numbers"),
+    ({"embedding": [0.0] * 16}, 400, "finite and not all zero"),
+    ({"embedding": "abc"}, 400, "'embedding' must be a list of numbers"),
+    ({"text": "a cat", "index": "nope"}, 404, "no index named 'nope'"),
+    ({"text": "a cat", "target": "sounds"}, 400, "target must be one of"),
+    ({"item": 999999}, 400, "no item 999999"),
+    ({}, 400, "give exactly one of text, image, embedding, item"),
+    ({"text": "a", "item": 1}, 400, "give exactly one of"),
+    ({"text": "a", "colour": "red"}, 400, "unknown fields: colour"),
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "must be a JSON object"),
+])
+def test_bad_json_requests_get_a_4xx_and_the_server_keeps_serving(server: Server, payload, status: int,
+                                                                  message: str) -> None:
+    got, body = server.post_json(payload)
+    assert got == status and message in body["detail"]
+    assert server.post_json({"text": "a blue star", "k": 1})[0] == 200
+
+
+def test_bad_uploads_get_a_4xx(server: Server) -> None:
+    got, body = server.post_form({"k": "3"}, b"GIF89a but not really an image")
+    assert got == 400 and "not an image" in body["detail"]
+    got, body = server.post_form({"k": "3"}, None)
+    assert got == 400 and "no 'image' file" in body["detail"]
+    noise = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    assert len(buffer.getvalue()) > UPLOAD_LIMIT
+    got, body = server.post_form({"k": "3"}, buffer.getvalue())
+    assert got == 413 and "over the limit" in body["detail"]
+    got, data, _ = server.request("POST", "/search", b"x" * (UPLOAD_LIMIT + 70_000),
+                                  {"Content-Type": "application/json"})
+    assert got == 413
+    got, data, _ = server.request("POST", "/search", b"text=a", {"Content-Type": "text/plain"})
+    assert got == 400 and b"send JSON or a multipart form" in data
+    assert server.post_json({"text": "a blue star", "k": 1})[0] == 200
+
+
+def test_items_and_thumbnails(server: Server) -> None:
+    got, data, kind = server.request("GET", "/items/3?index=shapes")
+    item = json.loads(data)
+    assert got == 200 and item["id"] == 3 and item["path"] == "shapes_000002.png" and len(item["captions"]) == 5
+    assert item["fields"]["split"] in ("train", "val", "test")
+    got, data, kind = server.request("GET", "/thumbs/3?size=64")
+    assert got == 200 and kind == "image/jpeg" and max(Image.open(io.BytesIO(data)).size) <= 64
+    got, data, kind = server.request("GET", "/images/3")
+    assert got == 200 and data == (server.world / "images" / "shapes_000002.png").read_bytes()
+    assert server.request("GET", "/items/999999")[0] == 404
+    assert server.request("GET", "/thumbs/3?size=4000")[0] == 400
+    got, data, kind = server.request("GET", "/")
+    assert got == 200 and b'id="query"' in data and kind.startswith("text/html")
+    assert server.request("GET", "/static/app.js")[0] == 200
+
+
+@pytest.mark.parametrize("path", [
+    "/thumbs/../../etc/passwd", "/images/../../../etc/passwd", "/items/..%2F..%2Fetc%2Fpasswd",
+    "/thumbs/%2e%2e%2fsecret.png", "/images/-1", "/images/1e3", "/static/../../../../etc/passwd",
+    "/static/%2e%2e/%2e%2e/app.py", "/images/..%2fsecret.png?index=small",
+])
+def test_path_traversal_gets_404(server: Server, path: str) -> None:
+    got, data, _ = server.request("GET", path)
+    assert got == 404 and b"root:" not in data
+
+
+def test_files_outside_the_indexed_folder_are_never_served(server: Server) -> None:
+    got, data, _ = server.request("GET", "/items/1?index=small")
+    assert got == 200 and "escape.png" not in data.decode()  # the symbolic link out of the folder was not indexed
+    for route in ("thumbs", "images"):
+        got, data, _ = server.request("GET", f"/{route}/{server.secret_item}?index=small")
+        assert got == 404, route  # its stored path leads out of the folder
+
+
+def test_metrics_count_searches_in_prometheus_format(server: Server) -> None:
+    def counts() -> dict[str, float]:
+        with urllib.request.urlopen(server.url + "/metrics", timeout=30) as response:
+            assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+            text = response.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        return samples
+
+    before = counts()
+    for _ in range(3):
+        assert server.post_json({"index": "small", "text": "a green square", "k": 2})[0] == 200
+    assert server.post_json({"index": "small", "text": "", "k": 2})[0] == 400
+    after = counts()
+    ok, bad = 'xmcl_search_requests_total{index="small",status="200"}', \
+        'xmcl_search_requests_total{index="small",status="400"}'
+    assert after[ok] - before.get(ok, 0) == 3 and after[bad] - before.get(bad, 0) == 1
+    count = 'xmcl_search_latency_seconds_count{index="small"}'
+    assert after[count] - before.get(count, 0) == 3
+    quantiles = [after[f'xmcl_search_latency_seconds{{index="small",quantile="{q}"}}'] for q in (0.5, 0.9, 0.99)]
+    assert 0 < quantiles[0] <= quantiles[1] <= quantiles[2]
+    assert after['xmcl_index_items{index="shapes",target="captions"}'] == 150
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(server.url + "/nothing-here", timeout=30)
