@@ -153,8 +153,9 @@ def world(tmp_path_factory):
 def test_cge_end_to_end_with_new_images_encoded_by_the_teacher(world, tmp_path):
     cfg = load_config(RetrievalTrainConfig, None, [
         f"data.path={world / 'shapes'}", "run.device=cpu", "data.image_size=32", "data.augment_images=false",
-        "model.image_input=images", "model.backbone=resnet18", "model.backbone_trainable=frozen",
-        "model.embed_dim=16", "model.text_encoder=bigru", "model.word_dim=8", "model.queue_size=16",
+        "model.image_input=images", "model.backbone=resnet18", "model.backbone_weights=null",
+        "model.backbone_trainable=frozen", "model.embed_dim=16", "model.text_encoder=bigru", "model.word_dim=8",
+        "model.queue_size=16",
         "model.sge=false", "model.cge=true", "model.text_cge=true", f"model.clip_dim={CLIP_DIM}",
         f"model.clip_cache={world / 'cache'}", f"model.clip_path={world / 'clip'}",
         "optim.epochs=1", "optim.batch_size=20"])
