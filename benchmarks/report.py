@@ -109,7 +109,8 @@ def provenance(data: dict) -> str:
     m = data["machine"]
     code_changed = m.get("dirty") and any(not path.startswith(DOCUMENTS) for path in m.get("changed") or ["?"])
     commit = (m.get("commit") or "unknown")[:7] + (" with uncommitted code changes" if code_changed else "")
-    return (f"commit {commit}, {data['date'][:10]}, {m['torch_threads']} torch threads, {conditions(data)}")
+    threads = f"{m['torch_threads']} torch thread{'s' if m['torch_threads'] != 1 else ''}"
+    return f"commit {commit}, {data['date'][:10]}, {threads}, {conditions(data)}"
 
 
 def conditions(data: dict) -> str:
@@ -347,7 +348,7 @@ def distill_step(d: dict) -> str:
 def distill_step_summary(d: dict) -> str:
     f = d["figures"]
     return (f"- `{d['command']}`: an ST-SLidR step on a {f['points']:,}-point cloud takes "
-            f"{f['step_median_ms'] / 1000:.1f} s on {d['machine']['torch_threads']} thread(s), with "
+            f"{f['step_median_ms'] / 1000:.1f} s on {d['machine']['torch_threads']} torch thread(s), with "
             f"{f['rss_steps_mib'] / 1024:.1f} GiB peak RSS ({conditions(d)}).")
 
 
