@@ -89,7 +89,7 @@ def main() -> None:
         inputs.warm(progress=False)
         preparation = time.perf_counter() - began
     rss_prepared = peak_rss_mib()
-    points, cams = inputs._camera_inputs(0)
+    points, cams = inputs.fixed_inputs(0)
     step_index = iter(range(1_000_000))
 
     def train_step() -> None:

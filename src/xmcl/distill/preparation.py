@@ -158,7 +158,8 @@ class DistillInputs:
     def __len__(self) -> int:
         return len(self.scans)
 
-    def _camera_inputs(self, index: int) -> tuple[Tensor, list[CameraInputs]]:
+    def fixed_inputs(self, index: int) -> tuple[Tensor, list[CameraInputs]]:
+        """Scan ``index``'s points and un-augmented camera inputs (kept when ``keep_in_memory``)."""
         if index in self._fixed:
             return self._fixed[index]
         scene = self.scans[index]
@@ -170,7 +171,7 @@ class DistillInputs:
     def _unaugmented(self, index: int) -> PreparedScene:
         if index in self._prepared:
             return self._prepared[index]
-        points, cams = self._camera_inputs(index)
+        points, cams = self.fixed_inputs(index)
         prepared = prepare_cameras(points, cams, self.head, self.with_semantic)
         if self.keep_in_memory:
             self._prepared[index] = prepared
@@ -184,7 +185,7 @@ class DistillInputs:
             if self.augmentation is None:
                 self._unaugmented(index)
             else:
-                self._camera_inputs(index)
+                self.fixed_inputs(index)
 
     def batch(self, indices: list[int], step: int) -> list[PreparedScene]:
         """The inputs of step ``step``'s scans."""
@@ -193,7 +194,7 @@ class DistillInputs:
         generator = seeded_generator(self.seed, MIXED_AUGMENTATION_STREAM, step)
         out = []
         for index in indices:
-            points, cams = augment_scan(*self._camera_inputs(index), self.augmentation, generator)
+            points, cams = augment_scan(*self.fixed_inputs(index), self.augmentation, generator)
             out.append(prepare_cameras(points, cams, self.head, self.with_semantic))
         return out
 

@@ -7,7 +7,9 @@ or the authors' (``ProbeConfig.protocol``).
 * ours, ``finetune``: backbone and linear layer are trained together on batches of (augmented) training scans.
 * authors (SLidR's downstream code): cross-entropy + Lovasz-softmax, SGD with a separate learning rate for the last
   layer, cosine annealing per epoch, batches of augmented scans read per step; ``linear`` freezes all but the last
-  layer and keeps BatchNorm in eval mode, ``finetune`` trains everything.
+  layer and keeps BatchNorm in eval mode, ``finetune`` trains everything. Two differences remain: the loss runs over
+  every labelled point (theirs over voxels, each labelled as its first point), and the classifier has no output
+  for the ignored class (theirs keeps one, trains it down and masks it at evaluation).
 Either way only a ``label_fraction`` of the training labels is used (``select_labels``), and the model is scored on
 the evaluation scans: per-class IoU, mIoU, and the authors' mIoU (``metrics``). Without a checkpoint the backbone is
 randomly initialised (the lower bound every pretraining must beat).
