@@ -54,7 +54,7 @@ def _read_lines(path: Path) -> list[str]:
 
 def _load_features(path: Path) -> np.ndarray:
     try:
-        features = np.load(path, mmap_mode="r")
+        features = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (OSError, ValueError) as err:
