@@ -71,8 +71,7 @@ def arm(spec: str) -> None:
                 buffer = io.BytesIO()
                 save(obj, buffer)
                 handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-                handle.flush()
-                os.fsync(handle.fileno())
+                handle.flush()  # in the page cache, which a killed process does not take with it
                 _die()
             return save(obj, handle, *args, **kwargs)
 

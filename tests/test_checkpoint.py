@@ -54,7 +54,8 @@ def test_failed_write_names_the_path_and_keeps_previous_checkpoint(tmp_path: Pat
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of a signal
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
     try:
-        with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*ckpt\.pt: .*previous ckpt\.pt is kept"):
+        with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*ckpt\.pt: File too large; the "
+                                                  r"previous ckpt\.pt is kept"):
             save_checkpoint(path, "test.kind", 1, {"step": 2, "weights": torch.zeros(100_000)})
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

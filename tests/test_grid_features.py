@@ -149,9 +149,13 @@ def test_every_unreadable_image_is_listed_in_one_pass_and_a_rerun_continues(corp
 
 
 def test_unreadable_images_are_left_out_with_the_flag(corpus, tmp_path):
+    """After a run that stopped at the unreadable image, a rerun with the flag leaves it and its captions out."""
     one_shot = np.load(extract_grid_features(corpus, backbone(), tmp_path / "once", "val", image_size=SIZE,
                                              batch_size=4, progress=False))
     corpus.image_paths[2].write_bytes(b"\x89PNG garbage")
+    with pytest.raises(DataError, match="1 of 6 images"):
+        extract_grid_features(corpus, backbone(), tmp_path / "out", "val", image_size=SIZE, batch_size=4,
+                              progress=False)
     out = extract_grid_features(corpus, backbone(), tmp_path / "out", "val", image_size=SIZE, batch_size=4,
                                 progress=False, skip_unreadable=True).parent
     kept = read_precomputed(out, "val")

@@ -23,6 +23,11 @@ class RunFolderError(XmclError):
     """An output folder is in use by another process, already holds another run, or cannot hold the output."""
 
 
+class WriteError(XmclError):
+    """A file could not be written (disk full, file too large, no permission); the message names it, and the
+    previous version of the file is kept."""
+
+
 class RunInterrupted(XmclError):
     """SIGINT or SIGTERM stopped a run at a step boundary after saving its checkpoint; the message says how to
     resume. Exit status 130, as for an interrupted command."""

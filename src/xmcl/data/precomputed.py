@@ -54,7 +54,7 @@ def _read_lines(path: Path) -> list[str]:
 
 def _load_features(path: Path) -> np.ndarray:
     try:
-        features = np.load(path, mmap_mode="r")
+        features = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (OSError, ValueError) as err:
@@ -167,6 +167,26 @@ def _read_cap_image(path: Path, num_captions: int, rows: int) -> np.ndarray:
     return caption_image
 
 
+def discard_incomplete(data_dir: Path | str, split: str, image_ids: list[str]) -> bool:
+    """Remove an unfinished extraction of ``split`` in ``data_dir`` whose rows are ``image_ids`` (e.g. one that
+    stopped at an unreadable image, before a rerun that leaves such images out); True when one was removed. A
+    finished split, or one of other images, is left alone."""
+    files = split_files(Path(data_dir), split)
+    try:
+        progress = json.loads(files["progress"].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if progress.get("complete", True) or progress.get("ids_sha256") != _ids_sha256(image_ids):
+        return False
+    for key in ("ims", "ids", "caps", "cap_image", "progress"):
+        files[key].unlink(missing_ok=True)
+    return True
+
+
+def _ids_sha256(image_ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(image_ids).encode("utf-8")).hexdigest()
+
+
 class PrecomputedWriter:
     """Writes a split's region features row block by row block, resumable after a crash.
 
@@ -199,7 +219,7 @@ class PrecomputedWriter:
             "shape": list(self.shape),
             "dtype": self.dtype.name,
             "meta": json.loads(json.dumps(meta or {})),
-            "ids_sha256": hashlib.sha256("\n".join(image_ids).encode("utf-8")).hexdigest(),
+            "ids_sha256": _ids_sha256(image_ids),
         }
         self.files["ims"].parent.mkdir(parents=True, exist_ok=True)
         self._done = self._resume_point()

@@ -38,7 +38,7 @@ from xmcl.distill.sources import open_scans
 from xmcl.errors import ConfigError, DataError
 from xmcl.metrics.segmentation import confusion_matrix, segmentation_scores
 from xmcl.runtime.device import resolve_device
-from xmcl.runtime.files import atomic_write_text
+from xmcl.runtime.files import atomic_write_text, check_output_dir
 from xmcl.runtime.rng import seed_everything, seeded_generator
 
 MODES = ("linear", "finetune")
@@ -222,6 +222,9 @@ def run_probe(cfg: DistillConfig, checkpoint: Path | None, out_dir: Path, mode: 
     """
     if mode not in MODES:
         raise ConfigError(f"probe mode must be one of {MODES}, got {mode!r}")
+    if not 0.0 < label_fraction <= 1.0:
+        raise ConfigError(f"label fraction must be in (0, 1], got {label_fraction}")
+    check_output_dir(Path(out_dir), "--out")  # before the training, not after it
     device = resolve_device(cfg.run.device)
     seed_everything(cfg.probe.seed)
     if checkpoint is not None:

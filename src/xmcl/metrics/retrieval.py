@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from xmcl.errors import ConfigError, DataError
+from xmcl.runtime.files import atomic_write_text
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -360,8 +361,7 @@ def format_table(results: dict[str, Metrics], show_folds: bool = True, label: st
 
 
 def save_json(results: dict[str, Metrics], path: Path) -> Path:
-    """Write ``{run: metrics}`` as JSON (folds included) to ``path``, creating its folder."""
+    """Write ``{run: metrics}`` as JSON (folds included) to ``path`` atomically, creating its folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({name: metrics.as_dict() for name, metrics in results.items()}, indent=2) + "\n")
+    atomic_write_text(path, json.dumps({name: metrics.as_dict() for name, metrics in results.items()}, indent=2) + "\n")
     return path

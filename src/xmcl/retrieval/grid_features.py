@@ -27,7 +27,7 @@ from tqdm import tqdm
 from xmcl.data.corpus import CaptionSplit
 from xmcl.data.images import load_image
 from xmcl.data.open import open_split
-from xmcl.data.precomputed import PrecomputedWriter
+from xmcl.data.precomputed import PrecomputedWriter, discard_incomplete
 from xmcl.errors import CheckpointError, ConfigError, DataError
 from xmcl.nn.backbones import ImageBackbone, build_image_backbone
 from xmcl.runtime.device import resolve_device
@@ -206,6 +206,7 @@ def extract_grid_features(split: CaptionSplit, backbone: ImageBackbone, out_dir:
             tqdm.write(f"skipping {len(skipped)} of {split.num_images} images of split '{split_name}' that cannot be "
                        f"read (listed in {listed})", file=sys.stderr)
             bad = {index for index, _ in skipped}
+            discard_incomplete(out_dir, split_name, split.image_ids)  # a run that stopped at them, without the flag
             split = split.subset([n for n in range(split.num_images) if n not in bad])
     device = torch.device(device)
     backbone.to(device).eval()

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from xmcl.errors import CheckpointError, brief
+from xmcl.errors import CheckpointError, WriteError, brief
 from xmcl.runtime.files import atomic_write_bytes
 
 # Headers written before the common one, recognised only to name them in the refusal.
@@ -57,11 +57,32 @@ def check_payload(value: Any, where: str = "payload") -> None:
 
 def _write_failure(error: BaseException) -> str:
     """The reason of a failed write in plain words (torch's writer reports "[enforce fail at ...] ...")."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text)
     return f"{text} (is the disk full or the folder not writable?)"
+
+
+class _RecordingWriter:
+    """A binary file seen through ``write`` and ``flush`` only, keeping the ``OSError`` a write raised (torch's
+    zip writer turns it into a message without the reason)."""
+
+    def __init__(self) -> None:
+        self.error: OSError | None = None
+        self._handle: Any = None
+
+    def wrap(self, handle: Any) -> "_RecordingWriter":
+        self._handle = handle
+        return self
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self._handle.flush()
 
 
 def save_checkpoint(path: Path, kind: str, version: int, payload: dict[str, Any]) -> None:
@@ -70,11 +91,15 @@ def save_checkpoint(path: Path, kind: str, version: int, payload: dict[str, Any]
     path = Path(path)
     state = {"kind": kind, "version": version, **payload}
     check_payload(state)
+    writer = _RecordingWriter()
     try:
-        atomic_write_bytes(path, lambda handle: torch.save(state, handle))
-    except (OSError, RuntimeError) as error:
+        atomic_write_bytes(path, lambda handle: torch.save(state, writer.wrap(handle)))
+    except RuntimeError as error:  # torch's writer hides the OS error ("[enforce fail at inline_container.cc...")
         kept = f"; the previous {path.name} is kept" if path.is_file() else ""
-        raise CheckpointError(f"cannot write checkpoint {path}: {_write_failure(error)}{kept}") from None
+        reason = writer.error.strerror if writer.error is not None else _write_failure(error)
+        raise CheckpointError(f"cannot write checkpoint {path}: {reason}{kept}") from None
+    except WriteError as error:
+        raise CheckpointError(f"{str(error).replace('cannot write', 'cannot write checkpoint', 1)}") from None
 
 
 def _refused_global(error: Exception) -> str | None:

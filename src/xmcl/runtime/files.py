@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from xmcl.errors import RunFolderError
+from xmcl.errors import RunFolderError, WriteError
 
 TEMPORARY_TAG = ".xmcl-"  # in the names of every temporary file and staging folder written here
 
@@ -44,19 +44,25 @@ def file_mode() -> int:
 
 
 def atomic_write_bytes(path: Path, write: Callable[[Any], Any]) -> None:
-    """Call ``write(binary_file)`` on a temporary file beside ``path`` and rename it over ``path``."""
+    """Call ``write(binary_file)`` on a temporary file beside ``path`` and rename it over ``path``; a failing
+    write (disk full, file too large, no permission) raises ``WriteError`` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMPORARY_TAG}", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMPORARY_TAG}", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            kept = f"; the previous {path.name} is kept" if path.is_file() else ""
+            raise WriteError(f"cannot write {path}: {error.strerror or error}{kept}") from None
         raise
 
 

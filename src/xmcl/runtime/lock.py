@@ -47,7 +47,14 @@ class RunLock:
         """Take the lock or raise ``RunFolderError`` naming its holder; the folder is created when missing."""
         check_output_dir(self.folder, self.what)
         self._created = not self.folder.exists()
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            return self._take()
+        except OSError as error:
+            raise RunFolderError(f"{self.what} {self.folder}: cannot take its lock ({error.strerror or error})") \
+                from None
+
+    def _take(self) -> "RunLock":
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
             try:
@@ -65,13 +72,16 @@ class RunLock:
             if same:
                 break
             os.close(fd)
-        previous = _read_record(fd)
-        self.stale_holder = previous or None
+        self.stale_holder = _read_record(fd) or None
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
                   "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
+            os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            raise
         self._fd = fd
         remove_stale_temporaries(self.folder)
         return self

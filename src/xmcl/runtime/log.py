@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from xmcl.errors import WriteError
 from xmcl.runtime.files import atomic_write_bytes
 
 
@@ -23,8 +24,11 @@ class JsonlLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def log(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record, default=float) + "\n")
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record, default=float) + "\n")
+        except OSError as error:
+            raise WriteError(f"cannot append to the log {self.path}: {error.strerror or error}") from None
 
     def size(self) -> int:
         """Bytes written so far (0 when there is no log yet)."""

@@ -15,8 +15,8 @@ saved in each checkpoint. The log records written after the resumed checkpoint a
 
 from __future__ import annotations
 
+import filecmp
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from xmcl.retrieval.inference import (
     to_device,
 )
 from xmcl.retrieval.model import USERModel
+from xmcl.runtime.files import atomic_write_bytes
 from xmcl.runtime.rng import TorchStream, derived_seed, seeded_generator
 from xmcl.runtime.run_config import start_run
 from xmcl.training.run import (
@@ -122,8 +123,10 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
             return {"best_rsum": best_rsum, "best_epoch": best_epoch, "last": folder.last, "best": folder.best}
         announce(f"resuming {folder.last} from epoch {epoch + 1}, step {step_in_epoch} (global step "
                  f"{global_step})", verbose)
-        if step_in_epoch == 0 and best_epoch == epoch and epoch > 0:
-            shutil.copyfile(folder.last, folder.best)  # a stop between last.pt and best.pt: best.pt is this state
+        if step_in_epoch == 0 and best_epoch == epoch and epoch > 0 and not (
+                folder.best.is_file() and filecmp.cmp(folder.last, folder.best, shallow=False)):
+            # a stop between last.pt and best.pt: best.pt is this very state
+            atomic_write_bytes(folder.best, lambda handle: handle.write(folder.last.read_bytes()))
     if cfg.loss.name == "uto":
         announce("note: the UTO loss goes below zero as training succeeds (its positive term is "
                  "-log(1 + similarity)); lower is better", verbose and state is None)

@@ -228,7 +228,8 @@ class ClipCache:
         return cache
 
     def _split_arrays(self, name: str, stem: str, shards: int) -> np.ndarray:
-        parts = [np.load(self.directory / name / f"{stem}_{shard:05d}.npy") for shard in range(shards)]
+        parts = [np.load(self.directory / name / f"{stem}_{shard:05d}.npy", allow_pickle=False)
+                 for shard in range(shards)]
         array = np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float16)
         if array.ndim != 2 or array.shape[1] != self.dim:
             raise CheckpointError(f"CLIP cache {self.directory / name}: {stem} shards are {array.shape}, not (n, "
