@@ -41,6 +41,8 @@ def test_the_choice_follows_size_and_memory_budget() -> None:
     assert parse_size("8G") == 8 * GIB and parse_size("512MB") == 512 << 20 and parse_size("1000") == 1000
     with pytest.raises(ConfigError, match="memory budget"):
         parse_size("lots")
+    with pytest.raises(ConfigError, match="needs at least 624 vectors"):
+        choose_index(100, 32, kind="ivf_flat")
 
 
 @pytest.mark.parametrize("kind", ["ivf_flat", "hnsw"])

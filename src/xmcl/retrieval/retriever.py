@@ -124,6 +124,9 @@ class Retriever:
                 raise CheckpointError(f"backbone {grid.backbone.name} gives {grid.backbone.out_channels}-d cells but "
                                       f"checkpoint {checkpoint} reads {cfg.model.region_dim}-d region features")
         else:
+            if image_size and image_size != cfg.data.image_size and not allow_mismatch:
+                raise CheckpointError(f"checkpoint {checkpoint} was trained on {cfg.data.image_size}-px images, not "
+                                      f"{image_size}; pass {MISMATCH_FLAG} to encode at {image_size} px anyway")
             transform = ImageTransform(image_size or cfg.data.image_size,
                                        model.image_encoder.backbone.normalization, train=False)
         teacher = _teacher(state, cfg, str(checkpoint), clip_path, torch_device)

@@ -111,6 +111,9 @@ def choose_index(n: int, dim: int, memory_budget: int | None = None, kind: str =
         kind = "ivf_pq"
     if kind in ("exact", "hnsw"):
         return IndexPlan(kind)
+    if n < 39 * nlist:
+        raise ConfigError(f"an {kind} index of {nlist} lists needs at least {39 * nlist} vectors to train on, and "
+                          f"there are {n}; use --index-type exact or auto")
     if kind == "ivf_pq":
         return IndexPlan(kind, nlist, _pq_bytes(dim, budget, n, nlist))
     return IndexPlan(kind, nlist)
