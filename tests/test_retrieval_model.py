@@ -261,7 +261,8 @@ def test_parameter_groups_cover_each_trainable_parameter_once(tiny_bert_dir):
 
 def test_images_path_with_a_tiny_backbone():
     torch.manual_seed(6)
-    model = USERModel(tiny_config(image_input="images", backbone="resnet18", backbone_trainable="partial"),
+    model = USERModel(tiny_config(image_input="images", backbone="resnet18", backbone_weights=None,
+                                  backbone_trainable="partial"),
                       RetrievalLossConfig(), vocab_size=VOCAB).train()
     batch = region_batch(num=2)
     del batch["regions"], batch["region_lengths"]
