@@ -1,6 +1,6 @@
 """Indexing throughput from raw image files, and the size of an index per million images.
 
-    nice python benchmarks/index_throughput.py [--images 500] [--workers 0 1] [--threads 2]
+    python benchmarks/index_throughput.py [--images 500] [--workers 0 1] [--threads 2] [--out DIR]
 
 ``--images`` real Flickr8K val photos (224 x 224 JPEGs) are copied into a folder and indexed with ``build_index``
 (the ``xmcl index`` path) by an untrained model of ``configs/flickr8k_user.yaml`` (EfficientNet-Lite0 ImageNet
@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from figures import parse_with_out, write_figures
 from untrained import untrained_checkpoint
 
 from xmcl.retrieval.index.build import IndexOptions, build_index
@@ -35,13 +36,17 @@ def folder_bytes(folder: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in folder.glob(pattern))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    return parse_with_out(parser, "index_throughput", naming=("images",), argv=argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     names = [im["filename"] for im in json.loads((FLICKR / "dataset_flickr8k.json").read_text())["images"]
              if im["split"] == "val"][: args.images]
@@ -53,10 +58,13 @@ def main() -> None:
         retriever = Retriever.load(untrained_checkpoint("flickr8k_user", Path(tmp) / "untrained.pt"), "cpu")
         print(f"{len(names)} Flickr8K val photos, {os.cpu_count()} cores, {args.threads} torch threads, batch "
               f"{args.batch_size}; model configs/flickr8k_user.yaml (untrained), EfficientNet-Lite0 at 224 px")
+        rates = []
         for workers in args.workers:
             out = Path(tmp) / f"index_w{workers}"
             report = build_index(retriever, photos, out, options=IndexOptions(
                 batch_size=args.batch_size, num_workers=workers, progress=False))
+            rates.append({"workers": workers, "images_per_second": report["images_per_second"],
+                          "encode_seconds": report["encode_seconds"]})
             print(f"  {workers} decoding workers: {report['images_per_second']:.1f} images/s "
                   f"({report['images']} images in {report['encode_seconds']:.1f} s)")
         n, dim = report["images"], retriever.dim
@@ -69,6 +77,9 @@ def main() -> None:
         total = (shards + store) * 1_000_000 + faiss_bytes
         print(f"per million images: shards {shards * 1e6 / 2**30:.2f} GiB + store {store * 1e6 / 2**30:.2f} GiB + "
               f"FAISS {plan.factory(dim)} {faiss_bytes / 2**30:.2f} GiB (estimate) = {total / 2**30:.2f} GiB")
+    write_figures(args.out, "index_throughput", args, {
+        "images": n, "dim": dim, "rates": rates, "shard_bytes_per_image": shards, "store_bytes_per_image": store,
+        "million": {"factory": plan.factory(dim), "faiss_bytes": faiss_bytes, "total_bytes": total}}, argv=argv)
 
 
 if __name__ == "__main__":

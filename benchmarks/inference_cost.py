@@ -1,8 +1,8 @@
 """USER's efficiency claim, reproduced in kind: scoring every image of a 1,000-image test set against every one of its
 5,000 captions with the dual encoder against a cross-attention matcher over the same local features.
 
-    nice python benchmarks/inference_cost.py [--images 1000] [--captions 5000] [--encode-captions 500]
-                                             [--scan-captions 50] [--threads 1]
+    python benchmarks/inference_cost.py [--images 1000] [--captions 5000] [--encode-captions 500]
+                                        [--scan-captions 50] [--threads 1] [--out DIR]
 
 The model is ``configs/flickr8k_user.yaml``'s (49 x 1280 grid cells -> 1024-d joint space with SGE and GPO; the
 pretrained MiniLM text tower), untrained: the cost does not depend on the weights. Images are random grid features
@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from figures import parse_with_out, write_figures
 
 from xmcl.config import load_config
 from xmcl.data.text import HFTokenizer, collate_tokens, resolve_text_model_dir
@@ -92,7 +94,7 @@ def scan_t2i(cells: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(words.unsqueeze(0).expand_as(attended), attended, dim=2).mean(dim=1)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--captions", type=int, default=5000)
@@ -100,7 +102,11 @@ def main() -> None:
     parser.add_argument("--scan-captions", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parse_with_out(parser, "inference_cost", argv=argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     cfg = load_config(RetrievalTrainConfig, "flickr8k_user", ["run.device=cpu"])
@@ -143,6 +149,11 @@ def main() -> None:
           f"so {scan:.1f} s for all {len(captions)} captions (linear in the pairs)")
     print(f"ratio, scoring only: {scan / dual:.0f}x; with the shared encoding: "
           f"{(shared + scan) / (shared + dual):.1f}x")
+    write_figures(args.out, "inference_cost", args, {
+        "images": args.images, "captions": len(captions), "image_locals_seconds": image_seconds,
+        "caption_locals_seconds": text_seconds, "dual_seconds": dual, "scan_measured_seconds": measured,
+        "scan_captions": len(chosen), "scan_seconds": scan, "ratio_scoring": scan / dual,
+        "ratio_with_encoding": (shared + scan) / (shared + dual)}, argv=argv)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,10 @@ PLAN: tuple[Step, ...] = (
     Step("CGE inference, Flickr8K", "python benchmarks/cge_inference.py --data ../shared/data/flickr8k --images 64 "
                                     "--image-size 224 --vit-b32", "cge_f8k"),
     Step("demo", "python benchmarks/demo_run.py", "demo"),
+    Step("search latency, 1024-d and HTTP", "python benchmarks/search_latency.py --dims 1024 --http", "search_1024"),
+    Step("search latency, 256-d", "python benchmarks/search_latency.py --dims 256", "search_256"),
+    Step("inference cost", "python benchmarks/inference_cost.py", "inference_cost"),
+    Step("indexing throughput", "python benchmarks/index_throughput.py --images 300", "index_throughput"),
     Step("ST-SLidR step", "python benchmarks/distill_step.py", "distill_step"),
     Step("sparse-conv backends", "python benchmarks/sparse_conv_backends.py", "sparse_conv"),
     Step("Flickr8K features", "xmcl features --data ../shared/data/flickr8k --split train --split val "
@@ -371,6 +375,90 @@ def sparse_conv(d: dict) -> str:
     return f"{command_lines(d)}\n\n{f['voxels']:,} voxels; {note}; ms, medians:\n\n" + table(header, rows)
 
 
+def gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def quantile_cell(q: dict) -> str:
+    return f"{q['p50']:.2f} / {q['p95']:.2f} / {q['p99']:.2f} ms"
+
+
+def search(*datas: dict) -> str:
+    """Exact search against the chosen index, per dimension (``search_latency.py``), then the HTTP figures."""
+    rows, notes = [], []
+    for d in datas:
+        for r in d["figures"]["dims"]:
+            size = f"{r['n']:,} x {r['dim']}"
+            e, c = r["exact"], r["chosen"]
+            rows.append([size, "exact (Flat)", f"{e['build_seconds']:.1f} s", gib(e["bytes"]), "1.000",
+                         quantile_cell(e["one_thread_ms"]), f"{e['batched_qps']:,.0f} q/s"])
+            tuning = c["tuning"]
+            name = c["factory"] + (f", {tuning['parameter']} {tuning['value']}" if tuning["parameter"] else "")
+            rows.append([size, name, f"{c['build_seconds']:.1f} s",
+                         f"{gib(c['bytes'])} ({gib(c['bytes_per_million'])} per million)",
+                         f"{c['recall_at_10']:.3f}", quantile_cell(c["one_thread_ms"]), f"{c['batched_qps']:,.0f} q/s"])
+            met = c["one_thread_ms"]["p95"] <= 5 and c["recall_at_10"] >= 0.95
+            tuned = (f"its {tuning['parameter']} was tuned on {tuning['queries']:,} held-out vectors of the "
+                     f"collection to recall {tuning['recall']:.3f}" if tuning["parameter"] else
+                     "it is exact search at this size (nothing to tune)")
+            notes.append(f"- {size}: the chosen index {'meets' if met else 'misses'} the target (p95 ≤ 5 ms at "
+                         f"recall@10 ≥ 0.95); {tuned}, and {c['queries']:,} fresh queries give "
+                         f"{c['recall_at_10']:.3f}.")
+    config = datas[0]["config"]
+    text = (f"{command_lines(*datas)}\n\nVectors: {config['clusters']:,} clusters, spread {config['spread']}; "
+            f"recall@10 against exact search on {config['queries']:,} fresh queries; single queries on one thread "
+            f"(p50 / p95 / p99), batched on every thread.\n\n"
+            + table(["vectors", "index", "build", "memory", "recall@10", "one query", "batched"], rows)
+            + "\n\n" + "\n".join(notes))
+    http = [r for d in datas for r in d["figures"]["dims"] if "http" in r]
+    for r in http:
+        h, ip = r["http"], r["in_process"]
+        one, many = h["one_client"], h["concurrent"]
+        loads = [[f"one client, {one['queries']} queries", quantile_cell(one), f"{one['qps']:.1f}"],
+                 [f"{many['clients']} concurrent clients, {many['queries']} queries", quantile_cell(many),
+                  f"{many['qps']:.1f}"]]
+        text += (f"\n\nEnd to end over HTTP on 127.0.0.1 ({r['n']:,}-item index, untrained "
+                 f"`configs/flickr8k_user.yaml` model with its MiniLM text tower; Flickr8K val captions as queries, "
+                 f"text -> encode -> search -> JSON; the server runs each query on one thread):\n\n"
+                 + table(["load", "p50 / p95 / p99", "queries/s"], loads)
+                 + f"\n\n- One-client p95 {one['p95']:.1f} ms against the 25 ms target: "
+                 f"{'met' if one['p95'] <= 25 else 'not met'}. In process, encoding the query alone takes "
+                 f"{quantile_cell(ip['encode_ms'])}, and encode + search + metadata "
+                 f"{quantile_cell(ip['encode_search_metadata_ms'])}: encoding is "
+                 f"{100 * ip['encode_ms']['p50'] / one['p50']:.0f}% of the one-client p50.")
+    return text
+
+
+def inference_cost(d: dict) -> str:
+    f = d["figures"]
+    rows = [[f"shared local features: {f['images']:,} images (SGE + projection on 49 x 1280 cells)",
+             f"{f['image_locals_seconds']:.1f}"],
+            [f"shared local features: {f['captions']:,} captions (MiniLM + projection; timed on "
+             f"{d['config']['encode_captions']}, scaled)", f"{f['caption_locals_seconds']:.1f}"],
+            [f"dual encoder: GPO pooling of both sides + one GEMM -> {f['images']:,} x {f['captions']:,} scores",
+             f"{f['dual_seconds']:.1f}"],
+            [f"SCAN t2i cross-attention, lambda 9 (timed on {f['scan_captions']} captions x {f['images']:,} images: "
+             f"{f['scan_measured_seconds']:.1f} s, scaled)", f"{f['scan_seconds']:,.1f}"]]
+    return (f"{command_lines(d)}\n\n" + table(["part", "seconds"], rows)
+            + f"\n\n- Scoring alone, the cross-attention matcher costs **{f['ratio_scoring']:.0f}x** the dual "
+            f"encoder; with the shared encoding counted on both sides, {f['ratio_with_encoding']:.1f}x.")
+
+
+def index_throughput(d: dict) -> str:
+    f = d["figures"]
+    rows = [[str(r["workers"]), f"{r['images_per_second']:.1f}"] for r in f["rates"]]
+    million = f["million"]
+    shards, store = f["shard_bytes_per_image"] * 1e6, f["store_bytes_per_image"] * 1e6
+    return (f"{command_lines(d)}\n\n{f['images']} Flickr8K val photos through `build_index` (the `xmcl index` "
+            f"path) with an untrained `configs/flickr8k_user.yaml` model (EfficientNet-Lite0 ImageNet backbone at "
+            f"224 px, SGE, GPO, {f['dim']}-d), {d['config']['threads']} torch threads, batch "
+            f"{d['config']['batch_size']}:\n\n" + table(["decoding workers", "images/s"], rows)
+            + f"\n\n- On disk per image: {f['shard_bytes_per_image']:,.0f} B of float16 shard, "
+            f"{f['store_bytes_per_image']:,.0f} B of SQLite metadata; a million images take {gib(shards)} of shards "
+            f"+ {gib(store)} of store + {gib(million['faiss_bytes'])} for the {million['factory']} index that size "
+            f"gets (estimate) = {gib(million['total_bytes'])}.")
+
+
 def setup_commands() -> str:
     return "```\n" + "\n".join(step.command for step in PLAN if step.key is None) + "\n```"
 
@@ -398,6 +486,9 @@ BLOCKS = (
     Block("cge_shapes", ("cge_shapes",), cge),
     Block("cge_f8k", ("cge_f8k",), cge),
     Block("distill_tolerance", ("distill_tolerance",), probe),
+    Block("search", ("search_1024", "search_256"), search),
+    Block("inference_cost", ("inference_cost",), inference_cost),
+    Block("index_throughput", ("index_throughput",), index_throughput),
 )
 SUMMARIES = (
     Block("eval_speed:summary", ("eval_speed",), eval_speed_summary),

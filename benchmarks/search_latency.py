@@ -1,6 +1,6 @@
 """Search latency: exact search against the index ``xmcl index`` chooses, then end to end over HTTP.
 
-    nice python benchmarks/search_latency.py [--n 1000000] [--dims 1024 256] [--queries 1000] [--http]
+    python benchmarks/search_latency.py [--n 1000000] [--dims 1024 256] [--queries 1000] [--http] [--out DIR]
 
 Vectors: ``--n`` clustered synthetic unit vectors per dimension (``--clusters`` centres, unit Gaussian noise of
 scale ``--spread`` around each, then L2-normalised), generated from ``--seed``; queries are fresh draws from the same
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from figures import parse_with_out, write_figures
 from untrained import untrained_checkpoint
 
 from xmcl.retrieval.index import vectors
@@ -57,9 +58,14 @@ def clustered(n: int, dim: int, clusters: int, spread: float, seed: int, draw: i
     return out
 
 
-def quantiles_ms(seconds: list[float]) -> str:
+def quantiles_ms(seconds: list[float]) -> dict[str, float]:
+    """p50, p95 and p99 of ``seconds``, in milliseconds."""
     ms = np.array(seconds) * 1000
-    return f"p50 {np.percentile(ms, 50):.2f} ms, p95 {np.percentile(ms, 95):.2f} ms, p99 {np.percentile(ms, 99):.2f} ms"
+    return {f"p{q}": float(np.percentile(ms, q)) for q in (50, 95, 99)}
+
+
+def spelt(quantiles: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.2f} ms" for name, value in quantiles.items())
 
 
 def single_query_latency(index: faiss.Index, queries: np.ndarray, k: int = 10) -> list[float]:
@@ -101,7 +107,7 @@ def write_index_folder(folder: Path, index: faiss.Index, report: dict, checkpoin
     atomic_write_json(folder / REPORT, {"indexes": {"images": report, "captions": {"count": 0}}})
 
 
-def in_process(folder: Path, texts: list[str], queries: int) -> None:
+def in_process(folder: Path, texts: list[str], queries: int) -> dict[str, dict[str, float]]:
     """The same text queries through ``Searcher`` in this process (one torch and FAISS thread): encode alone, and
     encode + search + metadata, to tell the model's share of the HTTP latency from the server's."""
     import torch
@@ -122,11 +128,15 @@ def in_process(folder: Path, texts: list[str], queries: int) -> None:
         began = time.perf_counter()
         searcher.search(text=text, k=10)
         whole.append(time.perf_counter() - began)
-    print(f"  in process, {queries} text queries: encode alone {quantiles_ms(encode)}; encode + search + metadata "
-          f"{quantiles_ms(whole)}")
+    figures = {"encode_ms": quantiles_ms(encode), "encode_search_metadata_ms": quantiles_ms(whole)}
+    print(f"  in process, {queries} text queries: encode alone {spelt(figures['encode_ms'])}; encode + search + "
+          f"metadata {spelt(figures['encode_search_metadata_ms'])}")
+    return figures
 
 
-def http_benchmark(folder: Path, texts: list[str], queries: int, clients: int) -> None:
+def http_benchmark(folder: Path, texts: list[str], queries: int, clients: int) -> dict[str, dict]:
+    """``xmcl serve`` on 127.0.0.1 over ``folder``: one client's ``queries`` sequential text queries, then
+    ``clients`` concurrent clients; latency quantiles (ms) and queries/s of each."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -156,8 +166,9 @@ def http_benchmark(folder: Path, texts: list[str], queries: int, clients: int) -
         for text in texts[:20]:
             ask(text)  # warm-up
         one = [ask(texts[i % len(texts)]) for i in range(queries)]
-        print(f"  HTTP, one client, {queries} text queries (encode -> search -> JSON): {quantiles_ms(one)}, "
-              f"{len(one) / sum(one):.1f} queries/s")
+        figures = {"one_client": {"queries": len(one), **quantiles_ms(one), "qps": len(one) / sum(one)}}
+        print(f"  HTTP, one client, {queries} text queries (encode -> search -> JSON): {spelt(quantiles_ms(one))}, "
+              f"{figures['one_client']['qps']:.1f} queries/s")
         times: list[float] = []
         lock = threading.Lock()
 
@@ -174,8 +185,11 @@ def http_benchmark(folder: Path, texts: list[str], queries: int, clients: int) -
         for t in threads:
             t.join()
         wall = time.perf_counter() - began
-        print(f"  HTTP, {clients} concurrent clients, {len(times)} queries: {quantiles_ms(times)}, "
-              f"{len(times) / wall:.1f} queries/s")
+        figures["concurrent"] = {"clients": clients, "queries": len(times), **quantiles_ms(times),
+                                 "qps": len(times) / wall}
+        print(f"  HTTP, {clients} concurrent clients, {len(times)} queries: {spelt(quantiles_ms(times))}, "
+              f"{figures['concurrent']['qps']:.1f} queries/s")
+        return figures
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -187,7 +201,7 @@ def flickr_captions(limit: int = 5000) -> list[str]:
     return [s["raw"] for im in data["images"] if im["split"] == "val" for s in im["sentences"]][:limit]
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dims", type=int, nargs="+", default=[1024, 256])
@@ -200,49 +214,68 @@ def main() -> None:
     parser.add_argument("--http", action="store_true")
     parser.add_argument("--http-queries", type=int, default=300)
     parser.add_argument("--clients", type=int, default=4)
-    args = parser.parse_args()
+    return parse_with_out(parser, "search_latency", naming=("n", "dims"), argv=argv)
+
+
+def measure_dimension(args: argparse.Namespace, dim: int, budget: int) -> dict:
+    """Exact search and the chosen index over ``args.n`` clustered vectors of ``dim``; HTTP too when asked."""
+    print(f"\n== {args.n:,} x {dim} clustered unit vectors ({args.clusters} clusters, spread {args.spread})")
+    began = time.perf_counter()
+    data = clustered(args.n, dim, args.clusters, args.spread, args.seed)
+    queries = clustered(args.queries, dim, args.clusters, args.spread, args.seed, draw=1)
+    print(f"  generated in {time.perf_counter() - began:.1f} s")
+
+    began = time.perf_counter()
+    exact = vectors.build(data, vectors.IndexPlan("exact"))
+    exact_build = time.perf_counter() - began
+    vectors.set_search_threads(os.cpu_count() or 1)
+    began = time.perf_counter()
+    truth = exact.search(queries, 10)[1]
+    truth_seconds = time.perf_counter() - began
+    lat = single_query_latency(exact, queries[: args.exact_queries])
+    result: dict = {"n": args.n, "dim": dim, "exact": {
+        "build_seconds": exact_build, "bytes": data.nbytes, "recall_at_10": 1.0, "queries": len(lat),
+        "one_thread_ms": quantiles_ms(lat), "batched_qps": len(queries) / truth_seconds}}
+    print(f"  exact (Flat): build {exact_build:.1f} s, memory {data.nbytes / 2**30:.2f} GiB, recall@10 1.000, "
+          f"one thread {spelt(quantiles_ms(lat))}, batched {result['exact']['batched_qps']:.0f} queries/s")
+    del exact
+
+    plan = vectors.choose_index(args.n, dim, budget)
+    index, report = vectors.build_and_tune(data, plan, target=0.95, sample=500, seed=args.seed)
+    tuning = report["tuning"]
+    vectors.set_search_threads(os.cpu_count() or 1)
+    found = index.search(queries, 10)[1]
+    lat = single_query_latency(index, queries)
+    chosen = result["chosen"] = {
+        "factory": report["factory"], "tuning": tuning, "build_seconds": report["build_seconds"],
+        "bytes": report["bytes"], "bytes_per_million": report["bytes_per_million"],
+        "recall_at_10": recall(found, truth), "queries": len(lat), "one_thread_ms": quantiles_ms(lat),
+        "batched_qps": batched_qps(index, queries)}
+    print(f"  chosen {report['factory']} ({tuning['parameter']}={tuning['value']}, tuned on 500 held-out "
+          f"vectors to recall {tuning['recall']:.3f}): build {report['build_seconds']:.1f} s, memory "
+          f"{report['bytes'] / 2**30:.2f} GiB ({report['bytes_per_million'] / 2**30:.2f} GiB per million), "
+          f"recall@10 on {len(queries)} fresh queries {chosen['recall_at_10']:.3f}, one thread "
+          f"{spelt(chosen['one_thread_ms'])}, batched {chosen['batched_qps']:.0f} queries/s")
+    del data
+    if args.http and dim == 1024:
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = untrained_checkpoint("flickr8k_user", Path(tmp) / "untrained.pt")
+            began = time.perf_counter()
+            write_index_folder(Path(tmp) / "index", index, report, checkpoint, dim)
+            del index
+            print(f"  index folder with {args.n:,} items written in {time.perf_counter() - began:.1f} s")
+            result["in_process"] = in_process(Path(tmp) / "index", flickr_captions(), args.http_queries)
+            result["http"] = http_benchmark(Path(tmp) / "index", flickr_captions(), args.http_queries, args.clients)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     budget = vectors.parse_size(args.memory_budget)
     print(f"{os.cpu_count()} CPU cores, faiss {faiss.__version__}, n = {args.n:,} vectors per dimension")
-    for dim in args.dims:
-        print(f"\n== {args.n:,} x {dim} clustered unit vectors ({args.clusters} clusters, spread {args.spread})")
-        began = time.perf_counter()
-        data = clustered(args.n, dim, args.clusters, args.spread, args.seed)
-        queries = clustered(args.queries, dim, args.clusters, args.spread, args.seed, draw=1)
-        print(f"  generated in {time.perf_counter() - began:.1f} s")
-
-        began = time.perf_counter()
-        exact = vectors.build(data, vectors.IndexPlan("exact"))
-        exact_build = time.perf_counter() - began
-        vectors.set_search_threads(os.cpu_count() or 1)
-        began = time.perf_counter()
-        truth = exact.search(queries, 10)[1]
-        truth_seconds = time.perf_counter() - began
-        lat = single_query_latency(exact, queries[: args.exact_queries])
-        print(f"  exact (Flat): build {exact_build:.1f} s, memory {data.nbytes / 2**30:.2f} GiB, recall@10 1.000, "
-              f"one thread {quantiles_ms(lat)}, batched {len(queries) / truth_seconds:.0f} queries/s")
-        del exact
-
-        plan = vectors.choose_index(args.n, dim, budget)
-        index, report = vectors.build_and_tune(data, plan, target=0.95, sample=500, seed=args.seed)
-        tuning = report["tuning"]
-        vectors.set_search_threads(os.cpu_count() or 1)
-        found = index.search(queries, 10)[1]
-        lat = single_query_latency(index, queries)
-        print(f"  chosen {report['factory']} ({tuning['parameter']}={tuning['value']}, tuned on 500 held-out "
-              f"vectors to recall {tuning['recall']:.3f}): build {report['build_seconds']:.1f} s, memory "
-              f"{report['bytes'] / 2**30:.2f} GiB ({report['bytes_per_million'] / 2**30:.2f} GiB per million), "
-              f"recall@10 on {len(queries)} fresh queries {recall(found, truth):.3f}, one thread {quantiles_ms(lat)}, "
-              f"batched {batched_qps(index, queries):.0f} queries/s")
-        del data
-        if args.http and dim == 1024:
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint = untrained_checkpoint("flickr8k_user", Path(tmp) / "untrained.pt")
-                began = time.perf_counter()
-                write_index_folder(Path(tmp) / "index", index, report, checkpoint, dim)
-                del index
-                print(f"  index folder with {args.n:,} items written in {time.perf_counter() - began:.1f} s")
-                in_process(Path(tmp) / "index", flickr_captions(), args.http_queries)
-                http_benchmark(Path(tmp) / "index", flickr_captions(), args.http_queries, args.clients)
+    results = [measure_dimension(args, dim, budget) for dim in args.dims]
+    write_figures(args.out, "search_latency", args, {"dims": results}, config={"faiss": faiss.__version__},
+                  argv=argv)
 
 
 if __name__ == "__main__":
