@@ -459,6 +459,34 @@ def index_throughput(d: dict) -> str:
             f"gets (estimate) = {gib(million['total_bytes'])}.")
 
 
+def search_summary(*datas: dict) -> str:
+    parts = []
+    for d in datas:
+        for r in d["figures"]["dims"]:
+            c = r["chosen"]
+            parts.append(f"{r['n']:,} x {r['dim']}: {c['factory']} p95 {c['one_thread_ms']['p95']:.2f} ms at recall@10 "
+                         f"{c['recall_at_10']:.3f}, exact p95 {r['exact']['one_thread_ms']['p95']:.0f} ms")
+            if "http" in r:
+                parts.append(f"HTTP one client p95 {r['http']['one_client']['p95']:.1f} ms (target 25 ms), query "
+                             f"encoding alone p50 {r['in_process']['encode_ms']['p50']:.1f} ms")
+    return f"- `benchmarks/search_latency.py` ({conditions(datas[0])}): " + "; ".join(parts) + "."
+
+
+def inference_cost_summary(d: dict) -> str:
+    f = d["figures"]
+    return (f"- `{d['command']}`: scoring {f['images']:,} x {f['captions']:,} with SCAN's cross-attention costs "
+            f"{f['ratio_scoring']:.0f}x the dual encoder's pooling + GEMM ({f['ratio_with_encoding']:.1f}x with the "
+            f"shared encoding of both sides).")
+
+
+def index_throughput_summary(d: dict) -> str:
+    f = d["figures"]
+    best = max(r["images_per_second"] for r in f["rates"])
+    return (f"- `{d['command']}`: {best:.1f} images/s from raw 224-px photos ({conditions(d)}); an index of a "
+            f"million {f['dim']}-d images takes about {gib(f['million']['total_bytes'])} (float16 shards, SQLite, "
+            f"{f['million']['factory']}).")
+
+
 def setup_commands() -> str:
     return "```\n" + "\n".join(step.command for step in PLAN if step.key is None) + "\n```"
 
@@ -498,6 +526,9 @@ SUMMARIES = (
     Block("distill_probe:summary", ("distill_probe",), probe_summary),
     Block("distill_step:summary", ("distill_step",), distill_step_summary),
     Block("demo:summary", ("demo",), demo_summary),
+    Block("search:summary", ("search_1024", "search_256"), search_summary),
+    Block("inference_cost:summary", ("inference_cost",), inference_cost_summary),
+    Block("index_throughput:summary", ("index_throughput",), index_throughput_summary),
 )
 
 
