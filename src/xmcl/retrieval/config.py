@@ -28,7 +28,11 @@ class RetrievalModelConfig:
     ``clip_dim``-d embeddings of a frozen CLIP read from the ``clip_cache`` folder (``xmcl clip-cache``); the CLIP
     checkpoint ``clip_path`` (a transformers directory or an OpenAI ``.pt``) checks the cache is current and
     encodes images or captions the cache lacks at evaluation. ``use_queue`` adds momentum key encoders
-    (``momentum``; kept in eval mode when ``key_encoders_eval``) and image/text queues of ``queue_size`` keys.
+    (``momentum``) and image/text queues of ``queue_size`` keys. Key encoder modes: ``key_modes="switch"`` puts
+    both in eval mode when ``key_encoders_eval`` (else both follow the online towers' mode); ``"authors"`` runs
+    them as the USER authors do: the image key in train mode (dropout, batch-statistics BN), the text key in eval
+    (``key_encoders_eval`` is then unused). The projection head's MLP is ``head_hidden_dim`` wide (None =
+    embed_dim // 2) with ``head_init`` ("xavier_kaiming", or "pytorch": the layers' default init, as the authors).
     """
 
     embed_dim: int = 1024
@@ -55,11 +59,14 @@ class RetrievalModelConfig:
     clip_cache: str | None = None
     momentum: float = 0.999
     key_encoders_eval: bool = True
+    key_modes: Literal["switch", "authors"] = "switch"
+    head_hidden_dim: int | None = None
+    head_init: Literal["xavier_kaiming", "pytorch"] = "xavier_kaiming"
     queue_size: int = 4096
     use_queue: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("embed_dim", "region_dim", "word_dim", "gru_layers", "clip_dim", "queue_size"):
+        for name in ("embed_dim", "region_dim", "word_dim", "gru_layers", "clip_dim", "queue_size", "head_hidden_dim"):
             require(self, name, ge=1)
         require(self, "grid_drop", ge=0.0, lt=1.0)
         require(self, "sge_dropout", ge=0.0, lt=1.0)
@@ -130,7 +137,8 @@ class RetrievalDataConfig:
 @dataclass
 class RetrievalOptimConfig:
     """AdamW with step decay: lr x ``lr_decay_factor`` at each epoch of ``lr_decay_epochs``;
-    ``max_steps_per_epoch`` caps an epoch (budgeted comparisons)."""
+    ``max_steps_per_epoch`` caps an epoch (budgeted comparisons). ``decay_all_parameters``: weight decay on every
+    parameter, biases and norm scales included (the USER authors); otherwise tensors of <= 1 dimension get none."""
 
     epochs: int = 25
     batch_size: int = 128
@@ -142,6 +150,7 @@ class RetrievalOptimConfig:
     lr_decay_factor: float = 0.1
     grad_clip: float = 2.0
     max_steps_per_epoch: int | None = None
+    decay_all_parameters: bool = False
 
     def __post_init__(self) -> None:
         require(self, "epochs", ge=1)

@@ -62,13 +62,14 @@ class ImageEncoder(nn.Module):
     """
 
     def __init__(self, local_dim: int, embed_dim: int, pooling: str = "gpo", sge: SGE | None = None,
-                 backbone: nn.Module | None = None, grid_drop: float = 0.0, cge: CGE | None = None) -> None:
+                 backbone: nn.Module | None = None, grid_drop: float = 0.0, cge: CGE | None = None,
+                 head: ProjectionHead | None = None) -> None:
         super().__init__()
         self.local_dim = local_dim
         self.backbone = backbone
         self.grid_drop = grid_drop
         self.sge = sge
-        self.head = ProjectionHead(local_dim, embed_dim)
+        self.head = head or ProjectionHead(local_dim, embed_dim)
         self.pooling = build_pooling(pooling)
         self.cge = cge
 
@@ -181,7 +182,8 @@ def build_image_encoder(cfg: RetrievalModelConfig) -> ImageEncoder:
         local_dim = backbone.out_channels
     sge = SGE(local_dim, cfg.sge_lambda, cfg.sge_dropout) if cfg.sge else None
     cge = CGE(cfg.clip_dim, local_dim, cfg.cge_lambda) if cfg.cge else None
-    return ImageEncoder(local_dim, cfg.embed_dim, cfg.pooling, sge, backbone, cfg.grid_drop, cge)
+    head = ProjectionHead(local_dim, cfg.embed_dim, cfg.head_hidden_dim, cfg.head_init)
+    return ImageEncoder(local_dim, cfg.embed_dim, cfg.pooling, sge, backbone, cfg.grid_drop, cge, head)
 
 
 def build_text_encoder(cfg: RetrievalModelConfig, vocab_size: int | None = None) -> TextEncoder:

@@ -104,7 +104,8 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     tokenizer = build_tokenizer(cfg.model, cfg.data.max_caption_tokens, vocab)
     model = USERModel(cfg.model, cfg.loss, vocab_size=tokenizer.vocab_size).to(device)
     optimizer = torch.optim.AdamW(model.parameter_groups(cfg.optim.lr, cfg.optim.text_lr_scale,
-                                                         cfg.optim.weight_decay, cfg.optim.backbone_lr_scale))
+                                                         cfg.optim.weight_decay, cfg.optim.backbone_lr_scale,
+                                                         cfg.optim.decay_all_parameters))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.optim.lr_decay_epochs, cfg.optim.lr_decay_factor)
     model_stream = TorchStream(derived_seed(cfg.run.seed, MODEL_STREAM), device)
     epoch = step_in_epoch = global_step = 0
