@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from xmcl.config import require
+from xmcl.errors import ConfigError
 from xmcl.runtime.run_config import RunConfig
 
 
@@ -20,7 +21,9 @@ class RetrievalModelConfig:
     the installed PyPI package; a local state-dict path; None for random init) in ``backbone_trainable`` mode, and
     treats its last feature map's h*w cells as regions, dropping a random share of them in training
     (``grid_drop``, VSE-infinity's size augmentation; 0 disables).
-    Text side: ``"bert"`` loads a BERT-family model from ``text_model`` (a local directory; None = the
+    Text side: ``text_input="tokens"`` runs the text model on token ids; ``"token_features"`` (locked text, BERT
+    only) reads its frozen last hidden states (``text_feature_dim``-d) cached by ``xmcl features --text-only``
+    beside the data, and trains the projection and everything after it. ``"bert"`` loads a BERT-family model from ``text_model`` (a local directory; None = the
     installed default MiniLM), ``"bigru"`` embeds a vocabulary (size given to the model) in ``word_dim`` and
     runs a ``gru_layers``-layer BiGRU. ``sge``/``text_sge`` switch SGE on image/text locals (``sge_lambda`` is
     the attention sharpness, ``sge_dropout`` its dropout). ``cge``/``text_cge`` switch CLIP-guided enhancement
@@ -43,6 +46,8 @@ class RetrievalModelConfig:
     backbone_trainable: Literal["frozen", "partial", "full"] = "partial"
     grid_drop: float = 0.2
     text_encoder: Literal["bert", "bigru"] = "bert"
+    text_input: Literal["tokens", "token_features"] = "tokens"
+    text_feature_dim: int = 384
     text_model: str | None = None
     word_dim: int = 300
     gru_layers: int = 1
@@ -66,8 +71,12 @@ class RetrievalModelConfig:
     use_queue: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("embed_dim", "region_dim", "word_dim", "gru_layers", "clip_dim", "queue_size", "head_hidden_dim"):
+        for name in ("embed_dim", "region_dim", "word_dim", "gru_layers", "clip_dim", "queue_size", "head_hidden_dim",
+                     "text_feature_dim"):
             require(self, name, ge=1)
+        if self.text_input == "token_features" and self.text_encoder != "bert":
+            raise ConfigError(f"model.text_input='token_features' caches a BERT-family model's states, but "
+                              f"model.text_encoder is '{self.text_encoder}'")
         require(self, "grid_drop", ge=0.0, lt=1.0)
         require(self, "sge_dropout", ge=0.0, lt=1.0)
         require(self, "momentum", ge=0.0, le=1.0)

@@ -140,8 +140,25 @@ class GRUTextModel(nn.Module):
         return self.gru(self.embed(ids), lengths)
 
 
+class CachedTextStates(nn.Module):
+    """The frozen text model's states read from the token-feature cache: ``(states (B, L, H), lengths) -> states``."""
+
+    input_rank = 3
+
+    def __init__(self, hidden_dim: int) -> None:
+        super().__init__()
+        self.hidden_dim = hidden_dim
+
+    def forward(self, states: Tensor, lengths: Tensor) -> Tensor:
+        if states.size(-1) != self.hidden_dim:
+            raise DataError(f"cached token features are {states.size(-1)}-d but model.text_feature_dim is "
+                            f"{self.hidden_dim}")
+        return states
+
+
 class TextEncoder(nn.Module):
-    """``forward(ids (B, L), lengths (B,), clip=None) -> (B, embed_dim)`` unit vectors.
+    """``forward(ids (B, L), lengths (B,), clip=None) -> (B, embed_dim)`` unit vectors (``ids`` are cached token
+    states (B, L, H) when ``sequence`` is ``CachedTextStates``).
 
     ``sequence`` maps ids to per-token states of size ``sequence.hidden_dim``; with ``project`` a linear layer
     maps them to the joint space (BERT), without it they must already be ``embed_dim``-d (BiGRU); then
@@ -161,8 +178,10 @@ class TextEncoder(nn.Module):
         self.cge = cge
 
     def forward(self, ids: Tensor, lengths: Tensor, clip: Tensor | None = None) -> Tensor:
-        if ids.dim() != 2:
-            raise DataError(f"the text encoder expects token ids (B, L), got shape {tuple(ids.shape)}")
+        rank = getattr(self.sequence, "input_rank", 2)
+        if ids.dim() != rank:
+            expected = "token ids (B, L)" if rank == 2 else "token features (B, L, H)"
+            raise DataError(f"the text encoder expects {expected}, got shape {tuple(ids.shape)}")
         lengths = lengths.to(ids.device)
         local = self.projection(self.sequence(ids, lengths))
         if self.sge is not None:
@@ -188,8 +207,10 @@ def build_image_encoder(cfg: RetrievalModelConfig) -> ImageEncoder:
 
 def build_text_encoder(cfg: RetrievalModelConfig, vocab_size: int | None = None) -> TextEncoder:
     """The text tower ``cfg`` describes; ``vocab_size`` is required for ``text_encoder="bigru"``."""
-    if cfg.text_encoder == "bert":
-        sequence: nn.Module = HFTextModel(resolve_text_model_dir(cfg.text_model))
+    if cfg.text_input == "token_features":
+        sequence: nn.Module = CachedTextStates(cfg.text_feature_dim)
+    elif cfg.text_encoder == "bert":
+        sequence = HFTextModel(resolve_text_model_dir(cfg.text_model))
     elif cfg.text_encoder == "bigru":
         if not vocab_size:
             raise ConfigError("model.text_encoder='bigru' needs the vocabulary size (build the vocabulary first)")

@@ -120,7 +120,8 @@ def encode_split(model: USERModel, split: CaptionSplit, tokenizer: TextTokenizer
     for batch in DataLoader(SplitCaptions(split, tokenizer, clip_text), batch_size=batch_size, collate_fn=collate,
                             num_workers=num_workers, generator=torch.Generator()):
         batch = to_device(batch, device)
-        texts.append(model.encode_texts(batch["tokens"], batch["token_lengths"], batch.get("clip_text")).float().cpu())
+        texts.append(model.encode_texts(model.text_inputs(batch), batch["token_lengths"],
+                                        batch.get("clip_text")).float().cpu())
     return torch.cat(images), torch.cat(texts)
 
 

@@ -98,7 +98,7 @@ class USERModel(nn.Module):
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The loss dict (``"loss"`` plus its parts); in training mode the batch's keys are then queued."""
         image_inputs, region_lengths = _image_inputs(batch)
-        tokens, token_lengths = _require(batch, "tokens"), _require(batch, "token_lengths")
+        tokens, token_lengths = self.text_inputs(batch), _require(batch, "token_lengths")
         clip_image, clip_text = batch.get("clip_image"), batch.get("clip_text")
         img = self.image_encoder(image_inputs, region_lengths, clip_image)
         txt = self.text_encoder(tokens, token_lengths, clip_text)
@@ -119,6 +119,10 @@ class USERModel(nn.Module):
             self.image_queue.enqueue(gather_no_grad(img_key, self.world), queued_ids)
             self.text_queue.enqueue(gather_no_grad(txt_key, self.world), queued_ids)
         return losses
+
+    def text_inputs(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """What the text tower reads from a batch: ``token_features`` (locked text) or ``tokens``."""
+        return _require(batch, "token_features" if self.cfg.text_input == "token_features" else "tokens")
 
     def set_world(self, world: World) -> None:
         """Train data-parallel in ``world``: in-batch negatives come from every rank's batch (gathered with
