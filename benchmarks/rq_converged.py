@@ -82,21 +82,25 @@ def one_run(args: argparse.Namespace, cfg: RetrievalTrainConfig, run_dir: Path) 
 
 
 def estimate(args: argparse.Namespace) -> dict:
-    """Seconds per step of each variant over ``--estimate-steps`` steps (after one warm-up step), and the implied
-    wall time of a full run (steps per epoch x epochs; validation not counted)."""
-    from xmcl.data.open import open_split
-
-    captions = open_split(args.data, "train").num_captions
+    """Seconds per training step of each variant: a run of 1 + ``--estimate-steps`` steps less a run of 1 step,
+    over ``--estimate-steps`` (start-up and validation cancel; one untimed run first loads everything once), and the implied wall time of a full run of
+    ``--estimate-captions`` // batch x epochs steps (validation not counted)."""
     out = {}
+    warm = run_config(args, 0, VARIANTS[args.variants[0]] + ["optim.max_steps_per_epoch=1", "optim.epochs=1",
+                                                             "data.val_max_images=8"])
+    train_retrieval(warm, args.out / "estimate" / "warm-up", overwrite=True, resume=False, progress=False)
     for name in args.variants:
-        cfg = run_config(args, 0, VARIANTS[name] + [f"optim.max_steps_per_epoch={args.estimate_steps + 1}",
-                                                    "optim.epochs=1", "data.val_max_images=8"])
-        tic = time.perf_counter()
-        train_retrieval(cfg, args.out / "estimate" / name, overwrite=True, resume=False, progress=False)
-        seconds = (time.perf_counter() - tic) / (args.estimate_steps + 1)  # includes start-up: an upper bound
-        steps = captions // cfg.optim.batch_size * args.epochs
-        out[name] = {"seconds_per_step_upper": seconds, "steps": steps, "run_minutes": seconds * steps / 60}
-        print(f"{name}: <= {seconds:.3f} s/step -> <= {seconds * steps / 60:.1f} min for {steps} steps", flush=True)
+        seconds = []
+        for steps in (1, 1 + args.estimate_steps):
+            cfg = run_config(args, 0, VARIANTS[name] + [f"optim.max_steps_per_epoch={steps}", "optim.epochs=1",
+                                                        "data.val_max_images=8", "run.checkpoint_every=0"])
+            tic = time.perf_counter()
+            train_retrieval(cfg, args.out / "estimate" / name, overwrite=True, resume=False, progress=False)
+            seconds.append(time.perf_counter() - tic)
+        per_step = (seconds[1] - seconds[0]) / args.estimate_steps
+        steps = args.estimate_captions // cfg.optim.batch_size * args.epochs
+        out[name] = {"seconds_per_step": per_step, "steps": steps, "run_minutes": per_step * steps / 60}
+        print(f"{name}: {per_step:.3f} s/step -> {per_step * steps / 60:.1f} min for {steps} steps", flush=True)
     return out
 
 
@@ -146,6 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="budget cap (smoke tests)")
     parser.add_argument("--estimate-steps", type=int, default=0,
                         help="only time this many steps per variant and print the full run's wall time")
+    parser.add_argument("--estimate-captions", type=int, default=30000,
+                        help="training captions of the full run (Flickr8K train: 30,000)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override applied to every run")
     return parse_with_out(parser, "rq_converged", naming=["data"], argv=argv)
