@@ -315,3 +315,15 @@ def test_decay_all_puts_weight_decay_on_every_parameter():
     every = model.parameter_groups(lr=1e-3, weight_decay=0.1, decay_all=True)
     assert all(g["weight_decay"] == 0.1 for g in every)
     assert sum(p.numel() for g in every for p in g["params"]) == trainable
+
+
+def test_image_sge_on_joint_runs_sge_after_the_projection():
+    torch.manual_seed(0)
+    model = USERModel(tiny_config(image_sge_on="joint", sge=True), RetrievalLossConfig(), vocab_size=VOCAB).eval()
+    encoder = model.image_encoder
+    assert encoder.sge.local_branch[0].in_features == EMBED
+    batch = region_batch()
+    lengths = batch["region_lengths"]
+    joint = encoder.sge(encoder.head(batch["regions"], lengths), lengths)
+    want = torch.nn.functional.normalize(encoder.pooling(joint, lengths), dim=-1)
+    torch.testing.assert_close(model.encode_images(batch["regions"], lengths), want)

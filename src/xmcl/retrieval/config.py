@@ -26,7 +26,10 @@ class RetrievalModelConfig:
     beside the data, and trains the projection and everything after it. ``"bert"`` loads a BERT-family model from ``text_model`` (a local directory; None = the
     installed default MiniLM), ``"bigru"`` embeds a vocabulary (size given to the model) in ``word_dim`` and
     runs a ``gru_layers``-layer BiGRU. ``sge``/``text_sge`` switch SGE on image/text locals (``sge_lambda`` is
-    the attention sharpness, ``sge_dropout`` its dropout). ``cge``/``text_cge`` switch CLIP-guided enhancement
+    the attention sharpness, ``sge_dropout`` its dropout); ``image_sge_on="raw"`` runs image SGE on the raw locals
+    before the projection (the authors' order; on 1280-d cells its two dim x dim branches cost more than the
+    projection, in the online and the key encoder alike), ``"joint"`` after it, on the embed_dim-d locals as text
+    SGE runs (not the paper's model: cheaper, for the CPU regime). ``cge``/``text_cge`` switch CLIP-guided enhancement
     (``xmcl.retrieval.cge``, sharpness ``cge_lambda``) of image/text locals, independently of SGE: the guides are
     ``clip_dim``-d embeddings of a frozen CLIP read from the ``clip_cache`` folder (``xmcl clip-cache``); the CLIP
     checkpoint ``clip_path`` (a transformers directory or an OpenAI ``.pt``) checks the cache is current and
@@ -56,6 +59,7 @@ class RetrievalModelConfig:
     text_sge: bool = False
     sge_lambda: float = 1.0
     sge_dropout: float = 0.4
+    image_sge_on: Literal["raw", "joint"] = "raw"
     cge: bool = False
     text_cge: bool = False
     cge_lambda: float = 1.0

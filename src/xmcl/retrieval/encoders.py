@@ -58,18 +58,20 @@ class ImageEncoder(nn.Module):
 
     Without a backbone, ``inputs`` are region features ``(B, R, local_dim)`` and ``lengths (B,)`` the valid
     counts (None = all R valid). With one, ``inputs`` are images ``(B, 3, H, W)`` and ``lengths`` must be None.
-    The raw locals go through SGE, then CGE guided by ``clip (B, clip_dim)`` (required when ``cge`` is set).
+    The raw locals go through SGE (``sge_on="raw"``; ``"joint"``: after the projection), then CGE guided by
+    ``clip (B, clip_dim)`` (required when ``cge`` is set).
     """
 
     def __init__(self, local_dim: int, embed_dim: int, pooling: str = "gpo", sge: SGE | None = None,
                  backbone: nn.Module | None = None, grid_drop: float = 0.0, cge: CGE | None = None,
-                 head: ProjectionHead | None = None) -> None:
+                 head: ProjectionHead | None = None, sge_on: str = "raw") -> None:
         super().__init__()
         self.local_dim = local_dim
         self.backbone = backbone
         self.grid_drop = grid_drop
         self.sge = sge
         self.head = head or ProjectionHead(local_dim, embed_dim)
+        self.sge_on = sge_on
         self.pooling = build_pooling(pooling)
         self.cge = cge
 
@@ -94,11 +96,13 @@ class ImageEncoder(nn.Module):
 
     def forward(self, inputs: Tensor, lengths: Tensor | None = None, clip: Tensor | None = None) -> Tensor:
         local, lengths = self.local_features(inputs, lengths)
-        if self.sge is not None:
+        if self.sge is not None and self.sge_on == "raw":
             local = self.sge(local, lengths)
         if self.cge is not None:
             local = self.cge(local, lengths, _need_guide(clip, "clip_image", "model.cge"))
         joint = self.head(local, lengths)
+        if self.sge is not None and self.sge_on == "joint":
+            joint = self.sge(joint, lengths)
         return F.normalize(self.pooling(joint, lengths), dim=-1)
 
 
@@ -199,10 +203,12 @@ def build_image_encoder(cfg: RetrievalModelConfig) -> ImageEncoder:
         backbone = build_image_backbone(cfg.backbone, cfg.backbone_weights)
         set_trainable(backbone, cfg.backbone_trainable)
         local_dim = backbone.out_channels
-    sge = SGE(local_dim, cfg.sge_lambda, cfg.sge_dropout) if cfg.sge else None
+    sge_dim = local_dim if cfg.image_sge_on == "raw" else cfg.embed_dim
+    sge = SGE(sge_dim, cfg.sge_lambda, cfg.sge_dropout) if cfg.sge else None
     cge = CGE(cfg.clip_dim, local_dim, cfg.cge_lambda) if cfg.cge else None
     head = ProjectionHead(local_dim, cfg.embed_dim, cfg.head_hidden_dim, cfg.head_init)
-    return ImageEncoder(local_dim, cfg.embed_dim, cfg.pooling, sge, backbone, cfg.grid_drop, cge, head)
+    return ImageEncoder(local_dim, cfg.embed_dim, cfg.pooling, sge, backbone, cfg.grid_drop, cge, head,
+                        cfg.image_sge_on)
 
 
 def build_text_encoder(cfg: RetrievalModelConfig, vocab_size: int | None = None) -> TextEncoder:
