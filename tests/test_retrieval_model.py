@@ -285,3 +285,45 @@ def test_a_batch_without_tokens_or_images_is_a_data_error():
         model({k: v for k, v in batch.items() if k != "tokens"})
     with pytest.raises(DataError, match="neither 'images' nor 'regions'"):
         model({k: v for k, v in batch.items() if k != "regions"})
+
+
+def test_authors_key_modes_run_the_image_key_in_train_mode_and_the_text_key_in_eval():
+    model = USERModel(tiny_config(key_modes="authors"), RetrievalLossConfig(), vocab_size=VOCAB).train()
+    assert model.image_key_encoder.training and not model.text_key_encoder.training
+    model.eval()
+    assert not model.image_key_encoder.training and not model.text_key_encoder.training
+
+
+def test_head_options_set_the_mlp_width_and_keep_pytorch_default_init():
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(12, 16)  # the default init draws the same numbers from the same seed
+    torch.manual_seed(0)
+    head = ProjectionHead(12, 16, hidden_dim=3, init="pytorch")
+    assert torch.equal(head.fc.weight, reference.weight) and torch.equal(head.fc.bias, reference.bias)
+    assert head.mlp[0].out_features == 3 and head.mlp[3].in_features == 3
+    with pytest.raises(ConfigError, match="init"):
+        ProjectionHead(12, 16, init="orthogonal")
+    model = USERModel(tiny_config(head_hidden_dim=5), RetrievalLossConfig(), vocab_size=VOCAB)
+    assert model.image_encoder.head.mlp[0].out_features == 5
+
+
+def test_decay_all_puts_weight_decay_on_every_parameter():
+    model = USERModel(tiny_config(), RetrievalLossConfig(), vocab_size=VOCAB)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    default = model.parameter_groups(lr=1e-3, weight_decay=0.1)
+    assert any(g["weight_decay"] == 0.0 for g in default)
+    every = model.parameter_groups(lr=1e-3, weight_decay=0.1, decay_all=True)
+    assert all(g["weight_decay"] == 0.1 for g in every)
+    assert sum(p.numel() for g in every for p in g["params"]) == trainable
+
+
+def test_image_sge_on_joint_runs_sge_after_the_projection():
+    torch.manual_seed(0)
+    model = USERModel(tiny_config(image_sge_on="joint", sge=True), RetrievalLossConfig(), vocab_size=VOCAB).eval()
+    encoder = model.image_encoder
+    assert encoder.sge.local_branch[0].in_features == EMBED
+    batch = region_batch()
+    lengths = batch["region_lengths"]
+    joint = encoder.sge(encoder.head(batch["regions"], lengths), lengths)
+    want = torch.nn.functional.normalize(encoder.pooling(joint, lengths), dim=-1)
+    torch.testing.assert_close(model.encode_images(batch["regions"], lengths), want)

@@ -65,14 +65,26 @@ def data_shapes(out: Path, images: int, seed: int, size: int, overwrite: bool) -
 @click.option("--out", type=PathArg, required=True, help="Folder for {split}_ims.npy / _caps.txt / _ids.txt.")
 @click.option("--skip-unreadable", is_flag=True, help="Leave out images that cannot be decoded (and their "
               "captions), listed in OUT/{split}_unreadable.txt, instead of failing.")
+@click.option("--text", "with_text", is_flag=True, help="Also cache a frozen text model's token features "
+              "(OUT/{split}_text_ims.npy + text_features.json; for model.text_input=token_features).")
+@click.option("--text-only", is_flag=True, help="Cache only the token features (e.g. beside grid features already "
+              "in OUT; give --data the features folder or the raw corpus).")
+@click.option("--text-model", default=None, help="A local BERT-family directory (default: the installed MiniLM).")
 def features(data_path: Path, splits: tuple[str, ...], backbone: str, backbone_weights: str, image_size: int,
-             batch_size: int, device: str, out: Path, skip_unreadable: bool) -> None:
-    """Extract the grid features of a frozen backbone once (float16, memory-mapped, resumable)."""
+             batch_size: int, device: str, out: Path, skip_unreadable: bool, with_text: bool, text_only: bool,
+             text_model: str | None) -> None:
+    """Extract the grid features of a frozen backbone once (float16, memory-mapped, resumable); with --text /
+    --text-only, a frozen text model's token features too."""
     from xmcl.retrieval.grid_features import extract_corpus_features
+    from xmcl.retrieval.token_features import extract_corpus_token_features
 
-    for path in extract_corpus_features(data_path, splits, backbone, backbone_weights, out,
-                                        image_size=image_size, batch_size=batch_size, device=device,
-                                        skip_unreadable=skip_unreadable):
+    paths = [] if text_only else extract_corpus_features(data_path, splits, backbone, backbone_weights, out,
+                                                          image_size=image_size, batch_size=batch_size,
+                                                          device=device, skip_unreadable=skip_unreadable)
+    if with_text or text_only:  # from the features just written, so captions match the image rows
+        paths += extract_corpus_token_features(data_path if text_only else out, splits, text_model, out,
+                                               batch_size=batch_size, device=device)
+    for path in paths:
         click.echo(f"wrote {path}")
 
 

@@ -31,6 +31,20 @@ def _image_item(split: CaptionSplit, image: int, transform: ImageTransform | Non
     return {"images": transform(split.image_paths[image], generator)}
 
 
+def _text_item(split: CaptionSplit, caption: int, tokenizer: TextTokenizer,
+               rng: np.random.Generator | None) -> dict[str, Any]:
+    """``tokens`` of caption m and, when the split carries them, its cached ``token_features`` (n_tokens, H)."""
+    tokens = tokenizer.encode(split.captions[caption], rng)
+    item: dict[str, Any] = {"tokens": tokens}
+    if split.token_features is not None:
+        if rng is not None:
+            raise DataError(f"{split.source} (split '{split.name}'): cached token features are of the captions as "
+                            f"written; switch caption augmentation off (data.augment_captions=false)")
+        item["token_features"] = torch.from_numpy(np.array(split.token_features[caption, :len(tokens)],
+                                                           dtype=np.float32))
+    return item
+
+
 def _guide_rows(guides: np.ndarray | None, rows: int, what: str, split: CaptionSplit) -> np.ndarray | None:
     if guides is not None and (guides.ndim != 2 or guides.shape[0] != rows):
         raise DataError(f"{split.source} (split '{split.name}'): CLIP {what} embeddings of shape {guides.shape} do "
@@ -71,7 +85,7 @@ class CaptionPairs(Dataset):
         image_seed = int(np.random.SeedSequence([self.seed, self.epoch, caption]).generate_state(1)[0])
         generator = torch.Generator().manual_seed(image_seed)
         item = _image_item(self.split, image, self.transform, generator)
-        item["tokens"] = self.tokenizer.encode(self.split.captions[caption], rng)
+        item.update(_text_item(self.split, caption, self.tokenizer, rng))
         item["image_id"] = image
         return _add_guides(item, self.clip_image, image, self.clip_text, caption)
 
@@ -104,7 +118,7 @@ class SplitCaptions(Dataset):
         return self.split.num_captions
 
     def __getitem__(self, caption: int) -> dict[str, Any]:
-        item = {"tokens": self.tokenizer.encode(self.split.captions[caption])}
+        item = _text_item(self.split, caption, self.tokenizer, None)
         return _add_guides(item, None, 0, self.clip_text, caption)
 
 
@@ -119,7 +133,8 @@ def pad_regions(regions: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
 
 class Collate:
     """Items -> batch dict: ``images`` (B, 3, H, W) or ``regions`` + ``region_lengths``; ``tokens`` +
-    ``token_lengths`` (padded with ``pad_id``); ``image_ids`` (B,), ``clip_image`` and ``clip_text`` (B, c)
+    ``token_lengths`` (padded with ``pad_id``), ``token_features`` (B, L, H) zero-padded when the items carry them;
+    ``image_ids`` (B,), ``clip_image`` and ``clip_text`` (B, c)
     when the items carry them."""
 
     def __init__(self, pad_id: int) -> None:
@@ -134,6 +149,8 @@ class Collate:
             batch["regions"], batch["region_lengths"] = pad_regions([it["regions"] for it in items])
         if "tokens" in first:
             batch["tokens"], batch["token_lengths"] = collate_tokens([it["tokens"] for it in items], self.pad_id)
+        if "token_features" in first:
+            batch["token_features"], _ = pad_regions([it["token_features"] for it in items])
         if "image_id" in first:
             batch["image_ids"] = torch.tensor([it["image_id"] for it in items], dtype=torch.long)
         for key in ("clip_image", "clip_text"):

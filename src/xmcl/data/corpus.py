@@ -17,7 +17,8 @@ class CaptionSplit:
     Images are indexed 0..N-1 (``image_ids[n]`` is a stable id), captions 0..M-1, and
     ``caption_image[m]`` is the index of the image caption ``m`` describes. Any number of
     captions per image is allowed (at least one). Exactly one image source is set:
-    ``image_paths`` (raw photos) or ``region_features`` (N x R x D, possibly memory-mapped).
+    ``image_paths`` (raw photos) or ``region_features`` (N x R x D, possibly memory-mapped). ``token_features``
+    (M x L x H, optional, possibly memory-mapped): a frozen text model's cached token states of each caption.
     """
 
     name: str
@@ -28,6 +29,7 @@ class CaptionSplit:
     image_paths: list[Path] | None = None
     region_features: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
+    token_features: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.caption_image = np.asarray(self.caption_image, dtype=np.int64)
@@ -54,6 +56,9 @@ class CaptionSplit:
         n_source = len(self.image_paths) if self.image_paths is not None else self.region_features.shape[0]
         if n_source != len(self.image_ids):
             raise DataError(f"{where}: {len(self.image_ids)} image ids but {n_source} images")
+        if self.token_features is not None and self.token_features.shape[0] != len(self.captions):
+            raise DataError(f"{where}: {len(self.captions)} captions but {self.token_features.shape[0]} rows of "
+                            f"token features")
 
     @property
     def num_images(self) -> int:
@@ -82,4 +87,5 @@ class CaptionSplit:
             image_paths=None if self.image_paths is None else [self.image_paths[i] for i in image_indices],
             region_features=None if self.region_features is None else self.region_features[image_indices],
             extra=dict(self.extra),
+            token_features=None if self.token_features is None else self.token_features[keep],
         )

@@ -30,6 +30,16 @@ WEIGHT_FORMATS = ("torchvision",) + SELF_SUPERVISED_FORMATS
 TRAINABLE_MODES = ("frozen", "partial", "full")
 
 
+def state_sha256(module: nn.Module) -> str:
+    """SHA-256 (hex) of a module's state (names, dtypes, shapes and values, in key order)."""
+    digest = hashlib.sha256()
+    for key, value in module.state_dict().items():
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class ImageBackbone(nn.Module):
     """A convolutional network used as a feature extractor.
 
@@ -79,13 +89,8 @@ class ImageBackbone(nn.Module):
         return self
 
     def fingerprint(self) -> str:
-        """SHA-256 (hex) of the network's state (names, dtypes, shapes and values, in key order)."""
-        digest = hashlib.sha256()
-        for key, value in self.net.state_dict().items():
-            tensor = value.detach().cpu().contiguous()
-            digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+        """``state_sha256`` of the network."""
+        return state_sha256(self.net)
 
 
 def set_trainable(backbone: ImageBackbone, mode: str, trainable_stages: int = 1) -> None:

@@ -11,8 +11,11 @@ import math
 
 from torch import Tensor, nn
 
+from xmcl.errors import ConfigError
 from xmcl.nn.global_batchnorm import GlobalBatchNorm1d
 from xmcl.nn.sequence import length_mask
+
+HEAD_INITS = ("xavier_kaiming", "pytorch")
 
 
 class ProjectionHead(nn.Module):
@@ -20,11 +23,12 @@ class ProjectionHead(nn.Module):
 
     ``forward(x (B, L, D_in), lengths (B,)) -> (B, L, D_out)`` with padded locations set to 0; with
     ``lengths=None`` every location of ``x (..., D_in)`` is valid. BN is a ``BatchNorm1d(hidden)`` over
-    the valid locations of the batch (hidden = D_out // 2 by default, as VSE-infinity); in data-parallel training,
-of every rank's batch (``GlobalBatchNorm1d``).
+    the valid locations of the batch (hidden = D_out // 2 by default, as VSE-infinity); in data-parallel training
+    its statistics span every rank's batch (``GlobalBatchNorm1d``). ``init="xavier_kaiming"``: Xavier-uniform fc, Kaiming-normal
+    MLP, zero biases (VSE-infinity); ``"pytorch"``: the layers' default PyTorch init (the USER authors' MLP).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None) -> None:
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None, init: str = "xavier_kaiming") -> None:
         super().__init__()
         hidden_dim = hidden_dim or max(out_dim // 2, 1)
         self.out_dim = out_dim
@@ -32,7 +36,11 @@ of every rank's batch (``GlobalBatchNorm1d``).
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, hidden_dim), GlobalBatchNorm1d(hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim)
         )
-        bound = math.sqrt(6.0 / (in_dim + out_dim))  # Xavier-uniform fc, Kaiming-normal MLP, zero biases
+        if init not in HEAD_INITS:
+            raise ConfigError(f"projection head init must be one of {HEAD_INITS}, got '{init}'")
+        if init == "pytorch":
+            return
+        bound = math.sqrt(6.0 / (in_dim + out_dim))
         nn.init.uniform_(self.fc.weight, -bound, bound)
         nn.init.zeros_(self.fc.bias)
         for layer in (self.mlp[0], self.mlp[3]):

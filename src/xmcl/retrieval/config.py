@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from xmcl.config import require
+from xmcl.errors import ConfigError
 from xmcl.runtime.run_config import RunConfig
 
 
@@ -20,15 +21,24 @@ class RetrievalModelConfig:
     the installed PyPI package; a local state-dict path; None for random init) in ``backbone_trainable`` mode, and
     treats its last feature map's h*w cells as regions, dropping a random share of them in training
     (``grid_drop``, VSE-infinity's size augmentation; 0 disables).
-    Text side: ``"bert"`` loads a BERT-family model from ``text_model`` (a local directory; None = the
+    Text side: ``text_input="tokens"`` runs the text model on token ids; ``"token_features"`` (locked text, BERT
+    only) reads its frozen last hidden states (``text_feature_dim``-d) cached by ``xmcl features --text-only``
+    beside the data, and trains the projection and everything after it. ``"bert"`` loads a BERT-family model from ``text_model`` (a local directory; None = the
     installed default MiniLM), ``"bigru"`` embeds a vocabulary (size given to the model) in ``word_dim`` and
     runs a ``gru_layers``-layer BiGRU. ``sge``/``text_sge`` switch SGE on image/text locals (``sge_lambda`` is
-    the attention sharpness, ``sge_dropout`` its dropout). ``cge``/``text_cge`` switch CLIP-guided enhancement
+    the attention sharpness, ``sge_dropout`` its dropout); ``image_sge_on="raw"`` runs image SGE on the raw locals
+    before the projection (the authors' order; on 1280-d cells its two dim x dim branches cost more than the
+    projection, in the online and the key encoder alike), ``"joint"`` after it, on the embed_dim-d locals as text
+    SGE runs (not the paper's model: cheaper, for the CPU regime). ``cge``/``text_cge`` switch CLIP-guided enhancement
     (``xmcl.retrieval.cge``, sharpness ``cge_lambda``) of image/text locals, independently of SGE: the guides are
     ``clip_dim``-d embeddings of a frozen CLIP read from the ``clip_cache`` folder (``xmcl clip-cache``); the CLIP
     checkpoint ``clip_path`` (a transformers directory or an OpenAI ``.pt``) checks the cache is current and
     encodes images or captions the cache lacks at evaluation. ``use_queue`` adds momentum key encoders
-    (``momentum``; kept in eval mode when ``key_encoders_eval``) and image/text queues of ``queue_size`` keys.
+    (``momentum``) and image/text queues of ``queue_size`` keys. Key encoder modes: ``key_modes="switch"`` puts
+    both in eval mode when ``key_encoders_eval`` (else both follow the online towers' mode); ``"authors"`` runs
+    them as the USER authors do: the image key in train mode (dropout, batch-statistics BN), the text key in eval
+    (``key_encoders_eval`` is then unused). The projection head's MLP is ``head_hidden_dim`` wide (None =
+    embed_dim // 2) with ``head_init`` ("xavier_kaiming", or "pytorch": the layers' default init, as the authors).
     """
 
     embed_dim: int = 1024
@@ -39,6 +49,8 @@ class RetrievalModelConfig:
     backbone_trainable: Literal["frozen", "partial", "full"] = "partial"
     grid_drop: float = 0.2
     text_encoder: Literal["bert", "bigru"] = "bert"
+    text_input: Literal["tokens", "token_features"] = "tokens"
+    text_feature_dim: int = 384
     text_model: str | None = None
     word_dim: int = 300
     gru_layers: int = 1
@@ -47,6 +59,7 @@ class RetrievalModelConfig:
     text_sge: bool = False
     sge_lambda: float = 1.0
     sge_dropout: float = 0.4
+    image_sge_on: Literal["raw", "joint"] = "raw"
     cge: bool = False
     text_cge: bool = False
     cge_lambda: float = 1.0
@@ -55,12 +68,19 @@ class RetrievalModelConfig:
     clip_cache: str | None = None
     momentum: float = 0.999
     key_encoders_eval: bool = True
+    key_modes: Literal["switch", "authors"] = "switch"
+    head_hidden_dim: int | None = None
+    head_init: Literal["xavier_kaiming", "pytorch"] = "xavier_kaiming"
     queue_size: int = 4096
     use_queue: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("embed_dim", "region_dim", "word_dim", "gru_layers", "clip_dim", "queue_size"):
+        for name in ("embed_dim", "region_dim", "word_dim", "gru_layers", "clip_dim", "queue_size", "head_hidden_dim",
+                     "text_feature_dim"):
             require(self, name, ge=1)
+        if self.text_input == "token_features" and self.text_encoder != "bert":
+            raise ConfigError(f"model.text_input='token_features' caches a BERT-family model's states, but "
+                              f"model.text_encoder is '{self.text_encoder}'")
         require(self, "grid_drop", ge=0.0, lt=1.0)
         require(self, "sge_dropout", ge=0.0, lt=1.0)
         require(self, "momentum", ge=0.0, le=1.0)
@@ -130,7 +150,8 @@ class RetrievalDataConfig:
 @dataclass
 class RetrievalOptimConfig:
     """AdamW with step decay: lr x ``lr_decay_factor`` at each epoch of ``lr_decay_epochs``;
-    ``max_steps_per_epoch`` caps an epoch (budgeted comparisons)."""
+    ``max_steps_per_epoch`` caps an epoch (budgeted comparisons). ``decay_all_parameters``: weight decay on every
+    parameter, biases and norm scales included (the USER authors); otherwise tensors of <= 1 dimension get none."""
 
     epochs: int = 25
     batch_size: int = 128
@@ -142,6 +163,7 @@ class RetrievalOptimConfig:
     lr_decay_factor: float = 0.1
     grad_clip: float = 2.0
     max_steps_per_epoch: int | None = None
+    decay_all_parameters: bool = False
 
     def __post_init__(self) -> None:
         require(self, "epochs", ge=1)

@@ -58,17 +58,20 @@ class ImageEncoder(nn.Module):
 
     Without a backbone, ``inputs`` are region features ``(B, R, local_dim)`` and ``lengths (B,)`` the valid
     counts (None = all R valid). With one, ``inputs`` are images ``(B, 3, H, W)`` and ``lengths`` must be None.
-    The raw locals go through SGE, then CGE guided by ``clip (B, clip_dim)`` (required when ``cge`` is set).
+    The raw locals go through SGE (``sge_on="raw"``; ``"joint"``: after the projection), then CGE guided by
+    ``clip (B, clip_dim)`` (required when ``cge`` is set).
     """
 
     def __init__(self, local_dim: int, embed_dim: int, pooling: str = "gpo", sge: SGE | None = None,
-                 backbone: nn.Module | None = None, grid_drop: float = 0.0, cge: CGE | None = None) -> None:
+                 backbone: nn.Module | None = None, grid_drop: float = 0.0, cge: CGE | None = None,
+                 head: ProjectionHead | None = None, sge_on: str = "raw") -> None:
         super().__init__()
         self.local_dim = local_dim
         self.backbone = backbone
         self.grid_drop = grid_drop
         self.sge = sge
-        self.head = ProjectionHead(local_dim, embed_dim)
+        self.head = head or ProjectionHead(local_dim, embed_dim)
+        self.sge_on = sge_on
         self.pooling = build_pooling(pooling)
         self.cge = cge
 
@@ -93,11 +96,13 @@ class ImageEncoder(nn.Module):
 
     def forward(self, inputs: Tensor, lengths: Tensor | None = None, clip: Tensor | None = None) -> Tensor:
         local, lengths = self.local_features(inputs, lengths)
-        if self.sge is not None:
+        if self.sge is not None and self.sge_on == "raw":
             local = self.sge(local, lengths)
         if self.cge is not None:
             local = self.cge(local, lengths, _need_guide(clip, "clip_image", "model.cge"))
         joint = self.head(local, lengths)
+        if self.sge is not None and self.sge_on == "joint":
+            joint = self.sge(joint, lengths)
         return F.normalize(self.pooling(joint, lengths), dim=-1)
 
 
@@ -139,8 +144,25 @@ class GRUTextModel(nn.Module):
         return self.gru(self.embed(ids), lengths)
 
 
+class CachedTextStates(nn.Module):
+    """The frozen text model's states read from the token-feature cache: ``(states (B, L, H), lengths) -> states``."""
+
+    input_rank = 3
+
+    def __init__(self, hidden_dim: int) -> None:
+        super().__init__()
+        self.hidden_dim = hidden_dim
+
+    def forward(self, states: Tensor, lengths: Tensor) -> Tensor:
+        if states.size(-1) != self.hidden_dim:
+            raise DataError(f"cached token features are {states.size(-1)}-d but model.text_feature_dim is "
+                            f"{self.hidden_dim}")
+        return states
+
+
 class TextEncoder(nn.Module):
-    """``forward(ids (B, L), lengths (B,), clip=None) -> (B, embed_dim)`` unit vectors.
+    """``forward(ids (B, L), lengths (B,), clip=None) -> (B, embed_dim)`` unit vectors (``ids`` are cached token
+    states (B, L, H) when ``sequence`` is ``CachedTextStates``).
 
     ``sequence`` maps ids to per-token states of size ``sequence.hidden_dim``; with ``project`` a linear layer
     maps them to the joint space (BERT), without it they must already be ``embed_dim``-d (BiGRU); then
@@ -160,8 +182,10 @@ class TextEncoder(nn.Module):
         self.cge = cge
 
     def forward(self, ids: Tensor, lengths: Tensor, clip: Tensor | None = None) -> Tensor:
-        if ids.dim() != 2:
-            raise DataError(f"the text encoder expects token ids (B, L), got shape {tuple(ids.shape)}")
+        rank = getattr(self.sequence, "input_rank", 2)
+        if ids.dim() != rank:
+            expected = "token ids (B, L)" if rank == 2 else "token features (B, L, H)"
+            raise DataError(f"the text encoder expects {expected}, got shape {tuple(ids.shape)}")
         lengths = lengths.to(ids.device)
         local = self.projection(self.sequence(ids, lengths))
         if self.sge is not None:
@@ -179,15 +203,20 @@ def build_image_encoder(cfg: RetrievalModelConfig) -> ImageEncoder:
         backbone = build_image_backbone(cfg.backbone, cfg.backbone_weights)
         set_trainable(backbone, cfg.backbone_trainable)
         local_dim = backbone.out_channels
-    sge = SGE(local_dim, cfg.sge_lambda, cfg.sge_dropout) if cfg.sge else None
+    sge_dim = local_dim if cfg.image_sge_on == "raw" else cfg.embed_dim
+    sge = SGE(sge_dim, cfg.sge_lambda, cfg.sge_dropout) if cfg.sge else None
     cge = CGE(cfg.clip_dim, local_dim, cfg.cge_lambda) if cfg.cge else None
-    return ImageEncoder(local_dim, cfg.embed_dim, cfg.pooling, sge, backbone, cfg.grid_drop, cge)
+    head = ProjectionHead(local_dim, cfg.embed_dim, cfg.head_hidden_dim, cfg.head_init)
+    return ImageEncoder(local_dim, cfg.embed_dim, cfg.pooling, sge, backbone, cfg.grid_drop, cge, head,
+                        cfg.image_sge_on)
 
 
 def build_text_encoder(cfg: RetrievalModelConfig, vocab_size: int | None = None) -> TextEncoder:
     """The text tower ``cfg`` describes; ``vocab_size`` is required for ``text_encoder="bigru"``."""
-    if cfg.text_encoder == "bert":
-        sequence: nn.Module = HFTextModel(resolve_text_model_dir(cfg.text_model))
+    if cfg.text_input == "token_features":
+        sequence: nn.Module = CachedTextStates(cfg.text_feature_dim)
+    elif cfg.text_encoder == "bert":
+        sequence = HFTextModel(resolve_text_model_dir(cfg.text_model))
     elif cfg.text_encoder == "bigru":
         if not vocab_size:
             raise ConfigError("model.text_encoder='bigru' needs the vocabulary size (build the vocabulary first)")

@@ -26,6 +26,7 @@ from xmcl.retrieval.clip.cache import ClipCache, SplitGuides, split_guides
 from xmcl.retrieval.config import RetrievalModelConfig, RetrievalTrainConfig
 from xmcl.retrieval.grid_features import FeaturesManifest, check_features_match, read_features_manifest
 from xmcl.retrieval.model import USERModel
+from xmcl.retrieval.token_features import attach_token_features
 from xmcl.runtime.checkpoint import load_checkpoint
 from xmcl.runtime.device import resolve_device
 
@@ -120,7 +121,8 @@ def encode_split(model: USERModel, split: CaptionSplit, tokenizer: TextTokenizer
     for batch in DataLoader(SplitCaptions(split, tokenizer, clip_text), batch_size=batch_size, collate_fn=collate,
                             num_workers=num_workers, generator=torch.Generator()):
         batch = to_device(batch, device)
-        texts.append(model.encode_texts(batch["tokens"], batch["token_lengths"], batch.get("clip_text")).float().cpu())
+        texts.append(model.encode_texts(model.text_inputs(batch), batch["token_lengths"],
+                                        batch.get("clip_text")).float().cpu())
     return torch.cat(images), torch.cat(texts)
 
 
@@ -165,8 +167,10 @@ def embed_checkpoint(checkpoint: Path, data_path: Path | None, split: str, devic
     torch_device = resolve_device(device)
     state = load_retrieval_checkpoint(checkpoint)
     model, tokenizer, cfg = model_from_state(state, str(checkpoint), torch_device)
-    corpus = open_split(data_path if data_path is not None else cfg.data.path, split,
-                        key=None if data_path is not None else f"data.path of {checkpoint}")
+    folder = data_path if data_path is not None else cfg.data.path
+    corpus = open_split(folder, split, key=None if data_path is not None else f"data.path of {checkpoint}")
+    if cfg.model.text_input == "token_features":  # locked text: the cached states beside the features
+        corpus = attach_token_features(corpus, folder, cfg.model.text_model)
     check_input(corpus, cfg.model)
     check_corpus_features(state, corpus, str(checkpoint), allow_feature_mismatch)
     guides = split_guides(cfg.model, corpus, torch_device, compute_missing=True,

@@ -80,20 +80,25 @@ class USERModel(nn.Module):
             self._set_key_modes()
 
     def train(self, mode: bool = True) -> "USERModel":
-        """As ``nn.Module.train``, except that key encoders stay in eval mode when ``key_encoders_eval``."""
+        """As ``nn.Module.train``, except for the key encoders' modes (``cfg.key_modes``, ``cfg.key_encoders_eval``)."""
         super().train(mode)
         self._set_key_modes()
         return self
 
     def _set_key_modes(self) -> None:
-        if self.cfg.use_queue and self.cfg.key_encoders_eval:
+        if not self.cfg.use_queue:
+            return
+        if self.cfg.key_modes == "authors":
+            self.image_key_encoder.train(self.training)
+            self.text_key_encoder.eval()
+        elif self.cfg.key_encoders_eval:
             self.image_key_encoder.eval()
             self.text_key_encoder.eval()
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The loss dict (``"loss"`` plus its parts); in training mode the batch's keys are then queued."""
         image_inputs, region_lengths = _image_inputs(batch)
-        tokens, token_lengths = _require(batch, "tokens"), _require(batch, "token_lengths")
+        tokens, token_lengths = self.text_inputs(batch), _require(batch, "token_lengths")
         clip_image, clip_text = batch.get("clip_image"), batch.get("clip_text")
         img = self.image_encoder(image_inputs, region_lengths, clip_image)
         txt = self.text_encoder(tokens, token_lengths, clip_text)
@@ -114,6 +119,10 @@ class USERModel(nn.Module):
             self.image_queue.enqueue(gather_no_grad(img_key, self.world), queued_ids)
             self.text_queue.enqueue(gather_no_grad(txt_key, self.world), queued_ids)
         return losses
+
+    def text_inputs(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """What the text tower reads from a batch: ``token_features`` (locked text) or ``tokens``."""
+        return _require(batch, "token_features" if self.cfg.text_input == "token_features" else "tokens")
 
     def set_world(self, world: World) -> None:
         """Train data-parallel in ``world``: in-batch negatives come from every rank's batch (gathered with
@@ -151,12 +160,13 @@ class USERModel(nn.Module):
         return _in_eval(self.text_encoder, tokens, lengths, clip_text)
 
     def parameter_groups(self, lr: float, text_lr_scale: float = 0.1, weight_decay: float = 1e-4,
-                         backbone_lr_scale: float = 0.01) -> list[dict]:
+                         backbone_lr_scale: float = 0.01, decay_all: bool = False) -> list[dict]:
         """AdamW groups over the trainable parameters (key encoders excluded: they have no gradient).
 
         The pretrained BERT-family text model runs at ``lr * text_lr_scale`` and the CNN backbone at
         ``lr * backbone_lr_scale`` (VSE-infinity's ``backbone_lr_factor``); everything else at ``lr``.
-        Tensors of at most one dimension (biases, norm scales, the InfoNCE temperature) get no weight decay.
+        Tensors of at most one dimension (biases, norm scales, the InfoNCE temperature) get no weight decay,
+        unless ``decay_all`` (every parameter decays, as the USER authors' optimiser).
         Only parameters that require gradients now are listed: build the groups after freezing.
         """
         scales = {"main": 1.0, "text_model": text_lr_scale, "backbone": backbone_lr_scale}
@@ -170,7 +180,7 @@ class USERModel(nn.Module):
                 part = "backbone"
             else:
                 part = "main"
-            groups.setdefault((part, param.ndim > 1), []).append(param)
+            groups.setdefault((part, decay_all or param.ndim > 1), []).append(param)
         return [
             {"name": f"{part}{'' if decay else '_no_decay'}", "params": params, "lr": lr * scales[part],
              "weight_decay": weight_decay if decay else 0.0}

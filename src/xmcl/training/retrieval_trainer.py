@@ -41,6 +41,7 @@ from xmcl.retrieval.inference import (
     to_device,
 )
 from xmcl.retrieval.model import USERModel
+from xmcl.retrieval.token_features import attach_token_features
 from xmcl.runtime.files import atomic_write_bytes
 from xmcl.runtime.rng import TorchStream, derived_seed, seeded_generator
 from xmcl.runtime.run_config import start_run
@@ -86,6 +87,9 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     device = start_run(cfg.run)
     train_split = open_split(cfg.data.path, cfg.data.train_split, key="data.path")
     val_split = open_split(cfg.data.path, cfg.data.val_split, key="data.path")
+    if cfg.model.text_input == "token_features":  # locked text: the frozen model's cached states
+        train_split = attach_token_features(train_split, cfg.data.path, cfg.model.text_model)
+        val_split = attach_token_features(val_split, cfg.data.path, cfg.model.text_model)
     if cfg.data.val_max_images:
         val_split = val_split.subset(np.arange(min(cfg.data.val_max_images, val_split.num_images)))
     check_input(train_split, cfg.model)
@@ -104,7 +108,8 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     tokenizer = build_tokenizer(cfg.model, cfg.data.max_caption_tokens, vocab)
     model = USERModel(cfg.model, cfg.loss, vocab_size=tokenizer.vocab_size).to(device)
     optimizer = torch.optim.AdamW(model.parameter_groups(cfg.optim.lr, cfg.optim.text_lr_scale,
-                                                         cfg.optim.weight_decay, cfg.optim.backbone_lr_scale))
+                                                         cfg.optim.weight_decay, cfg.optim.backbone_lr_scale,
+                                                         cfg.optim.decay_all_parameters))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.optim.lr_decay_epochs, cfg.optim.lr_decay_factor)
     model_stream = TorchStream(derived_seed(cfg.run.seed, MODEL_STREAM), device)
     epoch = step_in_epoch = global_step = 0

@@ -1,0 +1,181 @@
+"""The converged comparison of USER against its baselines: locked text, one tower size for all, seeds, the paper's
+schedule (20 epochs, lr x0.1 at epoch 10).
+
+Variants (on top of ``--config``, default ``flickr8k_locked``):
+  infonce        symmetric InfoNCE, no SGE, no queue
+  vsepp          VSE++ hinge, no SGE, no queue
+  user_noqueue   UTO + SGE, in-batch negatives only
+  user           UTO + SGE + momentum encoders and queues (id mask)
+  user_authors   as user, key encoders as the authors run them (image key train mode, text key eval), the MLP's
+                 default PyTorch init and weight decay on every parameter
+
+``--sweep``: UTO's gamma in {0.2, 0.3, 0.5} x mu in {30, 90} for ``user`` on seed 0 only.
+
+One training run at a time, each into OUT/VARIANT/seedS (resumed from its last.pt; a run whose result.json exists
+is skipped), so the whole comparison resumes across sessions. Each run's result.json: best-validation-checkpoint
+R@1/5/10 both ways and rSum on --split, best epoch, per-epoch val rSum, train seconds. Prints mean +- std per
+variant, writes OUT/figures.json and OUT/curves.png (per-epoch val rSum, one line per run).
+
+  python benchmarks/rq_converged.py --data runs/f8k_feats --seeds 0 1 2
+  python benchmarks/rq_converged.py --data runs/f8k_feats --sweep
+  python benchmarks/rq_converged.py --data runs/f8k_feats --estimate-steps 5   # per-run wall time, no training
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from figures import parse_with_out, write_figures
+from retrieval_quality import val_rsum_per_epoch
+
+from xmcl.config import load_config
+from xmcl.retrieval.config import RetrievalTrainConfig
+from xmcl.retrieval.inference import evaluate_checkpoint
+from xmcl.runtime.files import atomic_write_json
+from xmcl.training.retrieval_trainer import train_retrieval
+
+_USER = ["loss.name=uto", "model.sge=true", "model.use_queue=true", "loss.queue_false_negatives=mask"]
+VARIANTS: dict[str, list[str]] = {
+    "infonce": ["loss.name=infonce", "model.sge=false", "model.use_queue=false"],
+    "vsepp": ["loss.name=hinge", "model.sge=false", "model.use_queue=false"],
+    "user_noqueue": ["loss.name=uto", "model.sge=true", "model.use_queue=false"],
+    "user": _USER,
+    "user_authors": _USER + ["model.key_modes=authors", "model.head_init=pytorch", "optim.decay_all_parameters=true"],
+}
+SWEEP = [(gamma, mu) for gamma in (0.2, 0.3, 0.5) for mu in (30.0, 90.0)]
+RESULT = "result.json"
+
+
+def runs_to_do(args: argparse.Namespace) -> list[tuple[str, int, list[str]]]:
+    """``(run name, seed, overrides)`` of every run the options ask for, in the order they run."""
+    if args.sweep:
+        return [(f"user_g{gamma}_mu{mu:g}", 0, VARIANTS["user"] + [f"loss.gamma={gamma}", f"loss.mu={mu}"])
+                for gamma, mu in SWEEP]
+    return [(name, seed, VARIANTS[name]) for name in args.variants for seed in args.seeds]
+
+
+def run_config(args: argparse.Namespace, seed: int, overrides: list[str]) -> RetrievalTrainConfig:
+    common = [f"data.path={args.data}", f"run.seed={seed}", f"optim.epochs={args.epochs}",
+              f"optim.lr_decay_epochs=[{args.decay_epoch}]"]
+    if args.max_steps_per_epoch:
+        common.append(f"optim.max_steps_per_epoch={args.max_steps_per_epoch}")
+    return load_config(RetrievalTrainConfig, args.config, common + overrides + args.overrides)
+
+
+def one_run(args: argparse.Namespace, cfg: RetrievalTrainConfig, run_dir: Path) -> dict:
+    """Train (resuming) into ``run_dir`` and write its ``result.json``; a run that has one is read, not rerun."""
+    result_path = run_dir / RESULT
+    if result_path.is_file():
+        return json.loads(result_path.read_text(encoding="utf-8"))
+    tic = time.perf_counter()
+    summary = train_retrieval(cfg, run_dir)
+    metrics = evaluate_checkpoint(run_dir / "best.pt", args.data, args.split, ("all",))["all"]
+    result = {"metrics": metrics.as_dict(), "best_epoch": summary["best_epoch"],
+              "train_seconds_this_session": time.perf_counter() - tic,
+              "val_rsum_per_epoch": val_rsum_per_epoch(run_dir / "log.jsonl")}
+    atomic_write_json(result_path, result)
+    return result
+
+
+def estimate(args: argparse.Namespace) -> dict:
+    """Seconds per training step of each variant: a run of 1 + ``--estimate-steps`` steps less a run of 1 step,
+    over ``--estimate-steps`` (start-up and validation cancel; one untimed run first loads everything once), and the implied wall time of a full run of
+    ``--estimate-captions`` // batch x epochs steps (validation not counted)."""
+    out = {}
+    warm = run_config(args, 0, VARIANTS[args.variants[0]] + ["optim.max_steps_per_epoch=1", "optim.epochs=1",
+                                                             "data.val_max_images=8"])
+    train_retrieval(warm, args.out / "estimate" / "warm-up", overwrite=True, resume=False, progress=False)
+    for name in args.variants:
+        seconds = []
+        for steps in (1, 1 + args.estimate_steps):
+            cfg = run_config(args, 0, VARIANTS[name] + [f"optim.max_steps_per_epoch={steps}", "optim.epochs=1",
+                                                        "data.val_max_images=8", "run.checkpoint_every=0"])
+            tic = time.perf_counter()
+            train_retrieval(cfg, args.out / "estimate" / name, overwrite=True, resume=False, progress=False)
+            seconds.append(time.perf_counter() - tic)
+        per_step = (seconds[1] - seconds[0]) / args.estimate_steps
+        steps = args.estimate_captions // cfg.optim.batch_size * args.epochs
+        out[name] = {"seconds_per_step": per_step, "steps": steps, "run_minutes": per_step * steps / 60}
+        print(f"{name}: {per_step:.3f} s/step -> {per_step * steps / 60:.1f} min for {steps} steps", flush=True)
+    return out
+
+
+def plot_curves(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run, result in results.items():
+        curve = result["val_rsum_per_epoch"]
+        ax.plot([int(e) for e in curve], list(curve.values()), label=run, linewidth=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val rSum")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summarise(results: dict[str, dict], runs: list[tuple[str, int, list[str]]]) -> dict[str, dict]:
+    """Mean and standard deviation (n - 1; 0 for one run) over seeds of each variant's figures."""
+    table: dict[str, dict] = {}
+    for name in dict.fromkeys(name for name, _, _ in runs):
+        metrics = [results[f"{name}/seed{seed}"]["metrics"] for n, seed, _ in runs if n == name]
+        table[name] = {}
+        for key in ("rsum", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
+            values = [float(m[key]) for m in metrics if key in m]
+            if values:
+                table[name][key] = {"mean": statistics.fmean(values),
+                                    "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    return table
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options (``argv``, default the command line), ``out`` resolved."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="features folder with grid and token features")
+    parser.add_argument("--config", default="flickr8k_locked", help="shipped config name or YAML path")
+    parser.add_argument("--split", default="val", help="split to report")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--sweep", action="store_true", help="the UTO gamma x mu sweep of user on seed 0")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--decay-epoch", type=int, default=10, help="lr x0.1 at this epoch")
+    parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="budget cap (smoke tests)")
+    parser.add_argument("--estimate-steps", type=int, default=0,
+                        help="only time this many steps per variant and print the full run's wall time")
+    parser.add_argument("--estimate-captions", type=int, default=30000,
+                        help="training captions of the full run (Flickr8K train: 30,000)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override applied to every run")
+    return parse_with_out(parser, "rq_converged", naming=["data"], argv=argv)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.estimate_steps:
+        write_figures(args.out / "estimate", "rq_converged", args, {"estimate": estimate(args)})
+        return
+    runs = runs_to_do(args)
+    results: dict[str, dict] = {}
+    for name, seed, overrides in runs:
+        key = f"{name}/seed{seed}"
+        results[key] = one_run(args, run_config(args, seed, overrides), args.out / name / f"seed{seed}")
+        m = results[key]["metrics"]
+        print(f"{key}: rSum {m['rsum']:.1f} (best epoch {results[key]['best_epoch']})", flush=True)
+    table = summarise(results, runs)
+    for name, row in table.items():
+        print(f"{name:14s} rSum {row['rsum']['mean']:7.2f} +- {row['rsum']['std']:.2f} (n={row['rsum']['n']})")
+    plot_curves(results, args.out / "curves.png")
+    write_figures(args.out, "rq_converged", args, {"split": args.split, "sweep": args.sweep, "runs": results,
+                                                   "summary": table})
+
+
+if __name__ == "__main__":
+    main()

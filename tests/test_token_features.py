@@ -1,0 +1,105 @@
+"""Locked text: the frozen text model's token features cached once, resumable, checked against the run's model,
+and training on them gives the loss the frozen model gives computing them live."""
+
+import numpy as np
+import pytest
+import torch
+
+from xmcl.data.batches import CaptionPairs, Collate
+from xmcl.data.precomputed import PrecomputedWriter, read_precomputed
+from xmcl.errors import CheckpointError, DataError
+from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig
+from xmcl.retrieval.model import USERModel
+from xmcl.retrieval.token_features import (
+    attach_token_features,
+    extract_corpus_token_features,
+    extract_token_features,
+    load_text_model,
+)
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "runs", "on", "the", "grass", "red", "ball"]
+CAPTIONS = ["a dog runs", "the red ball", "a dog on the grass", "red grass", "the dog runs on a ball", "a ball",
+            "dog", "the red dog runs on the grass"]
+
+
+def save_tiny_bert(directory, seed):
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(WORDS), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=32)
+    BertModel(config).save_pretrained(str(directory))
+    BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A region-feature folder (4 images, 2 captions each) and a tiny BERT."""
+    root = tmp_path_factory.mktemp("locked")
+    feats = root / "feats"
+    rng = np.random.default_rng(0)
+    with PrecomputedWriter(feats, "train", [f"im{n}" for n in range(4)], CAPTIONS, np.arange(8) // 2,
+                           regions=3, dim=6) as writer:
+        writer.write(0, rng.standard_normal((4, 3, 6)).astype(np.float32))
+    return feats, save_tiny_bert(root / "bert", 0)
+
+
+def test_training_on_cached_token_features_gives_the_live_frozen_models_loss(corpus):
+    feats, bert = corpus
+    extract_corpus_token_features(feats, ("train",), str(bert), feats, batch_size=3, device="cpu")
+    split = attach_token_features(read_precomputed(feats, "train"), feats, str(bert))
+    assert split.token_features.dtype == np.float16 and split.token_features.shape == (8, max(len(c.split()) for c in CAPTIONS) + 2, 8)
+    common = dict(embed_dim=16, region_dim=6, text_encoder="bert", text_model=str(bert), sge_dropout=0.0,
+                  queue_size=8, momentum=0.9)
+    torch.manual_seed(0)
+    live = USERModel(RetrievalModelConfig(**common), RetrievalLossConfig()).train()
+    live.text_encoder.sequence.eval()  # the frozen text model (no dropout)
+    cached = USERModel(RetrievalModelConfig(**common, text_input="token_features", text_feature_dim=8),
+                       RetrievalLossConfig()).train()
+    missing, unexpected = cached.load_state_dict(live.state_dict(), strict=False)
+    assert not missing and all(".sequence.model." in key for key in unexpected)
+    _, _, tokenizer, _ = load_text_model(str(bert))
+    pairs, collate = CaptionPairs(split, tokenizer), Collate(tokenizer.pad_id)
+    for step in range(2):  # the second step meets the first step's queued keys
+        batch = collate([pairs[m] for m in range(4 * step, 4 * step + 4)])
+        with torch.no_grad():
+            want, got = live(batch), cached(batch)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=2e-3, rtol=2e-3)
+
+
+def test_an_interrupted_extraction_resumes_to_the_uninterrupted_result(corpus, tmp_path):
+    feats, bert = corpus
+    split = read_precomputed(feats, "train")
+    _, model, tokenizer, manifest = load_text_model(str(bert))
+    extract_token_features(split, model, tokenizer, tmp_path / "whole", manifest, batch_size=3, progress=False)
+    calls = {"n": 0}
+    original = model.forward
+
+    def dies_on_second_batch(ids, lengths):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(ids, lengths)
+
+    model.forward = dies_on_second_batch
+    with pytest.raises(KeyboardInterrupt):
+        extract_token_features(split, model, tokenizer, tmp_path / "resumed", manifest, batch_size=3, progress=False)
+    model.forward = original
+    with pytest.raises(DataError, match="incomplete"):  # refused until finished
+        read_precomputed(tmp_path / "resumed", "train_text")
+    extract_token_features(split, model, tokenizer, tmp_path / "resumed", manifest, batch_size=3, progress=False)
+    whole = np.load(tmp_path / "whole" / "train_text_ims.npy")
+    resumed = np.load(tmp_path / "resumed" / "train_text_ims.npy")
+    assert np.array_equal(whole, resumed)
+    lengths = [len(tokenizer.encode(c)) for c in CAPTIONS]
+    assert all(not whole[m, n:].any() and whole[m, :n].any() for m, n in enumerate(lengths))
+
+
+def test_a_run_with_another_text_model_is_refused_naming_the_weights(corpus, tmp_path):
+    feats, bert = corpus
+    extract_corpus_token_features(feats, ("train",), str(bert), feats, batch_size=4, device="cpu")
+    other = save_tiny_bert(tmp_path / "other_bert", 1)
+    with pytest.raises(CheckpointError, match="weights_sha256"):
+        attach_token_features(read_precomputed(feats, "train"), feats, str(other))
