@@ -1,8 +1,11 @@
 """The data-parallel sharding: ranks' slices put back in rank order are the one-process batches."""
 
+import pytest
+
+from xmcl.errors import CheckpointError
 from xmcl.runtime.distributed import SINGLE_PROCESS, World
 from xmcl.training.retrieval_trainer import epoch_batches
-from xmcl.training.sharding import rank_batches
+from xmcl.training.sharding import check_world_size, rank_batches
 
 
 def test_two_ranks_of_b_see_the_samples_of_one_rank_of_2b() -> None:
@@ -22,3 +25,10 @@ def test_short_last_batch_is_cut_equally_and_one_process_is_unchanged() -> None:
     assert set(shards[0][-1]) | set(shards[1][-1]) < set(one[-1])
     tiny = [[0, 1, 2]]
     assert rank_batches(tiny, World(rank=1, size=2)) == []  # no rank would get an in-batch negative
+
+
+def test_resume_with_another_world_size_is_refused_naming_both_sizes() -> None:
+    check_world_size({"world_size": 2}, World(rank=1, size=2), "out/last.pt")
+    check_world_size({}, SINGLE_PROCESS, "out/last.pt")  # a checkpoint from before world sizes were recorded
+    with pytest.raises(CheckpointError, match=r"out/last.pt was saved by a run of 2 process\(es\); this run has 1"):
+        check_world_size({"world_size": 2}, SINGLE_PROCESS, "out/last.pt")

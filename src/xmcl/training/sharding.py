@@ -7,6 +7,9 @@ A resume skips the same number of global batches on every rank, so each rank's p
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from xmcl.errors import CheckpointError
 from xmcl.runtime.distributed import World
 
 
@@ -24,3 +27,13 @@ def rank_batches(global_batches: list[list[int]], world: World) -> list[list[int
             continue
         shards.append(batch[world.rank * share: (world.rank + 1) * share])
     return shards
+
+
+def check_world_size(state: dict, world: World, where: Path | str) -> None:
+    """Refuse to resume ``state`` (saved with ``state["world_size"]`` ranks; 1 when absent) in a world of another
+    size: the ranks' slices of each global batch, and so the run, would differ from the one that stopped."""
+    saved = int(state.get("world_size", 1))
+    if saved != world.size:
+        raise CheckpointError(f"{where} was saved by a run of {saved} process(es); this run has {world.size}: "
+                              f"resume it with the same world size (torchrun --nproc_per_node/--nnodes giving "
+                              f"{saved} in all), or use another --out folder")
