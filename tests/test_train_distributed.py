@@ -7,13 +7,17 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 
 from test_train_retrieval import tiny_config, write_corpus
+from xmcl.config import config_to_dict
 from xmcl.errors import CheckpointError
 from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.training.retrieval_trainer import train_retrieval
@@ -74,3 +78,33 @@ def test_two_ranks_of_b_train_the_one_process_run_of_2b(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="saved by a run of 2 process\\(es\\); this run has 1"):
         train_retrieval(tiny_config(corpus, f"optim.batch_size={PER_RANK}", "optim.epochs=2", "run.threads=1"),
                         two, progress=False)
+
+
+@pytest.mark.timeout(300)
+def test_two_torchrun_nodes_on_one_machine_train_the_two_rank_run(tmp_path: Path) -> None:
+    """Two ``torchrun --nnodes 2 --node_rank {0,1}`` launches (c10d rendezvous on 127.0.0.1) of ``python -m xmcl
+    train``, one rank each, train the run that 2 spawned ranks on one node train, bit for bit."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_corpus(corpus, {"train": 20, "val": 6})
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(tiny_config(
+        corpus, f"optim.batch_size={PER_RANK}", "optim.epochs=1", "run.threads=1", "run.progress=false"))))
+    spawned = tmp_path / "spawned"
+    os.environ.pop("WORLD_SIZE", None)
+    mp.start_processes(_worker, args=(_free_port(), str(corpus), str(spawned)), nprocs=2, join=True,
+                       start_method="spawn")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    port, nodes = _free_port(), tmp_path / "nodes"
+    launches = [subprocess.Popen(
+        [str(torchrun), "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1", "--rdzv-backend",
+         "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "-m", "xmcl", "train",
+         "--config", str(config), "--out", str(nodes)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for rank in range(2)]
+    outputs = [launch.communicate(timeout=240)[0].decode() for launch in launches]
+    assert [launch.returncode for launch in launches] == [0, 0], outputs
+    expected, got = read_checkpoint(spawned / "last.pt"), read_checkpoint(nodes / "last.pt")
+    assert got["world_size"] == 2 and got["global_step"] == expected["global_step"] == 5
+    for name, weights in expected["model"].items():
+        assert torch.equal(got["model"][name], weights), name
