@@ -115,3 +115,18 @@ def average_gradients(parameters: list[torch.nn.Parameter], world: World) -> Non
     for grad in grads:
         grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
         offset += grad.numel()
+
+
+def barrier(world: World) -> None:
+    """Wait until every rank reaches this point (no-op for one process)."""
+    if world.distributed:
+        dist.barrier()
+
+
+def broadcast_from_main(value: float, world: World, device: torch.device | str = "cpu") -> float:
+    """Rank 0's ``value`` on every rank (what rank 0 alone computed, such as the validation rSum)."""
+    if not world.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return float(tensor)

@@ -11,6 +11,15 @@ resumed ends bit for bit where the uninterrupted run does on the same device: th
 ``(run.seed, epoch)``, caption and image augmentation from ``(run.seed, epoch, caption)``, the DataLoader's worker
 seeds from ``(run.seed, LOADER_STREAM, epoch)``, and dropout / grid drop run on the model's own ``TorchStream``,
 saved in each checkpoint. The log records written after the resumed checkpoint are dropped (``log_bytes``).
+
+Data-parallel (``torchrun --nproc_per_node N -m xmcl train ...``): ``optim.batch_size`` is the batch of one rank;
+every rank cuts the same global batches of ``N * batch_size`` and takes its slice (``training.sharding``), so N ranks
+train on exactly the samples of one process with the N-fold batch. Gradients are averaged over the ranks before the
+clip; the key encoders follow the (identical) online weights by EMA and the queues take every rank's keys. Rank 0
+alone holds the folder lock, writes checkpoints, the log and the curves, and runs validation on the whole val split;
+its rSum is broadcast so every rank agrees on the best epoch. The logged loss is the mean over the ranks; a stop
+signal on any rank stops every rank at the same step. A checkpoint records the world size; a resume with another
+is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import filecmp
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +52,16 @@ from xmcl.retrieval.inference import (
 )
 from xmcl.retrieval.model import USERModel
 from xmcl.retrieval.token_features import attach_token_features
+from xmcl.runtime.device import resolve_device
+from xmcl.runtime.distributed import (
+    World,
+    average_gradients,
+    barrier,
+    broadcast_from_main,
+    close_world,
+    init_world,
+    mean_over_ranks,
+)
 from xmcl.runtime.files import atomic_write_bytes
 from xmcl.runtime.rng import TorchStream, derived_seed, seeded_generator
 from xmcl.runtime.run_config import start_run
@@ -55,6 +75,7 @@ from xmcl.training.run import (
     check_finite,
     restore_states,
 )
+from xmcl.training.sharding import check_world_size, rank_batches
 
 RESUMABLE = ("optim.epochs", "data.num_workers")  # may change when a run resumes
 MODEL_STREAM, LOADER_STREAM = 1, 2  # purposes of the random streams drawn from run.seed
@@ -77,12 +98,17 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = Tru
     there and start over (without it, starting over where a run exists is refused). ``progress=False`` silences
     the run whatever ``run.progress`` says. SIGINT / SIGTERM save a checkpoint and raise ``RunInterrupted``."""
     folder = RunFolder(out_dir)
-    with folder.locked(progress), StopSignals(progress) as stop:
-        return _train(cfg, folder, resume, overwrite, progress, stop)
+    world = init_world(resolve_device(cfg.run.device))
+    progress = progress and world.is_main
+    try:
+        with folder.locked(progress) if world.is_main else nullcontext(), StopSignals(progress) as stop:
+            return _train(cfg, folder, resume, overwrite, progress, stop, world)
+    finally:
+        close_world(world)
 
 
 def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite: bool, verbose: bool,
-           stop: StopSignals) -> dict:
+           stop: StopSignals, world: World) -> dict:
     checkpointer = Checkpointer(folder, *RETRIEVAL_CHECKPOINT, resumable=RESUMABLE)
     device = start_run(cfg.run)
     train_split = open_split(cfg.data.path, cfg.data.train_split, key="data.path")
@@ -97,7 +123,12 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     val_guides = split_guides(cfg.model, val_split, device)
     inputs = inputs_record(cfg.model, train_split, train_guides.sha256)
 
-    state = checkpointer.start(cfg, resume, overwrite)
+    state = checkpointer.start(cfg, resume, overwrite) if world.is_main else None
+    barrier(world)  # rank 0 has cleared (--overwrite) or checked the folder; the others read what it left
+    if not world.is_main:
+        state = checkpointer.start(cfg, resume=True)
+    if state is not None:
+        check_world_size(state, world, folder.last)
     if state is not None and state.get("clip_sha256") != train_guides.sha256:
         raise CheckpointError(f"{folder.last} was trained with CGE guides of another CLIP checkpoint than the "
                               f"cache's now; use another --out folder or --no-resume --overwrite")
@@ -107,6 +138,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
                                                                           cfg.data.vocab_min_count)
     tokenizer = build_tokenizer(cfg.model, cfg.data.max_caption_tokens, vocab)
     model = USERModel(cfg.model, cfg.loss, vocab_size=tokenizer.vocab_size).to(device)
+    model.set_world(world)
     optimizer = torch.optim.AdamW(model.parameter_groups(cfg.optim.lr, cfg.optim.text_lr_scale,
                                                          cfg.optim.weight_decay, cfg.optim.backbone_lr_scale,
                                                          cfg.optim.decay_all_parameters))
@@ -128,15 +160,17 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
             return {"best_rsum": best_rsum, "best_epoch": best_epoch, "last": folder.last, "best": folder.best}
         announce(f"resuming {folder.last} from epoch {epoch + 1}, step {step_in_epoch} (global step "
                  f"{global_step})", verbose)
-        if step_in_epoch == 0 and best_epoch == epoch and epoch > 0 and not (
+        if world.is_main and step_in_epoch == 0 and best_epoch == epoch and epoch > 0 and not (
                 folder.best.is_file() and filecmp.cmp(folder.last, folder.best, shallow=False)):
             # a stop between last.pt and best.pt: best.pt is this very state
             atomic_write_bytes(folder.best, lambda handle: handle.write(folder.last.read_bytes()))
     if cfg.loss.name == "uto":
         announce("note: the UTO loss goes below zero as training succeeds (its positive term is "
                  "-log(1 + similarity)); lower is better", verbose and state is None)
-    folder.write_config(cfg)
-    logger = StepLogger(folder, verbose and cfg.run.progress, state["log_bytes"] if state else 0)
+    if world.is_main:
+        folder.write_config(cfg)
+    logger = StepLogger(folder, verbose and cfg.run.progress, state["log_bytes"] if state else 0,
+                        writes=world.is_main)
 
     dataset = CaptionPairs(train_split, tokenizer, image_transform(cfg.model, model, cfg.data.image_size,
                                                                    cfg.data.augment_images),
@@ -147,20 +181,22 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
     def checkpoint(path: Path) -> None:
+        if not world.is_main:
+            return
         checkpointer.save(path, cfg, {
             "vocab": None if vocab is None else vocab.words,
             **capture_states(model=model, optimizer=optimizer, scheduler=scheduler, model_stream=model_stream),
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "best_rsum": best_rsum, "best_epoch": best_epoch, "clip_sha256": train_guides.sha256,
             "epoch_loss_sum": loss_sum, "epoch_loss_count": loss_count, "log_bytes": logger.size(),
-            "inputs": inputs})
+            "inputs": inputs, "world_size": world.size})
 
     while epoch < cfg.optim.epochs:
         dataset.set_epoch(epoch)
         model.set_epoch(epoch)
         model.train()
-        batches = epoch_batches(len(dataset), cfg.optim.batch_size, cfg.run.seed, epoch,
-                                cfg.optim.max_steps_per_epoch)
+        batches = rank_batches(epoch_batches(len(dataset), cfg.optim.batch_size * world.size, cfg.run.seed, epoch,
+                                             cfg.optim.max_steps_per_epoch), world)
         loader = DataLoader(dataset, batch_sampler=batches[step_in_epoch:], collate_fn=collate,
                             num_workers=cfg.data.num_workers, persistent_workers=False,
                             generator=seeded_generator(cfg.run.seed, LOADER_STREAM, epoch))
@@ -171,51 +207,58 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
             with model_stream.active():
                 losses = model(batch)
             loss = losses["loss"]
-            check_finite(loss.item(), f"epoch {epoch + 1}, step {step_in_epoch + 1}", folder)
+            loss_value = mean_over_ranks(loss.item(), world, device)  # every rank checks the same value
+            check_finite(loss_value, f"epoch {epoch + 1}, step {step_in_epoch + 1}", folder)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(parameters, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.optim.grad_clip)
             if global_step == 0 and float(grad_norm) == 0.0:
                 raise TrainingStalled(
-                    f"the {cfg.loss.name} loss ({loss.item():.4g}) gives no gradient at the first step: with UTO "
+                    f"the {cfg.loss.name} loss ({loss_value:.4g}) gives no gradient at the first step: with UTO "
                     f"this happens when every matching image-caption similarity starts <= 0; set "
                     f"loss.uto_warmup_epochs=1 (a VSE++ hinge warm-up) or another seed")
             optimizer.step()
             model.momentum_step()
             step_in_epoch, global_step = step_in_epoch + 1, global_step + 1
-            seen += batch["tokens"].shape[0]
-            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-            bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{seen / max(time.perf_counter() - tic, 1e-9):.0f}")
+            seen += batch["tokens"].shape[0] * world.size
+            loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+            bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{seen / max(time.perf_counter() - tic, 1e-9):.0f}")
             if global_step % cfg.run.log_every == 0:
-                logger.log({"step": global_step, "epoch": epoch + 1, "loss": loss.item(),
+                logger.log({"step": global_step, "epoch": epoch + 1, "loss": loss_value,
                             "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
                             **{f"loss_{k}": v.item() for k, v in losses.items() if k != "loss"}})
             if cfg.run.checkpoint_every and global_step % cfg.run.checkpoint_every == 0:
                 checkpoint(folder.last)
-            if stop.requested:
+            if mean_over_ranks(float(bool(stop.requested)), world, device) > 0:  # a signal on any rank stops them all
                 bar.close()
                 checkpoint(folder.last)
                 raise stop.interrupted(f"epoch {epoch + 1}, step {step_in_epoch}", folder)
         bar.close()
 
-        img, txt = encode_split(model, val_split, tokenizer, eval_transform, device,
-                                num_workers=cfg.data.num_workers, guides=val_guides)
-        metrics = evaluate_embeddings(img, txt, val_split.caption_image, protocols=("all",))["all"]
+        metrics = None
+        if world.is_main:  # validation on rank 0, over the whole val split
+            img, txt = encode_split(model, val_split, tokenizer, eval_transform, device,
+                                    num_workers=cfg.data.num_workers, guides=val_guides)
+            metrics = evaluate_embeddings(img, txt, val_split.caption_image, protocols=("all",))["all"]
+        rsum = broadcast_from_main(metrics.rsum if metrics else 0.0, world, device)
         scheduler.step()
         epoch, step_in_epoch = epoch + 1, 0
-        improved = metrics.rsum > best_rsum
+        improved = rsum > best_rsum
         if improved:
-            best_rsum, best_epoch = metrics.rsum, epoch
-        logger.log({"step": global_step, "epoch": epoch, "train_loss_mean": loss_sum / max(loss_count, 1),
-                    "samples_per_s": seen / max(time.perf_counter() - tic, 1e-9),
-                    **{f"val_{k}": v for k, v in metrics.as_dict().items()}})
+            best_rsum, best_epoch = rsum, epoch
+        loss_mean = loss_sum / max(loss_count, 1)
         loss_sum, loss_count = 0.0, 0
+        if metrics is not None:
+            logger.log({"step": global_step, "epoch": epoch, "train_loss_mean": loss_mean,
+                        "samples_per_s": seen / max(time.perf_counter() - tic, 1e-9),
+                        **{f"val_{k}": v for k, v in metrics.as_dict().items()}})
+            logger.note(f"epoch {epoch}: val rSum {metrics.rsum:.2f} (R@1 i2t {metrics.i2t_r1:.1f}, "
+                        f"t2i {metrics.t2i_r1:.1f}){'  best' if improved else ''}")
         checkpoint(folder.last)  # then best.pt: a stop between the two is healed on resume (see above)
         if improved:
             checkpoint(folder.best)
         logger.plot()
-        logger.note(f"epoch {epoch}: val rSum {metrics.rsum:.2f} (R@1 i2t {metrics.i2t_r1:.1f}, "
-                    f"t2i {metrics.t2i_r1:.1f}){'  best' if improved else ''}")
-        if stop.requested:
+        if mean_over_ranks(float(bool(stop.requested)), world, device) > 0:
             raise stop.interrupted(f"the end of epoch {epoch}", folder)
     return {"best_rsum": best_rsum, "best_epoch": best_epoch, "last": folder.last, "best": folder.best}

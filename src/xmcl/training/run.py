@@ -217,12 +217,14 @@ class StopSignals:
 
 class StepLogger:
     """A run's progress bar, its JSONL log (``log.jsonl``: one record per line, flushed) and its curves. The log is
-    cut back to ``keep_bytes`` (the length a resumed checkpoint recorded; 0 for a fresh run)."""
+    cut back to ``keep_bytes`` (the length a resumed checkpoint recorded; 0 for a fresh run). ``writes=False`` (the
+    ranks other than 0 of a data-parallel run): no file is touched and nothing is shown."""
 
-    def __init__(self, folder: RunFolder, progress: bool, keep_bytes: int = 0) -> None:
-        self.folder, self.progress = folder, progress
+    def __init__(self, folder: RunFolder, progress: bool, keep_bytes: int = 0, writes: bool = True) -> None:
+        self.folder, self.progress, self.writes = folder, progress and writes, writes
         self.jsonl = JsonlLogger(folder.log)
-        self.jsonl.truncate(keep_bytes)
+        if writes:
+            self.jsonl.truncate(keep_bytes)
 
     def bar(self, iterable: Iterable, total: int, initial: int, desc: str, unit: str = "step") -> tqdm:
         """A progress bar over ``iterable`` (hidden when the run has no progress output)."""
@@ -231,7 +233,8 @@ class StepLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record to the JSONL log."""
-        self.jsonl.log(record)
+        if self.writes:
+            self.jsonl.log(record)
 
     def size(self) -> int:
         """The log's length in bytes (saved in checkpoints as ``log_bytes``)."""
@@ -244,4 +247,5 @@ class StepLogger:
 
     def plot(self) -> None:
         """Redraw ``curves.png`` from the log."""
-        plot_curves(self.folder.log, self.folder.curves)
+        if self.writes:
+            plot_curves(self.folder.log, self.folder.curves)
