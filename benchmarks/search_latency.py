@@ -241,6 +241,7 @@ def measure_dimension(args: argparse.Namespace, dim: int, budget: int) -> dict:
     del exact
 
     plan = vectors.choose_index(args.n, dim, budget)
+    vectors.set_search_threads(os.cpu_count() or 1)  # the build trains on every thread (the timing above set one)
     index, report = vectors.build_and_tune(data, plan, target=0.95, sample=500, seed=args.seed)
     tuning = report["tuning"]
     vectors.set_search_threads(os.cpu_count() or 1)
