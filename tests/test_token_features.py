@@ -48,7 +48,7 @@ def corpus(tmp_path_factory):
 def test_training_on_cached_token_features_gives_the_live_frozen_models_loss(corpus):
     feats, bert = corpus
     extract_corpus_token_features(feats, ("train",), str(bert), feats, batch_size=3, device="cpu")
-    split = attach_token_features(read_precomputed(feats, "train"), feats, str(bert))
+    (split,) = attach_token_features([read_precomputed(feats, "train")], feats, str(bert))
     assert split.token_features.dtype == np.float16 and split.token_features.shape == (8, max(len(c.split()) for c in CAPTIONS) + 2, 8)
     common = dict(embed_dim=16, region_dim=6, text_encoder="bert", text_model=str(bert), sge_dropout=0.0,
                   queue_size=8, momentum=0.9)
@@ -102,4 +102,4 @@ def test_a_run_with_another_text_model_is_refused_naming_the_weights(corpus, tmp
     extract_corpus_token_features(feats, ("train",), str(bert), feats, batch_size=4, device="cpu")
     other = save_tiny_bert(tmp_path / "other_bert", 1)
     with pytest.raises(CheckpointError, match="weights_sha256"):
-        attach_token_features(read_precomputed(feats, "train"), feats, str(other))
+        attach_token_features([read_precomputed(feats, "train")], feats, str(other))

@@ -170,7 +170,7 @@ def embed_checkpoint(checkpoint: Path, data_path: Path | None, split: str, devic
     folder = data_path if data_path is not None else cfg.data.path
     corpus = open_split(folder, split, key=None if data_path is not None else f"data.path of {checkpoint}")
     if cfg.model.text_input == "token_features":  # locked text: the cached states beside the features
-        corpus = attach_token_features(corpus, folder, cfg.model.text_model)
+        (corpus,) = attach_token_features([corpus], folder, cfg.model.text_model)
     check_input(corpus, cfg.model)
     check_corpus_features(state, corpus, str(checkpoint), allow_feature_mismatch)
     guides = split_guides(cfg.model, corpus, torch_device, compute_missing=True,

@@ -14,6 +14,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -143,18 +144,21 @@ def extract_corpus_token_features(data_path: Path, splits: tuple[str, ...], text
                                        batch_size, resolve_device(device)) for split in splits]
 
 
-def attach_token_features(split: CaptionSplit, folder: Path | str, text_model: str | None) -> CaptionSplit:
-    """``split`` with ``token_features`` = the memory-mapped (M, L, H) cache in ``folder``, after checking that
-    ``text_model`` (the run's, None = the installed MiniLM) is the one that made it and that the cache's captions
-    are the split's, in order; ``CheckpointError`` / ``DataError`` naming both sides otherwise."""
+def attach_token_features(splits: Sequence[CaptionSplit], folder: Path | str, text_model: str | None
+                          ) -> list[CaptionSplit]:
+    """``splits`` each with ``token_features`` = its memory-mapped (M, L, H) cache in ``folder``, after checking
+    once that ``text_model`` (the run's, None = the installed MiniLM) is the one that made the cache, and for each
+    split that the cache's captions are the split's, in order; ``CheckpointError`` / ``DataError`` naming both
+    sides otherwise."""
     folder = Path(folder)
     recorded = read_text_manifest(folder)
     _, _, _, run_manifest = load_text_model(text_model)
     check_features_match(recorded, run_manifest, str(folder / TEXT_FEATURES_MANIFEST),
                          f"the run's text model ({run_manifest.model})", flag="another features folder")
-    cached = read_precomputed(folder, text_split_name(split.name))
-    if cached.captions != [" ".join(c.splitlines()) for c in split.captions]:
-        raise DataError(f"{folder}/{text_split_name(split.name)}_caps.txt: the cached captions are not those of "
-                        f"{split.source} (split '{split.name}'); rebuild the token features")
-    split.token_features = cached.region_features
-    return split
+    for split in splits:
+        cached = read_precomputed(folder, text_split_name(split.name))
+        if cached.captions != [" ".join(c.splitlines()) for c in split.captions]:
+            raise DataError(f"{folder}/{text_split_name(split.name)}_caps.txt: the cached captions are not those of "
+                            f"{split.source} (split '{split.name}'); rebuild the token features")
+        split.token_features = cached.region_features
+    return list(splits)

@@ -114,8 +114,8 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     train_split = open_split(cfg.data.path, cfg.data.train_split, key="data.path")
     val_split = open_split(cfg.data.path, cfg.data.val_split, key="data.path")
     if cfg.model.text_input == "token_features":  # locked text: the frozen model's cached states
-        train_split = attach_token_features(train_split, cfg.data.path, cfg.model.text_model)
-        val_split = attach_token_features(val_split, cfg.data.path, cfg.model.text_model)
+        train_split, val_split = attach_token_features([train_split, val_split], cfg.data.path,
+                                                       cfg.model.text_model)
     if cfg.data.val_max_images:
         val_split = val_split.subset(np.arange(min(cfg.data.val_max_images, val_split.num_images)))
     check_input(train_split, cfg.model)
