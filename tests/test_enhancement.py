@@ -126,3 +126,16 @@ def test_sge_gradients_do_not_reach_pads():
     sge(local, lengths)[torch.arange(len(LENGTHS)), 0].sum().backward()
     for b, n in enumerate(LENGTHS):
         assert torch.all(local.grad[b, n:] == 0)
+
+
+def test_sge_without_padding_equals_the_masked_path_in_training():
+    torch.manual_seed(3)
+    sge = SGE(5, dropout=0.0).train()
+    local = torch.randn(3, 4, 5)
+    lengths = torch.full((3,), 4)
+    padded = torch.cat([local, torch.full((3, 1, 5), 9.0)], dim=1)  # one pad column: the gather path runs
+    twin = SGE(5, dropout=0.0).train()
+    twin.load_state_dict(sge.state_dict())
+    torch.testing.assert_close(sge(local, lengths), twin(padded, lengths)[:, :4])
+    torch.testing.assert_close(sge.local_branch[1].running_mean, twin.local_branch[1].running_mean)
+    torch.testing.assert_close(sge.local_branch[1].running_var, twin.local_branch[1].running_var)

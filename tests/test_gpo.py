@@ -119,3 +119,21 @@ def test_padded_positions_receive_no_gradient():
 def test_unknown_pooling_is_a_config_error():
     with pytest.raises(ConfigError, match="'avg'"):
         build_pooling("avg")
+
+
+def test_gpo_weights_and_their_gradients_equal_one_recurrence_per_row_when_lengths_repeat():
+    torch.manual_seed(5)
+    gpo = GPO()
+    lengths = torch.tensor([4, 7, 4, 4, 7, 2])
+    weights = gpo.pool_weights(lengths, 7)
+    (weights * torch.arange(42.0).view(6, 7)).sum().backward()
+    fast = [p.grad.clone() for p in gpo.parameters()]
+    gpo.zero_grad()
+    pe = positional_encoding(7, 32).expand(6, 7, 32)  # every row through the BiGRU, as one batch of six
+    scores = gpo.scorer(gpo.gru(pe, lengths)).squeeze(-1).masked_fill(
+        torch.arange(7)[None, :] >= lengths[:, None], float("-inf"))
+    reference = torch.softmax(scores / 0.1, dim=1)
+    (reference * torch.arange(42.0).view(6, 7)).sum().backward()
+    torch.testing.assert_close(weights, reference, atol=1e-6, rtol=1e-5)
+    for got, expected in zip(fast, (p.grad for p in gpo.parameters())):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

@@ -73,6 +73,8 @@ def test_projection_head_normalises_over_valid_locals_only():
     for b, n in enumerate(lengths.tolist()):
         assert torch.all(out[b, n:] == 0)
     assert head(torch.randn(5, 6)).shape == (5, 4)  # no lengths: every row is a location
+    full, one_pad = torch.full((3,), 3), torch.cat([x, torch.full((3, 1, 6), 50.0)], dim=1)
+    torch.testing.assert_close(head(x, full), head(one_pad, full)[:, :3])  # unpadded path = masked path
 
 
 # ---------------------------------------------------------------- encoders

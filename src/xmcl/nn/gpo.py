@@ -66,14 +66,19 @@ class GPO(nn.Module):
         self.scorer = nn.Linear(d_hidden, 1, bias=False)
 
     def pool_weights(self, lengths: Tensor, max_len: int) -> Tensor:
-        """``(B, max_len)`` weights over ranks: softmax over the first ``lengths[b]`` ranks, 0 beyond."""
+        """``(B, max_len)`` weights over ranks: softmax over the first ``lengths[b]`` ranks, 0 beyond.
+
+        The weights depend on ``n`` alone, so the BiGRU runs once per distinct length (a batch of 49-cell grids
+        is one sequence, not B) and each row takes the weights of its length.
+        """
         device = self.scorer.weight.device
-        mask = length_mask(lengths.to(device), max_len)
+        distinct, row_of = torch.unique(lengths.to(device), return_inverse=True)
+        mask = length_mask(distinct, max_len)
         pe = positional_encoding(max_len, self.d_pe, device=device)
-        pe = pe.to(self.scorer.weight.dtype).expand(lengths.size(0), max_len, self.d_pe)
-        scores = self.scorer(self.gru(pe, lengths)).squeeze(-1)
+        pe = pe.to(self.scorer.weight.dtype).expand(distinct.size(0), max_len, self.d_pe)
+        scores = self.scorer(self.gru(pe, distinct)).squeeze(-1)
         scores = scores.masked_fill(~mask, float("-inf"))
-        return torch.softmax(scores / self.temperature, dim=1)
+        return torch.softmax(scores / self.temperature, dim=1)[row_of]
 
     def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
         max_len = features.size(1)

@@ -48,10 +48,10 @@ class ProjectionHead(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
-        if lengths is None:
+        mask = None if lengths is None else length_mask(lengths.to(x.device), x.size(1))
+        if mask is None or bool(mask.all()):  # nothing padded: no gather and scatter
             flat = x.reshape(-1, x.size(-1))
             return (self.fc(flat) + self.mlp(flat)).reshape(*x.shape[:-1], self.out_dim)
-        mask = length_mask(lengths.to(x.device), x.size(1))
         valid = x[mask]  # (N_valid, D_in): the only rows the normalisation sees
         projected = self.fc(valid) + self.mlp(valid)
         out = projected.new_zeros(*mask.shape, self.out_dim)

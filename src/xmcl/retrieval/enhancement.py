@@ -55,6 +55,9 @@ class SGE(nn.Module):
         mask = length_mask(lengths.to(local.device), local.size(1))
         mean = local.masked_fill(~mask.unsqueeze(-1), 0).sum(1) / mask.sum(1, keepdim=True).to(local.dtype)
         gate = self.global_branch(mean)  # (B, d)
+        if bool(mask.all()):  # nothing padded: every (b, i) is valid, no gather and scatter
+            hidden = self.local_branch(local.reshape(-1, local.size(-1))).view_as(local)  # BN over (B * R, d)
+            return torch.softmax(self.scorer(hidden * gate.unsqueeze(1)).squeeze(-1), dim=1)
         rows = mask.nonzero(as_tuple=True)  # the valid (b, i) pairs: BN sees only these
         scores_valid = self.scorer(self.local_branch(local[rows]) * gate[rows[0]]).squeeze(-1)
         scores = scores_valid.new_full(mask.shape, float("-inf"))
