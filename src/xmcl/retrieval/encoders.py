@@ -21,6 +21,7 @@ from xmcl.errors import CheckpointError, ConfigError, DataError
 from xmcl.nn.backbones import build_image_backbone, set_trainable
 from xmcl.nn.gpo import build_pooling
 from xmcl.nn.heads import ProjectionHead
+from xmcl.nn.pca import FrozenPCA
 from xmcl.nn.sequence import BiGRU, length_mask
 from xmcl.retrieval.cge import CGE
 from xmcl.retrieval.config import RetrievalModelConfig
@@ -57,16 +58,20 @@ class ImageEncoder(nn.Module):
     """``forward(inputs, lengths=None, clip=None) -> (B, embed_dim)`` unit vectors.
 
     Without a backbone, ``inputs`` are region features ``(B, R, local_dim)`` and ``lengths (B,)`` the valid
-    counts (None = all R valid). With one, ``inputs`` are images ``(B, 3, H, W)`` and ``lengths`` must be None.
+    counts (None = all R valid); with a ``reduction`` (a frozen PCA to ``local_dim``) they may also be the raw
+    ``(B, R, reduction.in_dim)`` features, which it projects first (``reduce`` does that alone, so that a caller
+    running two encoders on one batch projects once). With a backbone, ``inputs`` are images ``(B, 3, H, W)`` and
+    ``lengths`` must be None.
     The raw locals go through SGE (``sge_on="raw"``; ``"joint"``: after the projection), then CGE guided by
     ``clip (B, clip_dim)`` (required when ``cge`` is set).
     """
 
     def __init__(self, local_dim: int, embed_dim: int, pooling: str = "gpo", sge: SGE | None = None,
                  backbone: nn.Module | None = None, grid_drop: float = 0.0, cge: CGE | None = None,
-                 head: ProjectionHead | None = None, sge_on: str = "raw") -> None:
+                 head: ProjectionHead | None = None, sge_on: str = "raw", reduction: FrozenPCA | None = None) -> None:
         super().__init__()
         self.local_dim = local_dim
+        self.reduction = reduction
         self.backbone = backbone
         self.grid_drop = grid_drop
         self.sge = sge
@@ -87,12 +92,20 @@ class ImageEncoder(nn.Module):
             if self.training and self.grid_drop > 0:
                 return drop_grid_cells(local, self.grid_drop)
             return local, torch.full((local.size(0),), local.size(1), device=local.device, dtype=torch.long)
+        inputs = self.reduce(inputs)
         if inputs.dim() != 3 or inputs.size(-1) != self.local_dim:
-            raise DataError(f"the image encoder expects region features (B, R, {self.local_dim}), "
+            widths = f"{self.reduction.in_dim} or {self.local_dim}" if self.reduction is not None else self.local_dim
+            raise DataError(f"the image encoder expects region features (B, R, {widths}), "
                             f"got shape {tuple(inputs.shape)}")
         if lengths is None:
             lengths = torch.full((inputs.size(0),), inputs.size(1), dtype=torch.long)
         return inputs, lengths.to(inputs.device)
+
+    def reduce(self, inputs: Tensor) -> Tensor:
+        """Raw region features projected by the frozen PCA; anything else (images, reduced features) unchanged."""
+        if self.reduction is None or self.backbone is not None or inputs.size(-1) != self.reduction.in_dim:
+            return inputs
+        return self.reduction(inputs)
 
     def forward(self, inputs: Tensor, lengths: Tensor | None = None, clip: Tensor | None = None) -> Tensor:
         local, lengths = self.local_features(inputs, lengths)
@@ -197,8 +210,11 @@ class TextEncoder(nn.Module):
 
 def build_image_encoder(cfg: RetrievalModelConfig) -> ImageEncoder:
     """The image tower ``cfg`` describes (the backbone from ``xmcl.nn.backbones`` when ``image_input="images"``)."""
-    backbone = None
+    backbone = reduction = None
     local_dim = cfg.region_dim
+    if cfg.region_pca_dim is not None:
+        reduction = FrozenPCA(cfg.region_dim, cfg.region_pca_dim)
+        local_dim = cfg.region_pca_dim
     if cfg.image_input == "images":
         backbone = build_image_backbone(cfg.backbone, cfg.backbone_weights)
         set_trainable(backbone, cfg.backbone_trainable)
@@ -208,7 +224,7 @@ def build_image_encoder(cfg: RetrievalModelConfig) -> ImageEncoder:
     cge = CGE(cfg.clip_dim, local_dim, cfg.cge_lambda) if cfg.cge else None
     head = ProjectionHead(local_dim, cfg.embed_dim, cfg.head_hidden_dim, cfg.head_init)
     return ImageEncoder(local_dim, cfg.embed_dim, cfg.pooling, sge, backbone, cfg.grid_drop, cge, head,
-                        cfg.image_sge_on)
+                        cfg.image_sge_on, reduction)
 
 
 def build_text_encoder(cfg: RetrievalModelConfig, vocab_size: int | None = None) -> TextEncoder:

@@ -12,7 +12,7 @@ baseline / "USER without queue" setting).
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ from xmcl.contrast import (
     make_key_encoder,
     momentum_update,
 )
-from xmcl.errors import DataError
+from xmcl.errors import ConfigError, DataError
 from xmcl.nn.global_batchnorm import set_world
 from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig
 from xmcl.retrieval.encoders import build_image_encoder, build_text_encoder
@@ -98,6 +98,7 @@ class USERModel(nn.Module):
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The loss dict (``"loss"`` plus its parts); in training mode the batch's keys are then queued."""
         image_inputs, region_lengths = _image_inputs(batch)
+        image_inputs = self.image_encoder.reduce(image_inputs)  # the frozen PCA, once for the online and key towers
         tokens, token_lengths = self.text_inputs(batch), _require(batch, "token_lengths")
         clip_image, clip_text = batch.get("clip_image"), batch.get("clip_text")
         img = self.image_encoder(image_inputs, region_lengths, clip_image)
@@ -119,6 +120,17 @@ class USERModel(nn.Module):
             self.image_queue.enqueue(gather_no_grad(img_key, self.world), queued_ids)
             self.text_queue.enqueue(gather_no_grad(txt_key, self.world), queued_ids)
         return losses
+
+    @torch.no_grad()
+    def fit_region_reduction(self, blocks: Iterable[Tensor]) -> None:
+        """Fit the image tower's frozen PCA (``cfg.region_pca_dim``) on ``blocks`` of raw region rows ``(n, region_dim)``
+        (the training split's features); the key encoder gets the same projection."""
+        reduction = self.image_encoder.reduction
+        if reduction is None:
+            raise ConfigError("model.region_pca_dim is not set: this model has no PCA projection to fit")
+        reduction.fit(blocks)
+        if self.image_key_encoder is not None:
+            self.image_key_encoder.reduction.load_state_dict(reduction.state_dict())
 
     def text_inputs(self, batch: Mapping[str, Tensor]) -> Tensor:
         """What the text tower reads from a batch: ``token_features`` (locked text) or ``tokens``."""

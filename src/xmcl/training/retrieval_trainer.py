@@ -24,17 +24,20 @@ is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from xmcl.data.batches import CaptionPairs, Collate
+from xmcl.data.corpus import CaptionSplit
 from xmcl.data.open import open_split
 from xmcl.data.text import Vocabulary
 from xmcl.errors import CheckpointError, TrainingStalled
@@ -89,6 +92,27 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, max_st
     if len(batches) > 1 and len(batches[-1]) < 2:
         batches.pop()
     return batches[:max_steps] if max_steps else batches
+
+
+def region_rows(split: CaptionSplit, images_per_block: int = 256) -> Iterator[torch.Tensor]:
+    """Every region row of ``split``'s precomputed features, as float32 blocks ``(images x R, D)``."""
+    features = split.region_features
+    for start in range(0, features.shape[0], images_per_block):
+        block = np.array(features[start: start + images_per_block], dtype=np.float32)
+        yield torch.from_numpy(block.reshape(-1, block.shape[-1]))
+
+
+@torch.no_grad()
+def project_regions(split: CaptionSplit, reduction: torch.nn.Module, images_per_block: int = 256) -> CaptionSplit:
+    """``split`` with its region features replaced by their frozen projection (float32, in memory), computed once so
+    that no training step pays for it (the image tower takes projected features as they are)."""
+    features = split.region_features
+    out = np.empty((*features.shape[:2], reduction.out_dim), dtype=np.float32)
+    device = reduction.mean.device
+    for start, block in zip(range(0, features.shape[0], images_per_block), region_rows(split, images_per_block)):
+        projected = reduction(block.to(device)).cpu().numpy()
+        out[start: start + images_per_block] = projected.reshape(-1, features.shape[1], reduction.out_dim)
+    return dataclasses.replace(split, region_features=out)
 
 
 def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = True, progress: bool = True,
@@ -147,6 +171,10 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     epoch = step_in_epoch = global_step = 0
     best_rsum, best_epoch = -math.inf, 0
     loss_sum, loss_count = 0.0, 0  # over the epoch's steps so far (a resumed epoch's mean covers them all)
+    if state is None and cfg.model.region_pca_dim is not None:  # a resumed run restores the fitted projection
+        announce(f"fitting the {cfg.model.region_dim} -> {cfg.model.region_pca_dim} PCA of the region features on "
+                 f"{train_split.num_images} training images", verbose)
+        model.fit_region_reduction(region_rows(train_split))
     if state is not None:
         restore_states(state, folder.last, model=model, optimizer=optimizer, scheduler=scheduler,
                        model_stream=model_stream)
@@ -164,6 +192,8 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
                 folder.best.is_file() and filecmp.cmp(folder.last, folder.best, shallow=False)):
             # a stop between last.pt and best.pt: best.pt is this very state
             atomic_write_bytes(folder.best, lambda handle: handle.write(folder.last.read_bytes()))
+    if cfg.model.region_pca_dim is not None:
+        train_split = project_regions(train_split, model.image_encoder.reduction)
     if cfg.loss.name == "uto":
         announce("note: the UTO loss goes below zero as training succeeds (its positive term is "
                  "-log(1 + similarity)); lower is better", verbose and state is None)
