@@ -29,12 +29,16 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
 from figures import parse_with_out, write_figures
 from retrieval_quality import val_rsum_per_epoch
+from timing import repeat_seconds
+from torch.utils.flop_counter import FlopCounterMode
 
 from xmcl.config import load_config
 from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.inference import evaluate_checkpoint
+from xmcl.retrieval.model import USERModel
 from xmcl.runtime.files import atomic_write_json
 from xmcl.training.retrieval_trainer import train_retrieval
 
@@ -81,11 +85,39 @@ def one_run(args: argparse.Namespace, cfg: RetrievalTrainConfig, run_dir: Path) 
     return result
 
 
+def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """This machine's bare GEMM rate (GFLOP/s) at torch's thread count: the median of ``size``-cube float32 products."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size ** 3 / statistics.median(repeat_seconds(lambda: a @ b, repeats)) / 1e9
+
+
+def step_gflop(cfg: RetrievalTrainConfig, cells: int, tokens: int) -> float:
+    """GFLOP of one training step's forward and backward (``torch.utils.flop_counter``) on a batch of the run's
+    shapes: ``optim.batch_size`` images of ``cells`` region rows (already through the frozen PCA where the run has
+    one, as the trainer hands them over) and captions of ``tokens`` cached token states."""
+    torch.manual_seed(0)
+    model = USERModel(cfg.model, cfg.loss).train()
+    width = cfg.model.region_pca_dim or cfg.model.region_dim
+    size = cfg.optim.batch_size
+    batch = {"regions": torch.randn(size, cells, width), "region_lengths": torch.full((size,), cells),
+             "token_features": torch.randn(size, tokens, cfg.model.text_feature_dim),
+             "token_lengths": torch.full((size,), tokens), "image_ids": torch.arange(size)}
+    if cfg.model.region_pca_dim:
+        model.fit_region_reduction([torch.randn(2 * cfg.model.region_dim, cfg.model.region_dim)])
+    with FlopCounterMode(display=False) as counter:
+        model(batch)["loss"].backward()
+    return counter.get_total_flops() / 1e9
+
+
 def estimate(args: argparse.Namespace) -> dict:
     """Seconds per training step of each variant: a run of 1 + ``--estimate-steps`` steps less a run of 1 step,
-    over ``--estimate-steps`` (start-up and validation cancel; one untimed run first loads everything once), and the implied wall time of a full run of
-    ``--estimate-captions`` // batch x epochs steps (validation not counted)."""
-    out = {}
+    over ``--estimate-steps`` (start-up and validation cancel; one untimed run first loads everything once), and the
+    implied wall time of a full run of ``--estimate-captions`` // batch x epochs steps (validation not counted).
+    Beside it the FLOP bound: the step's GFLOP (``step_gflop``, 49 cells and ``--estimate-tokens`` tokens) over the
+    measured bare GEMM rate."""
+    rate = gemm_gflops()
+    print(f"bare GEMM rate {rate:.1f} GFLOP/s on {torch.get_num_threads()} threads", flush=True)
+    out = {"gemm_gflops": rate}
     warm = run_config(args, 0, VARIANTS[args.variants[0]] + ["optim.max_steps_per_epoch=1", "optim.epochs=1",
                                                              "data.val_max_images=8"])
     train_retrieval(warm, args.out / "estimate" / "warm-up", overwrite=True, resume=False, progress=False)
@@ -99,8 +131,11 @@ def estimate(args: argparse.Namespace) -> dict:
             seconds.append(time.perf_counter() - tic)
         per_step = (seconds[1] - seconds[0]) / args.estimate_steps
         steps = args.estimate_captions // cfg.optim.batch_size * args.epochs
-        out[name] = {"seconds_per_step": per_step, "steps": steps, "run_minutes": per_step * steps / 60}
-        print(f"{name}: {per_step:.3f} s/step -> {per_step * steps / 60:.1f} min for {steps} steps", flush=True)
+        gflop = step_gflop(cfg, 49, args.estimate_tokens)
+        out[name] = {"seconds_per_step": per_step, "steps": steps, "run_minutes": per_step * steps / 60,
+                     "step_gflop": gflop, "flop_bound_seconds": gflop / rate}
+        print(f"{name}: {per_step:.3f} s/step (FLOP bound {gflop / rate:.3f} s: {gflop:.1f} GFLOP) -> "
+              f"{per_step * steps / 60:.1f} min for {steps} steps", flush=True)
     return out
 
 
@@ -152,6 +187,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only time this many steps per variant and print the full run's wall time")
     parser.add_argument("--estimate-captions", type=int, default=30000,
                         help="training captions of the full run (Flickr8K train: 30,000)")
+    parser.add_argument("--estimate-tokens", type=int, default=14,
+                        help="caption length of the FLOP count (Flickr8K captions: about 12 words, 14 tokens)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override applied to every run")
     return parse_with_out(parser, "rq_converged", naming=["data"], argv=argv)

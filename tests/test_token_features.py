@@ -103,3 +103,33 @@ def test_a_run_with_another_text_model_is_refused_naming_the_weights(corpus, tmp
     other = save_tiny_bert(tmp_path / "other_bert", 1)
     with pytest.raises(CheckpointError, match="weights_sha256"):
         attach_token_features([read_precomputed(feats, "train")], feats, str(other))
+
+
+def test_a_locked_text_run_with_the_region_pca_trains_resumes_and_evaluates(corpus, tmp_path):
+    from xmcl.config import load_config
+    from xmcl.metrics.retrieval import evaluate_embeddings
+    from xmcl.retrieval.config import RetrievalTrainConfig
+    from xmcl.retrieval.inference import encode_split, evaluate_checkpoint, load_trained
+    from xmcl.training.retrieval_trainer import train_retrieval
+
+    feats, bert = corpus
+    extract_corpus_token_features(feats, ("train",), str(bert), feats, batch_size=3, device="cpu")
+
+    def config(epochs):
+        return load_config(RetrievalTrainConfig, None, [
+            f"data.path={feats}", "data.val_split=train", "data.augment_captions=false", "model.embed_dim=8",
+            "model.region_dim=6", "model.region_pca_dim=4", "model.text_input=token_features",
+            "model.text_feature_dim=8", f"model.text_model={bert}", "model.queue_size=8", "model.sge_dropout=0.0",
+            "optim.batch_size=4", f"optim.epochs={epochs}", "optim.lr_decay_epochs=[1]"])
+
+    straight = train_retrieval(config(2), tmp_path / "straight", progress=False)
+    train_retrieval(config(1), tmp_path / "resumed", progress=False)
+    resumed = train_retrieval(config(2), tmp_path / "resumed", progress=False)
+    assert resumed["best_rsum"] == straight["best_rsum"]
+    # evaluating the checkpoint gives the run's own best validation rSum, and the one of a direct encoding
+    model, tokenizer, cfg = load_trained(tmp_path / "straight" / "best.pt", torch.device("cpu"))
+    (split,) = attach_token_features([read_precomputed(feats, "train")], feats, str(bert))
+    img, txt = encode_split(model, split, tokenizer, None, torch.device("cpu"))
+    want = evaluate_embeddings(img, txt, split.caption_image, protocols=("all",))["all"]
+    got = evaluate_checkpoint(tmp_path / "straight" / "best.pt", feats, "train", ("all",))["all"]
+    assert got.rsum == pytest.approx(want.rsum) and got.rsum == pytest.approx(straight["best_rsum"])
