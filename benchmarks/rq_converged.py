@@ -12,8 +12,10 @@ Variants (on top of ``--config``, default ``flickr8k_locked``):
 ``--sweep``: UTO's gamma in {0.2, 0.3, 0.5} x mu in {30, 90} for ``user`` on seed 0 only.
 
 One training run at a time, each into OUT/VARIANT/seedS (resumed from its last.pt; a run whose result.json exists
-is skipped), so the whole comparison resumes across sessions. Each run's result.json: best-validation-checkpoint
-R@1/5/10 both ways and rSum on --split, best epoch, per-epoch val rSum, train seconds. Prints mean +- std per
+is skipped; with ``--keep DIR`` finished results are also copied to DIR/VARIANT/seedS.json and read from there, so
+the comparison resumes in a fresh checkout). Each run's result.json: best-validation-checkpoint R@1/5/10 both ways
+and rSum on --split, best epoch, per-epoch val rSum, train seconds, the code commit, threads and the whole
+configuration. Prints mean +- std per
 variant, writes OUT/figures.json and OUT/curves.png (per-epoch val rSum, one line per run).
 
   python benchmarks/rq_converged.py --data runs/f8k_feats --seeds 0 1 2
@@ -24,18 +26,20 @@ variant, writes OUT/figures.json and OUT/curves.png (per-epoch val rSum, one lin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from figures import parse_with_out, write_figures
+from figures import CODE_VERSION, parse_with_out, write_figures
 from retrieval_quality import val_rsum_per_epoch
 from timing import repeat_seconds
 from torch.utils.flop_counter import FlopCounterMode
 
 from xmcl.config import load_config
+from xmcl.errors import TrainingStalled
 from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.inference import evaluate_checkpoint
 from xmcl.retrieval.model import USERModel
@@ -70,18 +74,28 @@ def run_config(args: argparse.Namespace, seed: int, overrides: list[str]) -> Ret
     return load_config(RetrievalTrainConfig, args.config, common + overrides + args.overrides)
 
 
-def one_run(args: argparse.Namespace, cfg: RetrievalTrainConfig, run_dir: Path) -> dict:
-    """Train (resuming) into ``run_dir`` and write its ``result.json``; a run that has one is read, not rerun."""
+def one_run(args: argparse.Namespace, cfg: RetrievalTrainConfig, run_dir: Path, kept: Path | None) -> dict:
+    """Train (resuming) into ``run_dir`` and write its ``result.json`` (and a copy to ``kept`` when given); a run whose
+    result is in either place is read, not rerun."""
     result_path = run_dir / RESULT
-    if result_path.is_file():
-        return json.loads(result_path.read_text(encoding="utf-8"))
+    for path in (result_path, kept):
+        if path is not None and path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
     tic = time.perf_counter()
-    summary = train_retrieval(cfg, run_dir)
-    metrics = evaluate_checkpoint(run_dir / "best.pt", args.data, args.split, ("all",))["all"]
-    result = {"metrics": metrics.as_dict(), "best_epoch": summary["best_epoch"],
-              "train_seconds_this_session": time.perf_counter() - tic,
-              "val_rsum_per_epoch": val_rsum_per_epoch(run_dir / "log.jsonl")}
+    record = {"code": CODE_VERSION, "threads": torch.get_num_threads(), "config": dataclasses.asdict(cfg)}
+    try:
+        summary = train_retrieval(cfg, run_dir)
+    except TrainingStalled as error:  # UTO without a warm-up can fail to start from an init: reported per seed
+        result = {"stalled": str(error), **record}
+    else:
+        metrics = evaluate_checkpoint(run_dir / "best.pt", args.data, args.split, ("all",))["all"]
+        result = {"metrics": metrics.as_dict(), "best_epoch": summary["best_epoch"],
+                  "train_seconds_this_session": time.perf_counter() - tic,
+                  "val_rsum_per_epoch": val_rsum_per_epoch(run_dir / "log.jsonl"), **record}
     atomic_write_json(result_path, result)
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(kept, result)
     return result
 
 
@@ -147,6 +161,8 @@ def plot_curves(results: dict[str, dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run, result in results.items():
+        if "stalled" in result:
+            continue
         curve = result["val_rsum_per_epoch"]
         ax.plot([int(e) for e in curve], list(curve.values()), label=run, linewidth=1)
     ax.set_xlabel("epoch")
@@ -158,11 +174,13 @@ def plot_curves(results: dict[str, dict], path: Path) -> None:
 
 
 def summarise(results: dict[str, dict], runs: list[tuple[str, int, list[str]]]) -> dict[str, dict]:
-    """Mean and standard deviation (n - 1; 0 for one run) over seeds of each variant's figures."""
+    """Mean and standard deviation (n - 1; 0 for one run) over seeds of each variant's figures, and the seeds whose
+    run stalled at its first step (``stalled_seeds``, left out of the figures)."""
     table: dict[str, dict] = {}
     for name in dict.fromkeys(name for name, _, _ in runs):
-        metrics = [results[f"{name}/seed{seed}"]["metrics"] for n, seed, _ in runs if n == name]
-        table[name] = {}
+        done = {seed: results[f"{name}/seed{seed}"] for n, seed, _ in runs if n == name}
+        metrics = [result["metrics"] for result in done.values() if "metrics" in result]
+        table[name] = {"stalled_seeds": [seed for seed, result in done.items() if "stalled" in result]}
         for key in ("rsum", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
             values = [float(m[key]) for m in metrics if key in m]
             if values:
@@ -189,6 +207,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="training captions of the full run (Flickr8K train: 30,000)")
     parser.add_argument("--estimate-tokens", type=int, default=14,
                         help="caption length of the FLOP count (Flickr8K captions: about 12 words, 14 tokens)")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="also copy each finished run's result here (a tracked folder), and read finished runs "
+                             "from it: the comparison then resumes in a fresh checkout")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override applied to every run")
     return parse_with_out(parser, "rq_converged", naming=["data"], argv=argv)
@@ -203,12 +224,21 @@ def main() -> None:
     results: dict[str, dict] = {}
     for name, seed, overrides in runs:
         key = f"{name}/seed{seed}"
-        results[key] = one_run(args, run_config(args, seed, overrides), args.out / name / f"seed{seed}")
+        kept = args.keep / name / f"seed{seed}.json" if args.keep else None
+        results[key] = one_run(args, run_config(args, seed, overrides), args.out / name / f"seed{seed}", kept)
+        if "stalled" in results[key]:
+            print(f"{key}: stalled at its first step ({results[key]['stalled']})", flush=True)
+            continue
         m = results[key]["metrics"]
         print(f"{key}: rSum {m['rsum']:.1f} (best epoch {results[key]['best_epoch']})", flush=True)
     table = summarise(results, runs)
     for name, row in table.items():
-        print(f"{name:14s} rSum {row['rsum']['mean']:7.2f} +- {row['rsum']['std']:.2f} (n={row['rsum']['n']})")
+        stalled = f", stalled seeds {row['stalled_seeds']}" if row["stalled_seeds"] else ""
+        if "rsum" in row:
+            print(f"{name:14s} rSum {row['rsum']['mean']:7.2f} +- {row['rsum']['std']:.2f} (n={row['rsum']['n']})"
+                  f"{stalled}")
+        else:
+            print(f"{name:14s} no finished run{stalled}")
     plot_curves(results, args.out / "curves.png")
     write_figures(args.out, "rq_converged", args, {"split": args.split, "sweep": args.sweep, "runs": results,
                                                    "summary": table})
