@@ -460,3 +460,29 @@ def test_config_switch_defaults_off_and_errors_name_the_key():
         UTOLoss(tolerance="hard")
     with pytest.raises(ConfigError, match="does not take"):
         build_retrieval_loss("hinge", tolerance="soft")
+
+
+def test_a_tolerant_run_trains_resumes_and_evaluates_from_its_checkpoint(tmp_path):
+    """Through the trainer: a tolerant USER run (quantile + balance, region means) stops after epoch 1 and resumes
+    to the weights and semantic queue of an uninterrupted run; its checkpoint evaluates."""
+    from test_train_retrieval import tiny_config as run_config
+    from test_train_retrieval import write_corpus
+
+    from xmcl.retrieval.inference import evaluate_checkpoint
+    from xmcl.runtime.checkpoint import read_checkpoint
+    from xmcl.training.retrieval_trainer import train_retrieval
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    corpus = write_corpus(root, {"train": 20, "val": 6})
+    switch = ["loss.tolerance=quantile", "loss.tolerance_q=0.2", "loss.balance=true"]
+    straight = train_retrieval(run_config(corpus, *switch), tmp_path / "straight", progress=False)
+    train_retrieval(run_config(corpus, *switch, "optim.epochs=1"), tmp_path / "split", progress=False)
+    resumed = train_retrieval(run_config(corpus, *switch), tmp_path / "split", progress=False)
+    a, b = read_checkpoint(straight["last"])["model"], read_checkpoint(resumed["last"])["model"]
+    assert a.keys() == b.keys() and "semantic_queue.keys" in a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert torch.equal(a["semantic_queue.ids"], a["image_queue.ids"])
+    metrics = evaluate_checkpoint(straight["best"], None, "val", ("all",), device="cpu")["all"]
+    assert 0.0 <= metrics.as_dict()["rsum"] <= 600.0
