@@ -486,3 +486,19 @@ def test_a_tolerant_run_trains_resumes_and_evaluates_from_its_checkpoint(tmp_pat
     assert torch.equal(a["semantic_queue.ids"], a["image_queue.ids"])
     metrics = evaluate_checkpoint(straight["best"], None, "val", ("all",), device="cpu")["all"]
     assert 0.0 <= metrics.as_dict()["rsum"] <= 600.0
+
+
+def test_uto_warm_up_hinge_is_plain_and_the_semantic_queue_still_fills():
+    cfg = RetrievalLossConfig(tolerance="soft", balance=True, uto_warmup_epochs=1)
+    torch.manual_seed(13)
+    model = USERModel(tiny_config(), cfg, vocab_size=VOCAB).train()
+    assert model.loss.needs_semantic and not model.loss.warmup.needs_semantic
+    model.set_epoch(0)  # the hinge: semantic inputs ignored
+    batch = region_batch()
+    plain = USERModel(tiny_config(), RetrievalLossConfig(uto_warmup_epochs=1), vocab_size=VOCAB).train()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("semantic_queue")})
+    plain.set_epoch(0)
+    torch.testing.assert_close(model(batch)["loss"], plain(batch)["loss"], rtol=0, atol=0)
+    assert int(model.semantic_queue.filled) == 4
+    model.set_epoch(1)  # tolerant UTO from here
+    assert torch.isfinite(model(region_batch(seed=1))["loss"])

@@ -1,6 +1,6 @@
 """Weights derived from a frozen backbone's pooled features (ST-SLidR, Mahmoud et al. CVPR 2023).
 
-All functions take a Q x N cosine similarity s_qk = cos(z_q, c_k) between queries and candidates
+The mask and weight functions take a Q x N cosine similarity s_qk = cos(z_q, c_k) between queries and candidates
 (``semantic_similarity``) and return detached masks or weights. ``negatives`` (Q x N bool) says which candidates
 are negatives of each query at all; left None, s must be square and row i's positive is j = i (every other j is
 a negative), the superpixel case of ST-SLidR. Retrieval passes its own masks (same-id items and empty queue

@@ -132,7 +132,7 @@ class USERModel(nn.Module):
             self.image_queue.enqueue(gather_no_grad(img_key, self.world), queued_ids)
             self.text_queue.enqueue(gather_no_grad(txt_key, self.world), queued_ids)
             if self.semantic_queue is not None:
-                self.semantic_queue.enqueue(global_batch.semantic if global_batch else semantic, queued_ids)
+                self.semantic_queue.enqueue(semantic if global_batch is None else global_batch.semantic, queued_ids)
         return losses
 
     @torch.no_grad()
