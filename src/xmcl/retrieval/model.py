@@ -152,7 +152,7 @@ class USERModel(nn.Module):
                                 "(B, R, D) and (B,)")
             valid = torch.arange(regions.shape[1], device=regions.device)[None, :] < lengths[:, None]
             z = (regions * valid[..., None]).sum(dim=1) / lengths.clamp(min=1)[:, None].to(regions.dtype)
-        return F.normalize(z.detach().float(), dim=1)
+        return F.normalize(z.float(), dim=1)
 
     def text_inputs(self, batch: Mapping[str, Tensor]) -> Tensor:
         """What the text tower reads from a batch: ``token_features`` (locked text) or ``tokens``."""
