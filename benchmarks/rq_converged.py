@@ -8,6 +8,9 @@ Variants (on top of ``--config``, default ``flickr8k_locked``):
   user           UTO + SGE + momentum encoders and queues (id mask)
   user_authors   as user, key encoders as the authors run them (image key train mode, text key eval), the MLP's
                  default PyTorch init and weight decay on every parameter
+  user_tolerant  as user, with semantically tolerant batch and queue negatives (quantile q = 0.01) and
+                 class-agnostic balancing, on region-mean semantic vectors (our extension, not the paper's)
+  infonce_tolerant  as infonce, with the same tolerance and balancing
 
 ``--sweep``: UTO's gamma in {0.2, 0.3, 0.5} x mu in {30, 90} for ``user`` on seed 0 only.
 
@@ -53,6 +56,10 @@ VARIANTS: dict[str, list[str]] = {
     "user_noqueue": ["loss.name=uto", "model.sge=true", "model.use_queue=false"],
     "user": _USER,
     "user_authors": _USER + ["model.key_modes=authors", "model.head_init=pytorch", "optim.decay_all_parameters=true"],
+    "user_tolerant": _USER + ["loss.tolerance=quantile", "loss.tolerance_q=0.01", "loss.balance=true",
+                              "loss.semantic_source=regions"],
+    "infonce_tolerant": ["loss.name=infonce", "model.sge=false", "model.use_queue=false", "loss.tolerance=quantile",
+                         "loss.tolerance_q=0.01", "loss.balance=true", "loss.semantic_source=regions"],
 }
 SWEEP = [(gamma, mu) for gamma in (0.2, 0.3, 0.5) for mu in (30.0, 90.0)]
 RESULT = "result.json"

@@ -1,5 +1,6 @@
 """Data parallel on gloo: one step of a 2-process run with B pairs per rank equals a 1-process step with the 2B
-pairs (loss, parameter update, queues), for InfoNCE, the hinge (both modes) and UTO, all with momentum queues.
+pairs (loss, parameter update, queues), for InfoNCE, the hinge (both modes) and UTO, all with momentum queues, and
+for semantically tolerant UTO and InfoNCE (semantic vectors gathered, the semantic queue).
 
 Workers run in fresh processes (``torch.multiprocessing`` spawn) on 127.0.0.1 with a 60 s collective timeout.
 """
@@ -25,6 +26,9 @@ CASES = {
     "hinge_sum": (["loss.name=hinge", "loss.warmup_epochs=1"], 0),
     "hinge_hardest": (["loss.name=hinge", "loss.warmup_epochs=1"], 1),
     "uto": (["loss.name=uto", "loss.gamma=0.1", "loss.lambda_batch=2.0"], 0),
+    "uto_tolerant": (["loss.name=uto", "loss.gamma=0.1", "loss.tolerance=quantile", "loss.tolerance_q=0.2",
+                      "loss.balance=true", "loss.balance_threshold=0.3"], 0),
+    "infonce_soft": (["loss.name=infonce", "loss.tolerance=soft", "loss.balance=true"], 0),
 }
 
 
@@ -51,9 +55,10 @@ def _model(case: str) -> USERModel:
     model.set_epoch(CASES[case][1])
     # a queue that already holds keys, some of the batch's own images among them
     g = torch.Generator().manual_seed(9)
-    for queue in (model.image_queue, model.text_queue):
-        queue.enqueue(torch.nn.functional.normalize(torch.randn(7, 16, generator=g), dim=1),
-                      torch.tensor([3, 11, 12, 0, 13, 14, 15]))
+    for queue in (model.image_queue, model.text_queue, model.semantic_queue):
+        if queue is not None:  # the semantic queue: tolerant cases only
+            queue.enqueue(torch.nn.functional.normalize(torch.randn(7, queue.keys.shape[1], generator=g), dim=1),
+                          torch.tensor([3, 11, 12, 0, 13, 14, 15]))
     return model
 
 

@@ -2,8 +2,10 @@
 
 Retrieval (USER): ``build_retrieval_loss("uto" | "hinge" | "infonce", **kwargs)`` returns a module called as
 ``loss(img, txt, image_ids, img_key=None, txt_key=None, img_queue=None, txt_queue=None, queue_ids=None,
-queue_valid=None) -> {"loss", "batch", ["queue_i2t", "queue_t2i"]}``; ``MomentumQueue`` holds keys with their
-image ids; ``make_key_encoder`` / ``momentum_update`` maintain the momentum encoder.
+queue_valid=None, global_batch=None, semantic=None, queue_semantic=None) -> {"loss", "batch", ["queue_i2t",
+"queue_t2i"]}`` (UTO and InfoNCE take ``tolerance`` / ``balance``: ST-SLidR's semantic weights on retrieval);
+``MomentumQueue`` holds keys with their image ids; ``make_key_encoder`` / ``momentum_update`` maintain the
+momentum encoder.
 
 Distillation (ST-SLidR): ``STSlidrLoss(...)(points, pixels, semantic=None) -> scalar``; the weights it uses are
 exposed for inspection in ``semantic_weights``.

@@ -107,6 +107,14 @@ class RetrievalLossConfig:
     own image out of its negatives (``"keep"`` counts them, as the USER authors do). ``uto_warmup_epochs``:
     epochs of the VSE++ sum-of-violations hinge before UTO takes over (0 = none, as in the paper; see
     ``xmcl.contrast.WarmStartLoss`` for when UTO cannot start without it).
+
+    Semantic tolerance (UTO and InfoNCE only; the project's extension beyond the paper, off by default): with
+    s = cos(z_query's image, z_candidate's image) of frozen features (``semantic_source``: ``"regions"``, the mean
+    of the item's region / frozen-backbone grid features; ``"clip"``, its CLIP image embedding, needs
+    ``model.cge``), ``tolerance="quantile"`` drops each query's negatives whose 1 - clip(s, 0, 1) lies below the
+    ``tolerance_q``-quantile of its negatives', ``"soft"`` weights each negative's exp-term by 1 - clip(s, 0, 1);
+    ``balance`` weighs each query by 1 - its min-max normalised vote sum_k s_k [s_k >= ``balance_threshold``].
+    Formulas: ``xmcl.contrast.retrieval_losses``. A UTO warm-up hinge is never tolerant.
     """
 
     name: Literal["uto", "hinge", "infonce"] = "uto"
@@ -118,6 +126,16 @@ class RetrievalLossConfig:
     uto_warmup_epochs: int = 0
     temperature: float = 0.07
     queue_false_negatives: Literal["mask", "keep"] = "mask"
+    tolerance: Literal["none", "quantile", "soft"] = "none"
+    tolerance_q: float = 0.01
+    balance: bool = False
+    balance_threshold: float = 0.5
+    semantic_source: Literal["regions", "clip"] = "regions"
+
+    @property
+    def tolerant(self) -> bool:
+        """Whether the loss reads semantic vectors (tolerance or balancing on)."""
+        return self.tolerance != "none" or self.balance
 
     def __post_init__(self) -> None:
         require(self, "mu", gt=0.0)
@@ -127,6 +145,25 @@ class RetrievalLossConfig:
         require(self, "warmup_epochs", ge=0)
         require(self, "uto_warmup_epochs", ge=0)
         require(self, "temperature", gt=0.0, le=10.0)
+        require(self, "tolerance_q", ge=0.0, lt=1.0)
+        require(self, "balance_threshold", ge=-1.0, le=1.0)
+        if self.name == "hinge" and self.tolerant:
+            raise ConfigError(f"loss.tolerance='{self.tolerance}' / loss.balance={self.balance}: semantic tolerance "
+                              "applies to loss.name 'uto' and 'infonce', not 'hinge'")
+
+
+def check_semantic_source(model: RetrievalModelConfig, loss: RetrievalLossConfig) -> None:
+    """Refuse a tolerant loss whose ``loss.semantic_source`` the model cannot supply honestly."""
+    if not loss.tolerant:
+        return
+    if loss.semantic_source == "clip" and not model.cge:
+        raise ConfigError("loss.semantic_source='clip' reads the CLIP image embeddings ('clip_image'), which are "
+                          "loaded with model.cge=true only; set model.cge=true or loss.semantic_source=regions")
+    if loss.semantic_source == "regions" and model.image_input == "images" and model.backbone_trainable != "frozen":
+        raise ConfigError(f"loss.semantic_source='regions' pools a frozen backbone's features, but "
+                          f"model.image_input='images' with model.backbone_trainable='{model.backbone_trainable}' "
+                          "trains it; use model.backbone_trainable=frozen, region features or "
+                          "loss.semantic_source=clip")
 
 
 @dataclass
@@ -196,3 +233,6 @@ class RetrievalTrainConfig:
     model: RetrievalModelConfig = field(default_factory=RetrievalModelConfig)
     loss: RetrievalLossConfig = field(default_factory=RetrievalLossConfig)
     optim: RetrievalOptimConfig = field(default_factory=RetrievalOptimConfig)
+
+    def __post_init__(self) -> None:
+        check_semantic_source(self.model, self.loss)

@@ -7,7 +7,8 @@ A training step, as the trainer drives it::
     model.momentum_step()            # key encoders follow the online ones
 
 With ``use_queue=False`` there are no key encoders or queues and the loss sees the batch only (the VSE++
-baseline / "USER without queue" setting).
+baseline / "USER without queue" setting). A semantically tolerant loss (``loss.tolerance`` / ``loss.balance``)
+also gets each item's semantic vector and, with the queues, a third queue of them written beside the keys.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from typing import Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmcl.contrast import (
@@ -28,7 +30,7 @@ from xmcl.contrast import (
 )
 from xmcl.errors import ConfigError, DataError
 from xmcl.nn.global_batchnorm import set_world
-from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig
+from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig, check_semantic_source
 from xmcl.retrieval.encoders import build_image_encoder, build_text_encoder
 from xmcl.runtime.distributed import SINGLE_PROCESS, World, gather_no_grad, gather_with_grad
 
@@ -42,7 +44,9 @@ def build_loss(cfg: RetrievalLossConfig) -> RetrievalLoss | WarmStartLoss:
         "infonce": {"init_temperature": cfg.temperature},
     }
     common = {"batch_weight": cfg.lambda_batch, "queue_false_negatives": cfg.queue_false_negatives}
-    loss = build_retrieval_loss(cfg.name, **common, **specific.get(cfg.name, {}))
+    tolerant = {"tolerance": cfg.tolerance, "tolerance_q": cfg.tolerance_q, "balance": cfg.balance,
+                "balance_threshold": cfg.balance_threshold} if cfg.tolerant else {}
+    loss = build_retrieval_loss(cfg.name, **common, **tolerant, **specific.get(cfg.name, {}))
     if cfg.name != "uto" or cfg.uto_warmup_epochs == 0:
         return loss
     warmup = build_retrieval_loss("hinge", margin=cfg.margin, warmup_epochs=cfg.uto_warmup_epochs, **common)
@@ -58,7 +62,8 @@ class USERModel(nn.Module):
     ``clip_image (B, clip_dim)`` / ``clip_text (B, clip_dim)``, the frozen CLIP's embeddings of each item's image
     and caption, needed when ``cfg.cge`` / ``cfg.text_cge`` is on (SGE and CGE switch independently).
     ``vocab_size`` is needed for the BiGRU text encoder only. ``state_dict()`` holds the online and key
-    encoders and both queues (keys, ids, pointer, fill count).
+    encoders and both queues (keys, ids, pointer, fill count); with a tolerant loss and the queues, also
+    ``semantic_queue``: each queued item's semantic vector (``semantic_vectors``), same slots as the key queues.
     """
 
     def __init__(self, cfg: RetrievalModelConfig, loss_cfg: RetrievalLossConfig, vocab_size: int | None = None) -> None:
@@ -72,11 +77,17 @@ class USERModel(nn.Module):
         self.text_key_encoder: nn.Module | None = None
         self.image_queue: MomentumQueue | None = None
         self.text_queue: MomentumQueue | None = None
+        self.semantic_queue: MomentumQueue | None = None
+        check_semantic_source(cfg, loss_cfg)
+        self.semantic_source = loss_cfg.semantic_source if loss_cfg.tolerant else None
         if cfg.use_queue:
             self.image_key_encoder = make_key_encoder(self.image_encoder)
             self.text_key_encoder = make_key_encoder(self.text_encoder)
             self.image_queue = MomentumQueue(cfg.queue_size, cfg.embed_dim)
             self.text_queue = MomentumQueue(cfg.queue_size, cfg.embed_dim)
+            if self.semantic_source is not None:
+                dim = cfg.clip_dim if self.semantic_source == "clip" else self.image_encoder.local_dim
+                self.semantic_queue = MomentumQueue(cfg.queue_size, dim)
             self._set_key_modes()
 
     def train(self, mode: bool = True) -> "USERModel":
@@ -104,9 +115,10 @@ class USERModel(nn.Module):
         img = self.image_encoder(image_inputs, region_lengths, clip_image)
         txt = self.text_encoder(tokens, token_lengths, clip_text)
         image_ids = _require(batch, "image_ids").to(img.device)
-        global_batch = self._global_batch(img, txt, image_ids)
+        semantic = None if self.semantic_source is None else self.semantic_vectors(batch).to(img.device)
+        global_batch = self._global_batch(img, txt, image_ids, semantic)
         if not self.cfg.use_queue:
-            return self.loss(img, txt, image_ids, global_batch=global_batch)
+            return self.loss(img, txt, image_ids, global_batch=global_batch, semantic=semantic)
         with torch.no_grad():
             img_key = self.image_key_encoder(image_inputs, region_lengths, clip_image)
             txt_key = self.text_key_encoder(tokens, token_lengths, clip_text)
@@ -114,11 +126,14 @@ class USERModel(nn.Module):
         losses = self.loss(img, txt, image_ids, img_key=img_key, txt_key=txt_key,
                            img_queue=self.image_queue.keys.clone(), txt_queue=self.text_queue.keys.clone(),
                            queue_ids=self.image_queue.ids.clone(), queue_valid=self.image_queue.valid_mask(),
-                           global_batch=global_batch)
+                           global_batch=global_batch, semantic=semantic,
+                           queue_semantic=None if self.semantic_queue is None else self.semantic_queue.keys)
         if self.training:  # every rank writes every rank's keys, in rank order: one queue, the same everywhere
             queued_ids = gather_no_grad(image_ids, self.world)
             self.image_queue.enqueue(gather_no_grad(img_key, self.world), queued_ids)
             self.text_queue.enqueue(gather_no_grad(txt_key, self.world), queued_ids)
+            if self.semantic_queue is not None:
+                self.semantic_queue.enqueue(semantic if global_batch is None else global_batch.semantic, queued_ids)
         return losses
 
     @torch.no_grad()
@@ -132,6 +147,27 @@ class USERModel(nn.Module):
         if self.image_key_encoder is not None:
             self.image_key_encoder.reduction.load_state_dict(reduction.state_dict())
 
+    @torch.no_grad()
+    def semantic_vectors(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """(B, c) unit semantic vectors z_b of the batch's images for the tolerant loss, detached:
+        ``loss.semantic_source="clip"``: ``clip_image``; ``"regions"``: the mean of the item's valid region
+        features, z_b = normalise(sum_{r < len_b} x_br / len_b) (after the frozen PCA where the model has one: then
+        z_b is the centred mean in the PCA space), or, for images through a frozen backbone, the mean of its last
+        feature map's cells (one more backbone pass)."""
+        if self.semantic_source == "clip":
+            z = _require(batch, "clip_image")
+        elif "images" in batch:
+            z = self.image_encoder.backbone(batch["images"]).flatten(2).mean(dim=2)
+        else:
+            regions = self.image_encoder.reduce(_require(batch, "regions"))
+            lengths = _require(batch, "region_lengths").to(regions.device)
+            if regions.dim() != 3 or lengths.shape != regions.shape[:1]:
+                raise DataError(f"regions {tuple(regions.shape)} and region_lengths {tuple(lengths.shape)} must be "
+                                "(B, R, D) and (B,)")
+            valid = torch.arange(regions.shape[1], device=regions.device)[None, :] < lengths[:, None]
+            z = (regions * valid[..., None]).sum(dim=1) / lengths.clamp(min=1)[:, None].to(regions.dtype)
+        return F.normalize(z.float(), dim=1)
+
     def text_inputs(self, batch: Mapping[str, Tensor]) -> Tensor:
         """What the text tower reads from a batch: ``token_features`` (locked text) or ``tokens``."""
         return _require(batch, "token_features" if self.cfg.text_input == "token_features" else "tokens")
@@ -142,11 +178,12 @@ class USERModel(nn.Module):
         self.world = world
         set_world(self, world)
 
-    def _global_batch(self, img: Tensor, txt: Tensor, image_ids: Tensor) -> GlobalBatch | None:
+    def _global_batch(self, img: Tensor, txt: Tensor, image_ids: Tensor, semantic: Tensor | None) -> GlobalBatch | None:
         if not self.world.distributed:
             return None
         return GlobalBatch(gather_with_grad(img, self.world), gather_with_grad(txt, self.world),
-                           gather_no_grad(image_ids, self.world), self.world.rank * img.shape[0], self.world.size)
+                           gather_no_grad(image_ids, self.world), self.world.rank * img.shape[0], self.world.size,
+                           None if semantic is None else gather_no_grad(semantic, self.world))
 
     @torch.no_grad()
     def momentum_step(self) -> None:
