@@ -106,3 +106,25 @@ def test_the_trainer_projects_the_training_split_once_as_the_encoder_would(corpu
     expected = (raw - pca.mean.double().numpy()) @ pca.basis.double().numpy()
     np.testing.assert_allclose(projected.region_features, expected, atol=1e-5)
     assert projected.captions == split.captions and projected.region_features.dtype == np.float32
+
+
+def test_a_tolerant_model_with_the_pca_gives_one_loss_for_raw_and_projected_regions():
+    from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig
+    from xmcl.retrieval.model import USERModel
+
+    torch.manual_seed(0)
+    cfg = RetrievalModelConfig(embed_dim=8, region_dim=12, region_pca_dim=5, text_encoder="bigru", word_dim=8,
+                               queue_size=6, sge_dropout=0.0)
+    model = USERModel(cfg, RetrievalLossConfig(tolerance="quantile", tolerance_q=0.3, balance=True), vocab_size=20)
+    model.fit_region_reduction([torch.randn(50, 12)])
+    twin = USERModel(cfg, RetrievalLossConfig(tolerance="quantile", tolerance_q=0.3, balance=True), vocab_size=20)
+    twin.load_state_dict(model.state_dict())
+    raw = torch.randn(4, 3, 12)
+    batch = {"region_lengths": torch.tensor([3, 2, 3, 1]), "tokens": torch.randint(1, 20, (4, 5)),
+             "token_lengths": torch.tensor([5, 3, 4, 2]), "image_ids": torch.arange(4)}
+    with torch.no_grad():
+        got = model({**batch, "regions": raw})
+        want = twin({**batch, "regions": model.image_encoder.reduction(raw)})
+    for key in want:
+        torch.testing.assert_close(got[key], want[key])
+    torch.testing.assert_close(model.semantic_queue.keys, twin.semantic_queue.keys)
