@@ -133,3 +133,26 @@ def test_a_locked_text_run_with_the_region_pca_trains_resumes_and_evaluates(corp
     want = evaluate_embeddings(img, txt, split.caption_image, protocols=("all",))["all"]
     got = evaluate_checkpoint(tmp_path / "straight" / "best.pt", feats, "train", ("all",))["all"]
     assert got.rsum == pytest.approx(want.rsum) and got.rsum == pytest.approx(straight["best_rsum"])
+
+
+def test_a_batch_read_at_once_equals_its_items_read_one_by_one(corpus):
+    feats, bert = corpus
+    extract_corpus_token_features(feats, ("train",), str(bert), feats, batch_size=3, device="cpu")
+    (split,) = attach_token_features([read_precomputed(feats, "train")], feats, str(bert))
+    _, _, tokenizer, _ = load_text_model(str(bert))
+    guides = np.random.default_rng(1).standard_normal((4, 5)).astype(np.float32)
+    pairs = CaptionPairs(split, tokenizer, clip_image=guides)
+    order = [5, 0, 7, 2, 2, 6]
+    for _ in range(2):  # the second read takes the ids from the cache
+        batched, single = pairs.__getitems__(order), [pairs[m] for m in order]
+        assert len(batched) == len(single)
+        for got, want in zip(batched, single):
+            assert got.keys() == want.keys()
+            for key in want:
+                if isinstance(want[key], torch.Tensor):
+                    assert torch.equal(got[key], want[key]), key
+                else:
+                    assert got[key] == want[key], key
+    collate = Collate(tokenizer.pad_id)
+    for key, value in collate(pairs.__getitems__(order)).items():
+        assert torch.equal(value, collate([pairs[m] for m in order])[key]), key

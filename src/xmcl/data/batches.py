@@ -70,6 +70,7 @@ class CaptionPairs(Dataset):
                  clip_text: np.ndarray | None = None) -> None:
         self.split, self.tokenizer, self.transform = split, tokenizer, image_transform
         self.augment_captions, self.seed, self.epoch = augment_captions, seed, 0
+        self._tokens: dict[int, list[int]] = {}  # caption -> ids, filled by ``__getitems__``
         self.clip_image = _guide_rows(clip_image, split.num_images, "image", split)
         self.clip_text = _guide_rows(clip_text, split.num_captions, "caption", split)
 
@@ -82,12 +83,37 @@ class CaptionPairs(Dataset):
     def __getitem__(self, caption: int) -> dict[str, Any]:
         image = int(self.split.caption_image[caption])
         rng = np.random.default_rng([self.seed, self.epoch, caption]) if self.augment_captions else None
-        image_seed = int(np.random.SeedSequence([self.seed, self.epoch, caption]).generate_state(1)[0])
-        generator = torch.Generator().manual_seed(image_seed)
+        generator = None
+        if self.split.region_features is None:  # only raw images are augmented
+            image_seed = int(np.random.SeedSequence([self.seed, self.epoch, caption]).generate_state(1)[0])
+            generator = torch.Generator().manual_seed(image_seed)
         item = _image_item(self.split, image, self.transform, generator)
         item.update(_text_item(self.split, caption, self.tokenizer, rng))
         item["image_id"] = image
         return _add_guides(item, self.clip_image, image, self.clip_text, caption)
+
+    def __getitems__(self, captions: Sequence[int]) -> list[dict[str, Any]]:
+        """The items of ``captions``, equal to ``[self[m] for m in captions]``; on a region-feature split without
+        caption augmentation the region and cached token features are read with one gather per batch (the
+        DataLoader calls this with a whole batch), not one read per item."""
+        if self.split.region_features is None or self.augment_captions:
+            return [self[int(m)] for m in captions]
+        captions = np.asarray(captions, dtype=np.int64)
+        images = self.split.caption_image[captions]
+        regions = torch.from_numpy(np.array(self.split.region_features[images], dtype=np.float32))
+        states = None
+        if self.split.token_features is not None:
+            states = torch.from_numpy(np.array(self.split.token_features[captions], dtype=np.float32))
+        items = []
+        for row, (caption, image) in enumerate(zip(captions.tolist(), images.tolist())):
+            if caption not in self._tokens:  # captions as written: their ids never change
+                self._tokens[caption] = self.tokenizer.encode(self.split.captions[caption], None)
+            item = {"regions": regions[row], "tokens": list(self._tokens[caption])}
+            if states is not None:
+                item["token_features"] = states[row, :len(item["tokens"])]
+            item["image_id"] = image
+            items.append(_add_guides(item, self.clip_image, image, self.clip_text, caption))
+        return items
 
 
 class SplitImages(Dataset):

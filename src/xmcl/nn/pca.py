@@ -31,16 +31,18 @@ class FrozenPCA(nn.Module):
 
     @torch.no_grad()
     def fit(self, blocks: Iterable[Tensor]) -> None:
-        """Fit on every row of ``blocks`` (each ``(n, in_dim)``): sums in float64, then ``torch.linalg.eigh``."""
-        count, total, second = 0, torch.zeros(self.in_dim, dtype=torch.float64), None
+        """Fit on every row of ``blocks`` (each ``(n, in_dim)``): each block's sums in float32 (one GEMM), added up
+        in float64, then ``torch.linalg.eigh`` in float64."""
+        count = 0
+        total = torch.zeros(self.in_dim, dtype=torch.float64)
+        second = torch.zeros(self.in_dim, self.in_dim, dtype=torch.float64)
         for block in blocks:
             if block.dim() != 2 or block.shape[1] != self.in_dim:
                 raise DataError(f"PCA fit rows must be (n, {self.in_dim}), got {tuple(block.shape)}")
-            block = block.to(torch.float64)
+            block = block.to(torch.float32)
             count += block.shape[0]
-            total += block.sum(0)
-            outer = block.T @ block
-            second = outer if second is None else second + outer
+            total += block.sum(0, dtype=torch.float64)
+            second += (block.T @ block).to(torch.float64)
         if count < 2:
             raise DataError(f"a PCA fit needs at least 2 rows, got {count}")
         mean = total / count
