@@ -58,6 +58,7 @@ class Step:
         return shlex.split(self.command)[2:]
 
 
+CONVERGED_RUNS = "docs/figures/rq_converged_runs"  # each finished run's result, tracked: the comparison resumes
 SHAPES_VARIANTS = "infonce vsepp user_uto_plain user_noqueue user_keep user user_plain user_cge user_sge_cge"
 PLAN: tuple[Step, ...] = (
     Step("shapes corpus", "xmcl data shapes --out runs/shapes --images 2000 --seed 0"),
@@ -88,12 +89,16 @@ PLAN: tuple[Step, ...] = (
     Step("indexing throughput", "python benchmarks/index_throughput.py --images 300", "index_throughput"),
     Step("ST-SLidR step", "python benchmarks/distill_step.py", "distill_step"),
     Step("sparse-conv backends", "python benchmarks/sparse_conv_backends.py", "sparse_conv"),
-    Step("Flickr8K features", "xmcl features --data ../shared/data/flickr8k --split train --split val "
+    Step("Flickr8K features", "xmcl features --data ../shared/data/flickr8k --split train --split val --text "
                               "--out runs/f8k_feats", long=True),
     Step("Flickr8K retrieval quality",
          "python benchmarks/retrieval_quality.py --data runs/f8k_feats --text-encoder bert --epochs 4 "
          "--max-steps-per-epoch 50 --lambda-batch 20 --queue-size 2048 --set run.threads=1 --set model.momentum=0.99 "
          "--set loss.uto_warmup_epochs=1 --out runs/rq_f8k", "rq_f8k", long=True),
+    Step("Flickr8K converged, seed 0", f"python benchmarks/rq_converged.py --data runs/f8k_feats --seeds 0 "
+                                       f"--keep {CONVERGED_RUNS}", "rq_converged_seed0", long=True),
+    Step("Flickr8K converged, 3 seeds", f"python benchmarks/rq_converged.py --data runs/f8k_feats --seeds 0 1 2 "
+                                        f"--keep {CONVERGED_RUNS}", "rq_converged", long=True),
     Step("ST-SLidR linear probe", "python benchmarks/distill_probe.py --threads 1", "distill_probe", long=True),
     Step("tolerance rules", "python benchmarks/distill_probe.py --threads 1 --methods st_slidr st_authors st_soft",
          "distill_tolerance", long=True),
@@ -280,6 +285,51 @@ def quality_summary(d: dict) -> str:
     c = d["config"]
     budget = f"{c['epochs']} epochs" + (f" × {c['max_steps_per_epoch']} steps" if c["max_steps_per_epoch"] else "")
     return f"- `benchmarks/retrieval_quality.py` on `{c['data']}` ({budget}), {f['split']} rSum: {rsums}."
+
+
+CONVERGED_LABELS = {
+    "infonce": "InfoNCE", "vsepp": "VSE++ (hinge)", "user_noqueue": "USER without queue (SGE, UTO)",
+    "user": "USER (SGE, UTO, queues)", "user_authors": "USER, the authors' key modes, init and decay",
+    "user_tolerant": "USER + tolerant queues", "infonce_tolerant": "InfoNCE + tolerance",
+}
+
+
+def mean_std(cell: dict, digits: int = 1) -> str:
+    return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}" if cell["n"] > 1 else f"{cell['mean']:.{digits}f}"
+
+
+def converged(d: dict) -> str:
+    """The converged comparison (``rq_converged.py``): mean ± std over seeds per variant, per-seed rSum, curves."""
+    f = d["figures"]
+    runs, summary = f["runs"], f["summary"]
+    cfg = next(r["config"] for r in runs.values())
+    model, optim = cfg["model"], cfg["optim"]
+    rows = []
+    for name, row in summary.items():
+        if "rsum" not in row:
+            continue
+        rows.append([CONVERGED_LABELS.get(name, name), str(row["rsum"]["n"]),
+                     *(mean_std(row[k]) for k in RECALLS), mean_std(row["rsum"], 2)])
+    seeds = []
+    for name in summary:
+        done = [(key.split("/seed")[1], r) for key, r in runs.items() if key.split("/seed")[0] == name]
+        cells = [f"seed {seed}: " + (f"{r['metrics']['rsum']:.1f} (best epoch {r['best_epoch']})" if "metrics" in r
+                                     else "stalled at its first step") for seed, r in done]
+        seeds.append(f"- {name}: " + "; ".join(cells))
+    width = f"a frozen {model['region_dim']} → {model['region_pca_dim']} PCA" if model.get("region_pca_dim") else \
+        f"{model['region_dim']}-d cells"
+    return "\n\n".join([
+        command_lines(d),
+        f"Flickr8K {f['split']}, best-validation checkpoint of each run. Every variant alike: locked text (the frozen "
+        f"MiniLM's cached token states), frozen EfficientNet-Lite0 grid features through {width}, embed "
+        f"{model['embed_dim']}, MLP {model['head_hidden_dim']}, queue {model['queue_size']}, momentum "
+        f"{model['momentum']}, batch {optim['batch_size']}, {optim['epochs']} epochs, lr {optim['lr']:g} × 0.1 at "
+        f"epoch {optim['lr_decay_epochs'][0]}, no hinge warm-up. Mean ± std over seeds:",
+        table(["variant", "seeds", *RECALL_HEADER], rows),
+        "Per seed (rSum, best epoch):\n\n" + "\n".join(seeds),
+        f"Val rSum per epoch, every run: ![curves](figures/rq_converged_runs/curves_seeds"
+        f"{'-'.join(map(str, d['config']['seeds']))}.png)",
+    ])
 
 
 def margins(d: dict) -> str:
@@ -514,6 +564,8 @@ BLOCKS = (
     Block("cge_shapes", ("cge_shapes",), cge),
     Block("cge_f8k", ("cge_f8k",), cge),
     Block("distill_tolerance", ("distill_tolerance",), probe),
+    Block("rq_converged_seed0", ("rq_converged_seed0",), converged),
+    Block("rq_converged", ("rq_converged",), converged),
     Block("search", ("search_1024", "search_256"), search),
     Block("inference_cost", ("inference_cost",), inference_cost),
     Block("index_throughput", ("index_throughput",), index_throughput),

@@ -19,7 +19,8 @@ is skipped; with ``--keep DIR`` finished results are also copied to DIR/VARIANT/
 the comparison resumes in a fresh checkout). Each run's result.json: best-validation-checkpoint R@1/5/10 both ways
 and rSum on --split, best epoch, per-epoch val rSum, train seconds, the code commit, threads and the whole
 configuration. Prints mean +- std per
-variant, writes OUT/figures.json and OUT/curves.png (per-epoch val rSum, one line per run).
+variant, writes OUT/figures.json and OUT/curves.png (per-epoch val rSum, one line per run; with --keep also
+DIR/curves_seeds0-1-2.png).
 
   python benchmarks/rq_converged.py --data runs/f8k_feats --seeds 0 1 2
   python benchmarks/rq_converged.py --data runs/f8k_feats --sweep
@@ -160,6 +161,11 @@ def estimate(args: argparse.Namespace) -> dict:
     return out
 
 
+def curves_name(args: argparse.Namespace) -> str:
+    """``curves_seeds0-1-2.png`` (``curves_sweep.png``): the kept curves of one command's runs."""
+    return "curves_sweep.png" if args.sweep else f"curves_seeds{'-'.join(map(str, args.seeds))}.png"
+
+
 def plot_curves(results: dict[str, dict], path: Path) -> None:
     import matplotlib
 
@@ -247,6 +253,8 @@ def main() -> None:
         else:
             print(f"{name:14s} no finished run{stalled}")
     plot_curves(results, args.out / "curves.png")
+    if args.keep:  # beside the kept results, for the document
+        plot_curves(results, args.keep / curves_name(args))
     write_figures(args.out, "rq_converged", args, {"split": args.split, "sweep": args.sweep, "runs": results,
                                                    "summary": table})
 
