@@ -95,6 +95,10 @@ PLAN: tuple[Step, ...] = (
          "python benchmarks/retrieval_quality.py --data runs/f8k_feats --text-encoder bert --epochs 4 "
          "--max-steps-per-epoch 50 --lambda-batch 20 --queue-size 2048 --set run.threads=1 --set model.momentum=0.99 "
          "--set loss.uto_warmup_epochs=1 --out runs/rq_f8k", "rq_f8k", long=True),
+    Step("converged regime, step time", "python benchmarks/rq_converged.py --data runs/f8k_feats --estimate-steps 20",
+         "rq_converged_estimate", long=True),
+    Step("converged regime on 1280-d cells, step time", "python benchmarks/rq_converged.py --data runs/f8k_feats "
+         "--estimate-steps 20 --set model.region_pca_dim=null", "rq_converged_estimate_1280", long=True),
     Step("Flickr8K converged, seed 0", f"python benchmarks/rq_converged.py --data runs/f8k_feats --seeds 0 "
                                        f"--keep {CONVERGED_RUNS}", "rq_converged_seed0", long=True),
     Step("Flickr8K converged, 3 seeds", f"python benchmarks/rq_converged.py --data runs/f8k_feats --seeds 0 1 2 "
@@ -332,6 +336,24 @@ def converged(d: dict) -> str:
     ])
 
 
+def converged_estimate(reduced: dict, full: dict) -> str:
+    """Step time against the FLOP bound of each variant, with the PCA and on the 1280-d cells."""
+    rows = []
+    for label, d in (("256-d (PCA)", reduced), ("1280-d cells", full)):
+        f = d["figures"]["estimate"]
+        for name, v in f.items():
+            if isinstance(v, dict):
+                rows.append([label, CONVERGED_LABELS.get(name, name), f"{v['step_gflop']:.1f}",
+                             f"{v['flop_bound_seconds']:.3f} s", f"{v['seconds_per_step']:.3f} s",
+                             f"{v['seconds_per_step'] / v['flop_bound_seconds']:.1f}x", f"{v['run_minutes']:.0f} min"])
+    rate = reduced["figures"]["estimate"]["gemm_gflops"]
+    return (f"{command_lines(reduced, full)}\n\nBare GEMM rate {rate:.0f} GFLOP/s. GFLOP: one step's forward and "
+            f"backward (`torch.utils.flop_counter`, 49 cells, 14 tokens); bound: GFLOP over the GEMM rate; step: "
+            f"measured inside the training loop (data included); run: a 20-epoch run's steps at that time "
+            f"(validation not counted). Target: a run in ≤ 15 min.\n\n"
+            + table(["cells", "variant", "GFLOP", "FLOP bound", "step", "step / bound", "20-epoch run"], rows))
+
+
 def margins(d: dict) -> str:
     f = d["figures"]
     rows = []
@@ -564,6 +586,7 @@ BLOCKS = (
     Block("cge_shapes", ("cge_shapes",), cge),
     Block("cge_f8k", ("cge_f8k",), cge),
     Block("distill_tolerance", ("distill_tolerance",), probe),
+    Block("rq_converged_estimate", ("rq_converged_estimate", "rq_converged_estimate_1280"), converged_estimate),
     Block("rq_converged_seed0", ("rq_converged_seed0",), converged),
     Block("rq_converged", ("rq_converged",), converged),
     Block("search", ("search_1024", "search_256"), search),

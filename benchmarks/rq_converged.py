@@ -24,7 +24,7 @@ DIR/curves_seeds0-1-2.png).
 
   python benchmarks/rq_converged.py --data runs/f8k_feats --seeds 0 1 2
   python benchmarks/rq_converged.py --data runs/f8k_feats --sweep
-  python benchmarks/rq_converged.py --data runs/f8k_feats --estimate-steps 5   # per-run wall time, no training
+  python benchmarks/rq_converged.py --data runs/f8k_feats --estimate-steps 20  # step time and FLOP bound, no run
 """
 
 from __future__ import annotations
@@ -131,27 +131,27 @@ def step_gflop(cfg: RetrievalTrainConfig, cells: int, tokens: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def loop_seconds_per_step(log: Path, batch_size: int) -> float:
+    """Seconds per step inside a run's training loop (data, step and logging; no start-up, no validation): the batch
+    over the ``samples_per_s`` of its (one) epoch record in ``log.jsonl``."""
+    records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+    return batch_size / next(r["samples_per_s"] for r in records if "samples_per_s" in r)
+
+
 def estimate(args: argparse.Namespace) -> dict:
-    """Seconds per training step of each variant: a run of 1 + ``--estimate-steps`` steps less a run of 1 step,
-    over ``--estimate-steps`` (start-up and validation cancel; one untimed run first loads everything once), and the
-    implied wall time of a full run of ``--estimate-captions`` // batch x epochs steps (validation not counted).
-    Beside it the FLOP bound: the step's GFLOP (``step_gflop``, 49 cells and ``--estimate-tokens`` tokens) over the
-    measured bare GEMM rate."""
+    """Seconds per training step of each variant over a run of ``--estimate-steps`` steps (``loop_seconds_per_step``)
+    and the implied wall time of a full run of ``--estimate-captions`` // batch x epochs steps (validation not
+    counted). Beside it the FLOP bound: the step's GFLOP (``step_gflop``, 49 cells and ``--estimate-tokens`` tokens)
+    over the measured bare GEMM rate."""
     rate = gemm_gflops()
     print(f"bare GEMM rate {rate:.1f} GFLOP/s on {torch.get_num_threads()} threads", flush=True)
-    out = {"gemm_gflops": rate}
-    warm = run_config(args, 0, VARIANTS[args.variants[0]] + ["optim.max_steps_per_epoch=1", "optim.epochs=1",
-                                                             "data.val_max_images=8"])
-    train_retrieval(warm, args.out / "estimate" / "warm-up", overwrite=True, resume=False, progress=False)
+    out = {"gemm_gflops": rate, "threads": torch.get_num_threads()}
     for name in args.variants:
-        seconds = []
-        for steps in (1, 1 + args.estimate_steps):
-            cfg = run_config(args, 0, VARIANTS[name] + [f"optim.max_steps_per_epoch={steps}", "optim.epochs=1",
-                                                        "data.val_max_images=8", "run.checkpoint_every=0"])
-            tic = time.perf_counter()
-            train_retrieval(cfg, args.out / "estimate" / name, overwrite=True, resume=False, progress=False)
-            seconds.append(time.perf_counter() - tic)
-        per_step = (seconds[1] - seconds[0]) / args.estimate_steps
+        cfg = run_config(args, 0, VARIANTS[name] + [f"optim.max_steps_per_epoch={args.estimate_steps}",
+                                                    "optim.epochs=1", "data.val_max_images=8",
+                                                    "run.checkpoint_every=0"])
+        train_retrieval(cfg, args.out / "estimate" / name, overwrite=True, resume=False, progress=False)
+        per_step = loop_seconds_per_step(args.out / "estimate" / name / "log.jsonl", cfg.optim.batch_size)
         steps = args.estimate_captions // cfg.optim.batch_size * args.epochs
         gflop = step_gflop(cfg, 49, args.estimate_tokens)
         out[name] = {"seconds_per_step": per_step, "steps": steps, "run_minutes": per_step * steps / 60,

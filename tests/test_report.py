@@ -198,3 +198,16 @@ def test_converged_table_gives_mean_and_spread_per_variant_and_every_seed():
     assert "- infonce: seed 0: 75.0 (best epoch 19); seed 1: 87.0 (best epoch 20)" in text
     assert "a frozen 1280 → 256 PCA" in text and "20 epochs, lr 0.0005 × 0.1 at epoch 10" in text
     assert "curves_seeds0-1.png" in text
+
+
+def test_converged_estimate_rows_are_the_files_step_times_and_bounds():
+    def estimate(scale):
+        return {"estimate": {"gemm_gflops": 100.0, "threads": 2,
+                             "user": {"seconds_per_step": 0.2 * scale, "steps": 4680, "run_minutes": 15.6 * scale,
+                                      "step_gflop": 10.0 * scale, "flop_bound_seconds": 0.1 * scale}}}
+    text = report.converged_estimate(record("rq_converged_estimate", estimate(1)),
+                                     record("rq_converged_estimate_1280", estimate(8)))
+    (rows,) = tables_of(text)
+    assert rows[2] == ["256-d (PCA)", "USER (SGE, UTO, queues)", "10.0", "0.100 s", "0.200 s", "2.0x", "16 min"]
+    assert rows[3] == ["1280-d cells", "USER (SGE, UTO, queues)", "80.0", "0.800 s", "1.600 s", "2.0x", "125 min"]
+    assert "Bare GEMM rate 100 GFLOP/s" in text
