@@ -42,7 +42,7 @@ from figures import parse_with_out, write_figures
 
 from xmcl.config import load_config
 from xmcl.data.open import open_split
-from xmcl.metrics.retrieval import evaluate_embeddings, format_table
+from xmcl.metrics.retrieval import Metrics, evaluate_embeddings, format_table
 from xmcl.retrieval.clip.cache import ClipCache
 from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.inference import evaluate_checkpoint
@@ -87,6 +87,17 @@ def teacher_metrics(cache_dir: Path, data: Path, split: str) -> dict:
         return {}
     metrics = evaluate_embeddings(found.image, found.text, corpus.caption_image, ("all",))["all"]
     return {"checkpoint": cache.manifest["checkpoint"], **metrics.as_dict()}
+
+
+def train_and_score(cfg: RetrievalTrainConfig, run_dir: Path, data: Path, split: str) -> tuple[Metrics, dict]:
+    """Train (resuming) into ``run_dir``, then score its best-validation checkpoint on ``split`` of ``data``: the
+    metrics and the run's record ``{"metrics", "best_epoch", "train_seconds", "val_rsum_per_epoch"}``."""
+    tic = time.perf_counter()
+    summary = train_retrieval(cfg, run_dir)
+    seconds = time.perf_counter() - tic
+    metrics = evaluate_checkpoint(run_dir / "best.pt", data, split, ("all",))["all"]
+    return metrics, {"metrics": metrics.as_dict(), "best_epoch": summary["best_epoch"], "train_seconds": seconds,
+                     "val_rsum_per_epoch": val_rsum_per_epoch(run_dir / "log.jsonl")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -138,15 +149,11 @@ def main() -> None:
     for name in args.variants:
         cfg = load_config(RetrievalTrainConfig, None, common + VARIANTS[name] + args.overrides)
         run_dir = args.out / name
-        tic = time.perf_counter()
-        summary = train_retrieval(cfg, run_dir)
-        seconds[name] = time.perf_counter() - tic
-        results[name] = evaluate_checkpoint(run_dir / "best.pt", args.data, args.split, ("all",))["all"]
+        results[name], record = train_and_score(cfg, run_dir, args.data, args.split)
+        runs[name] = {**record, "overrides": VARIANTS[name], "checkpoint": run_dir / "best.pt"}
+        seconds[name] = runs[name]["train_seconds"]
         configs[name] = cfg
-        runs[name] = {"metrics": results[name].as_dict(), "best_epoch": summary["best_epoch"],
-                      "train_seconds": seconds[name], "val_rsum_per_epoch": val_rsum_per_epoch(run_dir / "log.jsonl"),
-                      "overrides": VARIANTS[name], "checkpoint": run_dir / "best.pt"}
-        print(f"{name}: best epoch {summary['best_epoch']}, {seconds[name]:.0f} s", flush=True)
+        print(f"{name}: best epoch {runs[name]['best_epoch']}, {seconds[name]:.0f} s", flush=True)
 
     print(f"\n{args.data} / {args.split} (best epoch by {args.val_split} rSum): {args.epochs} epochs"
           f"{f' x {args.max_steps_per_epoch} steps' if args.max_steps_per_epoch else ''}, batch {args.batch_size}, "

@@ -33,19 +33,17 @@ import argparse
 import dataclasses
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from figures import CODE_VERSION, parse_with_out, write_figures
-from retrieval_quality import val_rsum_per_epoch
+from retrieval_quality import train_and_score
 from timing import repeat_seconds
 from torch.utils.flop_counter import FlopCounterMode
 
 from xmcl.config import load_config
 from xmcl.errors import TrainingStalled
 from xmcl.retrieval.config import RetrievalTrainConfig
-from xmcl.retrieval.inference import evaluate_checkpoint
 from xmcl.retrieval.model import USERModel
 from xmcl.runtime.files import atomic_write_json
 from xmcl.training.retrieval_trainer import train_retrieval
@@ -89,17 +87,13 @@ def one_run(args: argparse.Namespace, cfg: RetrievalTrainConfig, run_dir: Path, 
     for path in (result_path, kept):
         if path is not None and path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))
-    tic = time.perf_counter()
     record = {"code": CODE_VERSION, "threads": torch.get_num_threads(), "config": dataclasses.asdict(cfg)}
     try:
-        summary = train_retrieval(cfg, run_dir)
+        _, scored = train_and_score(cfg, run_dir, args.data, args.split)
     except TrainingStalled as error:  # UTO without a warm-up can fail to start from an init: reported per seed
         result = {"stalled": str(error), **record}
     else:
-        metrics = evaluate_checkpoint(run_dir / "best.pt", args.data, args.split, ("all",))["all"]
-        result = {"metrics": metrics.as_dict(), "best_epoch": summary["best_epoch"],
-                  "train_seconds_this_session": time.perf_counter() - tic,
-                  "val_rsum_per_epoch": val_rsum_per_epoch(run_dir / "log.jsonl"), **record}
+        result = {**scored, **record}
     atomic_write_json(result_path, result)
     if kept is not None:
         kept.parent.mkdir(parents=True, exist_ok=True)
