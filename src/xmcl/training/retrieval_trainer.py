@@ -19,7 +19,8 @@ clip; the key encoders follow the (identical) online weights by EMA and the queu
 alone holds the folder lock, writes checkpoints, the log and the curves, and runs validation on the whole val split;
 its rSum is broadcast so every rank agrees on the best epoch. The logged loss is the mean over the ranks; a stop
 signal on any rank stops every rank at the same step. A checkpoint records the world size; a resume with another
-is refused.
+is refused. A refusal at the start (the folder locked, ``--no-resume`` into a used folder,
+a changed config) ends every rank at once with rank 0's message (``fail_together``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import filecmp
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +57,9 @@ from xmcl.runtime.device import resolve_device
 from xmcl.runtime.distributed import (
     World,
     average_gradients,
-    barrier,
     broadcast_from_main,
     close_world,
+    fail_together,
     init_world,
     mean_over_ranks,
 )
@@ -101,7 +102,11 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = Tru
     world = init_world(resolve_device(cfg.run.device))
     progress = progress and world.is_main
     try:
-        with folder.locked(progress) if world.is_main else nullcontext(), StopSignals(progress) as stop:
+        with ExitStack() as held:
+            with fail_together(world):  # a lock held elsewhere stops every rank at once, with rank 0's message
+                if world.is_main:
+                    held.enter_context(folder.locked(progress))
+            stop = held.enter_context(StopSignals(progress))
             return _train(cfg, folder, resume, overwrite, progress, stop, world)
     finally:
         close_world(world)
@@ -123,12 +128,13 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     val_guides = split_guides(cfg.model, val_split, device)
     inputs = inputs_record(cfg.model, train_split, train_guides.sha256)
 
-    state = checkpointer.start(cfg, resume, overwrite) if world.is_main else None
-    barrier(world)  # rank 0 has cleared (--overwrite) or checked the folder; the others read what it left
-    if not world.is_main:
-        state = checkpointer.start(cfg, resume=True)
-    if state is not None:
-        check_world_size(state, world, folder.last)
+    with fail_together(world):  # a refusal on rank 0 stops every rank at once, with its message
+        state = checkpointer.start(cfg, resume, overwrite) if world.is_main else None
+    with fail_together(world):  # rank 0 has cleared (--overwrite) or checked the folder; the others read it
+        if not world.is_main:
+            state = checkpointer.start(cfg, resume=True)
+        if state is not None:
+            check_world_size(state, world, folder.last)
     if state is not None and state.get("clip_sha256") != train_guides.sha256:
         raise CheckpointError(f"{folder.last} was trained with CGE guides of another CLIP checkpoint than the "
                               f"cache's now; use another --out folder or --no-resume --overwrite")
