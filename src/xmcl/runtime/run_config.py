@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -19,7 +20,8 @@ class RunConfig:
     ``seed`` seeds every random stream; ``device``: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...;
     ``threads``: CPU threads for torch (0 = torch's default; use 1 when other jobs share the cores);
     ``progress``: progress bars; ``checkpoint_every``: also write ``last.pt`` every N optimiser steps (0 = at
-    epoch ends and at the end only); ``log_every``: one log line per N steps.
+    epoch ends and at the end only); ``log_every``: one log line per N steps; ``amp``: mixed precision, "none",
+    "bf16" (CUDA where supported, or CPU) or "fp16" (CUDA only, with a GradScaler; ``xmcl.runtime.precision``).
     """
 
     seed: int = 0
@@ -28,6 +30,7 @@ class RunConfig:
     progress: bool = True
     checkpoint_every: int = 0
     log_every: int = 1
+    amp: Literal["none", "bf16", "fp16"] = "none"
 
     def __post_init__(self) -> None:
         require(self, "seed", ge=0)
@@ -43,9 +46,12 @@ class RunConfig:
 
 
 def start_run(run: RunConfig) -> torch.device:
-    """Apply ``run``: torch threads, every seed; returns the resolved device."""
+    """Apply ``run``: torch threads, every seed, and on CUDA cuDNN's autotuner (``cudnn.benchmark``: the fastest
+    kernels for the run's shapes); returns the resolved device."""
     device = resolve_device(run.device)
     if run.threads:
         torch.set_num_threads(run.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     seed_everything(run.seed)
     return device

@@ -52,6 +52,7 @@ from xmcl.runtime.distributed import (
     init_world,
     mean_over_ranks,
 )
+from xmcl.runtime.precision import Precision
 from xmcl.runtime.rng import TorchStream, derived_seed
 from xmcl.runtime.run_config import start_run
 from xmcl.training.run import (
@@ -122,6 +123,7 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
            stop: StopSignals, world: World) -> dict:
     checkpointer = Checkpointer(folder, *CLIP_RUN_CHECKPOINT)
     device = start_run(cfg.run)
+    precision = Precision(cfg.run.amp, device)
     train = open_split(cfg.data.path, cfg.data.train_split, key="data.path")
     val = open_split(cfg.data.path, cfg.data.val_split, key="data.path")
     with fail_together(world):  # a refusal on rank 0 stops every rank at once, with its message
@@ -159,6 +161,7 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
     if state is not None:
         restore_states(state, folder.last, model=model, loss=loss_fn, optimizer=optimizer, scheduler=scheduler,
                        model_stream=model_stream)
+        precision.load_state_dict(state.get("grad_scaler"))
         epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         best_rsum, best_epoch = state["best_rsum"], state["best_epoch"]
         best_metrics = Metrics(**state["best_metrics"]) if state["best_metrics"] else None
@@ -191,7 +194,7 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
             "best_rsum": best_rsum, "best_epoch": best_epoch,
             "best_metrics": None if best_metrics is None else best_metrics.as_dict(),
             "epoch_loss_sum": loss_sum, "epoch_loss_count": loss_count, "log_bytes": logger.size(),
-            "world_size": world.size})
+            "world_size": world.size, "grad_scaler": precision.state_dict()})
 
     while epoch < cfg.optim.epochs:
         model.train()
@@ -205,7 +208,7 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
             images = caption_image[rows]
             image_ids = images.to(device)
             ids, mask = tokenizer.batch([train.captions[m] for m in rows])
-            with model_stream.active():
+            with model_stream.active(), precision.autocast():
                 img = clip_image_features(model, train_pixels[images].to(device))
                 txt = clip_text_features(model, ids.to(device), mask.to(device))
                 everyone = None if not world.distributed else GlobalBatch(
@@ -215,10 +218,11 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
             loss_value = mean_over_ranks(loss.item(), world, device)  # the one-process loss; checked alike
             check_finite(loss_value, f"epoch {epoch + 1}, step {step + 1}", folder)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            precision.backward(loss)
             average_gradients(params, world)
+            precision.unscale(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            optimizer.step()
+            precision.step(optimizer)
             scheduler.step()
             step_in_epoch, global_step = step + 1, global_step + 1
             loss_sum, loss_count = loss_sum + loss_value, loss_count + 1

@@ -44,6 +44,7 @@ from xmcl.runtime.distributed import (
     init_world,
     mean_over_ranks,
 )
+from xmcl.runtime.precision import Precision, cuda_layout
 from xmcl.runtime.rng import TorchStream, derived_seed, seeded_generator
 from xmcl.runtime.run_config import start_run
 from xmcl.training.run import (
@@ -86,8 +87,9 @@ def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bo
               stop: StopSignals, world: World) -> Path:
     checkpointer = Checkpointer(folder, *DISTILL_CHECKPOINT, resumable=RESUMABLE)
     device = start_run(cfg.run)
+    precision = Precision(cfg.run.amp, device)
     net = build_voxel_net(cfg.voxel).to(device)
-    head = build_image_head(cfg).to(device)
+    head = cuda_layout(build_image_head(cfg).to(device), device)
     loss_fn = build_distill_loss(cfg)
     gather = world if cfg.loss.gather == "global" else SINGLE_PROCESS
     set_world(net, gather)  # BatchNorm over every rank's sites with the global gather
@@ -105,6 +107,7 @@ def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bo
     if state is not None:
         restore_states(state, folder.last, voxel_net=net, image_head=head.head, optimizer=optimizer,
                        scheduler=scheduler, model_stream=model_stream)
+        precision.load_state_dict(state.get("grad_scaler"))
         start = int(state["step"])
         if start >= cfg.optim.steps:
             announce(f"{folder.root} already finished: {start} of {cfg.optim.steps} steps done; nothing to do. Set "
@@ -121,6 +124,7 @@ def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bo
             return
         checkpointer.save(folder.last, cfg, {
             "step": step, "loss": last_loss, "log_bytes": logger.size(), "world_size": world.size,
+            "grad_scaler": precision.state_dict(),
             **capture_states(voxel_net=net, image_head=head.head, optimizer=optimizer, scheduler=scheduler,
                              model_stream=model_stream)})
 
@@ -144,15 +148,15 @@ def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bo
         generator = seeded_generator(cfg.run.seed, 0, step, *([world.rank] if world.rank else []))
         scenes = rank_batches([batch_indices(len(inputs), global_scenes, cfg.run.seed, step)], world, min_share=1)
         batch = inputs.batch(scenes[0], step, world.rank)
-        with model_stream.active():
+        with model_stream.active(), precision.autocast():
             loss, num_superpixels = distillation_loss(net, head, loss_fn, batch, cfg.voxel,
                                                       generator if cfg.data.augment else None, gather)
         loss_value = mean_over_ranks(loss.item(), world, device)  # every rank checks the same value
         check_finite(loss_value, f"step {step}", folder)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        precision.backward(loss)
         average_gradients(trainable, world)
-        optimizer.step()
+        precision.step(optimizer)
         scheduler.step()
         scenes_per_s = len(batch) * world.size / (time.perf_counter() - began)
         num_superpixels = round(mean_over_ranks(float(num_superpixels), world, device) * world.size)

@@ -64,6 +64,7 @@ from xmcl.runtime.distributed import (
     mean_over_ranks,
 )
 from xmcl.runtime.files import atomic_write_bytes
+from xmcl.runtime.precision import Precision, cuda_layout
 from xmcl.runtime.rng import TorchStream, derived_seed, seeded_generator
 from xmcl.runtime.run_config import start_run
 from xmcl.training.run import (
@@ -116,6 +117,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
            stop: StopSignals, world: World) -> dict:
     checkpointer = Checkpointer(folder, *RETRIEVAL_CHECKPOINT, resumable=RESUMABLE)
     device = start_run(cfg.run)
+    precision = Precision(cfg.run.amp, device)
     train_split = open_split(cfg.data.path, cfg.data.train_split, key="data.path")
     val_split = open_split(cfg.data.path, cfg.data.val_split, key="data.path")
     if cfg.model.text_input == "token_features":  # locked text: the frozen model's cached states
@@ -143,7 +145,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
         vocab = Vocabulary(state["vocab"]) if state else Vocabulary.build(train_split.captions,
                                                                           cfg.data.vocab_min_count)
     tokenizer = build_tokenizer(cfg.model, cfg.data.max_caption_tokens, vocab)
-    model = USERModel(cfg.model, cfg.loss, vocab_size=tokenizer.vocab_size).to(device)
+    model = cuda_layout(USERModel(cfg.model, cfg.loss, vocab_size=tokenizer.vocab_size).to(device), device)
     model.set_world(world)
     optimizer = torch.optim.AdamW(model.parameter_groups(cfg.optim.lr, cfg.optim.text_lr_scale,
                                                          cfg.optim.weight_decay, cfg.optim.backbone_lr_scale,
@@ -156,6 +158,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     if state is not None:
         restore_states(state, folder.last, model=model, optimizer=optimizer, scheduler=scheduler,
                        model_stream=model_stream)
+        precision.load_state_dict(state.get("grad_scaler"))
         epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         best_rsum, best_epoch = state["best_rsum"], state["best_epoch"]
         loss_sum, loss_count = state["epoch_loss_sum"], state["epoch_loss_count"]
@@ -195,7 +198,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "best_rsum": best_rsum, "best_epoch": best_epoch, "clip_sha256": train_guides.sha256,
             "epoch_loss_sum": loss_sum, "epoch_loss_count": loss_count, "log_bytes": logger.size(),
-            "inputs": inputs, "world_size": world.size})
+            "inputs": inputs, "world_size": world.size, "grad_scaler": precision.state_dict()})
 
     while epoch < cfg.optim.epochs:
         dataset.set_epoch(epoch)
@@ -205,26 +208,28 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
                                              cfg.optim.max_steps_per_epoch), world)
         loader = DataLoader(dataset, batch_sampler=batches[step_in_epoch:], collate_fn=collate,
                             num_workers=cfg.data.num_workers, persistent_workers=False,
+                            pin_memory=device.type == "cuda",
                             generator=seeded_generator(cfg.run.seed, LOADER_STREAM, epoch))
         bar = logger.bar(loader, len(batches), step_in_epoch, f"epoch {epoch + 1}/{cfg.optim.epochs}", "batch")
         tic, seen = time.perf_counter(), 0
         for batch in bar:
             batch = to_device(batch, device)
-            with model_stream.active():
+            with model_stream.active(), precision.autocast():
                 losses = model(batch)
             loss = losses["loss"]
             loss_value = mean_over_ranks(loss.item(), world, device)  # every rank checks the same value
             check_finite(loss_value, f"epoch {epoch + 1}, step {step_in_epoch + 1}", folder)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            precision.backward(loss)
             average_gradients(parameters, world)
+            precision.unscale(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.optim.grad_clip)
             if global_step == 0 and float(grad_norm) == 0.0:
                 raise TrainingStalled(
                     f"the {cfg.loss.name} loss ({loss_value:.4g}) gives no gradient at the first step: with UTO "
                     f"this happens when every matching image-caption similarity starts <= 0; set "
                     f"loss.uto_warmup_epochs=1 (a VSE++ hinge warm-up) or another seed")
-            optimizer.step()
+            precision.step(optimizer)
             model.momentum_step()
             step_in_epoch, global_step = step_in_epoch + 1, global_step + 1
             seen += batch["tokens"].shape[0] * world.size

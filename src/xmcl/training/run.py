@@ -32,7 +32,8 @@ from xmcl.runtime.log import JsonlLogger, plot_curves
 from xmcl.runtime.rng import capture_rng_state, restore_rng_state
 
 # Run controls that may change when a run resumes (the seed may not: it fixes every random stream).
-RESUMABLE_RUN_KEYS = frozenset({"run.device", "run.threads", "run.progress", "run.checkpoint_every", "run.log_every"})
+RESUMABLE_RUN_KEYS = frozenset({"run.device", "run.threads", "run.progress", "run.checkpoint_every", "run.log_every",
+                                "run.amp"})
 
 
 def announce(message: str, enabled: bool = True) -> None:
