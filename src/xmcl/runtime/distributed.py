@@ -184,7 +184,10 @@ def fail_together(world: World) -> Iterator[None]:
     try:
         yield
     except BaseException as error:
-        _share_outcome(world, error)
+        try:
+            _share_outcome(world, error)
+        except Exception:  # noqa: BLE001 - the group is broken too (a dead peer): this rank's error is the news
+            pass
         raise
     failed = _share_outcome(world, None)
     if failed is not None:

@@ -180,7 +180,7 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
     if world.is_main:
         folder.write_config(cfg)
     logger = StepLogger(folder, verbose and cfg.run.progress, state["log_bytes"] if state else 0,
-                        writes=world.is_main)
+                        writes=world.is_main, report_to=cfg.run.report_to, resumed_step=global_step)
     caption_image = torch.as_tensor(train.caption_image)
 
     def checkpoint() -> None:

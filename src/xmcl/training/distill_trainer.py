@@ -117,7 +117,7 @@ def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bo
     if world.is_main:
         folder.write_config(cfg)
     logger = StepLogger(folder, verbose and cfg.run.progress, state["log_bytes"] if state else 0,
-                        writes=world.is_main)
+                        writes=world.is_main, report_to=cfg.run.report_to, resumed_step=start)
 
     def save(step: int, last_loss: float) -> None:
         if not world.is_main:

@@ -179,7 +179,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     if world.is_main:
         folder.write_config(cfg)
     logger = StepLogger(folder, verbose and cfg.run.progress, state["log_bytes"] if state else 0,
-                        writes=world.is_main)
+                        writes=world.is_main, report_to=cfg.run.report_to, resumed_step=global_step)
 
     dataset = CaptionPairs(train_split, tokenizer, image_transform(cfg.model, model, cfg.data.image_size,
                                                                    cfg.data.augment_images),

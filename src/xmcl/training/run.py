@@ -33,7 +33,7 @@ from xmcl.runtime.rng import capture_rng_state, restore_rng_state
 
 # Run controls that may change when a run resumes (the seed may not: it fixes every random stream).
 RESUMABLE_RUN_KEYS = frozenset({"run.device", "run.threads", "run.progress", "run.checkpoint_every", "run.log_every",
-                                "run.amp"})
+                                "run.amp", "run.report_to"})
 
 
 def announce(message: str, enabled: bool = True) -> None:
@@ -43,8 +43,9 @@ def announce(message: str, enabled: bool = True) -> None:
 
 
 class RunFolder:
-    """``config.yaml``, ``last.pt``, ``best.pt``, ``log.jsonl`` and ``curves.png`` of one run folder, plus the
-    ``outputs`` (file names) a loop also writes there; ``locked()`` holds the folder's lock."""
+    """``config.yaml``, ``last.pt``, ``best.pt``, ``log.jsonl``, ``curves.png`` and ``tensorboard/`` (with
+    ``run.report_to: [tensorboard]``) of one run folder, plus the ``outputs`` (file names) a loop also writes there;
+    ``locked()`` holds the folder's lock."""
 
     def __init__(self, root: Path | str, outputs: Iterable[str] = ()) -> None:
         self.root = Path(root)
@@ -53,6 +54,7 @@ class RunFolder:
         self.best = self.root / "best.pt"
         self.log = self.root / "log.jsonl"
         self.curves = self.root / "curves.png"
+        self.tensorboard = self.root / "tensorboard"
         self.outputs = tuple(self.root / name for name in outputs)
 
     @contextmanager
@@ -66,7 +68,8 @@ class RunFolder:
 
     def run_files(self) -> list[Path]:
         """The files of a run that exist in the folder."""
-        return [p for p in (self.config, self.last, self.best, self.log, self.curves, *self.outputs) if p.exists()]
+        return [p for p in (self.config, self.last, self.best, self.log, self.curves, self.tensorboard, *self.outputs)
+                if p.exists()]
 
     def clear(self) -> None:
         """Delete the run's files (``--overwrite``); other files of the folder are left alone."""
@@ -130,7 +133,8 @@ class Checkpointer:
             raise RunFolderError(f"{self.folder.root} already holds a run ({names}); --no-resume would start over "
                                  f"and destroy it: add --overwrite to replace it, drop --no-resume to continue it, "
                                  f"or use another --out folder")
-        if any(p not in (self.folder.config, self.folder.log, self.folder.curves) for p in existing):
+        if any(p not in (self.folder.config, self.folder.log, self.folder.curves, self.folder.tensorboard)
+               for p in existing):
             raise RunFolderError(f"{self.folder.root} holds {names} but no last.pt to resume from; starting afresh "
                                  f"would destroy them: pass --overwrite to replace them, or use another --out folder")
         return None  # a run that never wrote a checkpoint: its config and log are replaced
@@ -219,13 +223,24 @@ class StopSignals:
 class StepLogger:
     """A run's progress bar, its JSONL log (``log.jsonl``: one record per line, flushed) and its curves. The log is
     cut back to ``keep_bytes`` (the length a resumed checkpoint recorded; 0 for a fresh run). ``writes=False`` (the
-    ranks other than 0 of a data-parallel run): no file is touched and nothing is shown."""
+    ranks other than 0 of a data-parallel run): no file is touched and nothing is shown.
 
-    def __init__(self, folder: RunFolder, progress: bool, keep_bytes: int = 0, writes: bool = True) -> None:
+    ``report_to`` containing "tensorboard": each record's numbers also go to TensorBoard scalars in
+    ``folder.tensorboard`` at the record's ``step`` (flushed at each ``plot``); a resume from step ``resumed_step``
+    purges the events after it, as the log drops its records."""
+
+    def __init__(self, folder: RunFolder, progress: bool, keep_bytes: int = 0, writes: bool = True,
+                 report_to: Iterable[str] = (), resumed_step: int = 0) -> None:
         self.folder, self.progress, self.writes = folder, progress and writes, writes
         self.jsonl = JsonlLogger(folder.log)
+        self.board = None
         if writes:
             self.jsonl.truncate(keep_bytes)
+            if "tensorboard" in report_to:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.board = SummaryWriter(str(folder.tensorboard), purge_step=resumed_step + 1 if resumed_step
+                                           else None)
 
     def bar(self, iterable: Iterable, total: int, initial: int, desc: str, unit: str = "step") -> tqdm:
         """A progress bar over ``iterable`` (hidden when the run has no progress output)."""
@@ -236,6 +251,10 @@ class StepLogger:
         """Append one record to the JSONL log."""
         if self.writes:
             self.jsonl.log(record)
+        if self.board is not None and "step" in record:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.board.add_scalar(key, value, record["step"])
 
     def size(self) -> int:
         """The log's length in bytes (saved in checkpoints as ``log_bytes``)."""
@@ -247,6 +266,8 @@ class StepLogger:
             tqdm.write(message)
 
     def plot(self) -> None:
-        """Redraw ``curves.png`` from the log."""
+        """Redraw ``curves.png`` from the log (and flush the TensorBoard events)."""
         if self.writes:
             plot_curves(self.folder.log, self.folder.curves)
+        if self.board is not None:
+            self.board.flush()
