@@ -12,7 +12,9 @@ step = forward, backward, gradient all-reduce, clipping, AdamW, momentum update.
 processes, one mode after another; each figure is the median over the timed steps (rank 0's: the ranks wait for
 each other at every collective). Measured per 2-rank step: the gradient all-reduce as the step calls it (transfer +
 waiting for the slower rank), the same all-reduce alone right after a barrier (transfer only), and the rest
-(compute and the forward's gathers). Last lines: samples/s of each mode, the ratio 2x1 / 1x2, and the split.
+(compute and the forward's gathers). Per mode, rank 0's CPU seconds per wall second of a step (at most its
+thread count): below that, its threads waited for a core or for each other, which on shared cores is what limits
+the threaded mode. Last lines: samples/s of each mode, the ratio 2x1 / 1x2, the split and the CPU shares.
 """
 
 from __future__ import annotations
@@ -66,9 +68,9 @@ def _rank(rank: int, size: int, threads: int, port: int, args: argparse.Namespac
         batches = [{k: v[rank * share: (rank + 1) * share] for k, v in
                     make_batch(args.batch_size, REGIONS, cfg.model.region_dim, args.tokens, VOCAB,
                                torch.device("cpu"), seed).items()} for seed in range(4)]
-        steps, allreduce, alone = [], [], []
+        steps, allreduce, alone, cpu = [], [], [], []
         for i in range(args.warmup + args.steps):
-            began = time.perf_counter()
+            began, cpu_began = time.perf_counter(), time.process_time()
             loss = model(batches[i % len(batches)])["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -78,7 +80,7 @@ def _rank(rank: int, size: int, threads: int, port: int, args: argparse.Namespac
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             optimizer.step()
             model.momentum_step()
-            ended = time.perf_counter()
+            ended, cpu_ended = time.perf_counter(), time.process_time()
             if world.distributed:  # the same all-reduce with both ranks already there: the transfer alone
                 flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
                 dist.barrier()
@@ -88,9 +90,10 @@ def _rank(rank: int, size: int, threads: int, port: int, args: argparse.Namespac
             if i >= args.warmup:
                 steps.append(ended - began)
                 allreduce.append(reduced - reducing)
+                cpu.append((cpu_ended - cpu_began) / (ended - began))
         gradient_floats = sum(p.numel() for p in params if p.requires_grad)
         (Path(out) / f"rank{rank}.json").write_text(json.dumps({
-            "step_s": steps, "allreduce_s": allreduce, "allreduce_alone_s": alone[args.warmup:],
+            "step_s": steps, "allreduce_s": allreduce, "allreduce_alone_s": alone[args.warmup:], "cpu_per_wall": cpu,
             "gradient_floats": gradient_floats}))
     finally:
         close_world(world)
@@ -105,7 +108,8 @@ def run_mode(size: int, threads: int, args: argparse.Namespace) -> dict:
     step = statistics.median(result["step_s"])
     figures = {"processes": size, "threads_each": threads, "samples_per_s": args.batch_size / step,
                "ms_per_step": 1000 * step, "ms_per_step_all": [1000 * t for t in result["step_s"]],
-               "gradient_mb": result["gradient_floats"] * 4 / 2 ** 20}
+               "gradient_mb": result["gradient_floats"] * 4 / 2 ** 20,
+               "cpu_per_wall": statistics.median(result["cpu_per_wall"])}
     if size > 1:
         figures["allreduce_ms"] = 1000 * statistics.median(result["allreduce_s"])
         figures["allreduce_alone_ms"] = 1000 * statistics.median(result["allreduce_alone_s"])
@@ -142,6 +146,8 @@ def main() -> None:
           f"({two['gradient_mb']:.1f} MB; alone after a barrier {two['allreduce_alone_ms']:.1f} ms, so "
           f"{waiting:.1f} ms waiting for the other rank), the rest (compute, the forward's gathers) "
           f"{two['rest_ms']:.0f} ms")
+    print("CPU seconds per wall second of a step (rank 0; at most its threads): " + ", ".join(
+        f"{name} {m['cpu_per_wall']:.2f} of {m['threads_each']}" for name, m in modes.items()))
     write_figures(args.out, "scaling", args, {"modes": modes, "ratio_2x1_over_1x2": ratio,
                                              "allreduce_waiting_ms": waiting, "load_average_end": os.getloadavg()[0]})
 
