@@ -1,8 +1,9 @@
 """Faults of a data-parallel run end the job in bounded time instead of hanging it:
 
 - a refusal at the start on rank 0 (its folder locked by another process, ``--no-resume`` into a used folder, a
-  resume with a changed config) makes every rank fail at once with rank 0's message, not wait at a collective
-  until its 600 s timeout; the command's summary line is printed once per job, by rank 0;
+  resume with a changed config; for ``train``, ``train-clip`` and ``distill pretrain``) makes every rank fail at
+  once with rank 0's message, not wait at a collective until its 600 s timeout; the command's summary line is
+  printed once per job, by rank 0;
 - two torchrun "nodes" on one machine (c10d rendezvous on 127.0.0.1), one rank killed by SIGKILL mid-training:
   both launches end within seconds, and rerunning both resumes ``last.pt`` and finishes with the same world size,
   on the weights an uninterrupted run of the same world ends on.
@@ -24,12 +25,17 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
+from test_clip_distributed import _config as clip_config
+from test_distill_pretrain import tiny_config as distill_config
 from test_kill_resume import log_without_timing
 from test_train_distributed import PER_RANK, _free_port
 from test_train_retrieval import tiny_config, write_corpus
 from xmcl.config import config_to_dict
+from xmcl.data.shapes import generate_shapes_world
 from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.runtime.lock import RunLock
+from xmcl.training.clip_trainer import train_clip
+from xmcl.training.distill_trainer import pretrain_distill
 from xmcl.training.retrieval_trainer import train_retrieval
 
 TESTS = Path(__file__).resolve().parent
@@ -37,23 +43,36 @@ SRC = TESTS.parent / "src"
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), *sys.path]), "OMP_NUM_THREADS": "1"}
 RUN = ["run.threads=1", "run.progress=false", "run.device=cpu"]
-# (folder, train_retrieval's resume, extra overrides) of each refusal; ``locked`` is held by the test process
-REFUSALS = {"locked": ("locked", True, []), "no_resume": ("used", False, []),
-            "changed_config": ("used", True, ["optim.lr=2e-3"])}
+# (trainer, folder, resume, extra overrides) of each refusal; ``locked`` is held by the test process
+REFUSALS = {"locked": ("retrieval", "locked", True, []), "no_resume": ("retrieval", "used", False, []),
+            "changed_config": ("retrieval", "used", True, ["optim.lr=2e-3"]),
+            "distill_locked": ("distill", "locked", True, []), "clip_no_resume": ("clip", "used_clip", False, [])}
 
 
-def _refusing_rank(rank: int, ports: dict[str, int], corpus: str, root: str) -> None:
+def _run(trainer: str, root: Path, folder: str, resume: bool, extra: list[str]) -> None:
+    """A tiny run of ``trainer`` (retrieval: the corpus in ``root``; clip: ``root/shapes``) into ``root/folder``."""
+    if trainer == "retrieval":
+        cfg = tiny_config(root, f"optim.batch_size={PER_RANK}", "optim.epochs=1", *RUN, *extra)
+        train_retrieval(cfg, root / folder, resume=resume, progress=False)
+    elif trainer == "distill":
+        cfg = distill_config(f"superpixels.cache_dir={root / 'sp'}", "optim.steps=1", "optim.batch_scenes=1",
+                             *RUN, *extra)
+        pretrain_distill(cfg, root / folder, resume=resume, progress=False)
+    else:
+        train_clip(clip_config(root / "shapes", PER_RANK, epochs=1), root / folder, resume=resume, progress=False)
+
+
+def _refusing_rank(rank: int, ports: dict[str, int], root: str) -> None:
     """Each refusal in turn (a fresh process group each); what every call raised, and how long it took, into
     ``root/rank{rank}.json``."""
     torch.set_num_threads(1)
     outcomes = {}
-    for case, (folder, resume, extra) in REFUSALS.items():
+    for case, (trainer, folder, resume, extra) in REFUSALS.items():
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[case]), WORLD_SIZE="2", RANK=str(rank),
                           LOCAL_RANK=str(rank))
         began = time.monotonic()
         try:
-            train_retrieval(tiny_config(Path(corpus), f"optim.batch_size={PER_RANK}", "optim.epochs=1", *RUN,
-                                        *extra), Path(root) / folder, resume=resume, progress=False)
+            _run(trainer, Path(root), folder, resume, extra)
             outcomes[case] = ["none", "", time.monotonic() - began]
         except Exception as error:  # noqa: BLE001 - the outcome is what the test checks
             outcomes[case] = [type(error).__name__, str(error), time.monotonic() - began]
@@ -62,14 +81,15 @@ def _refusing_rank(rank: int, ports: dict[str, int], corpus: str, root: str) -> 
 
 @pytest.mark.timeout(240)
 def test_a_refusal_on_rank_0_ends_every_rank_at_once_with_its_message(tmp_path: Path) -> None:
-    corpus = write_corpus(tmp_path, {"train": 16, "val": 6})
-    train_retrieval(tiny_config(corpus, f"optim.batch_size={PER_RANK}", "optim.epochs=1", *RUN), tmp_path / "used",
-                    progress=False)
+    write_corpus(tmp_path, {"train": 16, "val": 6})
+    generate_shapes_world(tmp_path / "shapes", num_images=12, seed=0, image_size=64, progress=False)
+    _run("retrieval", tmp_path, "used", True, [])
+    _run("clip", tmp_path, "used_clip", True, [])
     ports = {case: _free_port() for case in REFUSALS}
     os.environ.pop("WORLD_SIZE", None)
     context = mp.get_context("spawn")
     with RunLock(tmp_path / "locked"):
-        ranks = [context.Process(target=_refusing_rank, args=(rank, ports, str(corpus), str(tmp_path)))
+        ranks = [context.Process(target=_refusing_rank, args=(rank, ports, str(tmp_path)))
                  for rank in range(2)]
         for process in ranks:
             process.start()
@@ -81,7 +101,8 @@ def test_a_refusal_on_rank_0_ends_every_rank_at_once_with_its_message(tmp_path: 
     assert [process.exitcode for process in ranks] == [0, 0]
     outcomes = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     expected = {"locked": ("RunFolderError", "is in use"), "no_resume": ("RunFolderError", "already holds a run"),
-                "changed_config": ("CheckpointError", "optim.lr: 0.001 -> 0.002")}
+                "changed_config": ("CheckpointError", "optim.lr: 0.001 -> 0.002"),
+                "distill_locked": ("RunFolderError", "is in use"), "clip_no_resume": ("RunFolderError", "already holds")}
     for case, (kind, words) in expected.items():
         main, other = outcomes[0][case], outcomes[1][case]
         assert main[0] == kind and words in main[1], (case, main)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +45,6 @@ from xmcl.runtime.distributed import (
     average_gradients,
     broadcast_from_main,
     close_world,
-    fail_together,
     gather_no_grad,
     gather_with_grad,
     init_world,
@@ -60,12 +58,12 @@ from xmcl.training.run import (
     RunFolder,
     StepLogger,
     StopSignals,
+    held_run,
     announce,
     capture_states,
     check_finite,
     restore_states,
 )
-from xmcl.training.sharding import check_world_size
 
 CLIP_RUN_CHECKPOINT = ("xmcl.clip.train", 2)  # kind and version of train-clip's last.pt (2: safe to load)
 CLIP_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")  # the best model, as save_clip writes
@@ -109,11 +107,7 @@ def train_clip(cfg: ClipTrainConfig, out: Path | str, resume: bool = True, progr
     world = init_world(resolve_device(cfg.run.device))
     progress = progress and world.is_main
     try:
-        with ExitStack() as held:
-            with fail_together(world):  # a lock held elsewhere stops every rank at once, with rank 0's message
-                if world.is_main:
-                    held.enter_context(folder.locked(progress))
-            stop = held.enter_context(StopSignals(progress))
+        with held_run(folder, world, progress) as stop:
             return _train(cfg, folder, resume, overwrite, progress, stop, world)
     finally:
         close_world(world)
@@ -126,13 +120,7 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
     precision = Precision(cfg.run.amp, device)
     train = open_split(cfg.data.path, cfg.data.train_split, key="data.path")
     val = open_split(cfg.data.path, cfg.data.val_split, key="data.path")
-    with fail_together(world):  # a refusal on rank 0 stops every rank at once, with its message
-        state = checkpointer.start(cfg, resume, overwrite) if world.is_main else None
-    with fail_together(world):  # rank 0 has cleared (--overwrite) or checked the folder; the others read it
-        if not world.is_main:
-            state = checkpointer.start(cfg, resume=True)
-        if state is not None:
-            check_world_size(state, world, folder.last)
+    state = checkpointer.start_together(cfg, resume, overwrite, world)  # a refusal ends every rank at once
     if state is not None:
         vocab, merges = state["vocab"], [tuple(pair) for pair in state["merges"]]
     else:

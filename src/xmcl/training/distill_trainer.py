@@ -22,7 +22,6 @@ size and a resume with another is refused.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 from xmcl.distill.config import DistillConfig
@@ -40,7 +39,6 @@ from xmcl.runtime.distributed import (
     World,
     average_gradients,
     close_world,
-    fail_together,
     init_world,
     mean_over_ranks,
 )
@@ -52,12 +50,13 @@ from xmcl.training.run import (
     RunFolder,
     StepLogger,
     StopSignals,
+    held_run,
     announce,
     capture_states,
     check_finite,
     restore_states,
 )
-from xmcl.training.sharding import check_world_size, rank_batches
+from xmcl.training.sharding import rank_batches
 
 # May change when a run resumes: the probe's settings and scene counts, and where superpixels are cached.
 RESUMABLE = ("probe.", "data.probe_train_scenes", "data.eval_scenes", "superpixels.cache_dir")
@@ -73,11 +72,7 @@ def pretrain_distill(cfg: DistillConfig, out_dir: Path, resume: bool = True, ove
     world = init_world(resolve_device(cfg.run.device))
     progress = progress and world.is_main
     try:
-        with ExitStack() as held:
-            with fail_together(world):  # a lock held elsewhere stops every rank at once, with rank 0's message
-                if world.is_main:
-                    held.enter_context(folder.locked(progress))
-            stop = held.enter_context(StopSignals(progress))
+        with held_run(folder, world, progress) as stop:
             return _pretrain(cfg, folder, resume, overwrite, progress, stop, world)
     finally:
         close_world(world)
@@ -97,13 +92,7 @@ def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bo
     optimizer, scheduler = build_optimizer(trainable, cfg.optim)
     model_stream = TorchStream(derived_seed(cfg.run.seed, MODEL_STREAM), device)
     start = 0
-    with fail_together(world):  # a refusal on rank 0 stops every rank at once, with its message
-        state = checkpointer.start(cfg, resume, overwrite) if world.is_main else None
-    with fail_together(world):  # rank 0 has cleared (--overwrite) or checked the folder; the others read it
-        if not world.is_main:
-            state = checkpointer.start(cfg, resume=True)
-        if state is not None:
-            check_world_size(state, world, folder.last)
+    state = checkpointer.start_together(cfg, resume, overwrite, world)  # a refusal ends every rank at once
     if state is not None:
         restore_states(state, folder.last, voxel_net=net, image_head=head.head, optimizer=optimizer,
                        scheduler=scheduler, model_stream=model_stream)

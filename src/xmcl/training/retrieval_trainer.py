@@ -20,7 +20,7 @@ alone holds the folder lock, writes checkpoints, the log and the curves, and run
 its rSum is broadcast so every rank agrees on the best epoch. The logged loss is the mean over the ranks; a stop
 signal on any rank stops every rank at the same step. A checkpoint records the world size; a resume with another
 is refused. A refusal at the start (the folder locked, ``--no-resume`` into a used folder,
-a changed config) ends every rank at once with rank 0's message (``fail_together``).
+a changed config) ends every rank at once with rank 0's message (``Checkpointer.start_together``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import filecmp
 import math
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +58,6 @@ from xmcl.runtime.distributed import (
     average_gradients,
     broadcast_from_main,
     close_world,
-    fail_together,
     init_world,
     mean_over_ranks,
 )
@@ -72,12 +70,13 @@ from xmcl.training.run import (
     RunFolder,
     StepLogger,
     StopSignals,
+    held_run,
     announce,
     capture_states,
     check_finite,
     restore_states,
 )
-from xmcl.training.sharding import check_world_size, rank_batches
+from xmcl.training.sharding import rank_batches
 
 RESUMABLE = ("optim.epochs", "data.num_workers")  # may change when a run resumes
 MODEL_STREAM, LOADER_STREAM = 1, 2  # purposes of the random streams drawn from run.seed
@@ -103,11 +102,7 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = Tru
     world = init_world(resolve_device(cfg.run.device))
     progress = progress and world.is_main
     try:
-        with ExitStack() as held:
-            with fail_together(world):  # a lock held elsewhere stops every rank at once, with rank 0's message
-                if world.is_main:
-                    held.enter_context(folder.locked(progress))
-            stop = held.enter_context(StopSignals(progress))
+        with held_run(folder, world, progress) as stop:
             return _train(cfg, folder, resume, overwrite, progress, stop, world)
     finally:
         close_world(world)
@@ -130,13 +125,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     val_guides = split_guides(cfg.model, val_split, device)
     inputs = inputs_record(cfg.model, train_split, train_guides.sha256)
 
-    with fail_together(world):  # a refusal on rank 0 stops every rank at once, with its message
-        state = checkpointer.start(cfg, resume, overwrite) if world.is_main else None
-    with fail_together(world):  # rank 0 has cleared (--overwrite) or checked the folder; the others read it
-        if not world.is_main:
-            state = checkpointer.start(cfg, resume=True)
-        if state is not None:
-            check_world_size(state, world, folder.last)
+    state = checkpointer.start_together(cfg, resume, overwrite, world)  # a refusal ends every rank at once
     if state is not None and state.get("clip_sha256") != train_guides.sha256:
         raise CheckpointError(f"{folder.last} was trained with CGE guides of another CLIP checkpoint than the "
                               f"cache's now; use another --out folder or --no-resume --overwrite")

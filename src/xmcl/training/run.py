@@ -16,7 +16,7 @@ import shutil
 import signal
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -26,10 +26,12 @@ from tqdm import tqdm
 from xmcl.config import config_to_dict
 from xmcl.errors import CheckpointError, RunFolderError, RunInterrupted, TrainingDiverged, brief
 from xmcl.runtime.checkpoint import load_checkpoint, save_checkpoint
+from xmcl.runtime.distributed import World, fail_together
 from xmcl.runtime.files import atomic_write_text
 from xmcl.runtime.lock import RunLock, describe_holder
 from xmcl.runtime.log import JsonlLogger, plot_curves
 from xmcl.runtime.rng import capture_rng_state, restore_rng_state
+from xmcl.training.sharding import check_world_size
 
 # Run controls that may change when a run resumes (the seed may not: it fixes every random stream).
 RESUMABLE_RUN_KEYS = frozenset({"run.device", "run.threads", "run.progress", "run.checkpoint_every", "run.log_every",
@@ -139,6 +141,20 @@ class Checkpointer:
                                  f"would destroy them: pass --overwrite to replace them, or use another --out folder")
         return None  # a run that never wrote a checkpoint: its config and log are replaced
 
+    def start_together(self, cfg: Any, resume: bool, overwrite: bool, world: World) -> dict | None:
+        """``start`` for every rank of ``world``: rank 0 decides (and clears the folder for ``overwrite``), then the
+        other ranks read what it left and every rank checks the saved world size (``check_world_size``). A
+        refusal on any rank ends every rank at once with its message (``fail_together``). One process: ``start``
+        plus the world-size check."""
+        with fail_together(world):
+            state = self.start(cfg, resume, overwrite) if world.is_main else None
+        with fail_together(world):
+            if not world.is_main:
+                state = self.start(cfg, resume=True)
+            if state is not None:
+                check_world_size(state, world, self.folder.last)
+        return state
+
     def _resumable_state(self, cfg: Any) -> dict:
         state = load_checkpoint(self.folder.last, self.kind, self.version)
         saved, now = _flatten(state["config"]), _flatten(config_to_dict(cfg))
@@ -182,6 +198,17 @@ def check_finite(loss: float, where: str, folder: RunFolder) -> None:
     if loss != loss or loss in (float("inf"), float("-inf")):
         raise TrainingDiverged(f"loss became {loss} at {where}; training stopped, the last good checkpoint is "
                                f"{folder.last_good()}")
+
+
+@contextmanager
+def held_run(folder: RunFolder, world: World, verbose: bool) -> Iterator["StopSignals"]:
+    """A run's hold on its folder: the folder's lock, taken by rank 0 (a lock held elsewhere ends every rank at
+    once with rank 0's message), and the stop signals (yielded), for the whole run."""
+    with ExitStack() as held:
+        with fail_together(world):
+            if world.is_main:
+                held.enter_context(folder.locked(verbose))
+        yield held.enter_context(StopSignals(verbose))
 
 
 class StopSignals:
