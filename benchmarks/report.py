@@ -88,6 +88,7 @@ PLAN: tuple[Step, ...] = (
     Step("inference cost", "python benchmarks/inference_cost.py", "inference_cost"),
     Step("indexing throughput", "python benchmarks/index_throughput.py --images 300", "index_throughput"),
     Step("ST-SLidR step", "python benchmarks/distill_step.py", "distill_step"),
+    Step("data-parallel scaling", "python benchmarks/scaling.py", "scaling"),
     Step("sparse-conv backends", "python benchmarks/sparse_conv_backends.py", "sparse_conv"),
     Step("Flickr8K features", "xmcl features --data ../shared/data/flickr8k --split train --split val --text "
                               "--out runs/f8k_feats", long=True),
@@ -428,6 +429,36 @@ def distill_step_summary(d: dict) -> str:
             f"{f['rss_steps_mib'] / 1024:.1f} GiB peak RSS ({conditions(d)}).")
 
 
+SCALING_MODES = {"1x1": "1 process × 1 thread", "1x2": "1 process × 2 threads", "2x1": "2 processes × 1 thread"}
+
+
+def scaling(d: dict) -> str:
+    f = d["figures"]
+    modes = f["modes"]
+    rows = [[label, f"{modes[name]['samples_per_s']:.1f}", f"{modes[name]['ms_per_step']:.0f}",
+             f"{modes[name]['cpu_per_wall']:.2f} of {modes[name]['threads_each']}"
+             if "cpu_per_wall" in modes[name] else "not measured"] for name, label in SCALING_MODES.items()]
+    two = modes["2x1"]
+    return (f"{command_lines(d)}\n\nUSER of `configs/shapes_user.yaml` on random batches shaped like the shapes "
+            f"features, global batch {d['config']['batch_size']}; 2 processes: gloo on 127.0.0.1, half the batch "
+            f"each.\n\n" + table(["mode", "samples/s", "ms/step (median)", "CPU s per wall s (rank 0)"], rows)
+            + f"\n\n2 processes × 1 thread / 1 process × 2 threads: **{f['ratio_2x1_over_1x2']:.2f}x**. Of a "
+            f"2-process step of {two['ms_per_step']:.0f} ms, the gradient all-reduce ({two['gradient_mb']:.1f} MB) "
+            f"takes {two['allreduce_ms']:.1f} ms: {two['allreduce_alone_ms']:.1f} ms of transfer (the same all-reduce "
+            f"alone after a barrier) and {f['allreduce_waiting_ms']:.1f} ms waiting for the other rank; the rest "
+            f"({two['rest_ms']:.0f} ms) is compute and the forward's gathers.")
+
+
+def scaling_summary(d: dict) -> str:
+    f = d["figures"]
+    modes = f["modes"]
+    return (f"- `{d['command']}`: for one global batch, 2 processes × 1 thread train "
+            f"{modes['2x1']['samples_per_s']:.1f} samples/s, 1 process × 2 threads {modes['1x2']['samples_per_s']:.1f} "
+            f"({f['ratio_2x1_over_1x2']:.2f}x), 1 × 1 {modes['1x1']['samples_per_s']:.1f}; the gradient all-reduce is "
+            f"{modes['2x1']['allreduce_ms']:.0f} ms of a {modes['2x1']['ms_per_step']:.0f} ms step "
+            f"({conditions(d)}).")
+
+
 def sparse_conv(d: dict) -> str:
     f = d["figures"]
     with_spconv = f["spconv"] is not None
@@ -583,6 +614,7 @@ BLOCKS = (
     Block("distill_probe", ("distill_probe",), probe),
     Block("distill_step", ("distill_step",), distill_step),
     Block("sparse_conv", ("sparse_conv",), sparse_conv),
+    Block("scaling", ("scaling",), scaling),
     Block("cge_shapes", ("cge_shapes",), cge),
     Block("cge_f8k", ("cge_f8k",), cge),
     Block("distill_tolerance", ("distill_tolerance",), probe),
@@ -600,6 +632,7 @@ SUMMARIES = (
     Block("rq_f8k:summary", ("rq_f8k",), quality_summary),
     Block("distill_probe:summary", ("distill_probe",), probe_summary),
     Block("distill_step:summary", ("distill_step",), distill_step_summary),
+    Block("scaling:summary", ("scaling",), scaling_summary),
     Block("demo:summary", ("demo",), demo_summary),
     Block("search:summary", ("search_1024", "search_256"), search_summary),
     Block("inference_cost:summary", ("inference_cost",), inference_cost_summary),

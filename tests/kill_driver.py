@@ -9,6 +9,9 @@ Usage: ``python kill_driver.py TRAINER OUT KILL [KEY=VALUE ...]`` with TRAINER `
 - ``log:N``: right after the N-th log record is written (before any checkpoint that would follow it);
 - ``save:N``: halfway through writing the N-th checkpoint file (half its bytes on disk);
 - ``before:MODULE.NAME:N``: when the N-th call of the function ``NAME`` of ``MODULE`` starts.
+
+Under ``torchrun`` a kill point ending in ``@R`` (``backward:4@1``) is armed on rank ``R`` only; the other ranks
+run to the end (or until the job fails).
 """
 
 from __future__ import annotations
@@ -94,7 +97,9 @@ def arm(spec: str) -> None:
 def main(trainer: str, out: str, spec: str, overrides: list[str]) -> None:
     from xmcl.config import load_config
 
-    arm(spec)
+    spec, _, rank = spec.partition("@")
+    if not rank or rank == os.environ.get("RANK", "0"):
+        arm(spec)
     if trainer == "retrieval":
         from xmcl.retrieval.config import RetrievalTrainConfig
         from xmcl.training.retrieval_trainer import train_retrieval

@@ -100,11 +100,13 @@ def train(config_path: Path, overrides: tuple[str, ...], out: Path, resume: bool
     """Train a retrieval model (USER or a baseline)."""
     from xmcl.config import load_config
     from xmcl.retrieval.config import RetrievalTrainConfig
+    from xmcl.runtime.distributed import is_main_process
     from xmcl.training.retrieval_trainer import train_retrieval
 
     cfg = load_config(RetrievalTrainConfig, config_path, overrides)
     summary = train_retrieval(cfg, out, resume=resume, overwrite=overwrite)
-    click.echo(f"best val rSum {summary['best_rsum']:.2f} at epoch {summary['best_epoch']}; "
+    if is_main_process():  # once per job under torchrun
+        click.echo(f"best val rSum {summary['best_rsum']:.2f} at epoch {summary['best_epoch']}; "
                f"checkpoints in {out}")
 
 
@@ -145,12 +147,14 @@ def train_clip(data_path: Path | None, config_path: Path | None, overrides: tupl
     """Train a small CLIP from scratch on a corpus (a CGE teacher for the shapes world)."""
     from xmcl.config import load_config
     from xmcl.retrieval.clip.config import ClipTrainConfig
+    from xmcl.runtime.distributed import is_main_process
     from xmcl.training.clip_trainer import train_clip as run_train_clip
 
     data_override = [f"data.path={data_path}"] if data_path is not None else []
     cfg = load_config(ClipTrainConfig, config_path, [*data_override, *overrides])
     summary = run_train_clip(cfg, out, resume=resume, overwrite=overwrite)
-    click.echo(f"best val rSum {summary['best_rsum']:.2f} at epoch {summary['best_epoch']}; model in {out}")
+    if is_main_process():  # once per job under torchrun
+        click.echo(f"best val rSum {summary['best_rsum']:.2f} at epoch {summary['best_epoch']}; model in {out}")
 
 
 # ------------------------------------------------------------------------------------- evaluate
@@ -213,11 +217,13 @@ def distill_pretrain(config_path: Path, overrides: tuple[str, ...], out: Path, r
     """Pretrain the 3D backbone with the (semantically tolerant, class-balanced) superpixel contrastive loss."""
     from xmcl.config import load_config
     from xmcl.distill.config import DistillConfig
+    from xmcl.runtime.distributed import is_main_process
     from xmcl.training.distill_trainer import pretrain_distill
 
     checkpoint = pretrain_distill(load_config(DistillConfig, config_path, overrides), out, resume=resume,
                                   overwrite=overwrite)
-    click.echo(f"wrote {checkpoint}")
+    if is_main_process():  # once per job under torchrun
+        click.echo(f"wrote {checkpoint}")
 
 
 @distill.command("probe")

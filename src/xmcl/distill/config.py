@@ -189,7 +189,13 @@ class SuperpixelConfig:
 @dataclass
 class DistillLossConfig:
     """``xmcl.contrast.STSlidrLoss``: SLidR = tolerance "none", balance false; semantically tolerant = tolerance
-    "quantile" (or "soft"); ST-SLidR = tolerant + ``balance`` true."""
+    "quantile" (or "soft"); ST-SLidR = tolerant + ``balance`` true.
+
+    ``gather`` (data-parallel runs only): "local" = each rank contrasts the superpixels of its own scenes, and its
+    BatchNorm statistics are its own sites' (as each GPU of the authors' runs does); "global" = the superpixel
+    features of every rank are gathered (with gradient; the semantic features without), so negatives, tolerance
+    and balancing span the global batch, and BatchNorm spans every rank's sites: the step of one process with the
+    whole global batch."""
 
     tau: float = 0.07
     tolerance: Literal["none", "quantile", "soft"] = "quantile"
@@ -197,6 +203,7 @@ class DistillLossConfig:
     q: float = 0.01
     balance: bool = True
     threshold: float = 0.5
+    gather: Literal["local", "global"] = "local"
 
     def __post_init__(self) -> None:
         require(self, "tau", gt=0.0, le=10.0)

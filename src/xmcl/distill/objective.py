@@ -1,7 +1,9 @@
 """The ST-SLidR objective of one batch: points -> ``VoxelUNet`` -> per-point features (unit norm); each camera image
 -> frozen backbone -> 1x1 head -> per-pixel features (unit norm); both sides averaged per SLIC superpixel over the
 point-pixel pairs (``pooling``); z = the superpixel mean of the frozen backbone features; the loss is
-``xmcl.contrast.STSlidrLoss`` (SLidR, semantically tolerant, or tolerant + class-agnostic balancing).
+``xmcl.contrast.STSlidrLoss`` (SLidR, semantically tolerant, or tolerant + class-agnostic balancing). In a
+data-parallel run with ``loss.gather: global`` the superpixel features of every rank are gathered before the loss
+(``gather_uneven``: ranks' superpixel counts differ), in rank order, as one process with all the scenes has them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from xmcl.distill.image_head import ImageFeatureHead
 from xmcl.distill.pooling import build_superpixel_pooling
 from xmcl.distill.preparation import PreparedScene, voxelize_scenes
 from xmcl.distill.voxel_net import VoxelUNet
+from xmcl.runtime.distributed import SINGLE_PROCESS, World, gather_uneven
 
 
 def build_distill_loss(cfg: DistillConfig) -> STSlidrLoss:
@@ -25,8 +28,10 @@ def build_distill_loss(cfg: DistillConfig) -> STSlidrLoss:
 
 
 def distillation_loss(net: VoxelUNet, head: ImageFeatureHead, loss_fn: STSlidrLoss, batch: list[PreparedScene],
-                      cfg: VoxelConfig, generator: torch.Generator | None) -> tuple[Tensor, int]:
-    """Loss of one batch of prepared scenes and its number of superpixels K."""
+                      cfg: VoxelConfig, generator: torch.Generator | None,
+                      gather: World = SINGLE_PROCESS) -> tuple[Tensor, int]:
+    """Loss of one batch of prepared scenes and its number of superpixels K (this rank's). ``gather``: the world
+    whose ranks' superpixels are contrasted together (``SINGLE_PROCESS``: this batch's alone)."""
     voxels = voxelize_scenes([s.points for s in batch], cfg, generator)
     point_features = net(voxels)
     pair_point, pair_pixel, pixel_sp, pixel_features = [], [], [], []
@@ -45,5 +50,5 @@ def distillation_loss(net: VoxelUNet, head: ImageFeatureHead, loss_fn: STSlidrLo
     g = pooling.pool_pixels(torch.cat(pixel_features))
     z = None
     if loss_fn.needs_semantic:
-        z = torch.cat([s.semantic for s in batch])[pooling.superpixel_ids]
-    return loss_fn(f, g, z), pooling.num_superpixels
+        z = gather_uneven(torch.cat([s.semantic for s in batch])[pooling.superpixel_ids], gather, with_grad=False)
+    return loss_fn(gather_uneven(f, gather), gather_uneven(g, gather), z), pooling.num_superpixels

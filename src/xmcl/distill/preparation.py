@@ -187,11 +187,12 @@ class DistillInputs:
             else:
                 self.fixed_inputs(index)
 
-    def batch(self, indices: list[int], step: int) -> list[PreparedScene]:
-        """The inputs of step ``step``'s scans."""
+    def batch(self, indices: list[int], step: int, rank: int = 0) -> list[PreparedScene]:
+        """The inputs of step ``step``'s scans; ``rank`` > 0 (a data-parallel rank) draws its augmentation from a
+        stream of its own, ``(seed, MIXED_AUGMENTATION_STREAM, step, rank)``, so no two ranks augment alike."""
         if self.augmentation is None:
             return [self._unaugmented(i) for i in indices]
-        generator = seeded_generator(self.seed, MIXED_AUGMENTATION_STREAM, step)
+        generator = seeded_generator(self.seed, MIXED_AUGMENTATION_STREAM, step, *([rank] if rank else []))
         out = []
         for index in indices:
             points, cams = augment_scan(*self.fixed_inputs(index), self.augmentation, generator)

@@ -15,6 +15,9 @@ Convolutions (weights stored per kernel offset, ``(n_offsets, C_in, C_out)``)
   W_{x - 2p}^T in[x]`` (= dense ``conv3d(kernel=2, stride=2)``);
 * transposed 2x2x2, stride 2 (upsampling onto the finer level's known sites): ``out[x] = W_{x - 2p}^T in[p]``.
 The neighbour and parent maps of each level are computed once per batch (``CoordinateMap``) and shared by layers.
+
+BatchNorm is ``GlobalBatchNorm1d`` (``nn.BatchNorm1d`` in one process): given a data-parallel world
+(``xmcl.nn.global_batchnorm.set_world``), its training statistics span every rank's active sites.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmcl.errors import ConfigError, DataError
+from xmcl.nn.global_batchnorm import GlobalBatchNorm1d
 
 _COORD_BITS = 16
 _COORD_SHIFT = 1 << (_COORD_BITS - 1)
@@ -249,7 +253,7 @@ class BatchNormReLU(nn.Module):
 
     def __init__(self, channels: int, relu: bool = True, momentum: float = 0.1) -> None:
         super().__init__()
-        self.norm = nn.BatchNorm1d(channels, momentum=momentum)
+        self.norm = GlobalBatchNorm1d(channels, momentum=momentum)
         self.relu = relu
 
     def forward(self, x: SparseTensor) -> SparseTensor:
@@ -267,7 +271,7 @@ class ResidualBlock(nn.Module):
         self.conv2 = SubmanifoldConv3d(out_channels, out_channels)
         self.bn2 = BatchNormReLU(out_channels, relu=False, momentum=momentum)
         self.shortcut = (nn.Sequential(nn.Linear(in_channels, out_channels, bias=False),
-                                       nn.BatchNorm1d(out_channels, momentum=momentum))
+                                       GlobalBatchNorm1d(out_channels, momentum=momentum))
                          if in_channels != out_channels else nn.Identity())
 
     def forward(self, x: SparseTensor) -> SparseTensor:

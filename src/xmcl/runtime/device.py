@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from xmcl.errors import ConfigError
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; any other name as torch reads it (CUDA must be present)."""
+    """``auto`` -> CUDA when available, else CPU; any other name as torch reads it (CUDA must be present). Under a
+    launcher (``LOCAL_RANK`` set), ``auto`` and a bare ``cuda`` mean this rank's GPU, ``cuda:LOCAL_RANK``, which
+    is also made the current CUDA device (what nccl's collectives use)."""
     if isinstance(name, torch.device):
         return name
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        return device
     try:
         device = torch.device(name)
     except RuntimeError:

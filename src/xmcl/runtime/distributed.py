@@ -9,14 +9,17 @@ Backend: gloo on CPU, nccl on CUDA (chosen from the device). Every collective ha
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from xmcl.errors import ConfigError
+from xmcl import errors
+from xmcl.errors import ConfigError, XmclError
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,12 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of its launch (or not launched distributed): the one that prints a
+    command's summary. Read from ``RANK``, so it holds before and after the process group exists."""
+    return _env_int("RANK", 0) == 0
+
+
 def init_world(device: torch.device, timeout_s: float = 600.0) -> World:
     """The world ``torchrun`` set up (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT`` or a
     rendezvous), with its process group initialised; ``SINGLE_PROCESS`` when not launched distributed."""
@@ -78,6 +87,20 @@ def gather_with_grad(tensor: Tensor, world: World) -> Tensor:
 
     gathered = all_gather_single_autograd(tensor.contiguous(), 0, dist.group.WORLD)
     return gathered.wait() if hasattr(gathered, "wait") else gathered
+
+
+def gather_uneven(tensor: Tensor, world: World, with_grad: bool = True) -> Tensor:
+    """Rows of every rank concatenated in rank order where ranks hold different numbers of rows (superpixels of
+    different scenes): the row counts are gathered, each rank's rows padded to the largest count, gathered
+    (``gather_with_grad``, or ``gather_no_grad`` when not ``with_grad``) and the padding cut out again, so the
+    gradient of the real rows flows back to their owners and the padding's is dropped."""
+    if not world.distributed:
+        return tensor
+    counts = gather_no_grad(torch.tensor([tensor.shape[0]], device=tensor.device), world).tolist()
+    most = max(counts)
+    padded = torch.nn.functional.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, most - tensor.shape[0]))
+    gathered = gather_with_grad(padded, world) if with_grad else gather_no_grad(padded, world)
+    return torch.cat([gathered[rank * most: rank * most + count] for rank, count in enumerate(counts)])
 
 
 @torch.no_grad()
@@ -130,3 +153,51 @@ def broadcast_from_main(value: float, world: World, device: torch.device | str =
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.broadcast(tensor, src=0)
     return float(tensor)
+
+
+def _outcome(error: BaseException | None) -> tuple[str, str] | None:
+    """What a rank tells the others about its failure: the error's class name and its message."""
+    if error is None:
+        return None
+    return type(error).__name__, str(error) if isinstance(error, XmclError) else errors.brief(error)
+
+
+def _rebuilt(rank: int, name: str, message: str) -> XmclError:
+    """The error a rank raises for rank ``rank``'s failure: the same ``XmclError`` class and message (so the same
+    line and exit status), or a plain ``XmclError`` naming the rank and the foreign error."""
+    kind = getattr(errors, name, None)
+    if isinstance(kind, type) and issubclass(kind, XmclError):
+        return kind(message)
+    return XmclError(f"rank {rank} failed: {name}: {message}")
+
+
+@contextmanager
+def fail_together(world: World) -> Iterator[None]:
+    """Run the block on every rank, then compare the outcomes (one all-gather): if the block raised on any rank,
+    every rank raises at once. A failing rank re-raises its own error; the others raise the first failing rank's
+    (the same ``XmclError`` class and message), so a refusal on rank 0 (folder locked, ``--no-resume`` into a used
+    folder, a changed config) ends the job instead of leaving the other ranks at a collective until its timeout.
+    A collective: every rank must enter it, none may skip it (no-op for one process)."""
+    if not world.distributed:
+        yield
+        return
+    try:
+        yield
+    except BaseException as error:
+        try:
+            _share_outcome(world, error)
+        except Exception:  # noqa: BLE001 - the group is broken too (a dead peer): this rank's error is the news
+            pass
+        raise
+    failed = _share_outcome(world, None)
+    if failed is not None:
+        raise failed
+
+
+def _share_outcome(world: World, error: BaseException | None) -> XmclError | None:
+    outcomes: list[tuple[str, str] | None] = [None] * world.size
+    dist.all_gather_object(outcomes, _outcome(error))
+    for rank, outcome in enumerate(outcomes):
+        if outcome is not None:
+            return _rebuilt(rank, *outcome)
+    return None

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from xmcl.config import FieldRangeError, require
+from xmcl.errors import ConfigError
 from xmcl.runtime.device import resolve_device
 from xmcl.runtime.rng import seed_everything
 
@@ -19,7 +22,10 @@ class RunConfig:
     ``seed`` seeds every random stream; ``device``: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...;
     ``threads``: CPU threads for torch (0 = torch's default; use 1 when other jobs share the cores);
     ``progress``: progress bars; ``checkpoint_every``: also write ``last.pt`` every N optimiser steps (0 = at
-    epoch ends and at the end only); ``log_every``: one log line per N steps.
+    epoch ends and at the end only); ``log_every``: one log line per N steps; ``amp``: mixed precision, "none",
+    "bf16" (CUDA where supported, or CPU) or "fp16" (CUDA only, with a GradScaler; ``xmcl.runtime.precision``);
+    ``report_to``: where else the log records go: ``[tensorboard]`` = also as TensorBoard scalars in
+    ``OUT/tensorboard`` (rank 0; needs the ``tensorboard`` package, refused when it is not importable).
     """
 
     seed: int = 0
@@ -28,6 +34,8 @@ class RunConfig:
     progress: bool = True
     checkpoint_every: int = 0
     log_every: int = 1
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    report_to: list[Literal["tensorboard"]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         require(self, "seed", ge=0)
@@ -40,12 +48,18 @@ class RunConfig:
             except (RuntimeError, ValueError):
                 raise FieldRangeError("device", self.device, "'auto' or a torch device (cpu, cuda, cuda:1, ...)") \
                     from None
+        if "tensorboard" in self.report_to and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("run.report_to: tensorboard needs the tensorboard package, which is not importable "
+                              "in this environment: pip install tensorboard, or drop it from run.report_to")
 
 
 def start_run(run: RunConfig) -> torch.device:
-    """Apply ``run``: torch threads, every seed; returns the resolved device."""
+    """Apply ``run``: torch threads, every seed, and on CUDA cuDNN's autotuner (``cudnn.benchmark``: the fastest
+    kernels for the run's shapes); returns the resolved device."""
     device = resolve_device(run.device)
     if run.threads:
         torch.set_num_threads(run.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     seed_everything(run.seed)
     return device

@@ -8,6 +8,15 @@ preprocessing without augmentation (flips would swap "left of" and "right of"). 
 rSum; the best model is saved into the run folder in the transformers CLIP format, which ``load_clip_teacher``
 reads. ``last.pt`` (model, temperature, optimiser, scheduler, RNG, the model's random stream, tokenizer, epoch
 and step) resumes exactly from any step, even after ``kill -9``; log records after it are dropped on resume.
+
+Data-parallel (``torchrun --nproc_per_node N -m xmcl train-clip ...``): ``optim.batch_size`` is one rank's batch;
+every rank draws the same epoch order from ``(run.seed, epoch)``, cuts it into global batches of ``N *
+batch_size`` and takes its slice, so N ranks see exactly the samples of one process with the N-fold batch. InfoNCE
+runs over the global batch (embeddings gathered with gradient; each rank's queries against every rank's
+candidates) and gradients are averaged: the step of that one process. Rank 0 holds the folder lock, writes
+``last.pt``, the best model, the log and the curves, and validates; its rSum is broadcast. A refusal at the start
+ends every rank at once with its message; a stop signal on any rank stops them all; ``last.pt`` records the world
+size and a resume with another is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import numpy as np
 import torch
 
 from xmcl.contrast import build_retrieval_loss
+from xmcl.contrast.retrieval_losses import GlobalBatch
 from xmcl.data.corpus import CaptionSplit
 from xmcl.data.open import open_split
 from xmcl.errors import DataError
@@ -29,6 +39,18 @@ from xmcl.retrieval.clip.preprocess import ClipImagePreprocess
 from xmcl.retrieval.clip.small import new_clip_model, save_clip
 from xmcl.retrieval.clip.teacher import clip_image_features, clip_text_features
 from xmcl.retrieval.clip.tokenizer import ClipTokenizer, train_bpe
+from xmcl.runtime.device import resolve_device
+from xmcl.runtime.distributed import (
+    World,
+    average_gradients,
+    broadcast_from_main,
+    close_world,
+    gather_no_grad,
+    gather_with_grad,
+    init_world,
+    mean_over_ranks,
+)
+from xmcl.runtime.precision import Precision
 from xmcl.runtime.rng import TorchStream, derived_seed
 from xmcl.runtime.run_config import start_run
 from xmcl.training.run import (
@@ -36,6 +58,7 @@ from xmcl.training.run import (
     RunFolder,
     StepLogger,
     StopSignals,
+    held_run,
     announce,
     capture_states,
     check_finite,
@@ -81,17 +104,23 @@ def train_clip(cfg: ClipTrainConfig, out: Path | str, resume: bool = True, progr
     Returns ``{"best_rsum", "best_epoch", "metrics" (the best epoch's Metrics), "out"}``.
     """
     folder = RunFolder(out, outputs=CLIP_FILES)
-    with folder.locked(progress), StopSignals(progress) as stop:
-        return _train(cfg, folder, resume, overwrite, progress, stop)
+    world = init_world(resolve_device(cfg.run.device))
+    progress = progress and world.is_main
+    try:
+        with held_run(folder, world, progress) as stop:
+            return _train(cfg, folder, resume, overwrite, progress, stop, world)
+    finally:
+        close_world(world)
 
 
 def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: bool, verbose: bool,
-           stop: StopSignals) -> dict:
+           stop: StopSignals, world: World) -> dict:
     checkpointer = Checkpointer(folder, *CLIP_RUN_CHECKPOINT)
     device = start_run(cfg.run)
+    precision = Precision(cfg.run.amp, device)
     train = open_split(cfg.data.path, cfg.data.train_split, key="data.path")
     val = open_split(cfg.data.path, cfg.data.val_split, key="data.path")
-    state = checkpointer.start(cfg, resume, overwrite)
+    state = checkpointer.start_together(cfg, resume, overwrite, world)  # a refusal ends every rank at once
     if state is not None:
         vocab, merges = state["vocab"], [tuple(pair) for pair in state["merges"]]
     else:
@@ -103,7 +132,12 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
     matrices, vectors = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.optim.weight_decay},
                                    {"params": vectors, "weight_decay": 0.0}], lr=cfg.optim.lr)
-    steps_per_epoch = max(1, train.num_images // cfg.optim.batch_size)
+    per_rank, global_batch = cfg.optim.batch_size, cfg.optim.batch_size * world.size
+    if world.distributed and global_batch > train.num_images:
+        raise DataError(f"optim.batch_size={per_rank} per rank x {world.size} ranks = {global_batch} images a "
+                        f"step, more than the {train.num_images} training images of {train.source}: lower "
+                        f"optim.batch_size or the number of ranks")
+    steps_per_epoch = max(1, train.num_images // global_batch)
     total = steps_per_epoch * cfg.optim.epochs
     warmup = max(1, int(cfg.optim.warmup_fraction * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
@@ -115,6 +149,7 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
     if state is not None:
         restore_states(state, folder.last, model=model, loss=loss_fn, optimizer=optimizer, scheduler=scheduler,
                        model_stream=model_stream)
+        precision.load_state_dict(state.get("grad_scaler"))
         epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         best_rsum, best_epoch = state["best_rsum"], state["best_epoch"]
         best_metrics = Metrics(**state["best_metrics"]) if state["best_metrics"] else None
@@ -126,14 +161,19 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
             return {"best_rsum": best_rsum, "best_epoch": best_epoch, "metrics": best_metrics, "out": folder.root}
         announce(f"resuming {folder.last} from epoch {epoch + 1}, step {step_in_epoch} (global step "
                  f"{global_step})", verbose)
-        if step_in_epoch == 0 and best_epoch == epoch and epoch > 0:
+        if world.is_main and step_in_epoch == 0 and best_epoch == epoch and epoch > 0:
             save_clip(model, vocab, merges, folder.root)  # a stop between last.pt and the best model's files
-    train_pixels, val_pixels = _pixels(train, cfg.model.image_size), _pixels(val, cfg.model.image_size)
-    folder.write_config(cfg)
-    logger = StepLogger(folder, verbose and cfg.run.progress, state["log_bytes"] if state else 0)
+    train_pixels = _pixels(train, cfg.model.image_size)
+    val_pixels = _pixels(val, cfg.model.image_size) if world.is_main else None
+    if world.is_main:
+        folder.write_config(cfg)
+    logger = StepLogger(folder, verbose and cfg.run.progress, state["log_bytes"] if state else 0,
+                        writes=world.is_main, report_to=cfg.run.report_to, resumed_step=global_step)
     caption_image = torch.as_tensor(train.caption_image)
 
     def checkpoint() -> None:
+        if not world.is_main:
+            return
         checkpointer.save(folder.last, cfg, {
             "vocab": vocab, "merges": [list(pair) for pair in merges],
             **capture_states(model=model, loss=loss_fn, optimizer=optimizer, scheduler=scheduler,
@@ -141,7 +181,8 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "best_rsum": best_rsum, "best_epoch": best_epoch,
             "best_metrics": None if best_metrics is None else best_metrics.as_dict(),
-            "epoch_loss_sum": loss_sum, "epoch_loss_count": loss_count, "log_bytes": logger.size()})
+            "epoch_loss_sum": loss_sum, "epoch_loss_count": loss_count, "log_bytes": logger.size(),
+            "world_size": world.size, "grad_scaler": precision.state_dict()})
 
     while epoch < cfg.optim.epochs:
         model.train()
@@ -150,47 +191,58 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
         bar = logger.bar(range(step_in_epoch, steps_per_epoch), steps_per_epoch, step_in_epoch,
                          f"train-clip {epoch + 1}/{cfg.optim.epochs}", "batch")
         for step in bar:
-            rows = order[step * cfg.optim.batch_size: (step + 1) * cfg.optim.batch_size]
+            start = step * global_batch + world.rank * per_rank  # this rank's slice of the global batch
+            rows = order[start: start + per_rank]
             images = caption_image[rows]
+            image_ids = images.to(device)
             ids, mask = tokenizer.batch([train.captions[m] for m in rows])
-            with model_stream.active():
+            with model_stream.active(), precision.autocast():
                 img = clip_image_features(model, train_pixels[images].to(device))
                 txt = clip_text_features(model, ids.to(device), mask.to(device))
-                loss = loss_fn(img, txt, images.to(device))["loss"]
-            check_finite(loss.item(), f"epoch {epoch + 1}, step {step + 1}", folder)
+                everyone = None if not world.distributed else GlobalBatch(
+                    gather_with_grad(img, world), gather_with_grad(txt, world), gather_no_grad(image_ids, world),
+                    offset=world.rank * per_rank, world_size=world.size)
+                loss = loss_fn(img, txt, image_ids, global_batch=everyone)["loss"]
+            loss_value = mean_over_ranks(loss.item(), world, device)  # the one-process loss; checked alike
+            check_finite(loss_value, f"epoch {epoch + 1}, step {step + 1}", folder)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            precision.backward(loss)
+            average_gradients(params, world)
+            precision.unscale(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            optimizer.step()
+            precision.step(optimizer)
             scheduler.step()
             step_in_epoch, global_step = step + 1, global_step + 1
-            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+            bar.set_postfix(loss=f"{loss_value:.3f}")
             if global_step % cfg.run.log_every == 0:
-                logger.log({"step": global_step, "epoch": epoch + 1, "loss": loss.item(),
+                logger.log({"step": global_step, "epoch": epoch + 1, "loss": loss_value,
                             "lr": scheduler.get_last_lr()[0]})
             if cfg.run.checkpoint_every and global_step % cfg.run.checkpoint_every == 0:
                 checkpoint()
-            if stop.requested:
+            if mean_over_ranks(float(bool(stop.requested)), world, device) > 0:  # a signal on any rank
                 bar.close()
                 checkpoint()
                 raise stop.interrupted(f"epoch {epoch + 1}, step {step_in_epoch}", folder)
         bar.close()
-        metrics = _evaluate(model, val_pixels, tokenizer, val, device)
+        metrics = _evaluate(model, val_pixels, tokenizer, val, device) if world.is_main else None
+        rsum = broadcast_from_main(metrics.rsum if metrics else 0.0, world, device)  # every rank agrees on the best
         epoch, step_in_epoch = epoch + 1, 0
-        improved = metrics.rsum > best_rsum
+        improved = rsum > best_rsum
         if improved:
             with torch.no_grad():
                 model.logit_scale.copy_(loss_fn.log_scale.detach().clamp(max=loss_fn.max_log_scale))
-            best_rsum, best_epoch, best_metrics = metrics.rsum, epoch, metrics
-        logger.log({"step": global_step, "epoch": epoch,
-                    "train_loss_mean": loss_sum / loss_count if loss_count else None, "seconds": time.perf_counter() - tic, **{f"val_{k}": v for k, v in metrics.as_dict().items()}})
+            best_rsum, best_epoch, best_metrics = rsum, epoch, metrics
+        if metrics is not None:
+            logger.log({"step": global_step, "epoch": epoch,
+                        "train_loss_mean": loss_sum / loss_count if loss_count else None,
+                        "seconds": time.perf_counter() - tic, **{f"val_{k}": v for k, v in metrics.as_dict().items()}})
         loss_sum, loss_count = 0.0, 0
         checkpoint()  # then the best model: a stop between the two is healed on resume (see above)
-        if improved:
+        if improved and world.is_main:
             save_clip(model, vocab, merges, folder.root)
         logger.plot()
-        logger.note(f"epoch {epoch}: val rSum {metrics.rsum:.1f}")
-        if stop.requested:
+        logger.note(f"epoch {epoch}: val rSum {rsum:.1f}")
+        if mean_over_ranks(float(bool(stop.requested)), world, device) > 0:
             raise stop.interrupted(f"the end of epoch {epoch}", folder)
     return {"best_rsum": best_rsum, "best_epoch": best_epoch, "metrics": best_metrics, "out": folder.root}

@@ -7,6 +7,16 @@ from ``last.pt`` and reproduces the uninterrupted run exactly on the same device
 ``kill -9``): the scene order and augmentation of step ``s`` are drawn from generators seeded by
 ``(run.seed, purpose, s)``, anything the networks draw from torch's global generator runs on their own
 ``TorchStream`` (saved in ``last.pt``), and log records written after the resumed checkpoint are dropped.
+
+Data-parallel (``torchrun --nproc_per_node N -m xmcl distill pretrain ...``): ``optim.batch_scenes`` is one rank's
+batch; every rank draws the same global batch of ``N * batch_scenes`` scenes from ``(run.seed, step)`` and takes
+its slice (``training.sharding.rank_batches``); gradients are averaged over the ranks. ``loss.gather`` says whose
+superpixels a rank contrasts: its own ("local", the default, as the authors' per-GPU loss) or every rank's
+("global": gathered with gradient, BatchNorm over every rank's sites; the step of one process with the global
+batch). A rank > 0 augments from a stream of its own. Rank 0 holds the folder lock and writes the checkpoint,
+config, log and curves (the logged loss is the mean over the ranks); a refusal at the start ends every rank at
+once with its message; a stop signal on any rank stops them all at the same step; ``last.pt`` records the world
+size and a resume with another is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +31,18 @@ from xmcl.distill.preparation import DistillInputs, batch_indices
 from xmcl.distill.schedule import build_optimizer
 from xmcl.distill.sources import open_scans
 from xmcl.distill.superpixels import SuperpixelCache
+from xmcl.errors import ConfigError
+from xmcl.nn.global_batchnorm import set_world
+from xmcl.runtime.device import resolve_device
+from xmcl.runtime.distributed import (
+    SINGLE_PROCESS,
+    World,
+    average_gradients,
+    close_world,
+    init_world,
+    mean_over_ranks,
+)
+from xmcl.runtime.precision import Precision, cuda_layout
 from xmcl.runtime.rng import TorchStream, derived_seed, seeded_generator
 from xmcl.runtime.run_config import start_run
 from xmcl.training.run import (
@@ -28,11 +50,13 @@ from xmcl.training.run import (
     RunFolder,
     StepLogger,
     StopSignals,
+    held_run,
     announce,
     capture_states,
     check_finite,
     restore_states,
 )
+from xmcl.training.sharding import rank_batches
 
 # May change when a run resumes: the probe's settings and scene counts, and where superpixels are cached.
 RESUMABLE = ("probe.", "data.probe_train_scenes", "data.eval_scenes", "superpixels.cache_dir")
@@ -45,37 +69,51 @@ def pretrain_distill(cfg: DistillConfig, out_dir: Path, resume: bool = True, ove
     (``out_dir/last.pt``). ``resume`` / ``overwrite`` as for ``train_retrieval``; ``progress=False`` silences the
     run. SIGINT / SIGTERM save a checkpoint and raise ``RunInterrupted``."""
     folder = RunFolder(out_dir)
-    with folder.locked(progress), StopSignals(progress) as stop:
-        return _pretrain(cfg, folder, resume, overwrite, progress, stop)
+    world = init_world(resolve_device(cfg.run.device))
+    progress = progress and world.is_main
+    try:
+        with held_run(folder, world, progress) as stop:
+            return _pretrain(cfg, folder, resume, overwrite, progress, stop, world)
+    finally:
+        close_world(world)
 
 
 def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bool, verbose: bool,
-              stop: StopSignals) -> Path:
+              stop: StopSignals, world: World) -> Path:
     checkpointer = Checkpointer(folder, *DISTILL_CHECKPOINT, resumable=RESUMABLE)
     device = start_run(cfg.run)
+    precision = Precision(cfg.run.amp, device)
     net = build_voxel_net(cfg.voxel).to(device)
-    head = build_image_head(cfg).to(device)
+    head = cuda_layout(build_image_head(cfg).to(device), device)
     loss_fn = build_distill_loss(cfg)
+    gather = world if cfg.loss.gather == "global" else SINGLE_PROCESS
+    set_world(net, gather)  # BatchNorm over every rank's sites with the global gather
     trainable = list(net.parameters()) + list(head.head.parameters())
     optimizer, scheduler = build_optimizer(trainable, cfg.optim)
     model_stream = TorchStream(derived_seed(cfg.run.seed, MODEL_STREAM), device)
     start = 0
-    state = checkpointer.start(cfg, resume, overwrite)
+    state = checkpointer.start_together(cfg, resume, overwrite, world)  # a refusal ends every rank at once
     if state is not None:
         restore_states(state, folder.last, voxel_net=net, image_head=head.head, optimizer=optimizer,
                        scheduler=scheduler, model_stream=model_stream)
+        precision.load_state_dict(state.get("grad_scaler"))
         start = int(state["step"])
         if start >= cfg.optim.steps:
             announce(f"{folder.root} already finished: {start} of {cfg.optim.steps} steps done; nothing to do. Set "
                      f"a larger optim.steps to train longer, or pass --no-resume --overwrite to start over", verbose)
             return folder.last
         announce(f"resuming {folder.last} from step {start} of {cfg.optim.steps}", verbose)
-    folder.write_config(cfg)
-    logger = StepLogger(folder, verbose and cfg.run.progress, state["log_bytes"] if state else 0)
+    if world.is_main:
+        folder.write_config(cfg)
+    logger = StepLogger(folder, verbose and cfg.run.progress, state["log_bytes"] if state else 0,
+                        writes=world.is_main, report_to=cfg.run.report_to, resumed_step=start)
 
     def save(step: int, last_loss: float) -> None:
+        if not world.is_main:
+            return
         checkpointer.save(folder.last, cfg, {
-            "step": step, "loss": last_loss, "log_bytes": logger.size(),
+            "step": step, "loss": last_loss, "log_bytes": logger.size(), "world_size": world.size,
+            "grad_scaler": precision.state_dict(),
             **capture_states(voxel_net=net, image_head=head.head, optimizer=optimizer, scheduler=scheduler,
                              model_stream=model_stream)})
 
@@ -85,33 +123,42 @@ def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bo
     inputs = DistillInputs(open_scans(cfg.data, "pretrain"), head, superpixels, device, loss_fn.needs_semantic,
                            cfg.augmentation if cfg.data.augment else None, cfg.run.seed,
                            keep_in_memory=cfg.data.source == "synthetic")
-    inputs.warm(verbose and cfg.run.progress)
+    global_scenes = cfg.optim.batch_scenes * world.size
+    if world.distributed and global_scenes > len(inputs):
+        raise ConfigError(f"optim.batch_scenes={cfg.optim.batch_scenes} per rank x {world.size} ranks = "
+                          f"{global_scenes} scenes a step, more than the {len(inputs)} pretraining scenes: lower "
+                          f"optim.batch_scenes or the number of ranks")
+    inputs.warm(verbose and cfg.run.progress)  # every rank its own (superpixel cache files are written atomically)
     net.train()
     head.train()
     bar = logger.bar(range(start, cfg.optim.steps), cfg.optim.steps, start, "pretrain")
     for step in bar:
         began = time.perf_counter()
-        generator = seeded_generator(cfg.run.seed, 0, step)
-        batch = inputs.batch(batch_indices(len(inputs), cfg.optim.batch_scenes, cfg.run.seed, step), step)
-        with model_stream.active():
+        generator = seeded_generator(cfg.run.seed, 0, step, *([world.rank] if world.rank else []))
+        scenes = rank_batches([batch_indices(len(inputs), global_scenes, cfg.run.seed, step)], world, min_share=1)
+        batch = inputs.batch(scenes[0], step, world.rank)
+        with model_stream.active(), precision.autocast():
             loss, num_superpixels = distillation_loss(net, head, loss_fn, batch, cfg.voxel,
-                                                      generator if cfg.data.augment else None)
-        loss_value = loss.item()
+                                                      generator if cfg.data.augment else None, gather)
+        loss_value = mean_over_ranks(loss.item(), world, device)  # every rank checks the same value
         check_finite(loss_value, f"step {step}", folder)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        precision.backward(loss)
+        average_gradients(trainable, world)
+        precision.step(optimizer)
         scheduler.step()
-        scenes_per_s = len(batch) / (time.perf_counter() - began)
+        scenes_per_s = len(batch) * world.size / (time.perf_counter() - began)
+        num_superpixels = round(mean_over_ranks(float(num_superpixels), world, device) * world.size)
+        stopping = mean_over_ranks(float(bool(stop.requested)), world, device) > 0  # a signal on any rank
         bar.set_postfix(loss=f"{loss_value:.4f}", scenes_per_s=f"{scenes_per_s:.2f}")
         done = step + 1
         if done % cfg.run.log_every == 0 or done == cfg.optim.steps:
             logger.log({"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                         "superpixels": num_superpixels, "scenes_per_s": scenes_per_s})
         if (cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0) or done == cfg.optim.steps \
-                or stop.requested:
+                or stopping:
             save(done, loss_value)
-        if stop.requested and done < cfg.optim.steps:
+        if stopping and done < cfg.optim.steps:
             bar.close()
             raise stop.interrupted(f"step {done} of {cfg.optim.steps}", folder)
     logger.plot()

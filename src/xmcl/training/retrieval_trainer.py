@@ -19,7 +19,8 @@ clip; the key encoders follow the (identical) online weights by EMA and the queu
 alone holds the folder lock, writes checkpoints, the log and the curves, and runs validation on the whole val split;
 its rSum is broadcast so every rank agrees on the best epoch. The logged loss is the mean over the ranks; a stop
 signal on any rank stops every rank at the same step. A checkpoint records the world size; a resume with another
-is refused.
+is refused. A refusal at the start (the folder locked, ``--no-resume`` into a used folder,
+a changed config) ends every rank at once with rank 0's message (``Checkpointer.start_together``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import dataclasses
 import filecmp
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -59,13 +59,13 @@ from xmcl.runtime.device import resolve_device
 from xmcl.runtime.distributed import (
     World,
     average_gradients,
-    barrier,
     broadcast_from_main,
     close_world,
     init_world,
     mean_over_ranks,
 )
 from xmcl.runtime.files import atomic_write_bytes
+from xmcl.runtime.precision import Precision, cuda_layout
 from xmcl.runtime.rng import TorchStream, derived_seed, seeded_generator
 from xmcl.runtime.run_config import start_run
 from xmcl.training.run import (
@@ -73,12 +73,13 @@ from xmcl.training.run import (
     RunFolder,
     StepLogger,
     StopSignals,
+    held_run,
     announce,
     capture_states,
     check_finite,
     restore_states,
 )
-from xmcl.training.sharding import check_world_size, rank_batches
+from xmcl.training.sharding import rank_batches
 
 RESUMABLE = ("optim.epochs", "data.num_workers")  # may change when a run resumes
 MODEL_STREAM, LOADER_STREAM = 1, 2  # purposes of the random streams drawn from run.seed
@@ -125,7 +126,7 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = Tru
     world = init_world(resolve_device(cfg.run.device))
     progress = progress and world.is_main
     try:
-        with folder.locked(progress) if world.is_main else nullcontext(), StopSignals(progress) as stop:
+        with held_run(folder, world, progress) as stop:
             return _train(cfg, folder, resume, overwrite, progress, stop, world)
     finally:
         close_world(world)
@@ -135,6 +136,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
            stop: StopSignals, world: World) -> dict:
     checkpointer = Checkpointer(folder, *RETRIEVAL_CHECKPOINT, resumable=RESUMABLE)
     device = start_run(cfg.run)
+    precision = Precision(cfg.run.amp, device)
     train_split = open_split(cfg.data.path, cfg.data.train_split, key="data.path")
     val_split = open_split(cfg.data.path, cfg.data.val_split, key="data.path")
     if cfg.model.text_input == "token_features":  # locked text: the frozen model's cached states
@@ -147,12 +149,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     val_guides = split_guides(cfg.model, val_split, device)
     inputs = inputs_record(cfg.model, train_split, train_guides.sha256)
 
-    state = checkpointer.start(cfg, resume, overwrite) if world.is_main else None
-    barrier(world)  # rank 0 has cleared (--overwrite) or checked the folder; the others read what it left
-    if not world.is_main:
-        state = checkpointer.start(cfg, resume=True)
-    if state is not None:
-        check_world_size(state, world, folder.last)
+    state = checkpointer.start_together(cfg, resume, overwrite, world)  # a refusal ends every rank at once
     if state is not None and state.get("clip_sha256") != train_guides.sha256:
         raise CheckpointError(f"{folder.last} was trained with CGE guides of another CLIP checkpoint than the "
                               f"cache's now; use another --out folder or --no-resume --overwrite")
@@ -161,7 +158,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
         vocab = Vocabulary(state["vocab"]) if state else Vocabulary.build(train_split.captions,
                                                                           cfg.data.vocab_min_count)
     tokenizer = build_tokenizer(cfg.model, cfg.data.max_caption_tokens, vocab)
-    model = USERModel(cfg.model, cfg.loss, vocab_size=tokenizer.vocab_size).to(device)
+    model = cuda_layout(USERModel(cfg.model, cfg.loss, vocab_size=tokenizer.vocab_size).to(device), device)
     model.set_world(world)
     optimizer = torch.optim.AdamW(model.parameter_groups(cfg.optim.lr, cfg.optim.text_lr_scale,
                                                          cfg.optim.weight_decay, cfg.optim.backbone_lr_scale,
@@ -178,6 +175,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     if state is not None:
         restore_states(state, folder.last, model=model, optimizer=optimizer, scheduler=scheduler,
                        model_stream=model_stream)
+        precision.load_state_dict(state.get("grad_scaler"))
         epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         best_rsum, best_epoch = state["best_rsum"], state["best_epoch"]
         loss_sum, loss_count = state["epoch_loss_sum"], state["epoch_loss_count"]
@@ -200,7 +198,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     if world.is_main:
         folder.write_config(cfg)
     logger = StepLogger(folder, verbose and cfg.run.progress, state["log_bytes"] if state else 0,
-                        writes=world.is_main)
+                        writes=world.is_main, report_to=cfg.run.report_to, resumed_step=global_step)
 
     dataset = CaptionPairs(train_split, tokenizer, image_transform(cfg.model, model, cfg.data.image_size,
                                                                    cfg.data.augment_images),
@@ -219,7 +217,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "best_rsum": best_rsum, "best_epoch": best_epoch, "clip_sha256": train_guides.sha256,
             "epoch_loss_sum": loss_sum, "epoch_loss_count": loss_count, "log_bytes": logger.size(),
-            "inputs": inputs, "world_size": world.size})
+            "inputs": inputs, "world_size": world.size, "grad_scaler": precision.state_dict()})
 
     while epoch < cfg.optim.epochs:
         dataset.set_epoch(epoch)
@@ -229,26 +227,28 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
                                              cfg.optim.max_steps_per_epoch), world)
         loader = DataLoader(dataset, batch_sampler=batches[step_in_epoch:], collate_fn=collate,
                             num_workers=cfg.data.num_workers, persistent_workers=False,
+                            pin_memory=device.type == "cuda",
                             generator=seeded_generator(cfg.run.seed, LOADER_STREAM, epoch))
         bar = logger.bar(loader, len(batches), step_in_epoch, f"epoch {epoch + 1}/{cfg.optim.epochs}", "batch")
         tic, seen = time.perf_counter(), 0
         for batch in bar:
             batch = to_device(batch, device)
-            with model_stream.active():
+            with model_stream.active(), precision.autocast():
                 losses = model(batch)
             loss = losses["loss"]
             loss_value = mean_over_ranks(loss.item(), world, device)  # every rank checks the same value
             check_finite(loss_value, f"epoch {epoch + 1}, step {step_in_epoch + 1}", folder)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            precision.backward(loss)
             average_gradients(parameters, world)
+            precision.unscale(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.optim.grad_clip)
             if global_step == 0 and float(grad_norm) == 0.0:
                 raise TrainingStalled(
                     f"the {cfg.loss.name} loss ({loss_value:.4g}) gives no gradient at the first step: with UTO "
                     f"this happens when every matching image-caption similarity starts <= 0; set "
                     f"loss.uto_warmup_epochs=1 (a VSE++ hinge warm-up) or another seed")
-            optimizer.step()
+            precision.step(optimizer)
             model.momentum_step()
             step_in_epoch, global_step = step_in_epoch + 1, global_step + 1
             seen += batch["tokens"].shape[0] * world.size

@@ -16,7 +16,7 @@ import shutil
 import signal
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -26,13 +26,16 @@ from tqdm import tqdm
 from xmcl.config import config_to_dict
 from xmcl.errors import CheckpointError, RunFolderError, RunInterrupted, TrainingDiverged, brief
 from xmcl.runtime.checkpoint import load_checkpoint, save_checkpoint
+from xmcl.runtime.distributed import World, fail_together
 from xmcl.runtime.files import atomic_write_text
 from xmcl.runtime.lock import RunLock, describe_holder
 from xmcl.runtime.log import JsonlLogger, plot_curves
 from xmcl.runtime.rng import capture_rng_state, restore_rng_state
+from xmcl.training.sharding import check_world_size
 
 # Run controls that may change when a run resumes (the seed may not: it fixes every random stream).
-RESUMABLE_RUN_KEYS = frozenset({"run.device", "run.threads", "run.progress", "run.checkpoint_every", "run.log_every"})
+RESUMABLE_RUN_KEYS = frozenset({"run.device", "run.threads", "run.progress", "run.checkpoint_every", "run.log_every",
+                                "run.amp", "run.report_to"})
 
 
 def announce(message: str, enabled: bool = True) -> None:
@@ -42,8 +45,9 @@ def announce(message: str, enabled: bool = True) -> None:
 
 
 class RunFolder:
-    """``config.yaml``, ``last.pt``, ``best.pt``, ``log.jsonl`` and ``curves.png`` of one run folder, plus the
-    ``outputs`` (file names) a loop also writes there; ``locked()`` holds the folder's lock."""
+    """``config.yaml``, ``last.pt``, ``best.pt``, ``log.jsonl``, ``curves.png`` and ``tensorboard/`` (with
+    ``run.report_to: [tensorboard]``) of one run folder, plus the ``outputs`` (file names) a loop also writes there;
+    ``locked()`` holds the folder's lock."""
 
     def __init__(self, root: Path | str, outputs: Iterable[str] = ()) -> None:
         self.root = Path(root)
@@ -52,6 +56,7 @@ class RunFolder:
         self.best = self.root / "best.pt"
         self.log = self.root / "log.jsonl"
         self.curves = self.root / "curves.png"
+        self.tensorboard = self.root / "tensorboard"
         self.outputs = tuple(self.root / name for name in outputs)
 
     @contextmanager
@@ -65,7 +70,8 @@ class RunFolder:
 
     def run_files(self) -> list[Path]:
         """The files of a run that exist in the folder."""
-        return [p for p in (self.config, self.last, self.best, self.log, self.curves, *self.outputs) if p.exists()]
+        return [p for p in (self.config, self.last, self.best, self.log, self.curves, self.tensorboard, *self.outputs)
+                if p.exists()]
 
     def clear(self) -> None:
         """Delete the run's files (``--overwrite``); other files of the folder are left alone."""
@@ -129,10 +135,25 @@ class Checkpointer:
             raise RunFolderError(f"{self.folder.root} already holds a run ({names}); --no-resume would start over "
                                  f"and destroy it: add --overwrite to replace it, drop --no-resume to continue it, "
                                  f"or use another --out folder")
-        if any(p not in (self.folder.config, self.folder.log, self.folder.curves) for p in existing):
+        if any(p not in (self.folder.config, self.folder.log, self.folder.curves, self.folder.tensorboard)
+               for p in existing):
             raise RunFolderError(f"{self.folder.root} holds {names} but no last.pt to resume from; starting afresh "
                                  f"would destroy them: pass --overwrite to replace them, or use another --out folder")
         return None  # a run that never wrote a checkpoint: its config and log are replaced
+
+    def start_together(self, cfg: Any, resume: bool, overwrite: bool, world: World) -> dict | None:
+        """``start`` for every rank of ``world``: rank 0 decides (and clears the folder for ``overwrite``), then the
+        other ranks read what it left and every rank checks the saved world size (``check_world_size``). A
+        refusal on any rank ends every rank at once with its message (``fail_together``). One process: ``start``
+        plus the world-size check."""
+        with fail_together(world):
+            state = self.start(cfg, resume, overwrite) if world.is_main else None
+        with fail_together(world):
+            if not world.is_main:
+                state = self.start(cfg, resume=True)
+            if state is not None:
+                check_world_size(state, world, self.folder.last)
+        return state
 
     def _resumable_state(self, cfg: Any) -> dict:
         state = load_checkpoint(self.folder.last, self.kind, self.version)
@@ -179,6 +200,17 @@ def check_finite(loss: float, where: str, folder: RunFolder) -> None:
                                f"{folder.last_good()}")
 
 
+@contextmanager
+def held_run(folder: RunFolder, world: World, verbose: bool) -> Iterator["StopSignals"]:
+    """A run's hold on its folder: the folder's lock, taken by rank 0 (a lock held elsewhere ends every rank at
+    once with rank 0's message), and the stop signals (yielded), for the whole run."""
+    with ExitStack() as held:
+        with fail_together(world):
+            if world.is_main:
+                held.enter_context(folder.locked(verbose))
+        yield held.enter_context(StopSignals(verbose))
+
+
 class StopSignals:
     """While active (``with StopSignals() as stop:``), SIGINT and SIGTERM do not kill the loop: the first sets
     ``requested`` (the signal's name), and the loop checkpoints at the next step boundary and raises
@@ -218,13 +250,24 @@ class StopSignals:
 class StepLogger:
     """A run's progress bar, its JSONL log (``log.jsonl``: one record per line, flushed) and its curves. The log is
     cut back to ``keep_bytes`` (the length a resumed checkpoint recorded; 0 for a fresh run). ``writes=False`` (the
-    ranks other than 0 of a data-parallel run): no file is touched and nothing is shown."""
+    ranks other than 0 of a data-parallel run): no file is touched and nothing is shown.
 
-    def __init__(self, folder: RunFolder, progress: bool, keep_bytes: int = 0, writes: bool = True) -> None:
+    ``report_to`` containing "tensorboard": each record's numbers also go to TensorBoard scalars in
+    ``folder.tensorboard`` at the record's ``step`` (flushed at each ``plot``); a resume from step ``resumed_step``
+    purges the events after it, as the log drops its records."""
+
+    def __init__(self, folder: RunFolder, progress: bool, keep_bytes: int = 0, writes: bool = True,
+                 report_to: Iterable[str] = (), resumed_step: int = 0) -> None:
         self.folder, self.progress, self.writes = folder, progress and writes, writes
         self.jsonl = JsonlLogger(folder.log)
+        self.board = None
         if writes:
             self.jsonl.truncate(keep_bytes)
+            if "tensorboard" in report_to:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.board = SummaryWriter(str(folder.tensorboard), purge_step=resumed_step + 1 if resumed_step
+                                           else None)
 
     def bar(self, iterable: Iterable, total: int, initial: int, desc: str, unit: str = "step") -> tqdm:
         """A progress bar over ``iterable`` (hidden when the run has no progress output)."""
@@ -235,6 +278,10 @@ class StepLogger:
         """Append one record to the JSONL log."""
         if self.writes:
             self.jsonl.log(record)
+        if self.board is not None and "step" in record:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.board.add_scalar(key, value, record["step"])
 
     def size(self) -> int:
         """The log's length in bytes (saved in checkpoints as ``log_bytes``)."""
@@ -246,6 +293,8 @@ class StepLogger:
             tqdm.write(message)
 
     def plot(self) -> None:
-        """Redraw ``curves.png`` from the log."""
+        """Redraw ``curves.png`` from the log (and flush the TensorBoard events)."""
         if self.writes:
             plot_curves(self.folder.log, self.folder.curves)
+        if self.board is not None:
+            self.board.flush()

@@ -13,17 +13,18 @@ from xmcl.errors import CheckpointError
 from xmcl.runtime.distributed import World
 
 
-def rank_batches(global_batches: list[list[int]], world: World) -> list[list[int]]:
+def rank_batches(global_batches: list[list[int]], world: World, min_share: int = 2) -> list[list[int]]:
     """Rank ``world.rank``'s slice of each global batch: batch ``b`` cut into ``world.size`` equal parts
     (``len(b) // size`` items each; a remainder of a short last batch is dropped so every rank's batch has the
-    same size, which the all-gathers need). A global batch too short to give each rank two items (an in-batch
-    negative) is dropped on every rank alike."""
+    same size, which the all-gathers need). A global batch too short to give each rank ``min_share`` items (2: an
+    in-batch negative for pairs; 1 for scenes, whose superpixels are the negatives) is dropped on every rank
+    alike."""
     if not world.distributed:
         return global_batches
     shards = []
     for batch in global_batches:
         share = len(batch) // world.size
-        if share < 2:
+        if share < min_share:
             continue
         shards.append(batch[world.rank * share: (world.rank + 1) * share])
     return shards

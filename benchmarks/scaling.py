@@ -1,0 +1,156 @@
+"""Data-parallel scaling on CPU: training samples/s of 1 process x 2 threads against 2 processes x 1 thread (gloo on
+127.0.0.1) for the same global batch, with 1 process x 1 thread as the reference, and where the 2-process step's
+time goes.
+
+    python benchmarks/scaling.py [--batch-size 128] [--steps 12] [--warmup 3] [--out runs/bench/scaling/default]
+
+The model is USER as ``configs/shapes_user.yaml`` configures it (SGE, GPO, BiGRU, momentum encoders, queues, UTO) on
+random batches shaped like the shapes world's cached features (4 x 4 grids of 1280-d, captions of ``--tokens``
+tokens); 2 ranks take the two halves of each global batch, gather the embeddings and keys (with gradient where the
+loss needs it) and average the gradients with one flattened all-reduce, as ``xmcl train`` under torchrun does. One
+step = forward, backward, gradient all-reduce, clipping, AdamW, momentum update. Every mode runs in fresh spawned
+processes, one mode after another; each figure is the median over the timed steps (rank 0's: the ranks wait for
+each other at every collective). Measured per 2-rank step: the gradient all-reduce as the step calls it (transfer +
+waiting for the slower rank), the same all-reduce alone right after a barrier (transfer only), and the rest
+(compute and the forward's gathers). Per mode, rank 0's CPU seconds per wall second of a step (at most its
+thread count): below that, its threads waited for a core or for each other, which on shared cores is what limits
+the threaded mode. Last lines: samples/s of each mode, the ratio 2x1 / 1x2, the split and the CPU shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from figures import parse_with_out, write_figures
+from train_throughput import make_batch
+
+from xmcl.config import load_config
+from xmcl.retrieval.config import RetrievalTrainConfig
+from xmcl.retrieval.model import USERModel
+from xmcl.runtime.distributed import SINGLE_PROCESS, average_gradients, close_world, init_world
+
+REGIONS, VOCAB = 16, 200  # the shapes world: 4 x 4 grid features; a small vocabulary
+MODES = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # processes x threads each
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank(rank: int, size: int, threads: int, port: int, args: argparse.Namespace, out: str) -> None:
+    """One rank's timed steps, written to ``out/rank{rank}.json``."""
+    torch.set_num_threads(threads)
+    world = SINGLE_PROCESS
+    if size > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(size), RANK=str(rank),
+                          LOCAL_RANK=str(rank))
+        world = init_world(torch.device("cpu"), timeout_s=120)
+    try:
+        cfg = load_config(RetrievalTrainConfig, "shapes_user", [])
+        torch.manual_seed(0)
+        model = USERModel(cfg.model, cfg.loss, VOCAB).train()
+        model.set_world(world)
+        optimizer = torch.optim.AdamW(model.parameter_groups(cfg.optim.lr))
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        share = args.batch_size // size
+        batches = [{k: v[rank * share: (rank + 1) * share] for k, v in
+                    make_batch(args.batch_size, REGIONS, cfg.model.region_dim, args.tokens, VOCAB,
+                               torch.device("cpu"), seed).items()} for seed in range(4)]
+        steps, allreduce, alone, cpu = [], [], [], []
+        for i in range(args.warmup + args.steps):
+            began, cpu_began = time.perf_counter(), time.process_time()
+            loss = model(batches[i % len(batches)])["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            reducing = time.perf_counter()
+            average_gradients(params, world)
+            reduced = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            optimizer.step()
+            model.momentum_step()
+            ended, cpu_ended = time.perf_counter(), time.process_time()
+            if world.distributed:  # the same all-reduce with both ranks already there: the transfer alone
+                flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
+                dist.barrier()
+                tic = time.perf_counter()
+                dist.all_reduce(flat)
+                alone.append(time.perf_counter() - tic)
+            if i >= args.warmup:
+                steps.append(ended - began)
+                allreduce.append(reduced - reducing)
+                cpu.append((cpu_ended - cpu_began) / (ended - began))
+        gradient_floats = sum(p.numel() for p in params if p.requires_grad)
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps({
+            "step_s": steps, "allreduce_s": allreduce, "allreduce_alone_s": alone[args.warmup:], "cpu_per_wall": cpu,
+            "gradient_floats": gradient_floats}))
+    finally:
+        close_world(world)
+
+
+def run_mode(size: int, threads: int, args: argparse.Namespace) -> dict:
+    """``size`` spawned processes of ``threads`` threads each; rank 0's figures (medians, in ms)."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_rank, args=(size, threads, _free_port(), args, out), nprocs=size, join=True,
+                           start_method="spawn")
+        result = json.loads((Path(out) / "rank0.json").read_text())
+    step = statistics.median(result["step_s"])
+    figures = {"processes": size, "threads_each": threads, "samples_per_s": args.batch_size / step,
+               "ms_per_step": 1000 * step, "ms_per_step_all": [1000 * t for t in result["step_s"]],
+               "gradient_mb": result["gradient_floats"] * 4 / 2 ** 20,
+               "cpu_per_wall": statistics.median(result["cpu_per_wall"])}
+    if size > 1:
+        figures["allreduce_ms"] = 1000 * statistics.median(result["allreduce_s"])
+        figures["allreduce_alone_ms"] = 1000 * statistics.median(result["allreduce_alone_s"])
+        figures["rest_ms"] = figures["ms_per_step"] - figures["allreduce_ms"]
+    return figures
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options (``argv``, default the command line), ``out`` resolved."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=128, help="the global batch (2 ranks: half each)")
+    parser.add_argument("--tokens", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    return parse_with_out(parser, "scaling", argv=argv)
+
+
+def main() -> None:
+    args = parse_args()
+    print(f"USER (configs/shapes_user.yaml), global batch {args.batch_size}, {REGIONS} x 1280 regions, "
+          f"{args.tokens} tokens; gloo on 127.0.0.1; {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.2f}")
+    modes = {name: run_mode(size, threads, args) for name, (size, threads) in MODES.items()}
+    for name, m in modes.items():
+        print(f"{m['processes']} process(es) x {m['threads_each']} thread(s): {m['samples_per_s']:7.1f} samples/s "
+              f"({m['ms_per_step']:.0f} ms/step, median)")
+    two, one = modes["2x1"], modes["1x2"]
+    ratio = two["samples_per_s"] / one["samples_per_s"]
+    waiting = two["allreduce_ms"] - two["allreduce_alone_ms"]
+    print(f"2 processes x 1 thread / 1 process x 2 threads = {ratio:.2f}x "
+          f"(each over 1 x 1: {two['samples_per_s'] / modes['1x1']['samples_per_s']:.2f}x and "
+          f"{one['samples_per_s'] / modes['1x1']['samples_per_s']:.2f}x)")
+    print(f"a 2-process step of {two['ms_per_step']:.0f} ms: gradient all-reduce {two['allreduce_ms']:.1f} ms "
+          f"({two['gradient_mb']:.1f} MB; alone after a barrier {two['allreduce_alone_ms']:.1f} ms, so "
+          f"{waiting:.1f} ms waiting for the other rank), the rest (compute, the forward's gathers) "
+          f"{two['rest_ms']:.0f} ms")
+    print("CPU seconds per wall second of a step (rank 0; at most its threads): " + ", ".join(
+        f"{name} {m['cpu_per_wall']:.2f} of {m['threads_each']}" for name, m in modes.items()))
+    write_figures(args.out, "scaling", args, {"modes": modes, "ratio_2x1_over_1x2": ratio,
+                                             "allreduce_waiting_ms": waiting, "load_average_end": os.getloadavg()[0]})
+
+
+if __name__ == "__main__":
+    main()
