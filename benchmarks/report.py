@@ -71,6 +71,10 @@ PLAN: tuple[Step, ...] = (
     Step("training throughput, BiGRU", "python benchmarks/train_throughput.py", "throughput_bigru"),
     Step("training throughput, MiniLM", "python benchmarks/train_throughput.py --text-encoder bert",
          "throughput_bert"),
+    Step("training throughput, Flickr8K shape", "python benchmarks/train_throughput.py --text-encoder bert --regions 49 "
+         "--region-dim 1280 --queue-size 2048", "throughput_f8k"),
+    Step("training throughput, Flickr8K shape, 1 thread", "python benchmarks/train_throughput.py --text-encoder bert "
+         "--regions 49 --region-dim 1280 --queue-size 2048 --threads 1", "throughput_f8k_1thread"),
     Step("shapes retrieval quality",
          f"python benchmarks/retrieval_quality.py --data runs/shapes_feats --clip-cache runs/clip_shapes_cache "
          f"--variants {SHAPES_VARIANTS} --epochs 8 --embed-dim 256 --queue-size 1024 --set model.momentum=0.99 "
@@ -233,6 +237,26 @@ def throughput_summary(bigru: dict, bert: dict) -> str:
             f"queues, UTO) takes {r[0]['vsepp']:.2f}x the VSE++ baseline's step (no SGE, no queues) with BiGRU, "
             f"{r[1]['vsepp']:.2f}x with MiniLM ({r[0]['infonce']:.2f}x and {r[1]['infonce']:.2f}x InfoNCE's; "
             f"{conditions(bigru)}).")
+
+
+def throughput_f8k(two: dict, one: dict) -> str:
+    """The fine-tuned regime on Flickr8K's shapes: step times on 2 threads and 1, their FLOP counts and ratios."""
+    rows = []
+    for d in (two, one):
+        models = d["figures"]["models"]
+        rows.append([str(d["machine"]["torch_threads"]),
+                     *(f"{m['ms_per_step']:.0f} ms ({m['gflop_per_step']:.0f} GFLOP)" for m in models.values()),
+                     f"{d['figures']['user_over']['infonce']:.2f}x", f"{d['figures']['user_over_flops']['infonce']:.2f}x"])
+    speedups = ", ".join(f"{m['label']} {one['figures']['models'][k]['ms_per_step'] / m['ms_per_step']:.2f}x"
+                         for k, m in two["figures"]["models"].items())
+    labels = [m["label"] for m in two["figures"]["models"].values()]
+    c = two["config"]
+    return (f"{command_lines(two, one)}\n\nBatch {c['batch_size']}, {c['regions']} × {c['region_dim']} cells, MiniLM "
+            f"fine-tuned, queue {c['queue_size']}, embed {c['embed_dim']}; each model as its `retrieval_quality.py` "
+            f"variant (median step; GFLOP of one forward and backward, `torch.utils.flop_counter`). Target: USER ≤ 1.6x "
+            f"InfoNCE.\n\n"
+            + table(["threads", *labels, "USER / InfoNCE", "FLOP ratio"], rows)
+            + f"\n\n2 threads over 1 (speed-up): {speedups}.")
 
 
 LABELS = {
@@ -608,6 +632,7 @@ BLOCKS = (
     Block("eval_speed", ("eval_speed",), eval_speed),
     Block("demo", ("demo",), demo),
     Block("throughput", ("throughput_bigru", "throughput_bert"), throughput),
+    Block("throughput_f8k", ("throughput_f8k", "throughput_f8k_1thread"), throughput_f8k),
     Block("rq_shapes", ("rq_shapes",), quality),
     Block("uto_margins", ("uto_margins",), margins),
     Block("rq_f8k", ("rq_f8k",), quality),

@@ -38,8 +38,7 @@ from pathlib import Path
 import torch
 from figures import CODE_VERSION, parse_with_out, write_figures
 from retrieval_quality import train_and_score
-from timing import repeat_seconds
-from torch.utils.flop_counter import FlopCounterMode
+from timing import gflop, repeat_seconds
 
 from xmcl.config import load_config
 from xmcl.errors import TrainingStalled
@@ -120,9 +119,7 @@ def step_gflop(cfg: RetrievalTrainConfig, cells: int, tokens: int) -> float:
              "token_lengths": torch.full((size,), tokens), "image_ids": torch.arange(size)}
     if cfg.model.region_pca_dim:
         model.fit_region_reduction([torch.randn(2 * cfg.model.region_dim, cfg.model.region_dim)])
-    with FlopCounterMode(display=False) as counter:
-        model(batch)["loss"].backward()
-    return counter.get_total_flops() / 1e9
+    return gflop(lambda: model(batch)["loss"].backward())
 
 
 def loop_seconds_per_step(log: Path, batch_size: int) -> float:

@@ -15,3 +15,13 @@ def repeat_seconds(fn: Callable[[], object], repeats: int) -> list[float]:
         fn()
         times.append(time.perf_counter() - began)
     return times
+
+
+def gflop(fn: Callable[[], object]) -> float:
+    """GFLOP of one call of ``fn`` (matrix products and convolutions, forward and backward, as
+    ``torch.utils.flop_counter`` counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9

@@ -211,3 +211,20 @@ def test_converged_estimate_rows_are_the_files_step_times_and_bounds():
     assert rows[2] == ["256-d (PCA)", "USER (SGE, UTO, queues)", "10.0", "0.100 s", "0.200 s", "2.0x", "16 min"]
     assert rows[3] == ["1280-d cells", "USER (SGE, UTO, queues)", "80.0", "0.800 s", "1.600 s", "2.0x", "125 min"]
     assert "Bare GEMM rate 100 GFLOP/s" in text
+
+
+def test_flickr8k_throughput_rows_hold_step_times_flops_and_both_ratios():
+    def figures_(scale):
+        models = {name: {"label": label, "ms_per_step": ms * scale, "gflop_per_step": g, "samples_per_s": 1.0}
+                  for name, label, ms, g in (("vsepp", "VSE++", 400.0, 190.0), ("infonce", "InfoNCE", 500.0, 188.0),
+                                             ("user", "USER", 900.0, 349.0))}
+        return {"models": models, "user_over": {"vsepp": 2.25, "infonce": 1.8},
+                "user_over_flops": {"vsepp": 1.84, "infonce": 1.86}}
+    config = {"batch_size": 128, "regions": 49, "region_dim": 1280, "queue_size": 2048, "embed_dim": 1024}
+    two, one = record("throughput_f8k", figures_(1.0), config), record("throughput_f8k_1thread", figures_(1.5), config)
+    one["machine"]["torch_threads"] = 1
+    text = report.throughput_f8k(two, one)
+    (rows,) = tables_of(text)
+    assert rows[2] == ["2", "400 ms (190 GFLOP)", "500 ms (188 GFLOP)", "900 ms (349 GFLOP)", "1.80x", "1.86x"]
+    assert rows[3][0] == "1" and rows[3][3] == "1350 ms (349 GFLOP)"
+    assert "USER 1.50x" in text
