@@ -11,7 +11,8 @@ above gamma.
     python benchmarks/uto_margins.py runs/rq_shapes/user/best.pt runs/rq_shapes/vsepp/best.pt [--gamma 0.5]
         [--out runs/bench/uto_margins/<hash of the options>]
 
-The figures of every checkpoint and direction go to OUT/figures.json, keyed by the checkpoint's run folder name.
+The figures of every checkpoint and direction go to OUT/figures.json, keyed by the checkpoint's run folder name
+(``variant/seedS`` for a seed folder).
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_with_out(parser, "uto_margins", argv=argv)
 
 
+def run_name(checkpoint: Path) -> str:
+    """The run folder's name, with its parent's for a seed folder (``user/seed0``, as ``rq_converged.py`` lays runs
+    out), so that runs of several variants stay apart."""
+    folder = checkpoint.parent
+    return f"{folder.parent.name}/{folder.name}" if folder.name.startswith("seed") else folder.name
+
+
 def main() -> None:
     args = parse_args()
 
@@ -71,8 +79,7 @@ def main() -> None:
         caption_image = torch.as_tensor(split.caption_image)
         own = caption_image[None, :] == torch.arange(scores.size(0))[:, None]
         gamma = args.gamma if args.gamma is not None else cfg.loss.gamma
-        run = runs.setdefault(checkpoint.parent.name, {"checkpoint": checkpoint, "gamma": gamma,
-                                                         "loss": cfg.loss.name})
+        run = runs.setdefault(run_name(checkpoint), {"checkpoint": checkpoint, "gamma": gamma, "loss": cfg.loss.name})
         for direction, s, positive in (("i2t", scores, own), ("t2i", scores.T, own.T)):
             r = run[direction] = margin_report(s, positive, gamma)
             print(f"{str(checkpoint):36s} {direction:>3s} {gamma:5.2f} {r['positive_mean']:6.3f} "
