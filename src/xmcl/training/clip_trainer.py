@@ -39,15 +39,12 @@ from xmcl.retrieval.clip.preprocess import ClipImagePreprocess
 from xmcl.retrieval.clip.small import new_clip_model, save_clip
 from xmcl.retrieval.clip.teacher import clip_image_features, clip_text_features
 from xmcl.retrieval.clip.tokenizer import ClipTokenizer, train_bpe
-from xmcl.runtime.device import resolve_device
 from xmcl.runtime.distributed import (
     World,
     average_gradients,
     broadcast_from_main,
-    close_world,
     gather_no_grad,
     gather_with_grad,
-    init_world,
     mean_over_ranks,
 )
 from xmcl.runtime.precision import Precision
@@ -58,11 +55,11 @@ from xmcl.training.run import (
     RunFolder,
     StepLogger,
     StopSignals,
-    held_run,
     announce,
     capture_states,
     check_finite,
     restore_states,
+    run_held,
 )
 
 CLIP_RUN_CHECKPOINT = ("xmcl.clip.train", 2)  # kind and version of train-clip's last.pt (2: safe to load)
@@ -104,13 +101,8 @@ def train_clip(cfg: ClipTrainConfig, out: Path | str, resume: bool = True, progr
     Returns ``{"best_rsum", "best_epoch", "metrics" (the best epoch's Metrics), "out"}``.
     """
     folder = RunFolder(out, outputs=CLIP_FILES)
-    world = init_world(resolve_device(cfg.run.device))
-    progress = progress and world.is_main
-    try:
-        with held_run(folder, world, progress) as stop:
-            return _train(cfg, folder, resume, overwrite, progress, stop, world)
-    finally:
-        close_world(world)
+    return run_held(folder, cfg.run.device, progress,
+                    lambda verbose, stop, world: _train(cfg, folder, resume, overwrite, verbose, stop, world))
 
 
 def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: bool, verbose: bool,

@@ -33,13 +33,10 @@ from xmcl.distill.sources import open_scans
 from xmcl.distill.superpixels import SuperpixelCache
 from xmcl.errors import ConfigError
 from xmcl.nn.global_batchnorm import set_world
-from xmcl.runtime.device import resolve_device
 from xmcl.runtime.distributed import (
     SINGLE_PROCESS,
     World,
     average_gradients,
-    close_world,
-    init_world,
     mean_over_ranks,
 )
 from xmcl.runtime.precision import Precision, cuda_layout
@@ -50,11 +47,11 @@ from xmcl.training.run import (
     RunFolder,
     StepLogger,
     StopSignals,
-    held_run,
     announce,
     capture_states,
     check_finite,
     restore_states,
+    run_held,
 )
 from xmcl.training.sharding import rank_batches
 
@@ -69,13 +66,8 @@ def pretrain_distill(cfg: DistillConfig, out_dir: Path, resume: bool = True, ove
     (``out_dir/last.pt``). ``resume`` / ``overwrite`` as for ``train_retrieval``; ``progress=False`` silences the
     run. SIGINT / SIGTERM save a checkpoint and raise ``RunInterrupted``."""
     folder = RunFolder(out_dir)
-    world = init_world(resolve_device(cfg.run.device))
-    progress = progress and world.is_main
-    try:
-        with held_run(folder, world, progress) as stop:
-            return _pretrain(cfg, folder, resume, overwrite, progress, stop, world)
-    finally:
-        close_world(world)
+    return run_held(folder, cfg.run.device, progress,
+                    lambda verbose, stop, world: _pretrain(cfg, folder, resume, overwrite, verbose, stop, world))
 
 
 def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bool, verbose: bool,

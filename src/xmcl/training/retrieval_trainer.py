@@ -55,13 +55,10 @@ from xmcl.retrieval.inference import (
 )
 from xmcl.retrieval.model import USERModel
 from xmcl.retrieval.token_features import attach_token_features
-from xmcl.runtime.device import resolve_device
 from xmcl.runtime.distributed import (
     World,
     average_gradients,
     broadcast_from_main,
-    close_world,
-    init_world,
     mean_over_ranks,
 )
 from xmcl.runtime.files import atomic_write_bytes
@@ -73,11 +70,11 @@ from xmcl.training.run import (
     RunFolder,
     StepLogger,
     StopSignals,
-    held_run,
     announce,
     capture_states,
     check_finite,
     restore_states,
+    run_held,
 )
 from xmcl.training.sharding import rank_batches
 
@@ -123,13 +120,8 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = Tru
     there and start over (without it, starting over where a run exists is refused). ``progress=False`` silences
     the run whatever ``run.progress`` says. SIGINT / SIGTERM save a checkpoint and raise ``RunInterrupted``."""
     folder = RunFolder(out_dir)
-    world = init_world(resolve_device(cfg.run.device))
-    progress = progress and world.is_main
-    try:
-        with held_run(folder, world, progress) as stop:
-            return _train(cfg, folder, resume, overwrite, progress, stop, world)
-    finally:
-        close_world(world)
+    return run_held(folder, cfg.run.device, progress,
+                    lambda verbose, stop, world: _train(cfg, folder, resume, overwrite, verbose, stop, world))
 
 
 def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite: bool, verbose: bool,

@@ -18,7 +18,7 @@ import sys
 import threading
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import yaml
 from tqdm import tqdm
@@ -26,12 +26,15 @@ from tqdm import tqdm
 from xmcl.config import config_to_dict
 from xmcl.errors import CheckpointError, RunFolderError, RunInterrupted, TrainingDiverged, brief
 from xmcl.runtime.checkpoint import load_checkpoint, save_checkpoint
-from xmcl.runtime.distributed import World, fail_together
+from xmcl.runtime.device import resolve_device
+from xmcl.runtime.distributed import World, close_world, fail_together, init_world
 from xmcl.runtime.files import atomic_write_text
 from xmcl.runtime.lock import RunLock, describe_holder
 from xmcl.runtime.log import JsonlLogger, plot_curves
 from xmcl.runtime.rng import capture_rng_state, restore_rng_state
 from xmcl.training.sharding import check_world_size
+
+T = TypeVar("T")
 
 # Run controls that may change when a run resumes (the seed may not: it fixes every random stream).
 RESUMABLE_RUN_KEYS = frozenset({"run.device", "run.threads", "run.progress", "run.checkpoint_every", "run.log_every",
@@ -198,6 +201,19 @@ def check_finite(loss: float, where: str, folder: RunFolder) -> None:
     if loss != loss or loss in (float("inf"), float("-inf")):
         raise TrainingDiverged(f"loss became {loss} at {where}; training stopped, the last good checkpoint is "
                                f"{folder.last_good()}")
+
+
+def run_held(folder: RunFolder, device: str, progress: bool, body: Callable[[bool, "StopSignals", World], T]) -> T:
+    """A trainer's entry: start the process group for ``device`` (none for one process), hold ``folder``
+    (``held_run``) and return ``body(verbose, stop, world)``, ``verbose`` being ``progress`` on rank 0 only; the
+    group is closed whatever happens."""
+    world = init_world(resolve_device(device))
+    verbose = progress and world.is_main
+    try:
+        with held_run(folder, world, verbose) as stop:
+            return body(verbose, stop, world)
+    finally:
+        close_world(world)
 
 
 @contextmanager
