@@ -30,6 +30,7 @@ from xmcl.contrast import (
 )
 from xmcl.errors import ConfigError, DataError
 from xmcl.nn.global_batchnorm import set_world
+from xmcl.nn.gpo import MeanPooling
 from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig, check_semantic_source
 from xmcl.retrieval.encoders import build_image_encoder, build_text_encoder
 from xmcl.runtime.distributed import SINGLE_PROCESS, World, gather_no_grad, gather_with_grad
@@ -159,13 +160,13 @@ class USERModel(nn.Module):
         elif "images" in batch:
             z = self.image_encoder.backbone(batch["images"]).flatten(2).mean(dim=2)
         else:
-            regions = self.image_encoder.reduce(_require(batch, "regions"))
+            regions = _require(batch, "regions")
             lengths = _require(batch, "region_lengths").to(regions.device)
             if regions.dim() != 3 or lengths.shape != regions.shape[:1]:
                 raise DataError(f"regions {tuple(regions.shape)} and region_lengths {tuple(lengths.shape)} must be "
                                 "(B, R, D) and (B,)")
-            valid = torch.arange(regions.shape[1], device=regions.device)[None, :] < lengths[:, None]
-            z = (regions * valid[..., None]).sum(dim=1) / lengths.clamp(min=1)[:, None].to(regions.dtype)
+            # the PCA is affine, so the mean of the projected cells is the projected mean: B rows, not B x R
+            z = self.image_encoder.reduce(MeanPooling()(regions, lengths))
         return F.normalize(z.float(), dim=1)
 
     def text_inputs(self, batch: Mapping[str, Tensor]) -> Tensor:
