@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xmcl.errors import ConfigError, DataError
-from xmcl.nn.gpo import GPO, MaxPooling, MeanPooling, build_pooling, positional_encoding
+from xmcl.nn.gpo import GPO, MaxPooling, MeanPooling, build_pooling, descending_order, positional_encoding
 from xmcl.nn.sequence import BiGRU, length_mask
 
 LENGTHS = [5, 2, 7, 1]
@@ -90,6 +90,40 @@ def test_gpo_is_a_weighted_sum_of_per_dimension_sorted_features():
             ranked = sorted((x[b, i, d].item() for i in range(n)), reverse=True)
             expected = sum(weights[b, k].item() * ranked[k] for k in range(n))
             assert pooled[b, d].item() == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_descending_order_sorts_like_torch_sort_ties_included(dtype):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randint(-3, 4, (3, 9, 5), generator=gen).to(dtype)  # few distinct values: many ties
+    x[0, 4:] = float("-inf")
+    order = descending_order(x)
+    assert order.shape == x.shape
+    for b in range(3):
+        for d in range(5):
+            assert sorted(order[b, :, d].tolist()) == list(range(9))  # a permutation of each row
+    assert torch.equal(x.gather(1, order), x.sort(dim=1, descending=True).values)
+
+
+@pytest.mark.parametrize("lengths", [LENGTHS, [7, 7, 7, 7]])
+def test_gpo_gradient_is_each_values_rank_weight(lengths):
+    """d/dx_bid of sum_d c_d * GPO(x)_bd is c_d * theta_b[rank of x_bid among the valid x_b.d], 0 on pads."""
+    torch.manual_seed(6)
+    gpo = GPO()
+    x, lengths_t = padded_batch(lengths, pad_to=7, seed=7)
+    x.requires_grad_(True)
+    coefficients = torch.randn(x.shape[2])
+    (gpo(x, lengths_t) * coefficients).sum().backward()
+    weights = gpo.pool_weights(lengths_t, 7).detach()
+    for b, n in enumerate(lengths):
+        for d in range(x.shape[2]):
+            column = [x[b, i, d].item() for i in range(n)]
+            for i in range(7):
+                expected = 0.0
+                if i < n:
+                    rank = sum(value > column[i] for value in column)
+                    expected = coefficients[d].item() * weights[b, rank].item()
+                assert x.grad[b, i, d].item() == pytest.approx(expected, abs=1e-6)
 
 
 @pytest.mark.parametrize("name", ["gpo", "mean", "max"])

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xmcl.nn.dropout import Dropout
 from xmcl.nn.global_batchnorm import GlobalBatchNorm1d
 from xmcl.nn.sequence import length_mask
 
@@ -43,8 +44,8 @@ class SGE(nn.Module):
     def __init__(self, dim: int, lam: float = 1.0, dropout: float = 0.4) -> None:
         super().__init__()
         self.lam = lam
-        self.local_branch = nn.Sequential(nn.Linear(dim, dim), GlobalBatchNorm1d(dim), nn.Tanh(), nn.Dropout(dropout))
-        self.global_branch = nn.Sequential(nn.Linear(dim, dim), GlobalBatchNorm1d(dim), nn.Tanh(), nn.Dropout(dropout))
+        self.local_branch = nn.Sequential(nn.Linear(dim, dim), GlobalBatchNorm1d(dim), nn.Tanh(), Dropout(dropout))
+        self.global_branch = nn.Sequential(nn.Linear(dim, dim), GlobalBatchNorm1d(dim), nn.Tanh(), Dropout(dropout))
         self.scorer = nn.Linear(dim, 1)
         for layer in (self.local_branch[0], self.global_branch[0], self.scorer):
             nn.init.xavier_uniform_(layer.weight)
@@ -53,11 +54,12 @@ class SGE(nn.Module):
     def attention(self, local: Tensor, lengths: Tensor) -> Tensor:
         """``(B, R)`` weights ``w`` over the locals (0 at padded positions)."""
         mask = length_mask(lengths.to(local.device), local.size(1))
-        mean = local.masked_fill(~mask.unsqueeze(-1), 0).sum(1) / mask.sum(1, keepdim=True).to(local.dtype)
-        gate = self.global_branch(mean)  # (B, d)
-        if bool(mask.all()):  # nothing padded: every (b, i) is valid, no gather and scatter
+        if bool(mask.all()):  # nothing padded: every (b, i) is valid, no masking, gather or scatter
+            gate = self.global_branch(local.mean(1))  # (B, d)
             hidden = self.local_branch(local.reshape(-1, local.size(-1))).view_as(local)  # BN over (B * R, d)
             return torch.softmax(self.scorer(hidden * gate.unsqueeze(1)).squeeze(-1), dim=1)
+        mean = local.masked_fill(~mask.unsqueeze(-1), 0).sum(1) / mask.sum(1, keepdim=True).to(local.dtype)
+        gate = self.global_branch(mean)  # (B, d)
         rows = mask.nonzero(as_tuple=True)  # the valid (b, i) pairs: BN sees only these
         scores_valid = self.scorer(self.local_branch(local[rows]) * gate[rows[0]]).squeeze(-1)
         scores = scores_valid.new_full(mask.shape, float("-inf"))
@@ -68,7 +70,8 @@ class SGE(nn.Module):
         """``(B, d)`` L2-normalised self-guide ``g``."""
         mask = length_mask(lengths.to(local.device), local.size(1))
         weights = self.attention(local, lengths)
-        pooled = torch.einsum("br,brd->bd", weights, local.masked_fill(~mask.unsqueeze(-1), 0))
+        valid = local if bool(mask.all()) else local.masked_fill(~mask.unsqueeze(-1), 0)
+        pooled = torch.einsum("br,brd->bd", weights, valid)
         return F.normalize(pooled, p=2, dim=-1)
 
     def forward(self, local: Tensor, lengths: Tensor) -> Tensor:

@@ -1,0 +1,48 @@
+"""xmcl.nn.Dropout against the definition of inverted dropout and against nn.Dropout's statistics."""
+
+import pytest
+import torch
+
+from xmcl.errors import ConfigError
+from xmcl.nn.dropout import Dropout
+
+
+def test_training_output_is_zero_or_the_input_over_keep_and_the_gradient_is_the_same_mask():
+    torch.manual_seed(0)
+    layer = Dropout(0.4).train()
+    x = (torch.rand(300, 50) + 0.5).requires_grad_(True)  # no zero entries: a zero output means a dropped one
+    y = layer(x)
+    dropped = y == 0
+    kept = ~dropped
+    assert torch.allclose(y[kept], x[kept] / 0.6)
+    y.sum().backward()
+    assert torch.all(x.grad[dropped] == 0)
+    assert torch.allclose(x.grad[kept], torch.full_like(x.grad[kept], 1 / 0.6))
+
+
+def test_drop_rate_and_mean_match_nn_dropout_within_sampling_error():
+    torch.manual_seed(1)
+    x = torch.ones(1000, 1000)
+    ours, reference = Dropout(0.4).train()(x), torch.nn.Dropout(0.4).train()(x)
+    n = x.numel()
+    tolerance = 5 * (0.4 * 0.6 / n) ** 0.5  # five standard errors of a drop rate of 0.4 over n draws
+    assert float((ours == 0).float().mean()) == pytest.approx(0.4, abs=tolerance)
+    assert float((reference == 0).float().mean()) == pytest.approx(0.4, abs=tolerance)
+    assert float(ours.mean()) == pytest.approx(1.0, abs=5 * (0.4 / 0.6 / n) ** 0.5)
+
+
+def test_masks_follow_the_global_seed_and_eval_is_the_identity():
+    x = torch.randn(64, 32)
+    torch.manual_seed(3)
+    first = Dropout(0.3).train()(x)
+    torch.manual_seed(3)
+    again = Dropout(0.3).train()(x)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, Dropout(0.3).train()(x))
+    assert Dropout(0.3).eval()(x) is x
+    assert Dropout(0.0).train()(x) is x
+
+
+def test_the_probability_is_checked():
+    with pytest.raises(ConfigError, match="1.0"):
+        Dropout(1.0)
