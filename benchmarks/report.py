@@ -59,7 +59,8 @@ class Step:
 
 
 CONVERGED_RUNS = "docs/figures/rq_converged_runs"  # each finished run's result, tracked: the comparison resumes
-SHAPES_VARIANTS = "infonce vsepp user_uto_plain user_noqueue user_keep user user_plain user_cge user_sge_cge"
+SHAPES_VARIANTS = ("infonce vsepp user_uto_plain user_noqueue user_keep user user_plain user_cge user_sge_cge user_tolerant "
+                   "user_cge_tolerant")
 PLAN: tuple[Step, ...] = (
     Step("shapes corpus", "xmcl data shapes --out runs/shapes --images 2000 --seed 0"),
     Step("shapes features", "xmcl features --data runs/shapes --split train --split val --split test "
@@ -267,6 +268,8 @@ LABELS = {
     "user_plain": "user_plain (queues, no SGE/CGE)",
     "user_cge": "user_cge (queues, CGE, no SGE)",
     "user_sge_cge": "user_sge_cge (queues, SGE, CGE)",
+    "user_tolerant": "user_tolerant (user + tolerant queues)",
+    "user_cge_tolerant": "user_cge_tolerant (user_cge + tolerant queues, CLIP similarity)",
 }
 DIFFERENCES = (  # what changes from the second variant to the first, one component at a time
     ("UTO instead of the hinge (neither has SGE or queues)", "user_uto_plain", "vsepp"),
@@ -277,6 +280,8 @@ DIFFERENCES = (  # what changes from the second variant to the first, one compon
     ("SGE, with queues", "user", "user_plain"),
     ("CGE, with queues", "user_cge", "user_plain"),
     ("SGE + CGE, with queues", "user_sge_cge", "user_plain"),
+    ("tolerant queues, with SGE", "user_tolerant", "user"),
+    ("tolerant queues, with CGE", "user_cge_tolerant", "user_cge"),
 )
 
 

@@ -64,6 +64,11 @@ VARIANTS.update({
     "user_cge": _QUEUED + ["model.sge=false", "model.cge=true"],
     "user_sge_cge": _QUEUED + ["model.sge=true", "model.cge=true"],
 })
+TOLERANT = ["loss.tolerance=quantile", "loss.tolerance_q=0.01", "loss.balance=true"]  # semantically tolerant queues
+VARIANTS.update({
+    "user_tolerant": VARIANTS["user"] + TOLERANT + ["loss.semantic_source=regions"],
+    "user_cge_tolerant": VARIANTS["user_cge"] + TOLERANT + ["loss.semantic_source=clip"],
+})
 DEFAULT_VARIANTS = ["infonce", "vsepp", "user_noqueue", "user_keep", "user"]
 
 

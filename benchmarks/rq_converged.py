@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 from figures import CODE_VERSION, parse_with_out, write_figures
-from retrieval_quality import train_and_score
+from retrieval_quality import TOLERANT, train_and_score
 from timing import gflop, repeat_seconds
 
 from xmcl.config import load_config
@@ -54,10 +54,9 @@ VARIANTS: dict[str, list[str]] = {
     "user_noqueue": ["loss.name=uto", "model.sge=true", "model.use_queue=false"],
     "user": _USER,
     "user_authors": _USER + ["model.key_modes=authors", "model.head_init=pytorch", "optim.decay_all_parameters=true"],
-    "user_tolerant": _USER + ["loss.tolerance=quantile", "loss.tolerance_q=0.01", "loss.balance=true",
-                              "loss.semantic_source=regions"],
-    "infonce_tolerant": ["loss.name=infonce", "model.sge=false", "model.use_queue=false", "loss.tolerance=quantile",
-                         "loss.tolerance_q=0.01", "loss.balance=true", "loss.semantic_source=regions"],
+    "user_tolerant": _USER + TOLERANT + ["loss.semantic_source=regions"],
+    "infonce_tolerant": ["loss.name=infonce", "model.sge=false", "model.use_queue=false"] + TOLERANT
+                        + ["loss.semantic_source=regions"],
 }
 SWEEP = [(gamma, mu) for gamma in (0.2, 0.3, 0.5) for mu in (30.0, 90.0)]
 RESULT = "result.json"
