@@ -51,7 +51,7 @@ class MeanPooling(nn.Module):
 
     def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
         mask = length_mask(lengths.to(features.device), features.size(1)).unsqueeze(-1)
-        total = features.masked_fill(~mask, 0).sum(dim=1)
+        total = features.sum(dim=1) if bool(mask.all()) else features.masked_fill(~mask, 0).sum(dim=1)
         return total / lengths.to(features.device, features.dtype).unsqueeze(1)
 
 

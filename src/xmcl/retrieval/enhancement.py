@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from xmcl.nn.dropout import Dropout
 from xmcl.nn.global_batchnorm import GlobalBatchNorm1d
+from xmcl.nn.gpo import MeanPooling
 from xmcl.nn.sequence import length_mask
 
 
@@ -54,12 +55,10 @@ class SGE(nn.Module):
     def attention(self, local: Tensor, lengths: Tensor) -> Tensor:
         """``(B, R)`` weights ``w`` over the locals (0 at padded positions)."""
         mask = length_mask(lengths.to(local.device), local.size(1))
-        if bool(mask.all()):  # nothing padded: every (b, i) is valid, no masking, gather or scatter
-            gate = self.global_branch(local.mean(1))  # (B, d)
+        gate = self.global_branch(MeanPooling()(local, lengths))  # (B, d)
+        if bool(mask.all()):  # nothing padded: every (b, i) is valid, no gather and scatter
             hidden = self.local_branch(local.reshape(-1, local.size(-1))).view_as(local)  # BN over (B * R, d)
             return torch.softmax(self.scorer(hidden * gate.unsqueeze(1)).squeeze(-1), dim=1)
-        mean = local.masked_fill(~mask.unsqueeze(-1), 0).sum(1) / mask.sum(1, keepdim=True).to(local.dtype)
-        gate = self.global_branch(mean)  # (B, d)
         rows = mask.nonzero(as_tuple=True)  # the valid (b, i) pairs: BN sees only these
         scores_valid = self.scorer(self.local_branch(local[rows]) * gate[rows[0]]).squeeze(-1)
         scores = scores_valid.new_full(mask.shape, float("-inf"))
