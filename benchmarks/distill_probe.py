@@ -4,6 +4,7 @@ our probe and by the authors' probe.
     python benchmarks/distill_probe.py [--config configs/distill_synthetic.yaml] [--seeds 0 1 2 3 4] [--quick]
         [--methods random slidr tolerant st_slidr st_authors st_soft] [--probes ours authors]
         [--set KEY=VALUE ...] [--threads 1] [--out runs/bench/distill_probe/<methods>[-h<hash>]] [--report-only]
+        [--keep DIR] [--lane K/N]
 
 One harness, the same budget for every method: for each seed s (``run.seed = probe.seed = s``; the scenes are the
 same for all seeds), pretrain with the method's loss (``random`` skips it), then train a linear layer on the frozen
@@ -15,7 +16,10 @@ backbone's per-point features and score it on the evaluation scans, once per pro
 
 Resumable: each pretraining run lives in ``OUT/<method>_seed<s>`` and resumes from its ``last.pt``; each probe
 writes ``OUT/<method>_seed<s>/result_<probe>.json`` when done, and a finished result whose recorded overrides match
-is not run again, so the command can be stopped and started again at will. Prints per run, then per probe the mIoU
+is not run again, so the command can be stopped and started again at will; with ``--keep DIR`` each finished result
+is also copied to ``DIR/<method>_seed<s>/result_<probe>.json`` and read from there (a tracked folder: the harness
+then resumes in a fresh checkout). ``--lane K/N`` runs only every N-th (seed, method) pretraining run, from the
+K-th, for N processes side by side in the command's folder; the command without it then collects. Prints per run, then per probe the mIoU
 mean and sample standard deviation per method with every seed, the per-seed paired difference ST-SLidR minus SLidR
 (mean, std, and how many seeds it is positive on), the authors' mIoU (absent classes counted as 1), and the mean
 per-class IoU; writes everything to ``OUT/results.json`` and the summary to ``OUT/figures.json`` (read by
@@ -35,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from figures import parse_with_out, write_figures
+from figures import add_lane_option, in_lane, parse_with_out, write_figures
 
 from xmcl.config import load_config
 from xmcl.distill.config import DistillConfig
@@ -67,23 +71,33 @@ def _settings(overrides: list[str], method: str, seed: int, probe: str) -> list[
     return overrides + (METHODS[method] or []) + [f"run.seed={seed}", f"probe.seed={seed}"] + PROBES[probe]
 
 
-def finished(overrides: list[str], method: str, seed: int, probe: str, out: Path) -> dict | None:
-    """The stored result of one (method, seed, probe) if it finished with these overrides, else None."""
-    result_path = out / f"{method}_seed{seed}" / f"result_{probe}.json"
-    if result_path.is_file():
-        stored = json.loads(result_path.read_text())
-        if stored.get("overrides") == _settings(overrides, method, seed, probe):
-            return stored
+def _result_name(method: str, seed: int, probe: str) -> Path:
+    return Path(f"{method}_seed{seed}") / f"result_{probe}.json"
+
+
+def finished(overrides: list[str], method: str, seed: int, probe: str, out: Path,
+             keep: Path | None = None) -> dict | None:
+    """The stored result of one (method, seed, probe) in ``out`` (or ``keep``) if it finished with these overrides,
+    else None."""
+    for folder in (out, keep):
+        result_path = None if folder is None else folder / _result_name(method, seed, probe)
+        if result_path is not None and result_path.is_file():
+            stored = json.loads(result_path.read_text())
+            if stored.get("overrides") == _settings(overrides, method, seed, probe):
+                return stored
     return None
 
 
-def run_one(config: Path, overrides: list[str], method: str, seed: int, probe: str, out: Path) -> dict:
-    """The result of one (method, seed, probe), from its JSON when already finished with these overrides."""
-    stored = finished(overrides, method, seed, probe, out)
+def run_one(config: Path, overrides: list[str], method: str, seed: int, probe: str, out: Path,
+            keep: Path | None = None) -> dict:
+    """The result of one (method, seed, probe), from its JSON when already finished with these overrides; a new
+    result is written to ``out`` and, given ``keep``, copied there."""
+    stored = finished(overrides, method, seed, probe, out, keep)
     if stored is not None:
         return stored
     run_dir = out / f"{method}_seed{seed}"
-    result_path = run_dir / f"result_{probe}.json"
+    result_name = _result_name(method, seed, probe)
+    result_path = out / result_name
     settings = _settings(overrides, method, seed, probe)
     cfg = load_config(DistillConfig, config, settings)
     began = time.perf_counter()
@@ -92,6 +106,9 @@ def run_one(config: Path, overrides: list[str], method: str, seed: int, probe: s
     result.update(method=method, seed=seed, probe=probe, overrides=settings,
                   seconds=time.perf_counter() - began)
     atomic_write_text(result_path, json.dumps(result, indent=2))
+    if keep is not None:
+        (keep / result_name.parent).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(keep / result_name, json.dumps(result, indent=2))
     return result
 
 
@@ -152,6 +169,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 avoids the slowdown of oversubscribed shared cores)")
     parser.add_argument("--report-only", action="store_true", help="print the tables of the finished runs only")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="also copy each finished probe result here (a tracked folder), and read finished "
+                             "results from it: the harness then resumes in a fresh checkout")
+    add_lane_option(parser, "(seed, method) pretraining run")
     return parse_with_out(parser, "distill_probe", naming=["methods"], argv=argv)
 
 
@@ -171,20 +192,26 @@ def main() -> None:
           f"epochs of {cfg0.probe.batch_scenes}; seeds {args.seeds}", flush=True)
     if args.report_only:
         for probe in args.probes:
-            complete = [s for s in args.seeds if all(finished(base, m, s, probe, args.out) for m in args.methods)]
+            complete = [s for s in args.seeds
+                        if all(finished(base, m, s, probe, args.out, args.keep) for m in args.methods)]
             print(f"{probe} probe: seeds finished for every method: {complete}")
             if complete:
-                report({probe: {m: [finished(base, m, s, probe, args.out) for s in complete] for m in args.methods}},
-                       complete)
+                report({probe: {m: [finished(base, m, s, probe, args.out, args.keep) for s in complete]
+                                for m in args.methods}}, complete)
         return
     results: dict[str, dict[str, list[dict]]] = {p: {m: [] for m in args.methods} for p in args.probes}
-    for seed in args.seeds:
-        for method in args.methods:
-            for probe in args.probes:
-                result = run_one(args.config, base, method, seed, probe, args.out)
-                results[probe][method].append(result)
-                print(f"  seed {seed} {method:<10} {probe:<7} mIoU {100 * result['miou']:5.1f}  "
-                      f"({result['seconds']:.0f} s when run)", flush=True)
+    units = [(seed, method) for seed in args.seeds for method in args.methods]
+    for index, (seed, method) in enumerate(units):
+        if not in_lane(index, args.lane):
+            continue
+        for probe in args.probes:
+            result = run_one(args.config, base, method, seed, probe, args.out, args.keep)
+            results[probe][method].append(result)
+            print(f"  seed {seed} {method:<10} {probe:<7} mIoU {100 * result['miou']:5.1f}  "
+                  f"({result['seconds']:.0f} s when run)", flush=True)
+    if args.lane:
+        print(f"lane {args.lane[0]}/{args.lane[1]} done; rerun without --lane to collect the figures")
+        return
     report(results, args.seeds)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "results.json", json.dumps(results, indent=2))

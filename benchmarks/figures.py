@@ -82,10 +82,11 @@ def _slug(value: Any) -> str:
 def default_out(benchmark: str, args: argparse.Namespace, parser: argparse.ArgumentParser,
                 naming: Sequence[str] = ()) -> Path:
     """``runs/bench/BENCHMARK/VARIANT``: the values of the ``naming`` options, then ``h`` + 8 hex digits of the
-    other options that differ from their defaults (``out`` excluded); ``default`` when there is neither."""
+    other options that differ from their defaults (``out`` and ``lane`` excluded: a lane works in the folder of
+    the whole command); ``default`` when there is neither."""
     parts = [_slug(getattr(args, name)) for name in naming]
     others = {name: jsonable(value) for name, value in sorted(vars(args).items())
-              if name not in naming and name != "out" and value != parser.get_default(name)}
+              if name not in naming and name not in ("out", "lane") and value != parser.get_default(name)}
     if others:
         parts.append("h" + hashlib.sha256(json.dumps(others, sort_keys=True).encode()).hexdigest()[:8])
     return runs_root() / "bench" / benchmark / ("-".join(parts) or "default")
@@ -100,6 +101,28 @@ def parse_with_out(parser: argparse.ArgumentParser, benchmark: str, naming: Sequ
     if args.out is None:
         args.out = default_out(benchmark, args, parser, naming)
     return args
+
+
+def lane(text: str) -> tuple[int, int]:
+    """``K/N`` (1 <= K <= N) as ``(K, N)``: the ``--lane`` option's type."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise argparse.ArgumentTypeError(f"--lane {text!r}: expected K/N with 1 <= K <= N, e.g. 1/2")
+    return int(match[1]), int(match[2])
+
+
+def add_lane_option(parser: argparse.ArgumentParser, unit: str) -> None:
+    """``--lane K/N``: run only the K-th of N interleaved shares of the ``unit``s, so that N processes side by side
+    share one command's work in its own folder; a lane writes no figures (rerun without ``--lane`` to collect)."""
+    parser.add_argument("--lane", type=lane, default=None, metavar="K/N",
+                        help=f"run only every N-th {unit}, from the K-th (N processes side by side, e.g. one torch "
+                             f"thread each); writes no figures: rerun without --lane to collect them")
+
+
+def in_lane(index: int, share: tuple[int, int] | None) -> bool:
+    """Whether the ``index``-th unit of work (from 0) is in lane ``share = (K, N)``: ``index % N == K - 1``
+    (every unit when ``share`` is None)."""
+    return share is None or index % share[1] == share[0] - 1
 
 
 def _git(*command: str) -> str | None:

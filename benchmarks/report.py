@@ -109,9 +109,10 @@ PLAN: tuple[Step, ...] = (
                                        f"--keep {CONVERGED_RUNS}", "rq_converged_seed0", long=True),
     Step("Flickr8K converged, 3 seeds", f"python benchmarks/rq_converged.py --data runs/f8k_feats --seeds 0 1 2 "
                                         f"--keep {CONVERGED_RUNS}", "rq_converged", long=True),
-    Step("ST-SLidR linear probe", "python benchmarks/distill_probe.py --threads 1", "distill_probe", long=True),
-    Step("tolerance rules", "python benchmarks/distill_probe.py --threads 1 --methods st_slidr st_authors st_soft",
-         "distill_tolerance", long=True),
+    Step("ST-SLidR linear probe", "python benchmarks/distill_probe.py --threads 1 --keep docs/figures/distill_probe_runs",
+         "distill_probe", long=True),
+    Step("tolerance rules", "python benchmarks/distill_probe.py --threads 1 --methods st_slidr st_authors st_soft "
+                            "--keep docs/figures/distill_tolerance_runs", "distill_tolerance", long=True),
 )
 STEPS = {step.key: step for step in PLAN if step.key}
 

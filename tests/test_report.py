@@ -228,3 +228,65 @@ def test_flickr8k_throughput_rows_hold_step_times_flops_and_both_ratios():
     assert rows[2] == ["2", "400 ms (190 GFLOP)", "500 ms (188 GFLOP)", "900 ms (349 GFLOP)", "1.80x", "1.86x"]
     assert rows[3][0] == "1" and rows[3][3] == "1350 ms (349 GFLOP)"
     assert "USER 1.50x" in text
+
+
+def test_lanes_split_the_units_into_disjoint_interleaved_shares():
+    assert figures.lane("2/3") == (2, 3) and figures.lane(" 1/1 ") == (1, 1)
+    for bad in ("0/2", "3/2", "1", "a/b", "1/0"):
+        with pytest.raises(Exception, match="K/N"):
+            figures.lane(bad)
+    shares = [[i for i in range(10) if figures.in_lane(i, (k, 3))] for k in (1, 2, 3)]
+    assert shares == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert all(figures.in_lane(i, None) for i in range(10))
+
+
+def test_a_lane_works_in_the_folder_of_the_whole_command():
+    import distill_probe
+    import rq_converged
+
+    argv = ["--data", "runs/f8k_feats", "--seeds", "0", "1", "2", "--keep", "kept"]
+    assert rq_converged.parse_args(argv + ["--lane", "2/2"]).out == rq_converged.parse_args(argv).out
+    assert rq_converged.parse_args(argv).out != rq_converged.parse_args(argv[:-2]).out
+    argv = ["--methods", "slidr", "st_slidr"]
+    assert distill_probe.parse_args(argv + ["--lane", "1/2"]).out == distill_probe.parse_args(argv).out
+
+
+def test_distill_probe_lanes_share_the_runs_and_keep_reads_them_back(tmp_path, monkeypatch):
+    """Two lanes run disjoint (seed, method) units; the collecting command then runs nothing and reads every
+    result, from the kept copies alone once the output folder is gone."""
+    import distill_probe
+
+    calls = []
+
+    def fake_pretrain(cfg, run_dir, resume):
+        calls.append(("pretrain", run_dir.name))
+        return run_dir / "last.pt"
+
+    def fake_probe(cfg, checkpoint, run_dir, mode, label_fraction):
+        calls.append(("probe", run_dir.name, cfg.probe.protocol))
+        return {"miou": 0.1 * cfg.run.seed + (0.05 if checkpoint else 0.0), "miou_authors": 0.0, "iou": {"a": 0.5}}
+
+    monkeypatch.setattr(distill_probe, "pretrain_distill", fake_pretrain)
+    monkeypatch.setattr(distill_probe, "run_probe", fake_probe)
+    out, keep = tmp_path / "out", tmp_path / "kept"
+    common = ["--seeds", "0", "1", "--methods", "random", "slidr", "--probes", "ours", "--out", str(out),
+              "--keep", str(keep)]
+    for k in (1, 2):
+        monkeypatch.setattr(sys, "argv", ["distill_probe.py", *common, "--lane", f"{k}/2"])
+        distill_probe.main()
+    # units in order (seed 0 random, seed 0 slidr, seed 1 random, seed 1 slidr): lane 1 has the random ones
+    assert [c[1] for c in calls if c[0] == "probe"] == ["random_seed0", "random_seed1", "slidr_seed0", "slidr_seed1"]
+    assert [c[1] for c in calls if c[0] == "pretrain"] == ["slidr_seed0", "slidr_seed1"]
+    assert not (out / "figures.json").exists()  # a lane writes no figures
+    assert sorted(p.relative_to(keep).as_posix() for p in keep.rglob("*.json")) == [
+        f"{m}_seed{s}/result_ours.json" for m in ("random", "slidr") for s in (0, 1)]
+    import shutil
+
+    shutil.rmtree(out)
+    calls.clear()
+    monkeypatch.setattr(sys, "argv", ["distill_probe.py", *common])
+    distill_probe.main()
+    assert calls == []
+    written = json.loads((out / "figures.json").read_text())["figures"]
+    assert written["methods"]["slidr"]["miou_per_seed"] == pytest.approx([5.0, 15.0])
+    assert written["methods"]["random"]["miou_per_seed"] == pytest.approx([0.0, 10.0])
