@@ -333,6 +333,12 @@ def mean_std(cell: dict, digits: int = 1) -> str:
     return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}" if cell["n"] > 1 else f"{cell['mean']:.{digits}f}"
 
 
+def run_threads(run: dict) -> str:
+    """``, 1 thread``: the torch threads a kept run trained with (empty when it does not say)."""
+    threads = run.get("threads")
+    return "" if threads is None else f", {threads} thread{'s' if threads != 1 else ''}"
+
+
 def converged(d: dict) -> str:
     """The converged comparison (``rq_converged.py``): mean ± std over seeds per variant, per-seed rSum, curves."""
     f = d["figures"]
@@ -348,8 +354,8 @@ def converged(d: dict) -> str:
     seeds = []
     for name in summary:
         done = [(key.split("/seed")[1], r) for key, r in runs.items() if key.split("/seed")[0] == name]
-        cells = [f"seed {seed}: " + (f"{r['metrics']['rsum']:.1f} (best epoch {r['best_epoch']})" if "metrics" in r
-                                     else "stalled at its first step") for seed, r in done]
+        cells = [f"seed {seed}: " + (f"{r['metrics']['rsum']:.1f} (best epoch {r['best_epoch']}{run_threads(r)})"
+                                     if "metrics" in r else "stalled at its first step") for seed, r in done]
         seeds.append(f"- {name}: " + "; ".join(cells))
     width = f"a frozen {model['region_dim']} → {model['region_pca_dim']} PCA" if model.get("region_pca_dim") else \
         f"{model['region_dim']}-d cells"
@@ -361,7 +367,8 @@ def converged(d: dict) -> str:
         f"{model['momentum']}, batch {optim['batch_size']}, {optim['epochs']} epochs, lr {optim['lr']:g} × 0.1 at "
         f"epoch {optim['lr_decay_epochs'][0]}, no hinge warm-up. Mean ± std over seeds:",
         table(["variant", "seeds", *RECALL_HEADER], rows),
-        "Per seed (rSum, best epoch):\n\n" + "\n".join(seeds),
+        "Per seed (rSum, best epoch, torch threads; a one-thread run shared the 2 cores with another one-thread "
+        "run, which gives more runs an hour than one run on two threads):\n\n" + "\n".join(seeds),
         f"Val rSum per epoch, every run: ![curves](figures/rq_converged_runs/curves_seeds"
         f"{'-'.join(map(str, d['config']['seeds']))}.png)",
     ])

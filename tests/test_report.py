@@ -179,7 +179,8 @@ def converged_figures() -> dict:
     runs = {"infonce/seed0": {"metrics": metrics(10.0), "best_epoch": 19, "val_rsum_per_epoch": {}, "config": config},
             "infonce/seed1": {"metrics": metrics(12.0), "best_epoch": 20, "val_rsum_per_epoch": {}, "config": config},
             "user/seed0": {"stalled": "no gradient at the first step", "config": config},
-            "user/seed1": {"metrics": metrics(20.0), "best_epoch": 17, "val_rsum_per_epoch": {}, "config": config}}
+            "user/seed1": {"metrics": metrics(20.0), "best_epoch": 17, "val_rsum_per_epoch": {}, "config": config,
+                           "threads": 1}}
     summary = {"infonce": {"stalled_seeds": [], "rsum": {"mean": 87.0, "std": 8.49, "n": 2},
                            **{k: {"mean": 11.0 + i, "std": 1.41, "n": 2} for i, k in enumerate(report.RECALLS)}},
                "user": {"stalled_seeds": [0], "rsum": {"mean": 135.0, "std": 0.0, "n": 1},
@@ -194,7 +195,7 @@ def test_converged_table_gives_mean_and_spread_per_variant_and_every_seed():
     assert by_name["InfoNCE"][1:] == ["2", "11.0 ± 1.4", "12.0 ± 1.4", "13.0 ± 1.4", "14.0 ± 1.4", "15.0 ± 1.4",
                                       "16.0 ± 1.4", "87.00 ± 8.49"]
     assert by_name["USER (SGE, UTO, queues)"][1:3] == ["1", "20.0"]  # one finished seed: no spread shown
-    assert "- user: seed 0: stalled at its first step; seed 1: 135.0 (best epoch 17)" in text
+    assert "- user: seed 0: stalled at its first step; seed 1: 135.0 (best epoch 17, 1 thread)" in text
     assert "- infonce: seed 0: 75.0 (best epoch 19); seed 1: 87.0 (best epoch 20)" in text
     assert "a frozen 1280 → 256 PCA" in text and "20 epochs, lr 0.0005 × 0.1 at epoch 10" in text
     assert "curves_seeds0-1.png" in text
