@@ -374,6 +374,17 @@ def converged(d: dict) -> str:
     ])
 
 
+def converged_summary(d: dict) -> str:
+    """README's line: mean ± std val rSum per variant, and the best variant's R@1 both ways."""
+    summary = {name: row for name, row in d["figures"]["summary"].items() if "rsum" in row}
+    best = max(summary, key=lambda name: summary[name]["rsum"]["mean"])
+    seeds = "-".join(map(str, d["config"]["seeds"]))
+    rsums = ", ".join(f"{CONVERGED_LABELS.get(name, name)} {mean_std(row['rsum'])}" for name, row in summary.items())
+    return (f"- `benchmarks/rq_converged.py` (Flickr8K, locked text, 20 epochs, seeds {seeds}), val rSum mean ± std: "
+            f"{rsums}; the best, {CONVERGED_LABELS.get(best, best)}, has R@1 "
+            f"{summary[best]['i2t_r1']['mean']:.1f} / {summary[best]['t2i_r1']['mean']:.1f}.")
+
+
 def converged_estimate(reduced: dict, full: dict) -> str:
     """Step time against the FLOP bound of each variant, with the PCA and on the 1280-d cells."""
     rows = []
@@ -668,6 +679,7 @@ SUMMARIES = (
     Block("throughput:summary", ("throughput_bigru", "throughput_bert"), throughput_summary),
     Block("rq_shapes:summary", ("rq_shapes",), quality_summary),
     Block("rq_f8k:summary", ("rq_f8k",), quality_summary),
+    Block("rq_converged:summary", ("rq_converged",), converged_summary),
     Block("distill_probe:summary", ("distill_probe",), probe_summary),
     Block("distill_step:summary", ("distill_step",), distill_step_summary),
     Block("scaling:summary", ("scaling",), scaling_summary),

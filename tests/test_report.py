@@ -199,6 +199,9 @@ def test_converged_table_gives_mean_and_spread_per_variant_and_every_seed():
     assert "- infonce: seed 0: 75.0 (best epoch 19); seed 1: 87.0 (best epoch 20)" in text
     assert "a frozen 1280 → 256 PCA" in text and "20 epochs, lr 0.0005 × 0.1 at epoch 10" in text
     assert "curves_seeds0-1.png" in text
+    line = report.converged_summary(record("rq_converged", converged_figures(), {"seeds": [0, 1]}))
+    assert "seeds 0-1" in line and "InfoNCE 87.0 ± 8.5, USER (SGE, UTO, queues) 135.0;" in line
+    assert "the best, USER (SGE, UTO, queues), has R@1 20.0 / 23.0." in line
 
 
 def test_converged_estimate_rows_are_the_files_step_times_and_bounds():
