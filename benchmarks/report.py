@@ -288,6 +288,13 @@ DIFFERENCES = (  # what changes from the second variant to the first, one compon
 )
 
 
+def train_minutes(run: dict) -> str:
+    """``12.5 min``, or for a run resumed across processes the part its last process trained."""
+    if "train_seconds" in run:
+        return f"{run['train_seconds'] / 60:.1f} min"
+    return f"{run['train_seconds_this_session'] / 60:.1f} min in its last process (resumed)"
+
+
 def quality(d: dict) -> str:
     f = d["figures"]
     runs = {name: v["metrics"] for name, v in f["variants"].items()}
@@ -307,8 +314,8 @@ def quality(d: dict) -> str:
                   for name, v in f["variants"].items()]
     parts.append(f"{f['val_split'].capitalize()} rSum per epoch:\n\n"
                  + table(["variant", *(f"epoch {e}" for e in epochs)], curve_rows))
-    parts.append("Train time per variant: " + ", ".join(f"{name} {v['train_seconds'] / 60:.1f} min"
-                                                      for name, v in f["variants"].items()) + ".")
+    times = ", ".join(f"{name} {train_minutes(v)}" for name, v in f["variants"].items())
+    parts.append(f"Train time per variant: {times}.")
     teacher = f.get("teacher")
     if teacher:
         parts.append(f"The CLIP teacher itself (`{teacher['checkpoint']}`, its cached embeddings ranked by the same "

@@ -24,6 +24,8 @@ Usage (features from `xmcl features`):
   python benchmarks/retrieval_quality.py --data runs/f8k_feats --text-encoder bert --epochs 3 --lambda-batch 20
   python benchmarks/retrieval_quality.py --data runs/shapes_feats --clip-cache runs/clip_shapes_cache \
       --variants user_plain user user_cge user_sge_cge
+``--lane K/N`` trains only every N-th variant, from the K-th, for N processes side by side in the same OUT; the
+command without it then collects (each run's wall time is kept in OUT/VARIANT/train_time.json).
 Each variant trains into OUT/VARIANT (resumed if interrupted); OUT defaults to
 runs/bench/retrieval_quality/<data folder>[-h<hash of the other options>]. Prints R@1/5/10 both directions and
 rSum of each variant's best-validation checkpoint on --split and writes them, with each variant's validation
@@ -38,13 +40,14 @@ import json
 import time
 from pathlib import Path
 
-from figures import parse_with_out, write_figures
+from figures import add_lane_option, in_lane, parse_with_out, write_figures
 
 from xmcl.config import load_config
 from xmcl.data.open import open_split
 from xmcl.metrics.retrieval import Metrics, evaluate_embeddings, format_table
 from xmcl.retrieval.clip.cache import ClipCache
 from xmcl.retrieval.config import RetrievalTrainConfig
+from xmcl.runtime.files import atomic_write_json
 from xmcl.retrieval.inference import evaluate_checkpoint
 from xmcl.training.retrieval_trainer import train_retrieval
 
@@ -94,15 +97,28 @@ def teacher_metrics(cache_dir: Path, data: Path, split: str) -> dict:
     return {"checkpoint": cache.manifest["checkpoint"], **metrics.as_dict()}
 
 
+TRAIN_TIME = "train_time.json"  # in a run folder: the wall time of a run trained start to end by one process
+
+
 def train_and_score(cfg: RetrievalTrainConfig, run_dir: Path, data: Path, split: str) -> tuple[Metrics, dict]:
     """Train (resuming) into ``run_dir``, then score its best-validation checkpoint on ``split`` of ``data``: the
-    metrics and the run's record ``{"metrics", "best_epoch", "train_seconds", "val_rsum_per_epoch"}``."""
+    metrics and the run's record ``{"metrics", "best_epoch", "val_rsum_per_epoch"}`` plus its wall time:
+    ``train_seconds`` when one process trained it from the start (now, or before: then read from the run folder's
+    ``train_time.json``), else ``train_seconds_this_session``, the part trained now."""
+    resumed = (run_dir / "last.pt").is_file()
     tic = time.perf_counter()
     summary = train_retrieval(cfg, run_dir)
     seconds = time.perf_counter() - tic
+    if not resumed:
+        atomic_write_json(run_dir / TRAIN_TIME, {"train_seconds": seconds})
     metrics = evaluate_checkpoint(run_dir / "best.pt", data, split, ("all",))["all"]
-    return metrics, {"metrics": metrics.as_dict(), "best_epoch": summary["best_epoch"], "train_seconds": seconds,
-                     "val_rsum_per_epoch": val_rsum_per_epoch(run_dir / "log.jsonl")}
+    record = {"metrics": metrics.as_dict(), "best_epoch": summary["best_epoch"],
+              "val_rsum_per_epoch": val_rsum_per_epoch(run_dir / "log.jsonl")}
+    if (run_dir / TRAIN_TIME).is_file():
+        record["train_seconds"] = json.loads((run_dir / TRAIN_TIME).read_text(encoding="utf-8"))["train_seconds"]
+    else:
+        record["train_seconds_this_session"] = seconds
+    return metrics, record
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,6 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="CLIP feature cache (`xmcl clip-cache`) of the raw corpus, for the CGE variants")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override applied to every variant")
+    add_lane_option(parser, "variant")
     args = parse_with_out(parser, "retrieval_quality", naming=["data"], argv=argv)
     if not args.clip_cache and any("model.cge=true" in VARIANTS[name] for name in args.variants):
         parser.error("the CGE variants need --clip-cache")
@@ -151,14 +168,19 @@ def main() -> None:
     if args.max_steps_per_epoch:
         common.append(f"optim.max_steps_per_epoch={args.max_steps_per_epoch}")
     results, seconds, runs, configs = {}, {}, {}, {}
-    for name in args.variants:
+    for index, name in enumerate(args.variants):
+        if not in_lane(index, args.lane):
+            continue
         cfg = load_config(RetrievalTrainConfig, None, common + VARIANTS[name] + args.overrides)
         run_dir = args.out / name
         results[name], record = train_and_score(cfg, run_dir, args.data, args.split)
         runs[name] = {**record, "overrides": VARIANTS[name], "checkpoint": run_dir / "best.pt"}
-        seconds[name] = runs[name]["train_seconds"]
+        seconds[name] = runs[name].get("train_seconds", runs[name].get("train_seconds_this_session"))
         configs[name] = cfg
         print(f"{name}: best epoch {runs[name]['best_epoch']}, {seconds[name]:.0f} s", flush=True)
+    if args.lane:
+        print(f"lane {args.lane[0]}/{args.lane[1]} done; rerun without --lane to collect the figures")
+        return
 
     print(f"\n{args.data} / {args.split} (best epoch by {args.val_split} rSum): {args.epochs} epochs"
           f"{f' x {args.max_steps_per_epoch} steps' if args.max_steps_per_epoch else ''}, batch {args.batch_size}, "

@@ -84,17 +84,14 @@ def run_config(args: argparse.Namespace, seed: int, overrides: list[str]) -> Ret
 
 def one_run(args: argparse.Namespace, cfg: RetrievalTrainConfig, run_dir: Path, kept: Path | None) -> dict:
     """Train (resuming) into ``run_dir`` and write its ``result.json`` (and a copy to ``kept`` when given); a run whose
-    result is in either place is read, not rerun. A resumed run's wall time is ``train_seconds_this_session``."""
+    result is in either place is read, not rerun. Its wall time as ``train_and_score`` gives it."""
     result_path = run_dir / RESULT
     for path in (result_path, kept):
         if path is not None and path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))
     record = {"code": CODE_VERSION, "threads": torch.get_num_threads(), "config": dataclasses.asdict(cfg)}
-    resumed = (run_dir / "last.pt").is_file()
     try:
         _, scored = train_and_score(cfg, run_dir, args.data, args.split)
-        if resumed:  # the wall time covers only the part trained by this process
-            scored["train_seconds_this_session"] = scored.pop("train_seconds")
     except TrainingStalled as error:  # UTO without a warm-up can fail to start from an init: reported per seed
         result = {"stalled": str(error), **record}
     else:

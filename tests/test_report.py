@@ -294,3 +294,35 @@ def test_distill_probe_lanes_share_the_runs_and_keep_reads_them_back(tmp_path, m
     written = json.loads((out / "figures.json").read_text())["figures"]
     assert written["methods"]["slidr"]["miou_per_seed"] == pytest.approx([5.0, 15.0])
     assert written["methods"]["random"]["miou_per_seed"] == pytest.approx([0.0, 10.0])
+
+
+def test_harness_keeps_a_runs_own_wall_time_for_the_collecting_command(tmp_path, monkeypatch):
+    """A run trained start to end stores its wall time; a later call (the collecting command, the run already
+    finished) reports that time, not its own near-zero one; a run resumed across processes says so."""
+    import retrieval_quality
+    from xmcl.metrics.retrieval import Metrics
+
+    clock = iter([100.0, 160.0, 200.0, 201.0, 300.0, 330.0])
+    monkeypatch.setattr(retrieval_quality.time, "perf_counter", lambda: next(clock))
+
+    def fake_train(cfg, run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "last.pt").write_bytes(b"")
+        (run_dir / "log.jsonl").write_text('{"epoch": 1, "val_rsum": 12.5}\n')
+        return {"best_epoch": 1}
+
+    monkeypatch.setattr(retrieval_quality, "train_retrieval", fake_train)
+    monkeypatch.setattr(retrieval_quality, "evaluate_checkpoint",
+                        lambda *args: {"all": Metrics(1, 2, 3, 1, 1, 1, 2, 3, 1, 1, 12)})
+    fresh = tmp_path / "fresh"
+    _, first = retrieval_quality.train_and_score(None, fresh, tmp_path, "val")
+    _, again = retrieval_quality.train_and_score(None, fresh, tmp_path, "val")
+    assert first["train_seconds"] == again["train_seconds"] == 60.0 and "train_seconds_this_session" not in again
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "last.pt").write_bytes(b"")  # begun by an earlier process
+    _, part = retrieval_quality.train_and_score(None, resumed, tmp_path, "val")
+    assert part["train_seconds_this_session"] == 30.0 and "train_seconds" not in part
+    assert first["val_rsum_per_epoch"] == {1: 12.5}
+    assert report.train_minutes(first) == "1.0 min"
+    assert report.train_minutes(part) == "0.5 min in its last process (resumed)"
