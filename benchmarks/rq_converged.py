@@ -161,21 +161,28 @@ def curves_name(args: argparse.Namespace) -> str:
 
 
 def plot_curves(results: dict[str, dict], path: Path) -> None:
+    """Val rSum per epoch of every run (``VARIANT/seedS`` keys) into ``path``: one colour per variant, one line
+    style per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    variants = list(dict.fromkeys(run.split("/seed")[0] for run in results))
+    styles = ["-", "--", ":", "-."]
     for run, result in results.items():
         if "stalled" in result:
             continue
+        variant, seed = run.split("/seed")
         curve = result["val_rsum_per_epoch"]
-        ax.plot([int(e) for e in curve], list(curve.values()), label=run, linewidth=1)
+        ax.plot([int(e) for e in curve], list(curve.values()), color=f"C{variants.index(variant) % 10}",
+                linestyle=styles[int(seed) % len(styles)], linewidth=1, label=run)
     ax.set_xlabel("epoch")
     ax.set_ylabel("val rSum")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
