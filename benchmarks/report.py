@@ -207,8 +207,9 @@ def demo(d: dict) -> str:
     minutes, seconds = divmod(round(f["wall_s"]), 60)
     fresh = "a fresh folder" if f["fresh"] else "a folder that already held part of the demo (resumed)"
     return (f"{command_lines(d)}\n\nIn {fresh} the demo took **{minutes}:{seconds:02d} wall** with "
-            f"{f['peak_rss_mib']:.0f} MiB peak RSS. It generates 1,500 images, extracts features, then trains USER "
-            f"and VSE++ for 8 epochs each.\n\nShapes-world {f['split']} split:\n\n"
+            f"{f['peak_rss_mib']:.0f} MiB peak RSS. It generates 1,500 images, extracts features, trains a small CLIP "
+            f"teacher and caches its embeddings, then trains {' and '.join(f['runs'])} for 8 epochs each.\n\n"
+            f"Shapes-world {f['split']} split:\n\n"
             f"{table(['run', *RECALL_HEADER], recall_rows(f['runs']))}")
 
 

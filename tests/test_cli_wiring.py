@@ -18,8 +18,10 @@ from test_train_retrieval import tiny_config, write_corpus
 from xmcl.cli import main
 from xmcl.data.images import load_image
 from xmcl.data.open import open_split
+from xmcl.demo import DEMO_RUNS
 from xmcl.metrics.retrieval import Metrics, evaluate_embeddings
 from xmcl.nn.backbones import build_image_backbone
+from xmcl.retrieval.clip.cache import split_guides
 from xmcl.retrieval.inference import encode_split, load_trained
 from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.training.retrieval_trainer import train_retrieval
@@ -63,9 +65,10 @@ def assert_row_is(printed: list[float], metrics: Metrics) -> None:
 
 def library_figures(checkpoint: Path, corpus: Path, split: str, protocols: tuple[str, ...]) -> dict[str, Metrics]:
     """The metrics of ``split`` computed without the CLI or ``evaluate_checkpoint``: load, encode, evaluate."""
-    model, tokenizer, _ = load_trained(checkpoint, torch.device("cpu"))
+    model, tokenizer, cfg = load_trained(checkpoint, torch.device("cpu"))
     data = open_split(corpus, split)
-    img, txt = encode_split(model, data, tokenizer, None, torch.device("cpu"))
+    guides = split_guides(cfg.model, data)  # the cached CLIP embeddings of a CGE model (none without CGE)
+    img, txt = encode_split(model, data, tokenizer, None, torch.device("cpu"), guides=guides)
     return evaluate_embeddings(img, txt, data.caption_image, protocols)
 
 
@@ -249,7 +252,12 @@ def test_demo_with_a_tiny_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     corpus = json.loads((out / "shapes" / "dataset_shapes.json").read_text())
     assert len(corpus["images"]) == 20
     rows = parse_table(result.stdout)
-    assert list(rows) == ["USER (test)", "VSE++ (test)"]
-    for name, folder in (("USER (test)", "user"), ("VSE++ (test)", "vsepp")):
+    assert list(rows) == [f"{name} (test)" for name in DEMO_RUNS]
+    for name, (folder, _) in DEMO_RUNS.items():
         assert read_checkpoint(out / folder / "last.pt")["epoch"] == 1
-        assert_row_is(rows[name], library_figures(out / folder / "best.pt", out / "features", "test", ("all",))["all"])
+        assert_row_is(rows[f"{name} (test)"],
+                      library_figures(out / folder / "best.pt", out / "features", "test", ("all",))["all"])
+    # the CGE run's teacher: trained with the same budget, its cache read by that run
+    assert read_checkpoint(out / "clip" / "last.pt")["epoch"] == 1
+    assert read_checkpoint(out / "user_cge_tolerant" / "last.pt")["config"]["model"]["clip_cache"] == str(
+        out / "clip_cache")

@@ -194,7 +194,8 @@ def evaluate(checkpoint: Path, data_path: Path | None, split: str, protocols: tu
 @click.option("--images", type=int, default=1500, show_default=True, help="Shapes-world images to generate.")
 @click.option("--epochs", type=int, default=None, help="Override the demo config's epochs.")
 def demo(out: Path, images: int, epochs: int | None) -> None:
-    """Generate the shapes world, train USER and the VSE++ baseline on it, print their recall side by side."""
+    """Generate the shapes world, train its winning USER variant (CGE, tolerant queues) and the VSE++ baseline,
+    print their recall side by side."""
     from xmcl.demo import run_demo
 
     click.echo(run_demo(out, num_images=images, epochs=epochs))
