@@ -111,6 +111,8 @@ PLAN: tuple[Step, ...] = (
                                        f"--keep {CONVERGED_RUNS}", "rq_converged_seed0", long=True),
     Step("Flickr8K converged, 3 seeds", f"python benchmarks/rq_converged.py --data runs/f8k_feats --seeds 0 1 2 "
                                         f"--keep {CONVERGED_RUNS}", "rq_converged", long=True),
+    Step("Flickr8K converged, UTO sweep", f"python benchmarks/rq_converged.py --data runs/f8k_feats --sweep "
+                                          f"--keep {CONVERGED_RUNS}", "rq_converged_sweep", long=True),
     Step("ST-SLidR linear probe", "python benchmarks/distill_probe.py --threads 1 --keep docs/figures/distill_probe_runs",
          "distill_probe", long=True),
     Step("tolerance rules", "python benchmarks/distill_probe.py --threads 1 --methods st_slidr st_authors st_soft "
@@ -380,9 +382,14 @@ def converged(d: dict) -> str:
         "Per seed (rSum, best epoch, torch threads; a one-thread run shared the 2 cores with another one-thread "
         "run, which gives more runs an hour than one run on two threads):\n\n" + "\n".join(seeds),
         best_against_baselines(runs, summary),
-        f"Val rSum per epoch, every run: ![curves](figures/rq_converged_runs/curves_seeds"
-        f"{'-'.join(map(str, d['config']['seeds']))}.png)",
+        f"Val rSum per epoch, every run: ![curves](figures/rq_converged_runs/{converged_curves(d)})",
     ] if part)
+
+
+def converged_curves(d: dict) -> str:
+    """The curves file ``rq_converged.py`` kept for this command (``curves_name`` there)."""
+    return "curves_sweep.png" if d["figures"].get("sweep") else \
+        f"curves_seeds{'-'.join(map(str, d['config']['seeds']))}.png"
 
 
 CONVERGED_BASELINES = ("infonce", "vsepp")
@@ -718,6 +725,7 @@ BLOCKS = (
     Block("rq_converged_estimate", ("rq_converged_estimate", "rq_converged_estimate_1280"), converged_estimate),
     Block("rq_converged_seed0", ("rq_converged_seed0",), converged),
     Block("rq_converged", ("rq_converged",), converged),
+    Block("rq_converged_sweep", ("rq_converged_sweep",), converged),
     Block("search", ("search_1024", "search_256"), search),
     Block("inference_cost", ("inference_cost",), inference_cost),
     Block("index_throughput", ("index_throughput",), index_throughput),

@@ -199,6 +199,8 @@ def test_converged_table_gives_mean_and_spread_per_variant_and_every_seed():
     assert "- infonce: seed 0: 75.0 (best epoch 19); seed 1: 87.0 (best epoch 20)" in text
     assert "a frozen 1280 → 256 PCA" in text and "20 epochs, lr 0.0005 × 0.1 at epoch 10" in text
     assert "curves_seeds0-1.png" in text
+    sweep = {**converged_figures(), "sweep": True}
+    assert "curves_sweep.png" in report.converged(record("rq_converged_sweep", sweep, {"seeds": [0, 1, 2]}))
     # the best variant (user, one seed finished) against InfoNCE, paired on seed 1 only: 135 - 87
     assert "- against InfoNCE: seed 1 +48.0 (mean +48.0, positive on 1 of 1 seeds; std over seeds 0.0 and 8.5)" in text
     assert "Its mean R@1: i2t 20.0 (target ≥ 33: not met), t2i 23.0 (target ≥ 24: not met)." in text
