@@ -128,15 +128,20 @@ def in_lane(index: int, share: tuple[int, int] | None) -> bool:
 def _git(*command: str) -> str | None:
     try:
         return subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True, check=True,
-                              timeout=30).stdout.strip()
+                              timeout=30).stdout.rstrip()  # a status line may begin with a space
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def changed_paths(porcelain: str) -> list[str]:
+    """The paths of ``git status --porcelain`` lines (``XY PATH``: two status letters, either may be a space)."""
+    return [line[3:] for line in porcelain.splitlines() if line.strip()]
 
 
 def _code_version() -> dict[str, Any]:
     """The git commit and the tracked files that differ from it, when the benchmark started (this import)."""
     status = _git("status", "--porcelain", "--untracked-files=no")
-    changed = None if status is None else [line[3:] for line in status.splitlines()]
+    changed = None if status is None else changed_paths(status)
     return {"commit": _git("rev-parse", "HEAD"), "dirty": None if changed is None else bool(changed),
             "changed": changed}
 

@@ -331,3 +331,8 @@ def test_harness_keeps_a_runs_own_wall_time_for_the_collecting_command(tmp_path,
     assert first["val_rsum_per_epoch"] == {1: 12.5}
     assert report.train_minutes(first) == "1.0 min"
     assert report.train_minutes(part) == "0.5 min in its last process (resumed)"
+
+
+def test_changed_paths_keep_their_first_letter_whatever_the_status_columns():
+    assert figures.changed_paths(" M README.md\nM  src/xmcl/a.py\nMM docs/results.md\n") == [
+        "README.md", "src/xmcl/a.py", "docs/results.md"]
