@@ -47,8 +47,8 @@ from xmcl.data.open import open_split
 from xmcl.metrics.retrieval import Metrics, evaluate_embeddings, format_table
 from xmcl.retrieval.clip.cache import ClipCache
 from xmcl.retrieval.config import RetrievalTrainConfig
-from xmcl.runtime.files import atomic_write_json
 from xmcl.retrieval.inference import evaluate_checkpoint
+from xmcl.runtime.files import atomic_write_json
 from xmcl.training.retrieval_trainer import train_retrieval
 
 VARIANTS: dict[str, list[str]] = {
