@@ -79,9 +79,9 @@ def finished(overrides: list[str], method: str, seed: int, probe: str, out: Path
              keep: Path | None = None) -> dict | None:
     """The stored result of one (method, seed, probe) in ``out`` (or ``keep``) if it finished with these overrides,
     else None."""
-    for folder in (out, keep):
-        result_path = None if folder is None else folder / _result_name(method, seed, probe)
-        if result_path is not None and result_path.is_file():
+    for folder in (out, keep) if keep is not None else (out,):
+        result_path = folder / _result_name(method, seed, probe)
+        if result_path.is_file():
             stored = json.loads(result_path.read_text())
             if stored.get("overrides") == _settings(overrides, method, seed, probe):
                 return stored
@@ -105,10 +105,11 @@ def run_one(config: Path, overrides: list[str], method: str, seed: int, probe: s
     result = run_probe(cfg, checkpoint, run_dir, mode="linear", label_fraction=1.0)
     result.update(method=method, seed=seed, probe=probe, overrides=settings,
                   seconds=time.perf_counter() - began)
-    atomic_write_text(result_path, json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    atomic_write_text(result_path, text)
     if keep is not None:
         (keep / result_name.parent).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(keep / result_name, json.dumps(result, indent=2))
+        atomic_write_text(keep / result_name, text)
     return result
 
 

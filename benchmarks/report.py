@@ -406,13 +406,16 @@ def best_against_baselines(runs: dict[str, dict], summary: dict[str, dict]) -> s
         return ""
     best = max(scored, key=lambda name: scored[name]["rsum"]["mean"])
     label = CONVERGED_LABELS.get(best, best)
+    rsum: dict[str, dict[str, float]] = {}  # variant -> seed -> rSum of the finished runs
+    for key, run in runs.items():
+        if "metrics" in run:
+            variant, seed = key.split("/seed")
+            rsum.setdefault(variant, {})[seed] = run["metrics"]["rsum"]
     lines = []
     for base in baselines:
         if base == best:
             continue
-        pairs = [(key.split("/seed")[1], r["metrics"]["rsum"] - runs[f"{base}/seed{key.split('/seed')[1]}"]
-                  ["metrics"]["rsum"]) for key, r in runs.items() if key.split("/seed")[0] == best and "metrics" in r
-                 and "metrics" in runs.get(f"{base}/seed{key.split('/seed')[1]}", {})]
+        pairs = [(seed, value - rsum[base][seed]) for seed, value in rsum.get(best, {}).items() if seed in rsum[base]]
         if not pairs:
             continue
         diffs = [diff for _, diff in pairs]

@@ -109,12 +109,13 @@ def train_and_score(cfg: RetrievalTrainConfig, run_dir: Path, data: Path, split:
     tic = time.perf_counter()
     summary = train_retrieval(cfg, run_dir)
     seconds = time.perf_counter() - tic
-    if not resumed:
-        atomic_write_json(run_dir / TRAIN_TIME, {"train_seconds": seconds})
     metrics = evaluate_checkpoint(run_dir / "best.pt", data, split, ("all",))["all"]
     record = {"metrics": metrics.as_dict(), "best_epoch": summary["best_epoch"],
               "val_rsum_per_epoch": val_rsum_per_epoch(run_dir / "log.jsonl")}
-    if (run_dir / TRAIN_TIME).is_file():
+    if not resumed:
+        atomic_write_json(run_dir / TRAIN_TIME, {"train_seconds": seconds})
+        record["train_seconds"] = seconds
+    elif (run_dir / TRAIN_TIME).is_file():
         record["train_seconds"] = json.loads((run_dir / TRAIN_TIME).read_text(encoding="utf-8"))["train_seconds"]
     else:
         record["train_seconds_this_session"] = seconds
