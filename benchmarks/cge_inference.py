@@ -12,8 +12,8 @@ SGE, GPO, 256-d), timed from image file to embedding on ``--images`` images of `
 
 ``--vit-b32`` replaces ``--clip`` by a ViT-B/32-sized image tower (224 px, 12 x 768, patch 32) with random weights,
 for the cost of a real CLIP miss without its weights. Each figure is the median of ``--repeats`` runs after a
-warm-up; ms per image at each ``--batch-sizes``; ``--threads`` torch threads (default 1). Figures in
-OUT/figures.json (OUT defaults to runs/bench/cge_inference/<data folder>[-h<hash of the other options>]).
+warm-up, the three ways taken in turn (one run of each per round); ms per image at each ``--batch-sizes``;
+``--threads`` torch threads (default 1). Figures in OUT/figures.json (OUT defaults to runs/bench/cge_inference/<data folder>[-h<hash of the other options>]).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from figures import parse_with_out, write_figures
-from timing import repeat_seconds
+from timing import interleaved_seconds
 
 from xmcl.data.images import ImageTransform
 from xmcl.data.open import open_split
@@ -113,7 +113,7 @@ def main() -> None:
                     guided.encode_images(torch.stack([transform(p) for p in paths[rows]]), None, clip)
 
             with torch.inference_mode():
-                seconds = [statistics.median(repeat_seconds(fn, args.repeats)) for fn in (without, hit, miss)]
+                seconds = [statistics.median(t) for t in interleaved_seconds([without, hit, miss], args.repeats)]
             ms = [1000 * s / len(paths) for s in seconds]
             rows[batch_size] = {"without_ms": ms[0], "hit_ms": ms[1], "miss_ms": ms[2],
                                 "hit_over_without": ms[1] / ms[0], "miss_over_without": ms[2] / ms[0]}

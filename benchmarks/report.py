@@ -113,6 +113,8 @@ PLAN: tuple[Step, ...] = (
                                         f"--keep {CONVERGED_RUNS}", "rq_converged", long=True),
     Step("Flickr8K converged, UTO sweep", f"python benchmarks/rq_converged.py --data runs/f8k_feats --sweep "
                                           f"--keep {CONVERGED_RUNS}", "rq_converged_sweep", long=True),
+    Step("Flickr8K converged, the sweep's best on 3 seeds", f"python benchmarks/rq_converged.py --data runs/f8k_feats "
+         f"--retune --keep {CONVERGED_RUNS}", "rq_converged_retune", long=True),
     Step("ST-SLidR linear probe", "python benchmarks/distill_probe.py --threads 1 --keep docs/figures/distill_probe_runs",
          "distill_probe", long=True),
     Step("tolerance rules", "python benchmarks/distill_probe.py --threads 1 --methods st_slidr st_authors st_soft "
@@ -341,6 +343,12 @@ CONVERGED_LABELS = {
 }
 
 
+def converged_label(name: str) -> str:
+    """The table label of an ``rq_converged.py`` run name; a sweep point ``user_g0.3_mu30`` is USER at γ 0.3, μ 30."""
+    point = re.fullmatch(r"user_g([\d.]+)_mu([\d.]+)", name)
+    return f"USER, UTO γ {point[1]}, μ {point[2]}" if point else CONVERGED_LABELS.get(name, name)
+
+
 def mean_std(cell: dict, digits: int = 1) -> str:
     return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}" if cell["n"] > 1 else f"{cell['mean']:.{digits}f}"
 
@@ -361,7 +369,7 @@ def converged(d: dict) -> str:
     for name, row in summary.items():
         if "rsum" not in row:
             continue
-        rows.append([CONVERGED_LABELS.get(name, name), str(row["rsum"]["n"]),
+        rows.append([converged_label(name), str(row["rsum"]["n"]),
                      *(mean_std(row[k]) for k in RECALLS), mean_std(row["rsum"], 2)])
     seeds = []
     for name in summary:
@@ -382,14 +390,9 @@ def converged(d: dict) -> str:
         "Per seed (rSum, best epoch, torch threads; a one-thread run shared the 2 cores with another one-thread "
         "run, which gives more runs an hour than one run on two threads):\n\n" + "\n".join(seeds),
         best_against_baselines(runs, summary),
-        f"Val rSum per epoch, every run: ![curves](figures/rq_converged_runs/{converged_curves(d)})",
+        f"Val rSum per epoch, every run: ![curves](figures/rq_converged_runs/{f['kept_curves']})"
+        if f.get("kept_curves") else "",
     ] if part)
-
-
-def converged_curves(d: dict) -> str:
-    """The curves file ``rq_converged.py`` kept for this command (``curves_name`` there)."""
-    return "curves_sweep.png" if d["figures"].get("sweep") else \
-        f"curves_seeds{'-'.join(map(str, d['config']['seeds']))}.png"
 
 
 CONVERGED_BASELINES = ("infonce", "vsepp")
@@ -405,7 +408,7 @@ def best_against_baselines(runs: dict[str, dict], summary: dict[str, dict]) -> s
     if not baselines:
         return ""
     best = max(scored, key=lambda name: scored[name]["rsum"]["mean"])
-    label = CONVERGED_LABELS.get(best, best)
+    label = converged_label(best)
     rsum: dict[str, dict[str, float]] = {}  # variant -> seed -> rSum of the finished runs
     for key, run in runs.items():
         if "metrics" in run:
@@ -419,7 +422,7 @@ def best_against_baselines(runs: dict[str, dict], summary: dict[str, dict]) -> s
         if not pairs:
             continue
         diffs = [diff for _, diff in pairs]
-        lines.append(f"- against {CONVERGED_LABELS.get(base, base)}: " + ", ".join(
+        lines.append(f"- against {converged_label(base)}: " + ", ".join(
             f"seed {seed} {signed(diff)}" for seed, diff in pairs) + f" (mean {signed(sum(diffs) / len(diffs))}, "
             f"positive on {sum(diff > 0 for diff in diffs)} of {len(diffs)} seeds; std over seeds "
             f"{scored[best]['rsum']['std']:.1f} and {scored[base]['rsum']['std']:.1f})")
@@ -434,9 +437,9 @@ def converged_summary(d: dict) -> str:
     summary = {name: row for name, row in d["figures"]["summary"].items() if "rsum" in row}
     best = max(summary, key=lambda name: summary[name]["rsum"]["mean"])
     seeds = "-".join(map(str, d["config"]["seeds"]))
-    rsums = ", ".join(f"{CONVERGED_LABELS.get(name, name)} {mean_std(row['rsum'])}" for name, row in summary.items())
+    rsums = ", ".join(f"{converged_label(name)} {mean_std(row['rsum'])}" for name, row in summary.items())
     return (f"- `benchmarks/rq_converged.py` (Flickr8K, locked text, 20 epochs, seeds {seeds}), val rSum mean ± std: "
-            f"{rsums}; the best, {CONVERGED_LABELS.get(best, best)}, has R@1 "
+            f"{rsums}; the best, {converged_label(best)}, has R@1 "
             f"{summary[best]['i2t_r1']['mean']:.1f} / {summary[best]['t2i_r1']['mean']:.1f}.")
 
 
@@ -447,7 +450,7 @@ def converged_estimate(reduced: dict, full: dict) -> str:
         f = d["figures"]["estimate"]
         for name, v in f.items():
             if isinstance(v, dict):
-                rows.append([label, CONVERGED_LABELS.get(name, name), f"{v['step_gflop']:.1f}",
+                rows.append([label, converged_label(name), f"{v['step_gflop']:.1f}",
                              f"{v['flop_bound_seconds']:.3f} s", f"{v['seconds_per_step']:.3f} s",
                              f"{v['seconds_per_step'] / v['flop_bound_seconds']:.1f}x", f"{v['run_minutes']:.0f} min"])
     rate = reduced["figures"]["estimate"]["gemm_gflops"]
@@ -729,6 +732,7 @@ BLOCKS = (
     Block("rq_converged_seed0", ("rq_converged_seed0",), converged),
     Block("rq_converged", ("rq_converged",), converged),
     Block("rq_converged_sweep", ("rq_converged_sweep",), converged),
+    Block("rq_converged_retune", ("rq_converged_retune",), converged),
     Block("search", ("search_1024", "search_256"), search),
     Block("inference_cost", ("inference_cost",), inference_cost),
     Block("index_throughput", ("index_throughput",), index_throughput),

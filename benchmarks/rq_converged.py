@@ -12,18 +12,22 @@ Variants (on top of ``--config``, default ``flickr8k_locked``):
                  class-agnostic balancing, on region-mean semantic vectors (our extension, not the paper's)
   infonce_tolerant  as infonce, with the same tolerance and balancing
 
-``--sweep``: UTO's gamma in {0.2, 0.3, 0.5} x mu in {30, 90} for ``user`` on seed 0 only.
+``--sweep``: UTO's gamma in {0.2, 0.3, 0.5} x mu in {30, 90} for ``user`` on seed 0 only. ``--retune`` (with
+``--keep``, after the sweep): the sweep's best point (val rSum) on ``--seeds`` beside infonce, vsepp and user, a
+re-tuning of the authors' constants.
 
 One training run at a time, each into OUT/VARIANT/seedS (resumed from its last.pt; a run whose result.json exists
 is skipped; with ``--keep DIR`` finished results are also copied to DIR/VARIANT/seedS.json and read from there, so
-the comparison resumes in a fresh checkout). Each run's result.json: best-validation-checkpoint R@1/5/10 both ways
+the comparison resumes in a fresh checkout, and a kept run of another name with the very same configuration is
+read too: the sweep's point at the config's own gamma and mu is user's seed 0). Each run's result.json: best-validation-checkpoint R@1/5/10 both ways
 and rSum on --split, best epoch, per-epoch val rSum, train seconds, the code commit, threads and the whole
 configuration. Prints mean +- std per
 variant, writes OUT/figures.json and OUT/curves.png (per-epoch val rSum, one line per run; with --keep also
 DIR/curves_seeds0-1-2.png).
 
   python benchmarks/rq_converged.py --data runs/f8k_feats --seeds 0 1 2
-  python benchmarks/rq_converged.py --data runs/f8k_feats --sweep
+  python benchmarks/rq_converged.py --data runs/f8k_feats --sweep --keep docs/figures/rq_converged_runs
+  python benchmarks/rq_converged.py --data runs/f8k_feats --retune --keep docs/figures/rq_converged_runs
   python benchmarks/rq_converged.py --data runs/f8k_feats --estimate-steps 20  # step time and FLOP bound, no run
 
 ``--lane K/N`` runs only every N-th of the command's runs, from the K-th, in the command's own folder: N processes
@@ -66,11 +70,37 @@ SWEEP = [(gamma, mu) for gamma in (0.2, 0.3, 0.5) for mu in (30.0, 90.0)]
 RESULT = "result.json"
 
 
+RETUNE_BESIDE = ("infonce", "vsepp", "user")
+
+
+def sweep_point(gamma: float, mu: float) -> tuple[str, list[str]]:
+    """The run name (``user_g0.3_mu30``) and overrides of ``user`` at UTO margin ``gamma`` and scale ``mu``."""
+    return f"user_g{gamma}_mu{mu:g}", VARIANTS["user"] + [f"loss.gamma={gamma}", f"loss.mu={mu}"]
+
+
+def best_sweep_point(keep: Path) -> tuple[float, float]:
+    """The sweep's ``(gamma, mu)`` of highest val rSum among its kept seed-0 results in ``keep``."""
+    scores = {}
+    for gamma, mu in SWEEP:
+        path = keep / sweep_point(gamma, mu)[0] / "seed0.json"
+        if not path.is_file():
+            raise SystemExit(f"--retune: {path} is missing; run the sweep first (--sweep --keep {keep})")
+        result = json.loads(path.read_text(encoding="utf-8"))
+        if "metrics" in result:
+            scores[gamma, mu] = float(result["metrics"]["rsum"])
+    if not scores:
+        raise SystemExit(f"--retune: every sweep run in {keep} stalled")
+    return max(scores, key=scores.__getitem__)
+
+
 def runs_to_do(args: argparse.Namespace) -> list[tuple[str, int, list[str]]]:
     """``(run name, seed, overrides)`` of every run the options ask for, in the order they run."""
     if args.sweep:
-        return [(f"user_g{gamma}_mu{mu:g}", 0, VARIANTS["user"] + [f"loss.gamma={gamma}", f"loss.mu={mu}"])
-                for gamma, mu in SWEEP]
+        return [(name, 0, overrides) for name, overrides in (sweep_point(gamma, mu) for gamma, mu in SWEEP)]
+    if args.retune:
+        name, overrides = sweep_point(*best_sweep_point(args.keep))
+        return ([(variant, seed, VARIANTS[variant]) for variant in RETUNE_BESIDE for seed in args.seeds]
+                + [(name, seed, overrides) for seed in args.seeds])
     return [(name, seed, VARIANTS[name]) for name in args.variants for seed in args.seeds]
 
 
@@ -90,6 +120,12 @@ def one_run(args: argparse.Namespace, cfg: RetrievalTrainConfig, run_dir: Path, 
         if path is not None and path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))
     record = {"code": CODE_VERSION, "threads": torch.get_num_threads(), "config": dataclasses.asdict(cfg)}
+    if kept is not None:
+        base = dataclasses.asdict(load_config(RetrievalTrainConfig, args.config, []))
+        as_kept = json.loads(json.dumps([record["config"], base]))  # as a kept file has them
+        twin = kept_twin(kept.parent.parent, *as_kept)
+        if twin is not None:
+            return twin
     try:
         _, scored = train_and_score(cfg, run_dir, args.data, args.split)
     except TrainingStalled as error:  # UTO without a warm-up can fail to start from an init: reported per seed
@@ -101,6 +137,32 @@ def one_run(args: argparse.Namespace, cfg: RetrievalTrainConfig, run_dir: Path, 
         kept.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(kept, result)
     return result
+
+
+def same_config(kept: dict, config: dict, base: dict) -> bool:
+    """Whether a kept run's ``kept`` configuration is ``config``: every field equal, where a field the kept one lacks
+    (added to the code since) must be at ``base``'s value (the config file's own, no overrides)."""
+    for key, value in config.items():
+        if key not in kept:
+            if value != base[key]:
+                return False
+        elif isinstance(value, dict):
+            if not isinstance(kept[key], dict) or not same_config(kept[key], value, base[key]):
+                return False
+        elif kept[key] != value:
+            return False
+    return True
+
+
+def kept_twin(keep: Path, config: dict, base: dict) -> dict | None:
+    """A finished result kept in ``keep`` (any ``VARIANT/seedS.json``) whose run had ``config`` (``same_config``),
+    ``data.path`` aside: a kept run may have reached the same features folder from another working directory."""
+    for path in sorted(keep.glob("*/seed*.json")):
+        result = json.loads(path.read_text(encoding="utf-8"))
+        kept = result.get("config")
+        if kept and same_config({**kept, "data": {**kept["data"], "path": config["data"]["path"]}}, config, base):
+            return result
+    return None
 
 
 def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
@@ -156,8 +218,10 @@ def estimate(args: argparse.Namespace) -> dict:
 
 
 def curves_name(args: argparse.Namespace) -> str:
-    """``curves_seeds0-1-2.png`` (``curves_sweep.png``): the kept curves of one command's runs."""
-    return "curves_sweep.png" if args.sweep else f"curves_seeds{'-'.join(map(str, args.seeds))}.png"
+    """``curves_seeds0-1-2.png`` (``curves_sweep.png``, ``curves_retune_seeds0-1-2.png``): the kept curves of one
+    command's runs."""
+    kind = "sweep" if args.sweep else "retune_seeds" if args.retune else "seeds"
+    return f"curves_{kind}.png" if args.sweep else f"curves_{kind}{'-'.join(map(str, args.seeds))}.png"
 
 
 def plot_curves(results: dict[str, dict], path: Path) -> None:
@@ -212,6 +276,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--sweep", action="store_true", help="the UTO gamma x mu sweep of user on seed 0")
+    parser.add_argument("--retune", action="store_true",
+                        help="the sweep's best point (read from --keep) on --seeds, beside infonce, vsepp and user")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--decay-epoch", type=int, default=10, help="lr x0.1 at this epoch")
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="budget cap (smoke tests)")
@@ -227,7 +293,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override applied to every run")
     add_lane_option(parser, "run")
-    return parse_with_out(parser, "rq_converged", naming=["data"], argv=argv)
+    args = parse_with_out(parser, "rq_converged", naming=["data"], argv=argv)
+    if args.retune and (args.sweep or args.keep is None):
+        parser.error("--retune reads the sweep's kept results: give --keep, and not --sweep")
+    return args
 
 
 def main() -> None:
@@ -263,7 +332,8 @@ def main() -> None:
     if args.keep:  # beside the kept results, for the document
         plot_curves(results, args.keep / curves_name(args))
     write_figures(args.out, "rq_converged", args, {"split": args.split, "sweep": args.sweep, "runs": results,
-                                                   "summary": table})
+                                                   "summary": table,
+                                                   "kept_curves": curves_name(args) if args.keep else None})
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(DistillConfig, args.config, ["data.pretrain_scenes=1", f"data.num_points={args.points}",
-                                                   "data.num_cameras=1", "data.image_size=[8, 8]"])
+                                                   "data.num_cameras=1", "data.image_size=[16, 16]"])
     scene = load_scenes(cfg.data, "pretrain")[0]  # the lidar sweep does not depend on the cameras
     coords = voxelize_scenes([scene_points(scene, torch.device("cpu"))], cfg.voxel, None).coords
     coarse = CoordinateMap(coords).coarser()[0].num_sites

@@ -185,7 +185,7 @@ def converged_figures() -> dict:
                            **{k: {"mean": 11.0 + i, "std": 1.41, "n": 2} for i, k in enumerate(report.RECALLS)}},
                "user": {"stalled_seeds": [0], "rsum": {"mean": 135.0, "std": 0.0, "n": 1},
                         **{k: {"mean": 20.0 + i, "std": 0.0, "n": 1} for i, k in enumerate(report.RECALLS)}}}
-    return {"split": "val", "sweep": False, "runs": runs, "summary": summary}
+    return {"split": "val", "sweep": False, "runs": runs, "summary": summary, "kept_curves": "curves_seeds0-1.png"}
 
 
 def test_converged_table_gives_mean_and_spread_per_variant_and_every_seed():
@@ -198,15 +198,45 @@ def test_converged_table_gives_mean_and_spread_per_variant_and_every_seed():
     assert "- user: seed 0: stalled at its first step; seed 1: 135.0 (best epoch 17, 1 thread)" in text
     assert "- infonce: seed 0: 75.0 (best epoch 19); seed 1: 87.0 (best epoch 20)" in text
     assert "a frozen 1280 → 256 PCA" in text and "20 epochs, lr 0.0005 × 0.1 at epoch 10" in text
-    assert "curves_seeds0-1.png" in text
-    sweep = {**converged_figures(), "sweep": True}
-    assert "curves_sweep.png" in report.converged(record("rq_converged_sweep", sweep, {"seeds": [0, 1, 2]}))
+    assert "![curves](figures/rq_converged_runs/curves_seeds0-1.png)" in text
+    unkept = {**converged_figures(), "kept_curves": None}  # a run without --keep links no curves
+    assert "![curves]" not in report.converged(record("rq_converged", unkept, {"seeds": [0, 1]}))
     # the best variant (user, one seed finished) against InfoNCE, paired on seed 1 only: 135 - 87
     assert "- against InfoNCE: seed 1 +48.0 (mean +48.0, positive on 1 of 1 seeds; std over seeds 0.0 and 8.5)" in text
     assert "Its mean R@1: i2t 20.0 (target ≥ 33: not met), t2i 23.0 (target ≥ 24: not met)." in text
     line = report.converged_summary(record("rq_converged", converged_figures(), {"seeds": [0, 1]}))
     assert "seeds 0-1" in line and "InfoNCE 87.0 ± 8.5, USER (SGE, UTO, queues) 135.0;" in line
     assert "the best, USER (SGE, UTO, queues), has R@1 20.0 / 23.0." in line
+
+
+def test_converged_retune_runs_the_sweeps_best_beside_the_baselines(tmp_path):
+    import rq_converged
+
+    for (gamma, mu), rsum in zip(rq_converged.SWEEP, (280.0, 285.0, 301.5, 290.0, 299.0, 287.0)):
+        path = tmp_path / f"user_g{gamma}_mu{mu:g}" / "seed0.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"metrics": {"rsum": rsum}}), encoding="utf-8")
+    args = rq_converged.parse_args(["--data", "feats", "--retune", "--keep", str(tmp_path), "--seeds", "0", "1"])
+    runs = [(name, seed) for name, seed, _ in rq_converged.runs_to_do(args)]
+    assert runs == [(name, seed) for name in ("infonce", "vsepp", "user", "user_g0.3_mu30") for seed in (0, 1)]
+    assert rq_converged.runs_to_do(args)[-1][2][-2:] == ["loss.gamma=0.3", "loss.mu=30.0"]
+    assert report.converged_label("user_g0.3_mu30") == "USER, UTO γ 0.3, μ 30"
+    (tmp_path / "user_g0.3_mu30" / "seed0.json").unlink()
+    with pytest.raises(SystemExit, match="user_g0.3_mu30/seed0.json is missing"):
+        rq_converged.runs_to_do(args)
+
+
+def test_a_kept_run_of_the_same_configuration_is_found_under_another_name(tmp_path):
+    import rq_converged
+
+    base = {"loss": {"gamma": 0.5, "mu": 90.0}, "run": {"seed": 0, "amp": "none"}, "data": {"path": "feats"}}
+    kept = {"loss": {"gamma": 0.5, "mu": 90.0}, "run": {"seed": 0}, "data": {"path": "../feats"}}  # before "amp"
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "seed0.json").write_text(json.dumps({"config": kept, "metrics": {"rsum": 1.0}}))
+    assert rq_converged.kept_twin(tmp_path, base, base) == {"config": kept, "metrics": {"rsum": 1.0}}
+    amp = {**base, "run": {"seed": 0, "amp": "bf16"}}  # the added field away from the config file's value
+    gamma = {**base, "loss": {"gamma": 0.3, "mu": 90.0}}
+    assert rq_converged.kept_twin(tmp_path, amp, base) is None and rq_converged.kept_twin(tmp_path, gamma, base) is None
 
 
 def test_converged_estimate_rows_are_the_files_step_times_and_bounds():
