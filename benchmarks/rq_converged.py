@@ -78,18 +78,20 @@ def sweep_point(gamma: float, mu: float) -> tuple[str, list[str]]:
     return f"user_g{gamma}_mu{mu:g}", VARIANTS["user"] + [f"loss.gamma={gamma}", f"loss.mu={mu}"]
 
 
-def best_sweep_point(keep: Path) -> tuple[float, float]:
-    """The sweep's ``(gamma, mu)`` of highest val rSum among its kept seed-0 results in ``keep``."""
+def best_sweep_point(args: argparse.Namespace) -> tuple[float, float]:
+    """The sweep's ``(gamma, mu)`` of highest val rSum among its seed-0 results kept in ``args.keep`` (under its own
+    name, or a twin's: ``kept_result``)."""
     scores = {}
     for gamma, mu in SWEEP:
-        path = keep / sweep_point(gamma, mu)[0] / "seed0.json"
-        if not path.is_file():
-            raise SystemExit(f"--retune: {path} is missing; run the sweep first (--sweep --keep {keep})")
-        result = json.loads(path.read_text(encoding="utf-8"))
+        name, overrides = sweep_point(gamma, mu)
+        path = args.keep / name / "seed0.json"
+        result = kept_result(args, run_config(args, 0, overrides), path)
+        if result is None:
+            raise SystemExit(f"--retune: {path} is missing; run the sweep first (--sweep --keep {args.keep})")
         if "metrics" in result:
             scores[gamma, mu] = float(result["metrics"]["rsum"])
     if not scores:
-        raise SystemExit(f"--retune: every sweep run in {keep} stalled")
+        raise SystemExit(f"--retune: every sweep run in {args.keep} stalled")
     return max(scores, key=scores.__getitem__)
 
 
@@ -98,7 +100,7 @@ def runs_to_do(args: argparse.Namespace) -> list[tuple[str, int, list[str]]]:
     if args.sweep:
         return [(name, 0, overrides) for name, overrides in (sweep_point(gamma, mu) for gamma, mu in SWEEP)]
     if args.retune:
-        name, overrides = sweep_point(*best_sweep_point(args.keep))
+        name, overrides = sweep_point(*best_sweep_point(args))
         return ([(variant, seed, VARIANTS[variant]) for variant in RETUNE_BESIDE for seed in args.seeds]
                 + [(name, seed, overrides) for seed in args.seeds])
     return [(name, seed, VARIANTS[name]) for name in args.variants for seed in args.seeds]
@@ -112,20 +114,26 @@ def run_config(args: argparse.Namespace, seed: int, overrides: list[str]) -> Ret
     return load_config(RetrievalTrainConfig, args.config, common + overrides + args.overrides)
 
 
+def kept_result(args: argparse.Namespace, cfg: RetrievalTrainConfig, kept: Path) -> dict | None:
+    """The finished result kept at ``kept``, else that of a kept run with ``cfg``'s configuration under another name
+    in the same folder (``kept_twin``), else None."""
+    if kept.is_file():
+        return json.loads(kept.read_text(encoding="utf-8"))
+    base = dataclasses.asdict(load_config(RetrievalTrainConfig, args.config, []))
+    as_kept = json.loads(json.dumps([dataclasses.asdict(cfg), base]))  # as a kept file has them
+    return kept_twin(kept.parent.parent, *as_kept)
+
+
 def one_run(args: argparse.Namespace, cfg: RetrievalTrainConfig, run_dir: Path, kept: Path | None) -> dict:
     """Train (resuming) into ``run_dir`` and write its ``result.json`` (and a copy to ``kept`` when given); a run whose
-    result is in either place is read, not rerun. Its wall time as ``train_and_score`` gives it."""
+    result is in either place, or kept under another name (``kept_result``), is read, not rerun. Its wall time as
+    ``train_and_score`` gives it."""
     result_path = run_dir / RESULT
-    for path in (result_path, kept):
-        if path is not None and path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))
+    if result_path.is_file():
+        return json.loads(result_path.read_text(encoding="utf-8"))
+    if kept is not None and (found := kept_result(args, cfg, kept)) is not None:
+        return found
     record = {"code": CODE_VERSION, "threads": torch.get_num_threads(), "config": dataclasses.asdict(cfg)}
-    if kept is not None:
-        base = dataclasses.asdict(load_config(RetrievalTrainConfig, args.config, []))
-        as_kept = json.loads(json.dumps([record["config"], base]))  # as a kept file has them
-        twin = kept_twin(kept.parent.parent, *as_kept)
-        if twin is not None:
-            return twin
     try:
         _, scored = train_and_score(cfg, run_dir, args.data, args.split)
     except TrainingStalled as error:  # UTO without a warm-up can fail to start from an init: reported per seed

@@ -2,6 +2,7 @@
 figures files (their cells are the files' numbers), the document blocks it rewrites or leaves pending, and the
 plan of documented commands (no two of them share an output folder)."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -221,8 +222,15 @@ def test_converged_retune_runs_the_sweeps_best_beside_the_baselines(tmp_path):
     assert runs == [(name, seed) for name in ("infonce", "vsepp", "user", "user_g0.3_mu30") for seed in (0, 1)]
     assert rq_converged.runs_to_do(args)[-1][2][-2:] == ["loss.gamma=0.3", "loss.mu=30.0"]
     assert report.converged_label("user_g0.3_mu30") == "USER, UTO γ 0.3, μ 30"
-    (tmp_path / "user_g0.3_mu30" / "seed0.json").unlink()
-    with pytest.raises(SystemExit, match="user_g0.3_mu30/seed0.json is missing"):
+    # the point at the config's own gamma and mu is kept as user's seed 0, not under its sweep name
+    (tmp_path / "user_g0.5_mu90" / "seed0.json").unlink()
+    _, overrides = rq_converged.sweep_point(0.5, 90.0)
+    twin = {"config": dataclasses.asdict(rq_converged.run_config(args, 0, overrides)), "metrics": {"rsum": 310.0}}
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "seed0.json").write_text(json.dumps(twin), encoding="utf-8")
+    assert rq_converged.best_sweep_point(args) == (0.5, 90.0)
+    (tmp_path / "user" / "seed0.json").unlink()
+    with pytest.raises(SystemExit, match="user_g0.5_mu90/seed0.json is missing"):
         rq_converged.runs_to_do(args)
 
 
