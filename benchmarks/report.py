@@ -433,12 +433,14 @@ def best_against_baselines(runs: dict[str, dict], summary: dict[str, dict]) -> s
 
 
 def converged_summary(d: dict) -> str:
-    """README's line: mean ± std val rSum per variant, and the best variant's R@1 both ways."""
+    """README's line: mean ± std val rSum per variant, and the best variant's R@1 both ways (the command's
+    ``--retune`` named where it ran with it)."""
     summary = {name: row for name, row in d["figures"]["summary"].items() if "rsum" in row}
     best = max(summary, key=lambda name: summary[name]["rsum"]["mean"])
     seeds = "-".join(map(str, d["config"]["seeds"]))
     rsums = ", ".join(f"{converged_label(name)} {mean_std(row['rsum'])}" for name, row in summary.items())
-    return (f"- `benchmarks/rq_converged.py` (Flickr8K, locked text, 20 epochs, seeds {seeds}), val rSum mean ± std: "
+    retune = " --retune" if d["config"].get("retune") else ""
+    return (f"- `benchmarks/rq_converged.py{retune}` (Flickr8K, locked text, 20 epochs, seeds {seeds}), val rSum mean ± std: "
             f"{rsums}; the best, {converged_label(best)}, has R@1 "
             f"{summary[best]['i2t_r1']['mean']:.1f} / {summary[best]['t2i_r1']['mean']:.1f}.")
 
@@ -743,6 +745,7 @@ SUMMARIES = (
     Block("rq_shapes:summary", ("rq_shapes",), quality_summary),
     Block("rq_f8k:summary", ("rq_f8k",), quality_summary),
     Block("rq_converged:summary", ("rq_converged",), converged_summary),
+    Block("rq_converged_retune:summary", ("rq_converged_retune",), converged_summary),
     Block("distill_probe:summary", ("distill_probe",), probe_summary),
     Block("distill_step:summary", ("distill_step",), distill_step_summary),
     Block("scaling:summary", ("scaling",), scaling_summary),

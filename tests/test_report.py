@@ -208,6 +208,8 @@ def test_converged_table_gives_mean_and_spread_per_variant_and_every_seed():
     line = report.converged_summary(record("rq_converged", converged_figures(), {"seeds": [0, 1]}))
     assert "seeds 0-1" in line and "InfoNCE 87.0 ± 8.5, USER (SGE, UTO, queues) 135.0;" in line
     assert "the best, USER (SGE, UTO, queues), has R@1 20.0 / 23.0." in line
+    retuned = report.converged_summary(record("rq_converged", converged_figures(), {"seeds": [0, 1], "retune": True}))
+    assert retuned.startswith("- `benchmarks/rq_converged.py --retune` (") and not line.startswith(retuned[:40])
 
 
 def test_converged_retune_runs_the_sweeps_best_beside_the_baselines(tmp_path):
