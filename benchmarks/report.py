@@ -341,12 +341,16 @@ CONVERGED_LABELS = {
     "user": "USER (SGE, UTO, queues)", "user_authors": "USER, the authors' key modes, init and decay",
     "user_tolerant": "USER + tolerant queues", "infonce_tolerant": "InfoNCE + tolerance",
 }
+POINT_LABELS = {"user": "USER", "user_tolerant": "USER + tolerant queues"}  # a variant at another UTO point
 
 
 def converged_label(name: str) -> str:
-    """The table label of an ``rq_converged.py`` run name; a sweep point ``user_g0.3_mu30`` is USER at γ 0.3, μ 30."""
-    point = re.fullmatch(r"user_g([\d.]+)_mu([\d.]+)", name)
-    return f"USER, UTO γ {point[1]}, μ {point[2]}" if point else CONVERGED_LABELS.get(name, name)
+    """The table label of an ``rq_converged.py`` run name; a point ``user_g0.3_mu30`` is USER at γ 0.3, μ 30
+    (``user_tolerant_g0.3_mu30``: USER + tolerant queues there)."""
+    point = re.fullmatch(r"(user\w*?)_g([\d.]+)_mu([\d.]+)", name)
+    if point is None:
+        return CONVERGED_LABELS.get(name, name)
+    return f"{POINT_LABELS.get(point[1], point[1])}, UTO γ {point[2]}, μ {point[3]}"
 
 
 def mean_std(cell: dict, digits: int = 1) -> str:

@@ -13,16 +13,15 @@ Variants (on top of ``--config``, default ``flickr8k_locked``):
   infonce_tolerant  as infonce, with the same tolerance and balancing
 
 ``--sweep``: UTO's gamma in {0.2, 0.3, 0.5} x mu in {30, 90} for ``user`` on seed 0 only. ``--retune`` (with
-``--keep``, after the sweep): the sweep's best point (val rSum) on ``--seeds`` beside infonce, vsepp and user, a
-re-tuning of the authors' constants.
+``--keep``, after the sweep): user and user_tolerant at the sweep's best point (val rSum) on ``--seeds`` beside
+infonce, vsepp and user, a re-tuning of the authors' constants.
 
 One training run at a time, each into OUT/VARIANT/seedS (resumed from its last.pt; a run whose result.json exists
 is skipped; with ``--keep DIR`` finished results are also copied to DIR/VARIANT/seedS.json and read from there, so
 the comparison resumes in a fresh checkout, and a kept run of another name with the very same configuration is
-read too: the sweep's point at the config's own gamma and mu is user's seed 0). Each run's result.json: best-validation-checkpoint R@1/5/10 both ways
-and rSum on --split, best epoch, per-epoch val rSum, train seconds, the code commit, threads and the whole
-configuration. Prints mean +- std per
-variant, writes OUT/figures.json and OUT/curves.png (per-epoch val rSum, one line per run; with --keep also
+read too: the sweep's point at the config's own gamma and mu is user's seed 0). Each run's result.json:
+best-validation-checkpoint R@1/5/10 both ways and rSum on --split, best epoch, per-epoch val rSum, train seconds,
+the code commit, threads and the whole configuration. Prints mean +- std per variant, writes OUT/figures.json and OUT/curves.png (per-epoch val rSum, one line per run; with --keep also
 DIR/curves_seeds0-1-2.png).
 
   python benchmarks/rq_converged.py --data runs/f8k_feats --seeds 0 1 2
@@ -71,11 +70,12 @@ RESULT = "result.json"
 
 
 RETUNE_BESIDE = ("infonce", "vsepp", "user")
+RETUNE_AT_BEST = ("user", "user_tolerant")  # run at the best point
 
 
-def sweep_point(gamma: float, mu: float) -> tuple[str, list[str]]:
-    """The run name (``user_g0.3_mu30``) and overrides of ``user`` at UTO margin ``gamma`` and scale ``mu``."""
-    return f"user_g{gamma}_mu{mu:g}", VARIANTS["user"] + [f"loss.gamma={gamma}", f"loss.mu={mu}"]
+def sweep_point(gamma: float, mu: float, variant: str = "user") -> tuple[str, list[str]]:
+    """The run name (``user_g0.3_mu30``) and overrides of ``variant`` at UTO margin ``gamma`` and scale ``mu``."""
+    return f"{variant}_g{gamma}_mu{mu:g}", VARIANTS[variant] + [f"loss.gamma={gamma}", f"loss.mu={mu}"]
 
 
 def best_sweep_point(args: argparse.Namespace) -> tuple[float, float]:
@@ -100,9 +100,9 @@ def runs_to_do(args: argparse.Namespace) -> list[tuple[str, int, list[str]]]:
     if args.sweep:
         return [(name, 0, overrides) for name, overrides in (sweep_point(gamma, mu) for gamma, mu in SWEEP)]
     if args.retune:
-        name, overrides = sweep_point(*best_sweep_point(args))
+        at_best = [sweep_point(*best_sweep_point(args), variant) for variant in RETUNE_AT_BEST]
         return ([(variant, seed, VARIANTS[variant]) for variant in RETUNE_BESIDE for seed in args.seeds]
-                + [(name, seed, overrides) for seed in args.seeds])
+                + [(name, seed, overrides) for name, overrides in at_best for seed in args.seeds])
     return [(name, seed, VARIANTS[name]) for name in args.variants for seed in args.seeds]
 
 

@@ -221,9 +221,12 @@ def test_converged_retune_runs_the_sweeps_best_beside_the_baselines(tmp_path):
         path.write_text(json.dumps({"metrics": {"rsum": rsum}}), encoding="utf-8")
     args = rq_converged.parse_args(["--data", "feats", "--retune", "--keep", str(tmp_path), "--seeds", "0", "1"])
     runs = [(name, seed) for name, seed, _ in rq_converged.runs_to_do(args)]
-    assert runs == [(name, seed) for name in ("infonce", "vsepp", "user", "user_g0.3_mu30") for seed in (0, 1)]
-    assert rq_converged.runs_to_do(args)[-1][2][-2:] == ["loss.gamma=0.3", "loss.mu=30.0"]
+    assert runs == [(name, seed) for name in ("infonce", "vsepp", "user", "user_g0.3_mu30", "user_tolerant_g0.3_mu30")
+                    for seed in (0, 1)]
+    tolerant = rq_converged.runs_to_do(args)[-1][2]
+    assert tolerant[-2:] == ["loss.gamma=0.3", "loss.mu=30.0"] and "loss.tolerance=quantile" in tolerant
     assert report.converged_label("user_g0.3_mu30") == "USER, UTO γ 0.3, μ 30"
+    assert report.converged_label("user_tolerant_g0.3_mu30") == "USER + tolerant queues, UTO γ 0.3, μ 30"
     # the point at the config's own gamma and mu is kept as user's seed 0, not under its sweep name
     (tmp_path / "user_g0.5_mu90" / "seed0.json").unlink()
     _, overrides = rq_converged.sweep_point(0.5, 90.0)
