@@ -219,7 +219,7 @@ def main() -> None:
     print(f"\nwrote {args.out / 'results.json'}")
     summaries = {probe: summarise(by_method) for probe, by_method in results.items()}
     write_figures(args.out, "distill_probe", args, {
-        "seeds": args.seeds, "methods": summaries[args.probes[0]], "probes": summaries,
+        "seeds": args.seeds, "probes": summaries,
         "budget": {"pretrain_scenes": cfg0.data.pretrain_scenes, "num_points": cfg0.data.num_points,
                    "steps": cfg0.optim.steps, "batch_scenes": cfg0.optim.batch_scenes,
                    "probe_train_scenes": cfg0.data.probe_train_scenes, "eval_scenes": cfg0.data.eval_scenes,

@@ -23,6 +23,7 @@ import json
 import re
 import shlex
 import shutil
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -496,26 +497,60 @@ def cge(d: dict) -> str:
                      "miss / without"], rows))
 
 
+PROBE_METHOD_LABELS = {"random": "random init", "slidr": "SLidR", "tolerant": "tolerant only",
+                       "st_slidr": "ST-SLidR (tolerant + balancing)",
+                       "st_authors": "ST-SLidR, the authors' rule (dropped logits zeroed)",
+                       "st_soft": "ST-SLidR, soft weights 1 − s"}
+PROBE_LABELS = {"ours": "our probe (BatchNorm re-estimated, AdamW on cross-entropy)",
+                "authors": "the authors' probe (BatchNorm frozen, CE + Lovasz, SGD)"}
+
+
+def probe_setting(d: dict) -> str:
+    """The pretraining setting the figures come from: q, voxels, 3D network, 2D backbone and its weights."""
+    c = d["config"]["distill_config"]
+    voxel, image = c["voxel"], c["image"]
+    network = (f"Res16UNet34C-shaped ({', '.join(map(str, voxel['planes']))})" if voxel["architecture"] == "res16unet"
+               else f"sparse U-Net ({', '.join(map(str, voxel['widths']))}, {voxel['blocks']} block per level)")
+    return (f"q = {c['loss']['q']} ({c['loss']['quantile_variant']}), {voxel['coordinates']} voxels, 3D network "
+            f"{network}, 2D {image['backbone']} with {image['weights']} weights (the authors distil self-supervised "
+            f"ResNet-50s, which cannot be fetched here), augmentations {'on' if c['data']['augment'] else 'off'}")
+
+
 def probe(d: dict) -> str:
+    """Per probe: mIoU mean ± std per method with every seed, ST-SLidR − SLidR paired by seed, IoU per class."""
     f = d["figures"]
     b = f["budget"]
-    rows = [[name, f"{m['miou_mean']:.1f}", f"{m['miou_std']:.1f}" if m["miou_std"] is not None else "-",
-             " / ".join(f"{v:.1f}" for v in m["miou_per_seed"])] for name, m in f["methods"].items()]
-    classes = list(next(iter(f["methods"].values()))["iou_per_class"])
-    class_rows = [[name, *("-" if m["iou_per_class"][c] is None else f"{m['iou_per_class'][c]:.1f}" for c in classes)]
-                  for name, m in f["methods"].items()]
     seeds = " / ".join(str(s) for s in f["seeds"])
-    return (f"{command_lines(d)}\n\n{b['pretrain_scenes']} pretraining scenes × {b['num_points']:,} points, "
-            f"{b['steps']} steps of {b['batch_scenes']} scenes; the probe trains on {b['probe_train_scenes']} scenes "
-            f"and scores on {b['eval_scenes']}, with {b['linear_steps']} linear steps.\n\n"
-            + table(["method", "mIoU mean", "std", f"seeds {seeds}"], rows)
-            + "\n\nMean IoU per class:\n\n" + table(["method", *classes], class_rows))
+    parts = [f"{command_lines(d)}\n\n{b['pretrain_scenes']} pretraining scenes × {b['num_points']:,} points, "
+             f"{b['steps']} steps of {b['batch_scenes']} scenes; the probe trains on {b['probe_train_scenes']} scenes "
+             f"and scores on {b['eval_scenes']}. {probe_setting(d)}."]
+    for probe_name, methods in f["probes"].items():
+        rows = [[PROBE_METHOD_LABELS[name], f"{m['miou_mean']:.1f}",
+                 f"{m['miou_std']:.1f}" if m["miou_std"] is not None else "-",
+                 " / ".join(f"{v:.1f}" for v in m["miou_per_seed"])] for name, m in methods.items()]
+        classes = list(next(iter(methods.values()))["iou_per_class"])
+        class_rows = [[PROBE_METHOD_LABELS[name],
+                       *("-" if m["iou_per_class"][c] is None else f"{m['iou_per_class'][c]:.1f}" for c in classes)]
+                      for name, m in methods.items()]
+        parts.append(f"**{PROBE_LABELS[probe_name]}**, mIoU (%):\n\n"
+                     + table(["method", "mIoU mean", "std", f"seeds {seeds}"], rows))
+        if "slidr" in methods and "st_slidr" in methods:
+            diffs = [b - a for a, b in zip(methods["slidr"]["miou_per_seed"], methods["st_slidr"]["miou_per_seed"])]
+            spread = f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else ""
+            parts.append(f"ST-SLidR − SLidR, paired by seed: {' / '.join(f'{x:+.1f}' for x in diffs)} (mean "
+                         f"{statistics.mean(diffs):+.1f}{spread}, positive on {sum(x > 0 for x in diffs)} of "
+                         f"{len(diffs)} seeds).")
+        parts.append("Mean IoU per class:\n\n" + table(["method", *classes], class_rows))
+    return "\n\n".join(parts)
 
 
 def probe_summary(d: dict) -> str:
     f = d["figures"]
-    means = ", ".join(f"{name} {m['miou_mean']:.1f}" for name, m in f["methods"].items())
-    return f"- `{d['command']}` (built-in scenes, seeds {', '.join(map(str, f['seeds']))}), linear-probe mIoU: {means}."
+    per_probe = "; ".join(
+        f"{name} probe " + ", ".join(f"{PROBE_METHOD_LABELS[m]} {v['miou_mean']:.1f}" for m, v in methods.items())
+        for name, methods in f["probes"].items())
+    return (f"- `{d['command']}` (built-in scenes, seeds {', '.join(map(str, f['seeds']))}), linear-probe mIoU: "
+            f"{per_probe}.")
 
 
 def distill_step(d: dict) -> str:

@@ -340,8 +340,37 @@ def test_distill_probe_lanes_share_the_runs_and_keep_reads_them_back(tmp_path, m
     distill_probe.main()
     assert calls == []
     written = json.loads((out / "figures.json").read_text())["figures"]
-    assert written["methods"]["slidr"]["miou_per_seed"] == pytest.approx([5.0, 15.0])
-    assert written["methods"]["random"]["miou_per_seed"] == pytest.approx([0.0, 10.0])
+    assert written["probes"]["ours"]["slidr"]["miou_per_seed"] == pytest.approx([5.0, 15.0])
+    assert written["probes"]["ours"]["random"]["miou_per_seed"] == pytest.approx([0.0, 10.0])
+
+
+def probe_method(per_seed: list[float], pole: float | None) -> dict:
+    return {"miou_mean": sum(per_seed) / len(per_seed), "miou_std": 0.5, "miou_per_seed": per_seed,
+            "iou_per_class": {"road": 90.0, "pole": pole}}
+
+
+def test_probe_block_gives_each_probe_its_table_and_the_paired_difference():
+    methods = {"slidr": probe_method([50.0, 52.0, 51.0], 3.0), "st_slidr": probe_method([51.5, 51.0, 53.0], None)}
+    distill_config = {"loss": {"q": 0.01, "quantile_variant": "remove"}, "data": {"augment": True},
+                      "voxel": {"coordinates": "cylindrical", "architecture": "unet", "widths": [32, 64],
+                                "blocks": 1, "planes": [32]},
+                      "image": {"backbone": "efficientnet_lite0", "weights": "imagenet"}}
+    budget = {"pretrain_scenes": 48, "num_points": 8000, "steps": 300, "batch_scenes": 2, "probe_train_scenes": 16,
+              "eval_scenes": 16, "linear_steps": 300}
+    data = record("distill_probe", {"seeds": [0, 1, 2], "budget": budget,
+                                    "probes": {"ours": methods, "authors": {"st_slidr": methods["st_slidr"]}}},
+                  {"distill_config": distill_config})
+    text = report.probe(data)
+    ours, ours_classes, authors, authors_classes = tables_of(text)
+    assert ours[2] == ["SLidR", "51.0", "0.5", "50.0 / 52.0 / 51.0"]
+    assert authors[2][0] == "ST-SLidR (tolerant + balancing)" and len(authors) == 3
+    assert ours_classes[3] == ["ST-SLidR (tolerant + balancing)", "90.0", "-"]  # a class never present: no figure
+    # differences by hand: +1.5, -1.0, +2.0; mean 0.83, sample std 1.61
+    assert "ST-SLidR − SLidR, paired by seed: +1.5 / -1.0 / +2.0 (mean +0.8 ± 1.6, positive on 2 of 3 seeds)." in text
+    assert text.count("paired by seed") == 1  # the authors' probe ran one method only
+    assert "q = 0.01 (remove), cylindrical voxels" in text and "efficientnet_lite0 with imagenet weights" in text
+    line = report.probe_summary(data)
+    assert "ours probe SLidR 51.0, ST-SLidR (tolerant + balancing) 51.8; authors probe" in line
 
 
 def test_harness_keeps_a_runs_own_wall_time_for_the_collecting_command(tmp_path, monkeypatch):
