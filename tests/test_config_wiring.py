@@ -177,8 +177,8 @@ def test_uto_warmup_epochs_from_yaml_run_the_hinge_then_uto(tmp_path: Path) -> N
 # (b) every shipped config loads the values its file holds
 
 SHIPPED = ["coco_user", "distill_nuscenes", "distill_semantickitti", "distill_synthetic", "f30k_user",
-           "flickr8k_locked", "flickr8k_locked_tolerant", "flickr8k_user", "shapes_user", "shapes_user_cge", "shapes_user_cge_tolerant",
-           "shapes_vsepp"]
+           "flickr8k_locked", "flickr8k_locked_tolerant", "flickr8k_user", "shapes_user", "shapes_user_cge",
+           "shapes_user_cge_tolerant", "shapes_vsepp"]
 # files whose every value equals the dataclass default: the differ-from-default check cannot hold for them
 # (test_shipped_config_perturbed_copy_loads_the_copy covers the loader instead); keep this list exact
 MIRRORS_DEFAULTS: set[str] = set()

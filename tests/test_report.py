@@ -412,7 +412,7 @@ def test_changed_paths_keep_their_first_letter_whatever_the_status_columns():
 
 def test_the_shipped_best_flickr8k_config_is_the_kept_best_runs_configuration():
     """configs/flickr8k_locked_tolerant.yaml, offered as the winner of the converged comparison, is the very
-    configuration its kept runs trained with (seed and data path aside), and what the benchmark would run."""
+    configuration its kept runs trained with (the seed aside), and what the benchmark would run."""
     import rq_converged
 
     from xmcl.config import load_config
