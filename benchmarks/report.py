@@ -114,6 +114,8 @@ PLAN: tuple[Step, ...] = (
                                         f"--keep {CONVERGED_RUNS}", "rq_converged", long=True),
     Step("Flickr8K converged, UTO sweep", f"python benchmarks/rq_converged.py --data runs/f8k_feats --sweep "
                                           f"--keep {CONVERGED_RUNS}", "rq_converged_sweep", long=True),
+    Step("Flickr8K converged, past the sweep's best corner", "python benchmarks/rq_converged.py --data runs/f8k_feats "
+         f"--sweep --points 0.5:30 0.7:30 0.5:15 --keep {CONVERGED_RUNS}", "rq_converged_beyond", long=True),
     Step("Flickr8K converged, the sweep's best on 3 seeds", f"python benchmarks/rq_converged.py --data runs/f8k_feats "
          f"--retune --keep {CONVERGED_RUNS}", "rq_converged_retune", long=True),
     Step("ST-SLidR linear probe", "python benchmarks/distill_probe.py --threads 1 --keep docs/figures/distill_probe_runs",
@@ -773,6 +775,7 @@ BLOCKS = (
     Block("rq_converged_seed0", ("rq_converged_seed0",), converged),
     Block("rq_converged", ("rq_converged",), converged),
     Block("rq_converged_sweep", ("rq_converged_sweep",), converged),
+    Block("rq_converged_beyond", ("rq_converged_beyond",), converged),
     Block("rq_converged_retune", ("rq_converged_retune",), converged),
     Block("search", ("search_1024", "search_256"), search),
     Block("inference_cost", ("inference_cost",), inference_cost),

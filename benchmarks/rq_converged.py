@@ -12,9 +12,10 @@ Variants (on top of ``--config``, default ``flickr8k_locked``):
                  class-agnostic balancing, on region-mean semantic vectors (our extension, not the paper's)
   infonce_tolerant  as infonce, with the same tolerance and balancing
 
-``--sweep``: UTO's gamma in {0.2, 0.3, 0.5} x mu in {30, 90} for ``user`` on seed 0 only. ``--retune`` (with
-``--keep``, after the sweep): user and user_tolerant at the sweep's best point (val rSum) on ``--seeds`` beside
-infonce, vsepp and user, a re-tuning of the authors' constants.
+``--sweep``: UTO's gamma in {0.2, 0.3, 0.5} x mu in {30, 90} for ``user`` on seed 0 only; ``--points G:M ...``
+sweeps those (gamma, mu) points instead (e.g. past the grid's best corner). ``--retune`` (with ``--keep``, after the
+sweep): user and user_tolerant at the grid's best point (val rSum) on ``--seeds`` beside infonce, vsepp and user, a
+re-tuning of the authors' constants.
 
 One training run at a time, each into OUT/VARIANT/seedS (resumed from its last.pt; a run whose result.json exists
 is skipped; with ``--keep DIR`` finished results are also copied to DIR/VARIANT/seedS.json and read from there, so
@@ -27,6 +28,7 @@ DIR/curves_seeds0-1-2.png).
   python benchmarks/rq_converged.py --data runs/f8k_feats --seeds 0 1 2
   python benchmarks/rq_converged.py --data runs/f8k_feats --sweep --keep docs/figures/rq_converged_runs
   python benchmarks/rq_converged.py --data runs/f8k_feats --retune --keep docs/figures/rq_converged_runs
+  python benchmarks/rq_converged.py --data runs/f8k_feats --sweep --points 0.5:30 0.7:30 0.5:15 --keep DIR
   python benchmarks/rq_converged.py --data runs/f8k_feats --estimate-steps 20  # step time and FLOP bound, no run
 
 ``--lane K/N`` runs only every N-th of the command's runs, from the K-th, in the command's own folder: N processes
@@ -98,7 +100,8 @@ def best_sweep_point(args: argparse.Namespace) -> tuple[float, float]:
 def runs_to_do(args: argparse.Namespace) -> list[tuple[str, int, list[str]]]:
     """``(run name, seed, overrides)`` of every run the options ask for, in the order they run."""
     if args.sweep:
-        return [(name, 0, overrides) for name, overrides in (sweep_point(gamma, mu) for gamma, mu in SWEEP)]
+        points = args.points or SWEEP
+        return [(name, 0, overrides) for name, overrides in (sweep_point(gamma, mu) for gamma, mu in points)]
     if args.retune:
         at_best = [sweep_point(*best_sweep_point(args), variant) for variant in RETUNE_AT_BEST]
         return ([(variant, seed, VARIANTS[variant]) for variant in RETUNE_BESIDE for seed in args.seeds]
@@ -228,8 +231,26 @@ def estimate(args: argparse.Namespace) -> dict:
 def curves_name(args: argparse.Namespace) -> str:
     """``curves_seeds0-1-2.png`` (``curves_sweep.png``, ``curves_retune_seeds0-1-2.png``): the kept curves of one
     command's runs."""
-    kind = "sweep" if args.sweep else "retune_seeds" if args.retune else "seeds"
-    return f"curves_{kind}.png" if args.sweep else f"curves_{kind}{'-'.join(map(str, args.seeds))}.png"
+    if args.sweep:
+        return "curves_sweep.png" if args.points is None else f"curves_sweep_{'_'.join(map(point_tag, args.points))}.png"
+    kind = "retune_seeds" if args.retune else "seeds"
+    return f"curves_{kind}{'-'.join(map(str, args.seeds))}.png"
+
+
+def point_tag(point: tuple[float, float]) -> str:
+    """``g0.7mu30``: one (gamma, mu) point in a file name."""
+    return f"g{point[0]}mu{point[1]:g}"
+
+
+def uto_point(text: str) -> tuple[float, float]:
+    """``G:M`` as ``(gamma, mu)``: the ``--points`` option's type (mu > 0)."""
+    try:
+        gamma, mu = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--points {text!r}: expected GAMMA:MU, e.g. 0.7:30") from None
+    if mu <= 0:
+        raise argparse.ArgumentTypeError(f"--points {text!r}: mu must be > 0")
+    return gamma, mu
 
 
 def plot_curves(results: dict[str, dict], path: Path) -> None:
@@ -284,6 +305,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--sweep", action="store_true", help="the UTO gamma x mu sweep of user on seed 0")
+    parser.add_argument("--points", nargs="+", type=uto_point, default=None, metavar="G:M",
+                        help="with --sweep: these (gamma, mu) points instead of the grid")
     parser.add_argument("--retune", action="store_true",
                         help="the sweep's best point (read from --keep) on --seeds, beside infonce, vsepp and user")
     parser.add_argument("--epochs", type=int, default=20)
@@ -304,6 +327,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parse_with_out(parser, "rq_converged", naming=["data"], argv=argv)
     if args.retune and (args.sweep or args.keep is None):
         parser.error("--retune reads the sweep's kept results: give --keep, and not --sweep")
+    if args.points is not None and not args.sweep:
+        parser.error("--points names the points of a sweep: give --sweep")
     return args
 
 

@@ -239,6 +239,23 @@ def test_converged_retune_runs_the_sweeps_best_beside_the_baselines(tmp_path):
         rq_converged.runs_to_do(args)
 
 
+def test_a_sweep_of_named_points_runs_them_and_keeps_its_own_curves(tmp_path):
+    import rq_converged
+
+    args = rq_converged.parse_args(["--data", "feats", "--sweep", "--points", "0.5:30", "0.7:30", "0.5:15"])
+    runs = rq_converged.runs_to_do(args)
+    assert [(name, seed) for name, seed, _ in runs] == [("user_g0.5_mu30", 0), ("user_g0.7_mu30", 0),
+                                                       ("user_g0.5_mu15", 0)]
+    assert runs[1][2][-2:] == ["loss.gamma=0.7", "loss.mu=30.0"]
+    assert rq_converged.curves_name(args) == "curves_sweep_g0.5mu30_g0.7mu30_g0.5mu15.png"
+    grid = rq_converged.parse_args(["--data", "feats", "--sweep"])
+    assert len(rq_converged.runs_to_do(grid)) == 6 and rq_converged.curves_name(grid) == "curves_sweep.png"
+    assert rq_converged.parse_args(argv=["--data", "feats", "--sweep", "--points", "0.7:30"]).out != grid.out
+    for bad in (["--points", "0.7:30"], ["--sweep", "--points", "0.7"], ["--sweep", "--points", "0.7:0"]):
+        with pytest.raises(SystemExit):
+            rq_converged.parse_args(["--data", "feats", *bad])
+
+
 def test_a_kept_run_of_the_same_configuration_is_found_under_another_name(tmp_path):
     import rq_converged
 
