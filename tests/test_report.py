@@ -239,7 +239,7 @@ def test_converged_retune_runs_the_sweeps_best_beside_the_baselines(tmp_path):
         rq_converged.runs_to_do(args)
 
 
-def test_a_sweep_of_named_points_runs_them_and_keeps_its_own_curves(tmp_path):
+def test_a_sweep_of_named_points_runs_them_and_keeps_its_own_curves():
     import rq_converged
 
     args = rq_converged.parse_args(["--data", "feats", "--sweep", "--points", "0.5:30", "0.7:30", "0.5:15"])
