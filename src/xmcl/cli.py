@@ -247,9 +247,27 @@ def distill_probe(config_path: Path, overrides: tuple[str, ...], checkpoint: Pat
     click.echo(format_probe(result))
 
 
+# ---------------------------------------------------------------------------------------- export
+@main.command()
+@click.argument("checkpoint", type=PathArg)
+@click.option("--out", type=PathArg, required=True, help="Model directory to write (appears whole or not at all).")
+@click.option("--overwrite", is_flag=True, help="Replace a model directory already in OUT.")
+def export(checkpoint: Path, out: Path, overwrite: bool) -> None:
+    """Write a trained model as a directory that loads without the training code: config.json, model.safetensors
+    (the encoders only), the vocabulary or tokenizer files, and a model card (README.md)."""
+    from xmcl.retrieval.export import export_model_dir
+
+    click.echo(f"wrote {export_model_dir(checkpoint, out, overwrite=overwrite)}")
+
+
 # ---------------------------------------------------------------------------------------- search
+MODEL_HELP = "A training checkpoint (best.pt), a model directory (`xmcl export`) or a shipped model's name."
+TEXT_MODEL_OPTION = click.option("--text-model", default=None,
+                                 help="Where the frozen text model of a locked-text model is now (a directory).")
+
+
 @main.command("index")
-@click.option("--checkpoint", type=PathArg, required=True, help="Trained retrieval checkpoint (best.pt).")
+@click.option("--checkpoint", type=PathArg, required=True, help=MODEL_HELP)
 @click.option("--images", type=PathArg, required=True, help="Folder of images (jpg/png/webp, searched recursively).")
 @click.option("--out", type=PathArg, required=True, help="Index folder (created, or updated in place).")
 @click.option("--captions", type=PathArg, default=None,
@@ -269,12 +287,13 @@ def distill_probe(config_path: Path, overrides: tuple[str, ...], checkpoint: Pat
 @click.option("--backbone-weights", default=None, help="Where the recorded backbone weights are now (a path).")
 @click.option("--image-size", type=int, default=None, help="Override the recorded image size.")
 @click.option("--clip-path", default=None, help="Where the CGE teacher the checkpoint records is now.")
+@TEXT_MODEL_OPTION
 @click.option("--allow-mismatch", is_flag=True,
               help="Encode with a backbone, weights or image size other than the checkpoint's features were made with.")
 def index_command(checkpoint: Path, images: Path, out: Path, captions: Path | None, device: str, batch_size: int,
                   workers: int, shard_size: int, index_type: str, memory_budget: str | None, recall_target: float,
                   backbone: str | None, backbone_weights: str | None, image_size: int | None, clip_path: str | None,
-                  allow_mismatch: bool) -> None:
+                  text_model: str | None, allow_mismatch: bool) -> None:
     """Encode a folder of images (and captions) with a trained model and index it (resumable, incremental)."""
     from xmcl.retrieval.index.build import IndexOptions, build_index, format_report, rank_device
     from xmcl.retrieval.index.vectors import parse_size
@@ -284,7 +303,8 @@ def index_command(checkpoint: Path, images: Path, out: Path, captions: Path | No
                            memory_budget=parse_size(memory_budget) if memory_budget else None,
                            recall_target=recall_target)
     retriever = Retriever.load(checkpoint, rank_device(device), backbone=backbone, backbone_weights=backbone_weights,
-                               image_size=image_size, clip_path=clip_path, allow_mismatch=allow_mismatch)
+                               image_size=image_size, clip_path=clip_path, text_model=text_model,
+                               allow_mismatch=allow_mismatch)
     report = build_index(retriever, images, out, captions, options)
     if report:
         click.echo(format_report(report, out))
@@ -298,10 +318,11 @@ def index_command(checkpoint: Path, images: Path, out: Path, captions: Path | No
 @click.option("--target", type=click.Choice(["images", "captions"]), default="images", show_default=True,
               help="What to find.")
 @click.option("--json", "as_json", is_flag=True, help="Print {query, target, results: [...]} as JSON.")
-@click.option("--checkpoint", type=PathArg, default=None, help="Default: the checkpoint the index records.")
+@click.option("--checkpoint", type=PathArg, default=None, help=f"{MODEL_HELP} Default: the one the index records.")
+@TEXT_MODEL_OPTION
 @click.option("--device", default="auto", show_default=True)
 def search(index_dir: Path, text: str | None, image: Path | None, k: int, target: str, as_json: bool,
-           checkpoint: Path | None, device: str) -> None:
+           checkpoint: Path | None, text_model: str | None, device: str) -> None:
     """Search an index by a text ("a dog jumps over a fence") or by an image (--image q.jpg)."""
     import json
 
@@ -312,7 +333,8 @@ def search(index_dir: Path, text: str | None, image: Path | None, k: int, target
     if (text is None) == (image is None):
         raise DataError("give a query text or --image, not both and not neither")
     set_search_threads(1)
-    results = Searcher.open(index_dir, checkpoint, device).search(target=target, k=k, text=text, image=image)
+    results = Searcher.open(index_dir, checkpoint, device, text_model=text_model).search(target=target, k=k,
+                                                                                       text=text, image=image)
     if as_json:
         query = {"text": text} if text is not None else {"image": str(image)}
         click.echo(json.dumps({"query": query, "target": target, "results": results}, indent=1))

@@ -120,17 +120,22 @@ class ImageEncoder(nn.Module):
 
 
 class HFTextModel(nn.Module):
-    """A BERT-family model loaded from a local directory: ``(ids, lengths) -> last hidden state (B, L, H)``."""
+    """A BERT-family model loaded from a local directory: ``(ids, lengths) -> last hidden state (B, L, H)``.
+    ``pretrained=False`` builds its architecture from the directory's ``config.json`` alone (random weights, for a
+    caller that loads trained ones next: a saved retrieval model's fine-tuned text model)."""
 
-    def __init__(self, model_dir: Path | str) -> None:
+    def __init__(self, model_dir: Path | str, pretrained: bool = True) -> None:
         super().__init__()
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
 
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise ConfigError(f"text model directory {model_dir} has no config.json")
         try:
-            self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).float()
+            if pretrained:
+                self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).float()
+            else:
+                self.model = AutoModel.from_config(AutoConfig.from_pretrained(str(model_dir), local_files_only=True))
         except pickle.UnpicklingError:  # transformers loads .bin weights with torch.load(weights_only=True)
             raise CheckpointError(f"text model directory {model_dir}: a weights file is refused: it holds objects "
                                   f"other than tensors, and loading it could run code") from None
@@ -208,15 +213,16 @@ class TextEncoder(nn.Module):
         return F.normalize(self.pooling(local, lengths), dim=-1)
 
 
-def build_image_encoder(cfg: RetrievalModelConfig) -> ImageEncoder:
-    """The image tower ``cfg`` describes (the backbone from ``xmcl.nn.backbones`` when ``image_input="images"``)."""
+def build_image_encoder(cfg: RetrievalModelConfig, pretrained: bool = True) -> ImageEncoder:
+    """The image tower ``cfg`` describes (the backbone from ``xmcl.nn.backbones`` when ``image_input="images"``;
+    ``pretrained=False``: without its pretrained weights, for a caller that loads trained ones next)."""
     backbone = reduction = None
     local_dim = cfg.region_dim
     if cfg.region_pca_dim is not None:
         reduction = FrozenPCA(cfg.region_dim, cfg.region_pca_dim)
         local_dim = cfg.region_pca_dim
     if cfg.image_input == "images":
-        backbone = build_image_backbone(cfg.backbone, cfg.backbone_weights)
+        backbone = build_image_backbone(cfg.backbone, cfg.backbone_weights if pretrained else None)
         set_trainable(backbone, cfg.backbone_trainable)
         local_dim = backbone.out_channels
     sge_dim = local_dim if cfg.image_sge_on == "raw" else cfg.embed_dim
@@ -227,12 +233,14 @@ def build_image_encoder(cfg: RetrievalModelConfig) -> ImageEncoder:
                         cfg.image_sge_on, reduction)
 
 
-def build_text_encoder(cfg: RetrievalModelConfig, vocab_size: int | None = None) -> TextEncoder:
-    """The text tower ``cfg`` describes; ``vocab_size`` is required for ``text_encoder="bigru"``."""
+def build_text_encoder(cfg: RetrievalModelConfig, vocab_size: int | None = None,
+                       pretrained: bool = True) -> TextEncoder:
+    """The text tower ``cfg`` describes; ``vocab_size`` is required for ``text_encoder="bigru"``. ``pretrained=False``:
+    a BERT-family model gets its architecture only (trained weights are loaded next)."""
     if cfg.text_input == "token_features":
         sequence: nn.Module = CachedTextStates(cfg.text_feature_dim)
     elif cfg.text_encoder == "bert":
-        sequence = HFTextModel(resolve_text_model_dir(cfg.text_model))
+        sequence = HFTextModel(resolve_text_model_dir(cfg.text_model), pretrained)
     elif cfg.text_encoder == "bigru":
         if not vocab_size:
             raise ConfigError("model.text_encoder='bigru' needs the vocabulary size (build the vocabulary first)")

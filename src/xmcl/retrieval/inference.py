@@ -1,13 +1,16 @@
-"""Inference with a trained retrieval model: checkpoint -> model, tokenizer and config -> embeddings -> metrics.
+"""Inference with a trained retrieval model: checkpoint -> encoders, tokenizer and config -> embeddings -> metrics.
 
 The CLI, the demo, the benchmarks and the search code call this module; the trainer uses its encoding pieces for
 validation. A checkpoint of kind ``RETRIEVAL_CHECKPOINT`` holds the config, the vocabulary (BiGRU), the weights and
-``inputs`` (``inputs_record``: the features manifest of the corpus it was trained on, and its CGE teacher), which
-``xmcl.retrieval.retriever`` needs to encode raw images and which evaluation checks a feature corpus against.
+``inputs`` (``inputs_record``: the features manifest of the corpus it was trained on, its CGE teacher and, for a
+locked-text model, the manifest of its frozen text model), which ``xmcl.retrieval.retriever`` needs to encode raw
+images and captions and which evaluation checks a feature corpus against. Loading builds the encoders only
+(``DualEncoder``): the key encoders, queues and loss of the checkpoint are dropped.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -20,13 +23,14 @@ from xmcl.data.corpus import CaptionSplit
 from xmcl.data.images import ImageTransform
 from xmcl.data.open import open_split
 from xmcl.data.text import HFTokenizer, TextTokenizer, VocabTokenizer, Vocabulary, resolve_text_model_dir
-from xmcl.errors import CheckpointError, ConfigError, brief
+from xmcl.errors import CheckpointError, ConfigError, DataError
 from xmcl.metrics.retrieval import Metrics, evaluate_embeddings
 from xmcl.retrieval.clip.cache import ClipCache, SplitGuides, split_guides
 from xmcl.retrieval.config import RetrievalModelConfig, RetrievalTrainConfig
 from xmcl.retrieval.grid_features import FeaturesManifest, check_features_match, read_features_manifest
-from xmcl.retrieval.model import USERModel
-from xmcl.retrieval.token_features import attach_token_features
+from xmcl.retrieval.dual_encoder import DualEncoder, encoder_weights
+from xmcl.retrieval.model_dir import file_sha256, find_model, is_model_dir, read_model_dir
+from xmcl.retrieval.token_features import attach_token_features, read_text_manifest, recorded_text_model
 from xmcl.runtime.checkpoint import load_checkpoint
 from xmcl.runtime.device import resolve_device
 
@@ -42,7 +46,7 @@ def build_tokenizer(model_cfg: RetrievalModelConfig, max_tokens: int, vocab: Voc
     return VocabTokenizer(vocab, max_length=max_tokens)
 
 
-def image_transform(model_cfg: RetrievalModelConfig, model: USERModel, size: int, train: bool
+def image_transform(model_cfg: RetrievalModelConfig, model: DualEncoder, size: int, train: bool
                     ) -> ImageTransform | None:
     """The pixel preprocessing of the model's backbone (None when the model reads region features)."""
     if model_cfg.image_input != "images":
@@ -66,8 +70,9 @@ def check_input(split: CaptionSplit, model_cfg: RetrievalModelConfig) -> None:
 
 def inputs_record(model_cfg: RetrievalModelConfig, split: CaptionSplit, clip_sha256: str | None) -> dict:
     """What a model's inputs are made from, saved in its checkpoint: ``features``, the manifest of the region-feature
-    corpus ``split`` comes from (None for raw images or a folder without ``features.json``), and ``clip``, the CGE
-    teacher (``path``, ``sha256``, ``activation``; None without CGE)."""
+    corpus ``split`` comes from (None for raw images or a folder without ``features.json``), ``clip``, the CGE
+    teacher (``path``, ``sha256``, ``activation``; None without CGE), and ``text``, the manifest of the frozen text
+    model whose cached states a locked-text model reads (None otherwise)."""
     features = None
     if model_cfg.image_input == "regions" and split.region_features is not None:
         manifest = read_features_manifest(Path(split.source))
@@ -78,7 +83,8 @@ def inputs_record(model_cfg: RetrievalModelConfig, split: CaptionSplit, clip_sha
             else "quick_gelu"
         clip = {"path": str(Path(model_cfg.clip_path).resolve()) if model_cfg.clip_path else None,
                 "sha256": clip_sha256, "activation": activation}
-    return {"features": features, "clip": clip}
+    text = read_text_manifest(split.source).to_dict() if model_cfg.text_input == "token_features" else None
+    return {"features": features, "clip": clip, "text": text}
 
 
 def recorded_features(state: dict, where: str) -> FeaturesManifest | None:
@@ -104,7 +110,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 @torch.no_grad()
-def encode_split(model: USERModel, split: CaptionSplit, tokenizer: TextTokenizer,
+def encode_split(model: DualEncoder, split: CaptionSplit, tokenizer: TextTokenizer,
                  transform: ImageTransform | None, device: torch.device, batch_size: int = 256,
                  num_workers: int = 0, guides: SplitGuides | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit embeddings of every image (N, d) and caption (M, d) of the split, by the online encoders
@@ -132,26 +138,61 @@ def load_retrieval_checkpoint(checkpoint: Path) -> dict:
     return load_checkpoint(checkpoint, kind, version)
 
 
-def model_from_state(state: dict, where: str, device: torch.device
-                     ) -> tuple[USERModel, TextTokenizer, RetrievalTrainConfig]:
-    """The model (eval mode, on ``device``), tokenizer and config held by a checkpoint's state."""
+@dataclass
+class SavedModel:
+    """A trained model's saved state (a training checkpoint's, or a model directory's in the same layout), where it
+    came from, its ``sha256`` (what an index records) and ``aliases`` (other sha256 naming the same weights)."""
+
+    path: Path
+    state: dict
+    sha256: str
+    aliases: tuple[str, ...] = ()
+
+
+def open_saved_model(path: Path | str) -> SavedModel:
+    """The saved model at ``path``: a training checkpoint, a model directory or a shipped model's name."""
+    path = find_model(path)
+    if is_model_dir(path):
+        directory = read_model_dir(path)
+        return SavedModel(path, directory.state, directory.identity, directory.aliases)
+    return SavedModel(path, load_retrieval_checkpoint(path), file_sha256(path))
+
+
+def model_from_state(state: dict, where: str, device: torch.device, with_text_model: bool = False,
+                     text_model: str | None = None) -> tuple[DualEncoder, TextTokenizer, RetrievalTrainConfig]:
+    """The encoders (eval mode, on ``device``), tokenizer and config held by a checkpoint's state (a training
+    checkpoint's or a model directory's). ``with_text_model``: a locked-text model also gets its frozen text model
+    (``recorded_text_model``; ``text_model`` says where it is when it moved), so that it encodes raw captions."""
     missing = [key for key in ("config", "model") if key not in state]
     if missing:
         raise CheckpointError(f"{where}: the checkpoint has no {' or '.join(repr(k) for k in missing)} entry")
     cfg = config_from_dict(RetrievalTrainConfig, state["config"], where=where)
     vocab = Vocabulary(state["vocab"]) if state.get("vocab") else None
-    tokenizer = build_tokenizer(cfg.model, cfg.data.max_caption_tokens, vocab)
-    model = USERModel(cfg.model, cfg.loss, vocab_size=tokenizer.vocab_size)
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, TypeError, AttributeError) as error:
-        raise CheckpointError(f"{where}: the weights do not fit the model its config describes: "
-                              f"{brief(error)}") from None
+    frozen = None
+    if with_text_model and cfg.model.text_input == "token_features":
+        frozen, tokenizer, _ = recorded_text_model(text_model_record(state, cfg, where), where, text_model)
+    else:
+        tokenizer = build_tokenizer(cfg.model, cfg.data.max_caption_tokens, vocab)
+    model = DualEncoder(cfg.model, vocab_size=tokenizer.vocab_size, text_model=frozen, pretrained=False)
+    model.load_encoder_state(encoder_weights(state["model"]), where)
     return model.to(device).eval(), tokenizer, cfg
 
 
-def load_trained(checkpoint: Path, device: torch.device) -> tuple[USERModel, TextTokenizer, RetrievalTrainConfig]:
-    """The model (eval mode), tokenizer and config saved in a training checkpoint."""
+def text_model_record(state: dict, cfg: RetrievalTrainConfig, where: str) -> dict:
+    """The frozen text model manifest of a locked-text model: recorded in its ``inputs``, or, for a checkpoint written
+    before they recorded it, the ``text_features.json`` of its training corpus."""
+    record = (state.get("inputs") or {}).get("text")
+    if record:
+        return record
+    try:
+        return read_text_manifest(cfg.data.path).to_dict()
+    except DataError:
+        raise CheckpointError(f"{where} is a locked-text model that does not record its frozen text model, and its "
+                              f"training corpus {cfg.data.path} has no text_features.json to tell it") from None
+
+
+def load_trained(checkpoint: Path, device: torch.device) -> tuple[DualEncoder, TextTokenizer, RetrievalTrainConfig]:
+    """The encoders (eval mode), tokenizer and config saved in a training checkpoint."""
     return model_from_state(load_retrieval_checkpoint(checkpoint), str(checkpoint), device)
 
 
@@ -165,7 +206,7 @@ def embed_checkpoint(checkpoint: Path, data_path: Path | None, split: str, devic
     With CGE, the CLIP embeddings come from the model's cache; images or captions it lacks are encoded by the
     CLIP teacher (``model.clip_path``), which must be the checkpoint the model was trained with."""
     torch_device = resolve_device(device)
-    state = load_retrieval_checkpoint(checkpoint)
+    state = open_saved_model(checkpoint).state
     model, tokenizer, cfg = model_from_state(state, str(checkpoint), torch_device)
     folder = data_path if data_path is not None else cfg.data.path
     corpus = open_split(folder, split, key=None if data_path is not None else f"data.path of {checkpoint}")

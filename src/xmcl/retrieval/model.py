@@ -1,4 +1,4 @@
-"""USER: dual encoder + momentum key encoders + image/text key queues + the retrieval loss.
+"""USER's training task: the dual encoder + momentum key encoders + image/text key queues + the retrieval loss.
 
 A training step, as the trainer drives it::
 
@@ -6,6 +6,8 @@ A training step, as the trainer drives it::
     losses["loss"].backward(); optimizer.step()
     model.momentum_step()            # key encoders follow the online ones
 
+Inference needs the online towers only: ``xmcl.retrieval.dual_encoder.DualEncoder``, which this model extends (its
+state dict keys are the encoders' plus the training entries, which ``encoder_weights`` drops).
 With ``use_queue=False`` there are no key encoders or queues and the loss sees the batch only (the VSE++
 baseline / "USER without queue" setting). A semantically tolerant loss (``loss.tolerance`` / ``loss.balance``)
 also gets each item's semantic vector and, with the queues, a third queue of them written beside the keys.
@@ -32,7 +34,7 @@ from xmcl.errors import ConfigError, DataError
 from xmcl.nn.global_batchnorm import set_world
 from xmcl.nn.gpo import MeanPooling
 from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig, check_semantic_source
-from xmcl.retrieval.encoders import build_image_encoder, build_text_encoder
+from xmcl.retrieval.dual_encoder import DualEncoder
 from xmcl.runtime.distributed import SINGLE_PROCESS, World, gather_no_grad, gather_with_grad
 
 
@@ -54,8 +56,8 @@ def build_loss(cfg: RetrievalLossConfig) -> RetrievalLoss | WarmStartLoss:
     return WarmStartLoss(loss, warmup, cfg.uto_warmup_epochs)
 
 
-class USERModel(nn.Module):
-    """The retrieval model of ``RetrievalModelConfig`` trained with the loss of ``RetrievalLossConfig``.
+class USERModel(DualEncoder):
+    """The dual encoder of ``RetrievalModelConfig`` as it trains, with the loss of ``RetrievalLossConfig``.
 
     ``batch`` keys: ``images (B, 3, H, W)`` or ``regions (B, R, D)`` + ``region_lengths (B,)``;
     ``tokens (B, L)`` + ``token_lengths (B,)``; ``image_ids (B,)``, the image index of each caption (pairs
@@ -68,10 +70,7 @@ class USERModel(nn.Module):
     """
 
     def __init__(self, cfg: RetrievalModelConfig, loss_cfg: RetrievalLossConfig, vocab_size: int | None = None) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.image_encoder = build_image_encoder(cfg)
-        self.text_encoder = build_text_encoder(cfg, vocab_size)
+        super().__init__(cfg, vocab_size)
         self.loss = build_loss(loss_cfg)
         self.world = SINGLE_PROCESS
         self.image_key_encoder: nn.Module | None = None
@@ -169,9 +168,6 @@ class USERModel(nn.Module):
             z = self.image_encoder.reduce(MeanPooling()(regions, lengths))
         return F.normalize(z.float(), dim=1)
 
-    def text_inputs(self, batch: Mapping[str, Tensor]) -> Tensor:
-        """What the text tower reads from a batch: ``token_features`` (locked text) or ``tokens``."""
-        return _require(batch, "token_features" if self.cfg.text_input == "token_features" else "tokens")
 
     def set_world(self, world: World) -> None:
         """Train data-parallel in ``world``: in-batch negatives come from every rank's batch (gathered with
@@ -197,17 +193,6 @@ class USERModel(nn.Module):
         """Forwarded to the loss (the hinge loss switches to hardest negatives after its warm-up)."""
         self.loss.set_epoch(epoch)
 
-    @torch.no_grad()
-    def encode_images(self, inputs: Tensor, lengths: Tensor | None = None, clip_image: Tensor | None = None) -> Tensor:
-        """``(B, embed_dim)`` unit embeddings of images or region features by the online encoder in eval mode
-        (``clip_image``: the CGE guides, needed when ``cfg.cge``)."""
-        return _in_eval(self.image_encoder, inputs, lengths, clip_image)
-
-    @torch.no_grad()
-    def encode_texts(self, tokens: Tensor, lengths: Tensor, clip_text: Tensor | None = None) -> Tensor:
-        """``(B, embed_dim)`` unit embeddings of token ids by the online encoder in eval mode
-        (``clip_text``: the CGE guides, needed when ``cfg.text_cge``)."""
-        return _in_eval(self.text_encoder, tokens, lengths, clip_text)
 
     def parameter_groups(self, lr: float, text_lr_scale: float = 0.1, weight_decay: float = 1e-4,
                          backbone_lr_scale: float = 0.01, decay_all: bool = False) -> list[dict]:
@@ -251,11 +236,3 @@ def _image_inputs(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         return batch["regions"], _require(batch, "region_lengths")
     raise DataError(f"the batch has neither 'images' nor 'regions' (it has {sorted(batch)})")
 
-
-def _in_eval(encoder: nn.Module, *inputs: Tensor | None) -> Tensor:
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        return encoder(*inputs)
-    finally:
-        encoder.train(was_training)

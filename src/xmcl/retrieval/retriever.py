@@ -1,14 +1,18 @@
 """A trained model as a retriever: raw image files / PIL images and caption strings -> unit embeddings.
 
-``Retriever.load(checkpoint)`` builds on ``xmcl.retrieval.inference`` (checkpoint -> model and tokenizer) and adds
-what turns a raw input into the model's input:
+``Retriever.load(path)`` takes a training checkpoint, a model directory (``xmcl.retrieval.model_dir``) or the name of
+a shipped model, builds the encoders only (``xmcl.retrieval.inference``), and adds what turns a raw input into the
+model's input:
 
-- a model trained on region features (``xmcl features`` output) gets the backbone its checkpoint's features
-  manifest names, rebuilt from the recorded weights; each image is resized as the features were (bicubic,
-  aspect ratio not kept), normalised, run through the backbone, and its grid cells rounded through float16 as the
-  feature files store them, then the image tower runs. The rebuilt backbone's weights hash, and any backbone,
-  weights or image size asked for, must match the manifest (``check_features_match``) unless ``allow_mismatch``;
+- a model trained on region features (``xmcl features`` output) gets the backbone its features manifest names,
+  rebuilt from the recorded weights; each image is resized as the features were (bicubic, aspect ratio not kept),
+  normalised, run through the backbone, and its grid cells rounded through float16 as the feature files store
+  them, then the image tower runs. The rebuilt backbone's weights hash, and any backbone, weights or image size
+  asked for, must match the manifest (``check_features_match``) unless ``allow_mismatch``;
 - a model trained end to end on images uses its own backbone and the evaluation transform (centred square);
+- a locked-text model runs the frozen text model its training recorded (``recorded_text_model``: same weights,
+  tokeniser and length, else refused) and then its trained text tower, so a raw caption is encoded as its cached
+  states were;
 - a CGE model loads its CLIP teacher (the recorded path, or ``clip_path``), which must hash to the recorded
   checkpoint; its guides are rounded through float16 as the CLIP cache stores them.
 
@@ -31,11 +35,11 @@ from xmcl.data.images import ImageTransform, open_image
 from xmcl.data.text import TextTokenizer, collate_tokens
 from xmcl.errors import CheckpointError, DataError
 from xmcl.nn.backbones import ImageBackbone, build_image_backbone
-from xmcl.retrieval.clip.teacher import CLIPTeacher, checkpoint_sha256, load_clip_teacher
+from xmcl.retrieval.clip.teacher import CLIPTeacher, load_clip_teacher
 from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.grid_features import FeaturesManifest, check_features_match
-from xmcl.retrieval.inference import load_retrieval_checkpoint, model_from_state, recorded_features
-from xmcl.retrieval.model import USERModel
+from xmcl.retrieval.dual_encoder import DualEncoder
+from xmcl.retrieval.inference import model_from_state, open_saved_model, recorded_features
 from xmcl.runtime.device import resolve_device
 
 ImageInput = Image.Image | np.ndarray | Path | str
@@ -93,45 +97,50 @@ class GridFeaturePipeline:
 class Retriever:
     """Encodes images and captions with a trained model (eval mode, no gradients) on ``device``.
 
-    ``sha256`` identifies the checkpoint file (indexes record it); ``dim`` is the embedding width.
+    ``sha256`` identifies the model (a checkpoint file's bytes, or a model directory's ``config.json``; indexes
+    record it) and ``identities`` every sha256 whose embeddings are this model's (a model directory's also names
+    the checkpoint it was exported from); ``dim`` is the embedding width.
     """
 
-    def __init__(self, model: USERModel, tokenizer: TextTokenizer, cfg: RetrievalTrainConfig, sha256: str,
+    def __init__(self, model: DualEncoder, tokenizer: TextTokenizer, cfg: RetrievalTrainConfig, sha256: str,
                  source: str, device: torch.device, grid: GridFeaturePipeline | None,
-                 transform: ImageTransform | None, teacher: CLIPTeacher | None) -> None:
+                 transform: ImageTransform | None, teacher: CLIPTeacher | None,
+                 aliases: tuple[str, ...] = ()) -> None:
         self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, cfg
         self.sha256, self.source, self.device = sha256, source, device
+        self.identities = (sha256, *aliases)
         self.grid, self.transform, self.teacher = grid, transform, teacher
         self.dim = cfg.model.embed_dim
 
     @classmethod
-    def load(cls, checkpoint: Path | str, device: str | torch.device = "auto", *, backbone: str | None = None,
+    def load(cls, path: Path | str, device: str | torch.device = "auto", *, backbone: str | None = None,
              backbone_weights: str | None = None, image_size: int | None = None, clip_path: str | None = None,
-             allow_mismatch: bool = False) -> "Retriever":
-        """The retriever of a training checkpoint (see the module docstring). ``backbone`` / ``backbone_weights``
-        / ``image_size`` override what the features manifest records (a moved weights file, say); a result that
-        differs from the manifest is refused unless ``allow_mismatch``. ``clip_path`` overrides the CGE teacher's
-        recorded path (it must still hash to the recorded checkpoint)."""
-        checkpoint = Path(checkpoint)
+             text_model: str | None = None, allow_mismatch: bool = False) -> "Retriever":
+        """The retriever of a training checkpoint, a model directory or a shipped model's name (see the module
+        docstring). ``backbone`` / ``backbone_weights`` / ``image_size`` override what the features manifest
+        records (a moved weights file, say); a result that differs from the manifest is refused unless
+        ``allow_mismatch``. ``clip_path`` overrides the CGE teacher's recorded path and ``text_model`` the frozen
+        text model's directory (each must still hash to the recorded one)."""
+        saved = open_saved_model(path)
         torch_device = resolve_device(device)
-        state = load_retrieval_checkpoint(checkpoint)
-        model, tokenizer, cfg = model_from_state(state, str(checkpoint), torch_device)
+        state, path, where = saved.state, saved.path, str(saved.path)
+        model, tokenizer, cfg = model_from_state(state, where, torch_device, with_text_model=True,
+                                                 text_model=text_model)
         grid, transform = None, None
         if cfg.model.image_input == "regions":
-            grid = _grid_pipeline(state, str(checkpoint), backbone, backbone_weights, image_size, allow_mismatch,
-                                  torch_device)
+            grid = _grid_pipeline(state, where, backbone, backbone_weights, image_size, allow_mismatch, torch_device)
             if grid.backbone.out_channels != cfg.model.region_dim:
                 raise CheckpointError(f"backbone {grid.backbone.name} gives {grid.backbone.out_channels}-d cells but "
-                                      f"checkpoint {checkpoint} reads {cfg.model.region_dim}-d region features")
+                                      f"model {where} reads {cfg.model.region_dim}-d region features")
         else:
             if image_size and image_size != cfg.data.image_size and not allow_mismatch:
-                raise CheckpointError(f"checkpoint {checkpoint} was trained on {cfg.data.image_size}-px images, not "
+                raise CheckpointError(f"model {where} was trained on {cfg.data.image_size}-px images, not "
                                       f"{image_size}; pass {MISMATCH_FLAG} to encode at {image_size} px anyway")
             transform = ImageTransform(image_size or cfg.data.image_size,
                                        model.image_encoder.backbone.normalization, train=False)
-        teacher = _teacher(state, cfg, str(checkpoint), clip_path, torch_device)
-        return cls(model, tokenizer, cfg, checkpoint_sha256(checkpoint), str(checkpoint.resolve()), torch_device, grid,
-                   transform, teacher)
+        teacher = _teacher(state, cfg, where, clip_path, torch_device)
+        return cls(model, tokenizer, cfg, saved.sha256, str(path.resolve()), torch_device, grid, transform, teacher,
+                   saved.aliases)
 
     # ---------------------------------------------------------------------------------------------- images
     def prepare(self, image: ImageInput) -> dict[str, Tensor]:

@@ -101,6 +101,29 @@ def load_text_model(text_model: str | None) -> tuple[Path, HFTextModel, HFTokeni
     return model_dir, model, tokenizer, TextFeaturesManifest.of(model_dir, model, tokenizer)
 
 
+def recorded_text_model(record: dict, where: str, text_model: str | None = None
+                        ) -> tuple[HFTextModel, HFTokenizer, TextFeaturesManifest]:
+    """The frozen text model (eval mode) and tokeniser of a locked-text model whose training recorded the manifest
+    ``record`` (a ``TextFeaturesManifest`` dict; ``where`` names its holder). Looked for in ``text_model`` when given,
+    else in the recorded directory when it exists, else in the installed default package; it must be the recorded
+    model (weights, tokeniser, maximum length, width): otherwise ``CheckpointError`` naming each difference."""
+    recorded = TextFeaturesManifest.from_dict(record, where)
+    if text_model is None and Path(recorded.model).is_dir():
+        text_model = recorded.model
+    try:
+        model_dir, model, tokenizer, found = load_text_model(text_model)
+    except ConfigError as error:
+        raise CheckpointError(f"{where} needs its frozen text model ({recorded.model}, weights sha256 "
+                              f"{recorded.weights_sha256[:12]}...), which cannot be loaded: {error}; give "
+                              f"--text-model DIR") from None
+    differences = recorded.differences(found)
+    if differences:
+        raise CheckpointError(f"the text model in {model_dir} is not the frozen text model {where} was trained on "
+                              f"({'; '.join(differences)}; the recorded one first); give --text-model DIR of that "
+                              f"model")
+    return model, tokenizer, found
+
+
 @torch.no_grad()
 def extract_token_features(split: CaptionSplit, model: HFTextModel, tokenizer: HFTokenizer, out_dir: Path,
                            manifest: TextFeaturesManifest, batch_size: int = 128,

@@ -121,7 +121,7 @@ def read_manifest(folder: Path) -> dict:
 def _open_manifest(out: Path, retriever: Retriever, root: Path) -> dict:
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
-        if manifest["checkpoint_sha256"] != retriever.sha256:
+        if manifest["checkpoint_sha256"] not in retriever.identities:
             raise CheckpointError(f"index {out} holds embeddings of checkpoint {manifest['checkpoint']} (sha256 "
                                   f"{manifest['checkpoint_sha256'][:12]}...), not of {retriever.source} (sha256 "
                                   f"{retriever.sha256[:12]}...); use another --out to index with this checkpoint")

@@ -61,16 +61,16 @@ class CollectionIndex:
             self._vectors[kind] = _Vectors(index, ids)
 
     @classmethod
-    def open(cls, folder: Path | str, expected_sha256: str | None = None, expected_from: str = "") -> "CollectionIndex":
-        """The index at ``folder``; ``CheckpointError`` when it is not a finished index or was built by another
-        checkpoint than ``expected_sha256`` (named by ``expected_from``)."""
+    def open(cls, folder: Path | str, expected: Sequence[str] = (), expected_from: str = "") -> "CollectionIndex":
+        """The index at ``folder``; ``CheckpointError`` when it is not a finished index or was built by a model whose
+        sha256 is not one of ``expected`` (a model's identities, named by ``expected_from``; empty: not checked)."""
         folder = Path(folder)
         manifest = read_manifest(folder)
-        if expected_sha256 is not None and manifest["checkpoint_sha256"] != expected_sha256:
+        if expected and manifest["checkpoint_sha256"] not in expected:
             raise CheckpointError(
-                f"index {folder} was built with checkpoint {manifest['checkpoint']} (sha256 "
-                f"{manifest['checkpoint_sha256'][:12]}...); {expected_from or 'the checkpoint given'} has sha256 "
-                f"{expected_sha256[:12]}...: its embeddings are not comparable; search with the index's checkpoint "
+                f"index {folder} was built with model {manifest['checkpoint']} (sha256 "
+                f"{manifest['checkpoint_sha256'][:12]}...); {expected_from or 'the model given'} has sha256 "
+                f"{expected[0][:12]}...: its embeddings are not comparable; search with the index's model "
                 f"or rebuild the index")
         report_path = folder / REPORT
         if not report_path.is_file():
@@ -153,21 +153,22 @@ class Searcher:
     """An index and the retriever of its checkpoint: ``search(text=... | image=... | embedding=... | item=...)``."""
 
     def __init__(self, index: CollectionIndex, retriever: Retriever) -> None:
-        if retriever.sha256 != index.sha256:
+        if index.sha256 not in retriever.identities:
             raise CheckpointError(
-                f"index {index.folder} was built with checkpoint {index.manifest['checkpoint']} (sha256 "
+                f"index {index.folder} was built with model {index.manifest['checkpoint']} (sha256 "
                 f"{index.sha256[:12]}...), not {retriever.source} (sha256 {retriever.sha256[:12]}...): its embeddings "
-                f"are not comparable; search with the index's checkpoint or rebuild the index")
+                f"are not comparable; search with the index's model or rebuild the index")
         self.index, self.retriever = index, retriever
 
     @classmethod
     def open(cls, folder: Path | str, checkpoint: Path | str | None = None, device: str = "auto",
              **retriever_options) -> "Searcher":
-        """The index at ``folder`` with ``checkpoint`` (default: the one it records) loaded as a retriever."""
+        """The index at ``folder`` with ``checkpoint`` (a checkpoint, model directory or shipped model's name;
+        default: the one it records) loaded as a retriever."""
         manifest = read_manifest(Path(folder))
         checkpoint = Path(checkpoint) if checkpoint is not None else Path(manifest["checkpoint"])
         retriever = Retriever.load(checkpoint, device, **retriever_options)
-        return cls(CollectionIndex.open(folder, retriever.sha256, str(checkpoint)), retriever)
+        return cls(CollectionIndex.open(folder, retriever.identities, str(checkpoint)), retriever)
 
     def query_vector(self, text: str | None = None, image: ImageInput | None = None,
                      embedding: list[float] | np.ndarray | None = None, item: int | None = None) -> np.ndarray:
@@ -222,7 +223,7 @@ def open_searchers(folders: dict[str, Path], device: str = "auto") -> dict[str, 
         if checkpoint not in retrievers:
             retrievers[checkpoint] = Retriever.load(checkpoint, device)
         retriever = retrievers[checkpoint]
-        searchers[name] = Searcher(CollectionIndex.open(folder, retriever.sha256, checkpoint), retriever)
+        searchers[name] = Searcher(CollectionIndex.open(folder, retriever.identities, checkpoint), retriever)
     return searchers
 
 
