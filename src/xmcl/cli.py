@@ -333,11 +333,14 @@ def search(index_dir: Path, text: str | None, image: Path | None, k: int, target
     if (text is None) == (image is None):
         raise DataError("give a query text or --image, not both and not neither")
     set_search_threads(1)
-    results = Searcher.open(index_dir, checkpoint, device, text_model=text_model).search(target=target, k=k,
-                                                                                       text=text, image=image)
+    searcher = Searcher.open(index_dir, checkpoint, device, text_model=text_model)
+    results = searcher.search(target=target, k=k, text=text, image=image)
+    warning = searcher.retriever.vocabulary_warning(text) if text is not None else None
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
     if as_json:
         query = {"text": text} if text is not None else {"image": str(image)}
-        click.echo(json.dumps({"query": query, "target": target, "results": results}, indent=1))
+        click.echo(json.dumps({"query": query, "target": target, "results": results, "warning": warning}, indent=1))
     else:
         click.echo(format_results(results))
 

@@ -29,3 +29,22 @@ def copy_images(world: Path, target: Path, names: list[str] | None = None) -> Pa
         folder.mkdir(exist_ok=True)
         shutil.copy2(source, folder / source.name)
     return target
+
+
+BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "an", "the", "red", "green", "blue", "yellow",
+              "circle", "square", "triangle", "small", "large", "big", "left", "right", "of", "and", "on", "above",
+              "below", "next", "to", "is", "there", "with"]
+
+
+def save_tiny_bert(directory: Path, seed: int) -> Path:
+    """A randomly initialised one-layer BERT (8-d states) with a word-level vocabulary, saved as a transformers
+    directory: a frozen text model for the locked-text tests."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(BERT_WORDS), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=64)
+    BertModel(config).save_pretrained(str(directory))
+    BertTokenizer(vocab={w: i for i, w in enumerate(BERT_WORDS)}).save_pretrained(str(directory))
+    return directory

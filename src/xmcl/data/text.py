@@ -134,6 +134,11 @@ class TextTokenizer(ABC):
     def ordinary_ids(self) -> np.ndarray:
         """Ids a random replacement may draw (no special ids)."""
 
+    def unknown_words(self, caption: str) -> list[str]:
+        """The caption's words that the tokenizer maps to its unknown id (none for a subword tokenizer's usual
+        text)."""
+        return []
+
     def encode(self, caption: str, rng: np.random.Generator | None = None) -> list[int]:
         """Ids of the caption with start/end, at most ``max_length`` long; augmented when ``rng`` is given."""
         pieces = self.word_pieces(caption)
@@ -156,6 +161,9 @@ class VocabTokenizer(TextTokenizer):
 
     def word_pieces(self, caption: str) -> list[list[int]]:
         return [[i] for i in self.vocab.encode(word_tokenize(caption))]
+
+    def unknown_words(self, caption: str) -> list[str]:
+        return [word for word in word_tokenize(caption) if word not in self.vocab.index]
 
     def wrap(self, ids: list[int]) -> list[int]:
         return [self.vocab.start_id, *ids, self.vocab.end_id]

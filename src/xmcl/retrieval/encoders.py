@@ -127,6 +127,9 @@ class HFTextModel(nn.Module):
     def __init__(self, model_dir: Path | str, pretrained: bool = True) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # no "Loading weights" bar on every command that loads a model
 
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():

@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from xmcl.data.images import ImageTransform, open_image
-from xmcl.data.text import TextTokenizer, collate_tokens
+from xmcl.data.text import TextTokenizer, collate_tokens, word_tokenize
 from xmcl.errors import CheckpointError, DataError
 from xmcl.nn.backbones import ImageBackbone, build_image_backbone
 from xmcl.retrieval.clip.teacher import CLIPTeacher, load_clip_teacher
@@ -173,6 +173,17 @@ class Retriever:
         return torch.cat(out) if out else torch.zeros((0, self.dim))
 
     # ------------------------------------------------------------------------------------------------ text
+    def vocabulary_warning(self, text: str) -> str | None:
+        """A warning when most of the query's words are unknown to the model's vocabulary (its embedding then
+        says little), else None; only a vocabulary model (BiGRU) has unknown words."""
+        words = [w for w in word_tokenize(text) if any(c.isalnum() for c in w)]
+        unknown = [w for w in self.tokenizer.unknown_words(text) if any(c.isalnum() for c in w)]
+        if not words or 2 * len(unknown) <= len(words):
+            return None
+        shown = ", ".join(dict.fromkeys(unknown[:8]))
+        return (f"{len(unknown)} of the query's {len(words)} words are unknown to this model's vocabulary ({shown}): "
+                f"it was trained on {self.cfg.data.path}, and its results for this query are close to chance")
+
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> Tensor:
         """Captions -> ``(M, dim)`` float32 unit embeddings; an empty caption is a ``DataError``."""

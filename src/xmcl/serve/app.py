@@ -3,7 +3,8 @@
 Routes::
 
     POST /search          JSON {"index", "text" | "embedding" | "item", "k", "target"} or a multipart form with an
-                          "image" file and the same fields -> {"index", "target", "k", "results": [...]}
+                          "image" file and the same fields -> {"index", "target", "k", "results": [...],
+                          "warning": null or why a text query's results say little (words unknown to the model)}
     GET  /items/{id}      an image item's metadata and captions          (?index=NAME, default the first)
     GET  /thumbs/{id}     a JPEG thumbnail of an item's image (?size=)
     GET  /images/{id}     the item's image file
@@ -176,7 +177,8 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
             metrics.observe(name if name in searchers else "?", error.status, time.perf_counter() - began)
             raise
         metrics.observe(name, 200, time.perf_counter() - began)
-        return JSONResponse({"index": name, "target": target, "k": k, "results": results})
+        warning = searcher.retriever.vocabulary_warning(forms["text"]) if isinstance(forms["text"], str) else None
+        return JSONResponse({"index": name, "target": target, "k": k, "results": results, "warning": warning})
 
     @app.get("/items/{item_id}")
     def item(item_id: str, index: str | None = None) -> JSONResponse:

@@ -23,7 +23,8 @@ async function answer(response, began) {
   }
   render(body);
   const ms = Math.round(performance.now() - began);
-  setStatus(`${body.results.length} ${body.target} from index ${body.index} in ${ms} ms`, false);
+  const found = `${body.results.length} ${body.target} from index ${body.index} in ${ms} ms`;
+  setStatus(body.warning ? `${found}. Warning: ${body.warning}` : found, Boolean(body.warning));
 }
 
 async function searchJson(query) {
