@@ -13,6 +13,12 @@ PathArg = click.Path(path_type=Path)
 Positive = click.IntRange(min=1)
 OVERWRITE = click.option("--overwrite", is_flag=True, help="Delete the run already in OUT (checkpoints, log, "
                          "config) and start over; implies --no-resume.")
+MODEL_HELP = "A training checkpoint (best.pt), a model directory (`xmcl export`) or a shipped model's name."
+TEXT_MODEL_OPTION = click.option("--text-model", default=None,
+                                 help="Where the frozen text model of a locked-text model is now (a directory).")
+RUNTIME_OPTION = click.option("--runtime", type=click.Choice(["torch", "onnx", "onnx-int8"]), default="torch",
+                              show_default=True, help="onnx / onnx-int8: the ONNX graphs of a model directory "
+                              "exported with --onnx (--quantize int8), under ONNX Runtime.")
 
 
 class _Group(click.Group):
@@ -159,7 +165,7 @@ def train_clip(data_path: Path | None, config_path: Path | None, overrides: tupl
 
 # ------------------------------------------------------------------------------------- evaluate
 @main.command()
-@click.option("--checkpoint", type=PathArg, required=True)
+@click.option("--checkpoint", type=PathArg, required=True, help=MODEL_HELP)
 @click.option("--data", "data_path", type=PathArg, default=None,
               help="Corpus to evaluate on (default: the one the model was trained on).")
 @click.option("--split", default="val", show_default=True)
@@ -169,8 +175,10 @@ def train_clip(data_path: Path | None, config_path: Path | None, overrides: tupl
 @click.option("--device", default="auto", show_default=True)
 @click.option("--allow-feature-mismatch", is_flag=True,
               help="Evaluate on region features made otherwise than the training ones (backbone, weights, size).")
+@RUNTIME_OPTION
+@click.option("--threads", type=Positive, default=1, show_default=True, help="ONNX Runtime threads.")
 def evaluate(checkpoint: Path, data_path: Path | None, split: str, protocols: tuple[str, ...], out: Path | None,
-             device: str, allow_feature_mismatch: bool) -> None:
+             device: str, allow_feature_mismatch: bool, runtime: str, threads: int) -> None:
     """Evaluate a trained model: R@1/5/10 both directions, median/mean rank, rSum."""
     from xmcl.metrics.retrieval import format_table, protocol_warnings, save_json
     from xmcl.retrieval.inference import evaluate_checkpoint
@@ -179,7 +187,7 @@ def evaluate(checkpoint: Path, data_path: Path | None, split: str, protocols: tu
     if out is not None:
         check_output_file(out, "--out")
     results = evaluate_checkpoint(checkpoint, data_path, split, protocols, device=device,
-                                  allow_feature_mismatch=allow_feature_mismatch)
+                                  allow_feature_mismatch=allow_feature_mismatch, runtime=runtime, threads=threads)
     for warning in protocol_warnings(results):
         click.echo(f"warning: {warning}", err=True)
     click.echo(format_table(results, label="protocol"))
@@ -251,19 +259,20 @@ def distill_probe(config_path: Path, overrides: tuple[str, ...], checkpoint: Pat
 @main.command()
 @click.argument("checkpoint", type=PathArg)
 @click.option("--out", type=PathArg, required=True, help="Model directory to write (appears whole or not at all).")
+@click.option("--onnx", is_flag=True, help="Also write the encoders as ONNX graphs (for --runtime onnx).")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Also write ONNX Runtime's dynamic int8 quantization of the graphs (for --runtime onnx-int8).")
 @click.option("--overwrite", is_flag=True, help="Replace a model directory already in OUT.")
-def export(checkpoint: Path, out: Path, overwrite: bool) -> None:
-    """Write a trained model as a directory that loads without the training code: config.json, model.safetensors
-    (the encoders only), the vocabulary or tokenizer files, and a model card (README.md)."""
+def export(checkpoint: Path, out: Path, onnx: bool, quantize: str | None, overwrite: bool) -> None:
+    """Write a trained model (a checkpoint, or a model directory) as a directory that loads without the training
+    code: config.json, model.safetensors (the encoders only), the vocabulary or tokenizer files, a model card
+    (README.md) and, with --onnx, the encoders' ONNX graphs."""
     from xmcl.retrieval.export import export_model_dir
 
-    click.echo(f"wrote {export_model_dir(checkpoint, out, overwrite=overwrite)}")
+    click.echo(f"wrote {export_model_dir(checkpoint, out, overwrite=overwrite, onnx=onnx, quantize=bool(quantize))}")
 
 
 # ---------------------------------------------------------------------------------------- search
-MODEL_HELP = "A training checkpoint (best.pt), a model directory (`xmcl export`) or a shipped model's name."
-TEXT_MODEL_OPTION = click.option("--text-model", default=None,
-                                 help="Where the frozen text model of a locked-text model is now (a directory).")
 
 
 @main.command("index")
@@ -290,21 +299,24 @@ TEXT_MODEL_OPTION = click.option("--text-model", default=None,
 @TEXT_MODEL_OPTION
 @click.option("--allow-mismatch", is_flag=True,
               help="Encode with a backbone, weights or image size other than the checkpoint's features were made with.")
+@RUNTIME_OPTION
+@click.option("--threads", type=Positive, default=None, help="ONNX Runtime threads (default: the usable cores).")
 def index_command(checkpoint: Path, images: Path, out: Path, captions: Path | None, device: str, batch_size: int,
                   workers: int, shard_size: int, index_type: str, memory_budget: str | None, recall_target: float,
                   backbone: str | None, backbone_weights: str | None, image_size: int | None, clip_path: str | None,
-                  text_model: str | None, allow_mismatch: bool) -> None:
+                  text_model: str | None, allow_mismatch: bool, runtime: str, threads: int | None) -> None:
     """Encode a folder of images (and captions) with a trained model and index it (resumable, incremental)."""
     from xmcl.retrieval.index.build import IndexOptions, build_index, format_report, rank_device
     from xmcl.retrieval.index.vectors import parse_size
     from xmcl.retrieval.retriever import Retriever
+    from xmcl.runtime.device import usable_cores
 
     options = IndexOptions(shard_size=shard_size, batch_size=batch_size, num_workers=workers, index_type=index_type,
                            memory_budget=parse_size(memory_budget) if memory_budget else None,
                            recall_target=recall_target)
-    retriever = Retriever.load(checkpoint, rank_device(device), backbone=backbone, backbone_weights=backbone_weights,
-                               image_size=image_size, clip_path=clip_path, text_model=text_model,
-                               allow_mismatch=allow_mismatch)
+    retriever = Retriever.load(checkpoint, rank_device(device), runtime=runtime, threads=threads or usable_cores(),
+                               backbone=backbone, backbone_weights=backbone_weights, image_size=image_size,
+                               clip_path=clip_path, text_model=text_model, allow_mismatch=allow_mismatch)
     report = build_index(retriever, images, out, captions, options)
     if report:
         click.echo(format_report(report, out))
@@ -320,9 +332,10 @@ def index_command(checkpoint: Path, images: Path, out: Path, captions: Path | No
 @click.option("--json", "as_json", is_flag=True, help="Print {query, target, results: [...]} as JSON.")
 @click.option("--checkpoint", type=PathArg, default=None, help=f"{MODEL_HELP} Default: the one the index records.")
 @TEXT_MODEL_OPTION
+@RUNTIME_OPTION
 @click.option("--device", default="auto", show_default=True)
 def search(index_dir: Path, text: str | None, image: Path | None, k: int, target: str, as_json: bool,
-           checkpoint: Path | None, text_model: str | None, device: str) -> None:
+           checkpoint: Path | None, text_model: str | None, runtime: str, device: str) -> None:
     """Search an index by a text ("a dog jumps over a fence") or by an image (--image q.jpg)."""
     import json
 
@@ -333,7 +346,7 @@ def search(index_dir: Path, text: str | None, image: Path | None, k: int, target
     if (text is None) == (image is None):
         raise DataError("give a query text or --image, not both and not neither")
     set_search_threads(1)
-    searcher = Searcher.open(index_dir, checkpoint, device, text_model=text_model)
+    searcher = Searcher.open(index_dir, checkpoint, device, text_model=text_model, runtime=runtime)
     results = searcher.search(target=target, k=k, text=text, image=image)
     warning = searcher.retriever.vocabulary_warning(text) if text is not None else None
     if warning:
@@ -352,12 +365,14 @@ def search(index_dir: Path, text: str | None, image: Path | None, k: int, target
 @click.option("--device", default="auto", show_default=True)
 @click.option("--max-upload-mb", type=float, default=10.0, show_default=True, help="Largest image upload accepted.")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch and FAISS threads per query.")
-def serve(indexes: tuple[str, ...], host: str, port: int, device: str, max_upload_mb: float, threads: int) -> None:
+@RUNTIME_OPTION
+def serve(indexes: tuple[str, ...], host: str, port: int, device: str, max_upload_mb: float, threads: int,
+          runtime: str) -> None:
     """Serve indexes over HTTP (POST /search, GET /items/ID, /thumbs/ID, /healthz, /metrics) and the page at /."""
     from xmcl.retrieval.index.search import open_searchers, parse_index_specs
     from xmcl.serve.app import serve as run_server
 
-    searchers = open_searchers(parse_index_specs(indexes), device)
+    searchers = open_searchers(parse_index_specs(indexes), device, runtime=runtime, threads=threads)
     click.echo(f"serving {', '.join(searchers)} on http://{host}:{port}/")
     run_server(searchers, host, port, int(max_upload_mb * (1 << 20)), threads)
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from xmcl.errors import ConfigError
-from xmcl.nn.sequence import BiGRU, length_mask
+from xmcl.nn.sequence import BiGRU, all_valid, length_mask
 
 
 def positional_encoding(length: int, dim: int, device: torch.device | None = None) -> Tensor:
@@ -51,7 +51,7 @@ class MeanPooling(nn.Module):
 
     def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
         mask = length_mask(lengths.to(features.device), features.size(1)).unsqueeze(-1)
-        total = features.sum(dim=1) if bool(mask.all()) else features.masked_fill(~mask, 0).sum(dim=1)
+        total = features.sum(dim=1) if all_valid(mask) else features.masked_fill(~mask, 0).sum(dim=1)
         return total / lengths.to(features.device, features.dtype).unsqueeze(1)
 
 
@@ -100,12 +100,36 @@ class GPO(nn.Module):
         max_len = features.size(1)
         mask = length_mask(lengths.to(features.device), max_len).unsqueeze(-1)
         weights = self.pool_weights(lengths, max_len).to(features.dtype)
-        if bool(mask.all()):  # nothing padded (grid cells): no masking
+        if all_valid(mask):  # nothing padded (grid cells): no masking
             return (features.gather(1, descending_order(features)) * weights.unsqueeze(-1)).sum(dim=1)
         keys = features.detach().masked_fill(~mask, float("-inf"))
         ranked = features.gather(1, descending_order(keys))
         ranked = ranked.masked_fill(~mask, 0)  # the valid values occupy ranks 0..n-1; a pad's weight is 0 anyway
         return (ranked * weights.unsqueeze(-1)).sum(dim=1)
+
+
+class TabulatedGPO(nn.Module):
+    """A trained GPO with its weights tabulated, for export: ``table[n - 1, :n]`` holds ``theta`` for a set of ``n``
+    features (``GPO.pool_weights``; zero beyond ``n``), so the pooling is a sort, a lookup and a weighted sum, with
+    no recurrence and no data-dependent branch. Same ``forward`` contract and result as the GPO it was made from,
+    for sets of up to ``table.shape[0]`` features."""
+
+    def __init__(self, table: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("table", table)
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, gpo: GPO, max_len: int) -> "TabulatedGPO":
+        lengths = torch.arange(1, max_len + 1, device=gpo.scorer.weight.device)
+        return cls(gpo.pool_weights(lengths, max_len).float())
+
+    def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
+        max_len = features.size(1)
+        mask = length_mask(lengths.to(features.device), max_len).unsqueeze(-1)
+        ranked = torch.sort(features.masked_fill(~mask, float("-inf")), dim=1, descending=True).values
+        weights = self.table[lengths.to(self.table.device) - 1, :max_len].to(features.dtype)
+        return (ranked.masked_fill(~mask, 0) * weights.unsqueeze(-1)).sum(dim=1)
 
 
 def build_pooling(name: str) -> nn.Module:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from xmcl.errors import ConfigError
 from xmcl.nn.global_batchnorm import GlobalBatchNorm1d
-from xmcl.nn.sequence import length_mask
+from xmcl.nn.sequence import all_valid, length_mask
 
 HEAD_INITS = ("xavier_kaiming", "pytorch")
 
@@ -49,7 +49,7 @@ class ProjectionHead(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         mask = None if lengths is None else length_mask(lengths.to(x.device), x.size(1))
-        if mask is None or bool(mask.all()):  # nothing padded: no gather and scatter
+        if mask is None or all_valid(mask):  # nothing padded: no gather and scatter
             flat = x.reshape(-1, x.size(-1))
             return (self.fc(flat) + self.mlp(flat)).reshape(*x.shape[:-1], self.out_dim)
         valid = x[mask]  # (N_valid, D_in): the only rows the normalisation sees

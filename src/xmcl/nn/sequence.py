@@ -28,6 +28,13 @@ def length_mask(lengths: Tensor, max_len: int) -> Tensor:
     return positions.unsqueeze(0) < lengths.to(positions.device).unsqueeze(1)
 
 
+def all_valid(mask: Tensor) -> bool:
+    """True when no position of ``mask`` is padding, for the fast paths that skip masking. Always False while a
+    graph is traced for export (``torch.jit.is_tracing``): a traced branch is fixed for every later input, so the
+    traced graph must take the path that masks."""
+    return not torch.jit.is_tracing() and bool(mask.all())
+
+
 class BiGRU(nn.Module):
     """Bidirectional GRU over padded sequences (packed, so padding never reaches the recurrence).
 

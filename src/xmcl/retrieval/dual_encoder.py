@@ -20,6 +20,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from xmcl.data.images import Normalization
 from xmcl.errors import CheckpointError, DataError, brief
 from xmcl.retrieval.config import RetrievalModelConfig
 from xmcl.retrieval.encoders import HFTextModel, build_image_encoder, build_text_encoder
@@ -54,6 +55,12 @@ class DualEncoder(nn.Module):
     def locked_text(self) -> bool:
         """True when the text tower reads a frozen text model's states (``model.text_input="token_features"``)."""
         return self.cfg.text_input == "token_features"
+
+    @property
+    def image_normalization(self) -> Normalization | None:
+        """The pixel normalisation of the image backbone (None for a region-feature model)."""
+        backbone = self.image_encoder.backbone
+        return backbone.normalization if backbone is not None else None
 
     def train(self, mode: bool = True) -> "DualEncoder":
         """As ``nn.Module.train``; the frozen text model stays in eval mode (no dropout)."""

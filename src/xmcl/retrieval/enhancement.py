@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from xmcl.nn.dropout import Dropout
 from xmcl.nn.global_batchnorm import GlobalBatchNorm1d
 from xmcl.nn.gpo import MeanPooling
-from xmcl.nn.sequence import length_mask
+from xmcl.nn.sequence import all_valid, length_mask
 
 
 def guided_enhancement(local: Tensor, lengths: Tensor, guide: Tensor, lam: float = 1.0) -> Tensor:
@@ -56,7 +56,7 @@ class SGE(nn.Module):
         """``(B, R)`` weights ``w`` over the locals (0 at padded positions)."""
         mask = length_mask(lengths.to(local.device), local.size(1))
         gate = self.global_branch(MeanPooling()(local, lengths))  # (B, d)
-        if bool(mask.all()):  # nothing padded: every (b, i) is valid, no gather and scatter
+        if all_valid(mask):  # nothing padded: every (b, i) is valid, no gather and scatter
             hidden = self.local_branch(local.reshape(-1, local.size(-1))).view_as(local)  # BN over (B * R, d)
             return torch.softmax(self.scorer(hidden * gate.unsqueeze(1)).squeeze(-1), dim=1)
         rows = mask.nonzero(as_tuple=True)  # the valid (b, i) pairs: BN sees only these
@@ -69,7 +69,7 @@ class SGE(nn.Module):
         """``(B, d)`` L2-normalised self-guide ``g``."""
         mask = length_mask(lengths.to(local.device), local.size(1))
         weights = self.attention(local, lengths)
-        valid = local if bool(mask.all()) else local.masked_fill(~mask.unsqueeze(-1), 0)
+        valid = local if all_valid(mask) else local.masked_fill(~mask.unsqueeze(-1), 0)
         pooled = torch.einsum("br,brd->bd", weights, valid)
         return F.normalize(pooled, p=2, dim=-1)
 

@@ -1,5 +1,5 @@
-"""``xmcl export``: a training checkpoint -> a model directory (``xmcl.retrieval.model_dir`` gives the layout and
-reads it back) with its model card."""
+"""``xmcl export``: a training checkpoint (or a model directory) -> a model directory (``xmcl.retrieval.model_dir``
+gives the layout and reads it back) with its model card, and optionally its ONNX graphs (``onnx_export``)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ import torch
 import yaml
 
 from xmcl.config import config_to_dict
-from xmcl.errors import CheckpointError
-from xmcl.retrieval.inference import load_retrieval_checkpoint, model_from_state
-from xmcl.retrieval.model_dir import (CARD_FILE, CONFIG_FILE, MODEL_FORMAT, TEXT_MODEL_DIR, VOCAB_FILE,
-                                      WEIGHTS_FILE, file_sha256)
+from xmcl.data.text import HFTokenizer
+from xmcl.errors import CheckpointError, ConfigError
+from xmcl.retrieval.inference import SavedModel, model_from_state, open_saved_model
+from xmcl.retrieval.model_dir import (CARD_FILE, CONFIG_FILE, MODEL_FORMAT, TEXT_MODEL_DIR, TOKENIZER_DIR,
+                                      VOCAB_FILE, WEIGHTS_FILE, file_sha256, is_model_dir)
+from xmcl.retrieval.onnx_export import OPSET, export_encoders
+from xmcl.retrieval.retriever import Retriever
 from xmcl.runtime.files import atomic_directory, check_output_dir
 from xmcl.runtime.log import read_jsonl
 
@@ -23,31 +26,57 @@ _HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_
              "vocab.json", "merges.txt", "spiece.model")
 
 
-def export_model_dir(checkpoint: Path | str, out: Path | str, overwrite: bool = False) -> Path:
-    """Write the model directory of a training checkpoint to ``out`` (see the module docstring); ``out`` appears
-    whole or not at all. A folder already there is refused unless ``overwrite`` (then replaced)."""
-    checkpoint, out = Path(checkpoint), Path(out)
+def export_model_dir(source: Path | str, out: Path | str, overwrite: bool = False, onnx: bool = False,
+                     quantize: bool = False) -> Path:
+    """Write the model directory of ``source`` (a training checkpoint, or a model directory to export again, e.g.
+    with ONNX graphs) to ``out`` (see ``xmcl.retrieval.model_dir``); ``out`` appears whole or not at all. A folder
+    already there is refused unless ``overwrite`` (then replaced). ``onnx``: also the ONNX graphs of the encoders
+    (``xmcl.retrieval.onnx_export``) and the tokenizer files they need; ``quantize``: their dynamic-int8 twins."""
+    out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CheckpointError(f"{out} already exists; give another --out or pass --overwrite to replace it")
+    if quantize and not onnx:
+        raise ConfigError("--quantize int8 quantizes the ONNX graphs: pass --onnx too")
     check_output_dir(out.parent, "the folder of --out")
-    state = load_retrieval_checkpoint(checkpoint)
-    model, tokenizer, cfg = model_from_state(state, str(checkpoint), torch.device("cpu"))
+    saved = open_saved_model(source)
+    model, tokenizer, cfg = model_from_state(saved.state, str(saved.path), torch.device("cpu"))
     with atomic_directory(out, replace=overwrite) as staging:
         weights = {key: value.detach().contiguous().clone() for key, value in model.encoder_state_dict().items()}
         (staging / WEIGHTS_FILE).write_bytes(safetensors.torch.save(weights))
-        if state.get("vocab"):
-            (staging / VOCAB_FILE).write_text(json.dumps({"words": state["vocab"]}, ensure_ascii=False),
+        if saved.state.get("vocab"):
+            (staging / VOCAB_FILE).write_text(json.dumps({"words": saved.state["vocab"]}, ensure_ascii=False),
                                               encoding="utf-8")
-        if cfg.model.text_encoder == "bert" and cfg.model.text_input == "tokens":
+        fine_tuned_text = cfg.model.text_encoder == "bert" and cfg.model.text_input == "tokens"
+        if fine_tuned_text:
             _copy_hf_files(Path(tokenizer.tokenizer.name_or_path), staging / TEXT_MODEL_DIR)
+        graphs = _export_onnx(saved.path, staging, quantize, fine_tuned_text) if onnx else None
         files = {p.relative_to(staging).as_posix(): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-        trained = _training_record(checkpoint, state)
         config = {"format": MODEL_FORMAT, "embed_dim": cfg.model.embed_dim, "config": config_to_dict(cfg),
-                  "inputs": state.get("inputs") or {}, "tokenizer": _tokenizer_record(cfg, tokenizer),
-                  "files": files, "trained": trained}
+                  "inputs": saved.state.get("inputs") or {}, "tokenizer": _tokenizer_record(cfg, tokenizer),
+                  "files": files, "onnx": graphs, "trained": _training_record(saved)}
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=1), encoding="utf-8")
         (staging / CARD_FILE).write_text(model_card(out.name, config), encoding="utf-8")
     return out
+
+
+def _export_onnx(source: Path, staging: Path, quantize: bool, fine_tuned_text: bool) -> dict:
+    """The ONNX graphs of the model at ``source`` in ``staging`` (traced from its torch retriever, frozen text model
+    and backbone included), the tokenizer files beside them, and their record for ``config.json``."""
+    retriever = Retriever.load(source, "cpu")
+    tokenizer_dir = TEXT_MODEL_DIR if fine_tuned_text else None
+    if isinstance(retriever.tokenizer, HFTokenizer) and not fine_tuned_text:
+        tokenizer_dir = TOKENIZER_DIR
+        _copy_hf_files(Path(retriever.tokenizer.tokenizer.name_or_path), staging / TOKENIZER_DIR)
+    grid = retriever.grid
+    size = grid.image_size if grid is not None else retriever.cfg.data.image_size
+    written = export_encoders(retriever.model, retriever.tokenizer.max_length, size, staging,
+                              grid.network if grid is not None else None, quantize)
+    normalization = None
+    if retriever.transform is not None:
+        normalization = {"mean": retriever.transform.mean.flatten().tolist(),
+                         "std": retriever.transform.std.flatten().tolist()}
+    return {"graphs": [path.name for path in written], "int8": quantize, "opset": OPSET, "image_size": size,
+            "normalization": normalization, "tokenizer": tokenizer_dir}
 
 
 def _copy_hf_files(source: Path, target: Path) -> None:
@@ -64,9 +93,13 @@ def _tokenizer_record(cfg, tokenizer) -> dict:
     return {"kind": "huggingface", "files": where, "max_length": tokenizer.max_length}
 
 
-def _training_record(checkpoint: Path, state: dict) -> dict:
-    """The source checkpoint, its sha256, the epoch it holds and the validation figures of that epoch from the run's
-    ``log.jsonl`` beside it (None when the log is not there)."""
+def _training_record(saved: SavedModel) -> dict:
+    """Where the weights were trained: the source checkpoint, its sha256, the epoch it holds and the validation
+    figures of that epoch from the run's ``log.jsonl`` beside it (None when the log is not there); a model directory
+    exported again keeps its record."""
+    if is_model_dir(saved.path):
+        return json.loads((saved.path / CONFIG_FILE).read_text(encoding="utf-8"))["trained"]
+    state, checkpoint = saved.state, saved.path
     epoch = state.get("best_epoch") if checkpoint.name == "best.pt" else state.get("epoch")
     val = None
     log = checkpoint.parent / "log.jsonl"
@@ -74,7 +107,7 @@ def _training_record(checkpoint: Path, state: dict) -> dict:
         for record in read_jsonl(log):
             if record.get("epoch") == epoch and "val_rsum" in record:
                 val = {key[len("val_"):]: value for key, value in record.items() if key.startswith("val_")}
-    return {"checkpoint": checkpoint.name, "checkpoint_sha256": file_sha256(checkpoint), "epoch": epoch,
+    return {"checkpoint": checkpoint.name, "checkpoint_sha256": saved.sha256, "epoch": epoch,
             "val_rsum": state.get("best_rsum"), "val": val}
 
 

@@ -125,6 +125,19 @@ def write_features_manifest(folder: Path, manifest: FeaturesManifest) -> Path:
     return path
 
 
+class StoredGrid(torch.nn.Module):
+    """uint8 pixels ``(B, S, S, 3)`` -> the grid features of ``backbone`` as the feature files store them:
+    ``(B, h * w, C)`` float32 holding float16 values (normalised, the last feature map's cells, rounded)."""
+
+    def __init__(self, backbone: ImageBackbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        fmap = self.backbone(self.backbone.preprocess(pixels))
+        return fmap.flatten(2).transpose(1, 2).half().float()
+
+
 class _ImageFiles(Dataset):
     """Decodes image files to uint8 tensors (size, size, 3) with "" (or, for a file that cannot be decoded, a
     blank image with the reason); run in DataLoader workers."""

@@ -30,6 +30,7 @@ from xmcl.retrieval.config import RetrievalModelConfig, RetrievalTrainConfig
 from xmcl.retrieval.grid_features import FeaturesManifest, check_features_match, read_features_manifest
 from xmcl.retrieval.dual_encoder import DualEncoder, encoder_weights
 from xmcl.retrieval.model_dir import file_sha256, find_model, is_model_dir, read_model_dir
+from xmcl.retrieval.onnx_runtime import OnnxEncoders, check_runtime, load_onnx_encoders
 from xmcl.retrieval.token_features import attach_token_features, read_text_manifest, recorded_text_model
 from xmcl.runtime.checkpoint import load_checkpoint
 from xmcl.runtime.device import resolve_device
@@ -46,12 +47,12 @@ def build_tokenizer(model_cfg: RetrievalModelConfig, max_tokens: int, vocab: Voc
     return VocabTokenizer(vocab, max_length=max_tokens)
 
 
-def image_transform(model_cfg: RetrievalModelConfig, model: DualEncoder, size: int, train: bool
+def image_transform(model_cfg: RetrievalModelConfig, model: DualEncoder | OnnxEncoders, size: int, train: bool
                     ) -> ImageTransform | None:
     """The pixel preprocessing of the model's backbone (None when the model reads region features)."""
     if model_cfg.image_input != "images":
         return None
-    return ImageTransform(size, model.image_encoder.backbone.normalization, train=train)
+    return ImageTransform(size, model.image_normalization, train=train)
 
 
 def check_input(split: CaptionSplit, model_cfg: RetrievalModelConfig) -> None:
@@ -110,7 +111,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 @torch.no_grad()
-def encode_split(model: DualEncoder, split: CaptionSplit, tokenizer: TextTokenizer,
+def encode_split(model: DualEncoder | OnnxEncoders, split: CaptionSplit, tokenizer: TextTokenizer,
                  transform: ImageTransform | None, device: torch.device, batch_size: int = 256,
                  num_workers: int = 0, guides: SplitGuides | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit embeddings of every image (N, d) and caption (M, d) of the split, by the online encoders
@@ -197,32 +198,43 @@ def load_trained(checkpoint: Path, device: torch.device) -> tuple[DualEncoder, T
 
 
 def embed_checkpoint(checkpoint: Path, data_path: Path | None, split: str, device: str | torch.device = "auto",
-                     allow_feature_mismatch: bool = False
+                     allow_feature_mismatch: bool = False, runtime: str = "torch", threads: int = 1
                      ) -> tuple[torch.Tensor, torch.Tensor, CaptionSplit, RetrievalTrainConfig]:
     """Image (N, d) and caption (M, d) unit embeddings of ``split`` of ``data_path`` (default: the model's
-    training corpus) by a trained model, with the split and the model's config. Region features made otherwise
-    than the training ones are refused unless ``allow_feature_mismatch`` (``check_corpus_features``).
+    training corpus) by a trained model (a checkpoint, model directory or shipped model's name), with the split and
+    the model's config. Region features made otherwise than the training ones are refused unless
+    ``allow_feature_mismatch`` (``check_corpus_features``). ``runtime``: ``"torch"``, or ``"onnx"`` / ``"onnx-int8"``
+    (a model directory's ONNX graphs on ``threads`` threads; a locked-text model's graph reads the captions' token
+    ids, not the cached states).
 
     With CGE, the CLIP embeddings come from the model's cache; images or captions it lacks are encoded by the
     CLIP teacher (``model.clip_path``), which must be the checkpoint the model was trained with."""
-    torch_device = resolve_device(device)
-    state = open_saved_model(checkpoint).state
-    model, tokenizer, cfg = model_from_state(state, str(checkpoint), torch_device)
+    check_runtime(runtime)
+    saved = open_saved_model(checkpoint)
+    where = str(saved.path)
+    if runtime == "torch":
+        torch_device = resolve_device(device)
+        model, tokenizer, cfg = model_from_state(saved.state, where, torch_device)
+    else:
+        torch_device = torch.device("cpu")
+        model, tokenizer, cfg, _ = load_onnx_encoders(saved.path, saved.state, runtime == "onnx-int8", threads)
     folder = data_path if data_path is not None else cfg.data.path
-    corpus = open_split(folder, split, key=None if data_path is not None else f"data.path of {checkpoint}")
-    if cfg.model.text_input == "token_features":  # locked text: the cached states beside the features
+    corpus = open_split(folder, split, key=None if data_path is not None else f"data.path of {where}")
+    if cfg.model.text_input == "token_features" and runtime == "torch":  # locked text: the cached states
         (corpus,) = attach_token_features([corpus], folder, cfg.model.text_model)
     check_input(corpus, cfg.model)
-    check_corpus_features(state, corpus, str(checkpoint), allow_feature_mismatch)
+    check_corpus_features(saved.state, corpus, where, allow_feature_mismatch)
     guides = split_guides(cfg.model, corpus, torch_device, compute_missing=True,
-                          trained_sha256=state.get("clip_sha256"))
+                          trained_sha256=saved.state.get("clip_sha256"))
     transform = image_transform(cfg.model, model, cfg.data.image_size, train=False)
     img, txt = encode_split(model, corpus, tokenizer, transform, torch_device, guides=guides)
     return img, txt, corpus, cfg
 
 
 def evaluate_checkpoint(checkpoint: Path, data_path: Path | None, split: str, protocols: Iterable[str],
-                        device: str = "auto", allow_feature_mismatch: bool = False) -> dict[str, Metrics]:
+                        device: str = "auto", allow_feature_mismatch: bool = False, runtime: str = "torch",
+                        threads: int = 1) -> dict[str, Metrics]:
     """Metrics per protocol of a trained model on ``split`` of ``data_path`` (see ``embed_checkpoint``)."""
-    img, txt, corpus, _ = embed_checkpoint(checkpoint, data_path, split, device, allow_feature_mismatch)
+    img, txt, corpus, _ = embed_checkpoint(checkpoint, data_path, split, device, allow_feature_mismatch, runtime,
+                                           threads)
     return evaluate_embeddings(img, txt, corpus.caption_image, protocols=tuple(protocols))

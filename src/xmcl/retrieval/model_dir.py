@@ -9,6 +9,8 @@ Layout (written by ``xmcl.retrieval.export``)::
     vocab.json         the BiGRU's vocabulary (vocabulary models only)
     text_model/        the BERT-family config and tokenizer files of a model whose text model was fine-tuned (its
                         weights are in model.safetensors)
+    *.onnx             with ``--onnx``: the encoders' ONNX graphs (``xmcl.retrieval.onnx_export``; ``onnx`` in
+                        config.json lists them), and tokenizer/, the tokenizer files they need
     README.md          the model card
 
 Frozen parts that come from their own files (the ImageNet EfficientNet-Lite0 behind region features, the frozen
@@ -35,6 +37,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 VOCAB_FILE = "vocab.json"
 TEXT_MODEL_DIR = "text_model"
+TOKENIZER_DIR = "tokenizer"
 CARD_FILE = "README.md"
 SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "models"  # model directories installed with the package
 

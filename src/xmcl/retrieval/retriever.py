@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,12 +34,13 @@ from torch import Tensor
 from xmcl.data.images import ImageTransform, open_image
 from xmcl.data.text import TextTokenizer, collate_tokens, word_tokenize
 from xmcl.errors import CheckpointError, DataError
-from xmcl.nn.backbones import ImageBackbone, build_image_backbone
+from xmcl.nn.backbones import build_image_backbone
 from xmcl.retrieval.clip.teacher import CLIPTeacher, load_clip_teacher
 from xmcl.retrieval.config import RetrievalTrainConfig
-from xmcl.retrieval.grid_features import FeaturesManifest, check_features_match
 from xmcl.retrieval.dual_encoder import DualEncoder
+from xmcl.retrieval.grid_features import FeaturesManifest, StoredGrid, check_features_match
 from xmcl.retrieval.inference import model_from_state, open_saved_model, recorded_features
+from xmcl.retrieval.onnx_runtime import OnnxEncoders, OnnxGridFeatures, check_runtime, load_onnx_encoders
 from xmcl.runtime.device import resolve_device
 
 ImageInput = Image.Image | np.ndarray | Path | str
@@ -76,11 +77,12 @@ def as_rgb(image: ImageInput) -> Image.Image:
 
 
 class GridFeaturePipeline:
-    """Raw image -> the grid features ``xmcl features`` would have stored for it (float16-rounded, ``(R, C)``)."""
+    """Raw image -> the grid features ``xmcl features`` would have stored for it (float16-rounded, ``(R, C)``), by
+    ``network``: uint8 pixels ``(B, S, S, 3)`` -> ``(B, R, C)`` (``StoredGrid`` of the torch backbone, or its ONNX
+    graph ``OnnxGridFeatures``)."""
 
-    def __init__(self, backbone: ImageBackbone, image_size: int, device: torch.device) -> None:
-        self.backbone = backbone.to(device).eval().requires_grad_(False)
-        self.image_size, self.device = image_size, device
+    def __init__(self, network: Callable[[Tensor], Tensor], image_size: int, device: torch.device) -> None:
+        self.network, self.image_size, self.device = network, image_size, device
 
     def prepare(self, image: ImageInput) -> Tensor:
         """uint8 ``(S, S, 3)``: resized without keeping the aspect ratio, as ``grid_features`` does."""
@@ -90,8 +92,7 @@ class GridFeaturePipeline:
     @torch.no_grad()
     def features(self, pixels: Tensor) -> Tensor:
         """``(B, S, S, 3)`` uint8 -> ``(B, h * w, C)`` float32 holding float16 values."""
-        fmap = self.backbone(self.backbone.preprocess(pixels.to(self.device)))
-        return fmap.flatten(2).transpose(1, 2).half().float()
+        return self.network(pixels.to(self.device))
 
 
 class Retriever:
@@ -102,7 +103,7 @@ class Retriever:
     the checkpoint it was exported from); ``dim`` is the embedding width.
     """
 
-    def __init__(self, model: DualEncoder, tokenizer: TextTokenizer, cfg: RetrievalTrainConfig, sha256: str,
+    def __init__(self, model: DualEncoder | OnnxEncoders, tokenizer: TextTokenizer, cfg: RetrievalTrainConfig, sha256: str,
                  source: str, device: torch.device, grid: GridFeaturePipeline | None,
                  transform: ImageTransform | None, teacher: CLIPTeacher | None,
                  aliases: tuple[str, ...] = ()) -> None:
@@ -113,34 +114,42 @@ class Retriever:
         self.dim = cfg.model.embed_dim
 
     @classmethod
-    def load(cls, path: Path | str, device: str | torch.device = "auto", *, backbone: str | None = None,
-             backbone_weights: str | None = None, image_size: int | None = None, clip_path: str | None = None,
-             text_model: str | None = None, allow_mismatch: bool = False) -> "Retriever":
+    def load(cls, path: Path | str, device: str | torch.device = "auto", *, runtime: str = "torch", threads: int = 1,
+             backbone: str | None = None, backbone_weights: str | None = None, image_size: int | None = None,
+             clip_path: str | None = None, text_model: str | None = None,
+             allow_mismatch: bool = False) -> "Retriever":
         """The retriever of a training checkpoint, a model directory or a shipped model's name (see the module
-        docstring). ``backbone`` / ``backbone_weights`` / ``image_size`` override what the features manifest
-        records (a moved weights file, say); a result that differs from the manifest is refused unless
-        ``allow_mismatch``. ``clip_path`` overrides the CGE teacher's recorded path and ``text_model`` the frozen
-        text model's directory (each must still hash to the recorded one)."""
+        docstring). ``runtime``: ``"torch"``, or ``"onnx"`` / ``"onnx-int8"``: the ONNX graphs of a model directory
+        exported with ``--onnx`` (``--quantize int8``) under ONNX Runtime on ``threads`` threads, on the CPU.
+        ``backbone`` / ``backbone_weights`` / ``image_size`` override what the features manifest records (a moved
+        weights file, say); a result that differs from the manifest is refused unless ``allow_mismatch``.
+        ``clip_path`` overrides the CGE teacher's recorded path and ``text_model`` the frozen text model's directory
+        (each must still hash to the recorded one)."""
+        check_runtime(runtime)
         saved = open_saved_model(path)
-        torch_device = resolve_device(device)
-        state, path, where = saved.state, saved.path, str(saved.path)
-        model, tokenizer, cfg = model_from_state(state, where, torch_device, with_text_model=True,
-                                                 text_model=text_model)
+        state, where = saved.state, str(saved.path)
+        if runtime == "torch":
+            torch_device = resolve_device(device)
+            model, tokenizer, cfg = model_from_state(state, where, torch_device, with_text_model=True,
+                                                     text_model=text_model)
+        else:
+            torch_device = torch.device("cpu")
+            model, tokenizer, cfg, graphs = load_onnx_encoders(saved.path, saved.state, runtime == "onnx-int8",
+                                                               threads)
         grid, transform = None, None
-        if cfg.model.image_input == "regions":
-            grid = _grid_pipeline(state, where, backbone, backbone_weights, image_size, allow_mismatch, torch_device)
-            if grid.backbone.out_channels != cfg.model.region_dim:
-                raise CheckpointError(f"backbone {grid.backbone.name} gives {grid.backbone.out_channels}-d cells but "
-                                      f"model {where} reads {cfg.model.region_dim}-d region features")
+        if cfg.model.image_input == "regions" and runtime == "torch":
+            grid = _grid_pipeline(state, where, cfg.model.region_dim, backbone, backbone_weights, image_size,
+                                  allow_mismatch, torch_device)
+        elif cfg.model.image_input == "regions":
+            grid = GridFeaturePipeline(OnnxGridFeatures(saved.path, threads), graphs["image_size"], torch_device)
         else:
             if image_size and image_size != cfg.data.image_size and not allow_mismatch:
                 raise CheckpointError(f"model {where} was trained on {cfg.data.image_size}-px images, not "
                                       f"{image_size}; pass {MISMATCH_FLAG} to encode at {image_size} px anyway")
-            transform = ImageTransform(image_size or cfg.data.image_size,
-                                       model.image_encoder.backbone.normalization, train=False)
+            transform = ImageTransform(image_size or cfg.data.image_size, model.image_normalization, train=False)
         teacher = _teacher(state, cfg, where, clip_path, torch_device)
-        return cls(model, tokenizer, cfg, saved.sha256, str(path.resolve()), torch_device, grid, transform, teacher,
-                   saved.aliases)
+        return cls(model, tokenizer, cfg, saved.sha256, str(saved.path.resolve()), torch_device, grid, transform,
+                   teacher, saved.aliases)
 
     # ---------------------------------------------------------------------------------------------- images
     def prepare(self, image: ImageInput) -> dict[str, Tensor]:
@@ -201,8 +210,8 @@ class Retriever:
         return torch.cat(out) if out else torch.zeros((0, self.dim))
 
 
-def _grid_pipeline(state: dict, where: str, backbone: str | None, weights: str | None, image_size: int | None,
-                   allow_mismatch: bool, device: torch.device) -> GridFeaturePipeline:
+def _grid_pipeline(state: dict, where: str, region_dim: int, backbone: str | None, weights: str | None,
+                   image_size: int | None, allow_mismatch: bool, device: torch.device) -> GridFeaturePipeline:
     recorded = recorded_features(state, where)
     if recorded is None and not (backbone and weights and image_size):
         raise CheckpointError(f"checkpoint {where} was trained on region features without a features manifest "
@@ -219,12 +228,15 @@ def _grid_pipeline(state: dict, where: str, backbone: str | None, weights: str |
     except CheckpointError as error:
         raise CheckpointError(f"{error} (the backbone of checkpoint {where}'s features; give --backbone-weights "
                               f"where the file is now)") from None
+    if network.out_channels != region_dim:
+        raise CheckpointError(f"backbone {network.name} gives {network.out_channels}-d cells but model {where} reads "
+                              f"{region_dim}-d region features")
     size = image_size or recorded.image_size
     built = FeaturesManifest.of(network, given, size)
     if recorded is not None:
         check_features_match(recorded, built, f"checkpoint {where}", f"the backbone asked for ({name}, {given}, "
                              f"{size} px)", allow_mismatch, MISMATCH_FLAG)
-    return GridFeaturePipeline(network, size, device)
+    return GridFeaturePipeline(StoredGrid(network).to(device).eval().requires_grad_(False), size, device)
 
 
 def _teacher(state: dict, cfg: RetrievalTrainConfig, where: str, clip_path: str | None,

@@ -1,4 +1,4 @@
-"""Choosing the torch device from a config string."""
+"""Choosing the torch device from a config string, and the CPU cores a process may use."""
 
 from __future__ import annotations
 
@@ -28,3 +28,10 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: CUDA was asked for but is not available")
     return device
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the platform has one, else every core)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)

@@ -214,14 +214,16 @@ def parse_index_specs(specs: Sequence[str]) -> dict[str, Path]:
     return named
 
 
-def open_searchers(folders: dict[str, Path], device: str = "auto") -> dict[str, Searcher]:
-    """A ``Searcher`` per named index folder; indexes built with the same checkpoint share one retriever."""
+def open_searchers(folders: dict[str, Path], device: str = "auto", runtime: str = "torch",
+                   threads: int = 1) -> dict[str, Searcher]:
+    """A ``Searcher`` per named index folder; indexes built with the same model share one retriever (on
+    ``runtime``, ``threads`` ONNX Runtime threads per query)."""
     retrievers: dict[str, Retriever] = {}
     searchers = {}
     for name, folder in folders.items():
         checkpoint = str(Path(read_manifest(folder)["checkpoint"]).resolve())
         if checkpoint not in retrievers:
-            retrievers[checkpoint] = Retriever.load(checkpoint, device)
+            retrievers[checkpoint] = Retriever.load(checkpoint, device, runtime=runtime, threads=threads)
         retriever = retrievers[checkpoint]
         searchers[name] = Searcher(CollectionIndex.open(folder, retriever.identities, checkpoint), retriever)
     return searchers
