@@ -93,6 +93,7 @@ PLAN: tuple[Step, ...] = (
     Step("search latency, 256-d", "python benchmarks/search_latency.py --dims 256", "search_256"),
     Step("inference cost", "python benchmarks/inference_cost.py", "inference_cost"),
     Step("indexing throughput", "python benchmarks/index_throughput.py --images 300", "index_throughput"),
+    Step("query latency", "python benchmarks/query_latency.py", "query_latency"),
     Step("ST-SLidR step", "python benchmarks/distill_step.py", "distill_step"),
     Step("ST-SLidR step, the authors' 3D network", "python benchmarks/distill_step.py --authors-net",
          "distill_step_authors"),
@@ -700,17 +701,52 @@ def inference_cost(d: dict) -> str:
 
 def index_throughput(d: dict) -> str:
     f = d["figures"]
-    rows = [[str(r["workers"]), f"{r['images_per_second']:.1f}"] for r in f["rates"]]
+    floor = f["flop_floor_images_per_second"]
+    rows = [[r["runtime"], str(r["workers"]), f"{r['images_per_second']:.1f}", f2(r["images_per_second"] / floor)]
+            for r in f["rates"]]
     million = f["million"]
     shards, store = f["shard_bytes_per_image"] * 1e6, f["store_bytes_per_image"] * 1e6
-    return (f"{command_lines(d)}\n\n{f['images']} Flickr8K val photos through `build_index` (the `xmcl index` "
-            f"path) with an untrained `configs/flickr8k_user.yaml` model (EfficientNet-Lite0 ImageNet backbone at "
-            f"224 px, SGE, GPO, {f['dim']}-d), {d['config']['threads']} torch threads, batch "
-            f"{d['config']['batch_size']}:\n\n" + table(["decoding workers", "images/s"], rows)
+    return (f"{command_lines(d)}
+
+{f['images']} Flickr8K val photos through `build_index` (the `xmcl index` "
+            f"path) with model `{d['config']['model']}` ({f['dim']}-d), {d['config']['threads']} threads, batch "
+            f"{d['config']['batch_size']}. The image path costs {f['gflop_per_image']:.3f} GFLOP per image; at the "
+            f"{f['gemm_gflops']:.1f} GFLOP/s of a 1024^3 GEMM on those threads, its FLOP floor is {floor:.0f} "
+            f"images/s.\n\n" + table(["runtime", "decoding workers", "images/s", "of the floor"], rows)
             + f"\n\n- On disk per image: {f['shard_bytes_per_image']:,.0f} B of float16 shard, "
             f"{f['store_bytes_per_image']:,.0f} B of SQLite metadata; a million images take {gib(shards)} of shards "
             f"+ {gib(store)} of store + {gib(million['faiss_bytes'])} for the {million['factory']} index that size "
             f"gets (estimate) = {gib(million['total_bytes'])}.")
+
+
+def query_latency(d: dict) -> str:
+    f = d["figures"]
+    rsum = f.get("val_rsum") or {}
+    torch_p50 = f["encode_p50_ms"]["torch"]
+    rows = []
+    for runtime, encode in f["encode_ms"].items():
+        http = f["http"][runtime]
+        quality = f"{rsum[runtime]:.2f}" if runtime in rsum else "-"
+        loss = f"{rsum['torch'] - rsum[runtime]:+.2f}" if runtime in rsum and "torch" in rsum else "-"
+        rows.append([runtime, f2(encode["p50"]), f2(encode["p95"]), f2(torch_p50 / encode["p50"]), quality, loss,
+                     f2(http["one_client"]["p50"]), f2(http["one_client"]["p95"]),
+                     f2(http["concurrent"]["p50"]), f2(http["concurrent"]["p95"])])
+    clients = next(iter(f["http"].values()))["concurrent"]["clients"]
+    return (f"{command_lines(d)}\n\nModel `{d['config']['model']}`; text queries are Flickr8K val captions, raw text to "
+            f"unit embedding on one thread. The text path costs {f['text_gflop']:.3f} GFLOP for the median caption: at "
+            f"{f['gemm_gflops']:.1f} GFLOP/s (a 1024^3 GEMM on one thread) its compute floor is "
+            f"**{f['compute_floor_ms']:.2f} ms**. HTTP: `xmcl serve --runtime` over {f['index']['n']:,} "
+            f"{f['index']['dim']}-d vectors ({f['index']['factory']}).\n\n"
+            + table(["runtime", "encode p50 ms", "p95", "x torch", "val rSum", "vs torch", "HTTP 1 client p50",
+                     "p95", f"{clients} clients p50", "p95"], rows))
+
+
+def query_latency_summary(d: dict) -> str:
+    f = d["figures"]
+    parts = [f"{runtime} {p50:.1f} ms" for runtime, p50 in f["encode_p50_ms"].items()]
+    http = ", ".join(f"{runtime} {p95:.1f} ms" for runtime, p95 in f["http_p95_ms"].items())
+    return (f"- `{d['command']}` ({conditions(d)}): query encoding p50 {', '.join(parts)} (compute floor "
+            f"{f['compute_floor_ms']:.1f} ms); HTTP one-client p95 {http} over {f['index']['n']:,} vectors.")
 
 
 def search_summary(*datas: dict) -> str:
@@ -735,9 +771,10 @@ def inference_cost_summary(d: dict) -> str:
 
 def index_throughput_summary(d: dict) -> str:
     f = d["figures"]
-    best = max(r["images_per_second"] for r in f["rates"])
-    return (f"- `{d['command']}`: {best:.1f} images/s from raw 224-px photos ({conditions(d)}); an index of a "
-            f"million {f['dim']}-d images takes about {gib(f['million']['total_bytes'])} (float16 shards, SQLite, "
+    best = max(f["rates"], key=lambda r: r["images_per_second"])
+    return (f"- `{d['command']}`: {best['images_per_second']:.1f} images/s from raw 224-px photos ({best['runtime']}; "
+            f"FLOP floor {f['flop_floor_images_per_second']:.0f}; {conditions(d)}); an index of a million "
+            f"{f['dim']}-d images takes about {gib(f['million']['total_bytes'])} (float16 shards, SQLite, "
             f"{f['million']['factory']}).")
 
 
@@ -780,6 +817,7 @@ BLOCKS = (
     Block("search", ("search_1024", "search_256"), search),
     Block("inference_cost", ("inference_cost",), inference_cost),
     Block("index_throughput", ("index_throughput",), index_throughput),
+    Block("query_latency", ("query_latency",), query_latency),
 )
 SUMMARIES = (
     Block("eval_speed:summary", ("eval_speed",), eval_speed_summary),
@@ -795,6 +833,7 @@ SUMMARIES = (
     Block("search:summary", ("search_1024", "search_256"), search_summary),
     Block("inference_cost:summary", ("inference_cost",), inference_cost_summary),
     Block("index_throughput:summary", ("index_throughput",), index_throughput_summary),
+    Block("query_latency:summary", ("query_latency",), query_latency_summary),
 )
 
 

@@ -39,7 +39,7 @@ from untrained import untrained_checkpoint
 from xmcl.retrieval.index import vectors
 from xmcl.retrieval.index.build import INDEX_FORMAT, MANIFEST, REPORT
 from xmcl.retrieval.index.store import MetadataStore
-from xmcl.retrieval.clip.teacher import checkpoint_sha256
+from xmcl.retrieval.model_dir import file_sha256
 from xmcl.runtime.files import atomic_save_npy, atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,12 +90,12 @@ def recall(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
     return float(np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth)]))
 
 
-def write_index_folder(folder: Path, index: faiss.Index, report: dict, checkpoint: Path, dim: int) -> None:
-    """An xmcl index folder around an already built vector index: manifest, a store of ``ntotal`` items, the index."""
+def write_index_folder(folder: Path, index: faiss.Index, report: dict, model: Path, sha256: str, dim: int) -> None:
+    """An xmcl index folder around an already built vector index of the model at ``model`` (identity ``sha256``):
+    manifest, a store of ``ntotal`` items, the index."""
     folder.mkdir(parents=True)
-    atomic_write_json(folder / MANIFEST, {"format": INDEX_FORMAT, "checkpoint": str(checkpoint),
-                                          "checkpoint_sha256": checkpoint_sha256(checkpoint), "dim": dim,
-                                          "root": str(folder / "images")})
+    atomic_write_json(folder / MANIFEST, {"format": INDEX_FORMAT, "checkpoint": str(model),
+                                          "checkpoint_sha256": sha256, "dim": dim, "root": str(folder / "images")})
     store = MetadataStore(folder)
     n = index.ntotal
     store.ingest({"kind": "images", "file": "synthetic.npy", "failures": [],
@@ -134,14 +134,16 @@ def in_process(folder: Path, texts: list[str], queries: int) -> dict[str, dict[s
     return figures
 
 
-def http_benchmark(folder: Path, texts: list[str], queries: int, clients: int) -> dict[str, dict]:
-    """``xmcl serve`` on 127.0.0.1 over ``folder``: one client's ``queries`` sequential text queries, then
-    ``clients`` concurrent clients; latency quantiles (ms) and queries/s of each."""
+def http_benchmark(folder: Path, texts: list[str], queries: int, clients: int, runtime: str = "torch"
+                   ) -> dict[str, dict]:
+    """``xmcl serve --runtime RUNTIME`` on 127.0.0.1 over ``folder``: one client's ``queries`` sequential text
+    queries, then ``clients`` concurrent clients; latency quantiles (ms) and queries/s of each."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "xmcl", "serve", str(folder), "--port", str(port),
-                               "--device", "cpu"], env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+                               "--device", "cpu", "--runtime", runtime],
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -262,7 +264,7 @@ def measure_dimension(args: argparse.Namespace, dim: int, budget: int) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = untrained_checkpoint("flickr8k_user", Path(tmp) / "untrained.pt")
             began = time.perf_counter()
-            write_index_folder(Path(tmp) / "index", index, report, checkpoint, dim)
+            write_index_folder(Path(tmp) / "index", index, report, checkpoint, file_sha256(checkpoint), dim)
             del index
             print(f"  index folder with {args.n:,} items written in {time.perf_counter() - began:.1f} s")
             result["in_process"] = in_process(Path(tmp) / "index", flickr_captions(), args.http_queries)

@@ -160,3 +160,21 @@ def test_default_text_model_is_the_installed_minilm():
 def test_resolve_text_model_dir_rejects_a_missing_directory(tmp_path):
     with pytest.raises(ConfigError, match="model.text_model"):
         resolve_text_model_dir(tmp_path / "nowhere")
+
+
+LONG_TEXTS = {
+    "many words": " ".join(["A dog runs on the snowfield."] * 5000),
+    "wide spaces": ("dog" + " " * 3000) * 40,
+    "one long word": "snow" + "field" * 4000 + " dog",
+    "short": "a dog on the grass",
+}
+
+
+@pytest.mark.parametrize("name", list(LONG_TEXTS))
+def test_a_long_text_is_cut_before_tokenising_to_the_ids_of_the_whole_text(tiny_hf_dir, name):
+    text = LONG_TEXTS[name]
+    vocab = Vocabulary(list(SPECIAL_TOKENS) + ["a", "dog", "runs", "on", "the", "."])
+    for tokenizer in (HFTokenizer(tiny_hf_dir), VocabTokenizer(vocab, max_length=24)):
+        tokenizer.max_length = 24
+        whole = [i for word in tokenizer.word_pieces(text) for i in word]  # the whole text, tokenised
+        assert tokenizer.encode(text) == tokenizer.wrap(whole[: tokenizer.max_length - 2])

@@ -334,21 +334,29 @@ def index_command(checkpoint: Path, images: Path, out: Path, captions: Path | No
 @TEXT_MODEL_OPTION
 @RUNTIME_OPTION
 @click.option("--device", default="auto", show_default=True)
+@click.option("--server", default=None, metavar="URL",
+              help="Ask a running `xmcl serve` at URL (INDEX is then the name it serves the index by) instead of "
+                   "loading the model.")
 def search(index_dir: Path, text: str | None, image: Path | None, k: int, target: str, as_json: bool,
-           checkpoint: Path | None, text_model: str | None, runtime: str, device: str) -> None:
+           checkpoint: Path | None, text_model: str | None, runtime: str, device: str, server: str | None) -> None:
     """Search an index by a text ("a dog jumps over a fence") or by an image (--image q.jpg)."""
     import json
 
     from xmcl.errors import DataError
     from xmcl.retrieval.index.search import Searcher, format_results
     from xmcl.retrieval.index.vectors import set_search_threads
+    from xmcl.serve.client import search_remote
 
     if (text is None) == (image is None):
         raise DataError("give a query text or --image, not both and not neither")
-    set_search_threads(1)
-    searcher = Searcher.open(index_dir, checkpoint, device, text_model=text_model, runtime=runtime)
-    results = searcher.search(target=target, k=k, text=text, image=image)
-    warning = searcher.retriever.vocabulary_warning(text) if text is not None else None
+    if server is not None:
+        answer = search_remote(server, index_dir.name, text=text, image=image, k=k, target=target)
+        results, warning = answer["results"], answer.get("warning")
+    else:
+        set_search_threads(1)
+        searcher = Searcher.open(index_dir, checkpoint, device, text_model=text_model, runtime=runtime)
+        results = searcher.search(target=target, k=k, text=text, image=image)
+        warning = searcher.retriever.vocabulary_warning(text) if text is not None else None
     if warning:
         click.echo(f"warning: {warning}", err=True)
     if as_json:

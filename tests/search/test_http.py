@@ -233,3 +233,30 @@ def test_metrics_count_searches_in_prometheus_format(server: Server) -> None:
     assert after['xmcl_index_items{index="shapes",target="captions"}'] == 150
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(server.url + "/nothing-here", timeout=30)
+
+
+def test_cli_search_asks_a_running_server_instead_of_loading_the_model(server: Server, built_index: Path,
+                                                                      retriever: Retriever, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from xmcl.cli import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("search --server loaded a model")
+
+    monkeypatch.setattr(Retriever, "load", no_model)
+    local = Searcher(CollectionIndex.open(built_index), retriever)
+    result = CliRunner().invoke(main, ["search", "shapes", "a red circle", "-k", "4", "--json", "--server", server.url])
+    assert result.exit_code == 0, result.output
+    assert [r["id"] for r in json.loads(result.stdout)["results"]] == [
+        r["id"] for r in local.search(text="a red circle", k=4)]
+    image = server.world / "images" / "shapes_000006.png"
+    result = CliRunner().invoke(main, ["search", "small", "--image", str(image), "-k", "2", "--server", server.url])
+    assert result.exit_code == 0 and "rank" in result.stdout, result.output
+    result = CliRunner().invoke(main, ["search", "nowhere", "a red circle", "--server", server.url])
+    assert result.exit_code == 2 and "404" in result.output and "no index named 'nowhere'" in result.output
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        free = closed.getsockname()[1]
+    result = CliRunner().invoke(main, ["search", "shapes", "a cat", "--server", f"http://127.0.0.1:{free}"])
+    assert result.exit_code == 2 and "cannot reach the search server" in result.output

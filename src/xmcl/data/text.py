@@ -139,13 +139,26 @@ class TextTokenizer(ABC):
         text)."""
         return []
 
+    def leading_pieces(self, caption: str) -> list[list[int]]:
+        """The pieces of the caption's leading words, at least the ``max_length`` ids that ``encode`` keeps (all of
+        them for a shorter caption), without tokenising the rest of a long text: a prefix of ``16 x max_length``
+        characters is tokenised first, its last word (which the cut may split) dropped, and the prefix grown
+        fourfold until its words hold enough ids. The kept ids equal those of tokenising the whole text."""
+        cut = 16 * self.max_length
+        while len(caption) > cut:
+            pieces = self.word_pieces(caption[:cut])[:-1]
+            if sum(len(word) for word in pieces) >= self.max_length:
+                return pieces
+            cut *= 4
+        return self.word_pieces(caption)
+
     def encode(self, caption: str, rng: np.random.Generator | None = None) -> list[int]:
-        """Ids of the caption with start/end, at most ``max_length`` long; augmented when ``rng`` is given."""
-        pieces = self.word_pieces(caption)
+        """Ids of the caption with start/end, at most ``max_length`` long; augmented when ``rng`` is given (training
+        captions, tokenised whole: augmentation may drop words)."""
         if rng is None:
-            ids = [i for word in pieces for i in word]
+            ids = [i for word in self.leading_pieces(caption) for i in word]
         else:
-            ids = augment_words(pieces, self.mask_id, self.ordinary_ids(), rng)
+            ids = augment_words(self.word_pieces(caption), self.mask_id, self.ordinary_ids(), rng)
         return self.wrap(ids[: self.max_length - 2])
 
 
@@ -204,7 +217,7 @@ class HFTokenizer(TextTokenizer):
         self._ordinary = np.setdiff1d(np.arange(self.vocab_size), np.asarray(tokenizer.all_special_ids))
 
     def word_pieces(self, caption: str) -> list[list[int]]:
-        encoding = self.tokenizer(caption, add_special_tokens=False)
+        encoding = self.tokenizer(caption, add_special_tokens=False, verbose=False)
         pieces: list[list[int]] = []
         previous = None
         for token_id, word in zip(encoding.input_ids, encoding.word_ids()):

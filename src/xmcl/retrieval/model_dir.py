@@ -69,8 +69,8 @@ def find_model(path: Path | str) -> Path:
         return path
     if len(path.parts) == 1 and is_model_dir(SHIPPED_MODELS / path.name):
         return SHIPPED_MODELS / path.name
-    raise CheckpointError(f"{path} is neither a checkpoint, a model directory nor a shipped model (shipped: "
-                          f"{', '.join(shipped_models()) or 'none'})")
+    raise CheckpointError(f"{path} does not exist: give a checkpoint, a model directory or a shipped model's name "
+                          f"(shipped: {', '.join(shipped_models()) or 'none'})")
 
 
 @dataclass

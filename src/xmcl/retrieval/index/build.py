@@ -152,12 +152,13 @@ class _Decoded(Dataset):
             return i, None, str(error) or type(error).__name__
 
 
-def _encode_chunk(retriever: Retriever, root: Path, files: list[ImageFile], options: IndexOptions
-                  ) -> tuple[np.ndarray, list[ImageFile], list[dict]]:
+def _encode_chunk(retriever: Retriever, root: Path, files: list[ImageFile], options: IndexOptions,
+                  bar: tqdm) -> tuple[np.ndarray, list[ImageFile], list[dict]]:
     loader = DataLoader(_Decoded(root, files, retriever), batch_size=options.batch_size,
                         num_workers=options.num_workers, collate_fn=list)
     embeddings, kept, failures = [], [], []
     for batch in loader:
+        bar.update(len(batch))
         good = [(i, item) for i, item, _ in batch if item is not None]
         failures += [{"path": files[i].path, "size": files[i].size, "mtime_ns": files[i].mtime_ns, "error": error}
                      for i, item, error in batch if item is None]
@@ -210,14 +211,13 @@ def _encode_images(retriever: Retriever, root: Path, out: Path, todo: list[Image
               dynamic_ncols=True) as bar:
         for start in range(0, len(mine), options.shard_size):
             chunk = mine[start: start + options.shard_size]
-            matrix, kept, failures = _encode_chunk(retriever, root, chunk, options)
+            matrix, kept, failures = _encode_chunk(retriever, root, chunk, options, bar)
             rows = [{"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns,
                      "caption": _first_caption(annotations.get(f.path)),
                      "fields": annotations[f.path].fields if f.path in annotations else {}} for f in kept]
             shards.write_shard(out, "images", matrix, rows, failures, ranks.rank)
             if ranks.leader:
                 _ingest_pending(store, out)
-            bar.update(len(chunk))
             bar.set_postfix(failed=len(failures))
 
 
