@@ -191,3 +191,21 @@ def test_a_vocabulary_model_warns_when_most_query_words_are_unknown(built_index:
     assert "unknown to this model's vocabulary (dogs, chase, frisbees, park)" in result.output
     result = CliRunner().invoke(main, ["search", str(built_index), "a red circle", "--json"])
     assert json.loads(result.stdout)["warning"] is None
+
+
+def test_cli_export_then_evaluate_the_directory_gives_the_checkpoints_figures(locked_checkpoint: Path,
+                                                                              locked_features: Path,
+                                                                              tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    result = CliRunner().invoke(main, ["export", str(locked_checkpoint), "--out", str(out)])
+    assert result.exit_code == 0 and f"wrote {out}" in result.output, result.output
+    figures = {}
+    for name, model in (("checkpoint", locked_checkpoint), ("directory", out)):
+        metrics = tmp_path / f"{name}.json"
+        result = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(model), "--data", str(locked_features),
+                                           "--device", "cpu", "--out", str(metrics)])
+        assert result.exit_code == 0, result.output
+        figures[name] = json.loads(metrics.read_text())
+    assert figures["directory"] == figures["checkpoint"]
+    result = CliRunner().invoke(main, ["export", str(locked_checkpoint), "--out", str(out)])
+    assert result.exit_code == 2 and "already exists" in result.output
