@@ -706,9 +706,7 @@ def index_throughput(d: dict) -> str:
             for r in f["rates"]]
     million = f["million"]
     shards, store = f["shard_bytes_per_image"] * 1e6, f["store_bytes_per_image"] * 1e6
-    return (f"{command_lines(d)}
-
-{f['images']} Flickr8K val photos through `build_index` (the `xmcl index` "
+    return (f"{command_lines(d)}\n\n{f['images']} Flickr8K val photos through `build_index` (the `xmcl index` "
             f"path) with model `{d['config']['model']}` ({f['dim']}-d), {d['config']['threads']} threads, batch "
             f"{d['config']['batch_size']}. The image path costs {f['gflop_per_image']:.3f} GFLOP per image; at the "
             f"{f['gemm_gflops']:.1f} GFLOP/s of a 1024^3 GEMM on those threads, its FLOP floor is {floor:.0f} "
