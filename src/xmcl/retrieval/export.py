@@ -156,7 +156,13 @@ def _text_side(model: dict, text: dict) -> str:
     if model["text_encoder"] == "bigru":
         return "a word vocabulary (vocab.json) and a BiGRU."
     if model["text_input"] == "token_features":
-        return (f"the frozen text model {text.get('model')} (weights sha256 {str(text.get('weights_sha256'))[:12]}"
-                f"..., {text.get('hidden_dim')}-d states), then the trained projection and pooling.")
+        return (f"the frozen text model `{_installed_name(text.get('model'))}` (weights sha256 "
+                f"{str(text.get('weights_sha256'))[:12]}..., {text.get('hidden_dim')}-d states), then the trained "
+                f"projection and pooling.")
     return "a fine-tuned BERT-family model (text_model/ holds its config and tokenizer)."
 
+
+def _installed_name(path: str | None) -> str:
+    """A path inside an installed package as ``package/...`` (the same on every machine), any other as it is."""
+    parts = Path(str(path)).parts
+    return "/".join(parts[parts.index("site-packages") + 1:]) if "site-packages" in parts else str(path)
