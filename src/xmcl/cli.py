@@ -261,7 +261,7 @@ def distill_probe(config_path: Path, overrides: tuple[str, ...], checkpoint: Pat
 @click.option("--out", type=PathArg, required=True, help="Model directory to write (appears whole or not at all).")
 @click.option("--onnx", is_flag=True, help="Also write the encoders as ONNX graphs (for --runtime onnx).")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="Also write ONNX Runtime's dynamic int8 quantization of the graphs (for --runtime onnx-int8).")
+              help="Also write ONNX Runtime's dynamic int8 quantization of the text graph (for --runtime onnx-int8).")
 @click.option("--overwrite", is_flag=True, help="Replace a model directory already in OUT.")
 def export(checkpoint: Path, out: Path, onnx: bool, quantize: str | None, overwrite: bool) -> None:
     """Write a trained model (a checkpoint, or a model directory) as a directory that loads without the training
@@ -273,8 +273,6 @@ def export(checkpoint: Path, out: Path, onnx: bool, quantize: str | None, overwr
 
 
 # ---------------------------------------------------------------------------------------- search
-
-
 @main.command("index")
 @click.option("--checkpoint", type=PathArg, required=True, help=MODEL_HELP)
 @click.option("--images", type=PathArg, required=True, help="Folder of images (jpg/png/webp, searched recursively).")
@@ -372,7 +370,7 @@ def search(index_dir: Path, text: str | None, image: Path | None, k: int, target
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--max-upload-mb", type=float, default=10.0, show_default=True, help="Largest image upload accepted.")
-@click.option("--threads", type=int, default=1, show_default=True, help="torch and FAISS threads per query.")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch, FAISS and ONNX Runtime threads per query.")
 @RUNTIME_OPTION
 def serve(indexes: tuple[str, ...], host: str, port: int, device: str, max_upload_mb: float, threads: int,
           runtime: str) -> None:

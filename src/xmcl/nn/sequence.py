@@ -6,6 +6,9 @@ padded tensor ``(B, L, D)`` plus ``lengths (B,)``; the valid items of row ``b`` 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -28,11 +31,28 @@ def length_mask(lengths: Tensor, max_len: int) -> Tensor:
     return positions.unsqueeze(0) < lengths.to(positions.device).unsqueeze(1)
 
 
+_complete_sets = False
+
+
+@contextmanager
+def tracing_complete_sets() -> Iterator[None]:
+    """While a graph whose every input set is complete (no padding: grid cells) is traced, ``all_valid`` says so
+    and the traced graph takes the fast paths, without the masks' gathers and scatters."""
+    global _complete_sets
+    _complete_sets = True
+    try:
+        yield
+    finally:
+        _complete_sets = False
+
+
 def all_valid(mask: Tensor) -> bool:
-    """True when no position of ``mask`` is padding, for the fast paths that skip masking. Always False while a
-    graph is traced for export (``torch.jit.is_tracing``): a traced branch is fixed for every later input, so the
-    traced graph must take the path that masks."""
-    return not torch.jit.is_tracing() and bool(mask.all())
+    """True when no position of ``mask`` is padding, for the fast paths that skip masking. While a graph is traced
+    for export (``torch.jit.is_tracing``) a branch is fixed for every later input, so this is False there (the
+    traced graph masks), unless ``tracing_complete_sets`` declares that no input of the graph has padding."""
+    if torch.jit.is_tracing():
+        return _complete_sets
+    return bool(mask.all())
 
 
 class BiGRU(nn.Module):

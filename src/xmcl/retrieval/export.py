@@ -31,7 +31,7 @@ def export_model_dir(source: Path | str, out: Path | str, overwrite: bool = Fals
     """Write the model directory of ``source`` (a training checkpoint, or a model directory to export again, e.g.
     with ONNX graphs) to ``out`` (see ``xmcl.retrieval.model_dir``); ``out`` appears whole or not at all. A folder
     already there is refused unless ``overwrite`` (then replaced). ``onnx``: also the ONNX graphs of the encoders
-    (``xmcl.retrieval.onnx_export``) and the tokenizer files they need; ``quantize``: their dynamic-int8 twins."""
+    (``xmcl.retrieval.onnx_export``) and the tokenizer files they need; ``quantize``: the text graph's int8 twin."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CheckpointError(f"{out} already exists; give another --out or pass --overwrite to replace it")

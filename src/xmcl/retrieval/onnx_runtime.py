@@ -1,5 +1,5 @@
 """A model directory's encoders under ONNX Runtime: the ``DualEncoder`` encoding interface over the graphs of
-``xmcl.retrieval.onnx_export``, float32 or their dynamic-int8 twins.
+``xmcl.retrieval.onnx_export``, float32, or with the text graph's dynamic-int8 twin.
 
 Sessions run on ``threads`` intra-op threads (one per query by default: a server answers queries side by side) with
 all of ONNX Runtime's graph optimisations, and without spinning threads (a waiting thread sleeps instead of holding
@@ -51,15 +51,14 @@ def open_session(path: Path, threads: int = 1):
 
 class OnnxEncoders:
     """``encode_images`` / ``encode_texts`` of a model directory ``folder`` (its ``cfg``) under ONNX Runtime;
-    ``int8``: the quantised graphs. Inputs and outputs as ``DualEncoder``'s (tensors), on the CPU;
+    ``int8``: the quantised text graph (images stay float32). Inputs and outputs as ``DualEncoder``'s (tensors), on the CPU;
     ``image_normalization``: the pixel normalisation the image graph expects (models trained end to end)."""
 
     def __init__(self, cfg: RetrievalModelConfig, folder: Path, int8: bool = False, threads: int = 1,
                  image_normalization: Normalization | None = None) -> None:
         self.cfg, self.image_normalization = cfg, image_normalization
-        name = int8_name if int8 else (lambda graph: graph)
-        self.text = open_session(folder / name(TEXT_GRAPH), threads)
-        self.image = open_session(folder / name(IMAGE_GRAPH), threads)
+        self.text = open_session(folder / (int8_name(TEXT_GRAPH) if int8 else TEXT_GRAPH), threads)
+        self.image = open_session(folder / IMAGE_GRAPH, threads)
         self.image_input = self.image.get_inputs()[0].name
 
     def eval(self) -> "OnnxEncoders":
