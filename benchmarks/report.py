@@ -725,13 +725,13 @@ def query_latency(d: dict) -> str:
     for runtime, encode in f["encode_ms"].items():
         http = f["http"][runtime]
         quality = f"{rsum[runtime]:.2f}" if runtime in rsum else "-"
-        loss = f"{rsum['torch'] - rsum[runtime]:+.2f}" if runtime in rsum and "torch" in rsum else "-"
-        rows.append([runtime, f2(encode["p50"]), f2(encode["p95"]), f2(torch_p50 / encode["p50"]), quality, loss,
+        change = f"{rsum[runtime] - rsum['torch']:+.2f}" if runtime in rsum and "torch" in rsum else "-"
+        rows.append([runtime, f2(encode["p50"]), f2(encode["p95"]), f2(torch_p50 / encode["p50"]), quality, change,
                      f2(http["one_client"]["p50"]), f2(http["one_client"]["p95"]),
                      f2(http["concurrent"]["p50"]), f2(http["concurrent"]["p95"])])
     clients = next(iter(f["http"].values()))["concurrent"]["clients"]
-    return (f"{command_lines(d)}\n\nModel `{d['config']['model']}`; text queries are Flickr8K val captions, raw text to "
-            f"unit embedding on one thread. The text path costs {f['text_gflop']:.3f} GFLOP for the median caption: at "
+    return (f"{command_lines(d)}\n\nModel `{d['config']['model']}`; text queries are Flickr8K val captions, raw text "
+            f"to unit embedding on one thread. The text path costs {f['text_gflop']:.3f} GFLOP for the median caption: at "
             f"{f['gemm_gflops']:.1f} GFLOP/s (a 1024^3 GEMM on one thread) its compute floor is "
             f"**{f['compute_floor_ms']:.2f} ms**. HTTP: `xmcl serve --runtime` over {f['index']['n']:,} "
             f"{f['index']['dim']}-d vectors ({f['index']['factory']}).\n\n"

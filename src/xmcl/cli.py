@@ -370,7 +370,8 @@ def search(index_dir: Path, text: str | None, image: Path | None, k: int, target
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--max-upload-mb", type=float, default=10.0, show_default=True, help="Largest image upload accepted.")
-@click.option("--threads", type=int, default=1, show_default=True, help="torch, FAISS and ONNX Runtime threads per query.")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="torch, FAISS and ONNX Runtime threads per query.")
 @RUNTIME_OPTION
 def serve(indexes: tuple[str, ...], host: str, port: int, device: str, max_upload_mb: float, threads: int,
           runtime: str) -> None:

@@ -140,7 +140,8 @@ def outlier_matmuls(graph: Path) -> list[str]:
     import onnx
 
     nodes = onnx.load(str(graph), load_external_data=False).graph.node
-    return [n.name for n in nodes if n.op_type == "MatMul" and "/output/dense/" in n.name and "/attention/" not in n.name]
+    return [node.name for node in nodes
+            if node.op_type == "MatMul" and "/output/dense/" in node.name and "/attention/" not in node.name]
 
 
 def quantize_int8(graph: Path) -> Path:

@@ -51,8 +51,8 @@ def open_session(path: Path, threads: int = 1):
 
 class OnnxEncoders:
     """``encode_images`` / ``encode_texts`` of a model directory ``folder`` (its ``cfg``) under ONNX Runtime;
-    ``int8``: the quantised text graph (images stay float32). Inputs and outputs as ``DualEncoder``'s (tensors), on the CPU;
-    ``image_normalization``: the pixel normalisation the image graph expects (models trained end to end)."""
+    ``int8``: the quantised text graph (images stay float32). Inputs and outputs as ``DualEncoder``'s (tensors), on
+    the CPU; ``image_normalization``: the pixel normalisation the image graph expects (models trained end to end)."""
 
     def __init__(self, cfg: RetrievalModelConfig, folder: Path, int8: bool = False, threads: int = 1,
                  image_normalization: Normalization | None = None) -> None:

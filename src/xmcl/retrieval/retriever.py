@@ -103,8 +103,8 @@ class Retriever:
     the checkpoint it was exported from); ``dim`` is the embedding width.
     """
 
-    def __init__(self, model: DualEncoder | OnnxEncoders, tokenizer: TextTokenizer, cfg: RetrievalTrainConfig, sha256: str,
-                 source: str, device: torch.device, grid: GridFeaturePipeline | None,
+    def __init__(self, model: DualEncoder | OnnxEncoders, tokenizer: TextTokenizer, cfg: RetrievalTrainConfig,
+                 sha256: str, source: str, device: torch.device, grid: GridFeaturePipeline | None,
                  transform: ImageTransform | None, teacher: CLIPTeacher | None,
                  aliases: tuple[str, ...] = ()) -> None:
         self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, cfg
