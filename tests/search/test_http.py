@@ -31,8 +31,9 @@ UPLOAD_LIMIT = 100_000
 
 
 class Server:
-    def __init__(self, url: str, port: int, secret_item: int, world: Path) -> None:
+    def __init__(self, url: str, port: int, secret_item: int, world: Path, locked_index: Path) -> None:
         self.url, self.port, self.secret_item, self.world = url, port, secret_item, world
+        self.locked_index = locked_index
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, bytes, str]:
@@ -64,7 +65,7 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(world: Path, built_index: Path, retriever: Retriever, tmp_path_factory) -> Server:
+def server(world: Path, built_index: Path, retriever: Retriever, locked_checkpoint: Path, tmp_path_factory) -> Server:
     base = tmp_path_factory.mktemp("http")
     photos = copy_images(world, base / "photos", [f"shapes_{n:06d}.png" for n in range(4)])
     secret = base / "secret.png"
@@ -74,8 +75,11 @@ def server(world: Path, built_index: Path, retriever: Retriever, tmp_path_factor
     with sqlite3.connect(base / "small" / "items.sqlite") as db:  # an item whose path leads out of the folder
         secret_item = db.execute("SELECT MAX(id) FROM items").fetchone()[0]
         db.execute("UPDATE items SET path = '../secret.png' WHERE id = ?", (secret_item,))
+    locked = Retriever.load(locked_checkpoint, "cpu")  # a locked-text model: its frozen text model runs per query
+    build_index(locked, photos, base / "locked", options=IndexOptions(progress=False))
     searchers = {"shapes": Searcher(CollectionIndex.open(built_index), retriever),
-                 "small": Searcher(CollectionIndex.open(base / "small"), retriever)}
+                 "small": Searcher(CollectionIndex.open(base / "small"), retriever),
+                 "locked": Searcher(CollectionIndex.open(base / "locked"), locked)}
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -86,7 +90,7 @@ def server(world: Path, built_index: Path, retriever: Retriever, tmp_path_factor
     while not uv.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert uv.started, "the server did not start within 30 s"
-    yield Server(f"http://127.0.0.1:{port}", port, secret_item, world)
+    yield Server(f"http://127.0.0.1:{port}", port, secret_item, world, base / "locked")
     uv.should_exit = True
     thread.join(timeout=10)
 
@@ -97,12 +101,25 @@ def png_bytes(path: Path) -> bytes:
     return buffer.getvalue()
 
 
-def test_health_lists_both_indexes(server: Server) -> None:
+def test_health_lists_every_index(server: Server) -> None:
     with urllib.request.urlopen(server.url + "/healthz", timeout=30) as response:
         health = json.loads(response.read())
     assert health["status"] == "ok" and health["default"] == "shapes"
     assert health["indexes"]["shapes"]["images"] == 30 and health["indexes"]["shapes"]["captions"] == 150
     assert health["indexes"]["small"]["images"] == 4 and health["indexes"]["small"]["captions"] == 0
+    assert health["indexes"]["locked"]["images"] == 4
+
+
+def test_a_locked_text_model_answers_a_text_query_over_http(server: Server, locked_checkpoint: Path) -> None:
+    text = "a red circle above a blue square"
+    status, body = server.post_json({"index": "locked", "text": text, "k": 4})
+    assert status == 200 and body["warning"] is None and len(body["results"]) == 4
+    query = Retriever.load(locked_checkpoint, "cpu").encode_texts([text])[0].numpy()
+    index = CollectionIndex.open(server.locked_index)
+    brute = {r["id"]: float(query @ index.item_vector(r["id"])) for r in body["results"]}  # exact dot products
+    assert [r["id"] for r in body["results"]] == sorted(brute, key=brute.get, reverse=True)
+    for result in body["results"]:
+        assert result["score"] == pytest.approx(brute[result["id"]], abs=2e-3)
 
 
 def test_searches_by_text_upload_embedding_and_item(server: Server, built_index: Path, retriever: Retriever) -> None:
