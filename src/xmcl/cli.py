@@ -299,10 +299,13 @@ def export(checkpoint: Path, out: Path, onnx: bool, quantize: str | None, overwr
               help="Encode with a backbone, weights or image size other than the checkpoint's features were made with.")
 @RUNTIME_OPTION
 @click.option("--threads", type=Positive, default=None, help="ONNX Runtime threads (default: the usable cores).")
+@click.option("--follow-links", is_flag=True, help="Index links to image files outside the folder too (their files "
+              "are then searchable but not served: serve reaches files inside the folder only).")
 def index_command(checkpoint: Path, images: Path, out: Path, captions: Path | None, device: str, batch_size: int,
                   workers: int, shard_size: int, index_type: str, memory_budget: str | None, recall_target: float,
                   backbone: str | None, backbone_weights: str | None, image_size: int | None, clip_path: str | None,
-                  text_model: str | None, allow_mismatch: bool, runtime: str, threads: int | None) -> None:
+                  text_model: str | None, allow_mismatch: bool, runtime: str, threads: int | None,
+                  follow_links: bool) -> None:
     """Encode a folder of images (and captions) with a trained model and index it (resumable, incremental)."""
     from xmcl.retrieval.index.build import IndexOptions, build_index, format_report, rank_device
     from xmcl.retrieval.index.vectors import parse_size
@@ -311,7 +314,7 @@ def index_command(checkpoint: Path, images: Path, out: Path, captions: Path | No
 
     options = IndexOptions(shard_size=shard_size, batch_size=batch_size, num_workers=workers, index_type=index_type,
                            memory_budget=parse_size(memory_budget) if memory_budget else None,
-                           recall_target=recall_target)
+                           recall_target=recall_target, follow_links=follow_links)
     retriever = Retriever.load(checkpoint, rank_device(device), runtime=runtime, threads=threads or usable_cores(),
                                backbone=backbone, backbone_weights=backbone_weights, image_size=image_size,
                                clip_path=clip_path, text_model=text_model, allow_mismatch=allow_mismatch)
@@ -367,21 +370,24 @@ def search(index_dir: Path, text: str | None, image: Path | None, k: int, target
 @main.command()
 @click.argument("indexes", metavar="[NAME=]INDEX...", nargs=-1, required=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 = every interface).")
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--max-upload-mb", type=float, default=10.0, show_default=True, help="Largest image upload accepted.")
-@click.option("--threads", type=int, default=1, show_default=True,
+@click.option("--max-upload-mb", type=click.FloatRange(min=0.0, min_open=True), default=10.0, show_default=True,
+              help="Largest image upload accepted.")
+@click.option("--threads", type=Positive, default=1, show_default=True,
               help="torch, FAISS and ONNX Runtime threads per query.")
 @RUNTIME_OPTION
 def serve(indexes: tuple[str, ...], host: str, port: int, device: str, max_upload_mb: float, threads: int,
           runtime: str) -> None:
     """Serve indexes over HTTP (POST /search, GET /items/ID, /thumbs/ID, /healthz, /metrics) and the page at /."""
     from xmcl.retrieval.index.search import open_searchers, parse_index_specs
+    from xmcl.serve.app import listen
     from xmcl.serve.app import serve as run_server
 
+    sock = listen(host, port)  # a port in use is said before the models load
     searchers = open_searchers(parse_index_specs(indexes), device, runtime=runtime, threads=threads)
     click.echo(f"serving {', '.join(searchers)} on http://{host}:{port}/")
-    run_server(searchers, host, port, int(max_upload_mb * (1 << 20)), threads)
+    run_server(searchers, sock, int(max_upload_mb * (1 << 20)), threads)
 
 
 if __name__ == "__main__":

@@ -162,6 +162,10 @@ def test_searches_by_text_upload_embedding_and_item(server: Server, built_index:
     ({"text": "a", "colour": "red"}, 400, "unknown fields: colour"),
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "must be a JSON object"),
+    (b'{"text": ' + b"[" * 10000 + b"]" * 10000 + b"}", 400, "nested too deep"),
+    ({"item": 2**63}, 400, "'item' must be an integer of at most 19 digits"),
+    (b'{"embedding": [1' + b"0" * 400 + b"]}", 400, "too large for a float"),
+    ({"embedding": [1e39] * 16}, 400, "within float32's range"),
 ])
 def test_bad_json_requests_get_a_4xx_and_the_server_keeps_serving(server: Server, payload, status: int,
                                                                   message: str) -> None:
@@ -277,3 +281,13 @@ def test_cli_search_asks_a_running_server_instead_of_loading_the_model(server: S
         free = closed.getsockname()[1]
     result = CliRunner().invoke(main, ["search", "shapes", "a cat", "--server", f"http://127.0.0.1:{free}"])
     assert result.exit_code == 2 and "cannot reach the search server" in result.output
+
+
+def test_odd_item_ids_are_404_and_huge_embeddings_are_normalised_exactly(server: Server, built_index: Path,
+                                                                        retriever: Retriever) -> None:
+    assert server.request("GET", "/items/%C2%B2")[0] == 404  # "²".isdigit() is true, but it is no id
+    searcher = Searcher(CollectionIndex.open(built_index), retriever)
+    vector = searcher.index.item_vector(3)
+    status, body = server.post_json({"embedding": (vector / abs(vector).max() * 3e38).tolist(), "k": 1})
+    assert status == 200 and body["results"][0]["id"] == 3  # the float32 norm would overflow to inf and score 0
+    assert body["results"][0]["score"] == pytest.approx(float(vector @ vector) / np.linalg.norm(vector), abs=1e-3)

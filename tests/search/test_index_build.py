@@ -66,7 +66,7 @@ def test_unreadable_files_are_reported_and_skipped(world: Path, retriever: Retri
     assert all(f["error"] for f in report["failures"])
     assert report["images"] == 7 and report["encoded"] == 7 and sum(counted) == 7
     stored = stored_by_path(tmp_path / "idx")
-    assert sorted(stored) == sorted(f.path for f in scan_images(folder) if "broken" not in f.path
+    assert sorted(stored) == sorted(f.path for f in scan_images(folder).files if "broken" not in f.path
                                     and "truncated" not in f.path)
     fresh = retriever.encode_images([folder / p for p in sorted(stored)]).numpy()
     np.testing.assert_allclose(np.stack([stored[p] for p in sorted(stored)]), fresh, atol=1e-3)
@@ -96,7 +96,7 @@ def test_a_rerun_adds_new_files_drops_removed_ones_and_reencodes_only_changes(wo
 
     assert sum(counted) == 3 and report["encoded"] == 3 and report["removed"] == 2 and report["changed"] == 1
     after = MetadataStore(tmp_path / "idx", readonly=True).items_by_path()
-    assert sorted(after) == sorted(f.path for f in scan_images(folder))
+    assert sorted(after) == sorted(f.path for f in scan_images(folder).files)
     for path in set(before) & set(after) - {"shapes_000002.png"}:
         assert after[path][0] == before[path][0]  # unchanged items keep their id
     assert after["shapes_000002.png"][0] not in {i for i, _, _ in before.values()}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from xmcl.cli import main
@@ -75,3 +77,23 @@ def test_serve_names_indexes_and_shares_a_checkpoint(built_index: Path) -> None:
     assert searchers["again"].retriever is searchers[built_index.name].retriever
     with pytest.raises(DataError, match="two indexes are named 'x'"):
         parse_index_specs([f"x={built_index}", f"x={built_index}"])
+
+
+@pytest.mark.parametrize("option, value", [("--threads", "0"), ("--port", "99999"), ("--port", "0"),
+                                           ("--max-upload-mb", "-1"), ("--max-upload-mb", "0")])
+def test_serve_refuses_an_option_out_of_range_before_loading_anything(built_index: Path, monkeypatch,
+                                                                      option: str, value: str) -> None:
+    monkeypatch.setattr(Retriever, "load", lambda *a, **k: pytest.fail("serve loaded a model"))
+    result = CliRunner().invoke(main, ["serve", str(built_index), option, value])
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
+
+
+def test_serve_says_a_port_in_use_before_loading_the_models(built_index: Path, monkeypatch) -> None:
+    monkeypatch.setattr(Retriever, "load", lambda *a, **k: pytest.fail("serve loaded a model"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", str(built_index), "--port", str(port)])
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output
+    assert "serving" not in result.output

@@ -4,11 +4,13 @@ Routes::
 
     POST /search          JSON {"index", "text" | "embedding" | "item", "k", "target"} or a multipart form with an
                           "image" file and the same fields -> {"index", "target", "k", "results": [...],
-                          "warning": null or why a text query's results say little (words unknown to the model)}
+                          "warning": null, or why the results may mislead (a text query's words unknown to the
+                          model; an index whose new generation could not be opened)}
     GET  /items/{id}      an image item's metadata and captions          (?index=NAME, default the first)
     GET  /thumbs/{id}     a JPEG thumbnail of an item's image (?size=)
     GET  /images/{id}     the item's image file
-    GET  /healthz         {"status": "ok", "indexes": {name: {"images", "captions", "dim"}}}
+    GET  /healthz         {"status": "ok" | "stale", "indexes": {name: {"images", "captions", "dim", "stale"}}}; an
+                          index rebuilt in place is reopened; "stale" says why a new generation could not be
     GET  /metrics         Prometheus text: searches by index and status, latency quantiles, items per index
     GET  /                the search page (``static/``)
 
@@ -22,11 +24,14 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
+import socket
 import time
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -36,7 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from xmcl.data.images import open_image
-from xmcl.errors import DataError, XmclError
+from xmcl.errors import ConfigError, DataError, XmclError
 from xmcl.retrieval.index.search import Searcher
 from xmcl.retrieval.retriever import decode_image_bytes
 from xmcl.serve.metrics import ServiceMetrics
@@ -55,8 +60,13 @@ class HTTPError(Exception):
         self.status, self.message = status, message
 
 
+MAX_ID = 2**63 - 1  # SQLite's largest integer
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _item_id(text: str) -> int:
-    if not text.isdigit() or len(text) > 18:
+    """An item id from a URL path segment: ASCII digits only ("²" is a digit to ``str.isdigit``), at most 18."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise HTTPError(404, f"no item {text!r}")
     return int(text)
 
@@ -76,15 +86,31 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 
 
 def _int_field(value, name: str, default: int) -> int:
+    """An integer field of a request (a JSON number or a form string) within SQLite's range; 400 otherwise."""
     if value is None or value == "":
         return default
-    if isinstance(value, bool):
-        raise HTTPError(400, f"'{name}' must be an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    raise HTTPError(400, f"'{name}' must be an integer, got {value!r}")
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and len(value) <= 20 and value.strip().lstrip("-").isascii() \
+            and value.strip().lstrip("-").isdigit():
+        number = int(value)
+    if number is None or abs(number) > MAX_ID:
+        raise HTTPError(400, f"'{name}' must be an integer of at most 19 digits, got {str(value)[:40]!r}")
+    return number
+
+
+def _embedding_field(value) -> list[float]:
+    """A query embedding: a list of finite numbers each within float32's range; 400 otherwise."""
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise HTTPError(400, "'embedding' must be a list of numbers")
+    try:
+        numbers = [float(v) for v in value]
+    except OverflowError:
+        raise HTTPError(400, "'embedding' holds a number too large for a float") from None
+    if not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in numbers):
+        raise HTTPError(400, f"'embedding' values must be finite and within float32's range (|x| <= {FLOAT32_MAX:.3g})")
+    return numbers
 
 
 def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20, default_k: int = 12) -> FastAPI:
@@ -148,6 +174,8 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
             payload = json.loads(body or b"null")
         except (UnicodeDecodeError, ValueError) as error:
             raise HTTPError(400, f"the body is not valid JSON ({error})") from None
+        except RecursionError:
+            raise HTTPError(400, "the body is JSON nested too deep") from None
         if not isinstance(payload, dict):
             raise HTTPError(400, "the body must be a JSON object")
         unknown = set(payload) - {"index", "text", "embedding", "item", "k", "target"}
@@ -166,9 +194,8 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
             forms = {key: query.get(key) for key in ("text", "image", "embedding", "item")}
             if forms["item"] is not None:
                 forms["item"] = _int_field(forms["item"], "item", 0)
-            if forms["embedding"] is not None and not (isinstance(forms["embedding"], list) and all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in forms["embedding"])):
-                raise HTTPError(400, "'embedding' must be a list of numbers")
+            if forms["embedding"] is not None:
+                forms["embedding"] = _embedding_field(forms["embedding"])
             try:
                 results = await run_in_threadpool(searcher.search, target=target, k=k, **forms)
             except XmclError as error:
@@ -176,8 +203,12 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
         except HTTPError as error:
             metrics.observe(name if name in searchers else "?", error.status, time.perf_counter() - began)
             raise
+        except Exception:  # a fault of the service: counted, then answered 500 by the framework
+            metrics.observe(name if name in searchers else "?", 500, time.perf_counter() - began)
+            raise
         metrics.observe(name, 200, time.perf_counter() - began)
         warning = searcher.retriever.vocabulary_warning(forms["text"]) if isinstance(forms["text"], str) else None
+        warning = searcher.stale or warning
         return JSONResponse({"index": name, "target": target, "k": k, "results": results, "warning": warning})
 
     @app.get("/items/{item_id}")
@@ -226,9 +257,10 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
-        return JSONResponse({"status": "ok", "default": default_index, "indexes": {
-            name: {"images": s.index.count("images"), "captions": s.index.count("captions"), "dim": s.index.dim}
-            for name, s in searchers.items()}})
+        indexes = {name: {"images": s.index.count("images"), "captions": s.index.count("captions"),
+                          "dim": s.index.dim, "stale": s.stale} for name, s in searchers.items()}
+        status = "stale" if any(entry["stale"] for entry in indexes.values()) else "ok"
+        return JSONResponse({"status": status, "default": default_index, "indexes": indexes})
 
     @app.get("/metrics")
     def prometheus() -> Response:
@@ -242,10 +274,23 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
     return app
 
 
-def serve(searchers: dict[str, Searcher], host: str = "127.0.0.1", port: int = 8000,
-          max_upload_bytes: int = 10 << 20, threads: int = 1) -> None:
-    """Run the app with uvicorn until interrupted. Each query runs on ``threads`` torch and FAISS threads (1: one
-    small query gains nothing from more, and concurrent queries then use the other cores)."""
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (before any model loads, so that a port in use is said at once);
+    ``ConfigError`` naming the address and the reason when it cannot be bound."""
+    try:
+        address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(address[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address[4])
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return sock
+
+
+def serve(searchers: dict[str, Searcher], sock: socket.socket, max_upload_bytes: int = 10 << 20,
+          threads: int = 1) -> None:
+    """Run the app with uvicorn on the bound ``sock`` until interrupted. Each query runs on ``threads`` torch and
+    FAISS threads (1: one small query gains nothing from more, and concurrent queries then use the other cores)."""
     import torch
     import uvicorn
 
@@ -253,4 +298,5 @@ def serve(searchers: dict[str, Searcher], host: str = "127.0.0.1", port: int = 8
 
     set_search_threads(threads)
     torch.set_num_threads(threads)
-    uvicorn.run(create_app(searchers, max_upload_bytes), host=host, port=port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(create_app(searchers, max_upload_bytes), log_level="warning"))
+    server.run(sockets=[sock])

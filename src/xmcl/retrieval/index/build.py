@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -35,6 +37,7 @@ from xmcl.retrieval.index.collection import Annotation, ImageFile, read_captions
 from xmcl.retrieval.index.store import MetadataStore
 from xmcl.retrieval.retriever import Retriever
 from xmcl.runtime.files import atomic_save_npy, atomic_write_json
+from xmcl.runtime.lock import RunLock
 
 INDEX_FORMAT = "xmcl-index/1"
 MANIFEST = "index.json"
@@ -47,7 +50,8 @@ KINDS = ("images", "captions")
 class IndexOptions:
     """How a pass runs: files per shard (the resume unit), encoding batch size and decoding workers, the vector
     index type (``vectors.INDEX_TYPES``), the memory budget in bytes (None: half the RAM), the recall@10 target
-    and the size of the held-out tuning sample, progress bars."""
+    and the size of the held-out tuning sample, progress bars, and whether links to files outside the folder are
+    followed."""
 
     shard_size: int = 2048
     batch_size: int = 32
@@ -58,6 +62,7 @@ class IndexOptions:
     tuning_sample: int = 500
     progress: bool = True
     seed: int = 0
+    follow_links: bool = False
 
     def __post_init__(self) -> None:
         for name in ("shard_size", "batch_size"):
@@ -171,31 +176,41 @@ def _encode_chunk(retriever: Retriever, root: Path, files: list[ImageFile], opti
 
 
 def _ingest_pending(store: MetadataStore, out: Path) -> int:
-    """Ingest every complete shard whose sidecar is still there; return how many."""
+    """Ingest every complete shard whose sidecar is still there; return how many. A sidecar the store cannot take
+    (unreadable, or rows it refuses) is discarded with its shard, with a warning: its files are not in the store,
+    so this pass encodes them again, and the folder never stays broken."""
     count = 0
     for sidecar in shards.pending_sidecars(out):
-        data = shards.read_sidecar(sidecar)
-        if not store.shard_known(data["file"]):
-            store.ingest(data)
-            count += 1
+        try:
+            data = shards.read_sidecar(sidecar)
+            if not store.shard_known(data["file"]):
+                store.ingest(data)
+                count += 1
+        except (CheckpointError, sqlite3.Error, UnicodeError, KeyError, TypeError, ValueError) as error:
+            warnings.warn(f"{sidecar}: a pending shard that cannot be stored ({error}); discarded, its files are "
+                          f"encoded again", stacklevel=2)
+            shards.remove_shard(out, sidecar.with_suffix(".npy").name)
         sidecar.unlink()
     return count
 
 
 # ------------------------------------------------------------------------------------------------ work
 def _plan_images(store: MetadataStore, files: list[ImageFile]) -> dict:
-    """Which files to encode and which items to drop, from the store and the folder's current files."""
+    """Which files to encode and which items to drop (with how many captions go with them), from the store and the
+    folder's current files."""
     known, failed = store.items_by_path(), store.failures()
     present = {f.path: f for f in files}
     drop = [item_id for path, (item_id, size, mtime) in known.items()
             if path not in present or (present[path].size, present[path].mtime_ns) != (size, mtime)]
+    dropped_captions = store.count_captions_of(drop)
     stale_failures = [p for p, f in failed.items()
                       if p not in present or (present[p].size, present[p].mtime_ns) != (f["size"], f["mtime_ns"])]
     unchanged = {p for p, (_, size, mtime) in known.items()
                  if p in present and (present[p].size, present[p].mtime_ns) == (size, mtime)}
     skipped = {p for p, f in failed.items() if p not in stale_failures}
     todo = [f for f in files if f.path not in unchanged and f.path not in skipped]
-    return {"drop": drop, "stale_failures": stale_failures, "todo": [f.__dict__ for f in todo],
+    return {"drop": drop, "dropped_captions": dropped_captions, "stale_failures": stale_failures,
+            "todo": [f.__dict__ for f in todo],
             "reused": len(unchanged), "skipped_failures": len(skipped), "removed": sum(p not in present for p in known),
             "changed": sum(p in present and p not in unchanged for p in known)}
 
@@ -283,19 +298,22 @@ def build_vector_indexes(out: Path, store: MetadataStore, options: IndexOptions)
 def build_index(retriever: Retriever, images: Path | str, out: Path | str, captions: Path | str | None = None,
                 options: IndexOptions | None = None) -> dict:
     """Run one indexing pass of the folder ``images`` into the index folder ``out`` (module docstring); return the
-    report (also written to ``out/report.json``; on ranks other than 0, an empty dict)."""
+    report (also written to ``out/report.json``; on ranks other than 0, an empty dict). Rank 0 holds ``out``'s
+    lock for the pass: a second ``xmcl index`` into the same folder is refused at once, naming the holder."""
     options = options or IndexOptions()
     out, root = Path(out), Path(images).resolve()
     ranks = Ranks()
+    lock = RunLock(out, "index folder").acquire() if ranks.leader else None
     try:
         began = time.perf_counter()
         annotations = read_captions(captions) if captions is not None else {}
         store = MetadataStore(out, readonly=False) if ranks.leader else None
+        scan = None
         if ranks.leader:
-            out.mkdir(parents=True, exist_ok=True)
             _open_manifest(out, retriever, root)
             resumed = _ingest_pending(store, out)
-            plan = _plan_images(store, scan_images(root))
+            scan = scan_images(root, options.follow_links)
+            plan = _plan_images(store, scan.files)
             store.remove_items(plan["drop"])
             store.remove_failures(plan["stale_failures"])
             plan["resumed_shards"] = resumed
@@ -335,9 +353,12 @@ def build_index(retriever: Retriever, images: Path | str, out: Path | str, capti
             "images": store.count("images"), "captions": store.count("captions"),
             "encoded": len(todo) - sum(1 for f in todo if f.path in failures), "reused": plan["reused"],
             "removed": plan["removed"], "changed": plan["changed"], "resumed_shards": plan["resumed_shards"],
-            "captions_encoded": len(caption_plan["todo"]), "captions_removed": len(caption_plan["drop"]),
+            "captions_encoded": len(caption_plan["todo"]),
+            "captions_removed": len(caption_plan["drop"]) + plan["dropped_captions"],
+            "captions_unmatched_count": len(caption_plan["unmatched"]),
             "captions_unmatched": caption_plan["unmatched"][:100],
             "failures": [{"path": p, "error": f["error"]} for p, f in failures.items()],
+            "skipped": scan.skipped,
             "world_size": ranks.world, "encode_seconds": round(image_seconds, 3),
             "images_per_second": round(len(todo) / image_seconds, 2) if todo and image_seconds > 0 else None,
             "index_seconds": round(time.perf_counter() - index_began, 3),
@@ -349,6 +370,8 @@ def build_index(retriever: Retriever, images: Path | str, out: Path | str, capti
         store.close()
         return report
     finally:
+        if lock is not None:
+            lock.release()
         ranks.close()
 
 
@@ -363,6 +386,15 @@ def format_report(report: dict, out: Path | str) -> str:
              f"({report['captions_encoded']} encoded, {report['captions_removed']} removed)"]
     if report.get("images_per_second"):
         lines.append(f"encoding: {report['images_per_second']:.1f} images/s on {report['world_size']} process(es)")
+    if report["images"] == 0:
+        lines.append(f"warning: no image was indexed: {report['root']} holds no readable .jpg, .jpeg, .png or .webp "
+                     f"file{' that is not skipped (below)' if report['skipped'] else ''}")
+    skipped = report["skipped"]
+    if skipped:
+        lines.append(f"warning: {len(skipped)} image files skipped, not indexed (all listed in {Path(out) / REPORT}):")
+        lines += [f"  {f['path']}: {f['reason']}" for f in skipped[:10]]
+        if len(skipped) > 10:
+            lines.append(f"  ... and {len(skipped) - 10} more")
     failures = report["failures"]
     if failures:
         lines.append(f"{len(failures)} unreadable files skipped (all listed in {Path(out) / REPORT}):")
@@ -370,7 +402,7 @@ def format_report(report: dict, out: Path | str) -> str:
         if len(failures) > 10:
             lines.append(f"  ... and {len(failures) - 10} more")
     if report["captions_unmatched"]:
-        lines.append(f"{len(report['captions_unmatched'])} captioned paths match no indexed image "
+        lines.append(f"{report['captions_unmatched_count']} captioned paths match no indexed image "
                      f"(first: {report['captions_unmatched'][0]})")
     for kind, info in report["indexes"].items():
         if not info.get("count"):

@@ -1,8 +1,11 @@
 """What a collection holds: its image files (found recursively) and, optionally, their captions and user fields.
 
-``scan_images(root)``: every ``.jpg / .jpeg / .png / .webp`` file under ``root`` (suffix case ignored), with its
-size and modification time, by path relative to ``root`` (POSIX separators); a symbolic link is followed only
-when its target lies under ``root``, so an index never reaches a file outside the folder it was given.
+``scan_images(root)``: every ``.jpg / .jpeg / .png / .webp`` regular file under ``root`` (suffix case ignored),
+with its size and modification time, by path relative to ``root`` (POSIX separators), and the image-named entries it
+skipped, each with the reason: a name that is not valid UTF-8 (it could not be stored or served), something that is
+not a regular file (a FIFO, socket or device, which would block or never end), a dangling link, and a symbolic link
+whose target lies outside ``root`` (an index never reaches a file outside the folder it was given unless
+``follow_links``).
 
 ``read_captions(path)`` reads, by the file's suffix:
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -45,6 +49,14 @@ class Annotation:
     fields: dict = field(default_factory=dict)
 
 
+@dataclass
+class Scan:
+    """What ``scan_images`` found: the image ``files`` and the ``skipped`` entries (``{"path", "reason"}``)."""
+
+    files: list[ImageFile]
+    skipped: list[dict]
+
+
 def _inside(path: Path, root: Path) -> bool:
     try:
         path.resolve().relative_to(root)
@@ -53,27 +65,49 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def scan_images(root: Path | str) -> list[ImageFile]:
-    """The collection's image files, sorted by relative path (see the module docstring)."""
+def printable(path: str) -> str:
+    """A path as text that can be printed and stored: bytes that are not UTF-8 shown as ``\\xff``."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _skip_reason(path: Path, relative: str, root: Path, follow_links: bool) -> str | None:
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the file name is not valid UTF-8: rename the file"
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "a dangling link, or the file vanished"
+    if path.is_symlink() and not follow_links and not _inside(path, root):
+        return "a link to a file outside the folder (pass --follow-links to index it)"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    return None
+
+
+def scan_images(root: Path | str, follow_links: bool = False) -> Scan:
+    """The collection's image files, sorted by relative path, and what was skipped (see the module docstring)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such image folder")
     resolved = root.resolve()
-    found = []
-    for folder, dirs, names in os.walk(root, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not Path(folder, d).is_symlink() or _inside(Path(folder, d), resolved))
+    found, skipped = [], []
+    for folder, dirs, names in os.walk(root, followlinks=follow_links):
+        dirs[:] = sorted(d for d in dirs
+                         if follow_links or not Path(folder, d).is_symlink() or _inside(Path(folder, d), resolved))
         for name in names:
             if not name.lower().endswith(IMAGE_SUFFIXES):
                 continue
             path = Path(folder, name)
-            if path.is_symlink() and not _inside(path, resolved):
+            relative = path.relative_to(root).as_posix()
+            reason = _skip_reason(path, relative, resolved, follow_links)
+            if reason is not None:
+                skipped.append({"path": printable(relative), "reason": reason})
                 continue
-            try:
-                stat = path.stat()
-            except OSError:
-                continue  # vanished, or a dangling link
-            found.append(ImageFile(path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
-    return sorted(found, key=lambda f: f.path)
+            stat_result = path.stat()
+            found.append(ImageFile(relative, stat_result.st_size, stat_result.st_mtime_ns))
+    return Scan(sorted(found, key=lambda f: f.path), sorted(skipped, key=lambda f: f["path"]))
 
 
 def normalise_key(path: str) -> str:

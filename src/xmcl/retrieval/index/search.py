@@ -10,6 +10,7 @@ only through an item's id, and only inside the indexed folder.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -40,25 +41,40 @@ class CollectionIndex:
     """A built index folder, read-only (safe to search from several threads)."""
 
     def __init__(self, folder: Path, manifest: dict, report: dict) -> None:
+        """Open and check the folder: the store's integrity, and for each kind the vector index and its ids against
+        the store's and the report's counts; ``CheckpointError`` naming the damaged file and the repair."""
         self.folder, self.manifest, self.report = folder, manifest, report
+        self.stamp = report_stamp(folder)
         self.root = Path(manifest["root"]).resolve()
         self.dim = int(manifest["dim"])
         self.sha256: str = manifest["checkpoint_sha256"]
+        rerun = f"rerun `xmcl index --images {self.root} --out {folder}` (with the same model) to rebuild it"
         self.store = MetadataStore(folder, readonly=True)
+        self.store.check_integrity()
         self._vectors: dict[str, _Vectors | None] = {}
         for kind in KINDS:
-            info = report.get("indexes", {}).get(kind, {})
-            path = folder / f"{kind}.faiss"
-            if not info.get("count") or not path.is_file():
-                self._vectors[kind] = None
-                continue
-            plan = vectors.IndexPlan(info["kind"], info.get("nlist", 0), info.get("pq_bytes", 0))
+            count = self.store.count(kind)
+            recorded = int(report.get("indexes", {}).get(kind, {}).get("count") or 0)
+            if recorded != count:
+                raise CheckpointError(f"{folder / REPORT} records {recorded} {kind} but {self.store.path} holds "
+                                      f"{count}: the index was changed after it was built; {rerun}")
+            self._vectors[kind] = self._open_vectors(kind, report["indexes"][kind], rerun) if count else None
+
+    def _open_vectors(self, kind: str, info: dict, rerun: str) -> _Vectors:
+        path, ids_path = self.folder / f"{kind}.faiss", self.folder / f"{kind}.ids.npy"
+        for needed in (path, ids_path):
+            if not needed.is_file():
+                raise CheckpointError(f"{needed} is missing; {rerun}")
+        plan = vectors.IndexPlan(info["kind"], info.get("nlist", 0), info.get("pq_bytes", 0))
+        try:
             index = vectors.load_index(path, plan, info["tuning"]["value"])
-            ids = np.load(folder / f"{kind}.ids.npy", allow_pickle=False)
-            if index.ntotal != len(ids) or index.d != self.dim:
-                raise CheckpointError(f"{path}: {index.ntotal} vectors of {index.d} dimensions, but the index "
-                                      f"records {len(ids)} of {self.dim}; rerun `xmcl index`")
-            self._vectors[kind] = _Vectors(index, ids)
+            ids = np.load(ids_path, allow_pickle=False)
+        except (CheckpointError, OSError, ValueError) as error:
+            raise CheckpointError(f"{error}; {rerun}") from None
+        if index.ntotal != len(ids) or index.d != self.dim or len(ids) != info["count"]:
+            raise CheckpointError(f"{path}: {index.ntotal} vectors of {index.d} dimensions and {len(ids)} ids, but "
+                                  f"the index records {info['count']} of {self.dim}; {rerun}")
+        return _Vectors(index, ids)
 
     @classmethod
     def open(cls, folder: Path | str, expected: Sequence[str] = (), expected_from: str = "") -> "CollectionIndex":
@@ -144,6 +160,16 @@ class CollectionIndex:
         self.store.close()
 
 
+def report_stamp(folder: Path) -> tuple[int, int, int] | None:
+    """What identifies the generation of an index folder: its ``report.json``'s inode, size and modification time
+    (each pass of ``xmcl index`` replaces the file whole); None while there is none."""
+    try:
+        info = (Path(folder) / REPORT).stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
 def check_k(k: int) -> None:
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
         raise QueryError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
@@ -158,7 +184,31 @@ class Searcher:
                 f"index {index.folder} was built with model {index.manifest['checkpoint']} (sha256 "
                 f"{index.sha256[:12]}...), not {retriever.source} (sha256 {retriever.sha256[:12]}...): its embeddings "
                 f"are not comparable; search with the index's model or rebuild the index")
-        self.index, self.retriever = index, retriever
+        self._index, self.retriever = index, retriever
+        self.stale: str | None = None
+        self._reopening = threading.Lock()
+
+    @property
+    def index(self) -> CollectionIndex:
+        """The index; reopened first when ``xmcl index`` has rebuilt it in place since it was opened (its
+        ``report.json`` replaced: a new generation). A new generation that does not open keeps the old one serving
+        and ``stale`` says why; a clean reopen clears it."""
+        if report_stamp(self._index.folder) != self._index.stamp and self._reopening.acquire(blocking=False):
+            try:
+                if report_stamp(self._index.folder) != self._index.stamp:
+                    self._reopen()
+            finally:
+                self._reopening.release()
+        return self._index
+
+    def _reopen(self) -> None:
+        try:
+            fresh = CollectionIndex.open(self._index.folder, self.retriever.identities, self.retriever.source)
+        except (CheckpointError, OSError) as error:
+            self.stale = f"the index was updated on disk but its new generation cannot be opened: {error}"
+            self._index.stamp = report_stamp(self._index.folder)  # not retried until the report changes again
+            return
+        self._index, self.stale = fresh, None
 
     @classmethod
     def open(cls, folder: Path | str, checkpoint: Path | str | None = None, device: str = "auto",
@@ -188,13 +238,16 @@ class Searcher:
             if vector is None:
                 raise QueryError(f"no item {item} in index {self.index.folder.name}")
             return vector / max(float(np.linalg.norm(vector)), 1e-12)
-        vector = np.asarray(embedding, dtype=np.float32)
+        try:
+            vector = np.asarray(embedding, dtype=np.float64)  # float64: the norm of float32-range values stays finite
+        except (OverflowError, TypeError, ValueError):
+            raise QueryError("the embedding must be a list of numbers within float64's range") from None
         if vector.shape != (self.index.dim,):
             raise QueryError(f"the embedding must be a list of {self.index.dim} numbers, got shape {vector.shape}")
         norm = float(np.linalg.norm(vector))
-        if not np.isfinite(vector).all() or norm == 0.0:
+        if not np.isfinite(vector).all() or norm == 0.0 or not np.isfinite(norm):
             raise QueryError("the embedding must be finite and not all zero")
-        return vector / norm
+        return (vector / norm).astype(np.float32)
 
     def search(self, target: str = "images", k: int = 10, **query) -> list[dict]:
         """The ``k`` best ``target`` results of one query (see ``query_vector`` and ``CollectionIndex.results``)."""

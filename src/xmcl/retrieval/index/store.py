@@ -66,6 +66,17 @@ class MetadataStore:
             self._local.db = db
         return db
 
+    def check_integrity(self) -> None:
+        """``CheckpointError`` naming the file when SQLite finds it damaged (``PRAGMA quick_check``); such a store
+        cannot be repaired in place."""
+        try:
+            result = self._connection().execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.DatabaseError as error:
+            result = str(error)
+        if result != "ok":
+            raise CheckpointError(f"{self.path} is damaged ({result}): index the folder again into a new --out "
+                                  f"folder (its metadata cannot be repaired in place)")
+
     def close(self) -> None:
         db = getattr(self._local, "db", None)
         if db is not None:
@@ -181,6 +192,12 @@ class MetadataStore:
     def captions_of(self, item_id: int) -> list[str]:
         rows = self._connection().execute("SELECT text FROM captions WHERE item_id = ? ORDER BY id", (int(item_id),))
         return [r[0] for r in rows]
+
+    def count_captions_of(self, item_ids: Iterable[int]) -> int:
+        """How many captions the items ``item_ids`` hold (removed with them)."""
+        db = self._connection()
+        return sum(db.execute("SELECT COUNT(*) FROM captions WHERE item_id = ?", (int(i),)).fetchone()[0]
+                   for i in item_ids)
 
     def count(self, kind: str) -> int:
         return int(self._connection().execute(f"SELECT COUNT(*) FROM {TABLE_OF[kind]}").fetchone()[0])

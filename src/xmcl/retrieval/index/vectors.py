@@ -23,7 +23,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from xmcl.errors import ConfigError
+from xmcl.errors import CheckpointError, ConfigError
 from xmcl.runtime.files import atomic_write_bytes
 
 EXACT_MAX = 10_000
@@ -256,7 +256,10 @@ def load_index(path: Path, plan: IndexPlan, value: int | None) -> faiss.Index:
     try:
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError:
-        index = faiss.read_index(str(path))
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as error:
+            raise CheckpointError(f"{path} cannot be read ({str(error).splitlines()[0][:200]})") from None
     if value is not None:
         set_parameter(index, plan, value)
     return index
