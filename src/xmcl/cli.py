@@ -377,17 +377,28 @@ def search(index_dir: Path, text: str | None, image: Path | None, k: int, target
 @click.option("--threads", type=Positive, default=1, show_default=True,
               help="torch, FAISS and ONNX Runtime threads per query.")
 @RUNTIME_OPTION
+@click.option("--workers", type=Positive, default=2, show_default=True,
+              help="Queries decoded, encoded and searched at once (more wait, up to 16; then 503).")
+@click.option("--allow-host", "allowed_hosts", multiple=True, metavar="HOST",
+              help="A Host header to answer (repeat; default: the loopback names for a loopback bind, any otherwise).")
+@click.option("--api-key", envvar="XMCL_API_KEY", default=None,
+              help="Ask every request but the page for this key (X-API-Key header or ?key=); also $XMCL_API_KEY.")
 def serve(indexes: tuple[str, ...], host: str, port: int, device: str, max_upload_mb: float, threads: int,
-          runtime: str) -> None:
+          runtime: str, workers: int, allowed_hosts: tuple[str, ...], api_key: str | None) -> None:
     """Serve indexes over HTTP (POST /search, GET /items/ID, /thumbs/ID, /healthz, /metrics) and the page at /."""
     from xmcl.retrieval.index.search import open_searchers, parse_index_specs
-    from xmcl.serve.app import listen
+    from xmcl.serve.app import default_allowed_hosts, listen
     from xmcl.serve.app import serve as run_server
 
     sock = listen(host, port)  # a port in use is said before the models load
     searchers = open_searchers(parse_index_specs(indexes), device, runtime=runtime, threads=threads)
+    hosts = list(allowed_hosts) or default_allowed_hosts(host)
+    if hosts is None and api_key is None:
+        click.echo(f"warning: serving {host} to every Host header and without an API key: anyone who reaches "
+                   f"this address can search the index and read its photos (see README, exposing the service)",
+                   err=True)
     click.echo(f"serving {', '.join(searchers)} on http://{host}:{port}/")
-    run_server(searchers, sock, int(max_upload_mb * (1 << 20)), threads)
+    run_server(searchers, sock, int(max_upload_mb * (1 << 20)), threads, workers, hosts, api_key)
 
 
 if __name__ == "__main__":

@@ -101,15 +101,32 @@ def test_type_upload_drop_and_click(served: str, browser, built_index: Path, ret
     page.wait_for_function("document.querySelector('.result')?.dataset.id === '9'")
 
     third = page.locator(".result").nth(2)
-    clicked = third.get_attribute("data-id")
+    clicked, clicked_path = third.get_attribute("data-id"), third.get_attribute("data-path")
+    similar = Searcher(CollectionIndex.open(built_index), retriever).search(item=int(clicked), k=12)
     third.click()
-    page.wait_for_function(f"document.querySelector('.result')?.dataset.id === '{clicked}'")
+    expected_ids = ",".join(str(r["id"]) for r in similar)
+    page.wait_for_function("[...document.querySelectorAll('.result')].map(r => r.dataset.id).join(',') === "
+                           f"'{expected_ids}'")
+    assert clicked not in expected_ids.split(",")
+    assert page.inner_text("#query-view") == f"Similar to {clicked_path}" and page.input_value("#query") == ""
+    link = page.locator(".result a.path").first
+    assert link.inner_text() == similar[0]["path"] and link.get_attribute("href").startswith(f"/images/{similar[0]['id']}")
     page.screenshot(path=str(tmp_path / "desktop.png"))
+
+    page.select_option("#target", "captions")
+    page.fill("#query", "a red circle")
+    page.press("#query", "Enter")
+    page.wait_for_function("document.getElementById('status').textContent.includes('captions from')")
+    ids = [page.locator(".result").nth(n).get_attribute("data-id") for n in range(page.locator(".result").count())]
+    assert len(ids) == len(set(ids))  # one card per photo, its matching captions listed on it
+    assert page.locator(".result .caption").count() == 12
+    assert page.inner_text("#query-view") == "Results for “a red circle”"
 
     page.fill("#query", "   ")
     page.press("#query", "Enter")
     page.wait_for_function("document.getElementById('status').classList.contains('error')")
     assert "empty" in page.inner_text("#status")
+    assert page.locator(".result").count() == 0 and "empty" in page.inner_text(".error-card")
     page.close()
 
 

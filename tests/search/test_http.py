@@ -13,7 +13,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ from PIL import Image
 from xmcl.retrieval.index.build import IndexOptions, build_index
 from xmcl.retrieval.index.search import CollectionIndex, Searcher
 from xmcl.retrieval.retriever import Retriever
-from xmcl.serve.app import create_app
+from xmcl.serve.app import create_app, default_allowed_hosts
 
 from search_world import copy_images
 
@@ -80,19 +82,28 @@ def server(world: Path, built_index: Path, retriever: Retriever, locked_checkpoi
     searchers = {"shapes": Searcher(CollectionIndex.open(built_index), retriever),
                  "small": Searcher(CollectionIndex.open(base / "small"), retriever),
                  "locked": Searcher(CollectionIndex.open(base / "locked"), locked)}
+    app = create_app(searchers, max_upload_bytes=UPLOAD_LIMIT, allowed_hosts=default_allowed_hosts("127.0.0.1"))
+    with running(app) as port:
+        yield Server(f"http://127.0.0.1:{port}", port, secret_item, world, base / "locked")
+
+
+@contextmanager
+def running(app) -> Iterator[int]:
+    """``app`` served by uvicorn in a thread on a free port of 127.0.0.1 (its port), stopped on exit."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(searchers, max_upload_bytes=UPLOAD_LIMIT), log_level="warning"))
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not uv.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert uv.started, "the server did not start within 30 s"
-    yield Server(f"http://127.0.0.1:{port}", port, secret_item, world, base / "locked")
-    uv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
 
 
 def png_bytes(path: Path) -> bytes:
@@ -136,7 +147,10 @@ def test_searches_by_text_upload_embedding_and_item(server: Server, built_index:
 
     item = body["results"][1]["id"]
     status, by_item = server.post_json({"item": item, "k": 2})
-    assert status == 200 and by_item["results"][0]["id"] == item
+    nearest = searcher.search(embedding=searcher.index.item_vector(item), k=3)  # the item itself, then the others
+    assert nearest[0]["id"] == item  # "more like this" leaves the item out of its own results:
+    assert status == 200 and [r["id"] for r in by_item["results"]] == [r["id"] for r in nearest[1:]]
+    assert [r["rank"] for r in by_item["results"]] == [1, 2]
     vector = searcher.index.item_vector(item)
     status, by_vector = server.post_json({"embedding": (3.0 * vector).tolist(), "k": 2})
     assert status == 200 and by_vector["results"][0]["id"] == item
@@ -189,7 +203,9 @@ def test_bad_uploads_get_a_4xx(server: Server) -> None:
                                   {"Content-Type": "application/json"})
     assert got == 413
     got, data, _ = server.request("POST", "/search", b"text=a", {"Content-Type": "text/plain"})
-    assert got == 400 and b"send JSON or a multipart form" in data
+    assert got == 415 and b"send Content-Type: application/json" in data
+    got, data, _ = server.request("POST", "/search", b'{"text": "a cat"}')  # a cross-site "simple" request
+    assert got == 415 and b"no content type" in data
     assert server.post_json({"text": "a blue star", "k": 1})[0] == 200
 
 
@@ -291,3 +307,61 @@ def test_odd_item_ids_are_404_and_huge_embeddings_are_normalised_exactly(server:
     status, body = server.post_json({"embedding": (vector / abs(vector).max() * 3e38).tolist(), "k": 1})
     assert status == 200 and body["results"][0]["id"] == 3  # the float32 norm would overflow to inf and score 0
     assert body["results"][0]["score"] == pytest.approx(float(vector @ vector) / np.linalg.norm(vector), abs=1e-3)
+
+
+def test_other_host_headers_are_refused_and_head_and_get_search_answer(server: Server, built_index: Path,
+                                                                       retriever: Retriever) -> None:
+    got, data, _ = server.request("GET", "/images/3", headers={"Host": "attacker.example"})
+    assert got == 400 and data != (server.world / "images" / "shapes_000002.png").read_bytes()
+    assert server.request("GET", "/healthz", headers={"Host": "localhost:1234"})[0] == 200
+    for path in ("/healthz", "/images/3", "/items/3", "/thumbs/3", "/"):
+        got, data, _ = server.request("HEAD", path)
+        assert got == 200 and data == b"", path
+    got, data, _ = server.request("GET", "/search?text=a+red+circle&k=4")
+    by_url = json.loads(data)
+    searcher = Searcher(CollectionIndex.open(built_index), retriever)
+    assert got == 200 and [r["id"] for r in by_url["results"]] == [
+        r["id"] for r in searcher.search(text="a red circle", k=4)]
+    assert server.request("GET", "/search?text=a&colour=red")[0] == 400
+
+
+def test_an_api_key_guards_every_route_but_the_page(server: Server, built_index: Path, retriever: Retriever) -> None:
+    app = create_app({"shapes": Searcher(CollectionIndex.open(built_index), retriever)}, api_key="s3cret")
+    with running(app) as port:
+        guarded = Server(f"http://127.0.0.1:{port}", port, 0, server.world, server.locked_index)
+        assert guarded.request("GET", "/")[0] == 200
+        for path in ("/healthz", "/images/3", "/search?text=a+red+circle"):
+            assert guarded.request("GET", path)[0] == 401, path
+            assert guarded.request("GET", path, headers={"X-API-Key": "wrong"})[0] == 401, path
+            assert guarded.request("GET", path, headers={"X-API-Key": "s3cret"})[0] == 200, path
+        assert guarded.request("GET", "/images/3?key=s3cret")[0] == 200
+        assert guarded.request("GET", "/healthz", headers={"Authorization": "Bearer s3cret"})[0] == 200
+
+
+def test_admission_runs_at_most_workers_and_refuses_past_the_queue() -> None:
+    import asyncio
+
+    from xmcl.serve.admission import Admission, ServerBusy
+
+    release = threading.Event()
+    running_now, peak = [0], [0]
+    lock = threading.Lock()
+
+    def hold() -> None:
+        with lock:
+            running_now[0] += 1
+            peak[0] = max(peak[0], running_now[0])
+        release.wait(timeout=10)
+        with lock:
+            running_now[0] -= 1
+
+    async def scenario() -> list:
+        admission = Admission(workers=2, queue=1)
+        tasks = [asyncio.create_task(admission.run(hold)) for _ in range(3)]
+        await asyncio.sleep(0.2)
+        with pytest.raises(ServerBusy, match="busy"):
+            await admission.run(hold)  # 2 running + 1 waiting: the fourth is refused at once
+        release.set()
+        return await asyncio.gather(*tasks)
+
+    assert asyncio.run(scenario()) == [None, None, None] and peak[0] == 2

@@ -22,6 +22,7 @@ other path (``/thumbs/../../etc/passwd``, an id that is not a number) is a 404.
 
 from __future__ import annotations
 
+import hmac
 import io
 import json
 import math
@@ -30,6 +31,7 @@ import socket
 import time
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -37,19 +39,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from xmcl.data.images import open_image
 from xmcl.errors import ConfigError, DataError, XmclError
 from xmcl.retrieval.index.search import Searcher
 from xmcl.retrieval.retriever import decode_image_bytes
+from xmcl.serve.admission import Admission, ServerBusy
 from xmcl.serve.metrics import ServiceMetrics
 
 STATIC = Path(__file__).parent / "static"
 INDEX_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and small fields on top of the image itself
 THUMB_SIZES = (64, 512)
+DEFAULT_K = 10  # as `xmcl search -k`
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 class HTTPError(Exception):
@@ -113,8 +118,13 @@ def _embedding_field(value) -> list[float]:
     return numbers
 
 
-def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20, default_k: int = 12) -> FastAPI:
-    """The app over ``searchers`` (name -> Searcher; the first is the default index)."""
+def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20, default_k: int = DEFAULT_K,
+               workers: int = 2, queue: int = 16, allowed_hosts: Sequence[str] | None = None,
+               api_key: str | None = None) -> FastAPI:
+    """The app over ``searchers`` (name -> Searcher; the first is the default index). Queries run in at most
+    ``workers`` threads with at most ``queue`` waiting (``Admission``; 503 beyond); ``allowed_hosts``: the Host
+    headers answered (None: any; 400 otherwise: a DNS-rebinding page cannot reach a loopback server); ``api_key``:
+    every route but the page and its static files asks for it (``X-API-Key`` header, ``Bearer`` token or ``?key=``)."""
     if not searchers:
         raise DataError("serve needs at least one index")
     for name in searchers:
@@ -122,7 +132,21 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
             raise DataError(f"index name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
     default_index = next(iter(searchers))
     metrics = ServiceMetrics()
+    admission = Admission(workers, queue)
     app = FastAPI(title="xmcl search", docs_url=None, redoc_url=None, openapi_url=None)
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next):
+        if api_key is None or request.url.path == "/" or request.url.path.startswith("/static/"):
+            return await call_next(request)
+        given = (request.headers.get("x-api-key") or request.query_params.get("key")
+                 or request.headers.get("authorization", "").removeprefix("Bearer ").strip())
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            return JSONResponse({"detail": "this server asks for an API key (X-API-Key header or ?key=)"},
+                                status_code=401)
+        return await call_next(request)
 
     def searcher_of(name: str | None) -> tuple[str, Searcher]:
         name = default_index if name in (None, "") else name
@@ -162,13 +186,10 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
             data = await upload.read()
             if len(data) > max_upload_bytes:
                 raise HTTPError(413, f"the image is {len(data):,} bytes, over the limit of {max_upload_bytes:,}")
-            try:
-                image = decode_image_bytes(data)
-            except DataError as error:
-                raise HTTPError(400, str(error)) from None
-            return {"index": form.get("index"), "k": form.get("k"), "target": form.get("target"), "image": image}
-        if content_type and not content_type.startswith("application/json"):
-            raise HTTPError(400, f"send JSON or a multipart form with an image, not {content_type!r}")
+            return {"index": form.get("index"), "k": form.get("k"), "target": form.get("target"), "upload": data}
+        if not content_type.startswith("application/json"):
+            raise HTTPError(415, f"send Content-Type: application/json, or a multipart form with an image, not "
+                                 f"{content_type or 'no content type'!r}")
         body = await _read_limited(request, max_upload_bytes + FORM_OVERHEAD)
         try:
             payload = json.loads(body or b"null")
@@ -183,23 +204,30 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
             raise HTTPError(400, f"unknown fields: {', '.join(sorted(unknown))}")
         return payload
 
-    @app.post("/search")
-    async def search(request: Request) -> JSONResponse:
+    def run_query(searcher: Searcher, target: str, k: int, forms: dict) -> list[dict]:
+        """In a worker thread: decode an upload, encode the query, search."""
+        upload = forms.pop("upload", None)
+        if upload is not None:
+            forms["image"] = decode_image_bytes(upload)
+        return searcher.search(target=target, k=k, **forms)
+
+    async def answer(query: dict) -> JSONResponse:
         began, name = time.perf_counter(), "?"
         try:
-            query = await parse_search(request)
             name, searcher = searcher_of(query.get("index"))
             k = _int_field(query.get("k"), "k", default_k)
             target = query.get("target") or "images"
-            forms = {key: query.get(key) for key in ("text", "image", "embedding", "item")}
+            forms = {key: query.get(key) for key in ("text", "upload", "embedding", "item")}
             if forms["item"] is not None:
                 forms["item"] = _int_field(forms["item"], "item", 0)
             if forms["embedding"] is not None:
                 forms["embedding"] = _embedding_field(forms["embedding"])
             try:
-                results = await run_in_threadpool(searcher.search, target=target, k=k, **forms)
+                results = await admission.run(run_query, searcher, target, k, forms)
             except XmclError as error:
                 raise HTTPError(400, str(error)) from None
+            except ServerBusy as error:
+                raise HTTPError(503, str(error)) from None
         except HTTPError as error:
             metrics.observe(name if name in searchers else "?", error.status, time.perf_counter() - began)
             raise
@@ -207,11 +235,28 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
             metrics.observe(name if name in searchers else "?", 500, time.perf_counter() - began)
             raise
         metrics.observe(name, 200, time.perf_counter() - began)
-        warning = searcher.retriever.vocabulary_warning(forms["text"]) if isinstance(forms["text"], str) else None
+        warning = searcher.retriever.vocabulary_warning(query["text"]) if isinstance(query.get("text"), str) else None
         warning = searcher.stale or warning
         return JSONResponse({"index": name, "target": target, "k": k, "results": results, "warning": warning})
 
-    @app.get("/items/{item_id}")
+    @app.post("/search")
+    async def search(request: Request) -> JSONResponse:
+        try:
+            query = await parse_search(request)
+        except HTTPError as error:
+            metrics.observe("?", error.status, 0.0)
+            raise
+        return await answer(query)
+
+    @app.api_route("/search", methods=["GET", "HEAD"])
+    async def search_by_url(request: Request) -> JSONResponse:
+        """``GET /search?text=...&k=&index=&target=`` (or ``item=``): a bookmarkable text or item query."""
+        unknown = set(request.query_params) - {"index", "text", "item", "k", "target", "key"}
+        if unknown:
+            raise HTTPError(400, f"unknown parameters: {', '.join(sorted(unknown))}")
+        return await answer({key: request.query_params.get(key) for key in ("index", "text", "item", "k", "target")})
+
+    @app.api_route("/items/{item_id}", methods=["GET", "HEAD"])
     def item(item_id: str, index: str | None = None) -> JSONResponse:
         name, searcher = searcher_of(index)
         found = searcher.index.item(_item_id(item_id))
@@ -233,7 +278,7 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
         image.save(buffer, format="JPEG", quality=85)
         return buffer.getvalue()
 
-    @app.get("/thumbs/{item_id}")
+    @app.api_route("/thumbs/{item_id}", methods=["GET", "HEAD"])
     def thumbs(item_id: str, index: str | None = None, size: int = 256) -> Response:
         name, _ = searcher_of(index)
         if not THUMB_SIZES[0] <= size <= THUMB_SIZES[1]:
@@ -243,7 +288,7 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
             raise HTTPError(404, f"no image for item {item_id} in index {name}")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    @app.get("/images/{item_id}")
+    @app.api_route("/images/{item_id}", methods=["GET", "HEAD"])
     def images(item_id: str, index: str | None = None) -> FileResponse:
         name, searcher = searcher_of(index)
         path = searcher.index.file_of(_item_id(item_id))
@@ -255,18 +300,18 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
         return {(name, target): s.index.count(target) for name, s in searchers.items()
                 for target in ("images", "captions")}
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     def healthz() -> JSONResponse:
         indexes = {name: {"images": s.index.count("images"), "captions": s.index.count("captions"),
                           "dim": s.index.dim, "stale": s.stale} for name, s in searchers.items()}
         status = "stale" if any(entry["stale"] for entry in indexes.values()) else "ok"
         return JSONResponse({"status": status, "default": default_index, "indexes": indexes})
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     def prometheus() -> Response:
         return Response(metrics.render(gauges()), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/")
+    @app.api_route("/", methods=["GET", "HEAD"])
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
@@ -287,10 +332,19 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def default_allowed_hosts(host: str) -> list[str] | None:
+    """The Host headers a server bound to ``host`` answers by default: the loopback names for a loopback bind (a
+    page on another site, rebinding its name to 127.0.0.1, then gets 400), any for another bind."""
+    return list(LOOPBACK_HOSTS) if host in LOOPBACK_HOSTS else None
+
+
 def serve(searchers: dict[str, Searcher], sock: socket.socket, max_upload_bytes: int = 10 << 20,
-          threads: int = 1) -> None:
-    """Run the app with uvicorn on the bound ``sock`` until interrupted. Each query runs on ``threads`` torch and
-    FAISS threads (1: one small query gains nothing from more, and concurrent queries then use the other cores)."""
+          threads: int = 1, workers: int = 2, allowed_hosts: Sequence[str] | None = None,
+          api_key: str | None = None) -> None:
+    """Run the app with uvicorn on the bound ``sock`` until interrupted (see ``create_app`` for ``workers``,
+    ``allowed_hosts`` and ``api_key``). Each query runs on ``threads`` torch and FAISS threads (1: one small query
+    gains nothing from more, and concurrent queries then use the other cores). At most 64 connections are served at
+    once (503 beyond) and an idle kept-alive connection is closed after 5 s."""
     import torch
     import uvicorn
 
@@ -298,5 +352,6 @@ def serve(searchers: dict[str, Searcher], sock: socket.socket, max_upload_bytes:
 
     set_search_threads(threads)
     torch.set_num_threads(threads)
-    server = uvicorn.Server(uvicorn.Config(create_app(searchers, max_upload_bytes), log_level="warning"))
+    app = create_app(searchers, max_upload_bytes, workers=workers, allowed_hosts=allowed_hosts, api_key=api_key)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", limit_concurrency=64, timeout_keep_alive=5))
     server.run(sockets=[sock])

@@ -102,8 +102,9 @@ class CollectionIndex:
         return 0 if entry is None else len(entry.ids)
 
     def search(self, queries: np.ndarray, target: str = "images", k: int = 10) -> list[list[tuple[int, float]]]:
-        """For each query row, up to ``k`` ``(id, score)`` pairs of ``target``, best first."""
-        check_k(k)
+        """For each query row, up to ``k`` ``(id, score)`` pairs of ``target``, best first (``k`` up to one more than
+        a query may ask: room for an item query's own item)."""
+        check_k(k, MAX_K + 1)
         if target not in TARGETS:
             raise QueryError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
         entry = self._vectors.get(target)
@@ -170,9 +171,9 @@ def report_stamp(folder: Path) -> tuple[int, int, int] | None:
     return info.st_ino, info.st_size, info.st_mtime_ns
 
 
-def check_k(k: int) -> None:
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
-        raise QueryError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
+def check_k(k: int, limit: int = MAX_K) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= limit:
+        raise QueryError(f"k must be an integer from 1 to {limit}, got {k!r}")
 
 
 class Searcher:
@@ -250,9 +251,14 @@ class Searcher:
         return (vector / norm).astype(np.float32)
 
     def search(self, target: str = "images", k: int = 10, **query) -> list[dict]:
-        """The ``k`` best ``target`` results of one query (see ``query_vector`` and ``CollectionIndex.results``)."""
+        """The ``k`` best ``target`` results of one query (see ``query_vector`` and ``CollectionIndex.results``); an
+        item query ("more like this") leaves the item itself out of its images, ranks counted without it."""
         check_k(k)
-        hits = self.index.search(self.query_vector(**query)[None], target, k)[0]
+        item = query.get("item")
+        own = item is not None and target == "images"
+        hits = self.index.search(self.query_vector(**query)[None], target, k + own)[0]
+        if own:
+            hits = [hit for hit in hits if hit[0] != item][:k]
         return self.index.results(hits, target)
 
 
