@@ -327,6 +327,8 @@ def index_command(checkpoint: Path, images: Path, out: Path, captions: Path | No
 @click.argument("index_dir", metavar="INDEX", type=PathArg)
 @click.argument("text", required=False)
 @click.option("--image", type=PathArg, default=None, help="Search by this image instead of a text.")
+@click.option("--item", type=click.IntRange(min=0), default=None,
+              help="Search by an indexed item (more like this; the item itself is left out).")
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Number of results.")
 @click.option("--target", type=click.Choice(["images", "captions"]), default="images", show_default=True,
               help="What to find.")
@@ -338,9 +340,11 @@ def index_command(checkpoint: Path, images: Path, out: Path, captions: Path | No
 @click.option("--server", default=None, metavar="URL",
               help="Ask a running `xmcl serve` at URL (INDEX is then the name it serves the index by) instead of "
                    "loading the model.")
-def search(index_dir: Path, text: str | None, image: Path | None, k: int, target: str, as_json: bool,
-           checkpoint: Path | None, text_model: str | None, runtime: str, device: str, server: str | None) -> None:
-    """Search an index by a text ("a dog jumps over a fence") or by an image (--image q.jpg)."""
+@click.option("--api-key", envvar="XMCL_API_KEY", default=None, help="The key of a --server that asks for one.")
+def search(index_dir: Path, text: str | None, image: Path | None, item: int | None, k: int, target: str,
+           as_json: bool, checkpoint: Path | None, text_model: str | None, runtime: str, device: str,
+           server: str | None, api_key: str | None) -> None:
+    """Search an index by a text ("a dog jumps over a fence"), an image (--image q.jpg) or an item (--item ID)."""
     import json
 
     from xmcl.errors import DataError
@@ -348,20 +352,22 @@ def search(index_dir: Path, text: str | None, image: Path | None, k: int, target
     from xmcl.retrieval.index.vectors import set_search_threads
     from xmcl.serve.client import search_remote
 
-    if (text is None) == (image is None):
-        raise DataError("give a query text or --image, not both and not neither")
+    if sum(value is not None for value in (text, image, item)) != 1:
+        raise DataError("give one query: a text, --image or --item")
     if server is not None:
-        answer = search_remote(server, index_dir.name, text=text, image=image, k=k, target=target)
+        answer = search_remote(server, index_dir.name, text=text, image=image, item=item, k=k, target=target,
+                               api_key=api_key)
         results, warning = answer["results"], answer.get("warning")
     else:
         set_search_threads(1)
         searcher = Searcher.open(index_dir, checkpoint, device, text_model=text_model, runtime=runtime)
-        results = searcher.search(target=target, k=k, text=text, image=image)
+        results = searcher.search(target=target, k=k, text=text, image=image, item=item)
         warning = searcher.retriever.vocabulary_warning(text) if text is not None else None
+        warning = searcher.stale or warning
     if warning:
         click.echo(f"warning: {warning}", err=True)
     if as_json:
-        query = {"text": text} if text is not None else {"image": str(image)}
+        query = {"text": text} if text is not None else {"image": str(image)} if image else {"item": item}
         click.echo(json.dumps({"query": query, "target": target, "results": results, "warning": warning}, indent=1))
     else:
         click.echo(format_results(results))

@@ -365,3 +365,14 @@ def test_admission_runs_at_most_workers_and_refuses_past_the_queue() -> None:
         return await asyncio.gather(*tasks)
 
     assert asyncio.run(scenario()) == [None, None, None] and peak[0] == 2
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408(built_index: Path, retriever: Retriever) -> None:
+    app = create_app({"shapes": Searcher(CollectionIndex.open(built_index), retriever)}, body_timeout=1.0)
+    with running(app) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 100\r\n\r\n{")  # and nothing more
+        began = time.monotonic()
+        answer = client.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in answer
+    assert 0.8 < time.monotonic() - began < 8

@@ -97,3 +97,13 @@ def test_serve_says_a_port_in_use_before_loading_the_models(built_index: Path, m
         result = CliRunner().invoke(main, ["serve", str(built_index), "--port", str(port)])
     assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output
     assert "serving" not in result.output
+
+
+def test_search_by_item_leaves_the_item_out(built_index: Path, retriever: Retriever) -> None:
+    searcher = Searcher(CollectionIndex.open(built_index), retriever)
+    nearest = searcher.search(embedding=searcher.index.item_vector(5), k=4)
+    result = CliRunner().invoke(main, ["search", str(built_index), "--item", "5", "-k", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [r["id"] for r in json.loads(result.stdout)["results"]] == [r["id"] for r in nearest if r["id"] != 5][:3]
+    result = CliRunner().invoke(main, ["search", str(built_index), "a cat", "--item", "5"])
+    assert result.exit_code == 2 and "give one query" in result.output

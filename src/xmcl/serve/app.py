@@ -22,6 +22,7 @@ other path (``/thumbs/../../etc/passwd``, an id that is not a number) is a 404.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import io
 import json
@@ -54,6 +55,7 @@ INDEX_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and small fields on top of the image itself
 THUMB_SIZES = (64, 512)
 DEFAULT_K = 10  # as `xmcl search -k`
+BODY_TIMEOUT_S = 30.0
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -76,18 +78,26 @@ def _item_id(text: str) -> int:
     return int(text)
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
+async def _read_limited(request: Request, limit: int, timeout: float = BODY_TIMEOUT_S) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed), and with 408
+    when it has not all arrived ``timeout`` seconds after the headers (a slow client does not hold a worker)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPError(413, f"the request body is {int(declared):,} bytes, over the limit of {limit:,}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"the request body is over the limit of {limit:,} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"the request body is over the limit of {limit:,} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise HTTPError(408, f"the request body did not arrive within {timeout:.0f} s") from None
 
 
 def _int_field(value, name: str, default: int) -> int:
@@ -120,11 +130,12 @@ def _embedding_field(value) -> list[float]:
 
 def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20, default_k: int = DEFAULT_K,
                workers: int = 2, queue: int = 16, allowed_hosts: Sequence[str] | None = None,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
     """The app over ``searchers`` (name -> Searcher; the first is the default index). Queries run in at most
     ``workers`` threads with at most ``queue`` waiting (``Admission``; 503 beyond); ``allowed_hosts``: the Host
     headers answered (None: any; 400 otherwise: a DNS-rebinding page cannot reach a loopback server); ``api_key``:
-    every route but the page and its static files asks for it (``X-API-Key`` header, ``Bearer`` token or ``?key=``)."""
+    every route but the page and its static files asks for it (``X-API-Key`` header, ``Bearer`` token or ``?key=``);
+    ``body_timeout``: seconds a request body may take to arrive (408 after)."""
     if not searchers:
         raise DataError("serve needs at least one index")
     for name in searchers:
@@ -171,7 +182,7 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
     async def parse_search(request: Request) -> dict:
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
-            body = await _read_limited(request, max_upload_bytes + FORM_OVERHEAD)
+            body = await _read_limited(request, max_upload_bytes + FORM_OVERHEAD, body_timeout)
 
             async def replay() -> dict:
                 return {"type": "http.request", "body": body, "more_body": False}
@@ -190,7 +201,7 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
         if not content_type.startswith("application/json"):
             raise HTTPError(415, f"send Content-Type: application/json, or a multipart form with an image, not "
                                  f"{content_type or 'no content type'!r}")
-        body = await _read_limited(request, max_upload_bytes + FORM_OVERHEAD)
+        body = await _read_limited(request, max_upload_bytes + FORM_OVERHEAD, body_timeout)
         try:
             payload = json.loads(body or b"null")
         except (UnicodeDecodeError, ValueError) as error:

@@ -19,20 +19,23 @@ from xmcl.errors import DataError
 TIMEOUT_S = 30.0
 
 
-def search_remote(url: str, index: str | None, text: str | None = None, image: Path | None = None, k: int = 10,
-                  target: str = "images", timeout: float = TIMEOUT_S) -> dict:
-    """The answer of the server at ``url`` to one text or image query on its index named ``index`` (None: its
-    default index)."""
+def search_remote(url: str, index: str | None, text: str | None = None, image: Path | None = None,
+                  item: int | None = None, k: int = 10, target: str = "images", timeout: float = TIMEOUT_S,
+                  api_key: str | None = None) -> dict:
+    """The answer of the server at ``url`` to one text, image or item query on its index named ``index`` (None: its
+    default index); ``api_key`` for a server started with one."""
     if not url.startswith(("http://", "https://")):
         raise DataError(f"--server must be an http:// or https:// address, got {url!r}")
     fields = {"k": k, "target": target, **({"index": index} if index else {})}
     if image is None:
-        body = json.dumps({**fields, "text": text}).encode()
+        body = json.dumps({**fields, **({"item": item} if item is not None else {"text": text})}).encode()
         content_type = "application/json"
     else:
         body, content_type = _multipart(fields, Path(image))
-    request = urllib.request.Request(url.rstrip("/") + "/search", data=body, method="POST",
-                                     headers={"Content-Type": content_type, "Accept": "application/json"})
+    headers = {"Content-Type": content_type, "Accept": "application/json"}
+    if api_key:
+        headers["X-API-Key"] = api_key
+    request = urllib.request.Request(url.rstrip("/") + "/search", data=body, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())

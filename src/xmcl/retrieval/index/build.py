@@ -44,6 +44,7 @@ MANIFEST = "index.json"
 REPORT = "report.json"
 WORK = "work.json"
 KINDS = ("images", "captions")
+LARGE_COLLECTION = 100_000  # from this many vectors the report prints its memory estimates at 1M and 100M
 
 
 @dataclass
@@ -414,8 +415,9 @@ def format_report(report: dict, out: Path | str) -> str:
                   if tuning["parameter"] else "exact search")
         lines.append(f"{kind}: {info['factory']}{tuned}, {recall}; {_gigabytes(info['bytes'])} now, "
                      f"{_gigabytes(info['bytes_per_million'])} per million vectors")
-    table = report["memory_per_index_kind"]
-    lines.append("memory by index kind (estimates): " + "; ".join(
-        f"{int(n):,} vectors: " + ", ".join(f"{kind} {_gigabytes(size)}" for kind, size in sizes.items())
-        for n, sizes in table.items()))
+    if report["images"] + report["captions"] >= LARGE_COLLECTION:  # for a small folder the estimates are noise
+        table = report["memory_per_index_kind"]
+        lines.append("memory by index kind (estimates): " + "; ".join(
+            f"{int(n):,} vectors: " + ", ".join(f"{kind} {_gigabytes(size)}" for kind, size in sizes.items())
+            for n, sizes in table.items()))
     return "\n".join(lines)
