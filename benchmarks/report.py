@@ -94,6 +94,7 @@ PLAN: tuple[Step, ...] = (
     Step("inference cost", "python benchmarks/inference_cost.py", "inference_cost"),
     Step("indexing throughput", "python benchmarks/index_throughput.py --images 300", "index_throughput"),
     Step("query latency", "python benchmarks/query_latency.py", "query_latency"),
+    Step("service under load", "python benchmarks/serve_load.py", "serve_load"),
     Step("ST-SLidR step", "python benchmarks/distill_step.py", "distill_step"),
     Step("ST-SLidR step, the authors' 3D network", "python benchmarks/distill_step.py --authors-net",
          "distill_step_authors"),
@@ -172,6 +173,7 @@ def signed(value: float, digits: int = 1) -> str:
     return f"{value:+.{digits}f}".replace("-", "−")
 
 
+HUGE_SIDE_TEXT = "7000 x 7000 (49-megapixel)"
 RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 RECALL_HEADER = ["i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rSum"]
 
@@ -747,6 +749,28 @@ def query_latency_summary(d: dict) -> str:
             f"{f['compute_floor_ms']:.1f} ms); HTTP one-client p95 {http} over {f['index']['n']:,} vectors.")
 
 
+def serve_load(d: dict) -> str:
+    f, c = d["figures"], d["config"]
+    rows = []
+    for number, r in enumerate(f["rounds"], start=1):
+        latency = r["latency_ms"]
+        rows.append([str(number), f"{r['requests']:,}", str(r["errors"]), f"{r['requests_per_second']:.1f}",
+                     *[f"{latency[kind]['p50']:.0f} / {latency[kind]['p99']:.0f}" for kind in
+                       ("text", "image", "item", "thumb")],
+                     f"{r['rss_before_mib']:.0f} → {r['rss_after_mib']:.0f}"])
+    huge = f["huge_uploads"]
+    return (f"{command_lines(d)}\n\n`xmcl serve` (model `{c['model']}`, runtime {c['runtime']}, {c['workers']} query "
+            f"workers) over {c['images']} Flickr8K val photos and their captions; each round {c['clients']} clients "
+            f"for {c['seconds']:.0f} s, each sending in turn a text query, an image upload, an item query and a "
+            f"thumbnail request:\n\n"
+            + table(["round", "requests", "errors", "requests/s", "text p50 / p99 ms", "image", "item", "thumb",
+                     "server RSS MiB"], rows)
+            + f"\n\n- While {huge['uploads']} uploads of a {HUGE_SIDE_TEXT} PNG ({huge['upload_bytes'] / 1024:.0f} KB "
+            f"each; answered {huge['upload_statuses']}) were processed, /healthz answered in p50 "
+            f"{huge['healthz_ms']['p50']:.1f} ms, p99 **{huge['healthz_ms']['p99']:.1f} ms** over {huge['polls']} "
+            f"polls ({huge['healthz_failures']} failed); server RSS after them {huge['rss_after_mib']:.0f} MiB.")
+
+
 def search_summary(*datas: dict) -> str:
     parts = []
     for d in datas:
@@ -816,6 +840,7 @@ BLOCKS = (
     Block("inference_cost", ("inference_cost",), inference_cost),
     Block("index_throughput", ("index_throughput",), index_throughput),
     Block("query_latency", ("query_latency",), query_latency),
+    Block("serve_load", ("serve_load",), serve_load),
 )
 SUMMARIES = (
     Block("eval_speed:summary", ("eval_speed",), eval_speed_summary),

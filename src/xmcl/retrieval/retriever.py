@@ -56,7 +56,7 @@ def decode_image_bytes(data: bytes, what: str = "the upload") -> Image.Image:
             if image.width * image.height > MAX_PIXELS:
                 raise DataError(f"{what} is {image.width} x {image.height} pixels, more than {MAX_PIXELS:,}")
             image.load()
-            return image.convert("RGB")
+            return image if image.mode == "RGB" else image.convert("RGB")  # no second full-size copy
     except UnidentifiedImageError:
         raise DataError(f"{what} is not an image in a format Pillow reads (JPEG, PNG, WebP, ...)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:

@@ -5,7 +5,9 @@ Routes::
     POST /search          JSON {"index", "text" | "embedding" | "item", "k", "target"} or a multipart form with an
                           "image" file and the same fields -> {"index", "target", "k", "results": [...],
                           "warning": null, or why the results may mislead (a text query's words unknown to the
-                          model; an index whose new generation could not be opened)}
+                          model; an index whose new generation could not be opened)}; an item query leaves the
+                          item out of its results
+    GET  /search          ?text= or ?item=, with k, index, target: as the JSON POST
     GET  /items/{id}      an image item's metadata and captions          (?index=NAME, default the first)
     GET  /thumbs/{id}     a JPEG thumbnail of an item's image (?size=)
     GET  /images/{id}     the item's image file
@@ -14,10 +16,13 @@ Routes::
     GET  /metrics         Prometheus text: searches by index and status, latency quantiles, items per index
     GET  /                the search page (``static/``)
 
-Bad input is a 4xx with ``{"detail": message}`` and the server goes on: 400 for an empty text, an upload that is
-not an image, an embedding of the wrong width, k out of range or a malformed request; 413 for a body or upload over
-the limit; 404 for an unknown index or item. Files are reached by item id only, inside the indexed folder; any
-other path (``/thumbs/../../etc/passwd``, an id that is not a number) is a 404.
+Every GET route answers HEAD. Bad input is a 4xx with ``{"detail": message}`` and the server goes on: 400 for an
+empty text, an upload that is not an image, an embedding of the wrong width or out of float32's range, k out of
+range, JSON nested too deep or a malformed request, and for a Host header not allowed; 401 without the API key a
+server asks for; 404 for an unknown index or item; 408 for a body that does not arrive in time; 413 for a body or
+upload over the limit; 415 for a POST that is neither JSON nor multipart (a cross-site "simple" request); 503 when
+the query workers and their queue are full. Files are reached by item id only, inside the indexed folder; any other
+path (``/thumbs/../../etc/passwd``, an id that is not a number) is a 404.
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from xmcl.data.images import open_image
 from xmcl.errors import ConfigError, DataError, XmclError
