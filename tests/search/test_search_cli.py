@@ -62,7 +62,7 @@ def test_search_needs_exactly_one_query(built_index: Path, world: Path) -> None:
     neither = CliRunner().invoke(main, ["search", str(built_index)])
     both = CliRunner().invoke(main, ["search", str(built_index), "a dog", "--image", str(world / "images" / "x.png")])
     for result in (neither, both):
-        assert result.exit_code == 2 and "give a query text or --image" in result.output
+        assert result.exit_code == 2 and "give one query: a text, --image or --item" in result.output
 
 
 def test_serve_names_indexes_and_shares_a_checkpoint(built_index: Path) -> None:
