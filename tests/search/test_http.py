@@ -162,24 +162,25 @@ def test_searches_by_text_upload_embedding_and_item(server: Server, built_index:
 
 @pytest.mark.parametrize("payload, status, message", [
     ({"text": "   "}, 400, "the query text is empty"),
-    ({"text": "a cat", "k": 0}, 400, "k must be an integer from 1 to 1000"),
-    ({"text": "a cat", "k": 1001}, 400, "k must be an integer from 1 to 1000"),
-    ({"text": "a cat", "k": "many"}, 400, "'k' must be an integer"),
+    ({"text": "a cat", "k": 0}, 400, "invalid k: Input should be greater than or equal to 1"),
+    ({"text": "a cat", "k": 1001}, 400, "invalid k: Input should be less than or equal to 1000"),
+    ({"text": "a cat", "k": "many"}, 400, "invalid k: Input should be a valid integer"),
     ({"embedding": [0.1] * 5}, 400, "the embedding must be a list of 16 numbers"),
     ({"embedding": [0.0] * 16}, 400, "finite and not all zero"),
-    ({"embedding": "abc"}, 400, "'embedding' must be a list of numbers"),
+    ({"embedding": "abc"}, 400, "invalid embedding: Input should be a valid list"),
     ({"text": "a cat", "index": "nope"}, 404, "no index named 'nope'"),
-    ({"text": "a cat", "target": "sounds"}, 400, "target must be one of"),
+    ({"text": "a cat", "target": "sounds"}, 400, "invalid target: Input should be 'images' or 'captions'"),
     ({"item": 999999}, 400, "no item 999999"),
     ({}, 400, "give exactly one of text, image, embedding, item"),
     ({"text": "a", "item": 1}, 400, "give exactly one of"),
-    ({"text": "a", "colour": "red"}, 400, "unknown fields: colour"),
+    ({"text": "a", "colour": "red"}, 400, "invalid colour: Extra inputs are not permitted"),
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "must be a JSON object"),
     (b'{"text": ' + b"[" * 10000 + b"]" * 10000 + b"}", 400, "nested too deep"),
-    ({"item": 2**63}, 400, "'item' must be an integer of at most 19 digits"),
-    (b'{"embedding": [1' + b"0" * 400 + b"]}", 400, "too large for a float"),
+    ({"item": 2**63}, 400, "invalid item: Input should be less than or equal to 9223372036854775807"),
+    (b'{"embedding": [1' + b"0" * 400 + b"]}", 400, "invalid embedding.0: Input should be a valid number"),
     ({"embedding": [1e39] * 16}, 400, "within float32's range"),
+    ({"text": "x" * 100_001}, 400, "invalid text: String should have at most 100000 characters"),
 ])
 def test_bad_json_requests_get_a_4xx_and_the_server_keeps_serving(server: Server, payload, status: int,
                                                                   message: str) -> None:
@@ -376,3 +377,13 @@ def test_a_body_that_does_not_arrive_in_time_is_408(built_index: Path, retriever
         answer = client.recv(4096)
     assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in answer
     assert 0.8 < time.monotonic() - began < 8
+
+
+def test_the_api_is_described_by_its_openapi_schema(server: Server) -> None:
+    got, data, kind = server.request("GET", "/openapi.json")
+    schema = json.loads(data)
+    assert got == 200 and {"/search", "/items/{item_id}", "/thumbs/{item_id}", "/healthz"} <= set(schema["paths"])
+    body = schema["paths"]["/search"]["post"]["requestBody"]["content"]
+    assert body["application/json"]["schema"]["properties"]["k"]["maximum"] == 1000
+    assert "image" in body["multipart/form-data"]["schema"]["properties"]
+    assert server.request("GET", "/docs")[0] == 200

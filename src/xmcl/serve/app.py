@@ -31,20 +31,19 @@ import asyncio
 import hmac
 import io
 import json
-import math
 import re
 import socket
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -52,16 +51,18 @@ from xmcl.data.images import open_image
 from xmcl.errors import ConfigError, DataError, XmclError
 from xmcl.retrieval.index.search import Searcher
 from xmcl.retrieval.retriever import decode_image_bytes
+from xmcl import __version__
 from xmcl.serve.admission import Admission, ServerBusy
 from xmcl.serve.metrics import ServiceMetrics
+from xmcl.serve.schema import DEFAULT_K, SearchAnswer, SearchRequest, describe
 
 STATIC = Path(__file__).parent / "static"
 INDEX_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and small fields on top of the image itself
 THUMB_SIZES = (64, 512)
-DEFAULT_K = 10  # as `xmcl search -k`
 BODY_TIMEOUT_S = 30.0
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+OPEN_PATHS = ("/", "/docs", "/openapi.json")  # answered without the API key: the page and the API's description
 
 
 class HTTPError(Exception):
@@ -72,8 +73,6 @@ class HTTPError(Exception):
         self.status, self.message = status, message
 
 
-MAX_ID = 2**63 - 1  # SQLite's largest integer
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _item_id(text: str) -> int:
@@ -105,35 +104,7 @@ async def _read_limited(request: Request, limit: int, timeout: float = BODY_TIME
         raise HTTPError(408, f"the request body did not arrive within {timeout:.0f} s") from None
 
 
-def _int_field(value, name: str, default: int) -> int:
-    """An integer field of a request (a JSON number or a form string) within SQLite's range; 400 otherwise."""
-    if value is None or value == "":
-        return default
-    number = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, str) and len(value) <= 20 and value.strip().lstrip("-").isascii() \
-            and value.strip().lstrip("-").isdigit():
-        number = int(value)
-    if number is None or abs(number) > MAX_ID:
-        raise HTTPError(400, f"'{name}' must be an integer of at most 19 digits, got {str(value)[:40]!r}")
-    return number
-
-
-def _embedding_field(value) -> list[float]:
-    """A query embedding: a list of finite numbers each within float32's range; 400 otherwise."""
-    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        raise HTTPError(400, "'embedding' must be a list of numbers")
-    try:
-        numbers = [float(v) for v in value]
-    except OverflowError:
-        raise HTTPError(400, "'embedding' holds a number too large for a float") from None
-    if not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in numbers):
-        raise HTTPError(400, f"'embedding' values must be finite and within float32's range (|x| <= {FLOAT32_MAX:.3g})")
-    return numbers
-
-
-def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20, default_k: int = DEFAULT_K,
+def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
                workers: int = 2, queue: int = 16, allowed_hosts: Sequence[str] | None = None,
                api_key: str | None = None, body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
     """The app over ``searchers`` (name -> Searcher; the first is the default index). Queries run in at most
@@ -149,13 +120,14 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
     default_index = next(iter(searchers))
     metrics = ServiceMetrics()
     admission = Admission(workers, queue)
-    app = FastAPI(title="xmcl search", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="xmcl search", version=__version__, docs_url="/docs", redoc_url=None,
+                  openapi_url="/openapi.json")
     if allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
 
     @app.middleware("http")
     async def require_key(request: Request, call_next):
-        if api_key is None or request.url.path == "/" or request.url.path.startswith("/static/"):
+        if api_key is None or request.url.path in OPEN_PATHS or request.url.path.startswith("/static/"):
             return await call_next(request)
         given = (request.headers.get("x-api-key") or request.query_params.get("key")
                  or request.headers.get("authorization", "").removeprefix("Bearer ").strip())
@@ -163,6 +135,13 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
             return JSONResponse({"detail": "this server asks for an API key (X-API-Key header or ?key=)"},
                                 status_code=401)
         return await call_next(request)
+
+    def get_and_head(path: str, **options):
+        """Register a GET route that also answers HEAD (the HEAD twin left out of the OpenAPI schema)."""
+        def register(route):
+            app.head(path, include_in_schema=False)(route)
+            return app.get(path, **options)(route)
+        return register
 
     def searcher_of(name: str | None) -> tuple[str, Searcher]:
         name = default_index if name in (None, "") else name
@@ -215,9 +194,6 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
             raise HTTPError(400, "the body is JSON nested too deep") from None
         if not isinstance(payload, dict):
             raise HTTPError(400, "the body must be a JSON object")
-        unknown = set(payload) - {"index", "text", "embedding", "item", "k", "target"}
-        if unknown:
-            raise HTTPError(400, f"unknown fields: {', '.join(sorted(unknown))}")
         return payload
 
     def run_query(searcher: Searcher, target: str, k: int, forms: dict) -> list[dict]:
@@ -230,14 +206,15 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
     async def answer(query: dict) -> JSONResponse:
         began, name = time.perf_counter(), "?"
         try:
-            name, searcher = searcher_of(query.get("index"))
-            k = _int_field(query.get("k"), "k", default_k)
-            target = query.get("target") or "images"
-            forms = {key: query.get(key) for key in ("text", "upload", "embedding", "item")}
-            if forms["item"] is not None:
-                forms["item"] = _int_field(forms["item"], "item", 0)
-            if forms["embedding"] is not None:
-                forms["embedding"] = _embedding_field(forms["embedding"])
+            upload = query.pop("upload", None)
+            try:
+                typed = SearchRequest.model_validate({key: value for key, value in query.items()
+                                                      if value not in (None, "")})
+            except ValidationError as error:
+                raise HTTPError(400, describe(error)) from None
+            name, searcher = searcher_of(typed.index)
+            k, target = typed.k, typed.target
+            forms = {"text": typed.text, "upload": upload, "embedding": typed.embedding, "item": typed.item}
             try:
                 results = await admission.run(run_query, searcher, target, k, forms)
             except XmclError as error:
@@ -251,11 +228,17 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
             metrics.observe(name if name in searchers else "?", 500, time.perf_counter() - began)
             raise
         metrics.observe(name, 200, time.perf_counter() - began)
-        warning = searcher.retriever.vocabulary_warning(query["text"]) if isinstance(query.get("text"), str) else None
+        warning = searcher.retriever.vocabulary_warning(typed.text) if typed.text is not None else None
         warning = searcher.stale or warning
         return JSONResponse({"index": name, "target": target, "k": k, "results": results, "warning": warning})
 
-    @app.post("/search")
+    search_body = {"required": True, "content": {
+        "application/json": {"schema": SearchRequest.model_json_schema()},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+            "image": {"type": "string", "format": "binary"}, "index": {"type": "string"},
+            "k": {"type": "integer"}, "target": {"type": "string", "enum": ["images", "captions"]}}}}}}
+
+    @app.post("/search", response_model=SearchAnswer, openapi_extra={"requestBody": search_body})
     async def search(request: Request) -> JSONResponse:
         try:
             query = await parse_search(request)
@@ -264,15 +247,17 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
             raise
         return await answer(query)
 
-    @app.api_route("/search", methods=["GET", "HEAD"])
-    async def search_by_url(request: Request) -> JSONResponse:
+    @get_and_head("/search", response_model=SearchAnswer)
+    async def search_by_url(request: Request, text: str | None = None, item: int | None = None,
+                            k: int = DEFAULT_K, index: str | None = None,
+                            target: Literal["images", "captions"] = "images") -> JSONResponse:
         """``GET /search?text=...&k=&index=&target=`` (or ``item=``): a bookmarkable text or item query."""
         unknown = set(request.query_params) - {"index", "text", "item", "k", "target", "key"}
         if unknown:
-            raise HTTPError(400, f"unknown parameters: {', '.join(sorted(unknown))}")
-        return await answer({key: request.query_params.get(key) for key in ("index", "text", "item", "k", "target")})
+            raise HTTPError(400, f"invalid {', '.join(sorted(unknown))}: Extra inputs are not permitted")
+        return await answer({"index": index, "text": text, "item": item, "k": k, "target": target})
 
-    @app.api_route("/items/{item_id}", methods=["GET", "HEAD"])
+    @get_and_head("/items/{item_id}")
     def item(item_id: str, index: str | None = None) -> JSONResponse:
         name, searcher = searcher_of(index)
         found = searcher.index.item(_item_id(item_id))
@@ -294,7 +279,7 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
         image.save(buffer, format="JPEG", quality=85)
         return buffer.getvalue()
 
-    @app.api_route("/thumbs/{item_id}", methods=["GET", "HEAD"])
+    @get_and_head("/thumbs/{item_id}")
     def thumbs(item_id: str, index: str | None = None, size: int = 256) -> Response:
         name, _ = searcher_of(index)
         if not THUMB_SIZES[0] <= size <= THUMB_SIZES[1]:
@@ -304,7 +289,7 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
             raise HTTPError(404, f"no image for item {item_id} in index {name}")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    @app.api_route("/images/{item_id}", methods=["GET", "HEAD"])
+    @get_and_head("/images/{item_id}")
     def images(item_id: str, index: str | None = None) -> FileResponse:
         name, searcher = searcher_of(index)
         path = searcher.index.file_of(_item_id(item_id))
@@ -316,18 +301,18 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
         return {(name, target): s.index.count(target) for name, s in searchers.items()
                 for target in ("images", "captions")}
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"])
+    @get_and_head("/healthz")
     def healthz() -> JSONResponse:
         indexes = {name: {"images": s.index.count("images"), "captions": s.index.count("captions"),
                           "dim": s.index.dim, "stale": s.stale} for name, s in searchers.items()}
         status = "stale" if any(entry["stale"] for entry in indexes.values()) else "ok"
         return JSONResponse({"status": status, "default": default_index, "indexes": indexes})
 
-    @app.api_route("/metrics", methods=["GET", "HEAD"])
+    @get_and_head("/metrics")
     def prometheus() -> Response:
         return Response(metrics.render(gauges()), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.api_route("/", methods=["GET", "HEAD"])
+    @get_and_head("/")
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
