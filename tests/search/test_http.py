@@ -88,11 +88,12 @@ def server(world: Path, built_index: Path, retriever: Retriever, locked_checkpoi
 
 
 @contextmanager
-def running(app) -> Iterator[int]:
-    """``app`` served by uvicorn in a thread on a free port of 127.0.0.1 (its port), stopped on exit."""
+def running(app, **config) -> Iterator[int]:
+    """``app`` served by uvicorn (with ``config``) in a thread on a free port of 127.0.0.1 (its port), stopped on
+    exit."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -387,3 +388,20 @@ def test_the_api_is_described_by_its_openapi_schema(server: Server) -> None:
     assert body["application/json"]["schema"]["properties"]["k"]["maximum"] == 1000
     assert "image" in body["multipart/form-data"]["schema"]["properties"]
     assert server.request("GET", "/docs")[0] == 200
+
+
+def test_a_connection_whose_headers_do_not_arrive_in_time_is_closed(built_index: Path, retriever: Retriever,
+                                                                    monkeypatch) -> None:
+    from xmcl.serve.protocol import HeaderTimeoutProtocol
+
+    monkeypatch.setattr(HeaderTimeoutProtocol, "header_timeout", 1.0)
+    app = create_app({"shapes": Searcher(CollectionIndex.open(built_index), retriever)})
+    with running(app, http=HeaderTimeoutProtocol) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and the headers never end
+            began = time.monotonic()
+            assert slow.recv(4096) == b""  # closed by the server
+            assert 0.8 < time.monotonic() - began < 8
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as kept:  # a normal request, kept alive
+            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert kept.recv(4096).startswith(b"HTTP/1.1 200")

@@ -54,6 +54,7 @@ from xmcl.retrieval.retriever import decode_image_bytes
 from xmcl import __version__
 from xmcl.serve.admission import Admission, ServerBusy
 from xmcl.serve.metrics import ServiceMetrics
+from xmcl.serve.protocol import HeaderTimeoutProtocol
 from xmcl.serve.schema import DEFAULT_K, SearchAnswer, SearchRequest, describe
 
 STATIC = Path(__file__).parent / "static"
@@ -345,7 +346,8 @@ def serve(searchers: dict[str, Searcher], sock: socket.socket, max_upload_bytes:
     """Run the app with uvicorn on the bound ``sock`` until interrupted (see ``create_app`` for ``workers``,
     ``allowed_hosts`` and ``api_key``). Each query runs on ``threads`` torch and FAISS threads (1: one small query
     gains nothing from more, and concurrent queries then use the other cores). At most 64 connections are served at
-    once (503 beyond) and an idle kept-alive connection is closed after 5 s."""
+    once (503 beyond), an idle kept-alive connection is closed after 5 s, and one whose request headers take more
+    than 10 s (``HeaderTimeoutProtocol``)."""
     import torch
     import uvicorn
 
@@ -354,5 +356,6 @@ def serve(searchers: dict[str, Searcher], sock: socket.socket, max_upload_bytes:
     set_search_threads(threads)
     torch.set_num_threads(threads)
     app = create_app(searchers, max_upload_bytes, workers=workers, allowed_hosts=allowed_hosts, api_key=api_key)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", limit_concurrency=64, timeout_keep_alive=5))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", limit_concurrency=64, timeout_keep_alive=5,
+                                           http=HeaderTimeoutProtocol))
     server.run(sockets=[sock])
