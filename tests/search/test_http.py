@@ -405,3 +405,16 @@ def test_a_connection_whose_headers_do_not_arrive_in_time_is_closed(built_index:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as kept:  # a normal request, kept alive
             kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+
+
+def test_a_damaged_index_file_is_a_500_that_says_how_to_repair(world: Path, retriever: Retriever,
+                                                              tmp_path: Path) -> None:
+    photos = copy_images(world, tmp_path / "photos", [f"shapes_{n:06d}.png" for n in range(3)])
+    build_index(retriever, photos, tmp_path / "index", options=IndexOptions(progress=False))
+    searcher = Searcher(CollectionIndex.open(tmp_path / "index"), retriever)
+    file, _ = searcher.index.store.vector_location("images", 1)
+    (tmp_path / "index" / "shards" / file).write_bytes(b"damaged")
+    with running(create_app({"photos": searcher})) as port:
+        damaged = Server(f"http://127.0.0.1:{port}", port, 0, world, tmp_path / "index")
+        status, body = damaged.post_json({"item": 1, "k": 2})
+    assert status == 500 and "the index is damaged" in body["detail"] and "rerun `xmcl index`" in body["detail"]

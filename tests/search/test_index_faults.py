@@ -150,3 +150,19 @@ def test_counts_of_unmatched_and_removed_captions_are_whole(world: Path, retriev
     next(photos.rglob("shapes_000002.png")).unlink()
     second = build_index(retriever, photos, tmp_path / "index", captions, options=QUIET)
     assert second["captions"] == 9 and second["captions_removed"] == 3
+
+
+def test_a_damaged_shard_is_named_and_a_rerun_re_encodes_its_items(world: Path, retriever: Retriever,
+                                                                   tmp_path: Path) -> None:
+    photos = small_folder(world, tmp_path / "photos")
+    out = tmp_path / "index"
+    build_index(retriever, photos, out, options=QUIET)
+    searcher = Searcher(CollectionIndex.open(out), retriever)
+    file, _ = searcher.index.store.vector_location("images", 1)
+    (out / "shards" / file).write_bytes(b"damaged")
+    with pytest.raises(CheckpointError, match=f"{file}: missing or unreadable embedding shard"):
+        searcher.search(item=1, k=3)
+    with pytest.warns(UserWarning, match="a missing or damaged embedding shard"):
+        report = build_index(retriever, photos, out, options=QUIET)
+    assert report["images"] == 6 and report["encoded"] == 4  # the damaged shard's four items, and no other
+    assert len(Searcher(CollectionIndex.open(out), retriever).search(text="a red circle", k=10)) == 6

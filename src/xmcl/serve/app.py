@@ -48,7 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from xmcl.data.images import open_image
-from xmcl.errors import ConfigError, DataError, XmclError
+from xmcl.errors import CheckpointError, ConfigError, DataError, XmclError
 from xmcl.retrieval.index.search import Searcher
 from xmcl.retrieval.retriever import decode_image_bytes
 from xmcl import __version__
@@ -218,6 +218,9 @@ def create_app(searchers: dict[str, Searcher], max_upload_bytes: int = 10 << 20,
             forms = {"text": typed.text, "upload": upload, "embedding": typed.embedding, "item": typed.item}
             try:
                 results = await admission.run(run_query, searcher, target, k, forms)
+            except CheckpointError as error:  # the index's files, not the request
+                raise HTTPError(500, f"the index is damaged: {error}; rerun `xmcl index` into it to repair "
+                                     f"it") from None
             except XmclError as error:
                 raise HTTPError(400, str(error)) from None
             except ServerBusy as error:

@@ -176,6 +176,23 @@ def _encode_chunk(retriever: Retriever, root: Path, files: list[ImageFile], opti
     return matrix, kept, failures
 
 
+def _forget_damaged_shards(store: MetadataStore, out: Path) -> list[str]:
+    """Shards the store refers to whose file is missing or unreadable or holds too few rows: their items and
+    captions are forgotten (so this pass encodes them again) with a warning; returns their files."""
+    damaged = []
+    for file, rows in store.shard_rows().items():
+        try:
+            if len(shards.load_shard(out, file)) >= rows:
+                continue
+        except CheckpointError:
+            pass
+        warnings.warn(f"{out / shards.SHARD_DIR / file}: a missing or damaged embedding shard; its items are "
+                      f"encoded again", stacklevel=2)
+        store.forget_shard(file)
+        damaged.append(file)
+    return damaged
+
+
 def _ingest_pending(store: MetadataStore, out: Path) -> int:
     """Ingest every complete shard whose sidecar is still there; return how many. A sidecar the store cannot take
     (unreadable, or rows it refuses) is discarded with its shard, with a warning: its files are not in the store,
@@ -313,6 +330,7 @@ def build_index(retriever: Retriever, images: Path | str, out: Path | str, capti
         if ranks.leader:
             _open_manifest(out, retriever, root)
             resumed = _ingest_pending(store, out)
+            _forget_damaged_shards(store, out)
             scan = scan_images(root, options.follow_links)
             plan = _plan_images(store, scan.files)
             store.remove_items(plan["drop"])

@@ -139,7 +139,25 @@ class MetadataStore:
             db.executemany("DELETE FROM shards WHERE file = ?", [(f,) for f in files])
         return files
 
+    def forget_shard(self, file: str) -> None:
+        """Delete a shard's record with the items (and their captions) and captions whose vectors it holds: they are
+        encoded again by the next pass (a damaged or missing shard file)."""
+        db = self._connection()
+        with db:
+            shard = db.execute("SELECT id FROM shards WHERE file = ?", (file,)).fetchone()
+            if shard is not None:
+                db.execute("DELETE FROM captions WHERE shard = ?", (shard[0],))
+                db.execute("DELETE FROM items WHERE shard = ?", (shard[0],))
+                db.execute("DELETE FROM shards WHERE id = ?", (shard[0],))
+
     # ------------------------------------------------------------------------------------------- reading
+    def shard_rows(self) -> dict[str, int]:
+        """``file -> rows it must hold`` (its largest referenced row + 1) of every shard in use."""
+        rows = self._connection().execute(
+            "SELECT s.file, MAX(t.row) + 1 FROM shards s JOIN (SELECT shard, row FROM items UNION ALL "
+            "SELECT shard, row FROM captions) t ON t.shard = s.id GROUP BY s.file")
+        return {r[0]: r[1] for r in rows}
+
     def items_by_path(self) -> dict[str, tuple[int, int, int]]:
         """``path -> (id, size, mtime_ns)`` of every item."""
         rows = self._connection().execute("SELECT id, path, size, mtime_ns FROM items")
