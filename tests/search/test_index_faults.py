@@ -29,6 +29,13 @@ def small_folder(world: Path, target: Path, count: int = 6) -> Path:
     return copy_images(world, target, [f"shapes_{n:06d}.png" for n in range(count)])
 
 
+def small_index(world: Path, retriever: Retriever, tmp_path: Path) -> tuple[Path, Path]:
+    """Six photos and their index (shards of four): ``(photos, index folder)``."""
+    photos, out = small_folder(world, tmp_path / "photos"), tmp_path / "index"
+    build_index(retriever, photos, out, options=QUIET)
+    return photos, out
+
+
 def test_odd_entries_are_skipped_and_listed_and_the_rest_is_indexed(world: Path, retriever: Retriever,
                                                                     tmp_path: Path) -> None:
     photos = small_folder(world, tmp_path / "photos")
@@ -120,9 +127,7 @@ def test_a_damaged_index_is_refused_at_open_naming_the_file_and_the_repair(index
 
 def test_a_server_reopens_an_index_rebuilt_in_place_and_says_when_it_cannot(world: Path, retriever: Retriever,
                                                                             tmp_path: Path) -> None:
-    photos = small_folder(world, tmp_path / "photos")
-    out = tmp_path / "index"
-    build_index(retriever, photos, out, options=QUIET)
+    photos, out = small_index(world, retriever, tmp_path)
     searcher = Searcher(CollectionIndex.open(out), retriever)
     assert len(searcher.search(text="a red circle", k=10)) == 6
     for name in ("shapes_000001.png", "shapes_000003.png"):
@@ -154,9 +159,7 @@ def test_counts_of_unmatched_and_removed_captions_are_whole(world: Path, retriev
 
 def test_a_damaged_shard_is_named_and_a_rerun_re_encodes_its_items(world: Path, retriever: Retriever,
                                                                    tmp_path: Path) -> None:
-    photos = small_folder(world, tmp_path / "photos")
-    out = tmp_path / "index"
-    build_index(retriever, photos, out, options=QUIET)
+    photos, out = small_index(world, retriever, tmp_path)
     searcher = Searcher(CollectionIndex.open(out), retriever)
     file, _ = searcher.index.store.vector_location("images", 1)
     (out / "shards" / file).write_bytes(b"damaged")

@@ -398,6 +398,14 @@ def _gigabytes(count: int) -> str:
     return f"{count / (1 << 30):.2f} GiB"
 
 
+def _first_ten(heading: str, entries: list[str]) -> list[str]:
+    """``heading`` and the first ten ``entries`` (indented), and how many more; nothing when there are none."""
+    if not entries:
+        return []
+    more = [f"  ... and {len(entries) - 10} more"] if len(entries) > 10 else []
+    return [heading, *(f"  {entry}" for entry in entries[:10]), *more]
+
+
 def format_report(report: dict, out: Path | str) -> str:
     """The lines ``xmcl index`` prints: counts, skipped files, each vector index with its recall and memory."""
     lines = [f"{out}: {report['images']} images ({report['encoded']} encoded, {report['reused']} reused, "
@@ -408,18 +416,11 @@ def format_report(report: dict, out: Path | str) -> str:
     if report["images"] == 0:
         lines.append(f"warning: no image was indexed: {report['root']} holds no readable .jpg, .jpeg, .png or .webp "
                      f"file{' that is not skipped (below)' if report['skipped'] else ''}")
-    skipped = report["skipped"]
-    if skipped:
-        lines.append(f"warning: {len(skipped)} image files skipped, not indexed (all listed in {Path(out) / REPORT}):")
-        lines += [f"  {f['path']}: {f['reason']}" for f in skipped[:10]]
-        if len(skipped) > 10:
-            lines.append(f"  ... and {len(skipped) - 10} more")
-    failures = report["failures"]
-    if failures:
-        lines.append(f"{len(failures)} unreadable files skipped (all listed in {Path(out) / REPORT}):")
-        lines += [f"  {f['path']}: {f['error']}" for f in failures[:10]]
-        if len(failures) > 10:
-            lines.append(f"  ... and {len(failures) - 10} more")
+    listed = f"all listed in {Path(out) / REPORT}"
+    lines += _first_ten(f"warning: {len(report['skipped'])} image files skipped, not indexed ({listed}):",
+                        [f"{f['path']}: {f['reason']}" for f in report["skipped"]])
+    lines += _first_ten(f"{len(report['failures'])} unreadable files skipped ({listed}):",
+                        [f"{f['path']}: {f['error']}" for f in report["failures"]])
     if report["captions_unmatched"]:
         lines.append(f"{report['captions_unmatched_count']} captioned paths match no indexed image "
                      f"(first: {report['captions_unmatched'][0]})")
