@@ -733,8 +733,8 @@ def query_latency(d: dict) -> str:
                      f2(http["concurrent"]["p50"]), f2(http["concurrent"]["p95"])])
     clients = next(iter(f["http"].values()))["concurrent"]["clients"]
     return (f"{command_lines(d)}\n\nModel `{d['config']['model']}`; text queries are Flickr8K val captions, raw text "
-            f"to unit embedding on one thread. The text path costs {f['text_gflop']:.3f} GFLOP for the median caption: at "
-            f"{f['gemm_gflops']:.1f} GFLOP/s (a 1024^3 GEMM on one thread) its compute floor is "
+            f"to unit embedding on one thread. The text path costs {f['text_gflop']:.3f} GFLOP for the median caption: "
+            f"at {f['gemm_gflops']:.1f} GFLOP/s (a 1024^3 GEMM on one thread) its compute floor is "
             f"**{f['compute_floor_ms']:.2f} ms**. HTTP: `xmcl serve --runtime` over {f['index']['n']:,} "
             f"{f['index']['dim']}-d vectors ({f['index']['factory']}).\n\n"
             + table(["runtime", "encode p50 ms", "p95", "x torch", "val rSum", "vs torch", "HTTP 1 client p50",

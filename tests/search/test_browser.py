@@ -110,7 +110,8 @@ def test_type_upload_drop_and_click(served: str, browser, built_index: Path, ret
     assert clicked not in expected_ids.split(",")
     assert page.inner_text("#query-view") == f"Similar to {clicked_path}" and page.input_value("#query") == ""
     link = page.locator(".result a.path").first
-    assert link.inner_text() == similar[0]["path"] and link.get_attribute("href").startswith(f"/images/{similar[0]['id']}")
+    assert link.inner_text() == similar[0]["path"]
+    assert link.get_attribute("href").startswith(f"/images/{similar[0]['id']}")
     page.screenshot(path=str(tmp_path / "desktop.png"))
 
     page.select_option("#target", "captions")

@@ -22,7 +22,6 @@ from xmcl.retrieval import model_dir
 from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.dual_encoder import DualEncoder
 from xmcl.retrieval.export import export_model_dir
-from xmcl.retrieval.index.build import IndexOptions, build_index
 from xmcl.retrieval.index.search import Searcher
 from xmcl.retrieval.model import USERModel
 from xmcl.retrieval.retriever import Retriever
