@@ -208,3 +208,26 @@ def test_cli_export_then_evaluate_the_directory_gives_the_checkpoints_figures(lo
     assert figures["directory"] == figures["checkpoint"]
     result = CliRunner().invoke(main, ["export", str(locked_checkpoint), "--out", str(out)])
     assert result.exit_code == 2 and "already exists" in result.output
+
+
+def test_a_fine_tuned_bert_model_exports_its_text_model_config_and_tokenizer(features: Path, tiny_bert: Path,
+                                                                             tmp_path: Path) -> None:
+    from xmcl.training.retrieval_trainer import train_retrieval
+
+    from search_world import tiny_config
+
+    cfg = tiny_config(features, "model.text_encoder=bert", f"model.text_model={tiny_bert}",
+                      "data.augment_captions=false")
+    checkpoint = train_retrieval(cfg, tmp_path / "run", progress=False)["best"]
+    out = export_model_dir(checkpoint, tmp_path / "model")
+    config = json.loads((out / "config.json").read_text())
+    assert {"text_model/config.json", "text_model/tokenizer.json"} <= set(config["files"])
+    assert not any(name.startswith("text_model/") and name.endswith((".safetensors", ".bin"))
+                   for name in config["files"])  # the fine-tuned weights live in model.safetensors
+    shutil.move(tiny_bert, tmp_path / "moved_bert")  # the directory does not need the original text model
+    try:
+        from_dir = Retriever.load(out, "cpu").encode_texts(["a red circle", "a blue square"])
+    finally:
+        shutil.move(tmp_path / "moved_bert", tiny_bert)
+    from_checkpoint = Retriever.load(checkpoint, "cpu").encode_texts(["a red circle", "a blue square"])
+    torch.testing.assert_close(from_dir, from_checkpoint)

@@ -12,8 +12,9 @@ import torch
 import yaml
 
 from xmcl.config import config_to_dict
-from xmcl.data.text import HFTokenizer
+from xmcl.data.text import HFTokenizer, TextTokenizer
 from xmcl.errors import CheckpointError, ConfigError
+from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.inference import SavedModel, model_from_state, open_saved_model
 from xmcl.retrieval.model_dir import (CARD_FILE, CONFIG_FILE, MODEL_FORMAT, TEXT_MODEL_DIR, TOKENIZER_DIR,
                                       VOCAB_FILE, WEIGHTS_FILE, file_sha256, is_model_dir)
@@ -86,7 +87,7 @@ def _copy_hf_files(source: Path, target: Path) -> None:
             shutil.copyfile(source / name, target / name)
 
 
-def _tokenizer_record(cfg, tokenizer) -> dict:
+def _tokenizer_record(cfg: RetrievalTrainConfig, tokenizer: TextTokenizer) -> dict:
     if cfg.model.text_encoder == "bigru":
         return {"kind": "vocabulary", "file": VOCAB_FILE, "max_length": tokenizer.max_length}
     where = TEXT_MODEL_DIR if cfg.model.text_input == "tokens" else "the frozen text model's directory (inputs.text)"
