@@ -150,6 +150,7 @@ def world(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_cge_end_to_end_with_new_images_encoded_by_the_teacher(world, tmp_path):
     cfg = load_config(RetrievalTrainConfig, None, [
         f"data.path={world / 'shapes'}", "run.device=cpu", "data.image_size=32", "data.augment_images=false",

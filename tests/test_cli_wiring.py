@@ -244,6 +244,7 @@ def test_distill_pretrain_then_probe(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- demo
+@pytest.mark.slow
 def test_demo_with_a_tiny_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--images`` and ``--epochs`` reach the demo, and its table holds each run's test figures."""
     monkeypatch.chdir(REPO)  # the demo reads configs/ from the current folder

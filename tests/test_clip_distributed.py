@@ -42,6 +42,7 @@ def _log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_ranks_of_b_train_the_one_process_run_of_2b(tmp_path: Path) -> None:
     shapes = tmp_path / "shapes"

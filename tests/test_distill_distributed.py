@@ -45,6 +45,7 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_ranks_with_the_global_gather_take_the_one_process_steps(tmp_path: Path) -> None:
     one = tmp_path / "one"
@@ -85,6 +86,7 @@ def _uneven_rank(rank: int, port: int, out: str) -> None:
         close_world(world)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_gather_uneven_keeps_rank_order_and_sends_each_rank_its_rows_gradient(tmp_path: Path) -> None:
     os.environ.pop("WORLD_SIZE", None)

@@ -84,6 +84,7 @@ def _weights(path: Path) -> dict:
     return read_checkpoint(path)["voxel_net"]
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run_and_probe_reads_it(tmp_path: Path, monkeypatch) -> None:
     cfg = tiny_config(f"superpixels.cache_dir={tmp_path / 'sp'}")
     straight = trainer.pretrain_distill(cfg, tmp_path / "straight")

@@ -104,6 +104,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_ranks_take_the_one_process_step_of_the_global_batch(case: str, two_ranks: Path) -> None:

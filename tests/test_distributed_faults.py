@@ -79,6 +79,7 @@ def _refusing_rank(rank: int, ports: dict[str, int], root: str) -> None:
     (Path(root) / f"rank{rank}.json").write_text(json.dumps(outcomes))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_refusal_on_rank_0_ends_every_rank_at_once_with_its_message(tmp_path: Path) -> None:
     write_corpus(tmp_path, {"train": 16, "val": 6})
@@ -134,6 +135,7 @@ def _finish(launches: list[subprocess.Popen], timeout: float) -> tuple[list[int]
     return [launch.returncode for launch in launches], outputs, time.monotonic() - began
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_the_summary_line_is_printed_once_per_job(tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path, {"train": 16, "val": 6})
@@ -146,6 +148,7 @@ def test_the_summary_line_is_printed_once_per_job(tmp_path: Path) -> None:
     assert outputs[0].count("best val rSum") == 1, outputs
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_rank_killed_mid_training_ends_both_nodes_and_a_rerun_resumes(tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path, {"train": 12, "val": 6})

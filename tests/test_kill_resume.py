@@ -24,6 +24,8 @@ from test_train_retrieval import write_corpus
 from xmcl.data.shapes import generate_shapes_world
 from xmcl.runtime.checkpoint import read_checkpoint
 
+pytestmark = pytest.mark.slow  # minutes of training, subprocesses or a browser: `make test-fast` leaves it out
+
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
 TIMING = {"seconds", "samples_per_s", "scenes_per_s"}  # wall-clock figures differ between any two runs

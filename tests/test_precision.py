@@ -65,6 +65,7 @@ def test_a_bf16_autocast_step_on_cpu_gives_the_float32_loss_to_bfloat16_toleranc
     assert cosine > 0.98, cosine  # the same descent direction, to bfloat16 rounding
 
 
+@pytest.mark.slow
 def test_every_loop_trains_under_bf16_on_cpu_with_finite_losses(tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path, {"train": 12, "val": 6})
     train_retrieval(tiny_config(corpus, "optim.epochs=1", "run.amp=bf16", "run.threads=1"), tmp_path / "r",

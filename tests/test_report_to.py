@@ -41,6 +41,7 @@ class _Writer:
         self.flushes += 1
 
 
+@pytest.mark.slow
 def test_log_records_go_to_tensorboard_and_a_resume_purges_what_follows(tmp_path: Path, monkeypatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -118,6 +118,7 @@ def test_resume_refuses_changed_settings_and_config_yaml_tells_the_truth(corpus:
     assert summary["best_rsum"] == read_checkpoint(run / "last.pt")["best_rsum"]
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_the_resume_is_exact(corpus: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C in step 3 of epoch 1: the step finishes, last.pt holds it, the message says how to resume, and the

@@ -105,6 +105,7 @@ def test_a_run_with_another_text_model_is_refused_naming_the_weights(corpus, tmp
         attach_token_features([read_precomputed(feats, "train")], feats, str(other))
 
 
+@pytest.mark.slow
 def test_a_locked_text_run_with_the_region_pca_trains_resumes_and_evaluates(corpus, tmp_path):
     from xmcl.config import load_config
     from xmcl.metrics.retrieval import evaluate_embeddings

@@ -462,6 +462,7 @@ def test_config_switch_defaults_off_and_errors_name_the_key():
         build_retrieval_loss("hinge", tolerance="soft")
 
 
+@pytest.mark.slow
 def test_a_tolerant_run_trains_resumes_and_evaluates_from_its_checkpoint(tmp_path):
     """Through the trainer: a tolerant USER run (quantile + balance, region means) stops after epoch 1 and resumes
     to the weights and semantic queue of an uninterrupted run; its checkpoint evaluates."""

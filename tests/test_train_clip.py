@@ -45,6 +45,7 @@ def test_bpe_makes_frequent_words_single_tokens():
     assert len(pieces) > 1 and "".join(inverse[i] for i in pieces) == "purple</w>"
 
 
+@pytest.mark.slow
 def test_trained_clip_is_saved_in_the_format_the_teacher_loads(shapes, tmp_path):
     out = tmp_path / "clip"
     summary = train_clip(tiny_config(shapes, 3), out, progress=False)
@@ -71,6 +72,7 @@ def test_bad_shapes_are_refused():
         ClipModelConfig(**dict(TINY_MODEL, image_size=30))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_weights(shapes, tmp_path, monkeypatch):
     """A run stopped after its first epoch's checkpoint and resumed ends with the uninterrupted run's weights."""
     import xmcl.training.clip_trainer as clip_trainer

@@ -43,6 +43,7 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_ranks_of_b_train_the_one_process_run_of_2b(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
@@ -80,6 +81,7 @@ def test_two_ranks_of_b_train_the_one_process_run_of_2b(tmp_path: Path) -> None:
                         two, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_torchrun_nodes_on_one_machine_train_the_two_rank_run(tmp_path: Path) -> None:
     """Two ``torchrun --nnodes 2 --node_rank {0,1}`` launches (c10d rendezvous on 127.0.0.1) of ``python -m xmcl

@@ -54,6 +54,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(path)["model"]
 
 
+@pytest.mark.slow
 def test_resume_mid_run_reproduces_uninterrupted_run(corpus: Path, tmp_path: Path) -> None:
     cfg = tiny_config(corpus)
     straight = train_retrieval(cfg, tmp_path / "straight", progress=False)
@@ -69,6 +70,7 @@ def test_resume_mid_run_reproduces_uninterrupted_run(corpus: Path, tmp_path: Pat
     assert (tmp_path / "split" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_crash_mid_epoch_then_resume_reproduces_uninterrupted_run(corpus: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tiny_config(corpus, "run.checkpoint_every=2")
@@ -184,6 +186,7 @@ def test_training_config_draws_from_torchs_generator(dropout_run: tuple[Path, Pa
         assert not torch.equal(first, encoder(regions))
 
 
+@pytest.mark.slow
 def test_resume_at_epoch_end_with_dropout_reproduces_uninterrupted_run(dropout_run: tuple[Path, Path],
                                                                        tmp_path: Path) -> None:
     """Dropout on: 1 epoch, then a resume to 2, gives bit for bit the weights of 2 epochs straight."""
@@ -194,6 +197,7 @@ def test_resume_at_epoch_end_with_dropout_reproduces_uninterrupted_run(dropout_r
     _assert_same_weights(straight, resumed["last"])
 
 
+@pytest.mark.slow
 def test_crash_mid_epoch_with_dropout_then_resume_reproduces_uninterrupted_run(
         dropout_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Dropout on: a crash during step 4 of epoch 1, resumed from the step-2 checkpoint, gives the straight run's

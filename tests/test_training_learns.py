@@ -48,6 +48,8 @@ from xmcl.training.clip_trainer import train_clip
 from xmcl.training.distill_trainer import pretrain_distill
 from xmcl.training.retrieval_trainer import train_retrieval
 
+pytestmark = pytest.mark.slow  # minutes of training, subprocesses or a browser: `make test-fast` leaves it out
+
 WORDS = ["red", "blue", "green", "circle", "square", "star", "left", "right", "big", "small"]
 CPU = torch.device("cpu")
 

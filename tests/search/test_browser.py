@@ -18,6 +18,8 @@ import pytest
 from xmcl.retrieval.index.search import CollectionIndex, Searcher
 from xmcl.retrieval.retriever import Retriever
 
+pytestmark = pytest.mark.slow  # minutes of training, subprocesses or a browser: `make test-fast` leaves it out
+
 SRC = Path(__file__).resolve().parents[2] / "src"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TIMEOUT_MS = 30_000

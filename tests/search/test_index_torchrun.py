@@ -11,12 +11,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from xmcl.retrieval.index.build import IndexOptions, build_index, gather_vectors
 from xmcl.retrieval.index.store import MetadataStore
 from xmcl.retrieval.retriever import Retriever
 
 from search_world import copy_images
+
+pytestmark = pytest.mark.slow  # minutes of training, subprocesses or a browser: `make test-fast` leaves it out
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
