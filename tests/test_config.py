@@ -8,6 +8,7 @@ import pytest
 
 from xmcl.config import config_from_dict, config_to_dict, load_config, save_config
 from xmcl.errors import ConfigError
+from xmcl.retrieval.config import RetrievalTrainConfig
 
 
 @dataclass
@@ -76,8 +77,6 @@ def test_missing_and_malformed_files_are_named(tmp_path: Path) -> None:
     (["model.sge_dropout=1.0"], r"'model.sge_dropout' = 1.0 is out of range: must be >= 0.0 and < 1.0"),
 ])
 def test_values_out_of_range_are_refused_at_load_naming_key_value_and_range(overrides, message) -> None:
-    from xmcl.retrieval.config import RetrievalTrainConfig
-
     with pytest.raises(ConfigError, match=r"config \(with overrides\): " + message):
         load_config(RetrievalTrainConfig, None, overrides)
 
@@ -154,3 +153,48 @@ def test_a_device_that_torch_does_not_know_is_refused_at_load() -> None:
 
     with pytest.raises(ConfigError, match=r"'run.device' = 'gpu0' is out of range: must be 'auto' or a torch device"):
         load_config(RetrievalTrainConfig, None, ["run.device=gpu0"])
+
+
+def _write(folder, name: str, text: str):
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def test_a_base_chain_is_composed_key_by_key_with_lists_replaced_whole(tmp_path):
+    _write(tmp_path, "a.yaml", "model:\n  embed_dim: 64\n  word_dim: 32\noptim:\n  lr_decay_epochs: [3, 6]\n  epochs: 9\n")
+    _write(tmp_path, "b.yaml", "base: a.yaml\nmodel:\n  word_dim: 48\noptim:\n  lr_decay_epochs: [5]\n")
+    c = _write(tmp_path, "c.yaml", "base: b.yaml\noptim:\n  epochs: 7\n")
+    cfg = load_config(RetrievalTrainConfig, c, ["model.embed_dim=128"])
+    assert (cfg.model.embed_dim, cfg.model.word_dim) == (128, 48)
+    assert cfg.optim.lr_decay_epochs == [5] and cfg.optim.epochs == 7
+    assert cfg.model.pooling == RetrievalTrainConfig().model.pooling  # what no file sets keeps its default
+
+
+def test_a_shipped_config_can_be_a_base_and_the_shipped_variants_are_overlays(tmp_path):
+    mine = _write(tmp_path, "mine.yaml", "base: shapes_user\noptim:\n  epochs: 2\n")
+    shipped = load_config(RetrievalTrainConfig, "shapes_user")
+    assert load_config(RetrievalTrainConfig, mine).model == shipped.model
+    best = load_config(RetrievalTrainConfig, "flickr8k_locked_tolerant")
+    locked = load_config(RetrievalTrainConfig, "flickr8k_locked")
+    assert best.model == locked.model and best.data == locked.data and best.optim == locked.optim
+    assert (best.loss.gamma, best.loss.mu, best.loss.tolerance, best.loss.balance) == (0.5, 30.0, "quantile", True)
+
+
+def test_a_base_chain_that_loops_is_refused_naming_the_chain(tmp_path):
+    _write(tmp_path, "a.yaml", "base: b.yaml\n")
+    _write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"chain comes back to a file: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(RetrievalTrainConfig, tmp_path / "a.yaml")
+
+
+def test_an_error_names_the_base_file_that_set_the_key(tmp_path):
+    _write(tmp_path, "a.yaml", "model:\n  embed_dim: -4\n  colour: red\n")
+    child = _write(tmp_path, "child.yaml", "base: a.yaml\noptim:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml \(the base of .*child\.yaml\).*'model\.colour'"):
+        load_config(RetrievalTrainConfig, child)
+    _write(tmp_path, "a.yaml", "model:\n  embed_dim: -4\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml \(the base of .*child\.yaml\).*embed_dim"):
+        load_config(RetrievalTrainConfig, child)
+    with pytest.raises(ConfigError, match="'base' must name a config file"):
+        load_config(RetrievalTrainConfig, _write(tmp_path, "bad.yaml", "base: 3\n"))

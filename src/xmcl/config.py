@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -23,6 +24,7 @@ from xmcl.errors import ConfigError
 T = TypeVar("T")
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"  # the YAML configs installed with the package
+BASE_KEY = "base"  # a config file's key naming the file it overlays
 
 
 class FieldRangeError(ConfigError):
@@ -210,18 +212,62 @@ def find_config(path: Path | str) -> Path:
     return shipped if shipped.is_file() else path
 
 
+def _leaf_keys(data: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        keys += _leaf_keys(value, dotted) if isinstance(value, dict) and value else [dotted]
+    return keys
+
+
+def read_composed(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[str, Path]]:
+    """The mapping of the config file ``path`` composed with its ``base:`` chain, and the file that set each leaf key
+    (dotted). ``base: NAME_OR_PATH`` (a path relative to this file's folder, or a shipped config's name) is read
+    first, composed the same way, and this file's keys are written over it (sections merged key by key, lists
+    replaced whole). A chain that comes back to a file is refused, naming the chain."""
+    data = read_yaml(path)
+    base = data.pop(BASE_KEY, None)
+    origins = dict.fromkeys(_leaf_keys(data), path)
+    if base is None:
+        return data, origins
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {path}: '{BASE_KEY}' must name a config file, got {base!r}")
+    beside = path.parent / base
+    base_path = beside if beside.is_file() else find_config(base)
+    here = (*chain, path.resolve())
+    if base_path.resolve() in here:
+        loop = " -> ".join(str(p) for p in (*here, base_path.resolve()))
+        raise ConfigError(f"config file {path}: its '{BASE_KEY}' chain comes back to a file: {loop}")
+    base_data, base_origins = read_composed(base_path, here)
+    return _merged(base_data, data), {**base_origins, **origins}
+
+
+def _naming_the_file(error: ConfigError, origins: dict[str, Path], where: str) -> ConfigError:
+    """``error`` with ``where`` replaced by the file that set the key it names, when a base file set it."""
+    found = re.search(r"'([A-Za-z0-9_.]+)", str(error))
+    origin = origins.get(found.group(1)) if found else None
+    if origin is None or str(error).split(":", 1)[0] == str(origin):
+        return error
+    return ConfigError(str(error).replace(where, f"{origin} (the base of {where})", 1))
+
+
 def load_config(cls: type[T], path: Path | str | None = None, overrides: typing.Iterable[str] = ()) -> T:
-    """Build ``cls`` from an optional YAML file (see ``find_config``) and ``key=value`` overrides (defaults fill
-    the rest)."""
+    """Build ``cls`` from an optional YAML file (see ``find_config``; its ``base:`` chain composed by
+    ``read_composed``) and ``key=value`` overrides (defaults fill the rest). An error names the file that set the
+    key it is about."""
     if path is not None:
         path = find_config(path)
-    data = read_yaml(path) if path is not None else {}
+    data, origins = read_composed(path) if path is not None else ({}, {})
     overrides = list(overrides)
     apply_overrides(data, overrides)
     where = str(path) if path is not None else "config"
     if overrides:
         where += " (with overrides)"
-    return _build(cls, data, "", where)
+        origins = {key: origin for key, origin in origins.items() if key not in {o.split("=", 1)[0] for o in overrides}}
+    try:
+        return _build(cls, data, "", where)
+    except ConfigError as error:
+        raise _naming_the_file(error, origins, where) from None
 
 
 def config_from_dict(cls: type[T], data: dict, where: str = "config") -> T:
