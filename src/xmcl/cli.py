@@ -307,7 +307,7 @@ def index_command(checkpoint: Path, images: Path, out: Path, captions: Path | No
                   text_model: str | None, allow_mismatch: bool, runtime: str, threads: int | None,
                   follow_links: bool) -> None:
     """Encode a folder of images (and captions) with a trained model and index it (resumable, incremental)."""
-    from xmcl.retrieval.index.build import IndexOptions, build_index, format_report, rank_device
+    from xmcl.retrieval.index.build import IndexOptions, build_index, format_report
     from xmcl.retrieval.index.vectors import parse_size
     from xmcl.retrieval.retriever import Retriever
     from xmcl.runtime.device import usable_cores
@@ -315,7 +315,7 @@ def index_command(checkpoint: Path, images: Path, out: Path, captions: Path | No
     options = IndexOptions(shard_size=shard_size, batch_size=batch_size, num_workers=workers, index_type=index_type,
                            memory_budget=parse_size(memory_budget) if memory_budget else None,
                            recall_target=recall_target, follow_links=follow_links)
-    retriever = Retriever.load(checkpoint, rank_device(device), runtime=runtime, threads=threads or usable_cores(),
+    retriever = Retriever.load(checkpoint, device, runtime=runtime, threads=threads or usable_cores(),
                                backbone=backbone, backbone_weights=backbone_weights, image_size=image_size,
                                clip_path=clip_path, text_model=text_model, allow_mismatch=allow_mismatch)
     report = build_index(retriever, images, out, captions, options)

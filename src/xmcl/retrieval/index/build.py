@@ -18,12 +18,11 @@ at any moment (``kill -9``) continues where it stopped when rerun. Under ``torch
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 import warnings
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ from xmcl.retrieval.index import shards, vectors
 from xmcl.retrieval.index.collection import Annotation, ImageFile, read_captions, scan_images
 from xmcl.retrieval.index.store import MetadataStore
 from xmcl.retrieval.retriever import Retriever
+from xmcl.runtime.distributed import World, barrier, close_world, init_world
 from xmcl.runtime.files import atomic_save_npy, atomic_write_json
 from xmcl.runtime.lock import RunLock
 
@@ -75,38 +75,6 @@ class IndexOptions:
             raise ConfigError(f"recall target must lie in (0, 1], got {self.recall_target}")
         if self.index_type not in vectors.INDEX_TYPES:
             raise ConfigError(f"index type {self.index_type!r} is not one of {', '.join(vectors.INDEX_TYPES)}")
-
-
-# ----------------------------------------------------------------------------------------------- ranks
-class Ranks:
-    """This process's place under ``torchrun`` (rank 0 of 1 without it): gloo barriers between the phases."""
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.started = False
-        if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo", timeout=timedelta(minutes=30))
-            self.started = True
-
-    @property
-    def leader(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self.started:
-            torch.distributed.destroy_process_group()
-
-
-def rank_device(device: str) -> str:
-    """``auto`` under torchrun with CUDA: this rank's GPU (``LOCAL_RANK``); any other choice as given."""
-    if device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return device
 
 
 # -------------------------------------------------------------------------------------------- manifest
@@ -238,9 +206,9 @@ def _first_caption(annotation: Annotation | None) -> str | None:
 
 
 def _encode_images(retriever: Retriever, root: Path, out: Path, todo: list[ImageFile], store: MetadataStore,
-                   annotations: dict[str, Annotation], ranks: Ranks, options: IndexOptions) -> None:
-    mine = todo[ranks.rank::ranks.world]
-    with tqdm(total=len(mine), unit="img", desc="encoding images", disable=not (options.progress and ranks.leader),
+                   annotations: dict[str, Annotation], world: World, options: IndexOptions) -> None:
+    mine = todo[world.rank::world.size]
+    with tqdm(total=len(mine), unit="img", desc="encoding images", disable=not (options.progress and world.is_main),
               dynamic_ncols=True) as bar:
         for start in range(0, len(mine), options.shard_size):
             chunk = mine[start: start + options.shard_size]
@@ -248,8 +216,8 @@ def _encode_images(retriever: Retriever, root: Path, out: Path, todo: list[Image
             rows = [{"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns,
                      "caption": _first_caption(annotations.get(f.path)),
                      "fields": annotations[f.path].fields if f.path in annotations else {}} for f in kept]
-            shards.write_shard(out, "images", matrix, rows, failures, ranks.rank)
-            if ranks.leader:
+            shards.write_shard(out, "images", matrix, rows, failures, world.rank)
+            if world.is_main:
                 _ingest_pending(store, out)
             bar.set_postfix(failed=len(failures))
 
@@ -264,17 +232,17 @@ def _plan_captions(store: MetadataStore, annotations: dict[str, Annotation]) -> 
 
 
 def _encode_captions(retriever: Retriever, out: Path, todo: list[tuple[int, str]], store: MetadataStore,
-                     ranks: Ranks, options: IndexOptions) -> None:
-    mine = todo[ranks.rank::ranks.world]
+                     world: World, options: IndexOptions) -> None:
+    mine = todo[world.rank::world.size]
     size = options.shard_size * 4
-    with tqdm(total=len(mine), unit="cap", desc="encoding captions", disable=not (options.progress and ranks.leader),
+    with tqdm(total=len(mine), unit="cap", desc="encoding captions", disable=not (options.progress and world.is_main),
               dynamic_ncols=True) as bar:
         for start in range(0, len(mine), size):
             chunk = mine[start: start + size]
             matrix = retriever.encode_texts([text for _, text in chunk], batch_size=max(options.batch_size, 64))
             shards.write_shard(out, "captions", matrix.numpy(), [{"item_id": i, "text": t} for i, t in chunk], [],
-                               ranks.rank)
-            if ranks.leader:
+                               world.rank)
+            if world.is_main:
                 _ingest_pending(store, out)
             bar.update(len(chunk))
 
@@ -320,14 +288,14 @@ def build_index(retriever: Retriever, images: Path | str, out: Path | str, capti
     lock for the pass: a second ``xmcl index`` into the same folder is refused at once, naming the holder."""
     options = options or IndexOptions()
     out, root = Path(out), Path(images).resolve()
-    ranks = Ranks()
-    lock = RunLock(out, "index folder").acquire() if ranks.leader else None
+    world = init_world(retriever.device)
+    lock = RunLock(out, "index folder").acquire() if world.is_main else None
     try:
         began = time.perf_counter()
         annotations = read_captions(captions) if captions is not None else {}
-        store = MetadataStore(out, readonly=False) if ranks.leader else None
+        store = MetadataStore(out, readonly=False) if world.is_main else None
         scan = None
-        if ranks.leader:
+        if world.is_main:
             _open_manifest(out, retriever, root)
             resumed = _ingest_pending(store, out)
             _forget_damaged_shards(store, out)
@@ -337,15 +305,15 @@ def build_index(retriever: Retriever, images: Path | str, out: Path | str, capti
             store.remove_failures(plan["stale_failures"])
             plan["resumed_shards"] = resumed
             atomic_write_json(out / WORK, plan)
-        ranks.barrier()
+        barrier(world)
         plan = json.loads((out / WORK).read_text(encoding="utf-8"))
         todo = [ImageFile(**f) for f in plan["todo"]]
         encoded_began = time.perf_counter()
-        _encode_images(retriever, root, out, todo, store, annotations, ranks, options)
+        _encode_images(retriever, root, out, todo, store, annotations, world, options)
         image_seconds = time.perf_counter() - encoded_began
-        ranks.barrier()
+        barrier(world)
         caption_plan = {"drop": [], "todo": [], "unmatched": []}
-        if ranks.leader:
+        if world.is_main:
             _ingest_pending(store, out)
             if captions is not None:
                 known = store.items_by_path()
@@ -355,11 +323,11 @@ def build_index(retriever: Retriever, images: Path | str, out: Path | str, capti
                 caption_plan = _plan_captions(store, annotations)
                 store.remove_captions(caption_plan["drop"])
             atomic_write_json(out / WORK, {**plan, "captions": caption_plan})
-        ranks.barrier()
+        barrier(world)
         caption_plan = json.loads((out / WORK).read_text(encoding="utf-8"))["captions"]
-        _encode_captions(retriever, out, [tuple(t) for t in caption_plan["todo"]], store, ranks, options)
-        ranks.barrier()
-        if not ranks.leader:
+        _encode_captions(retriever, out, [tuple(t) for t in caption_plan["todo"]], store, world, options)
+        barrier(world)
+        if not world.is_main:
             return {}
         _ingest_pending(store, out)
         for file in store.drop_empty_shards():
@@ -378,7 +346,7 @@ def build_index(retriever: Retriever, images: Path | str, out: Path | str, capti
             "captions_unmatched": caption_plan["unmatched"][:100],
             "failures": [{"path": p, "error": f["error"]} for p, f in failures.items()],
             "skipped": scan.skipped,
-            "world_size": ranks.world, "encode_seconds": round(image_seconds, 3),
+            "world_size": world.size, "encode_seconds": round(image_seconds, 3),
             "images_per_second": round(len(todo) / image_seconds, 2) if todo and image_seconds > 0 else None,
             "index_seconds": round(time.perf_counter() - index_began, 3),
             "seconds": round(time.perf_counter() - began, 3),
@@ -391,7 +359,7 @@ def build_index(retriever: Retriever, images: Path | str, out: Path | str, capti
     finally:
         if lock is not None:
             lock.release()
-        ranks.close()
+        close_world(world)
 
 
 def _gigabytes(count: int) -> str:
