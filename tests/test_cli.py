@@ -84,14 +84,14 @@ def test_the_cli_runs_as_a_module() -> None:
 # ------------------------------------------------------------------------------- one-line refusals before any work
 def _trained(tmp_path: Path) -> Path:
     """best.pt of a one-epoch tiny run on a 10-image val split (so that fold5 has folds of 2 images)."""
-    from test_train_retrieval import tiny_config, write_corpus
+    from helpers import retrieval_config, write_corpus
 
     from xmcl.training.retrieval_trainer import train_retrieval
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     write_corpus(corpus, {"train": 20, "val": 10})
-    return train_retrieval(tiny_config(corpus, "optim.epochs=1", "run.threads=1"), tmp_path / "run",
+    return train_retrieval(retrieval_config(corpus, "optim.epochs=1", "run.threads=1"), tmp_path / "run",
                            progress=False)["best"]
 
 

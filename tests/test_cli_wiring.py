@@ -13,7 +13,6 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner, Result
-from test_train_retrieval import tiny_config, write_corpus
 
 from xmcl.cli import main
 from xmcl.data.images import load_image
@@ -25,6 +24,8 @@ from xmcl.retrieval.clip.cache import split_guides
 from xmcl.retrieval.inference import encode_split, load_trained
 from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.training.retrieval_trainer import train_retrieval
+
+from helpers import retrieval_config, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr", "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr",
@@ -94,7 +95,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     corpus = root / "corpus"
     corpus.mkdir()
     write_corpus(corpus, {"train": 20, "val": 10, "test": 15})
-    summary = train_retrieval(tiny_config(corpus, "optim.epochs=1", "run.threads=1"), root / "run", progress=False)
+    summary = train_retrieval(retrieval_config(corpus, "optim.epochs=1", "run.threads=1"), root / "run", progress=False)
     return corpus, summary["best"]
 
 

@@ -12,30 +12,18 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from test_train_clip import TINY_MODEL
-from test_train_distributed import _free_port
-from xmcl.config import load_config
 from xmcl.data.shapes import generate_shapes_world
 from xmcl.errors import CheckpointError
-from xmcl.retrieval.clip.config import ClipTrainConfig
 from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.training.clip_trainer import train_clip
 
-PER_RANK = 4
-
-
-def _config(data: Path, batch: int, epochs: int = 2) -> ClipTrainConfig:
-    return load_config(ClipTrainConfig, None, [
-        f"data.path={data}", f"optim.epochs={epochs}", f"optim.batch_size={batch}", "optim.lr=2e-3",
-        "optim.warmup_fraction=0.0", "run.device=cpu", "run.threads=1", "run.log_every=1",
-        *(f"model.{k}={v}" for k, v in TINY_MODEL.items())])
-
+from helpers import PER_RANK, clip_config, free_port
 
 def _rank(rank: int, port: int, data: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    train_clip(_config(Path(data), PER_RANK), Path(out), progress=False)
+    train_clip(clip_config(Path(data), PER_RANK), Path(out), progress=False)
 
 
 def _log(run: Path) -> list[dict]:
@@ -48,9 +36,9 @@ def test_two_ranks_of_b_train_the_one_process_run_of_2b(tmp_path: Path) -> None:
     shapes = tmp_path / "shapes"
     generate_shapes_world(shapes, num_images=24, seed=0, image_size=64, progress=False)
     one, two = tmp_path / "one", tmp_path / "two"
-    train_clip(_config(shapes, 2 * PER_RANK), one, progress=False)
+    train_clip(clip_config(shapes, 2 * PER_RANK), one, progress=False)
     os.environ.pop("WORLD_SIZE", None)
-    mp.start_processes(_rank, args=(_free_port(), str(shapes), str(two)), nprocs=2, join=True,
+    mp.start_processes(_rank, args=(free_port(), str(shapes), str(two)), nprocs=2, join=True,
                        start_method="spawn")
     expected, got = read_checkpoint(one / "last.pt"), read_checkpoint(two / "last.pt")
     assert got["world_size"] == 2 and got["global_step"] == expected["global_step"] >= 2
@@ -71,4 +59,4 @@ def test_two_ranks_of_b_train_the_one_process_run_of_2b(tmp_path: Path) -> None:
     assert (two / "model.safetensors").is_file()
 
     with pytest.raises(CheckpointError, match="saved by a run of 2 process\\(es\\); this run has 1"):
-        train_clip(_config(shapes, PER_RANK), two, progress=False)
+        train_clip(clip_config(shapes, PER_RANK), two, progress=False)

@@ -14,8 +14,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from test_distill_pretrain import tiny_config
-from test_train_distributed import _free_port
 from xmcl.distill.networks import build_voxel_net
 from xmcl.errors import CheckpointError
 from xmcl.runtime.checkpoint import read_checkpoint
@@ -23,13 +21,15 @@ from xmcl.runtime.distributed import close_world, gather_uneven, init_world
 from xmcl.runtime.rng import seed_everything
 from xmcl.training.distill_trainer import pretrain_distill
 
+from helpers import distill_config, free_port
+
 # SGD without momentum and warm-up: an update proportional to the gradient, so a scale error shows
 STEPS = ["data.pretrain_scenes=2", "data.augment=false", "optim.steps=2", "optim.optimizer=sgd", "optim.lr=0.5",
          "optim.momentum=0.0", "optim.weight_decay=0.0", "optim.warmup_steps=0", "run.threads=1"]
 
 
 def _config(sp: Path, per_rank: int, *extra: str):
-    return tiny_config(f"superpixels.cache_dir={sp}", f"optim.batch_scenes={per_rank}", *STEPS, *extra)
+    return distill_config(f"superpixels.cache_dir={sp}", f"optim.batch_scenes={per_rank}", *STEPS, *extra)
 
 
 def _rank(rank: int, ports: list[int], root: str) -> None:
@@ -51,7 +51,7 @@ def test_two_ranks_with_the_global_gather_take_the_one_process_steps(tmp_path: P
     one = tmp_path / "one"
     pretrain_distill(_config(tmp_path / "sp", 2, "loss.gather=global"), one, progress=False)
     os.environ.pop("WORLD_SIZE", None)
-    mp.start_processes(_rank, args=([_free_port(), _free_port()], str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_rank, args=([free_port(), free_port()], str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     expected, got = read_checkpoint(one / "last.pt"), read_checkpoint(tmp_path / "global" / "last.pt")
     assert got["world_size"] == 2 and got["step"] == expected["step"] == 2
@@ -90,7 +90,7 @@ def _uneven_rank(rank: int, port: int, out: str) -> None:
 @pytest.mark.timeout(120)
 def test_gather_uneven_keeps_rank_order_and_sends_each_rank_its_rows_gradient(tmp_path: Path) -> None:
     os.environ.pop("WORLD_SIZE", None)
-    mp.start_processes(_uneven_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_uneven_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
     expected = torch.cat([torch.arange(3.0)[:, None].repeat(1, 2), torch.arange(5.0)[:, None].repeat(1, 2) + 10])
     for rank in ranks:

@@ -9,9 +9,7 @@ import pytest
 import torch
 
 import xmcl.training.distill_trainer as trainer
-from xmcl.config import load_config
 from xmcl.distill import networks, objective, preparation
-from xmcl.distill.config import DistillConfig
 from xmcl.distill.geometry import project_points
 from xmcl.distill.probe import run_probe
 from xmcl.distill.superpixels import SuperpixelCache
@@ -19,18 +17,7 @@ from xmcl.errors import CheckpointError, TrainingDiverged
 from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.runtime.log import read_jsonl
 
-TINY = [
-    "data.pretrain_scenes=3", "data.probe_train_scenes=2", "data.eval_scenes=1", "data.num_points=1500",
-    "data.image_size=[32,64]", "voxel.widths=[4,8]", "voxel.out_dim=8", "voxel.voxel_size=0.2",
-    "image.backbone=resnet18", "image.weights=null", "image.resnet_width=8", "superpixels.n_segments=12",
-    "optim.steps=4", "optim.batch_scenes=2", "run.checkpoint_every=2", "run.log_every=1",
-    "run.progress=false", "run.device=cpu", "probe.linear_steps=20", "probe.finetune_steps=2",
-]
-
-
-def tiny_config(*extra: str) -> DistillConfig:
-    return load_config(DistillConfig, None, TINY + list(extra))
-
+from helpers import distill_config
 
 def test_batches_cover_each_scene_once_per_epoch() -> None:
     seen = [i for step in range(3) for i in preparation.batch_indices(7, 2, seed=5, step=step)]
@@ -40,7 +27,7 @@ def test_batches_cover_each_scene_once_per_epoch() -> None:
 
 
 def test_distillation_loss_matches_pooling_and_infonce_by_hand(tmp_path: Path) -> None:
-    cfg = tiny_config("loss.tolerance=none", "loss.balance=false")
+    cfg = distill_config("loss.tolerance=none", "loss.balance=false")
     torch.manual_seed(0)
     net = networks.build_voxel_net(cfg.voxel).eval()
     head = networks.build_image_head(cfg)
@@ -86,7 +73,7 @@ def _weights(path: Path) -> dict:
 
 @pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run_and_probe_reads_it(tmp_path: Path, monkeypatch) -> None:
-    cfg = tiny_config(f"superpixels.cache_dir={tmp_path / 'sp'}")
+    cfg = distill_config(f"superpixels.cache_dir={tmp_path / 'sp'}")
     straight = trainer.pretrain_distill(cfg, tmp_path / "straight")
 
     real_loss, calls = trainer.distillation_loss, {"n": 0}
@@ -117,13 +104,13 @@ def test_resume_reproduces_the_uninterrupted_run_and_probe_reads_it(tmp_path: Pa
 
 
 def test_resume_refuses_a_different_network(tmp_path: Path) -> None:
-    cfg = tiny_config("optim.steps=1", f"superpixels.cache_dir={tmp_path / 'sp'}")
+    cfg = distill_config("optim.steps=1", f"superpixels.cache_dir={tmp_path / 'sp'}")
     trainer.pretrain_distill(cfg, tmp_path / "run")
     with pytest.raises(CheckpointError, match=r"voxel.widths: \[4, 8\] -> \[4, 4\]"):
-        trainer.pretrain_distill(tiny_config("optim.steps=2", "voxel.widths=[4,4]"), tmp_path / "run")
+        trainer.pretrain_distill(distill_config("optim.steps=2", "voxel.widths=[4,4]"), tmp_path / "run")
 
 
 def test_non_finite_loss_stops_the_run(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(trainer, "distillation_loss", lambda *a, **k: (torch.tensor(math.nan, requires_grad=True), 1))
     with pytest.raises(TrainingDiverged, match="step 0"):
-        trainer.pretrain_distill(tiny_config(f"superpixels.cache_dir={tmp_path / 'sp'}"), tmp_path / "run")
+        trainer.pretrain_distill(distill_config(f"superpixels.cache_dir={tmp_path / 'sp'}"), tmp_path / "run")

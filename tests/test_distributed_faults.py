@@ -25,11 +25,6 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
-from test_clip_distributed import _config as clip_config
-from test_distill_pretrain import tiny_config as distill_config
-from test_kill_resume import log_without_timing
-from test_train_distributed import PER_RANK, _free_port
-from test_train_retrieval import tiny_config, write_corpus
 from xmcl.config import config_to_dict
 from xmcl.data.shapes import generate_shapes_world
 from xmcl.runtime.checkpoint import read_checkpoint
@@ -37,6 +32,9 @@ from xmcl.runtime.lock import RunLock
 from xmcl.training.clip_trainer import train_clip
 from xmcl.training.distill_trainer import pretrain_distill
 from xmcl.training.retrieval_trainer import train_retrieval
+
+from helpers import (PER_RANK, clip_config, distill_config, free_port, log_without_timing, retrieval_config,
+                     write_corpus)
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
@@ -52,7 +50,7 @@ REFUSALS = {"locked": ("retrieval", "locked", True, []), "no_resume": ("retrieva
 def _run(trainer: str, root: Path, folder: str, resume: bool, extra: list[str]) -> None:
     """A tiny run of ``trainer`` (retrieval: the corpus in ``root``; clip: ``root/shapes``) into ``root/folder``."""
     if trainer == "retrieval":
-        cfg = tiny_config(root, f"optim.batch_size={PER_RANK}", "optim.epochs=1", *RUN, *extra)
+        cfg = retrieval_config(root, f"optim.batch_size={PER_RANK}", "optim.epochs=1", *RUN, *extra)
         train_retrieval(cfg, root / folder, resume=resume, progress=False)
     elif trainer == "distill":
         cfg = distill_config(f"superpixels.cache_dir={root / 'sp'}", "optim.steps=1", "optim.batch_scenes=1",
@@ -86,7 +84,7 @@ def test_a_refusal_on_rank_0_ends_every_rank_at_once_with_its_message(tmp_path: 
     generate_shapes_world(tmp_path / "shapes", num_images=12, seed=0, image_size=64, progress=False)
     _run("retrieval", tmp_path, "used", True, [])
     _run("clip", tmp_path, "used_clip", True, [])
-    ports = {case: _free_port() for case in REFUSALS}
+    ports = {case: free_port() for case in REFUSALS}
     os.environ.pop("WORLD_SIZE", None)
     context = mp.get_context("spawn")
     with RunLock(tmp_path / "locked"):
@@ -140,9 +138,9 @@ def _finish(launches: list[subprocess.Popen], timeout: float) -> tuple[list[int]
 def test_the_summary_line_is_printed_once_per_job(tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path, {"train": 16, "val": 6})
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(config_to_dict(tiny_config(
+    config.write_text(yaml.safe_dump(config_to_dict(retrieval_config(
         corpus, f"optim.batch_size={PER_RANK}", "optim.epochs=1", *RUN))))
-    codes, outputs, _ = _finish([_torchrun(0, 1, 2, _free_port(), [
+    codes, outputs, _ = _finish([_torchrun(0, 1, 2, free_port(), [
         "-m", "xmcl", "train", "--config", str(config), "--out", str(tmp_path / "run")])], timeout=180)
     assert codes == [0], outputs
     assert outputs[0].count("best val rSum") == 1, outputs
@@ -158,7 +156,7 @@ def test_a_rank_killed_mid_training_ends_both_nodes_and_a_rerun_resumes(tmp_path
                  *RUN, "run.checkpoint_every=1"]  # 24 captions: 3 global batches of 8 an epoch
 
     def nodes(out: Path, kill: str) -> list[subprocess.Popen]:
-        port = _free_port()
+        port = free_port()
         return [_torchrun(node, 2, 1, port, [str(TESTS / "kill_driver.py"), "retrieval", str(out), kill, *overrides])
                 for node in range(2)]
 

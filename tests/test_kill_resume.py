@@ -10,7 +10,6 @@ thread, CPU).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,16 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_retrieval import write_corpus
 
 from xmcl.data.shapes import generate_shapes_world
 from xmcl.runtime.checkpoint import read_checkpoint
+
+from helpers import log_without_timing, write_corpus
 
 pytestmark = pytest.mark.slow  # minutes of training, subprocesses or a browser: `make test-fast` leaves it out
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
-TIMING = {"seconds", "samples_per_s", "scenes_per_s"}  # wall-clock figures differ between any two runs
 
 RETRIEVAL = ["data.val_split=val", "model.embed_dim=16", "model.region_dim=12", "model.text_encoder=bigru",
              "model.word_dim=8", "model.queue_size=10", "model.sge_dropout=0.4", "data.augment_captions=true",
@@ -75,11 +74,6 @@ def drive(trainer: str, out: Path, kill: str, overrides: list[str]) -> int:
                             env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode in (0, -signal.SIGKILL), result.stderr[-3000:]
     return result.returncode
-
-
-def log_without_timing(folder: Path) -> list[dict]:
-    records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in record.items() if k not in TIMING} for record in records]
 
 
 @pytest.mark.parametrize("trainer", sorted(KILLS))

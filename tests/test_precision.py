@@ -12,9 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_clip_distributed import _config as clip_config
-from test_distill_pretrain import tiny_config as distill_config
-from test_train_retrieval import tiny_config, write_corpus
 from xmcl.config import load_config
 from xmcl.data.shapes import generate_shapes_world
 from xmcl.errors import ConfigError
@@ -24,6 +21,8 @@ from xmcl.runtime.precision import Precision, cuda_layout
 from xmcl.training.clip_trainer import train_clip
 from xmcl.training.distill_trainer import pretrain_distill
 from xmcl.training.retrieval_trainer import train_retrieval
+
+from helpers import clip_config, distill_config, retrieval_config, write_corpus
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +67,7 @@ def test_a_bf16_autocast_step_on_cpu_gives_the_float32_loss_to_bfloat16_toleranc
 @pytest.mark.slow
 def test_every_loop_trains_under_bf16_on_cpu_with_finite_losses(tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path, {"train": 12, "val": 6})
-    train_retrieval(tiny_config(corpus, "optim.epochs=1", "run.amp=bf16", "run.threads=1"), tmp_path / "r",
+    train_retrieval(retrieval_config(corpus, "optim.epochs=1", "run.amp=bf16", "run.threads=1"), tmp_path / "r",
                     progress=False)
     pretrain_distill(distill_config(f"superpixels.cache_dir={tmp_path / 'sp'}", "optim.steps=2", "run.amp=bf16",
                                     "run.threads=1"), tmp_path / "d", progress=False)
@@ -81,7 +80,7 @@ def test_every_loop_trains_under_bf16_on_cpu_with_finite_losses(tmp_path: Path) 
         losses = _losses(tmp_path / run)
         assert losses and all(math.isfinite(v) for v in losses), (run, losses)
     # run.amp is a run control: a finished bf16 run resumes (says it is done) in float32
-    train_retrieval(tiny_config(corpus, "optim.epochs=1", "run.threads=1"), tmp_path / "r", progress=False)
+    train_retrieval(retrieval_config(corpus, "optim.epochs=1", "run.threads=1"), tmp_path / "r", progress=False)
 
 
 def test_cuda_layout_is_a_no_op_off_cuda_and_no_code_hard_codes_cuda() -> None:

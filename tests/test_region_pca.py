@@ -15,7 +15,8 @@ from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.inference import evaluate_checkpoint, load_trained
 from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.training.retrieval_trainer import train_retrieval
-from test_train_retrieval import tiny_config, write_corpus
+
+from helpers import retrieval_config, write_corpus
 
 
 def _numpy_pca(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +56,7 @@ def test_unfitted_or_misshapen_use_is_refused():
 
 def test_config_range_and_input_kind_are_checked(tmp_path: Path):
     with pytest.raises(ConfigError, match="model.region_pca_dim. = 12 is out of range"):
-        tiny_config(tmp_path, "model.region_pca_dim=12")
+        retrieval_config(tmp_path, "model.region_pca_dim=12")
     with pytest.raises(ConfigError, match="image_input"):
         load_config(RetrievalTrainConfig, None, ["model.image_input=images", "model.region_pca_dim=8"])
 
@@ -68,7 +69,7 @@ def corpus(tmp_path: Path) -> Path:
 
 
 def test_training_fits_the_projection_on_the_train_split_and_the_checkpoint_carries_it(corpus: Path, tmp_path: Path):
-    cfg = tiny_config(corpus, "model.region_pca_dim=5", "optim.epochs=1")
+    cfg = retrieval_config(corpus, "model.region_pca_dim=5", "optim.epochs=1")
     train_retrieval(cfg, tmp_path / "run", progress=False)
     state = read_checkpoint(tmp_path / "run" / "last.pt")["model"]
     train = np.load(corpus / "train_ims.npy").reshape(-1, 12)
@@ -85,11 +86,11 @@ def test_training_fits_the_projection_on_the_train_split_and_the_checkpoint_carr
 
 
 def test_a_resumed_run_keeps_its_projection_rather_than_refitting(corpus: Path, tmp_path: Path):
-    train_retrieval(tiny_config(corpus, "model.region_pca_dim=5", "optim.epochs=1"), tmp_path / "run", progress=False)
+    train_retrieval(retrieval_config(corpus, "model.region_pca_dim=5", "optim.epochs=1"), tmp_path / "run", progress=False)
     before = read_checkpoint(tmp_path / "run" / "last.pt")["model"]["image_encoder.reduction.basis"]
     features = corpus / "train_ims.npy"
     np.save(features, np.load(features) * 3.0 + 1.0)  # a refit would now find another mean
-    train_retrieval(tiny_config(corpus, "model.region_pca_dim=5", "optim.epochs=2"), tmp_path / "run", progress=False)
+    train_retrieval(retrieval_config(corpus, "model.region_pca_dim=5", "optim.epochs=2"), tmp_path / "run", progress=False)
     after = read_checkpoint(tmp_path / "run" / "last.pt")["model"]
     assert torch.equal(after["image_encoder.reduction.basis"], before)
 

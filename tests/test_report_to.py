@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from test_train_retrieval import tiny_config, write_corpus
 from xmcl.errors import ConfigError
 from xmcl.runtime.run_config import RunConfig
 from xmcl.training.retrieval_trainer import train_retrieval
+
+from helpers import retrieval_config, write_corpus
 
 
 def test_tensorboard_is_refused_where_the_package_is_not_importable(monkeypatch) -> None:
@@ -50,7 +51,7 @@ def test_log_records_go_to_tensorboard_and_a_resume_purges_what_follows(tmp_path
     _Writer.made.clear()
     corpus = write_corpus(tmp_path, {"train": 12, "val": 6})
     out = tmp_path / "run"
-    train_retrieval(tiny_config(corpus, "optim.epochs=1", "run.report_to=[tensorboard]", "run.threads=1"), out,
+    train_retrieval(retrieval_config(corpus, "optim.epochs=1", "run.report_to=[tensorboard]", "run.threads=1"), out,
                     progress=False)
     first = _Writer.made[0]
     assert first.log_dir == str(out / "tensorboard") and first.purge_step is None and first.flushes >= 1
@@ -58,7 +59,7 @@ def test_log_records_go_to_tensorboard_and_a_resume_purges_what_follows(tmp_path
     assert [step for step, _ in losses] == [1, 2, 3]  # 24 captions, batches of 8
     assert {"val_rsum", "train_loss_mean", "lr"} <= {tag for tag, _, _ in first.scalars}
 
-    train_retrieval(tiny_config(corpus, "optim.epochs=2", "run.report_to=[tensorboard]", "run.threads=1"), out,
+    train_retrieval(retrieval_config(corpus, "optim.epochs=2", "run.report_to=[tensorboard]", "run.threads=1"), out,
                     progress=False)
     second = _Writer.made[1]
     assert second.purge_step == 4 and [s for t, _, s in second.scalars if t == "loss"] == [4, 5, 6]

@@ -8,49 +8,18 @@ import torch
 from xmcl.contrast import build_retrieval_loss
 from xmcl.errors import ConfigError, DataError
 from xmcl.nn.heads import ProjectionHead
-from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig
+from xmcl.retrieval.config import RetrievalLossConfig
 from xmcl.retrieval.encoders import HFTextModel, build_text_encoder, drop_grid_cells
 from xmcl.retrieval.model import USERModel
 
-EMBED, REGION_DIM, VOCAB = 16, 12, 30
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "runs", "on", "the", "grass", "red", "ball"]
+from helpers import EMBED, VOCAB, model_config, region_batch, save_tiny_bert
+
 
 
 @pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory):
     """A random 1-layer BERT and its tokenizer saved like a pretrained model."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    directory = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(WORDS), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=16, max_position_embeddings=32)
-    BertModel(config).save_pretrained(str(directory))
-    BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(str(directory))
-    return directory
-
-
-def tiny_config(**overrides):
-    values = dict(embed_dim=EMBED, region_dim=REGION_DIM, text_encoder="bigru", word_dim=8, queue_size=8,
-                  sge_dropout=0.0, momentum=0.9)
-    values.update(overrides)
-    return RetrievalModelConfig(**values)
-
-
-def region_batch(num=4, regions=5, lengths=None, tokens_len=6, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor(lengths or [regions] * num)
-    token_lengths = torch.randint(2, tokens_len + 1, (num,), generator=gen)
-    token_lengths[0] = tokens_len
-    tokens = torch.randint(5, VOCAB, (num, tokens_len), generator=gen)
-    tokens[torch.arange(tokens_len)[None, :] >= token_lengths[:, None]] = 0
-    return {
-        "regions": torch.randn(num, regions, REGION_DIM, generator=gen),
-        "region_lengths": lengths,
-        "tokens": tokens,
-        "token_lengths": token_lengths,
-        "image_ids": torch.arange(num) + 10 * seed,
-    }
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 # ---------------------------------------------------------------- projection head
@@ -92,7 +61,7 @@ def test_grid_drop_keeps_cells_in_order_at_the_front():
 
 
 def test_bert_text_encoder_loads_a_local_model_and_ignores_padding(tiny_bert_dir):
-    encoder = build_text_encoder(tiny_config(text_encoder="bert", text_model=str(tiny_bert_dir), sge=False,
+    encoder = build_text_encoder(model_config(text_encoder="bert", text_model=str(tiny_bert_dir), sge=False,
                                              text_sge=True)).eval()
     tokens = torch.tensor([[2, 5, 6, 7, 3, 0, 0], [2, 9, 6, 3, 0, 0, 0]])
     lengths = torch.tensor([5, 4])
@@ -108,14 +77,14 @@ def test_text_model_directory_without_config_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="config.json"):
         HFTextModel(tmp_path)
     with pytest.raises(ConfigError, match="vocabulary size"):
-        build_text_encoder(tiny_config(), vocab_size=None)
+        build_text_encoder(model_config(), vocab_size=None)
 
 
 # ---------------------------------------------------------------- the model
 
 def test_forward_backward_and_any_region_count():
     torch.manual_seed(0)
-    model = USERModel(tiny_config(), RetrievalLossConfig(), vocab_size=VOCAB)
+    model = USERModel(model_config(), RetrievalLossConfig(), vocab_size=VOCAB)
     for batch in (region_batch(regions=5, lengths=[5, 3, 5, 1]), region_batch(regions=49, seed=1)):
         losses = model(batch)
         assert set(losses) == {"loss", "batch", "queue_i2t", "queue_t2i"}
@@ -130,7 +99,7 @@ def test_forward_backward_and_any_region_count():
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     torch.manual_seed(1)
-    model = USERModel(tiny_config(use_queue=False), RetrievalLossConfig(), vocab_size=VOCAB).train()
+    model = USERModel(model_config(use_queue=False), RetrievalLossConfig(), vocab_size=VOCAB).train()
     optimizer = torch.optim.AdamW(model.parameter_groups(lr=3e-3))
     batch = region_batch(num=6, regions=7, seed=2)
     first = model(batch)["loss"].item()
@@ -143,7 +112,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
 
 def test_first_step_uses_the_empty_queue_then_queues_this_steps_keys():
     torch.manual_seed(2)
-    model = USERModel(tiny_config(), RetrievalLossConfig(), vocab_size=VOCAB).train()
+    model = USERModel(model_config(), RetrievalLossConfig(), vocab_size=VOCAB).train()
     batch = region_batch(num=3, seed=3)
     img = model.image_encoder(batch["regions"], batch["region_lengths"])
     txt = model.text_encoder(batch["tokens"], batch["token_lengths"])
@@ -168,7 +137,7 @@ def test_first_step_uses_the_empty_queue_then_queues_this_steps_keys():
 
 def test_momentum_step_follows_the_formula_exactly():
     torch.manual_seed(3)
-    model = USERModel(tiny_config(momentum=0.75), RetrievalLossConfig(), vocab_size=VOCAB).train()
+    model = USERModel(model_config(momentum=0.75), RetrievalLossConfig(), vocab_size=VOCAB).train()
     optimizer = torch.optim.AdamW(model.parameter_groups(lr=1e-2))
     model(region_batch())["loss"].backward()
     optimizer.step()
@@ -188,16 +157,16 @@ def test_momentum_step_follows_the_formula_exactly():
 
 
 def test_key_encoders_stay_in_eval_mode_unless_configured():
-    model = USERModel(tiny_config(), RetrievalLossConfig(), vocab_size=VOCAB).train()
+    model = USERModel(model_config(), RetrievalLossConfig(), vocab_size=VOCAB).train()
     assert model.image_encoder.training and not model.image_key_encoder.training
     assert not model.text_key_encoder.training
-    authors = USERModel(tiny_config(key_encoders_eval=False), RetrievalLossConfig(), vocab_size=VOCAB).train()
+    authors = USERModel(model_config(key_encoders_eval=False), RetrievalLossConfig(), vocab_size=VOCAB).train()
     assert authors.image_key_encoder.training and authors.text_key_encoder.training
 
 
 def test_state_dict_round_trip_restores_queues_and_key_encoders():
     torch.manual_seed(4)
-    model = USERModel(tiny_config(), RetrievalLossConfig(), vocab_size=VOCAB).train()
+    model = USERModel(model_config(), RetrievalLossConfig(), vocab_size=VOCAB).train()
     optimizer = torch.optim.AdamW(model.parameter_groups(lr=1e-2))
     for seed in range(3):  # 3 x 4 keys into a queue of 8: wraps around
         optimizer.zero_grad()
@@ -206,7 +175,7 @@ def test_state_dict_round_trip_restores_queues_and_key_encoders():
         model.momentum_step()
     state = copy.deepcopy(model.state_dict())
     assert {"image_queue.keys", "image_queue.ids", "image_queue.ptr", "text_queue.filled"} <= set(state)
-    restored = USERModel(tiny_config(), RetrievalLossConfig(), vocab_size=VOCAB)
+    restored = USERModel(model_config(), RetrievalLossConfig(), vocab_size=VOCAB)
     restored.load_state_dict(state)
     for name in ("keys", "ids", "ptr", "filled"):
         assert torch.equal(getattr(restored.image_queue, name), getattr(model.image_queue, name))
@@ -221,7 +190,7 @@ def test_state_dict_round_trip_restores_queues_and_key_encoders():
 
 
 def test_without_queue_there_are_no_key_encoders():
-    model = USERModel(tiny_config(use_queue=False), RetrievalLossConfig(name="hinge"), vocab_size=VOCAB)
+    model = USERModel(model_config(use_queue=False), RetrievalLossConfig(name="hinge"), vocab_size=VOCAB)
     assert model.image_key_encoder is None and model.image_queue is None
     assert not any("key_encoder" in k or "queue" in k for k in model.state_dict())
     assert set(model(region_batch())) == {"loss", "batch"}
@@ -230,7 +199,7 @@ def test_without_queue_there_are_no_key_encoders():
 
 def test_encode_is_eval_mode_no_grad_and_keeps_the_training_flag():
     torch.manual_seed(5)
-    model = USERModel(tiny_config(sge_dropout=0.5), RetrievalLossConfig(), vocab_size=VOCAB).train()
+    model = USERModel(model_config(sge_dropout=0.5), RetrievalLossConfig(), vocab_size=VOCAB).train()
     batch = region_batch(lengths=[5, 2, 4, 5])
     first = model.encode_images(batch["regions"], batch["region_lengths"])
     again = model.encode_images(batch["regions"], batch["region_lengths"])
@@ -242,7 +211,7 @@ def test_encode_is_eval_mode_no_grad_and_keeps_the_training_flag():
 
 
 def test_parameter_groups_cover_each_trainable_parameter_once(tiny_bert_dir):
-    model = USERModel(tiny_config(text_encoder="bert", text_model=str(tiny_bert_dir)),
+    model = USERModel(model_config(text_encoder="bert", text_model=str(tiny_bert_dir)),
                       RetrievalLossConfig(name="infonce"))
     groups = model.parameter_groups(lr=1e-3, text_lr_scale=0.1, weight_decay=0.05)
     listed = [id(p) for g in groups for p in g["params"]]
@@ -263,7 +232,7 @@ def test_parameter_groups_cover_each_trainable_parameter_once(tiny_bert_dir):
 
 def test_images_path_with_a_tiny_backbone():
     torch.manual_seed(6)
-    model = USERModel(tiny_config(image_input="images", backbone="resnet18", backbone_weights=None,
+    model = USERModel(model_config(image_input="images", backbone="resnet18", backbone_weights=None,
                                   backbone_trainable="partial"),
                       RetrievalLossConfig(), vocab_size=VOCAB).train()
     batch = region_batch(num=2)
@@ -281,7 +250,7 @@ def test_images_path_with_a_tiny_backbone():
 
 
 def test_a_batch_without_tokens_or_images_is_a_data_error():
-    model = USERModel(tiny_config(use_queue=False), RetrievalLossConfig(), vocab_size=VOCAB)
+    model = USERModel(model_config(use_queue=False), RetrievalLossConfig(), vocab_size=VOCAB)
     batch = region_batch()
     with pytest.raises(DataError, match="'tokens'"):
         model({k: v for k, v in batch.items() if k != "tokens"})
@@ -290,7 +259,7 @@ def test_a_batch_without_tokens_or_images_is_a_data_error():
 
 
 def test_authors_key_modes_run_the_image_key_in_train_mode_and_the_text_key_in_eval():
-    model = USERModel(tiny_config(key_modes="authors"), RetrievalLossConfig(), vocab_size=VOCAB).train()
+    model = USERModel(model_config(key_modes="authors"), RetrievalLossConfig(), vocab_size=VOCAB).train()
     assert model.image_key_encoder.training and not model.text_key_encoder.training
     model.eval()
     assert not model.image_key_encoder.training and not model.text_key_encoder.training
@@ -305,12 +274,12 @@ def test_head_options_set_the_mlp_width_and_keep_pytorch_default_init():
     assert head.mlp[0].out_features == 3 and head.mlp[3].in_features == 3
     with pytest.raises(ConfigError, match="init"):
         ProjectionHead(12, 16, init="orthogonal")
-    model = USERModel(tiny_config(head_hidden_dim=5), RetrievalLossConfig(), vocab_size=VOCAB)
+    model = USERModel(model_config(head_hidden_dim=5), RetrievalLossConfig(), vocab_size=VOCAB)
     assert model.image_encoder.head.mlp[0].out_features == 5
 
 
 def test_decay_all_puts_weight_decay_on_every_parameter():
-    model = USERModel(tiny_config(), RetrievalLossConfig(), vocab_size=VOCAB)
+    model = USERModel(model_config(), RetrievalLossConfig(), vocab_size=VOCAB)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     default = model.parameter_groups(lr=1e-3, weight_decay=0.1)
     assert any(g["weight_decay"] == 0.0 for g in default)
@@ -321,7 +290,7 @@ def test_decay_all_puts_weight_decay_on_every_parameter():
 
 def test_image_sge_on_joint_runs_sge_after_the_projection():
     torch.manual_seed(0)
-    model = USERModel(tiny_config(image_sge_on="joint", sge=True), RetrievalLossConfig(), vocab_size=VOCAB).eval()
+    model = USERModel(model_config(image_sge_on="joint", sge=True), RetrievalLossConfig(), vocab_size=VOCAB).eval()
     encoder = model.image_encoder
     assert encoder.sge.local_branch[0].in_features == EMBED
     batch = region_batch()

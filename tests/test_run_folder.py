@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_train_retrieval import tiny_config, write_corpus
 
 from xmcl.errors import CheckpointError, ConfigError, RunFolderError, RunInterrupted
 from xmcl.retrieval.inference import evaluate_checkpoint
@@ -22,6 +21,8 @@ from xmcl.runtime.checkpoint import read_checkpoint, save_checkpoint
 from xmcl.runtime.lock import LOCK_NAME, RunLock
 from xmcl.runtime.log import read_jsonl
 from xmcl.training.retrieval_trainer import train_retrieval
+
+from helpers import retrieval_config, write_corpus
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 HOLD = """
@@ -55,7 +56,7 @@ def test_a_second_process_is_refused_at_once_and_a_dead_holders_lock_is_taken_ov
     try:
         began = time.monotonic()
         with pytest.raises(RunFolderError, match=rf"run folder {run} is in use by pid {holder.pid} on host \S+"):
-            train_retrieval(tiny_config(corpus, "optim.epochs=1"), run, progress=False)
+            train_retrieval(retrieval_config(corpus, "optim.epochs=1"), run, progress=False)
         assert time.monotonic() - began < 30  # at once: it does not wait for the holder
         assert not (run / "last.pt").exists() and not (run / "config.yaml").exists()
     finally:
@@ -76,20 +77,20 @@ def test_two_runs_in_one_process_are_refused_too(tmp_path: Path) -> None:
 def test_a_failed_start_leaves_no_empty_folder_and_names_data_path(tmp_path: Path) -> None:
     run = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"data\.path = '.*nowhere' does not exist"):
-        train_retrieval(tiny_config(tmp_path / "nowhere"), run, progress=False)
+        train_retrieval(retrieval_config(tmp_path / "nowhere"), run, progress=False)
     assert not run.exists()
 
 
 def test_no_resume_into_a_run_needs_overwrite(corpus: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train_retrieval(tiny_config(corpus, "optim.epochs=1"), run, progress=False)
+    train_retrieval(retrieval_config(corpus, "optim.epochs=1"), run, progress=False)
     best, log = (run / "best.pt").read_bytes(), (run / "log.jsonl").read_bytes()
     with pytest.raises(RunFolderError, match=r"already holds a run \(config\.yaml, last\.pt, best\.pt, log\.jsonl, "
                                              r"curves\.png\); --no-resume would start over.*--overwrite"):
-        train_retrieval(tiny_config(corpus, "optim.epochs=1", "run.seed=3"), run, resume=False, progress=False)
+        train_retrieval(retrieval_config(corpus, "optim.epochs=1", "run.seed=3"), run, resume=False, progress=False)
     assert (run / "best.pt").read_bytes() == best and (run / "log.jsonl").read_bytes() == log
 
-    train_retrieval(tiny_config(corpus, "optim.epochs=1", "run.seed=3"), run, resume=False, overwrite=True,
+    train_retrieval(retrieval_config(corpus, "optim.epochs=1", "run.seed=3"), run, resume=False, overwrite=True,
                     progress=False)
     assert read_checkpoint(run / "last.pt")["config"]["run"]["seed"] == 3
     assert yaml.safe_load((run / "config.yaml").read_text())["run"]["seed"] == 3
@@ -99,20 +100,20 @@ def test_no_resume_into_a_run_needs_overwrite(corpus: Path, tmp_path: Path) -> N
 def test_resume_refuses_changed_settings_and_config_yaml_tells_the_truth(corpus: Path, tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
-    train_retrieval(tiny_config(corpus, "optim.epochs=1"), run, progress=False)
+    train_retrieval(retrieval_config(corpus, "optim.epochs=1"), run, progress=False)
     with pytest.raises(CheckpointError, match=r"optim\.lr: 0\.001 -> 0\.002; run\.seed: 0 -> 4\); only .*"
                                               r"optim\.epochs.* may change on resume"):
-        train_retrieval(tiny_config(corpus, "optim.epochs=1", "optim.lr=2e-3", "run.seed=4"), run, progress=False)
+        train_retrieval(retrieval_config(corpus, "optim.epochs=1", "optim.lr=2e-3", "run.seed=4"), run, progress=False)
     assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == 1e-3
 
-    train_retrieval(tiny_config(corpus, "optim.epochs=2"), run)  # more epochs: a declared resumable key
+    train_retrieval(retrieval_config(corpus, "optim.epochs=2"), run)  # more epochs: a declared resumable key
     err = capsys.readouterr().err
     assert f"resuming {run / 'last.pt'} from epoch 2, step 0 (global step 5)" in err
     written = yaml.safe_load((run / "config.yaml").read_text())
     assert written == read_checkpoint(run / "last.pt")["config"] and written["optim"]["epochs"] == 2
 
     last, log = (run / "last.pt").read_bytes(), (run / "log.jsonl").read_bytes()
-    summary = train_retrieval(tiny_config(corpus, "optim.epochs=2"), run)
+    summary = train_retrieval(retrieval_config(corpus, "optim.epochs=2"), run)
     assert f"{run} already finished: 2 of 2 epochs done" in capsys.readouterr().err
     assert (run / "last.pt").read_bytes() == last and (run / "log.jsonl").read_bytes() == log
     assert summary["best_rsum"] == read_checkpoint(run / "last.pt")["best_rsum"]
@@ -123,7 +124,7 @@ def test_sigint_saves_a_checkpoint_and_the_resume_is_exact(corpus: Path, tmp_pat
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C in step 3 of epoch 1: the step finishes, last.pt holds it, the message says how to resume, and the
     resumed run ends with the uninterrupted run's weights."""
-    cfg = tiny_config(corpus, "model.sge_dropout=0.4")
+    cfg = retrieval_config(corpus, "model.sge_dropout=0.4")
     straight = train_retrieval(cfg, tmp_path / "straight", progress=False)
     clip, calls = torch.nn.utils.clip_grad_norm_, {"n": 0}
 
@@ -150,7 +151,7 @@ def test_sigint_saves_a_checkpoint_and_the_resume_is_exact(corpus: Path, tmp_pat
 
 def test_a_state_that_does_not_fit_is_one_line_on_resume_and_on_evaluate(corpus: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train_retrieval(tiny_config(corpus, "optim.epochs=1"), run, progress=False)
+    train_retrieval(retrieval_config(corpus, "optim.epochs=1"), run, progress=False)
     for name in ("last.pt", "best.pt"):
         state = read_checkpoint(run / name)
         key = next(k for k in state["model"] if k.endswith("weight"))
@@ -158,7 +159,7 @@ def test_a_state_that_does_not_fit_is_one_line_on_resume_and_on_evaluate(corpus:
         save_checkpoint(run / name, state.pop("kind"), state.pop("version"), state)
     with pytest.raises(CheckpointError, match=rf"checkpoint {run / 'last.pt'}: its 'model' state does not fit "
                                               rf"this run: .*Missing key"):
-        train_retrieval(tiny_config(corpus, "optim.epochs=2"), run, progress=False)
+        train_retrieval(retrieval_config(corpus, "optim.epochs=2"), run, progress=False)
     with pytest.raises(CheckpointError, match=r"best\.pt: the weights do not fit the model its config describes"):
         evaluate_checkpoint(run / "best.pt", None, "val", ("all",), device="cpu")
 
@@ -167,6 +168,6 @@ def test_an_out_folder_that_is_a_file_is_refused_before_any_work(corpus: Path, t
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(RunFolderError, match=rf"run folder {blocker} is a file, not a folder"):
-        train_retrieval(tiny_config(corpus), blocker, progress=False)
+        train_retrieval(retrieval_config(corpus), blocker, progress=False)
     with pytest.raises(RunFolderError, match=rf"run folder {blocker / 'run'} cannot be created: {blocker} is a file"):
-        train_retrieval(tiny_config(corpus), blocker / "run", progress=False)
+        train_retrieval(retrieval_config(corpus), blocker / "run", progress=False)

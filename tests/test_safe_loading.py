@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from test_distill_pretrain import TINY as DISTILL_TINY
-from test_train_retrieval import write_corpus
 
 from xmcl.cli import main
 from xmcl.data.shapes import generate_shapes_world
 from xmcl.retrieval.clip.config import ClipModelConfig
 from xmcl.retrieval.clip.small import new_clip_model
+
+from helpers import DISTILL_TINY, write_corpus
 
 RETRIEVAL_YAML = """
 data: {val_split: val}

@@ -17,20 +17,10 @@ from xmcl.retrieval.token_features import (
     load_text_model,
 )
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "runs", "on", "the", "grass", "red", "ball"]
+from helpers import save_tiny_bert
+
 CAPTIONS = ["a dog runs", "the red ball", "a dog on the grass", "red grass", "the dog runs on a ball", "a ball",
             "dog", "the red dog runs on the grass"]
-
-
-def save_tiny_bert(directory, seed):
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(WORDS), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=16, max_position_embeddings=32)
-    BertModel(config).save_pretrained(str(directory))
-    BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(str(directory))
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +32,7 @@ def corpus(tmp_path_factory):
     with PrecomputedWriter(feats, "train", [f"im{n}" for n in range(4)], CAPTIONS, np.arange(8) // 2,
                            regions=3, dim=6) as writer:
         writer.write(0, rng.standard_normal((4, 3, 6)).astype(np.float32))
-    return feats, save_tiny_bert(root / "bert", 0)
+    return feats, save_tiny_bert(root / "bert", seed=0)
 
 
 def test_training_on_cached_token_features_gives_the_live_frozen_models_loss(corpus):
@@ -100,7 +90,7 @@ def test_an_interrupted_extraction_resumes_to_the_uninterrupted_result(corpus, t
 def test_a_run_with_another_text_model_is_refused_naming_the_weights(corpus, tmp_path):
     feats, bert = corpus
     extract_corpus_token_features(feats, ("train",), str(bert), feats, batch_size=4, device="cpu")
-    other = save_tiny_bert(tmp_path / "other_bert", 1)
+    other = save_tiny_bert(tmp_path / "other_bert", seed=1)
     with pytest.raises(CheckpointError, match="weights_sha256"):
         attach_token_features([read_precomputed(feats, "train")], feats, str(other))
 

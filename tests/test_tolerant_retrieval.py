@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_retrieval_model import REGION_DIM, VOCAB, region_batch, tiny_config
 
 from xmcl.config import load_config
 from xmcl.contrast import GlobalBatch, InfoNCELoss, UTOLoss, build_retrieval_loss
@@ -24,6 +23,8 @@ from xmcl.contrast.semantic_weights import (
 from xmcl.errors import ConfigError, DataError
 from xmcl.retrieval.config import RetrievalLossConfig, RetrievalTrainConfig
 from xmcl.retrieval.model import USERModel, build_loss
+
+from helpers import REGION_DIM, VOCAB, model_config, region_batch, retrieval_config, write_corpus
 
 IDS = [0, 1, 1, 2, 3]  # captions 1 and 2 describe the same image
 QUEUE_IDS = [1, 4, 0, 5, 2, 6, 7]
@@ -337,7 +338,7 @@ def train_step(model: USERModel, optimizer: torch.optim.Optimizer, batch: dict[s
 
 def test_semantic_queue_is_aligned_with_the_id_queue_and_round_trips():
     torch.manual_seed(10)
-    model = USERModel(tiny_config(), TOLERANT, vocab_size=VOCAB).train()
+    model = USERModel(model_config(), TOLERANT, vocab_size=VOCAB).train()
     assert model.semantic_queue is not None and model.semantic_queue.keys.shape == (8, REGION_DIM)
     optimizer = torch.optim.AdamW(model.parameter_groups(lr=1e-2))
     expected = {}
@@ -353,7 +354,7 @@ def test_semantic_queue_is_aligned_with_the_id_queue_and_round_trips():
         torch.testing.assert_close(queue.keys[slot], expected[image_id])
     state = copy.deepcopy(model.state_dict())
     assert {"semantic_queue.keys", "semantic_queue.ids", "semantic_queue.ptr", "semantic_queue.filled"} <= set(state)
-    restored = USERModel(tiny_config(), TOLERANT, vocab_size=VOCAB)
+    restored = USERModel(model_config(), TOLERANT, vocab_size=VOCAB)
     restored.load_state_dict(state)
     for name in ("keys", "ids", "ptr", "filled"):
         assert torch.equal(getattr(restored.semantic_queue, name), getattr(queue, name))
@@ -361,7 +362,7 @@ def test_semantic_queue_is_aligned_with_the_id_queue_and_round_trips():
     batch = region_batch(seed=9)
     torch.testing.assert_close(restored(batch)["loss"], model(batch)["loss"])
     # off: no semantic queue in the state, so checkpoints from before the switch still load
-    plain = USERModel(tiny_config(), RetrievalLossConfig(), vocab_size=VOCAB)
+    plain = USERModel(model_config(), RetrievalLossConfig(), vocab_size=VOCAB)
     assert plain.semantic_queue is None and not any(k.startswith("semantic_queue") for k in plain.state_dict())
     plain.load_state_dict({k: v for k, v in state.items() if not k.startswith("semantic_queue")})
 
@@ -375,7 +376,7 @@ def test_a_tolerant_training_step_is_the_loss_called_by_hand(loss_cfg, use_queue
     """Step 1 fills the queue; step 2's losses equal the loss module called on the same embeddings, keys, queue
     snapshot and semantic vectors (region means); then it trains."""
     torch.manual_seed(11)
-    model = USERModel(tiny_config(use_queue=use_queue), loss_cfg, vocab_size=VOCAB).train()
+    model = USERModel(model_config(use_queue=use_queue), loss_cfg, vocab_size=VOCAB).train()
     optimizer = torch.optim.AdamW(model.parameter_groups(lr=1e-2))
     train_step(model, optimizer, region_batch(seed=0))
     batch = region_batch(seed=1, lengths=[5, 3, 5, 2])
@@ -410,7 +411,7 @@ def test_a_tolerant_training_step_is_the_loss_called_by_hand(loss_cfg, use_queue
 def test_clip_source_reads_clip_image_and_frozen_backbone_pools_its_grid():
     torch.manual_seed(12)
     clip_cfg = RetrievalLossConfig(tolerance="soft", semantic_source="clip")
-    model = USERModel(tiny_config(cge=True, clip_dim=6), clip_cfg, vocab_size=VOCAB).train()
+    model = USERModel(model_config(cge=True, clip_dim=6), clip_cfg, vocab_size=VOCAB).train()
     assert model.semantic_queue.keys.shape == (8, 6)
     batch = region_batch()
     batch["clip_image"] = torch.randn(4, 6)
@@ -419,7 +420,7 @@ def test_clip_source_reads_clip_image_and_frozen_backbone_pools_its_grid():
     model(batch)["loss"].backward()
     torch.testing.assert_close(model.semantic_queue.keys[:4], F.normalize(batch["clip_image"], dim=1))
 
-    frozen = USERModel(tiny_config(image_input="images", backbone="resnet18", backbone_weights=None,
+    frozen = USERModel(model_config(image_input="images", backbone="resnet18", backbone_weights=None,
                                    backbone_trainable="frozen", use_queue=False),
                        RetrievalLossConfig(balance=True), vocab_size=VOCAB).train()
     images = region_batch(num=3)
@@ -455,7 +456,7 @@ def test_config_switch_defaults_off_and_errors_name_the_key():
         with pytest.raises(ConfigError, match=message):
             load_config(RetrievalTrainConfig, None, overrides)
     with pytest.raises(ConfigError, match="loss.semantic_source='clip'"):
-        USERModel(tiny_config(), RetrievalLossConfig(tolerance="soft", semantic_source="clip"), vocab_size=VOCAB)
+        USERModel(model_config(), RetrievalLossConfig(tolerance="soft", semantic_source="clip"), vocab_size=VOCAB)
     with pytest.raises(ConfigError, match="tolerance must be one of"):
         UTOLoss(tolerance="hard")
     with pytest.raises(ConfigError, match="does not take"):
@@ -466,8 +467,6 @@ def test_config_switch_defaults_off_and_errors_name_the_key():
 def test_a_tolerant_run_trains_resumes_and_evaluates_from_its_checkpoint(tmp_path):
     """Through the trainer: a tolerant USER run (quantile + balance, region means) stops after epoch 1 and resumes
     to the weights and semantic queue of an uninterrupted run; its checkpoint evaluates."""
-    from test_train_retrieval import tiny_config as run_config
-    from test_train_retrieval import write_corpus
 
     from xmcl.retrieval.inference import evaluate_checkpoint
     from xmcl.runtime.checkpoint import read_checkpoint
@@ -477,9 +476,9 @@ def test_a_tolerant_run_trains_resumes_and_evaluates_from_its_checkpoint(tmp_pat
     root.mkdir()
     corpus = write_corpus(root, {"train": 20, "val": 6})
     switch = ["loss.tolerance=quantile", "loss.tolerance_q=0.2", "loss.balance=true"]
-    straight = train_retrieval(run_config(corpus, *switch), tmp_path / "straight", progress=False)
-    train_retrieval(run_config(corpus, *switch, "optim.epochs=1"), tmp_path / "split", progress=False)
-    resumed = train_retrieval(run_config(corpus, *switch), tmp_path / "split", progress=False)
+    straight = train_retrieval(retrieval_config(corpus, *switch), tmp_path / "straight", progress=False)
+    train_retrieval(retrieval_config(corpus, *switch, "optim.epochs=1"), tmp_path / "split", progress=False)
+    resumed = train_retrieval(retrieval_config(corpus, *switch), tmp_path / "split", progress=False)
     a, b = read_checkpoint(straight["last"])["model"], read_checkpoint(resumed["last"])["model"]
     assert a.keys() == b.keys() and "semantic_queue.keys" in a
     for key in a:
@@ -492,11 +491,11 @@ def test_a_tolerant_run_trains_resumes_and_evaluates_from_its_checkpoint(tmp_pat
 def test_uto_warm_up_hinge_is_plain_and_the_semantic_queue_still_fills():
     cfg = RetrievalLossConfig(tolerance="soft", balance=True, uto_warmup_epochs=1)
     torch.manual_seed(13)
-    model = USERModel(tiny_config(), cfg, vocab_size=VOCAB).train()
+    model = USERModel(model_config(), cfg, vocab_size=VOCAB).train()
     assert model.loss.needs_semantic and not model.loss.warmup.needs_semantic
     model.set_epoch(0)  # the hinge: semantic inputs ignored
     batch = region_batch()
-    plain = USERModel(tiny_config(), RetrievalLossConfig(uto_warmup_epochs=1), vocab_size=VOCAB).train()
+    plain = USERModel(model_config(), RetrievalLossConfig(uto_warmup_epochs=1), vocab_size=VOCAB).train()
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("semantic_queue")})
     plain.set_epoch(0)
     torch.testing.assert_close(model(batch)["loss"], plain(batch)["loss"], rtol=0, atol=0)

@@ -17,13 +17,14 @@ from xmcl.retrieval.clip.tokenizer import ClipTokenizer, train_bpe
 from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.training.clip_trainer import train_clip
 
-TINY_MODEL = dict(image_size=32, patch_size=8, width=64, layers=1, heads=1, embed_dim=16, context_length=24)
+from helpers import TINY_CLIP_MODEL
+
 
 
 def tiny_config(data: Path, epochs: int) -> ClipTrainConfig:
     return load_config(ClipTrainConfig, None, [f"data.path={data}", f"optim.epochs={epochs}", "optim.batch_size=16",
                                                "optim.lr=2e-3", "optim.warmup_fraction=0.0", "run.device=cpu",
-                                               *(f"model.{k}={v}" for k, v in TINY_MODEL.items())])
+                                               *(f"model.{k}={v}" for k, v in TINY_CLIP_MODEL.items())])
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_bad_shapes_are_refused():
     with pytest.raises(ConfigError, match="model: 'width' = 64 is not a multiple of 'heads' = 3"):
         load_config(ClipTrainConfig, None, ["model.width=64", "model.heads=3"])
     with pytest.raises(ConfigError, match="'image_size' = 30 is not a multiple of 'patch_size' = 8"):
-        ClipModelConfig(**dict(TINY_MODEL, image_size=30))
+        ClipModelConfig(**dict(TINY_CLIP_MODEL, image_size=30))
 
 
 @pytest.mark.slow

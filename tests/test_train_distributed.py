@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,26 +15,18 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
-from test_train_retrieval import tiny_config, write_corpus
 from xmcl.config import config_to_dict
 from xmcl.errors import CheckpointError
 from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.training.retrieval_trainer import train_retrieval
 
-PER_RANK = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
+from helpers import PER_RANK, free_port, retrieval_config, write_corpus
 
 def _worker(rank: int, port: int, corpus: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    train_retrieval(tiny_config(Path(corpus), f"optim.batch_size={PER_RANK}", "optim.epochs=1", "run.threads=1"),
+    train_retrieval(retrieval_config(Path(corpus), f"optim.batch_size={PER_RANK}", "optim.epochs=1", "run.threads=1"),
                     Path(out), progress=False)
 
 
@@ -50,11 +41,11 @@ def test_two_ranks_of_b_train_the_one_process_run_of_2b(tmp_path: Path) -> None:
     corpus.mkdir()
     write_corpus(corpus, {"train": 20, "val": 6})
     one = tmp_path / "one"
-    train_retrieval(tiny_config(corpus, f"optim.batch_size={2 * PER_RANK}", "optim.epochs=1", "run.log_every=1"),
+    train_retrieval(retrieval_config(corpus, f"optim.batch_size={2 * PER_RANK}", "optim.epochs=1", "run.log_every=1"),
                     one, progress=False)
     two = tmp_path / "two"
     os.environ.pop("WORLD_SIZE", None)
-    mp.start_processes(_worker, args=(_free_port(), str(corpus), str(two)), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(free_port(), str(corpus), str(two)), nprocs=2, join=True,
                        start_method="spawn")
     expected, got = read_checkpoint(one / "last.pt"), read_checkpoint(two / "last.pt")
     assert got["world_size"] == 2 and got["global_step"] == expected["global_step"] == 5
@@ -77,7 +68,7 @@ def test_two_ranks_of_b_train_the_one_process_run_of_2b(tmp_path: Path) -> None:
     assert len((two / "log.jsonl").read_text().splitlines()) == len((one / "log.jsonl").read_text().splitlines())
 
     with pytest.raises(CheckpointError, match="saved by a run of 2 process\\(es\\); this run has 1"):
-        train_retrieval(tiny_config(corpus, f"optim.batch_size={PER_RANK}", "optim.epochs=2", "run.threads=1"),
+        train_retrieval(retrieval_config(corpus, f"optim.batch_size={PER_RANK}", "optim.epochs=2", "run.threads=1"),
                         two, progress=False)
 
 
@@ -90,15 +81,15 @@ def test_two_torchrun_nodes_on_one_machine_train_the_two_rank_run(tmp_path: Path
     corpus.mkdir()
     write_corpus(corpus, {"train": 20, "val": 6})
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(config_to_dict(tiny_config(
+    config.write_text(yaml.safe_dump(config_to_dict(retrieval_config(
         corpus, f"optim.batch_size={PER_RANK}", "optim.epochs=1", "run.threads=1", "run.progress=false"))))
     spawned = tmp_path / "spawned"
     os.environ.pop("WORLD_SIZE", None)
-    mp.start_processes(_worker, args=(_free_port(), str(corpus), str(spawned)), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(free_port(), str(corpus), str(spawned)), nprocs=2, join=True,
                        start_method="spawn")
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    port, nodes = _free_port(), tmp_path / "nodes"
+    port, nodes = free_port(), tmp_path / "nodes"
     launches = [subprocess.Popen(
         [str(torchrun), "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1", "--rdzv-backend",
          "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "-m", "xmcl", "train",

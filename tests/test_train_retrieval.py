@@ -9,39 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from xmcl.config import load_config
 from xmcl.errors import CheckpointError, ConfigError, TrainingDiverged
 from xmcl.metrics.retrieval import evaluate_embeddings
-from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.inference import encode_split, evaluate_checkpoint, load_trained
 from xmcl.retrieval.model import USERModel
 from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.training.retrieval_trainer import train_retrieval
 
-WORDS = ["red", "blue", "green", "circle", "square", "star", "left", "right", "big", "small"]
-
-
-def write_corpus(root: Path, images: dict[str, int], regions: int = 4, dim: int = 12, seed: int = 0) -> Path:
-    """A precomputed-feature corpus whose captions name 3 words tied to each image's features."""
-    rng = np.random.default_rng(seed)
-    for split, n in images.items():
-        feats = rng.normal(size=(n, regions, dim)).astype(np.float32)
-        caps = []
-        for i in range(n):
-            words = [WORDS[int(j)] for j in np.argsort(feats[i].mean(0))[-3:] % len(WORDS)]
-            caps += [" ".join(rng.permutation(words)) for _ in range(2)]
-        np.save(root / f"{split}_ims.npy", feats)
-        (root / f"{split}_caps.txt").write_text("\n".join(caps) + "\n")
-        (root / f"{split}_ids.txt").write_text("\n".join(f"{split}{i}" for i in range(n)) + "\n")
-    return root
-
-
-def tiny_config(data: Path, *extra: str) -> RetrievalTrainConfig:
-    return load_config(RetrievalTrainConfig, None, [
-        f"data.path={data}", "data.val_split=val", "model.embed_dim=16", "model.region_dim=12",
-        "model.text_encoder=bigru", "model.word_dim=8", "model.queue_size=10", "model.sge_dropout=0.0",
-        "optim.epochs=2", "optim.batch_size=8", "optim.lr=1e-3", "optim.lr_decay_epochs=[1]", *extra])
-
+from helpers import retrieval_config, write_corpus
 
 @pytest.fixture()
 def corpus(tmp_path: Path) -> Path:
@@ -56,9 +31,9 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_resume_mid_run_reproduces_uninterrupted_run(corpus: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(corpus)
+    cfg = retrieval_config(corpus)
     straight = train_retrieval(cfg, tmp_path / "straight", progress=False)
-    train_retrieval(tiny_config(corpus, "optim.epochs=1"), tmp_path / "split", progress=False)
+    train_retrieval(retrieval_config(corpus, "optim.epochs=1"), tmp_path / "split", progress=False)
     resumed = train_retrieval(cfg, tmp_path / "split", progress=False)
     a, b = _weights(straight["last"]), _weights(resumed["last"])
     assert a.keys() == b.keys()
@@ -73,7 +48,7 @@ def test_resume_mid_run_reproduces_uninterrupted_run(corpus: Path, tmp_path: Pat
 @pytest.mark.slow
 def test_crash_mid_epoch_then_resume_reproduces_uninterrupted_run(corpus: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = tiny_config(corpus, "run.checkpoint_every=2")
+    cfg = retrieval_config(corpus, "run.checkpoint_every=2")
     straight = train_retrieval(cfg, tmp_path / "straight", progress=False)
 
     clip = torch.nn.utils.clip_grad_norm_
@@ -98,7 +73,7 @@ def test_crash_mid_epoch_then_resume_reproduces_uninterrupted_run(corpus: Path, 
 
 
 def test_queue_and_key_encoders_are_in_the_checkpoint(corpus: Path, tmp_path: Path) -> None:
-    train_retrieval(tiny_config(corpus, "optim.epochs=1"), tmp_path / "run", progress=False)
+    train_retrieval(retrieval_config(corpus, "optim.epochs=1"), tmp_path / "run", progress=False)
     weights = _weights(tmp_path / "run" / "last.pt")
     assert int(weights["image_queue.filled"]) == 10 and int(weights["text_queue.filled"]) == 10
     assert any(k.startswith("image_key_encoder.") for k in weights)
@@ -107,26 +82,26 @@ def test_queue_and_key_encoders_are_in_the_checkpoint(corpus: Path, tmp_path: Pa
 
 
 def test_resume_with_another_model_config_is_refused(corpus: Path, tmp_path: Path) -> None:
-    train_retrieval(tiny_config(corpus, "optim.epochs=1"), tmp_path / "run", progress=False)
+    train_retrieval(retrieval_config(corpus, "optim.epochs=1"), tmp_path / "run", progress=False)
     with pytest.raises(CheckpointError, match="model.embed_dim"):
-        train_retrieval(tiny_config(corpus, "model.embed_dim=8"), tmp_path / "run", progress=False)
+        train_retrieval(retrieval_config(corpus, "model.embed_dim=8"), tmp_path / "run", progress=False)
 
 
 def test_divergence_stops_with_message_and_keeps_last_good(corpus: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train_retrieval(tiny_config(corpus, "optim.epochs=1"), run, progress=False)
+    train_retrieval(retrieval_config(corpus, "optim.epochs=1"), run, progress=False)
     before = _weights(run / "last.pt")
     features = np.load(corpus / "train_ims.npy")
     features[:] = np.nan  # corrupt features make the loss NaN on the next step
     np.save(corpus / "train_ims.npy", features)
     with pytest.raises(TrainingDiverged, match="epoch 2, step 1.*last good checkpoint is .*last.pt"):
-        train_retrieval(tiny_config(corpus), run, progress=False)
+        train_retrieval(retrieval_config(corpus), run, progress=False)
     after = _weights(run / "last.pt")
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_evaluate_checkpoint_matches_direct_encoding(corpus: Path, tmp_path: Path) -> None:
-    summary = train_retrieval(tiny_config(corpus, "optim.epochs=1"), tmp_path / "run", progress=False)
+    summary = train_retrieval(retrieval_config(corpus, "optim.epochs=1"), tmp_path / "run", progress=False)
     metrics = evaluate_checkpoint(summary["best"], None, "val", ("all",))["all"]
     model, tokenizer, cfg = load_trained(summary["best"], torch.device("cpu"))
     from xmcl.data.open import open_split
@@ -140,9 +115,9 @@ def test_evaluate_checkpoint_matches_direct_encoding(corpus: Path, tmp_path: Pat
 
 def test_model_input_mismatch_is_named(corpus: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="region_dim is 7"):
-        train_retrieval(tiny_config(corpus, "model.region_dim=7"), tmp_path / "run", progress=False)
+        train_retrieval(retrieval_config(corpus, "model.region_dim=7"), tmp_path / "run", progress=False)
     with pytest.raises(ConfigError, match="image_input='images'"):
-        train_retrieval(tiny_config(corpus, "model.image_input=images"), tmp_path / "run2", progress=False)
+        train_retrieval(retrieval_config(corpus, "model.image_input=images"), tmp_path / "run2", progress=False)
 
 
 # Resume with the RNG in use: SGE dropout draws from torch's global generator at every training step, and caption
@@ -166,7 +141,7 @@ def dropout_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     corpus = root / "corpus"
     corpus.mkdir()
     write_corpus(corpus, {"train": 20, "val": 6})
-    cfg = tiny_config(corpus, *RANDOM_TRAINING)
+    cfg = retrieval_config(corpus, *RANDOM_TRAINING)
     assert cfg.model.sge_dropout == 0.4 and cfg.model.sge and cfg.data.augment_captions  # the later override won
     return corpus, train_retrieval(cfg, root / "straight", progress=False)["last"]
 
@@ -175,7 +150,7 @@ def test_training_config_draws_from_torchs_generator(dropout_run: tuple[Path, Pa
     """Precondition of the resume tests below: in training mode the model with that config draws dropout masks
     from torch's global generator, so the same input encodes differently unless the generator is reset."""
     corpus, _ = dropout_run
-    cfg = tiny_config(corpus, *RANDOM_TRAINING)
+    cfg = retrieval_config(corpus, *RANDOM_TRAINING)
     encoder = USERModel(cfg.model, cfg.loss, vocab_size=20).train().image_encoder  # the online tower, as trained
     regions = torch.from_numpy(np.load(corpus / "train_ims.npy")[:4])
     with torch.no_grad():
@@ -191,9 +166,9 @@ def test_resume_at_epoch_end_with_dropout_reproduces_uninterrupted_run(dropout_r
                                                                        tmp_path: Path) -> None:
     """Dropout on: 1 epoch, then a resume to 2, gives bit for bit the weights of 2 epochs straight."""
     corpus, straight = dropout_run
-    train_retrieval(tiny_config(corpus, *RANDOM_TRAINING, "optim.epochs=1"), tmp_path / "split", progress=False)
+    train_retrieval(retrieval_config(corpus, *RANDOM_TRAINING, "optim.epochs=1"), tmp_path / "split", progress=False)
     assert read_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 1
-    resumed = train_retrieval(tiny_config(corpus, *RANDOM_TRAINING), tmp_path / "split", progress=False)
+    resumed = train_retrieval(retrieval_config(corpus, *RANDOM_TRAINING), tmp_path / "split", progress=False)
     _assert_same_weights(straight, resumed["last"])
 
 
@@ -203,7 +178,7 @@ def test_crash_mid_epoch_with_dropout_then_resume_reproduces_uninterrupted_run(
     """Dropout on: a crash during step 4 of epoch 1, resumed from the step-2 checkpoint, gives the straight run's
     weights bit for bit."""
     corpus, straight = dropout_run
-    cfg = tiny_config(corpus, *RANDOM_TRAINING)
+    cfg = retrieval_config(corpus, *RANDOM_TRAINING)
     clip = torch.nn.utils.clip_grad_norm_
     calls = {"n": 0}
 

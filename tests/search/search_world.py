@@ -8,6 +8,8 @@ from pathlib import Path
 from xmcl.config import load_config
 from xmcl.retrieval.config import RetrievalTrainConfig
 
+from helpers import save_tiny_bert as save_bert
+
 IMAGE_SIZE = 64
 
 
@@ -37,14 +39,6 @@ BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "an", "the", "r
 
 
 def save_tiny_bert(directory: Path, seed: int) -> Path:
-    """A randomly initialised one-layer BERT (8-d states) with a word-level vocabulary, saved as a transformers
-    directory: a frozen text model for the locked-text tests."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(BERT_WORDS), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=16, max_position_embeddings=64)
-    BertModel(config).save_pretrained(str(directory))
-    BertTokenizer(vocab={w: i for i, w in enumerate(BERT_WORDS)}).save_pretrained(str(directory))
-    return directory
+    """A randomly initialised one-layer BERT whose vocabulary holds the shapes world's words: a frozen text model
+    for the locked-text tests."""
+    return save_bert(directory, BERT_WORDS, seed=seed, max_positions=64)
