@@ -25,7 +25,7 @@ from xmcl.retrieval.inference import encode_split, load_trained
 from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.training.retrieval_trainer import train_retrieval
 
-from helpers import retrieval_config, write_corpus
+from helpers import DISTILL_TINY, retrieval_config, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr", "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr",
@@ -211,13 +211,6 @@ def test_features_writes_the_requested_splits_of_the_given_backbone(tmp_path: Pa
 
 
 # -------------------------------------------------------------------------------------------- distill
-DISTILL_TINY = [
-    "data.pretrain_scenes=3", "data.probe_train_scenes=2", "data.eval_scenes=1", "data.num_points=1500",
-    "data.image_size=[32,64]", "voxel.widths=[4,8]", "voxel.out_dim=8", "voxel.voxel_size=0.2",
-    "image.backbone=resnet18", "image.weights=null", "image.resnet_width=8", "superpixels.n_segments=12",
-    "optim.steps=4", "optim.batch_scenes=2", "run.checkpoint_every=2", "run.log_every=1",
-    "run.progress=false", "run.device=cpu", "probe.linear_steps=20", "probe.finetune_steps=2",
-]  # as tests/test_distill_pretrain.py's TINY
 
 
 def test_distill_pretrain_then_probe(tmp_path: Path) -> None:

@@ -48,6 +48,8 @@ from xmcl.training.clip_trainer import train_clip
 from xmcl.training.distill_trainer import pretrain_distill
 from xmcl.training.retrieval_trainer import train_retrieval
 
+from helpers import retrieval_config as shared_retrieval_config
+
 pytestmark = pytest.mark.slow  # minutes of training, subprocesses or a browser: `make test-fast` leaves it out
 
 WORDS = ["red", "blue", "green", "circle", "square", "star", "left", "right", "big", "small"]
@@ -83,11 +85,8 @@ def write_word_corpus(root: Path, images: dict[str, int], regions: int = 4, dim:
 
 
 def retrieval_config(data: Path, *extra: str) -> RetrievalTrainConfig:
-    """A tiny region-feature USER model (BiGRU text tower, 16-d embeddings, 16-key queues)."""
-    return load_config(RetrievalTrainConfig, None, [
-        f"data.path={data}", "data.val_split=val", "model.embed_dim=16", "model.region_dim=12",
-        "model.text_encoder=bigru", "model.word_dim=8", "model.queue_size=16", "model.sge_dropout=0.0",
-        "optim.epochs=2", "optim.batch_size=8", "optim.lr=1e-3", "optim.lr_decay_epochs=[100]", *extra])
+    """A tiny region-feature USER model (BiGRU text tower, 16-d embeddings, 16-key queues), no lr decay."""
+    return shared_retrieval_config(data, "model.queue_size=16", "optim.lr_decay_epochs=[100]", *extra)
 
 
 def step_records(run: Path) -> list[dict]:
