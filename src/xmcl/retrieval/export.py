@@ -17,7 +17,7 @@ from xmcl.errors import CheckpointError, ConfigError
 from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.inference import SavedModel, model_from_state, open_saved_model
 from xmcl.retrieval.model_dir import (CARD_FILE, CONFIG_FILE, MODEL_FORMAT, TEXT_MODEL_DIR, TOKENIZER_DIR,
-                                      VOCAB_FILE, WEIGHTS_FILE, file_sha256, is_model_dir)
+                                      VOCAB_FILE, WEIGHTS_FILE, file_sha256)
 from xmcl.retrieval.onnx_export import OPSET, export_encoders
 from xmcl.retrieval.retriever import Retriever
 from xmcl.runtime.files import atomic_directory, check_output_dir
@@ -98,8 +98,8 @@ def _training_record(saved: SavedModel) -> dict:
     """Where the weights were trained: the source checkpoint, its sha256, the epoch it holds and the validation
     figures of that epoch from the run's ``log.jsonl`` beside it (None when the log is not there); a model directory
     exported again keeps its record."""
-    if is_model_dir(saved.path):
-        return json.loads((saved.path / CONFIG_FILE).read_text(encoding="utf-8"))["trained"]
+    if saved.manifest is not None:
+        return saved.manifest["trained"]
     state, checkpoint = saved.state, saved.path
     epoch = state.get("best_epoch") if checkpoint.name == "best.pt" else state.get("epoch")
     val = None

@@ -142,12 +142,14 @@ def load_retrieval_checkpoint(checkpoint: Path) -> dict:
 @dataclass
 class SavedModel:
     """A trained model's saved state (a training checkpoint's, or a model directory's in the same layout), where it
-    came from, its ``sha256`` (what an index records) and ``aliases`` (other sha256 naming the same weights)."""
+    came from, its ``sha256`` (what an index records), ``aliases`` (other sha256 naming the same weights) and, for a
+    model directory, its parsed ``config.json`` (``manifest``; None for a checkpoint)."""
 
     path: Path
     state: dict
     sha256: str
     aliases: tuple[str, ...] = ()
+    manifest: dict | None = None
 
 
 def open_saved_model(path: Path | str) -> SavedModel:
@@ -155,7 +157,7 @@ def open_saved_model(path: Path | str) -> SavedModel:
     path = find_model(path)
     if is_model_dir(path):
         directory = read_model_dir(path)
-        return SavedModel(path, directory.state, directory.identity, directory.aliases)
+        return SavedModel(path, directory.state, directory.identity, directory.aliases, directory.manifest)
     return SavedModel(path, load_retrieval_checkpoint(path), file_sha256(path))
 
 
@@ -217,7 +219,8 @@ def embed_checkpoint(checkpoint: Path, data_path: Path | None, split: str, devic
         model, tokenizer, cfg = model_from_state(saved.state, where, torch_device)
     else:
         torch_device = torch.device("cpu")
-        model, tokenizer, cfg, _ = load_onnx_encoders(saved.path, saved.state, runtime == "onnx-int8", threads)
+        model, tokenizer, cfg, _ = load_onnx_encoders(saved.path, saved.state, saved.manifest, runtime == "onnx-int8",
+                                                      threads)
     folder = data_path if data_path is not None else cfg.data.path
     corpus = open_split(folder, split, key=None if data_path is not None else f"data.path of {where}")
     if cfg.model.text_input == "token_features" and runtime == "torch":  # locked text: the cached states

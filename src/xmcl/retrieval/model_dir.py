@@ -76,14 +76,15 @@ def find_model(path: Path | str) -> Path:
 @dataclass
 class ModelDirectory:
     """A verified model directory: ``state`` in the layout of a training checkpoint's (``config``, ``vocab``,
-    ``model``: the encoders' weights, ``inputs``), its ``identity`` (sha256 of config.json) and ``aliases`` (the
-    source checkpoint's sha256: an index it built holds embeddings of this very model)."""
+    ``model``: the encoders' weights, ``inputs``), its ``identity`` (sha256 of config.json), ``aliases`` (the
+    source checkpoint's sha256: an index it built holds embeddings of this very model) and ``manifest``, its parsed
+    ``config.json`` (``onnx``, ``trained``, ...)."""
 
     path: Path
     state: dict
     identity: str
     aliases: tuple[str, ...]
-    text_model_dir: Path | None
+    manifest: dict
 
 
 def read_model_dir(path: Path | str) -> ModelDirectory:
@@ -123,7 +124,7 @@ def read_model_dir(path: Path | str) -> ModelDirectory:
         train_config = {**train_config, "model": {**train_config.get("model", {}), "text_model": str(text_dir)}}
     state = {"config": train_config, "vocab": vocab, "model": weights, "inputs": config.get("inputs") or {}}
     source = (config.get("trained") or {}).get("checkpoint_sha256")
-    return ModelDirectory(path, state, file_sha256(config_path), (source,) if source else (), text_dir)
+    return ModelDirectory(path, state, file_sha256(config_path), (source,) if source else (), config)
 
 
 def _verify_file(folder: Path, name: object, expected: object) -> None:

@@ -8,7 +8,6 @@ a core that another process may need).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping
 
@@ -21,7 +20,6 @@ from xmcl.data.images import Normalization
 from xmcl.data.text import HFTokenizer, TextTokenizer, VocabTokenizer, Vocabulary
 from xmcl.errors import CheckpointError, ConfigError, DataError
 from xmcl.retrieval.config import RetrievalModelConfig, RetrievalTrainConfig
-from xmcl.retrieval.model_dir import CONFIG_FILE, is_model_dir
 from xmcl.retrieval.onnx_export import BACKBONE_GRAPH, IMAGE_GRAPH, TEXT_GRAPH, int8_name
 
 RUNTIMES = ("torch", "onnx", "onnx-int8")
@@ -96,12 +94,12 @@ class OnnxGridFeatures:
         return torch.from_numpy(self.session.run(None, {"pixels": np.ascontiguousarray(pixels.cpu().numpy())})[0])
 
 
-def load_onnx_encoders(path: Path, state: dict, int8: bool = False, threads: int = 1
+def load_onnx_encoders(path: Path, state: dict, manifest: dict | None, int8: bool = False, threads: int = 1
                        ) -> tuple[OnnxEncoders, TextTokenizer, RetrievalTrainConfig, dict]:
-    """The ONNX Runtime encoders of the saved model at ``path`` (its ``state``: a model directory exported with
-    ``--onnx``), its tokenizer (the vocabulary, or the tokenizer files beside the graphs), config and ONNX record;
-    ``CheckpointError`` saying how to export them when they are not there."""
-    graphs = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")).get("onnx") if is_model_dir(path) else None
+    """The ONNX Runtime encoders of the saved model at ``path`` (its ``state`` and ``manifest``: a model directory
+    exported with ``--onnx``; None: a checkpoint), its tokenizer (the vocabulary, or the tokenizer files beside the
+    graphs), config and ONNX record; ``CheckpointError`` saying how to export them when they are not there."""
+    graphs = (manifest or {}).get("onnx")
     if not graphs:
         raise CheckpointError(f"{path} has no ONNX graphs: export it with `xmcl export {path} --out DIR --onnx` "
                               f"(add --quantize int8 for the int8 runtime) and load DIR")

@@ -134,8 +134,8 @@ class Retriever:
                                                      text_model=text_model)
         else:
             torch_device = torch.device("cpu")
-            model, tokenizer, cfg, graphs = load_onnx_encoders(saved.path, saved.state, runtime == "onnx-int8",
-                                                               threads)
+            model, tokenizer, cfg, graphs = load_onnx_encoders(saved.path, saved.state, saved.manifest,
+                                                               runtime == "onnx-int8", threads)
         grid, transform = None, None
         if cfg.model.image_input == "regions" and runtime == "torch":
             grid = _grid_pipeline(state, where, cfg.model.region_dim, backbone, backbone_weights, image_size,
