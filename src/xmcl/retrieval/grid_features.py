@@ -227,6 +227,7 @@ def extract_grid_features(split: CaptionSplit, backbone: ImageBackbone, out_dir:
     meta = {"backbone": backbone.name, "weights_sha256": backbone.fingerprint(), "image_size": image_size}
     writer = PrecomputedWriter(Path(out_dir), split_name, split.image_ids, split.captions, split.caption_image,
                                regions=regions, dim=dim, dtype=np.float16, meta=meta)
+    stored = StoredGrid(backbone)
     failed: list[tuple[int, str]] = []
     with writer:
         row = position = writer.done
@@ -240,9 +241,8 @@ def extract_grid_features(split: CaptionSplit, backbone: ImageBackbone, out_dir:
                 failed += [(position + i, reasons[i]) for i in bad]
                 if usable:  # rows are written in order: none after the first unreadable image
                     with torch.no_grad():
-                        fmap = backbone(backbone.preprocess(images[:usable].to(device, non_blocking=True)))
-                    features = fmap.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h * w, C)
-                    writer.write(row, features.float().cpu().numpy())
+                        features = stored(images[:usable].to(device, non_blocking=True))
+                    writer.write(row, features.cpu().numpy())
                     row += usable
                 position += len(images)
                 bar.update(len(images))
