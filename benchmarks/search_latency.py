@@ -134,29 +134,33 @@ def in_process(folder: Path, texts: list[str], queries: int) -> dict[str, dict[s
     return figures
 
 
-def http_benchmark(folder: Path, texts: list[str], queries: int, clients: int, runtime: str = "torch"
-                   ) -> dict[str, dict]:
-    """``xmcl serve --runtime RUNTIME`` on 127.0.0.1 over ``folder``: one client's ``queries`` sequential text
-    queries, then ``clients`` concurrent clients; latency quantiles (ms) and queries/s of each."""
+def start_serve(folder: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """``xmcl serve FOLDER --device cpu OPTIONS`` on a free port of 127.0.0.1, once its /healthz answers (at most
+    600 s): the process and its address."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "xmcl", "serve", str(folder), "--port", str(port),
-                               "--device", "cpu", "--runtime", runtime],
-                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+                               "--device", "cpu", *options], env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(url + "/healthz", timeout=2).read()
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise SystemExit("xmcl serve did not start within 600 s")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=2).read()
+            return server, url
+        except OSError:
+            time.sleep(0.5)
+    server.kill()
+    raise SystemExit("xmcl serve did not start within 600 s")
 
+
+def http_benchmark(folder: Path, texts: list[str], queries: int, clients: int, runtime: str = "torch"
+                   ) -> dict[str, dict]:
+    """``xmcl serve --runtime RUNTIME`` on 127.0.0.1 over ``folder``: one client's ``queries`` sequential text
+    queries, then ``clients`` concurrent clients; latency quantiles (ms) and queries/s of each."""
+    server, url = start_serve(folder, "--runtime", runtime)
+    try:
         def ask(text: str) -> float:
             body = json.dumps({"text": text, "k": 10}).encode()
             request = urllib.request.Request(url + "/search", body, {"Content-Type": "application/json"})

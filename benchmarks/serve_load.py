@@ -20,9 +20,6 @@ import json
 import os
 import random
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from figures import parse_with_out, write_figures
 from PIL import Image
+from search_latency import start_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
@@ -74,24 +72,6 @@ def multipart(image: bytes) -> tuple[bytes, str]:
             f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n'
             f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
-
-
-def start_server(index: Path, runtime: str, workers: int) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "xmcl", "serve", str(index), "--port", str(port), "--device",
-                               "cpu", "--runtime", runtime, "--workers", str(workers), "--max-upload-mb", "20"],
-                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if request(url + "/healthz", timeout=2)[0] == 200:
-            return server, url
-        time.sleep(0.5)
-    server.kill()
-    raise SystemExit("xmcl serve did not start within 600 s")
 
 
 def load_round(url: str, clients: int, seconds: float, captions: list[str], photos: list[bytes], items: int,
@@ -198,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         build_index(Retriever.load(runtime_model, "cpu", runtime=args.runtime), photos_dir, Path(tmp) / "index",
                     Path(tmp) / "captions.tsv", IndexOptions(progress=False))
         photos = [(photos_dir / im["filename"]).read_bytes() for im in val[:50]]
-        server, url = start_server(Path(tmp) / "index", args.runtime, args.workers)
+        server, url = start_serve(Path(tmp) / "index", "--runtime", args.runtime, "--workers", str(args.workers),
+                                  "--max-upload-mb", "20")
         try:
             print(f"{os.cpu_count()} cores; model {args.model} ({args.runtime}); {len(val)} photos, {len(captions)} "
                   f"captions; server RSS at start {rss_mib(server.pid):.0f} MiB")
