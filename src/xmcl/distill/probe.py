@@ -32,7 +32,7 @@ from xmcl.distill.config import DistillConfig, DistillOptimConfig, VoxelConfig
 from xmcl.distill.networks import PointNet, build_voxel_net, load_pretrained_backbone
 from xmcl.distill.preparation import batch_indices, scene_points, voxelize_scenes
 from xmcl.distill.scene import Scene
-from xmcl.distill.schedule import build_optimizer
+from xmcl.training.schedule import build_optimizer
 from xmcl.distill.segmentation_loss import cross_entropy_lovasz
 from xmcl.distill.sources import open_scans
 from xmcl.errors import ConfigError, DataError

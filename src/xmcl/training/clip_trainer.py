@@ -61,6 +61,7 @@ from xmcl.training.run import (
     restore_states,
     run_held,
 )
+from xmcl.training.schedule import warmup_cosine
 
 CLIP_RUN_CHECKPOINT = ("xmcl.clip.train", 2)  # kind and version of train-clip's last.pt (2: safe to load)
 CLIP_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")  # the best model, as save_clip writes
@@ -132,8 +133,7 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
     steps_per_epoch = max(1, train.num_images // global_batch)
     total = steps_per_epoch * cfg.optim.epochs
     warmup = max(1, int(cfg.optim.warmup_fraction * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
-        (step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))))
+    scheduler = warmup_cosine(optimizer, warmup, total)
     model_stream = TorchStream(derived_seed(cfg.run.seed, MODEL_STREAM), device)
     epoch = step_in_epoch = global_step = 0
     best_rsum, best_epoch, best_metrics = -math.inf, 0, None

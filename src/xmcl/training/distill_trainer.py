@@ -28,7 +28,7 @@ from xmcl.distill.config import DistillConfig
 from xmcl.distill.networks import DISTILL_CHECKPOINT, build_image_head, build_voxel_net
 from xmcl.distill.objective import build_distill_loss, distillation_loss
 from xmcl.distill.preparation import DistillInputs, batch_indices
-from xmcl.distill.schedule import build_optimizer
+from xmcl.training.schedule import build_optimizer
 from xmcl.distill.sources import open_scans
 from xmcl.distill.superpixels import SuperpixelCache
 from xmcl.errors import ConfigError
