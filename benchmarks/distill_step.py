@@ -33,10 +33,10 @@ from xmcl.distill.config import DistillConfig
 from xmcl.distill.networks import build_image_head, build_voxel_net
 from xmcl.distill.objective import build_distill_loss, distillation_loss
 from xmcl.distill.preparation import DistillInputs, prepare_cameras, voxelize_scenes
-from xmcl.training.schedule import build_optimizer
-from xmcl.distill.sources import open_scans
+from xmcl.distill.readers.sources import open_scans
 from xmcl.distill.superpixels import SuperpixelCache
 from xmcl.runtime.rng import seeded_generator
+from xmcl.training.schedule import build_optimizer
 
 AUTHORS_NET = ["voxel.architecture=res16unet", "voxel.bn_momentum=0.05"]
 

@@ -24,7 +24,7 @@ from xmcl.distill.networks import build_image_head, build_voxel_net
 from xmcl.distill.objective import build_distill_loss, distillation_loss
 from xmcl.distill.pooling import averaging_matrix, upsampled_superpixel_means
 from xmcl.distill.preparation import DistillInputs, prepare_scene
-from xmcl.distill.sources import open_scans
+from xmcl.distill.readers.sources import open_scans
 from xmcl.distill.superpixels import SuperpixelCache
 
 H, W = 60, 90

@@ -14,12 +14,12 @@ from xmcl.cli import main as cli
 from xmcl.config import load_config
 from xmcl.distill.config import DistillConfig
 from xmcl.distill.geometry import project_points
-from xmcl.distill.nuscenes_lidarseg import CLASS_NAMES as NUSCENES_CLASSES
-from xmcl.distill.nuscenes_lidarseg import NuScenesLidarsegReader, category_lut, scene_splits
+from xmcl.distill.readers.nuscenes_lidarseg import CLASS_NAMES as NUSCENES_CLASSES
+from xmcl.distill.readers.nuscenes_lidarseg import NuScenesLidarsegReader, category_lut, scene_splits
 from xmcl.distill.probe import select_labels
-from xmcl.distill.semantickitti import CLASS_NAMES as KITTI_CLASSES
-from xmcl.distill.semantickitti import LEARNING_LUT, SemanticKittiReader, read_semantickitti_labels
-from xmcl.distill.sources import open_scans
+from xmcl.distill.readers.semantickitti import CLASS_NAMES as KITTI_CLASSES
+from xmcl.distill.readers.semantickitti import LEARNING_LUT, SemanticKittiReader, read_semantickitti_labels
+from xmcl.distill.readers.sources import open_scans
 from xmcl.errors import ConfigError, DataError
 
 FRAMES = Path(__file__).resolve().parents[2] / "shared" / "data" / "lidar_frames"

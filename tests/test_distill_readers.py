@@ -15,8 +15,8 @@ from PIL import Image
 from scipy.spatial.transform import Rotation
 
 from xmcl.distill.geometry import project_points
-from xmcl.distill.kitti import KittiReader, read_kitti_calibration, read_kitti_objects
-from xmcl.distill.nuscenes import InfoFileReader, NuScenesReader
+from xmcl.distill.readers.kitti import KittiReader, read_kitti_calibration, read_kitti_objects
+from xmcl.distill.readers.nuscenes import InfoFileReader, NuScenesReader
 from xmcl.distill.scene import PointLimits, read_points_bin
 from xmcl.errors import DataError
 

@@ -24,8 +24,8 @@ from xmcl.distill.config import AugmentationConfig, DistillDataConfig, VoxelConf
 from xmcl.distill.geometry import point_pixel_pairs
 from xmcl.distill.image_head import ImageFeatureHead
 from xmcl.distill.pooling import upsampled_superpixel_means
+from xmcl.distill.readers.sources import open_scans
 from xmcl.distill.scene import Scene
-from xmcl.distill.sources import open_scans
 from xmcl.distill.superpixels import SuperpixelCache
 from xmcl.distill.voxel_net import VoxelBatch, voxelize_clouds
 from xmcl.errors import ConfigError

@@ -34,7 +34,7 @@ from xmcl.distill.preparation import batch_indices, scene_points, voxelize_scene
 from xmcl.distill.scene import Scene
 from xmcl.training.schedule import build_optimizer
 from xmcl.distill.segmentation_loss import cross_entropy_lovasz
-from xmcl.distill.sources import open_scans
+from xmcl.distill.readers.sources import open_scans
 from xmcl.errors import ConfigError, DataError
 from xmcl.metrics.segmentation import confusion_matrix, segmentation_scores
 from xmcl.runtime.device import resolve_device

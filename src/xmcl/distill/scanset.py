@@ -1,5 +1,5 @@
 """``ScanSet``: the scans of one split as a lazy sequence, with their class names and the authors' label-fraction
-rule. Every source (``xmcl.distill.sources``) returns one."""
+rule. Every source (``xmcl.distill.readers.sources``) returns one."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """nuScenes-lidarseg: per-point labels of the lidar keyframes, the 32 -> 16 class mapping, and SLidR's scene splits.
 
-Beside the tables ``xmcl.distill.nuscenes.NuScenesReader`` reads, a lidarseg release has in ``root/<version>/``:
+Beside the tables ``xmcl.distill.readers.nuscenes.NuScenesReader`` reads, a lidarseg release has in ``root/<version>/``:
 ``lidarseg.json`` (``sample_data_token`` -> ``filename`` of ``lidarseg/<version>/<token>_lidarseg.bin``, one uint8
 class index per point of that sweep), ``category.json`` (each category's ``name`` and lidarseg ``index``) and
 ``scene.json`` (``name``, ``first_sample_token``; samples chain through ``next``).
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from xmcl.distill.config import DistillDataConfig
-from xmcl.distill.nuscenes import NuScenesReader
+from xmcl.distill.readers.nuscenes import NuScenesReader
 from xmcl.distill.scanset import ScanSet
 from xmcl.distill.scene import Scene
 from xmcl.errors import DataError

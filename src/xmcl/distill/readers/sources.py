@@ -8,10 +8,10 @@ they hold per source and ``data.splits`` mode is described on ``DistillDataConfi
 from __future__ import annotations
 
 from xmcl.distill.config import DistillDataConfig
-from xmcl.distill.nuscenes_lidarseg import nuscenes_scans
+from xmcl.distill.readers.nuscenes_lidarseg import nuscenes_scans
+from xmcl.distill.readers.semantickitti import semantickitti_scans
 from xmcl.distill.scanset import ScanSet
 from xmcl.distill.scene import Scene
-from xmcl.distill.semantickitti import semantickitti_scans
 from xmcl.distill.synthetic import CLASS_NAMES, SyntheticScenes
 from xmcl.errors import ConfigError, DataError
 
