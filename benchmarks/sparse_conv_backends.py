@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from xmcl.config import load_config
 from xmcl.distill.config import DistillConfig
 from xmcl.distill.preparation import load_scenes, scene_points, voxelize_scenes
-from xmcl.distill.voxel_net import CoordinateMap, SparseTensor, StridedConv3d, SubmanifoldConv3d, hash_coordinates
+from xmcl.nn.sparse_conv import CoordinateMap, SparseTensor, StridedConv3d, SubmanifoldConv3d, hash_coordinates
 
 try:
     import spconv as spconv_package

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from xmcl.distill.res16unet import Res16UNet
-from xmcl.distill.voxel_net import (
+from xmcl.distill.voxel_net import VoxelUNet
+from xmcl.errors import DataError
+from xmcl.nn.sparse_conv import (
     OFFSETS_2X2X2,
     OFFSETS_3X3X3,
     CoordinateMap,
@@ -15,13 +17,11 @@ from xmcl.distill.voxel_net import (
     StridedConv3d,
     SubmanifoldConv3d,
     TransposedConv3d,
-    VoxelUNet,
     grid_coordinates,
     hash_coordinates,
     unhash_keys,
     voxelize,
 )
-from xmcl.errors import DataError
 
 
 def _random_sites(gen: torch.Generator, batch: int, side: int, fill: float, shift: int) -> torch.Tensor:

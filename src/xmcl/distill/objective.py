@@ -1,4 +1,4 @@
-"""The ST-SLidR objective of one batch: points -> ``VoxelUNet`` -> per-point features (unit norm); each camera image
+"""The ST-SLidR objective of one batch: points -> 3D U-Net -> per-point features (unit norm); each camera image
 -> frozen backbone -> 1x1 head -> per-pixel features (unit norm); both sides averaged per SLIC superpixel over the
 point-pixel pairs (``pooling``); z = the superpixel mean of the frozen backbone features; the loss is
 ``xmcl.contrast.STSlidrLoss`` (SLidR, semantically tolerant, or tolerant + class-agnostic balancing). In a
@@ -16,7 +16,7 @@ from xmcl.distill.config import DistillConfig, VoxelConfig
 from xmcl.distill.image_head import ImageFeatureHead
 from xmcl.distill.pooling import build_superpixel_pooling
 from xmcl.distill.preparation import PreparedScene, voxelize_scenes
-from xmcl.distill.voxel_net import VoxelUNet
+from xmcl.distill.voxel_net import SparseUNet
 from xmcl.runtime.distributed import SINGLE_PROCESS, World, gather_uneven
 
 
@@ -27,7 +27,7 @@ def build_distill_loss(cfg: DistillConfig) -> STSlidrLoss:
                        balance=c.balance, threshold=c.threshold)
 
 
-def distillation_loss(net: VoxelUNet, head: ImageFeatureHead, loss_fn: STSlidrLoss, batch: list[PreparedScene],
+def distillation_loss(net: SparseUNet, head: ImageFeatureHead, loss_fn: STSlidrLoss, batch: list[PreparedScene],
                       cfg: VoxelConfig, generator: torch.Generator | None,
                       gather: World = SINGLE_PROCESS) -> tuple[Tensor, int]:
     """Loss of one batch of prepared scenes and its number of superpixels K (this rank's). ``gather``: the world

@@ -27,8 +27,9 @@ from xmcl.distill.pooling import upsampled_superpixel_means
 from xmcl.distill.readers.sources import open_scans
 from xmcl.distill.scene import Scene
 from xmcl.distill.superpixels import SuperpixelCache
-from xmcl.distill.voxel_net import VoxelBatch, voxelize_clouds
+from xmcl.distill.voxel_net import voxelize_clouds
 from xmcl.errors import ConfigError
+from xmcl.nn.sparse_conv import VoxelBatch
 from xmcl.runtime.rng import seeded_generator
 
 MIXED_AUGMENTATION_STREAM = 3  # purpose id of the generator of a step's mixed (points + images) augmentation

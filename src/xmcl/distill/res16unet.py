@@ -1,5 +1,5 @@
 """The authors' 3D network, Res16UNet (MinkowskiEngine's MinkUNet layout; Res16UNet34C by default), built from the
-sparse layers of ``xmcl.distill.voxel_net``.
+sparse layers of ``xmcl.nn.sparse_conv`` on the U-Net walk of ``xmcl.distill.voxel_net.SparseUNet``.
 
 With ``p`` = ``planes`` and ``n`` = ``layers`` (8 each) and stem width ``d`` = ``init_dim``::
 
@@ -21,29 +21,26 @@ read); ``forward`` = the final 1x1x1 layer to ``out_dim``, L2-normalised (what t
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from xmcl.distill.voxel_net import (
+from xmcl.distill.voxel_net import SparseUNet
+from xmcl.errors import ConfigError
+from xmcl.nn.sparse_conv import (
     BatchNormReLU,
-    CoordinateMap,
     SparseTensor,
     StridedConv3d,
     SubmanifoldConv3d,
     TransposedConv3d,
-    VoxelBatch,
     residual_blocks,
 )
-from xmcl.errors import ConfigError, DataError
 
 RES16UNET34C_PLANES = (32, 64, 128, 256, 256, 128, 96, 96)
 RES16UNET34_LAYERS = (2, 3, 4, 6, 2, 2, 2, 2)
 
 
-class Res16UNet(nn.Module):
+class Res16UNet(SparseUNet):
     """Res16UNet over sparse voxels (see the module docstring); ``head`` is the final 1x1x1 layer."""
 
     def __init__(self, in_channels: int, planes: Sequence[int] = RES16UNET34C_PLANES,
@@ -80,33 +77,8 @@ class Res16UNet(nn.Module):
             width = planes[stage]
         self.head = nn.Linear(planes[7], out_dim)
 
-    @property
-    def feature_dim(self) -> int:
-        return self.planes[7]
+    def _level0(self, x: SparseTensor) -> SparseTensor:
+        return self.stem_norm(self.stem(x))
 
-    def voxel_features(self, batch: VoxelBatch) -> SparseTensor:
-        """d1 on the input voxels (N, planes[7])."""
-        if batch.features.shape[1] != self.in_channels:
-            raise DataError(f"Res16UNet expects {self.in_channels} input features per point, "
-                            f"got {batch.features.shape[1]}")
-        x = self.stem_norm(self.stem(SparseTensor(batch.features, CoordinateMap(batch.coords))))
-        skips = [x]
-        for down, norm, blocks in zip(self.down, self.down_norm, self.enc_blocks):
-            x = norm(down(x))
-            for block in blocks:
-                x = block(x)
-            skips.append(x)
-        for up, norm, blocks, skip in zip(self.up, self.up_norm, self.dec_blocks, reversed(skips[:-1])):
-            x = norm(up(x, skip.cmap))
-            x = x.with_features(torch.cat([x.features, skip.features], dim=1))
-            for block in blocks:
-                x = block(x)
-        return x
-
-    def features(self, batch: VoxelBatch) -> Tensor:
-        """Per-point decoder features (P, planes[7])."""
-        return self.voxel_features(batch).features[batch.inverse]
-
-    def forward(self, batch: VoxelBatch) -> Tensor:
-        """Per-point projected features (P, out_dim), unit L2 norm."""
-        return F.normalize(self.head(self.voxel_features(batch).features), dim=1)[batch.inverse]
+    def _decoder_stages(self) -> Iterable[tuple[TransposedConv3d, BatchNormReLU, nn.ModuleList]]:
+        return zip(self.up, self.up_norm, self.dec_blocks)
