@@ -43,9 +43,9 @@ from figures import add_lane_option, in_lane, parse_with_out, write_figures
 
 from xmcl.config import load_config
 from xmcl.distill.config import DistillConfig
-from xmcl.distill.probe import run_probe
 from xmcl.runtime.files import atomic_write_text
 from xmcl.training.distill_trainer import pretrain_distill
+from xmcl.training.probe_trainer import run_probe
 
 METHODS = {
     "random": None,

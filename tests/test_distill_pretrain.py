@@ -11,11 +11,11 @@ import torch
 import xmcl.training.distill_trainer as trainer
 from xmcl.distill import networks, objective, preparation
 from xmcl.distill.geometry import project_points
-from xmcl.distill.probe import run_probe
 from xmcl.distill.superpixels import SuperpixelCache
 from xmcl.errors import CheckpointError, TrainingDiverged
 from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.runtime.log import read_jsonl
+from xmcl.training.probe_trainer import run_probe
 
 from helpers import distill_config
 

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from xmcl.config import load_config
 from xmcl.distill.config import DistillConfig, VoxelConfig
 from xmcl.distill.networks import build_voxel_net
-from xmcl.distill.probe import recalibrate_batchnorm, run_probe, select_labels
+from xmcl.distill.probe import recalibrate_batchnorm, select_labels
 from xmcl.distill.scene import Scene
 from xmcl.distill.segmentation_loss import cross_entropy_lovasz, lovasz_softmax
 from xmcl.errors import ConfigError, DataError
 from xmcl.metrics.segmentation import authors_mean_iou, confusion_matrix, mean_iou, segmentation_scores
+from xmcl.training.probe_trainer import run_probe
 
 
 def test_iou_and_miou_match_hand_counts() -> None:
@@ -156,7 +157,7 @@ def _tiny_probe(extra: list[str]) -> DistillConfig:
 
 def test_authors_linear_probe_trains_only_the_last_layer_with_frozen_batchnorm(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import xmcl.distill.probe as probe_module
+    import xmcl.training.probe_trainer as probe_module
 
     cfg = _tiny_probe(["probe.label_unit=skip"])
     torch.manual_seed(cfg.probe.seed)  # run_probe seeds the same way before building the network

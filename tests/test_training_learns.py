@@ -30,7 +30,6 @@ from xmcl.contrast import HingeLoss, UTOLoss
 from xmcl.data.open import open_split
 from xmcl.data.text import Vocabulary
 from xmcl.distill.config import DistillConfig
-from xmcl.distill.probe import run_probe
 from xmcl.errors import TrainingStalled
 from xmcl.metrics.retrieval import evaluate_embeddings
 from xmcl.retrieval.clip.config import ClipTrainConfig
@@ -46,6 +45,7 @@ from xmcl.runtime.log import read_jsonl
 from xmcl.runtime.rng import seed_everything
 from xmcl.training.clip_trainer import train_clip
 from xmcl.training.distill_trainer import pretrain_distill
+from xmcl.training.probe_trainer import run_probe
 from xmcl.training.retrieval_trainer import train_retrieval
 
 from helpers import retrieval_config as shared_retrieval_config

@@ -248,7 +248,8 @@ def distill_probe(config_path: Path, overrides: tuple[str, ...], checkpoint: Pat
     """3D semantic segmentation by linear probing or fine-tuning: per-class IoU and mIoU."""
     from xmcl.config import load_config
     from xmcl.distill.config import DistillConfig
-    from xmcl.distill.probe import format_probe, run_probe
+    from xmcl.distill.probe import format_probe
+    from xmcl.training.probe_trainer import run_probe
 
     result = run_probe(load_config(DistillConfig, config_path, overrides), checkpoint, out, mode=mode,
                        label_fraction=label_fraction)
