@@ -1,5 +1,5 @@
 """The documented defaults of an end-to-end retrieval model: the image backbone is EfficientNet-Lite0 with its
-ImageNet weights (README: "the default image backbone"), as for `xmcl features` and distillation."""
+ImageNet weights (docs/training.md, set-up: "the default image backbone"), as for `xmcl features` and distillation."""
 
 import pytest
 import torch
