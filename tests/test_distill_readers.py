@@ -1,4 +1,4 @@
-"""KITTI and nuScenes readers on the real frames in shared/ and on tiny files written here.
+"""KITTI and nuScenes readers on the real frames in shared/ and on tiny files written here; the "kitti" source.
 
 The box checks use independent box maths written below: a point inside an annotated 3D box
 must project inside that object's annotated 2D box.
@@ -7,6 +7,7 @@ must project inside that object's annotated 2D box.
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,13 @@ from scipy.spatial.transform import Rotation
 from xmcl.distill.geometry import project_points
 from xmcl.distill.readers.kitti import KittiReader, read_kitti_calibration, read_kitti_objects
 from xmcl.distill.readers.nuscenes import InfoFileReader, NuScenesReader
+from xmcl.distill.readers.sources import open_scans
 from xmcl.distill.scene import PointLimits, read_points_bin
 from xmcl.errors import DataError
+from xmcl.runtime.log import read_jsonl
+from xmcl.training.distill_trainer import pretrain_distill
+
+from helpers import distill_config
 
 FRAMES = Path(__file__).resolve().parents[2] / "shared" / "data" / "lidar_frames"
 needs_frames = pytest.mark.skipif(not FRAMES.is_dir(), reason="shared lidar frames not available")
@@ -148,6 +154,30 @@ def test_kitti_layout_argoverse_frames_project_with_their_own_calibration() -> N
         assert boxes_with_points >= 10, frame
         # crowds of far pedestrians share points, so count over all boxes
         assert in_2d >= 0.95 * total, frame
+
+
+@needs_frames
+def test_kitti_source_pretrains_on_the_argoverse_frames(tmp_path: Path) -> None:
+    """``data.source`` "kitti": the frames of a KITTI-object-layout folder, as its reader reads them, pretrain two
+    steps; the probe's splits are refused (the layout has no point labels)."""
+    root = FRAMES / "argoverse_kitti_layout"
+    cfg = distill_config("optim.steps=2", "augmentation.crop_size=[64,112]", "augmentation.min_pairs=50")
+    cfg.data = replace(cfg.data, source="kitti", root=root)
+    scans, reader = open_scans(cfg.data, "pretrain"), KittiReader(root)
+    assert len(scans) == 3 and scans.class_names == ()
+    for index, frame in enumerate(reader.frame_ids()):
+        scan, expected = scans[index], reader.scene(frame)
+        assert scan.name == expected.name == f"argoverse_kitti_layout/{frame}" and scan.labels is None
+        np.testing.assert_array_equal(scan.points, expected.points)
+        np.testing.assert_array_equal(scan.cameras[0].lidar_to_image, expected.cameras[0].lidar_to_image)
+    assert open_scans(cfg.data, "pretrain", cameras=False)[0].cameras == []
+    assert len(open_scans(replace(cfg.data, max_scans=2), "pretrain")) == 2
+    for split in ("probe_train", "eval"):
+        with pytest.raises(DataError, match=rf"argoverse_kitti_layout: .*not point labels, so they hold no {split} split"):
+            open_scans(cfg.data, split)
+    pretrain_distill(cfg, tmp_path / "run", progress=False)
+    last = read_jsonl(tmp_path / "run" / "log.jsonl")[-1]
+    assert last["step"] == 2 and np.isfinite(last["loss"]) and last["superpixels"] > 5
 
 
 def test_kitti_errors_name_the_file_and_key(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@
     root/label_2/NNNNNN.txt    optional 3D boxes, one object per line (camera coordinates)
 
 The camera's projection is ``P2 @ R0_rect @ Tr_velo_to_cam``. KITTI object frames carry boxes,
-not per-point classes, so scenes have ``labels=None``.
+not per-point classes, so scenes have ``labels=None``: as ``data.source`` "kitti" (``kitti_scans``) the frames of
+``data.root`` serve pretraining, not the probe.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from xmcl.distill.config import DistillDataConfig
 from xmcl.distill.geometry import kitti_lidar_to_image, pad_to_4x4
+from xmcl.distill.scanset import ScanSet
 from xmcl.distill.scene import CameraView, PointLimits, Scene, read_points_bin, read_rgb_image
 from xmcl.errors import DataError
 
@@ -142,9 +145,23 @@ class KittiReader:
         """The frame's label_2 boxes; DataError if the layout has no label_2 file for it."""
         return read_kitti_objects(self._path("label_2", frame_id, ".txt"))
 
-    def scene(self, frame_id: str | int) -> Scene:
-        """Points (full sweep, reflectance as intensity) and camera 2 (``name='image_2'``)."""
+    def scene(self, frame_id: str | int, cameras: bool = True) -> Scene:
+        """Points (full sweep, reflectance as intensity) and, when ``cameras``, camera 2 (``name='image_2'``)."""
         points = read_points_bin(self._path("velodyne", frame_id, ".bin"), num_fields=4, limits=self.limits)
-        image = read_rgb_image(self._path("image_2", frame_id, ".png"))
-        camera = CameraView(image=image, lidar_to_image=self.calibration(frame_id).lidar_to_image, name="image_2")
-        return Scene(points=points, cameras=[camera], labels=None, name=f"{self.root.name}/{_stem(frame_id)}")
+        views = []
+        if cameras:
+            image = read_rgb_image(self._path("image_2", frame_id, ".png"))
+            views.append(CameraView(image=image, lidar_to_image=self.calibration(frame_id).lidar_to_image,
+                                    name="image_2"))
+        return Scene(points=points, cameras=views, labels=None, name=f"{self.root.name}/{_stem(frame_id)}")
+
+
+def kitti_scans(data: DistillDataConfig, split: str, cameras: bool) -> ScanSet:
+    """The "pretrain" split: every frame of the KITTI-object-layout folder ``data.root``, in frame id order. The
+    probe's splits are refused (DataError): the layout has no point labels."""
+    if split != "pretrain":
+        raise DataError(f"{data.root}: KITTI object frames carry boxes, not point labels, so they hold no {split} "
+                        f"split; probe on a labelled source (synthetic, nuscenes or semantickitti)")
+    reader = KittiReader(data.root)
+    frames = reader.frame_ids()
+    return ScanSet(f"{data.root}/{split}", len(frames), lambda i: reader.scene(frames[i], cameras=cameras), ())

@@ -2,12 +2,14 @@
 
 A ``ScanSet`` is a lazy sequence of ``Scene``s (a scan is read or generated when indexed) with the class names of
 its labels and the authors' label-fraction rule (``every_kth``). Splits: "pretrain", "probe_train" and "eval"; what
-they hold per source and ``data.splits`` mode is described on ``DistillDataConfig``.
+they hold per source and ``data.splits`` mode is described on ``DistillDataConfig``; the "kitti" source (a folder in
+the KITTI object layout, ``readers.kitti``) holds the "pretrain" split alone.
 """
 
 from __future__ import annotations
 
 from xmcl.distill.config import DistillDataConfig
+from xmcl.distill.readers.kitti import kitti_scans
 from xmcl.distill.readers.nuscenes_lidarseg import nuscenes_scans
 from xmcl.distill.readers.semantickitti import semantickitti_scans
 from xmcl.distill.scanset import ScanSet
@@ -44,8 +46,10 @@ def open_scans(data: DistillDataConfig, split: str, cameras: bool = True) -> Sca
         scans = nuscenes_scans(data, split, cameras)
     elif data.source == "semantickitti":
         scans = semantickitti_scans(data, split, cameras)
+    elif data.source == "kitti":
+        scans = kitti_scans(data, split, cameras)
     else:
-        raise ConfigError(f"data.source {data.source!r} is not one of synthetic, nuscenes, semantickitti")
+        raise ConfigError(f"data.source {data.source!r} is not one of synthetic, nuscenes, semantickitti, kitti")
     if data.max_scans is not None and len(scans) > data.max_scans:
         limit = data.max_scans
         scans = ScanSet(scans.name, limit, scans.__getitem__, scans.class_names, scans.sequences[:limit],
