@@ -1,4 +1,10 @@
-"""The ``xmcl`` command line: each command parses its options and delegates; no logic lives here."""
+"""The ``xmcl`` command line: each command parses its options and delegates; no logic lives here.
+
+Exit status: 0 when the command did its work; an ``XmclError`` is printed as one line (``error: ...``) and exits
+with its ``exit_code``: 130 for ``RunInterrupted`` (a training run stopped by SIGINT or SIGTERM after saving its
+checkpoint), 2 for every other error. Option errors are click's usage errors (2); a ``KeyboardInterrupt`` that no run
+catches (Ctrl-C in another command, or a second Ctrl-C during a run) is click's ``Aborted!`` (1).
+"""
 
 from __future__ import annotations
 
@@ -22,7 +28,8 @@ RUNTIME_OPTION = click.option("--runtime", type=click.Choice(["torch", "onnx", "
 
 
 class _Group(click.Group):
-    """A group whose commands turn an ``XmclError`` into one clear line and exit status 2."""
+    """A group whose commands turn an ``XmclError`` into one clear line and its exit status (2; 130 for an
+    interrupted run)."""
 
     def invoke(self, ctx: click.Context):  # noqa: D401 - click API
         try:
