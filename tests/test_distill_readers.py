@@ -17,7 +17,7 @@ from scipy.spatial.transform import Rotation
 
 from xmcl.distill.geometry import project_points
 from xmcl.distill.readers.kitti import KittiReader, read_kitti_calibration, read_kitti_objects
-from xmcl.distill.readers.nuscenes import InfoFileReader, NuScenesReader
+from xmcl.distill.readers.nuscenes import NuScenesReader
 from xmcl.distill.readers.sources import open_scans
 from xmcl.distill.scene import PointLimits, read_points_bin
 from xmcl.errors import DataError
@@ -47,16 +47,6 @@ def kitti_box_corners(location, dims_lhw, rotation_y: float) -> np.ndarray:
     y = np.array([0, 0, 0, 0, -1, -1, -1, -1]) * height
     c, s = np.cos(rotation_y), np.sin(rotation_y)
     return np.stack([c * x + s * z, y, -s * x + c * z], axis=1) + np.asarray(location)
-
-
-def inside_lidar_box(xyz: np.ndarray, box) -> np.ndarray:
-    """Lidar-frame points inside an (x, y, z centre, l, w, h, yaw) box."""
-    x, y, z, length, width, height, yaw = box
-    rel = xyz - [x, y, z]
-    c, s = np.cos(yaw), np.sin(yaw)
-    along = c * rel[:, 0] + s * rel[:, 1]
-    across = -s * rel[:, 0] + c * rel[:, 1]
-    return (np.abs(along) <= length / 2) & (np.abs(across) <= width / 2) & (np.abs(rel[:, 2]) <= height / 2)
 
 
 def in_bbox(uv: np.ndarray, bbox, margin: float = 2.0) -> np.ndarray:
@@ -173,7 +163,7 @@ def test_kitti_source_pretrains_on_the_argoverse_frames(tmp_path: Path) -> None:
     assert open_scans(cfg.data, "pretrain", cameras=False)[0].cameras == []
     assert len(open_scans(replace(cfg.data, max_scans=2), "pretrain")) == 2
     for split in ("probe_train", "eval"):
-        with pytest.raises(DataError, match=rf"argoverse_kitti_layout: .*not point labels, so they hold no {split} split"):
+        with pytest.raises(DataError, match=rf"argoverse_kitti_layout: .*not point labels, so they hold no {split} "):
             open_scans(cfg.data, split)
     pretrain_distill(cfg, tmp_path / "run", progress=False)
     last = read_jsonl(tmp_path / "run" / "log.jsonl")[-1]
@@ -210,72 +200,6 @@ def test_kitti_objects_parse_fields(tmp_path: Path) -> None:
     assert obj.bbox == (10.0, 296.0, 20.0, 494.0)
     assert obj.dimensions == (1.91, 0.6, 0.65) and obj.location == (-7.82, 1.27, 9.78)
     assert obj.rotation_y == -3.06
-
-
-# ----------------------------------------------------------------------------- nuScenes info file
-
-
-@needs_frames
-def test_nuscenes_info_frame_cameras_look_where_they_should() -> None:
-    info = json.loads((FRAMES / "nuscenes_keyframe" / "info.json").read_text())["data_list"][0]
-    scene = InfoFileReader(FRAMES / "nuscenes_keyframe" / "info.json").scene(0)
-    assert scene.points.shape == (34688, 4)
-    assert 0.0 <= scene.points[:, 3].min() and scene.points[:, 3].max() <= 1.0  # 0..255 scaled
-    assert [c.name for c in scene.cameras] == list(info["images"])
-    xyz = scene.points[:, :3]
-    azimuth = np.degrees(np.arctan2(xyz[:, 0], xyz[:, 1]))  # LIDAR_TOP: x right, y forward
-    seen_by = {}
-    for camera in scene.cameras:
-        assert camera.image.shape == (900, 1600, 3)
-        _, mask = project_points(xyz, camera.lidar_to_image, camera.image_hw)
-        seen_by[camera.name] = mask
-        assert mask.sum() > 1000, camera.name
-    # CAM_FRONT's 65 degree field of view is centred on the forward axis, CAM_BACK's on the backward one
-    assert (np.abs(azimuth[seen_by["CAM_FRONT"]]) < 36).all()
-    assert (np.abs(azimuth[seen_by["CAM_BACK"]]) > 180 - 60).all()
-    # points inside annotated 3D boxes land inside the 2D boxes of the same objects
-    centres = np.array([inst["bbox_3d"][:3] for inst in info["instances"]])
-    fractions = []
-    for camera in scene.cameras:
-        uv, mask = project_points(xyz, camera.lidar_to_image, camera.image_hw)
-        centre_uv, _ = project_points(centres, camera.lidar_to_image, camera.image_hw, min_depth=0.5)
-        for cam_inst in info["cam_instances"][camera.name]:
-            dist = np.nan_to_num(np.linalg.norm(centre_uv - cam_inst["center_2d"], axis=1), nan=np.inf)
-            assert dist.min() < 1.0  # the box centre projects where the info file says
-            inside = inside_lidar_box(xyz, info["instances"][int(np.argmin(dist))]["bbox_3d"]) & mask
-            if inside.sum() >= 5:
-                fractions.append(in_bbox(uv[inside], cam_inst["bbox"]).mean())
-    assert len(fractions) >= 20 and np.mean(fractions) >= 0.95 and min(fractions) >= 0.8
-
-
-@needs_frames
-def test_nuscenes_info_without_lidar2cam_uses_the_shared_ego_pose(tmp_path: Path) -> None:
-    src = FRAMES / "nuscenes_keyframe"
-    content = json.loads((src / "info.json").read_text())
-    for cam in content["data_list"][0]["images"].values():
-        del cam["lidar2cam"]
-    (tmp_path / "info.json").write_text(json.dumps(content))
-    chained = InfoFileReader(tmp_path / "info.json", data_root=src).scene(0, cameras=["CAM_FRONT", "CAM_BACK"])
-    info = content["data_list"][0]
-    centres = np.array([inst["bbox_3d"][:3] for inst in info["instances"]])
-    for camera in chained.cameras:
-        centre_uv, _ = project_points(centres, camera.lidar_to_image, camera.image_hw, min_depth=0.5)
-        for cam_inst in info["cam_instances"][camera.name]:
-            dist = np.nan_to_num(np.linalg.norm(centre_uv - cam_inst["center_2d"], axis=1), nan=np.inf)
-            # off by the ego's motion between the lidar and camera timestamps only (0.33 m at most here)
-            assert dist.min() < 40.0
-
-
-def test_info_file_errors(tmp_path: Path) -> None:
-    (tmp_path / "info.json").write_text(json.dumps({"data_list": [{"lidar_points": {"lidar_path": "x.bin"}}]}))
-    reader = InfoFileReader(tmp_path / "info.json")
-    with pytest.raises(DataError, match="x.bin"):
-        reader.scene(0)
-    with pytest.raises(DataError, match="frame 3 requested"):
-        reader.scene(3)
-    (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(DataError, match=r"bad\.json.*invalid JSON"):
-        InfoFileReader(tmp_path / "bad.json")
 
 
 # ----------------------------------------------------------------------------- nuScenes tables
@@ -344,7 +268,6 @@ def tiny_nuscenes(tmp_path: Path) -> dict:
 
 def test_nuscenes_tables_reader_projects_through_both_ego_poses(tiny_nuscenes: dict) -> None:
     reader = NuScenesReader(tiny_nuscenes["root"], tiny_nuscenes["version"])
-    assert reader.sample_tokens() == ["sample-a", "sample-b"]
     scene = reader.scene("sample-a")
     assert scene.points.shape == (2, 4)
     np.testing.assert_allclose(scene.points[:, 3], [0.2, 1.0], rtol=1e-6)

@@ -184,59 +184,57 @@ class SparseTensor:
         return SparseTensor(features, self.cmap)
 
 
-def _kaiming(n_offsets: int, c_in: int, c_out: int) -> nn.Parameter:
-    bound = math.sqrt(6.0 / (n_offsets * c_in))  # He-uniform over the fan-in of the whole kernel
-    return nn.Parameter(torch.empty(n_offsets, c_in, c_out).uniform_(-bound, bound))
-
-
 def _per_offset_matmul(rows: Tensor, sizes: list[int], weight: Tensor) -> Tensor:
     """Rows grouped by offset (``sizes[k]`` rows for offset k, in order) times that offset's weight."""
     parts = [chunk @ w for chunk, w, n in zip(rows.split(sizes), weight.unbind(0), sizes) if n]
     return torch.cat(parts) if parts else rows.new_zeros(0, weight.shape[2])
 
 
-class SubmanifoldConv3d(nn.Module):
-    """3x3x3 convolution whose output sites are its input sites. ``weight`` (27, C_in, C_out), offsets OFFSETS_3X3X3."""
+class _OffsetConv3d(nn.Module):
+    """A sparse convolution with one weight per kernel offset of ``OFFSETS``: ``weight`` (len(OFFSETS), C_in,
+    C_out), He-uniform over the fan-in of the whole kernel; ``bias`` (C_out) or None."""
+
+    OFFSETS: tuple[tuple[int, ...], ...] = ()
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = False) -> None:
         super().__init__()
-        self.weight = _kaiming(len(OFFSETS_3X3X3), in_channels, out_channels)
+        bound = math.sqrt(6.0 / (len(self.OFFSETS) * in_channels))
+        self.weight = nn.Parameter(torch.empty(len(self.OFFSETS), in_channels, out_channels).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    def _with_bias(self, out: Tensor) -> Tensor:
+        return out if self.bias is None else out + self.bias
+
+
+class SubmanifoldConv3d(_OffsetConv3d):
+    """3x3x3 convolution whose output sites are its input sites. ``weight`` (27, C_in, C_out), offsets OFFSETS_3X3X3."""
+
+    OFFSETS = OFFSETS_3X3X3
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         src, dst, sizes = x.cmap.neighbours()
         out = x.features @ self.weight[len(OFFSETS_3X3X3) // 2]
         if src.numel():
             out = out.index_add(0, dst, _per_offset_matmul(x.features.index_select(0, src), sizes, self.weight))
-        if self.bias is not None:
-            out = out + self.bias
-        return x.with_features(out)
+        return x.with_features(self._with_bias(out))
 
 
-class StridedConv3d(nn.Module):
+class StridedConv3d(_OffsetConv3d):
     """2x2x2 convolution with stride 2 onto the coarser level. ``weight`` (8, C_in, C_out), offsets OFFSETS_2X2X2."""
 
-    def __init__(self, in_channels: int, out_channels: int, bias: bool = False) -> None:
-        super().__init__()
-        self.weight = _kaiming(len(OFFSETS_2X2X2), in_channels, out_channels)
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+    OFFSETS = OFFSETS_2X2X2
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         coarse, parent, order, sizes = x.cmap.coarser()
         contributions = _per_offset_matmul(x.features.index_select(0, order), sizes, self.weight)
         out = x.features.new_zeros(coarse.num_sites, self.weight.shape[2]).index_add(0, parent[order], contributions)
-        if self.bias is not None:
-            out = out + self.bias
-        return SparseTensor(out, coarse)
+        return SparseTensor(self._with_bias(out), coarse)
 
 
-class TransposedConv3d(nn.Module):
+class TransposedConv3d(_OffsetConv3d):
     """2x2x2 transposed convolution, stride 2, from a coarse level back onto the sites of ``fine`` (its finer map)."""
 
-    def __init__(self, in_channels: int, out_channels: int, bias: bool = False) -> None:
-        super().__init__()
-        self.weight = _kaiming(len(OFFSETS_2X2X2), in_channels, out_channels)
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+    OFFSETS = OFFSETS_2X2X2
 
     def forward(self, x: SparseTensor, fine: CoordinateMap) -> SparseTensor:
         coarse, parent, order, sizes = fine.coarser()
@@ -244,9 +242,7 @@ class TransposedConv3d(nn.Module):
             raise ValueError("TransposedConv3d: the input does not live on the coarser level of the target map")
         ordered = _per_offset_matmul(x.features.index_select(0, parent[order]), sizes, self.weight)
         out = torch.empty_like(ordered).index_copy(0, order, ordered)
-        if self.bias is not None:
-            out = out + self.bias
-        return SparseTensor(out, fine)
+        return SparseTensor(self._with_bias(out), fine)
 
 
 class BatchNormReLU(nn.Module):

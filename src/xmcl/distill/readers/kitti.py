@@ -66,8 +66,10 @@ class KittiObject:
     rotation_y: float
 
 
-def read_kitti_calibration(path: Path | str) -> KittiCalibration:
-    """Parse a KITTI object ``calib/*.txt``; raises DataError naming the file and the key at fault."""
+def read_calibration_matrices(path: Path | str, shapes: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+    """The matrices ``shapes`` names (key -> (rows, columns)), float64, from a KITTI calibration file of
+    "KEY: numbers" lines (an object ``calib/*.txt`` or an odometry ``calib.txt``); DataError naming the file and the
+    key at fault."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: calibration file not found")
@@ -80,7 +82,7 @@ def read_kitti_calibration(path: Path | str) -> KittiCalibration:
             raise DataError(f"{path}:{number}: expected 'KEY: numbers', got {line.strip()[:60]!r}")
         values[key.strip()] = rest
     matrices = {}
-    for key, shape in CALIB_SHAPES.items():
+    for key, shape in shapes.items():
         if key not in values:
             raise DataError(f"{path}: calibration has no '{key}' entry (found {sorted(values)})")
         try:
@@ -90,6 +92,12 @@ def read_kitti_calibration(path: Path | str) -> KittiCalibration:
         if numbers.size != shape[0] * shape[1]:
             raise DataError(f"{path}: '{key}' needs {shape[0] * shape[1]} numbers, got {numbers.size}")
         matrices[key] = numbers.reshape(shape)
+    return matrices
+
+
+def read_kitti_calibration(path: Path | str) -> KittiCalibration:
+    """Parse a KITTI object ``calib/*.txt``; raises DataError naming the file and the key at fault."""
+    matrices = read_calibration_matrices(path, CALIB_SHAPES)
     return KittiCalibration(matrices["P2"], matrices["R0_rect"], matrices["Tr_velo_to_cam"])
 
 
@@ -117,7 +125,7 @@ def read_kitti_objects(path: Path | str) -> list[KittiObject]:
     return objects
 
 
-def _stem(frame_id: str | int) -> str:
+def frame_stem(frame_id: str | int) -> str:
     """File stem of a frame: ints are zero-padded to six digits (8 -> '000008')."""
     return f"{frame_id:06d}" if isinstance(frame_id, int) else str(frame_id)
 
@@ -136,7 +144,7 @@ class KittiReader:
         return sorted(p.stem for p in (self.root / "velodyne").glob("*.bin"))
 
     def _path(self, folder: str, frame_id: str | int, suffix: str) -> Path:
-        return self.root / folder / f"{_stem(frame_id)}{suffix}"
+        return self.root / folder / f"{frame_stem(frame_id)}{suffix}"
 
     def calibration(self, frame_id: str | int) -> KittiCalibration:
         return read_kitti_calibration(self._path("calib", frame_id, ".txt"))
@@ -153,7 +161,7 @@ class KittiReader:
             image = read_rgb_image(self._path("image_2", frame_id, ".png"))
             views.append(CameraView(image=image, lidar_to_image=self.calibration(frame_id).lidar_to_image,
                                     name="image_2"))
-        return Scene(points=points, cameras=views, labels=None, name=f"{self.root.name}/{_stem(frame_id)}")
+        return Scene(points=points, cameras=views, labels=None, name=f"{self.root.name}/{frame_stem(frame_id)}")
 
 
 def kitti_scans(data: DistillDataConfig, split: str, cameras: bool) -> ScanSet:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from xmcl.distill.config import DistillDataConfig
-from xmcl.distill.readers.nuscenes import NuScenesReader
+from xmcl.distill.readers.nuscenes import NuScenesReader, field, read_table
 from xmcl.distill.scanset import ScanSet
 from xmcl.distill.scene import Scene
 from xmcl.errors import DataError
@@ -47,6 +47,7 @@ IGNORED_CATEGORIES = (
     "vehicle.ego",
 )
 SPLITS_FILE = Path(__file__).with_name("nuscenes_splits.json")
+LIDARSEG_HINT = "a nuScenes-lidarseg release has it"
 SPLIT_OF = {  # data.splits -> (pretrain, probe_train, eval) scene splits
     "validate": ("parametrizing", "train", "val"),
     "parametrize": ("parametrizing", "parametrizing", "verifying"),
@@ -63,24 +64,6 @@ def scene_splits() -> dict[str, tuple[str, ...]]:
     return splits
 
 
-def _table(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise DataError(f"{path}: file not found (a nuScenes-lidarseg release has it)")
-    try:
-        rows = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: invalid JSON ({exc})") from exc
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON list of records")
-    return rows
-
-
-def _get(row: dict, key: str, where: Path) -> Any:
-    if key not in row:
-        raise DataError(f"{where}: a record has no field '{key}'")
-    return row[key]
-
-
 def category_lut(categories: list[dict[str, Any]], where: Path) -> np.ndarray:
     """(256,) int64: lidarseg index -> index into ``CLASS_NAMES`` (-1 ignored), from the category names."""
     lut = np.full(256, -1, dtype=np.int64)
@@ -88,7 +71,7 @@ def category_lut(categories: list[dict[str, Any]], where: Path) -> np.ndarray:
         if "index" not in row:
             raise DataError(f"{where}: category '{row.get('name')}' has no 'index'; use the category.json of "
                             f"nuScenes-lidarseg")
-        name, index = _get(row, "name", where), int(row["index"])
+        name, index = field(row, "name", f"{where} (a record)"), int(row["index"])
         if not 0 <= index < 256:
             raise DataError(f"{where}: category '{name}' has index {index}, outside 0..255")
         if name in GENERAL_TO_CLASS:
@@ -105,10 +88,12 @@ class NuScenesLidarsegReader(NuScenesReader):
     def __init__(self, root: Path | str, version: str = "v1.0-trainval") -> None:
         super().__init__(root, version)
         table_dir = self.root / version
-        self._labels = {_get(row, "sample_data_token", table_dir / "lidarseg.json"): _get(
-            row, "filename", table_dir / "lidarseg.json") for row in _table(table_dir / "lidarseg.json")}
-        self._lut = category_lut(_table(table_dir / "category.json"), table_dir / "category.json")
-        self._scenes = _table(table_dir / "scene.json")
+        labels = table_dir / "lidarseg.json"
+        where = f"{labels} (a record)"
+        self._labels = {field(row, "sample_data_token", where): field(row, "filename", where)
+                        for row in read_table(labels, LIDARSEG_HINT)}
+        self._lut = category_lut(read_table(table_dir / "category.json", LIDARSEG_HINT), table_dir / "category.json")
+        self._scenes = read_table(table_dir / "scene.json", LIDARSEG_HINT)
         self._scene_table = table_dir / "scene.json"
 
     def sequences(self) -> list[tuple[str, list[str]]]:
@@ -116,7 +101,8 @@ class NuScenesLidarsegReader(NuScenesReader):
         out = []
         samples = self._tables["sample"]
         for row in self._scenes:
-            name, token = _get(row, "name", self._scene_table), _get(row, "first_sample_token", self._scene_table)
+            where = f"{self._scene_table} (a record)"
+            name, token = field(row, "name", where), field(row, "first_sample_token", where)
             tokens = []
             while token:
                 if token not in samples or len(tokens) > len(samples):

@@ -22,6 +22,7 @@ import numpy as np
 
 from xmcl.distill.config import DistillDataConfig
 from xmcl.distill.geometry import pad_to_4x4
+from xmcl.distill.readers.kitti import frame_stem, read_calibration_matrices
 from xmcl.distill.scanset import ScanSet
 from xmcl.distill.scene import CameraView, Scene, read_points_bin, read_rgb_image
 from xmcl.errors import DataError
@@ -45,8 +46,8 @@ MERGED_INTO = {
 }
 TRAIN_SEQUENCES = (0, 1, 2, 3, 4, 5, 6, 7, 9, 10)
 VAL_SEQUENCES = (8,)
-TEST_SEQUENCES = tuple(range(11, 22))
 SEMANTIC_MASK = 0xFFFF
+ODOMETRY_CALIB_SHAPES = {"P2": (3, 4), "Tr": (3, 4)}  # camera 2; velodyne -> rectified camera 0
 
 
 def learning_lut() -> np.ndarray:
@@ -75,33 +76,6 @@ def read_semantickitti_labels(path: Path | str, num_points: int) -> np.ndarray:
     return LEARNING_LUT[raw]
 
 
-def read_odometry_calibration(path: Path | str) -> dict[str, np.ndarray]:
-    """``{"P2": (3, 4), "Tr": (3, 4)}`` from a KITTI odometry ``calib.txt``; DataError naming the file and key."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: calibration file not found")
-    values = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        key, sep, rest = line.partition(":")
-        if not sep:
-            raise DataError(f"{path}:{number}: expected 'KEY: numbers', got {line.strip()[:60]!r}")
-        values[key.strip()] = rest
-    out = {}
-    for key in ("P2", "Tr"):
-        if key not in values:
-            raise DataError(f"{path}: calibration has no '{key}' entry (found {sorted(values)})")
-        try:
-            numbers = np.array([float(v) for v in values[key].split()], dtype=np.float64)
-        except ValueError as exc:
-            raise DataError(f"{path}: '{key}' has a non-numeric value ({exc})") from exc
-        if numbers.size != 12:
-            raise DataError(f"{path}: '{key}' needs 12 numbers, got {numbers.size}")
-        out[key] = numbers.reshape(3, 4)
-    return out
-
-
 class SemanticKittiReader:
     """Scans of a SemanticKITTI root: ``SemanticKittiReader(root).scene(8, 0)``."""
 
@@ -120,12 +94,12 @@ class SemanticKittiReader:
     def scene(self, sequence: int, frame: str | int, cameras: bool = True, labels: bool = True) -> Scene:
         """Scan ``frame`` of ``sequence``: points, labels (when ``labels``) and camera 2 (when ``cameras``)."""
         folder = self._sequence(sequence)
-        stem = f"{frame:06d}" if isinstance(frame, int) else str(frame)
+        stem = frame_stem(frame)
         points = read_points_bin(folder / "velodyne" / f"{stem}.bin", num_fields=4)
         classes = read_semantickitti_labels(folder / "labels" / f"{stem}.label", len(points)) if labels else None
         views = []
         if cameras:
-            calib = read_odometry_calibration(folder / "calib.txt")
+            calib = read_calibration_matrices(folder / "calib.txt", ODOMETRY_CALIB_SHAPES)
             matrix = pad_to_4x4(calib["P2"]) @ pad_to_4x4(calib["Tr"])
             image = read_rgb_image(folder / "image_2" / f"{stem}.png")
             views.append(CameraView(image=image, lidar_to_image=matrix, name="image_2"))
