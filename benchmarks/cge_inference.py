@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from figures import parse_with_out, write_figures
+from figures import command_lines, options, parse_with_out, table, write_figures
 from timing import interleaved_seconds
 
 from xmcl.data.images import ImageTransform
@@ -55,7 +55,7 @@ def random_vit_b32(out: Path) -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options (``argv``, default the command line), ``out`` resolved."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = options(__doc__)
     parser.add_argument("--data", type=Path, default=Path("runs/shapes"), help="corpus with raw images")
     parser.add_argument("--split", default="val")
     parser.add_argument("--clip", type=Path, default=Path("runs/clip_shapes"), help="CLIP checkpoint (teacher)")
@@ -66,6 +66,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     return parse_with_out(parser, "cge_inference", naming=["data"], argv=argv)
+
+
+def render(d: dict) -> str:
+    """The block of docs/results.md: ms per image without CGE, with a cache hit and with a miss, per batch size."""
+    f = d["figures"]
+    c = d["config"]
+    rows = [[str(batch), *(f"{r[k]:.2f}" for k in ("without_ms", "hit_ms", "miss_ms")),
+             f"{r['hit_over_without']:.2f}x", f"{r['miss_over_without']:.2f}x"]
+            for batch, r in f["ms_per_image"].items()]
+    return (f"{command_lines(d)}\n\n{f['num_images']} {f['split']} images of `{c['data']}`, USER at "
+            f"{c['image_size']} px, teacher {f['teacher']} at {f['teacher_image_size']} px ({f['teacher_dim']}-d), "
+            f"ms per image:\n\n"
+            + table(["batch", "without CGE", "CGE, cache hit", "CGE, cache miss", "hit / without",
+                     "miss / without"], rows))
 
 
 def main() -> None:
@@ -88,13 +102,7 @@ def main() -> None:
                            vocab_size=10).eval()
         transform = ImageTransform(args.image_size, plain.image_encoder.backbone.normalization)
         paths = split.image_paths
-
-        print(f"{split.num_images} images of {split.source} ({args.split}), USER input {args.image_size} px, "
-              f"teacher {'random ViT-B/32' if args.vit_b32 else clip_path} ({teacher.image_size} px, "
-              f"{teacher.dim}-d), {torch.get_num_threads()} thread(s)")
         rows = {}
-        print(f"{'batch':>5}  {'without CGE':>12}  {'CGE, cache hit':>15}  {'CGE, cache miss':>16}  "
-              f"{'hit / without':>13}  {'miss / without':>14}   (ms per image)")
         for batch_size in args.batch_sizes:
             chunks = [slice(i, min(i + batch_size, len(paths))) for i in range(0, len(paths), batch_size)]
 
@@ -117,13 +125,11 @@ def main() -> None:
             ms = [1000 * s / len(paths) for s in seconds]
             rows[batch_size] = {"without_ms": ms[0], "hit_ms": ms[1], "miss_ms": ms[2],
                                 "hit_over_without": ms[1] / ms[0], "miss_over_without": ms[2] / ms[0]}
-            print(f"{batch_size:>5}  {ms[0]:>12.2f}  {ms[1]:>15.2f}  {ms[2]:>16.2f}  {ms[1] / ms[0]:>13.2f}  "
-                  f"{ms[2] / ms[0]:>14.2f}")
 
         write_figures(args.out, "cge_inference", args, {
             "num_images": split.num_images, "source": split.source, "split": args.split,
             "teacher": "random ViT-B/32" if args.vit_b32 else str(clip_path), "teacher_image_size": teacher.image_size,
-            "teacher_dim": teacher.dim, "ms_per_image": rows})
+            "teacher_dim": teacher.dim, "ms_per_image": rows}, show=render)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ the test split as the demo does, for the recall table.
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
-from figures import parse_with_out, write_figures
+from figures import RECALL_HEADER, command_lines, conditions, options, parse_with_out, recall_rows, table, write_figures
+from timing import peak_rss_mib
 
 from xmcl.demo import DEMO_RUNS, run_demo, run_folder
 from xmcl.retrieval.inference import evaluate_checkpoint
@@ -23,8 +23,27 @@ from xmcl.retrieval.inference import evaluate_checkpoint
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options (``argv``, default the command line), ``out`` resolved."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    return parse_with_out(parser, "demo_run", argv=argv)
+    return parse_with_out(options(__doc__), "demo_run", argv=argv)
+
+
+def render(d: dict) -> str:
+    """The block of docs/results.md: wall time, peak RSS and the recall table of the demo's runs."""
+    f = d["figures"]
+    minutes, seconds = divmod(round(f["wall_s"]), 60)
+    fresh = "a fresh folder" if f["fresh"] else "a folder that already held part of the demo (resumed)"
+    return (f"{command_lines(d)}\n\nIn {fresh} the demo took **{minutes}:{seconds:02d} wall** with "
+            f"{f['peak_rss_mib']:.0f} MiB peak RSS. It generates 1,500 images, extracts features, trains a small CLIP "
+            f"teacher and caches its embeddings, then trains {' and '.join(f['runs'])} for 8 epochs each.\n\n"
+            f"Shapes-world {f['split']} split:\n\n"
+            f"{table(['run', *RECALL_HEADER], recall_rows(f['runs']))}")
+
+
+def summary(d: dict) -> str:
+    """README's line."""
+    f = d["figures"]
+    rsums = ", ".join(f"{name} {m['rsum']:.1f}" for name, m in f["runs"].items())
+    return (f"- `{d['command']}` (what `make demo` runs): {f['wall_s'] / 60:.0f} minutes wall ({conditions(d)}); "
+            f"test rSum {rsums}.")
 
 
 def main() -> None:
@@ -32,17 +51,15 @@ def main() -> None:
     demo = args.out / "demo"
     fresh = not demo.exists()
     began = time.perf_counter()
-    table = run_demo(demo)
+    run_demo(demo)
     wall = time.perf_counter() - began
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    print(table)
-    print(f"demo: {wall / 60:.1f} min wall ({'fresh folder' if fresh else 'resumed'}), peak RSS {peak_mib:.0f} MiB")
+    peak_mib = peak_rss_mib()
     results = {}
     for name in DEMO_RUNS:
         metrics = evaluate_checkpoint(run_folder(demo, name) / "best.pt", demo / "features", "test", ("all",))["all"]
         results[name] = metrics.as_dict()
     write_figures(args.out, "demo_run", args, {"wall_s": wall, "fresh": fresh, "peak_rss_mib": peak_mib,
-                                               "split": "test", "runs": results})
+                                               "split": "test", "runs": results}, show=render)
 
 
 if __name__ == "__main__":

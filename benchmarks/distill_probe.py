@@ -19,13 +19,13 @@ writes ``OUT/<method>_seed<s>/result_<probe>.json`` when done, and a finished re
 is not run again, so the command can be stopped and started again at will; with ``--keep DIR`` each finished result
 is also copied to ``DIR/<method>_seed<s>/result_<probe>.json`` and read from there (a tracked folder: the harness
 then resumes in a fresh checkout). ``--lane K/N`` runs only every N-th (seed, method) pretraining run, from the
-K-th, for N processes side by side in the command's folder; the command without it then collects. Prints per run, then per probe the mIoU
-mean and sample standard deviation per method with every seed, the per-seed paired difference ST-SLidR minus SLidR
-(mean, std, and how many seeds it is positive on), the authors' mIoU (absent classes counted as 1), and the mean
-per-class IoU; writes everything to ``OUT/results.json`` and the summary to ``OUT/figures.json`` (read by
-``benchmarks/report.py``). ``--report-only`` runs nothing: it prints the tables over
-the seeds whose every method has finished (a run still under way can be reported this way). ``--quick`` shrinks the
-budget (fewer scenes and steps).
+K-th, for N processes side by side in the command's folder; the command without it then collects. Prints each
+result as it comes, then the block of docs/results.md: per probe the mIoU mean and sample standard deviation per
+method with every seed, the per-seed paired difference ST-SLidR minus SLidR (mean, std, and how many seeds it is
+positive on) and the mean per-class IoU; writes every result to ``OUT/results.json`` (the authors' mIoU too, absent
+classes counted as 1) and the figures to ``OUT/figures.json``. ``--report-only`` runs nothing: it prints the block
+over the seeds whose every method and probe has finished (a run still under way can be reported this way).
+``--quick`` shrinks the budget (fewer scenes and steps).
 ``st_authors`` (the authors' zeroed logits instead of removed negatives) and ``st_soft`` (weights 1 - s) compare the
 tolerance rules under ST-SLidR; they run only when named.
 """
@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 
 import torch
-from figures import add_lane_option, in_lane, parse_with_out, write_figures
+from figures import (add_lane_option, command_lines, figures_record, in_lane, options, parse_with_out, table,
+                     write_figures)
 
 from xmcl.config import load_config
 from xmcl.distill.config import DistillConfig
@@ -113,11 +114,6 @@ def run_one(config: Path, overrides: list[str], method: str, seed: int, probe: s
     return result
 
 
-def _mean_std(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{statistics.mean(values):5.1f} +- {spread:4.1f}"
-
-
 def summarise(by_method: dict[str, list[dict]]) -> dict[str, dict]:
     """Per method: mIoU mean, sample std (None for one seed) and per-seed values, and mean IoU per class (in %)."""
     summary = {}
@@ -133,34 +129,77 @@ def summarise(by_method: dict[str, list[dict]]) -> dict[str, dict]:
     return summary
 
 
-def report(results: dict[str, dict[str, list[dict]]], seeds: list[int]) -> None:
-    """Print the tables of one harness run (every figure in % mIoU)."""
-    for probe, by_method in results.items():
-        print(f"\n== {probe} probe ==\n{'method':<10} {'mIoU mean +- std':>16}  per seed {seeds}   "
-              f"{'authors mIoU':>14}")
-        for method, runs in by_method.items():
-            values = [100 * r["miou"] for r in runs]
-            authors = [100 * r["miou_authors"] for r in runs]
-            print(f"{method:<10} {_mean_std(values):>16}  {' '.join(f'{v:.1f}' for v in values)}   "
-                  f"{_mean_std(authors):>14}")
-        if "slidr" in by_method and "st_slidr" in by_method:
-            diffs = [100 * (b["miou"] - a["miou"]) for a, b in zip(by_method["slidr"], by_method["st_slidr"])]
-            positive = sum(d > 0 for d in diffs)
-            print(f"ST-SLidR - SLidR, paired by seed: {' '.join(f'{d:+.1f}' for d in diffs)}  "
-                  f"(mean {_mean_std(diffs)}, positive on {positive} of {len(diffs)} seeds)")
-        names = list(next(iter(by_method.values()))[0]["iou"])
-        print(f"mean IoU per class (%)\n{'method':<10} " + " ".join(f"{n[:8]:>8}" for n in names))
-        for method, runs in by_method.items():
-            cells = []
-            for name in names:
-                values = [r["iou"][name] for r in runs if r["iou"][name] is not None]
-                cells.append(f"{100 * statistics.mean(values):8.1f}" if values else f"{'-':>8}")
-            print(f"{method:<10} " + " ".join(cells))
+def figures_of(results: dict[str, dict[str, list[dict]]], seeds: list[int], cfg: DistillConfig) -> dict:
+    """The figures of the finished ``results`` (probe -> method -> one result per seed of ``seeds``) under the
+    budget of ``cfg``."""
+    return {"seeds": seeds, "probes": {probe: summarise(by_method) for probe, by_method in results.items()},
+            "budget": {"pretrain_scenes": cfg.data.pretrain_scenes, "num_points": cfg.data.num_points,
+                       "steps": cfg.optim.steps, "batch_scenes": cfg.optim.batch_scenes,
+                       "probe_train_scenes": cfg.data.probe_train_scenes, "eval_scenes": cfg.data.eval_scenes,
+                       "linear_steps": cfg.probe.linear_steps}}
+
+
+METHOD_LABELS = {"random": "random init", "slidr": "SLidR", "tolerant": "tolerant only",
+                 "st_slidr": "ST-SLidR (tolerant + balancing)",
+                 "st_authors": "ST-SLidR, the authors' rule (dropped logits zeroed)",
+                 "st_soft": "ST-SLidR, soft weights 1 − s"}
+PROBE_LABELS = {"ours": "our probe (BatchNorm re-estimated, AdamW on cross-entropy)",
+                "authors": "the authors' probe (BatchNorm frozen, CE + Lovasz, SGD)"}
+
+
+def setting(d: dict) -> str:
+    """The pretraining setting the figures come from: q, voxels, 3D network, 2D backbone and its weights."""
+    c = d["config"]["distill_config"]
+    voxel, image = c["voxel"], c["image"]
+    network = (f"Res16UNet34C-shaped ({', '.join(map(str, voxel['planes']))})" if voxel["architecture"] == "res16unet"
+               else f"sparse U-Net ({', '.join(map(str, voxel['widths']))}, {voxel['blocks']} block per level)")
+    return (f"q = {c['loss']['q']} ({c['loss']['quantile_variant']}), {voxel['coordinates']} voxels, 3D network "
+            f"{network}, 2D {image['backbone']} with {image['weights']} weights (the authors distil self-supervised "
+            f"ResNet-50s, which cannot be fetched here), augmentations {'on' if c['data']['augment'] else 'off'}")
+
+
+def render(d: dict) -> str:
+    """The block of docs/results.md, per probe: mIoU mean ± std per method with every seed, ST-SLidR − SLidR paired
+    by seed, IoU per class."""
+    f = d["figures"]
+    b = f["budget"]
+    seeds = " / ".join(str(s) for s in f["seeds"])
+    parts = [f"{command_lines(d)}\n\n{b['pretrain_scenes']} pretraining scenes × {b['num_points']:,} points, "
+             f"{b['steps']} steps of {b['batch_scenes']} scenes; the probe trains on {b['probe_train_scenes']} scenes "
+             f"and scores on {b['eval_scenes']}. {setting(d)}."]
+    for probe_name, methods in f["probes"].items():
+        rows = [[METHOD_LABELS[name], f"{m['miou_mean']:.1f}",
+                 f"{m['miou_std']:.1f}" if m["miou_std"] is not None else "-",
+                 " / ".join(f"{v:.1f}" for v in m["miou_per_seed"])] for name, m in methods.items()]
+        classes = list(next(iter(methods.values()))["iou_per_class"])
+        class_rows = [[METHOD_LABELS[name],
+                       *("-" if m["iou_per_class"][c] is None else f"{m['iou_per_class'][c]:.1f}" for c in classes)]
+                      for name, m in methods.items()]
+        parts.append(f"**{PROBE_LABELS[probe_name]}**, mIoU (%):\n\n"
+                     + table(["method", "mIoU mean", "std", f"seeds {seeds}"], rows))
+        if "slidr" in methods and "st_slidr" in methods:
+            diffs = [b - a for a, b in zip(methods["slidr"]["miou_per_seed"], methods["st_slidr"]["miou_per_seed"])]
+            spread = f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else ""
+            parts.append(f"ST-SLidR − SLidR, paired by seed: {' / '.join(f'{x:+.1f}' for x in diffs)} (mean "
+                         f"{statistics.mean(diffs):+.1f}{spread}, positive on {sum(x > 0 for x in diffs)} of "
+                         f"{len(diffs)} seeds).")
+        parts.append("Mean IoU per class:\n\n" + table(["method", *classes], class_rows))
+    return "\n\n".join(parts)
+
+
+def summary(d: dict) -> str:
+    """README's line: each probe's mIoU per method."""
+    f = d["figures"]
+    per_probe = "; ".join(
+        f"{name} probe " + ", ".join(f"{METHOD_LABELS[m]} {v['miou_mean']:.1f}" for m, v in methods.items())
+        for name, methods in f["probes"].items())
+    return (f"- `{d['command']}` (built-in scenes, seeds {', '.join(map(str, f['seeds']))}), linear-probe mIoU: "
+            f"{per_probe}.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options (``argv``, default the command line), ``out`` resolved."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = options(__doc__)
     parser.add_argument("--config", type=Path, default=Path("configs/distill_synthetic.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=DEFAULT_METHODS)
@@ -184,21 +223,15 @@ def main() -> None:
     base = (QUICK if args.quick else []) + args.overrides + ["run.progress=false",
                                                               f"superpixels.cache_dir={args.out / 'superpixels'}"]
     cfg0 = load_config(DistillConfig, args.config, base)
-    print(f"config {args.config} + {' '.join(base)}")
-    print(f"pretrain: {cfg0.data.pretrain_scenes} scenes x {cfg0.data.num_points} points, {cfg0.optim.steps} steps "
-          f"of {cfg0.optim.batch_scenes} scenes, q = {cfg0.loss.q}, {cfg0.voxel.coordinates} voxels, 2D "
-          f"{cfg0.image.backbone} ({cfg0.image.weights} weights; the authors distil self-supervised ResNet-50s, "
-          f"which cannot be fetched here); augment {cfg0.data.augment}; probe: {cfg0.data.probe_train_scenes} train /"
-          f" {cfg0.data.eval_scenes} eval scenes, ours {cfg0.probe.linear_steps} steps, authors {cfg0.probe.epochs} "
-          f"epochs of {cfg0.probe.batch_scenes}; seeds {args.seeds}", flush=True)
+    config = {"distill_config": cfg0, "method_overrides": {m: METHODS[m] for m in args.methods}}
     if args.report_only:
-        for probe in args.probes:
-            complete = [s for s in args.seeds
-                        if all(finished(base, m, s, probe, args.out, args.keep) for m in args.methods)]
-            print(f"{probe} probe: seeds finished for every method: {complete}")
-            if complete:
-                report({probe: {m: [finished(base, m, s, probe, args.out, args.keep) for s in complete]
-                                for m in args.methods}}, complete)
+        complete = [s for s in args.seeds if all(finished(base, m, s, probe, args.out, args.keep)
+                                                 for m in args.methods for probe in args.probes)]
+        print(f"seeds finished for every method and probe: {complete}")
+        if complete:
+            results = {probe: {m: [finished(base, m, s, probe, args.out, args.keep) for s in complete]
+                               for m in args.methods} for probe in args.probes}
+            print(render(figures_record("distill_probe", args, figures_of(results, complete, cfg0), config)))
         return
     results: dict[str, dict[str, list[dict]]] = {p: {m: [] for m in args.methods} for p in args.probes}
     units = [(seed, method) for seed in args.seeds for method in args.methods]
@@ -213,18 +246,9 @@ def main() -> None:
     if args.lane:
         print(f"lane {args.lane[0]}/{args.lane[1]} done; rerun without --lane to collect the figures")
         return
-    report(results, args.seeds)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "results.json", json.dumps(results, indent=2))
-    print(f"\nwrote {args.out / 'results.json'}")
-    summaries = {probe: summarise(by_method) for probe, by_method in results.items()}
-    write_figures(args.out, "distill_probe", args, {
-        "seeds": args.seeds, "probes": summaries,
-        "budget": {"pretrain_scenes": cfg0.data.pretrain_scenes, "num_points": cfg0.data.num_points,
-                   "steps": cfg0.optim.steps, "batch_scenes": cfg0.optim.batch_scenes,
-                   "probe_train_scenes": cfg0.data.probe_train_scenes, "eval_scenes": cfg0.data.eval_scenes,
-                   "linear_steps": cfg0.probe.linear_steps}},
-        config={"distill_config": cfg0, "method_overrides": {m: METHODS[m] for m in args.methods}})
+    write_figures(args.out, "distill_probe", args, figures_of(results, args.seeds, cfg0), config=config, show=render)
 
 
 if __name__ == "__main__":

@@ -17,15 +17,14 @@ preparation and after the steps, and on a CUDA device the peak allocated GPU mem
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from figures import parse_with_out, write_figures
-from timing import repeat_seconds
+from figures import command_lines, conditions, options, parse_with_out, table, write_figures
+from timing import peak_rss_mib, repeat_seconds
 
 from xmcl.config import load_config
 from xmcl.distill.augment import augment_scan
@@ -41,10 +40,6 @@ from xmcl.training.schedule import build_optimizer
 AUTHORS_NET = ["voxel.architecture=res16unet", "voxel.bn_momentum=0.05"]
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -52,7 +47,7 @@ def synchronize(device: torch.device) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options (``argv``, default the command line), ``out`` resolved."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = options(__doc__)
     parser.add_argument("--config", type=Path, default=Path("configs/distill_synthetic.yaml"))
     parser.add_argument("--points", type=int, default=30000)
     parser.add_argument("--steps", type=int, default=10)
@@ -61,6 +56,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--authors-net", action="store_true", help="3D network: " + " ".join(AUTHORS_NET))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parse_with_out(parser, "distill_step", argv=argv)
+
+
+def render(d: dict) -> str:
+    """The block of docs/results.md: the step, its parts, the preparation and the peak memory."""
+    f = d["figures"]
+    rows = [["training step, 1 scene", f"median {f['step_median_ms']:.0f} ms, min {f['step_min_ms']:.0f} ms → "
+                                       f"{f['scenes_per_s']:.2f} scenes/s"],
+            ["frozen 2D backbone on the augmented images (every step: not cacheable)",
+             f"{f['augment_backbone_ms']:.0f} ms"],
+            ["3D network forward", f"{f['forward_ms']:.0f} ms"],
+            ["3D network forward + backward", f"{f['forward_backward_ms']:.0f} ms"],
+            ["one-off preparation (SLIC, backbone, z)", f"{f['preparation_s']:.2f} s"],
+            ["peak RSS after building the models", f"{f['rss_models_mib']:.0f} MiB"],
+            ["peak RSS after preparation", f"{f['rss_prepared_mib']:.0f} MiB"],
+            ["peak RSS after the steps", f"{f['rss_steps_mib']:.0f} MiB"]]
+    return (f"{command_lines(d)}\n\nCloud: {f['points']:,} points → {f['voxels']:,} voxels of {f['voxel_size']} m; "
+            f"{f['cameras']} cameras at {f['image_size'][0]}×{f['image_size'][1]}; {f['superpixels']} superpixels with "
+            f"points. 3D network: {f['network']}, {f['parameters'] / 1e6:.2f} M parameters.\n\n"
+            + table(["what", "figure"], rows))
+
+
+def summary(d: dict) -> str:
+    """README's line."""
+    f = d["figures"]
+    return (f"- `{d['command']}`: an ST-SLidR step on a {f['points']:,}-point cloud takes "
+            f"{f['step_median_ms'] / 1000:.1f} s on {d['machine']['torch_threads']} torch thread(s), with "
+            f"{f['rss_steps_mib'] / 1024:.1f} GiB peak RSS ({conditions(d)}).")
 
 
 def main() -> None:
@@ -133,27 +155,6 @@ def main() -> None:
 
     shape = (f"Res16UNet planes {cfg.voxel.planes} layers {cfg.voxel.layers}" if cfg.voxel.architecture == "res16unet"
              else f"VoxelUNet widths {cfg.voxel.widths}")
-    print(f"scene: {scene.num_points} points, {voxels.coords.shape[0]} {cfg.voxel.coordinates} voxels of "
-          f"{cfg.voxel.voxel_size} m, {len(scene.cameras)} cameras {cfg.data.image_size[0]}x{cfg.data.image_size[1]}"
-          f", augmented crops {cfg.augmentation.crop_size[0]}x{cfg.augmentation.crop_size[1]}, "
-          f"{batch[0].pair_point.shape[0]} point-pixel pairs after augmentation, {k} superpixels with points")
-    print(f"network: {shape}, {sum(p.numel() for p in net.parameters())} parameters; 2D {cfg.image.backbone} "
-          f"({cfg.image.weights} weights, frozen, input x{cfg.image.input_scale}; the authors' self-supervised "
-          f"ResNet-50 weights cannot be fetched here); loss tolerance="
-          f"{cfg.loss.tolerance} q={cfg.loss.q} balance={cfg.loss.balance}; device {device}, torch threads "
-          f"{torch.get_num_threads()}")
-    print(f"one-off: scene generation {generated:.2f} s, fixed part (SLIC, pairs) {preparation:.2f} s")
-    print(f"training step (1 scene, augmentations on): median {1000 * statistics.median(step_times):.0f} ms, "
-          f"min {1000 * min(step_times):.0f} ms over {args.steps} steps "
-          f"-> {1 / statistics.median(step_times):.2f} scenes/s")
-    print(f"  of which augmentation + backbone on the augmented images + z: median "
-          f"{1000 * statistics.median(image_times):.0f} ms (recomputed every step)")
-    print(f"3D network alone: forward {1000 * statistics.median(fwd):.0f} ms, "
-          f"forward + backward {1000 * statistics.median(fwd_bwd):.0f} ms (median)")
-    print(f"peak RSS: {rss_start:.0f} MiB after building the models, {rss_prepared:.0f} MiB after preparation, "
-          f"{rss_steps:.0f} MiB after the steps (+{rss_steps - rss_prepared:.0f} MiB)")
-    if gpu_peak is not None:
-        print(f"peak GPU memory allocated during the steps: {gpu_peak:.0f} MiB")
     write_figures(args.out, "distill_step", args, {
         "points": scene.num_points, "voxels": int(voxels.coords.shape[0]), "voxel_size": cfg.voxel.voxel_size,
         "coordinates": cfg.voxel.coordinates, "network": shape, "cameras": len(scene.cameras),
@@ -165,7 +166,7 @@ def main() -> None:
         "augment_backbone_ms": 1000 * statistics.median(image_times), "forward_ms": 1000 * statistics.median(fwd),
         "forward_backward_ms": 1000 * statistics.median(fwd_bwd), "rss_models_mib": rss_start,
         "rss_prepared_mib": rss_prepared, "rss_steps_mib": rss_steps, "gpu_peak_mib": gpu_peak},
-        config={"distill_config": cfg})
+        config={"distill_config": cfg}, show=render)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
     python benchmarks/eval_speed.py [--images 5000] [--captions-per-image 5] [--dim 1024] [--seed 0] [--threads 0]
         [--out runs/bench/eval_speed/default]
 
-Random unit embeddings (N images, 5N captions stored image by image, as COCO 5K). Prints, from one run:
+Random unit embeddings (N images, 5N captions stored image by image, as COCO 5K). Measures, from one run:
 (1) the GEMM ``img @ txt.T``; (2) the full protocol (``"all"`` + ``"fold5"``, GEMM included); (3) the ranking
 alone ("all", GEMM excluded) of ``xmcl.metrics.retrieval`` and of the classic loop (``np.argsort(d)[::-1]`` per
 image row and per caption row, then ``np.where(inds == i)[0][0]``, numpy's default sort as the classic code has it)
-on the same similarity, and whether their ranks agree; writes them to OUT/figures.json.
+on the same similarity, and whether their ranks agree; writes them to OUT/figures.json and prints its block of
+docs/results.md.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import time
 
 import numpy as np
 import torch
-from figures import parse_with_out, write_figures
+from figures import command_lines, conditions, parse_with_out, table, write_figures
 
-from xmcl.metrics.retrieval import RECALL_KS, Ranks, evaluate_embeddings, format_table, retrieval_ranks
+from xmcl.metrics.retrieval import RECALL_KS, Ranks, evaluate_embeddings, retrieval_ranks
 
 
 def classic_ranks(sim: np.ndarray, caption_image: np.ndarray) -> tuple[Ranks, float]:
@@ -54,6 +55,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_with_out(parser, "eval_speed", argv=argv)
 
 
+def render(d: dict) -> str:
+    """The block of docs/results.md: the four timings, both ratios against their targets, the rankings' agreement."""
+    f = d["figures"]
+    rows = [["bare GEMM", f"{f['gemm_s']:.3f} s"],
+            [f"full protocol ({' + '.join(f['protocols'])}, GEMM included)", f"{f['protocol_s']:.3f} s"],
+            ["ranking alone, ours", f"{f['ranking_ours_s']:.3f} s"],
+            ["ranking alone, classic per-query argsort loop", f"{f['ranking_classic_s']:.3f} s"]]
+    same = "the same" if f["same_recalls"] else "different"
+    return (f"{command_lines(d)}\n\n{f['num_images']:,} × {f['num_captions']:,} unit embeddings, dim "
+            f"{d['config']['dim']}:\n\n{table(['what', 'time'], rows)}\n\n"
+            f"- protocol / GEMM = **{f['protocol_over_gemm']:.2f}x** (target ≤ 1.5).\n"
+            f"- loop / ours = **{f['classic_over_ours']:.1f}x** (target ≥ 20).\n"
+            f"- The two rankings give {same} R@K; ranks differing: i2t {f['ranks_differing']['i2t']}, t2i "
+            f"{f['ranks_differing']['t2i']} (only exact ties can differ, which numpy's unstable default sort orders "
+            f"as it likes).")
+
+
+def summary(d: dict) -> str:
+    """README's line."""
+    f = d["figures"]
+    return (f"- `{d['command']}`: for {f['num_images']:,} × {f['num_captions']:,} similarities, the full protocol "
+            f"takes {f['protocol_over_gemm']:.2f}x the bare GEMM, and ranking is {f['classic_over_ours']:.1f}x "
+            f"faster than the classic per-query argsort loop ({conditions(d)}).")
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -64,43 +90,29 @@ def main() -> None:
     num_captions = args.images * args.captions_per_image
     texts = torch.nn.functional.normalize(torch.randn(num_captions, args.dim, generator=generator), dim=1)
     caption_image = np.repeat(np.arange(args.images), args.captions_per_image)
-    print(f"{args.images} images x {num_captions} captions, dim {args.dim}, {torch.get_num_threads()} threads")
     _ = images[:64] @ texts[:64].T  # load the BLAS kernels outside the timings
 
     start = time.perf_counter()
     sim = images @ texts.T
     gemm = time.perf_counter() - start
-    print(f"(1) similarity GEMM                      {gemm:8.3f} s")
-
     protocols = ("all", "fold5") if args.images % 5 == 0 else ("all",)
     start = time.perf_counter()
-    results = evaluate_embeddings(images, texts, caption_image, protocols)
+    evaluate_embeddings(images, texts, caption_image, protocols)
     protocol = time.perf_counter() - start
-    print(f"(2) full protocol {'+'.join(protocols):21s}  {protocol:8.3f} s  (GEMM included)")
-
     start = time.perf_counter()
     ours = retrieval_ranks(sim, caption_image)
     ours_seconds = time.perf_counter() - start
-    print(f"(3) ranking 'all', xmcl.metrics          {ours_seconds:8.3f} s")
     classic, classic_seconds = classic_ranks(sim.numpy(), caption_image)
-    print(f"    ranking 'all', classic argsort loop   {classic_seconds:8.3f} s")
 
     ours_m, classic_m = ours.metrics(), classic.metrics()
-    keys = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in RECALL_KS]
-    same = all(getattr(ours_m, k) == getattr(classic_m, k) for k in keys)
+    same = all(getattr(ours_m, f"{d}_r{k}") == getattr(classic_m, f"{d}_r{k}") for d in ("i2t", "t2i")
+               for k in RECALL_KS)
     differing = {"i2t": int((ours.i2t != classic.i2t).sum()), "t2i": int((ours.t2i != classic.t2i).sum())}
-    print("    R@K ours    " + " ".join(f"{k}={getattr(ours_m, k):.2f}" for k in keys))
-    print("    R@K classic " + " ".join(f"{k}={getattr(classic_m, k):.2f}" for k in keys))
-    print(f"    same R@K: {same}; ranks differing (only exact ties, ordered by numpy's unstable default sort, can "
-          f"differ): i2t {differing['i2t']}, t2i {differing['t2i']}")
-    print(format_table(results, show_folds=False))
-    print(f"ratios: protocol/gemm={protocol / gemm:.2f}x (target <=1.5x)  "
-          f"loop/ours ranking={classic_seconds / ours_seconds:.1f}x (target >=20x)")
     write_figures(args.out, "eval_speed", args, {
         "num_images": args.images, "num_captions": num_captions, "protocols": list(protocols),
         "gemm_s": gemm, "protocol_s": protocol, "ranking_ours_s": ours_seconds, "ranking_classic_s": classic_seconds,
         "protocol_over_gemm": protocol / gemm, "classic_over_ours": classic_seconds / ours_seconds,
-        "same_recalls": same, "ranks_differing": differing})
+        "same_recalls": same, "ranks_differing": differing}, show=render)
 
 
 if __name__ == "__main__":

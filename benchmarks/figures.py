@@ -14,7 +14,9 @@ benchmark chooses them), plus a short hash of every other option that differs fr
 commands that differ in any option never share a folder. The ``runs`` root moves with ``XMCL_RUNS``
 (``benchmarks/reproduce.py`` sets it to rerun every documented command into fresh folders); ``argv`` and
 ``command`` name paths under that root as ``runs/...``, so a rerun records the command as documented.
-``benchmarks/report.py`` turns these files into the tables of ``docs/results.md``.
+Each benchmark renders its figures file as the Markdown block it documents (a function beside its ``main``, built
+from the helpers below), prints that block when it writes the file, and ``benchmarks/report.py`` splices the blocks
+into ``docs/results.md`` and README.md.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +41,7 @@ import torch
 from xmcl.runtime.files import atomic_write_text
 
 FORMAT = "xmcl-figures/1"
+DOCUMENTS = ("docs/", "README.md")  # changes to these do not change a figure
 FILE_NAME = "figures.json"
 RUNS_ENV = "XMCL_RUNS"
 REPO = Path(__file__).resolve().parent.parent
@@ -90,6 +93,11 @@ def default_out(benchmark: str, args: argparse.Namespace, parser: argparse.Argum
     if others:
         parts.append("h" + hashlib.sha256(json.dumps(others, sort_keys=True).encode()).hexdigest()[:8])
     return runs_root() / "bench" / benchmark / ("-".join(parts) or "default")
+
+
+def options(doc: str) -> argparse.ArgumentParser:
+    """An argument parser whose help is the benchmark's docstring ``doc``, as written."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def parse_with_out(parser: argparse.ArgumentParser, benchmark: str, naming: Sequence[str] = (),
@@ -169,12 +177,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_figures(out: Path, benchmark: str, args: argparse.Namespace, figures: dict[str, Any],
-                  config: dict[str, Any] | None = None, argv: Sequence[str] | None = None) -> Path:
-    """Write ``out/figures.json`` (atomically) for ``benchmark`` run with ``args`` (plus ``config``, what the run
-    resolved beyond its options); return its path and print where it went."""
+def figures_record(benchmark: str, args: argparse.Namespace, figures: dict[str, Any],
+                   config: dict[str, Any] | None = None, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The figures file of ``benchmark`` run with ``args`` (plus ``config``, what the run resolved beyond its
+    options) and command-line arguments ``argv`` (default ``sys.argv[1:]``), as written (see the module
+    docstring)."""
     argv = as_documented(sys.argv[1:] if argv is None else argv)
-    record = {
+    return {
         "format": FORMAT,
         "benchmark": benchmark,
         "argv": argv,
@@ -184,7 +193,78 @@ def write_figures(out: Path, benchmark: str, args: argparse.Namespace, figures: 
         "machine": machine(),
         "figures": jsonable(figures),
     }
+
+
+def write_figures(out: Path, benchmark: str, args: argparse.Namespace, figures: dict[str, Any],
+                  config: dict[str, Any] | None = None, argv: Sequence[str] | None = None,
+                  show: Callable[[dict], str] | None = None) -> Path:
+    """Write ``figures_record(...)`` to ``out/figures.json`` (atomically); print ``show(record)`` (the benchmark's
+    block) and where the file went; return its path."""
+    record = figures_record(benchmark, args, figures, config, argv)
     path = Path(out) / FILE_NAME
     atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    if show is not None:
+        print(f"\n{show(record)}\n")
     print(f"wrote {path}")
     return path
+
+
+# ------------------------------------------------------------------------------- figures files as Markdown
+RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+RECALL_HEADER = ["i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rSum"]
+
+
+def provenance(data: dict) -> str:
+    """``commit 1234567, 2026-12-02, 2 torch threads, 2 cores, load average 3.1 → 2.9``: where and when a figures
+    file was made."""
+    m = data["machine"]
+    code_changed = m.get("dirty") and any(not path.startswith(DOCUMENTS) for path in m.get("changed") or ["?"])
+    commit = (m.get("commit") or "unknown")[:7] + (" with uncommitted code changes" if code_changed else "")
+    threads = f"{m['torch_threads']} torch thread{'s' if m['torch_threads'] != 1 else ''}"
+    return f"commit {commit}, {data['date'][:10]}, {threads}, {conditions(data)}"
+
+
+def conditions(data: dict) -> str:
+    """``2 cores, load average 7.1 → 6.5, nice 10``: what a timing shared the machine with (the 1-minute load
+    average when the benchmark started and when it wrote its figures)."""
+    m = data["machine"]
+    load = m["load_average"][0]
+    if "load_average_start" in m:
+        load = f"{m['load_average_start'][0]} → {load}"
+    nice = f", nice {m['nice']}" if m.get("nice") else ""
+    return f"{m['cores_usable']} cores, load average {load}{nice}"
+
+
+def command_lines(*datas: dict) -> str:
+    """Each figures file's command in a code block, with its ``provenance``."""
+    return "\n".join(f"```\n{d['command']}\n```\n({provenance(d)})" for d in datas)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def f2(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def signed(value: float, digits: int = 1) -> str:
+    """``+1.5`` / ``−1.5`` (a real minus sign)."""
+    return f"{value:+.{digits}f}".replace("-", "−")
+
+
+def gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def recall_rows(runs: dict[str, dict], labels: dict[str, str] | None = None) -> list[list[str]]:
+    """One row per run (R@1/5/10 both ways, rSum), the best rSum in bold."""
+    best = max(m["rsum"] for m in runs.values())
+    rows = []
+    for name, m in runs.items():
+        rsum = f"**{f2(m['rsum'])}**" if m["rsum"] == best and len(runs) > 1 else f2(m["rsum"])
+        rows.append([(labels or {}).get(name, name), *(f2(m[k]) for k in RECALLS), rsum])
+    return rows

@@ -18,32 +18,27 @@ size). Target: >= 60 images/s.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from figures import parse_with_out, write_figures
-from query_latency import RUNTIMES, gemm_gflops
-from timing import gflop
+from figures import command_lines, conditions, f2, gib, options, parse_with_out, table, write_figures
+from query_latency import RUNTIMES
+from search_latency import FLICKR, flickr_val
+from timing import gemm_gflops, gflop
 
 from xmcl.retrieval.export import export_model_dir
 from xmcl.retrieval.index.build import IndexOptions, build_index
 from xmcl.retrieval.index.vectors import choose_index, index_bytes
 from xmcl.retrieval.retriever import Retriever
 
-ROOT = Path(__file__).resolve().parents[1]
-FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
-
-
 def folder_bytes(folder: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in folder.glob(pattern))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = options(__doc__)
     parser.add_argument("--model", default="flickr8k", help="a checkpoint, model directory or shipped model's name")
     parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
     parser.add_argument("--images", type=int, default=500)
@@ -59,11 +54,39 @@ def image_gflop(retriever: Retriever, photo: Path) -> float:
     return gflop(lambda: retriever.encode_prepared({key: value[None] for key, value in item.items()}))
 
 
+def render(d: dict) -> str:
+    """The block of docs/results.md: images/s per runtime and workers against the FLOP floor, bytes on disk."""
+    f = d["figures"]
+    floor = f["flop_floor_images_per_second"]
+    rows = [[r["runtime"], str(r["workers"]), f"{r['images_per_second']:.1f}", f2(r["images_per_second"] / floor)]
+            for r in f["rates"]]
+    million = f["million"]
+    shards, store = f["shard_bytes_per_image"] * 1e6, f["store_bytes_per_image"] * 1e6
+    return (f"{command_lines(d)}\n\n{f['images']} Flickr8K val photos through `build_index` (the `xmcl index` "
+            f"path) with model `{d['config']['model']}` ({f['dim']}-d), {d['config']['threads']} threads, batch "
+            f"{d['config']['batch_size']}. The image path costs {f['gflop_per_image']:.3f} GFLOP per image; at the "
+            f"{f['gemm_gflops']:.1f} GFLOP/s of a 1024^3 GEMM on those threads, its FLOP floor is {floor:.0f} "
+            f"images/s.\n\n" + table(["runtime", "decoding workers", "images/s", "of the floor"], rows)
+            + f"\n\n- On disk per image: {f['shard_bytes_per_image']:,.0f} B of float16 shard, "
+            f"{f['store_bytes_per_image']:,.0f} B of SQLite metadata; a million images take {gib(shards)} of shards "
+            f"+ {gib(store)} of store + {gib(million['faiss_bytes'])} for the {million['factory']} index that size "
+            f"gets (estimate) = {gib(million['total_bytes'])}.")
+
+
+def summary(d: dict) -> str:
+    """README's line."""
+    f = d["figures"]
+    best = max(f["rates"], key=lambda r: r["images_per_second"])
+    return (f"- `{d['command']}`: {best['images_per_second']:.1f} images/s from raw 224-px photos ({best['runtime']}; "
+            f"FLOP floor {f['flop_floor_images_per_second']:.0f}; {conditions(d)}); an index of a million "
+            f"{f['dim']}-d images takes about {gib(f['million']['total_bytes'])} (float16 shards, SQLite, "
+            f"{f['million']['factory']}).")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = [im["filename"] for im in json.loads((FLICKR / "dataset_flickr8k.json").read_text())["images"]
-             if im["split"] == "val"][: args.images]
+    names = [image["filename"] for image in flickr_val(args.images)]
     model_dir = export_model_dir(args.model, args.out / "model", overwrite=True, onnx=True, quantize=True)
     rate = gemm_gflops()
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,9 +96,6 @@ def main(argv: list[str] | None = None) -> None:
             shutil.copy(FLICKR / "images" / name, photos / name)
         cost = image_gflop(Retriever.load(model_dir, "cpu"), photos / names[0])
         floor = rate / cost
-        print(f"{len(names)} Flickr8K val photos, {os.cpu_count()} cores, {args.threads} threads, batch "
-              f"{args.batch_size}; model {args.model}; {cost:.3f} GFLOP per image, GEMM {rate:.1f} GFLOP/s on "
-              f"{args.threads} threads: FLOP floor {floor:.0f} images/s")
         rates = []
         for runtime in args.runtimes:
             retriever = Retriever.load(model_dir, "cpu", runtime=runtime, threads=args.threads)
@@ -85,23 +105,17 @@ def main(argv: list[str] | None = None) -> None:
                     batch_size=args.batch_size, num_workers=workers, progress=False))
                 rates.append({"runtime": runtime, "workers": workers, "images_per_second": report["images_per_second"],
                               "encode_seconds": report["encode_seconds"]})
-                print(f"  {runtime}, {workers} decoding workers: {report['images_per_second']:.1f} images/s "
-                      f"({report['images']} images in {report['encode_seconds']:.1f} s; "
-                      f"{report['images_per_second'] / floor:.2f} of the FLOP floor)")
         n, dim = report["images"], retriever.dim
         shards = folder_bytes(out / "shards", "*.npy") / n
         store = folder_bytes(out, "items.sqlite*") / n
         plan = choose_index(1_000_000, dim)
         faiss_bytes = index_bytes(plan, 1_000_000, dim)
-        print(f"per image on disk: shards {shards:.0f} B (float16 x {dim}), SQLite store {store:.0f} B, "
-              f"FAISS {report['indexes']['images']['bytes'] / n:.0f} B ({report['indexes']['images']['factory']})")
         total = (shards + store) * 1_000_000 + faiss_bytes
-        print(f"per million images: shards {shards * 1e6 / 2**30:.2f} GiB + store {store * 1e6 / 2**30:.2f} GiB + "
-              f"FAISS {plan.factory(dim)} {faiss_bytes / 2**30:.2f} GiB (estimate) = {total / 2**30:.2f} GiB")
     write_figures(args.out, "index_throughput", args, {
         "images": n, "dim": dim, "rates": rates, "gflop_per_image": cost, "gemm_gflops": rate,
         "flop_floor_images_per_second": floor, "shard_bytes_per_image": shards, "store_bytes_per_image": store,
-        "million": {"factory": plan.factory(dim), "faiss_bytes": faiss_bytes, "total_bytes": total}}, argv=argv)
+        "million": {"factory": plan.factory(dim), "faiss_bytes": faiss_bytes, "total_bytes": total}}, argv=argv,
+        show=render)
 
 
 if __name__ == "__main__":

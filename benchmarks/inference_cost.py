@@ -17,34 +17,27 @@ token features are repeated to make up the 5,000, which costs the scorers what d
   attended image vector per word -> cosine with the word, averaged over words. It is timed on ``--scan-captions``
   captions against all images and scaled linearly to all captions (its cost is exactly linear in the pairs).
 
-Prints each part, the scoring-only ratio and the ratio including the shared encoding. The paper's figure (over 60x
+Prints each part, the scoring-only ratio and the ratio including the shared encoding (the block of
+docs/results.md). The paper's figure (over 60x
 against NAAF, a heavier cross-attention matcher than SCAN) is for its own setting; this reproduces the kind.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from figures import parse_with_out, write_figures
+from figures import command_lines, options, parse_with_out, table, write_figures
+from search_latency import flickr_captions
 
 from xmcl.config import load_config
 from xmcl.data.text import HFTokenizer, collate_tokens, resolve_text_model_dir
 from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.model import USERModel
 
-ROOT = Path(__file__).resolve().parents[1]
 LAMBDA = 9.0
-
-
-def flickr_captions(limit: int) -> list[str]:
-    data = json.loads((ROOT.parent / "shared/data/flickr8k/dataset_flickr8k.json").read_text())
-    return [s["raw"] for im in data["images"] if im["split"] == "val" for s in im["sentences"]][:limit]
 
 
 @torch.no_grad()
@@ -95,7 +88,7 @@ def scan_t2i(cells: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = options(__doc__)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--captions", type=int, default=5000)
     parser.add_argument("--encode-captions", type=int, default=500)
@@ -103,6 +96,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     return parse_with_out(parser, "inference_cost", argv=argv)
+
+
+def render(d: dict) -> str:
+    """The block of docs/results.md: each part's seconds and both ratios."""
+    f = d["figures"]
+    rows = [[f"shared local features: {f['images']:,} images (SGE + projection on 49 x 1280 cells)",
+             f"{f['image_locals_seconds']:.1f}"],
+            [f"shared local features: {f['captions']:,} captions (MiniLM + projection; timed on "
+             f"{d['config']['encode_captions']}, scaled)", f"{f['caption_locals_seconds']:.1f}"],
+            [f"dual encoder: GPO pooling of both sides + one GEMM -> {f['images']:,} x {f['captions']:,} scores",
+             f"{f['dual_seconds']:.1f}"],
+            [f"SCAN t2i cross-attention, lambda 9 (timed on {f['scan_captions']} captions x {f['images']:,} images: "
+             f"{f['scan_measured_seconds']:.1f} s, scaled)", f"{f['scan_seconds']:,.1f}"]]
+    return (f"{command_lines(d)}\n\n" + table(["part", "seconds"], rows)
+            + f"\n\n- Scoring alone, the cross-attention matcher costs **{f['ratio_scoring']:.0f}x** the dual "
+            f"encoder; with the shared encoding counted on both sides, {f['ratio_with_encoding']:.1f}x.")
+
+
+def summary(d: dict) -> str:
+    """README's line."""
+    f = d["figures"]
+    return (f"- `{d['command']}`: scoring {f['images']:,} x {f['captions']:,} with SCAN's cross-attention costs "
+            f"{f['ratio_scoring']:.0f}x the dual encoder's pooling + GEMM ({f['ratio_with_encoding']:.1f}x with the "
+            f"shared encoding of both sides).")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,9 +131,6 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = HFTokenizer(resolve_text_model_dir(cfg.model.text_model))
     regions = torch.randn(args.images, 49, cfg.model.region_dim).half().float()
     captions = flickr_captions(args.captions)
-    print(f"{args.images} images x {len(captions)} captions, {args.threads} torch thread(s); model "
-          f"configs/flickr8k_user.yaml (untrained), {regions.shape[1]} cells x {regions.shape[2]} -> "
-          f"{cfg.model.embed_dim}-d, MiniLM text tower")
 
     began = time.perf_counter()
     cells, cell_lengths = image_locals(model, regions)
@@ -128,32 +142,25 @@ def main(argv: list[str] | None = None) -> None:
     text_seconds = (time.perf_counter() - began) * len(captions) / len(encoded)
     words = [words[i % len(words)] for i in range(-(-len(captions) // 250))]
     shared = image_seconds + text_seconds
-    print(f"shared local features: images {image_seconds:.2f} s, captions {text_seconds:.2f} s (timed on "
-          f"{len(encoded)}, scaled to {len(captions)})")
     dual_scores(model, cells[:10], cell_lengths[:10], words[:1])  # warm-up
 
     began = time.perf_counter()
-    sims = dual_scores(model, cells, cell_lengths, words)
+    dual_scores(model, cells, cell_lengths, words)
     dual = time.perf_counter() - began
-    print(f"dual encoder: pooling + one GEMM -> {tuple(sims.shape)} scores in {dual:.3f} s")
 
     flat = [(local[i, : int(lengths[i])]) for local, lengths in words for i in range(len(lengths))]
     chosen = flat[: args.scan_captions]
     scan_t2i(cells, chosen[0])  # warm-up
     began = time.perf_counter()
     with torch.no_grad():
-        scores = torch.stack([scan_t2i(cells, w) for w in chosen], dim=1)
+        torch.stack([scan_t2i(cells, w) for w in chosen], dim=1)
     measured = time.perf_counter() - began
     scan = measured * len(captions) / len(chosen)
-    print(f"SCAN t2i cross-attention (lambda {LAMBDA:g}): {tuple(scores.shape)} scores in {measured:.2f} s, "
-          f"so {scan:.1f} s for all {len(captions)} captions (linear in the pairs)")
-    print(f"ratio, scoring only: {scan / dual:.0f}x; with the shared encoding: "
-          f"{(shared + scan) / (shared + dual):.1f}x")
     write_figures(args.out, "inference_cost", args, {
         "images": args.images, "captions": len(captions), "image_locals_seconds": image_seconds,
         "caption_locals_seconds": text_seconds, "dual_seconds": dual, "scan_measured_seconds": measured,
         "scan_captions": len(chosen), "scan_seconds": scan, "ratio_scoring": scan / dual,
-        "ratio_with_encoding": (shared + scan) / (shared + dual)}, argv=argv)
+        "ratio_with_encoding": (shared + scan) / (shared + dual)}, argv=argv, show=render)
 
 
 if __name__ == "__main__":

@@ -40,11 +40,12 @@ import json
 import time
 from pathlib import Path
 
-from figures import add_lane_option, in_lane, parse_with_out, write_figures
+from figures import (RECALL_HEADER, add_lane_option, command_lines, in_lane, options, parse_with_out, recall_rows,
+                     signed, table, write_figures)
 
 from xmcl.config import load_config
 from xmcl.data.open import open_split
-from xmcl.metrics.retrieval import Metrics, evaluate_embeddings, format_table
+from xmcl.metrics.retrieval import Metrics, evaluate_embeddings
 from xmcl.retrieval.clip.cache import ClipCache
 from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.inference import evaluate_checkpoint
@@ -124,7 +125,7 @@ def train_and_score(cfg: RetrievalTrainConfig, run_dir: Path, data: Path, split:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options (``argv``, default the command line), ``out`` resolved."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = options(__doc__)
     parser.add_argument("--data", type=Path, required=True, help="precomputed-feature folder (train + val splits)")
     parser.add_argument("--split", default="val", help="split to report")
     parser.add_argument("--val-split", default="val", help="split whose rSum picks each variant's best epoch")
@@ -149,6 +150,81 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.clip_cache and any("model.cge=true" in VARIANTS[name] for name in args.variants):
         parser.error("the CGE variants need --clip-cache")
     return args
+
+
+LABELS = {
+    "user_uto_plain": "user_uto_plain (UTO alone: no SGE, no queues)",
+    "user_noqueue": "user_noqueue (SGE, UTO)",
+    "user_keep": "user_keep (+queues, authors' false negatives)",
+    "user": "user (+queues, id mask)",
+    "user_plain": "user_plain (queues, no SGE/CGE)",
+    "user_cge": "user_cge (queues, CGE, no SGE)",
+    "user_sge_cge": "user_sge_cge (queues, SGE, CGE)",
+    "user_tolerant": "user_tolerant (user + tolerant queues)",
+    "user_cge_tolerant": "user_cge_tolerant (user_cge + tolerant queues, CLIP similarity)",
+}
+DIFFERENCES = (  # what changes from the second variant to the first, one component at a time
+    ("UTO instead of the hinge (neither has SGE or queues)", "user_uto_plain", "vsepp"),
+    ("UTO instead of InfoNCE (neither has SGE or queues)", "user_uto_plain", "infonce"),
+    ("SGE, without queues", "user_noqueue", "user_uto_plain"),
+    ("momentum queues with the id mask, with SGE", "user", "user_noqueue"),
+    ("the id mask instead of the authors' false negatives", "user", "user_keep"),
+    ("SGE, with queues", "user", "user_plain"),
+    ("CGE, with queues", "user_cge", "user_plain"),
+    ("SGE + CGE, with queues", "user_sge_cge", "user_plain"),
+    ("tolerant queues, with SGE", "user_tolerant", "user"),
+    ("tolerant queues, with CGE", "user_cge_tolerant", "user_cge"),
+)
+
+
+def train_minutes(run: dict) -> str:
+    """``12.5 min``, or for a run resumed across processes the part its last process trained."""
+    if "train_seconds" in run:
+        return f"{run['train_seconds'] / 60:.1f} min"
+    return f"{run['train_seconds_this_session'] / 60:.1f} min in its last process (resumed)"
+
+
+def budget(config: dict) -> str:
+    """``8 epochs`` or ``4 epochs × 50 steps``."""
+    steps = config["max_steps_per_epoch"]
+    return f"{config['epochs']} epochs" + (f" × {steps} steps" if steps else "")
+
+
+def render(d: dict) -> str:
+    """The block of docs/results.md: the recall table, the differences one component at a time, the validation
+    curves, the train times and the CLIP teacher's own figures."""
+    f = d["figures"]
+    runs = {name: v["metrics"] for name, v in f["variants"].items()}
+    c = d["config"]
+    parts = [command_lines(d),
+             f"{c['data']} / {f['split']} ({f['num_images']:,} images, {f['num_captions']:,} captions), best epoch by "
+             f"{f['val_split']} rSum; {budget(c)} of batch {c['batch_size']}, seed {c['seed']}, text encoder "
+             f"{c['text_encoder']}:",
+             table(["variant", *RECALL_HEADER], recall_rows(runs, LABELS))]
+    diffs = [f"- {what}: {signed(runs[a]['rsum'] - runs[b]['rsum'])} rSum ({a} against {b})"
+             for what, a, b in DIFFERENCES if a in runs and b in runs]
+    if diffs:
+        parts.append("One component at a time, from the table:\n\n" + "\n".join(diffs))
+    epochs = sorted({int(e) for v in f["variants"].values() for e in v["val_rsum_per_epoch"]})
+    curve_rows = [[name, *(f"{v['val_rsum_per_epoch'].get(str(e), float('nan')):.1f}" for e in epochs)]
+                  for name, v in f["variants"].items()]
+    parts.append(f"{f['val_split'].capitalize()} rSum per epoch:\n\n"
+                 + table(["variant", *(f"epoch {e}" for e in epochs)], curve_rows))
+    times = ", ".join(f"{name} {train_minutes(v)}" for name, v in f["variants"].items())
+    parts.append(f"Train time per variant: {times}.")
+    teacher = f.get("teacher")
+    if teacher:
+        parts.append(f"The CLIP teacher itself (`{teacher['checkpoint']}`, its cached embeddings ranked by the same "
+                     f"protocol): rSum {teacher['rsum']:.2f} (R@1 {teacher['i2t_r1']:.1f} / {teacher['t2i_r1']:.1f}).")
+    return "\n\n".join(parts)
+
+
+def summary(d: dict) -> str:
+    """README's line: each variant's rSum."""
+    f = d["figures"]
+    rsums = ", ".join(f"{name} {v['metrics']['rsum']:.1f}" for name, v in f["variants"].items())
+    c = d["config"]
+    return f"- `benchmarks/retrieval_quality.py` on `{c['data']}` ({budget(c)}), {f['split']} rSum: {rsums}."
 
 
 def main() -> None:
@@ -183,19 +259,12 @@ def main() -> None:
         print(f"lane {args.lane[0]}/{args.lane[1]} done; rerun without --lane to collect the figures")
         return
 
-    print(f"\n{args.data} / {args.split} (best epoch by {args.val_split} rSum): {args.epochs} epochs"
-          f"{f' x {args.max_steps_per_epoch} steps' if args.max_steps_per_epoch else ''}, batch {args.batch_size}, "
-          f"seed {args.seed}, text encoder {args.text_encoder}, lambda_batch {args.lambda_batch}")
-    print(format_table(results, show_folds=False))
-    best = max(results, key=lambda k: results[k].rsum)
-    print(f"best rSum: {best} ({results[best].rsum:.2f}); "
-          f"train time per variant: {', '.join(f'{k} {v:.0f}s' for k, v in seconds.items())}")
     split = open_split(args.data, args.split)
     figures = {"split": args.split, "val_split": args.val_split, "num_images": split.num_images,
                "num_captions": split.num_captions, "variants": runs}
     if args.clip_cache:
         figures["teacher"] = teacher_metrics(args.clip_cache, args.data, args.split)
-    write_figures(args.out, "retrieval_quality", args, figures, config={"variant_configs": configs})
+    write_figures(args.out, "retrieval_quality", args, figures, config={"variant_configs": configs}, show=render)
 
 
 if __name__ == "__main__":

@@ -41,11 +41,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import statistics
 from pathlib import Path
 
 import torch
-from figures import CODE_VERSION, add_lane_option, in_lane, parse_with_out, write_figures
+from figures import (CODE_VERSION, RECALL_HEADER, RECALLS, add_lane_option, command_lines, in_lane, options,
+                     parse_with_out, signed, table, write_figures)
 from retrieval_quality import TOLERANT, train_and_score
 from timing import gflop, repeat_seconds
 
@@ -298,7 +300,7 @@ def summarise(results: dict[str, dict], runs: list[tuple[str, int, list[str]]]) 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options (``argv``, default the command line), ``out`` resolved."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = options(__doc__)
     parser.add_argument("--data", type=Path, required=True, help="features folder with grid and token features")
     parser.add_argument("--config", default="flickr8k_locked", help="shipped config name or YAML path")
     parser.add_argument("--split", default="val", help="split to report")
@@ -332,6 +334,136 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+LABELS = {
+    "infonce": "InfoNCE", "vsepp": "VSE++ (hinge)", "user_noqueue": "USER without queue (SGE, UTO)",
+    "user": "USER (SGE, UTO, queues)", "user_authors": "USER, the authors' key modes, init and decay",
+    "user_tolerant": "USER + tolerant queues", "infonce_tolerant": "InfoNCE + tolerance",
+}
+POINT_LABELS = {"user": "USER", "user_tolerant": "USER + tolerant queues"}  # a variant at another UTO point
+BASELINES = ("infonce", "vsepp")
+R1_TARGET = {"i2t_r1": 33.0, "t2i_r1": 24.0}  # the target of the best variant at convergence
+
+
+def label(name: str) -> str:
+    """The table label of a run name; a point ``user_g0.3_mu30`` is USER at γ 0.3, μ 30 (``user_tolerant_g0.3_mu30``:
+    USER + tolerant queues there)."""
+    point = re.fullmatch(r"(user\w*?)_g([\d.]+)_mu([\d.]+)", name)
+    if point is None:
+        return LABELS.get(name, name)
+    return f"{POINT_LABELS.get(point[1], point[1])}, UTO γ {point[2]}, μ {point[3]}"
+
+
+def mean_std(cell: dict, digits: int = 1) -> str:
+    return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}" if cell["n"] > 1 else f"{cell['mean']:.{digits}f}"
+
+
+def run_threads(run: dict) -> str:
+    """``, 1 thread``: the torch threads a kept run trained with (empty when it does not say)."""
+    threads = run.get("threads")
+    return "" if threads is None else f", {threads} thread{'s' if threads != 1 else ''}"
+
+
+def render(d: dict) -> str:
+    """The block of docs/results.md: mean ± std over seeds per variant, per-seed rSum, the best variant against the
+    baselines, the curves."""
+    f = d["figures"]
+    runs, by_variant = f["runs"], f["summary"]
+    cfg = next(r["config"] for r in runs.values())
+    model, optim = cfg["model"], cfg["optim"]
+    rows = []
+    for name, row in by_variant.items():
+        if "rsum" not in row:
+            continue
+        rows.append([label(name), str(row["rsum"]["n"]), *(mean_std(row[k]) for k in RECALLS),
+                     mean_std(row["rsum"], 2)])
+    seeds = []
+    for name in by_variant:
+        done = [(key.split("/seed")[1], r) for key, r in runs.items() if key.split("/seed")[0] == name]
+        cells = [f"seed {seed}: " + (f"{r['metrics']['rsum']:.1f} (best epoch {r['best_epoch']}{run_threads(r)})"
+                                     if "metrics" in r else "stalled at its first step") for seed, r in done]
+        seeds.append(f"- {name}: " + "; ".join(cells))
+    width = f"a frozen {model['region_dim']} → {model['region_pca_dim']} PCA" if model.get("region_pca_dim") else \
+        f"{model['region_dim']}-d cells"
+    return "\n\n".join(part for part in [
+        command_lines(d),
+        f"Flickr8K {f['split']}, best-validation checkpoint of each run. Every variant alike: locked text (the frozen "
+        f"MiniLM's cached token states), frozen EfficientNet-Lite0 grid features through {width}, embed "
+        f"{model['embed_dim']}, MLP {model['head_hidden_dim']}, queue {model['queue_size']}, momentum "
+        f"{model['momentum']}, batch {optim['batch_size']}, {optim['epochs']} epochs, lr {optim['lr']:g} × 0.1 at "
+        f"epoch {optim['lr_decay_epochs'][0]}, no hinge warm-up. Mean ± std over seeds:",
+        table(["variant", "seeds", *RECALL_HEADER], rows),
+        "Per seed (rSum, best epoch, torch threads; a one-thread run shared the 2 cores with another one-thread "
+        "run, which gives more runs an hour than one run on two threads):\n\n" + "\n".join(seeds),
+        best_against_baselines(runs, by_variant),
+        f"Val rSum per epoch, every run: ![curves](figures/rq_converged_runs/{f['kept_curves']})"
+        if f.get("kept_curves") else "",
+    ] if part)
+
+
+def best_against_baselines(runs: dict[str, dict], by_variant: dict[str, dict]) -> str:
+    """The best variant by mean rSum against each baseline, paired by seed (rSum difference per seed, its mean and
+    how many seeds it is positive on, beside both spreads), and its mean R@1 against ``R1_TARGET``; empty when
+    the baselines were not run (the sweep)."""
+    scored = {name: row for name, row in by_variant.items() if "rsum" in row}
+    baselines = [name for name in BASELINES if name in scored]
+    if not baselines:
+        return ""
+    best = max(scored, key=lambda name: scored[name]["rsum"]["mean"])
+    rsum: dict[str, dict[str, float]] = {}  # variant -> seed -> rSum of the finished runs
+    for key, run in runs.items():
+        if "metrics" in run:
+            variant, seed = key.split("/seed")
+            rsum.setdefault(variant, {})[seed] = run["metrics"]["rsum"]
+    lines = []
+    for base in baselines:
+        if base == best:
+            continue
+        pairs = [(seed, value - rsum[base][seed]) for seed, value in rsum.get(best, {}).items() if seed in rsum[base]]
+        if not pairs:
+            continue
+        diffs = [diff for _, diff in pairs]
+        lines.append(f"- against {label(base)}: " + ", ".join(
+            f"seed {seed} {signed(diff)}" for seed, diff in pairs) + f" (mean {signed(sum(diffs) / len(diffs))}, "
+            f"positive on {sum(diff > 0 for diff in diffs)} of {len(diffs)} seeds; std over seeds "
+            f"{scored[best]['rsum']['std']:.1f} and {scored[base]['rsum']['std']:.1f})")
+    r1 = ", ".join(f"{key[:3]} {scored[best][key]['mean']:.1f} (target ≥ {target:g}: "
+                   f"{'met' if scored[best][key]['mean'] >= target else 'not met'})" for key, target in R1_TARGET.items())
+    return (f"The best variant by mean rSum, {label(best)}, paired by seed (rSum difference):\n\n" + "\n".join(lines)
+            + f"\n\nIts mean R@1: {r1}.")
+
+
+def summary(d: dict) -> str:
+    """README's line: mean ± std val rSum per variant, and the best variant's R@1 both ways (the command's
+    ``--retune`` named where it ran with it)."""
+    rows = {name: row for name, row in d["figures"]["summary"].items() if "rsum" in row}
+    best = max(rows, key=lambda name: rows[name]["rsum"]["mean"])
+    seeds = "-".join(map(str, d["config"]["seeds"]))
+    rsums = ", ".join(f"{label(name)} {mean_std(row['rsum'])}" for name, row in rows.items())
+    retune = " --retune" if d["config"].get("retune") else ""
+    return (f"- `benchmarks/rq_converged.py{retune}` (Flickr8K, locked text, 20 epochs, seeds {seeds}), val rSum mean ± std: "
+            f"{rsums}; the best, {label(best)}, has R@1 "
+            f"{rows[best]['i2t_r1']['mean']:.1f} / {rows[best]['t2i_r1']['mean']:.1f}.")
+
+
+def render_estimate(reduced: dict, full: dict) -> str:
+    """The block of docs/results.md: step time against the FLOP bound of each variant, with the PCA and on the
+    1280-d cells."""
+    rows = []
+    for cells, d in (("256-d (PCA)", reduced), ("1280-d cells", full)):
+        f = d["figures"]["estimate"]
+        for name, v in f.items():
+            if isinstance(v, dict):
+                rows.append([cells, label(name), f"{v['step_gflop']:.1f}",
+                             f"{v['flop_bound_seconds']:.3f} s", f"{v['seconds_per_step']:.3f} s",
+                             f"{v['seconds_per_step'] / v['flop_bound_seconds']:.1f}x", f"{v['run_minutes']:.0f} min"])
+    rate = reduced["figures"]["estimate"]["gemm_gflops"]
+    return (f"{command_lines(reduced, full)}\n\nBare GEMM rate {rate:.0f} GFLOP/s. GFLOP: one step's forward and "
+            f"backward (`torch.utils.flop_counter`, 49 cells, 14 tokens); bound: GFLOP over the GEMM rate; step: "
+            f"measured inside the training loop (data included); run: a 20-epoch run's steps at that time "
+            f"(validation not counted). Target: a run in ≤ 15 min.\n\n"
+            + table(["cells", "variant", "GFLOP", "FLOP bound", "step", "step / bound", "20-epoch run"], rows))
+
+
 def main() -> None:
     args = parse_args()
     if args.estimate_steps:
@@ -353,20 +485,13 @@ def main() -> None:
     if args.lane:
         print(f"lane {args.lane[0]}/{args.lane[1]} done; rerun without --lane to collect the figures")
         return
-    table = summarise(results, runs)
-    for name, row in table.items():
-        stalled = f", stalled seeds {row['stalled_seeds']}" if row["stalled_seeds"] else ""
-        if "rsum" in row:
-            print(f"{name:14s} rSum {row['rsum']['mean']:7.2f} +- {row['rsum']['std']:.2f} (n={row['rsum']['n']})"
-                  f"{stalled}")
-        else:
-            print(f"{name:14s} no finished run{stalled}")
     plot_curves(results, args.out / "curves.png")
     if args.keep:  # beside the kept results, for the document
         plot_curves(results, args.keep / curves_name(args))
     write_figures(args.out, "rq_converged", args, {"split": args.split, "sweep": args.sweep, "runs": results,
-                                                   "summary": table,
-                                                   "kept_curves": curves_name(args) if args.keep else None})
+                                                   "summary": summarise(results, runs),
+                                                   "kept_curves": curves_name(args) if args.keep else None},
+                  show=render)
 
 
 if __name__ == "__main__":

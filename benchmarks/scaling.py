@@ -14,7 +14,8 @@ each other at every collective). Measured per 2-rank step: the gradient all-redu
 waiting for the slower rank), the same all-reduce alone right after a barrier (transfer only), and the rest
 (compute and the forward's gathers). Per mode, rank 0's CPU seconds per wall second of a step (at most its
 thread count): below that, its threads waited for a core or for each other, which on shared cores is what limits
-the threaded mode. Last lines: samples/s of each mode, the ratio 2x1 / 1x2, the split and the CPU shares.
+the threaded mode. Prints the block of docs/results.md: samples/s of each mode, the ratio 2x1 / 1x2, the split and
+the CPU shares.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from figures import parse_with_out, write_figures
+from figures import command_lines, conditions, options, parse_with_out, table, write_figures
 from train_throughput import make_batch
 
 from xmcl.config import load_config
@@ -41,6 +42,7 @@ from xmcl.runtime.distributed import SINGLE_PROCESS, average_gradients, close_wo
 
 REGIONS, VOCAB = 16, 200  # the shapes world: 4 x 4 grid features; a small vocabulary
 MODES = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # processes x threads each
+MODE_LABELS = {"1x1": "1 process × 1 thread", "1x2": "1 process × 2 threads", "2x1": "2 processes × 1 thread"}
 
 
 def _free_port() -> int:
@@ -119,7 +121,7 @@ def run_mode(size: int, threads: int, args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options (``argv``, default the command line), ``out`` resolved."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = options(__doc__)
     parser.add_argument("--batch-size", type=int, default=128, help="the global batch (2 ranks: half each)")
     parser.add_argument("--tokens", type=int, default=12)
     parser.add_argument("--steps", type=int, default=12)
@@ -127,29 +129,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_with_out(parser, "scaling", argv=argv)
 
 
+def render(d: dict) -> str:
+    """The block of docs/results.md: each mode's throughput and CPU share, the ratio, where a 2-process step goes."""
+    f = d["figures"]
+    modes = f["modes"]
+    rows = [[label, f"{modes[name]['samples_per_s']:.1f}", f"{modes[name]['ms_per_step']:.0f}",
+             f"{modes[name]['cpu_per_wall']:.2f} of {modes[name]['threads_each']}"
+             if "cpu_per_wall" in modes[name] else "not measured"] for name, label in MODE_LABELS.items()]
+    two = modes["2x1"]
+    return (f"{command_lines(d)}\n\nUSER of `configs/shapes_user.yaml` on random batches shaped like the shapes "
+            f"features, global batch {d['config']['batch_size']}; 2 processes: gloo on 127.0.0.1, half the batch "
+            f"each.\n\n" + table(["mode", "samples/s", "ms/step (median)", "CPU s per wall s (rank 0)"], rows)
+            + f"\n\n2 processes × 1 thread / 1 process × 2 threads: **{f['ratio_2x1_over_1x2']:.2f}x**. Of a "
+            f"2-process step of {two['ms_per_step']:.0f} ms, the gradient all-reduce ({two['gradient_mb']:.1f} MB) "
+            f"takes {two['allreduce_ms']:.1f} ms: {two['allreduce_alone_ms']:.1f} ms of transfer (the same all-reduce "
+            f"alone after a barrier) and {f['allreduce_waiting_ms']:.1f} ms waiting for the other rank; the rest "
+            f"({two['rest_ms']:.0f} ms) is compute and the forward's gathers.")
+
+
+def summary(d: dict) -> str:
+    """README's line."""
+    f = d["figures"]
+    modes = f["modes"]
+    return (f"- `{d['command']}`: for one global batch, 2 processes × 1 thread train "
+            f"{modes['2x1']['samples_per_s']:.1f} samples/s, 1 process × 2 threads {modes['1x2']['samples_per_s']:.1f} "
+            f"({f['ratio_2x1_over_1x2']:.2f}x), 1 × 1 {modes['1x1']['samples_per_s']:.1f}; the gradient all-reduce is "
+            f"{modes['2x1']['allreduce_ms']:.0f} ms of a {modes['2x1']['ms_per_step']:.0f} ms step "
+            f"({conditions(d)}).")
+
+
 def main() -> None:
     args = parse_args()
-    print(f"USER (configs/shapes_user.yaml), global batch {args.batch_size}, {REGIONS} x 1280 regions, "
-          f"{args.tokens} tokens; gloo on 127.0.0.1; {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.2f}")
     modes = {name: run_mode(size, threads, args) for name, (size, threads) in MODES.items()}
-    for name, m in modes.items():
-        print(f"{m['processes']} process(es) x {m['threads_each']} thread(s): {m['samples_per_s']:7.1f} samples/s "
-              f"({m['ms_per_step']:.0f} ms/step, median)")
-    two, one = modes["2x1"], modes["1x2"]
-    ratio = two["samples_per_s"] / one["samples_per_s"]
-    waiting = two["allreduce_ms"] - two["allreduce_alone_ms"]
-    print(f"2 processes x 1 thread / 1 process x 2 threads = {ratio:.2f}x "
-          f"(each over 1 x 1: {two['samples_per_s'] / modes['1x1']['samples_per_s']:.2f}x and "
-          f"{one['samples_per_s'] / modes['1x1']['samples_per_s']:.2f}x)")
-    print(f"a 2-process step of {two['ms_per_step']:.0f} ms: gradient all-reduce {two['allreduce_ms']:.1f} ms "
-          f"({two['gradient_mb']:.1f} MB; alone after a barrier {two['allreduce_alone_ms']:.1f} ms, so "
-          f"{waiting:.1f} ms waiting for the other rank), the rest (compute, the forward's gathers) "
-          f"{two['rest_ms']:.0f} ms")
-    print("CPU seconds per wall second of a step (rank 0; at most its threads): " + ", ".join(
-        f"{name} {m['cpu_per_wall']:.2f} of {m['threads_each']}" for name, m in modes.items()))
-    write_figures(args.out, "scaling", args, {"modes": modes, "ratio_2x1_over_1x2": ratio,
-                                             "allreduce_waiting_ms": waiting, "load_average_end": os.getloadavg()[0]})
+    two = modes["2x1"]
+    write_figures(args.out, "scaling", args, {
+        "modes": modes, "ratio_2x1_over_1x2": two["samples_per_s"] / modes["1x2"]["samples_per_s"],
+        "allreduce_waiting_ms": two["allreduce_ms"] - two["allreduce_alone_ms"],
+        "load_average_end": os.getloadavg()[0]}, show=render)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -28,19 +27,12 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import numpy as np
-from figures import parse_with_out, write_figures
+from figures import command_lines, options, parse_with_out, table, write_figures
 from PIL import Image
-from search_latency import start_serve
+from search_latency import FLICKR, flickr_val, start_serve
+from timing import quantiles_ms
 
-ROOT = Path(__file__).resolve().parents[1]
-FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
 HUGE_SIDE = 7000  # 49 megapixels
-
-
-def quantiles(seconds: list[float]) -> dict[str, float]:
-    ms = np.array(seconds or [0.0]) * 1000
-    return {f"p{q}": float(np.percentile(ms, q)) for q in (50, 95, 99)}
 
 
 def rss_mib(pid: int) -> float:
@@ -113,7 +105,7 @@ def load_round(url: str, clients: int, seconds: float, captions: list[str], phot
     wall = time.perf_counter() - began
     total = sum(len(v) for v in times.values())
     return {"requests": total, "errors": len(errors), "error_statuses": sorted(set(errors)),
-            "requests_per_second": total / wall, "latency_ms": {k: quantiles(v) for k, v in times.items()}}
+            "requests_per_second": total / wall, "latency_ms": {k: quantiles_ms(v) for k, v in times.items()}}
 
 
 def health_during_huge_uploads(url: str, uploads: int = 4) -> dict:
@@ -137,12 +129,12 @@ def health_during_huge_uploads(url: str, uploads: int = 4) -> dict:
     for sender in senders:
         sender.join()
     return {"upload_bytes": len(png), "uploads": uploads, "upload_statuses": sorted(statuses), "polls": len(polls),
-            "healthz_ms": quantiles([p for p in polls if p != float("inf")]),
+            "healthz_ms": quantiles_ms([p for p in polls if p != float("inf")]),
             "healthz_failures": sum(p == float("inf") for p in polls)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = options(__doc__)
     parser.add_argument("--model", default="flickr8k", help="a checkpoint, model directory or shipped model's name")
     parser.add_argument("--runtime", default="torch", choices=["torch", "onnx", "onnx-int8"])
     parser.add_argument("--images", type=int, default=300)
@@ -154,13 +146,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_with_out(parser, "serve_load", naming=("model", "runtime"), argv=argv)
 
 
+def render(d: dict) -> str:
+    """The block of docs/results.md: each round's requests, errors and latency per kind, then /healthz during the
+    huge uploads."""
+    f, c = d["figures"], d["config"]
+    rows = []
+    for number, r in enumerate(f["rounds"], start=1):
+        latency = r["latency_ms"]
+        rows.append([str(number), f"{r['requests']:,}", str(r["errors"]), f"{r['requests_per_second']:.1f}",
+                     *[f"{latency[kind]['p50']:.0f} / {latency[kind]['p99']:.0f}" for kind in
+                       ("text", "image", "item", "thumb")],
+                     f"{r['rss_before_mib']:.0f} → {r['rss_after_mib']:.0f}"])
+    huge = f["huge_uploads"]
+    return (f"{command_lines(d)}\n\n`xmcl serve` (model `{c['model']}`, runtime {c['runtime']}, {c['workers']} query "
+            f"workers) over {c['images']} Flickr8K val photos and their captions; each round {c['clients']} clients "
+            f"for {c['seconds']:.0f} s, each sending in turn a text query, an image upload, an item query and a "
+            f"thumbnail request:\n\n"
+            + table(["round", "requests", "errors", "requests/s", "text p50 / p99 ms", "image", "item", "thumb",
+                     "server RSS MiB"], rows)
+            + f"\n\n- While {huge['uploads']} uploads of a {HUGE_SIDE} x {HUGE_SIDE} (49-megapixel) PNG "
+            f"({huge['upload_bytes'] / 1024:.0f} KB each; answered {huge['upload_statuses']}) were processed, /healthz "
+            f"answered in p50 {huge['healthz_ms']['p50']:.1f} ms, p99 **{huge['healthz_ms']['p99']:.1f} ms** over "
+            f"{huge['polls']} polls ({huge['healthz_failures']} failed); server RSS after them "
+            f"{huge['rss_after_mib']:.0f} MiB.")
+
+
 def main(argv: list[str] | None = None) -> None:
     from xmcl.retrieval.index.build import IndexOptions, build_index
     from xmcl.retrieval.retriever import Retriever
 
     args = parse_args(argv)
-    val = [im for im in json.loads((FLICKR / "dataset_flickr8k.json").read_text())["images"]
-           if im["split"] == "val"][: args.images]
+    val = flickr_val(args.images)
     captions = [s["raw"] for im in val for s in im["sentences"]]
     with tempfile.TemporaryDirectory() as tmp:
         photos_dir = Path(tmp) / "photos"
@@ -181,29 +197,18 @@ def main(argv: list[str] | None = None) -> None:
         server, url = start_serve(Path(tmp) / "index", "--runtime", args.runtime, "--workers", str(args.workers),
                                   "--max-upload-mb", "20")
         try:
-            print(f"{os.cpu_count()} cores; model {args.model} ({args.runtime}); {len(val)} photos, {len(captions)} "
-                  f"captions; server RSS at start {rss_mib(server.pid):.0f} MiB")
             rounds = []
             for number in range(args.rounds):
                 before = rss_mib(server.pid)
                 result = load_round(url, args.clients, args.seconds, captions, photos, len(val), args.seed + number)
                 result.update(rss_before_mib=before, rss_after_mib=rss_mib(server.pid))
                 rounds.append(result)
-                latency = ", ".join(f"{kind} p50 {q['p50']:.0f} / p99 {q['p99']:.0f} ms"
-                                    for kind, q in result["latency_ms"].items())
-                print(f"  round {number + 1}: {result['requests']} requests, {result['errors']} errors, "
-                      f"{result['requests_per_second']:.1f} requests/s; {latency}; RSS {before:.0f} -> "
-                      f"{result['rss_after_mib']:.0f} MiB")
             huge = health_during_huge_uploads(url)
             huge["rss_after_mib"] = rss_mib(server.pid)
-            print(f"  four {HUGE_SIDE} x {HUGE_SIDE} PNG uploads ({huge['upload_bytes'] / 1024:.0f} KB each, statuses "
-                  f"{huge['upload_statuses']}): /healthz p50 {huge['healthz_ms']['p50']:.1f} ms, p99 "
-                  f"{huge['healthz_ms']['p99']:.1f} ms over {huge['polls']} polls ({huge['healthz_failures']} "
-                  f"failed); RSS after {huge['rss_after_mib']:.0f} MiB")
         finally:
             server.terminate()
             server.wait(timeout=30)
-    write_figures(args.out, "serve_load", args, {"rounds": rounds, "huge_uploads": huge}, argv=argv)
+    write_figures(args.out, "serve_load", args, {"rounds": rounds, "huge_uploads": huge}, argv=argv, show=render)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ maps is timed on its own: xmcl ``CoordinateMap(coords).neighbours()`` / ``.coars
 ``--repeats`` calls after one warm-up call, in ms. spconv weights are stored (C_out, kd, kh, kw, C_in) and correlate
 (no kernel flip), so xmcl's (k^3, C_in, C_out) weight maps onto them by a reshape and a permute.
 Without spconv (``import spconv.pytorch`` fails) only xmcl's convs are timed. Figures (times, the largest
-differences, whether spconv was importable) go to OUT/figures.json.
+differences, whether spconv was importable) go to OUT/figures.json, and their block of docs/results.md is printed.
 
 spconv 2.3.8's backward (``ops.indice_conv_backward``) asks ``torch.cuda`` for the current stream before taking its
 CPU branch, which never uses it; with a CPU-only torch that raises "Torch not compiled with CUDA enabled", so the
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from figures import parse_with_out, write_figures
+from figures import command_lines, options, parse_with_out, table, write_figures
 from timing import repeat_seconds
 from torch import Tensor, nn
 
@@ -51,12 +51,10 @@ except ImportError as error:  # the project venv does not carry spconv
     SPCONV_ERROR = f"{type(error).__name__}: {error}"
 
 
-def patch_cpu_backward() -> bool:
-    """Let spconv's backward run under a CPU-only torch (see the module docstring); True if the patch was needed."""
-    if torch.cuda.is_available():
-        return False
-    spconv_ops.get_current_stream = lambda: 0
-    return True
+def patch_cpu_backward() -> None:
+    """Let spconv's backward run under a CPU-only torch (see the module docstring)."""
+    if not torch.cuda.is_available():
+        spconv_ops.get_current_stream = lambda: 0
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -103,8 +101,8 @@ def spconv_pairs(conv: nn.Module, grid: SpconvGrid) -> tuple[Tensor, Tensor, Ten
 
 
 def compare(kind: str, channels: int, coords: Tensor, repeats: int) -> dict:
-    """Print one line for ``kind`` ("submanifold" or "strided") at ``channels`` -> ``channels``; return the
-    times (ms; lists of xmcl's, then spconv's when present) and the relative differences of out, grad_in, grad_w."""
+    """``kind`` ("submanifold" or "strided") at ``channels`` -> ``channels``: the times (ms; lists of xmcl's, then
+    spconv's when present) and the relative differences of out, grad_in, grad_w."""
     subm = kind == "submanifold"
     torch.manual_seed(0)
     ours = SubmanifoldConv3d(channels, channels) if subm else StridedConv3d(channels, channels)
@@ -121,9 +119,7 @@ def compare(kind: str, channels: int, coords: Tensor, repeats: int) -> dict:
     with torch.no_grad():
         fwd = [median_ms(ours_forward, repeats)]
     fwd_bwd = [median_ms(lambda: torch.autograd.grad(ours_forward(), (features, ours.weight), grad_out), repeats)]
-    label = f"{kind + (' 3x3x3' if subm else ' 2x2x2/2'):<22} {channels:>3}->{channels:<3}"
     if spconv is None:
-        print(f"{label} map ours {maps[0]:7.1f} | forward ours {fwd[0]:7.1f} | fwd+bwd ours {fwd_bwd[0]:7.1f}")
         return {"map_ms": maps, "forward_ms": fwd, "forward_backward_ms": fwd_bwd}
 
     k = 3 if subm else 2
@@ -151,22 +147,39 @@ def compare(kind: str, channels: int, coords: Tensor, repeats: int) -> dict:
         fwd.append(median_ms(theirs_forward, repeats))
     fwd_bwd.append(median_ms(lambda: torch.autograd.grad(theirs_forward(), (features, theirs.weight),
                                                          their_grad_out), repeats))
-    agree = "agree" if max(diffs) < 1e-5 else "DIFFER"
-    print(f"{label} map ours {maps[0]:7.1f} spconv {maps[1]:7.1f} | forward ours {fwd[0]:7.1f} spconv {fwd[1]:7.1f} "
-          f"| fwd+bwd ours {fwd_bwd[0]:7.1f} spconv {fwd_bwd[1]:7.1f} | rel. max diff out {diffs[0]:.1e} "
-          f"grad_in {diffs[1]:.1e} grad_w {diffs[2]:.1e} ({agree})")
     return {"map_ms": maps, "forward_ms": fwd, "forward_backward_ms": fwd_bwd, "max_rel_diff": list(diffs)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options (``argv``, default the command line), ``out`` resolved."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = options(__doc__)
     parser.add_argument("--config", type=Path, default=Path("configs/distill_synthetic.yaml"))
     parser.add_argument("--points", type=int, default=30000)
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     return parse_with_out(parser, "sparse_conv_backends", argv=argv)
+
+
+def render(d: dict) -> str:
+    """The block of docs/results.md: per layer, map building and forward + backward of each backend, their ratio and
+    their largest difference."""
+    f = d["figures"]
+    with_spconv = f["spconv"] is not None
+    header = ["layer", "width", "map ours"] + (["map spconv"] if with_spconv else []) + ["fwd+bwd ours"]
+    header += ["fwd+bwd spconv", "spconv / ours", "max rel. diff"] if with_spconv else []
+    rows = []
+    for layer in f["layers"]:
+        row = [layer["kind"], str(layer["channels"]), f"{layer['map_ms'][0]:.1f}"]
+        if with_spconv:
+            row.append(f"{layer['map_ms'][1]:.1f}")
+        row.append(f"{layer['forward_backward_ms'][0]:.1f}")
+        if with_spconv:
+            row += [f"{layer['forward_backward_ms'][1]:.1f}", f"{layer['spconv_over_ours']:.2f}",
+                    f"{max(layer['max_rel_diff']):.1e}"]
+        rows.append(row)
+    note = (f"spconv {f['spconv']}" if with_spconv else f"spconv not importable ({f['spconv_error']}): xmcl only")
+    return f"{command_lines(d)}\n\n{f['voxels']:,} voxels; {note}; ms, medians:\n\n" + table(header, rows)
 
 
 def main() -> None:
@@ -177,29 +190,19 @@ def main() -> None:
     scene = load_scenes(cfg.data, "pretrain")[0]  # the lidar sweep does not depend on the cameras
     coords = voxelize_scenes([scene_points(scene, torch.device("cpu"))], cfg.voxel, None).coords
     coarse = CoordinateMap(coords).coarser()[0].num_sites
-    print(f"scene: {scene.num_points} points, {coords.shape[0]} voxels of {cfg.voxel.voxel_size} m "
-          f"({coarse} after one stride-2 conv); torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"repeats {args.repeats}; times in ms (median)")
-    if spconv is None:
-        print(f"spconv not importable ({SPCONV_ERROR}): timing xmcl's convs only")
-    else:
-        patched = patch_cpu_backward()
-        print(f"spconv {spconv_package.__version__} (algorithm {spconv.SubMConv3d(1, 1, 3).algo.name}"
-              f"{', CPU backward stream lookup patched' if patched else ''})")
-    ratios, layers = [], []
+    if spconv is not None:
+        patch_cpu_backward()
+    layers = []
     for channels in args.widths:
         for kind in ("submanifold", "strided"):
             layer = {"kind": kind, "channels": channels, **compare(kind, channels, coords, args.repeats)}
             if len(layer["forward_backward_ms"]) == 2:
                 layer["spconv_over_ours"] = layer["forward_backward_ms"][1] / layer["forward_backward_ms"][0]
-                ratios.append(f"{kind} {channels}: {layer['spconv_over_ours']:.2f}")
             layers.append(layer)
-    if ratios:
-        print("spconv / ours, forward + backward (< 1: spconv faster): " + ", ".join(ratios))
     write_figures(args.out, "sparse_conv_backends", args, {
         "points": scene.num_points, "voxels": int(coords.shape[0]), "coarse_voxels": int(coarse),
         "spconv": None if spconv is None else spconv_package.__version__, "spconv_error": SPCONV_ERROR,
-        "layers": layers})
+        "layers": layers}, show=render)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
-"""Wall-clock timing shared by the benchmark scripts (imported as ``timing``: scripts run from ``benchmarks/``)."""
+"""Wall-clock timing, compute rates and memory shared by the benchmark scripts (imported as ``timing``: scripts run
+from ``benchmarks/``)."""
 
 from __future__ import annotations
 
+import resource
 import time
 from typing import Callable
+
+import numpy as np
+import torch
 
 
 def repeat_seconds(fn: Callable[[], object], repeats: int) -> list[float]:
@@ -39,3 +44,20 @@ def gflop(fn: Callable[[], object]) -> float:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops() / 1e9
+
+
+def gemm_gflops(size: int = 1024, repeats: int = 5) -> float:
+    """GFLOP/s of a ``size``^3 float32 matrix product on the current torch threads (the best of ``repeats``)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size ** 3 / min(repeat_seconds(lambda: a @ b, repeats)) / 1e9
+
+
+def quantiles_ms(seconds: list[float]) -> dict[str, float]:
+    """p50, p95 and p99 of ``seconds`` (0 for none), in milliseconds."""
+    ms = np.array(seconds or [0.0]) * 1000
+    return {f"p{q}": float(np.percentile(ms, q)) for q in (50, 95, 99)}
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident set size so far (``resource.getrusage``; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -11,7 +11,8 @@ median of its steps, so that other work on shared cores weighs on all three alik
 
   python benchmarks/train_throughput.py                       # BiGRU text encoder, 36 x 2048 regions
   python benchmarks/train_throughput.py --text-encoder bert   # the installed MiniLM
-Last lines: USER's step time over each baseline's (target <= 1.6x); figures in OUT/figures.json.
+Figures in OUT/figures.json; prints their block of docs/results.md (USER's step time over each baseline's: target
+<= 1.6x).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import statistics
 import time
 
 import torch
-from figures import parse_with_out, write_figures
+from figures import command_lines, conditions, options, parse_with_out, table, write_figures
 from retrieval_quality import VARIANTS
 from timing import gflop
 
@@ -31,6 +32,7 @@ from xmcl.retrieval.model import USERModel
 from xmcl.runtime.device import resolve_device
 
 MEASURED = {"vsepp": "VSE++ baseline (hinge)", "infonce": "InfoNCE baseline", "user": "USER (SGE, queues, UTO)"}
+TEXT_ENCODERS = {"bigru": "BiGRU", "bert": "MiniLM"}
 
 
 def make_batch(batch: int, regions: int, region_dim: int, tokens: int, vocab: int, device: torch.device,
@@ -83,7 +85,7 @@ def step_seconds(steppers: dict[str, Stepper], batches: list[dict], steps: int, 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options (``argv``, default the command line), ``out`` resolved."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = options(__doc__)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--regions", type=int, default=36)
     parser.add_argument("--region-dim", type=int, default=2048)
@@ -96,6 +98,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     return parse_with_out(parser, "train_throughput", naming=["text_encoder"], argv=argv)
+
+
+def render(*datas: dict) -> str:
+    """The block of docs/results.md: samples/s and ms/step of each model per text encoder (one row per figures file),
+    USER's step time over each baseline's."""
+    rows = []
+    for d in datas:
+        models = d["figures"]["models"]
+        cells = [f"{m['samples_per_s']:.1f} samples/s ({m['ms_per_step']:.0f} ms/step)" for m in models.values()]
+        ratios = d["figures"]["user_over"]
+        rows.append([TEXT_ENCODERS[d["config"]["text_encoder"]], *cells, f"{ratios['vsepp']:.2f}x",
+                     f"{ratios['infonce']:.2f}x"])
+    c = datas[0]["config"]
+    labels = [m["label"] for m in datas[0]["figures"]["models"].values()]
+    return (f"{command_lines(*datas)}\n\nBatch {c['batch_size']}, {c['regions']} × {c['region_dim']} regions, "
+            f"queue {c['queue_size']}, embed {c['embed_dim']}. Each model is its `retrieval_quality.py` variant: "
+            f"the baselines without SGE or queues, USER with SGE, momentum encoders, queues and UTO. Target: USER "
+            f"step time ≤ 1.6x the baseline's.\n\n"
+            f"{table(['text encoder', *labels, 'USER / VSE++', 'USER / InfoNCE'], rows)}")
+
+
+def summary(bigru: dict, bert: dict) -> str:
+    """README's line: USER's step time over each baseline's, with each text encoder."""
+    r = [d["figures"]["user_over"] for d in (bigru, bert)]
+    return (f"- `python benchmarks/train_throughput.py [--text-encoder bert]`: a USER step (SGE, momentum encoders, "
+            f"queues, UTO) takes {r[0]['vsepp']:.2f}x the VSE++ baseline's step (no SGE, no queues) with BiGRU, "
+            f"{r[1]['vsepp']:.2f}x with MiniLM ({r[0]['infonce']:.2f}x and {r[1]['infonce']:.2f}x InfoNCE's; "
+            f"{conditions(bigru)}).")
+
+
+def render_flickr8k(two: dict, one: dict) -> str:
+    """The fine-tuned regime on Flickr8K's shapes: step times on 2 threads and 1, their FLOP counts and ratios."""
+    rows = []
+    for d in (two, one):
+        models = d["figures"]["models"]
+        rows.append([str(d["machine"]["torch_threads"]),
+                     *(f"{m['ms_per_step']:.0f} ms ({m['gflop_per_step']:.0f} GFLOP)" for m in models.values()),
+                     f"{d['figures']['user_over']['infonce']:.2f}x", f"{d['figures']['user_over_flops']['infonce']:.2f}x"])
+    speedups = ", ".join(f"{m['label']} {one['figures']['models'][k]['ms_per_step'] / m['ms_per_step']:.2f}x"
+                         for k, m in two["figures"]["models"].items())
+    labels = [m["label"] for m in two["figures"]["models"].values()]
+    c = two["config"]
+    return (f"{command_lines(two, one)}\n\nBatch {c['batch_size']}, {c['regions']} × {c['region_dim']} cells, MiniLM "
+            f"fine-tuned, queue {c['queue_size']}, embed {c['embed_dim']}; each model as its `retrieval_quality.py` "
+            f"variant (median step; GFLOP of one forward and backward, `torch.utils.flop_counter`). Target: USER ≤ 1.6x "
+            f"InfoNCE.\n\n"
+            + table(["threads", *labels, "USER / InfoNCE", "FLOP ratio"], rows)
+            + f"\n\n2 threads over 1 (speed-up): {speedups}.")
 
 
 def main() -> None:
@@ -111,9 +161,6 @@ def main() -> None:
     configs = {name: load_config(RetrievalTrainConfig, None, shared + VARIANTS[name]) for name in MEASURED}
     batches = [make_batch(args.batch_size, args.regions, args.region_dim, args.tokens, vocab, device, s)
                for s in range(4)]
-    print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch_size}, "
-          f"{args.regions} x {args.region_dim} regions, {args.tokens} tokens, text {args.text_encoder}, "
-          f"queue {args.queue_size}")
     steppers = {}
     for name in MEASURED:
         torch.manual_seed(0)
@@ -128,16 +175,12 @@ def main() -> None:
         measured[name] = {"label": label, "samples_per_s": args.batch_size / seconds, "ms_per_step": 1000 * seconds,
                           "ms_per_step_all": [1000 * t for t in times[name]], "overrides": VARIANTS[name],
                           "gflop_per_step": flops[name]}
-        print(f"{label:32s} {args.batch_size / seconds:9.1f} samples/s  ({1000 * seconds:.0f} ms/step, median; "
-              f"{flops[name]:.1f} GFLOP)")
     ratios = {base: measured["user"]["ms_per_step"] / measured[base]["ms_per_step"] for base in ("vsepp", "infonce")}
     flop_ratios = {base: flops["user"] / flops[base] for base in ("vsepp", "infonce")}
-    for base, ratio in ratios.items():
-        print(f"USER step time / {MEASURED[base]} step time = {ratio:.2f}x (target <= 1.6x; "
-              f"FLOP ratio {flop_ratios[base]:.2f}x)")
     write_figures(args.out, "train_throughput", args, {"device": str(device), "models": measured,
                                                        "user_over": ratios, "user_over_flops": flop_ratios},
-                  config={"models": {name: {"model": cfg.model, "loss": cfg.loss} for name, cfg in configs.items()}})
+                  config={"models": {name: {"model": cfg.model, "loss": cfg.loss} for name, cfg in configs.items()}},
+                  show=render)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 UTO's negative term (1/mu) log(1 + sum_j exp(mu (s_j - gamma))) weighs a negative of score s_j by
 exp(mu (s_j - gamma)): at mu = 90 it is below 0.011 once s_j < gamma - 0.05 and near 1 from gamma up. For each
-checkpoint this prints, per direction on ``--split``: the mean score of each query's best positive and of its best
+checkpoint this measures, per direction on ``--split``: the mean score of each query's best positive and of its best
 wrong candidate, the share of positives below gamma, the rank-1 failure rate (a wrong candidate scores above every
 positive; exact ties, from identical captions of different images, are not counted), and where the winning wrong
 candidate of the failures sits: under gamma - 0.05 (quiet: UTO hardly pushes it), in [gamma - 0.05, gamma), or at or
@@ -21,7 +21,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from figures import parse_with_out, write_figures
+from figures import command_lines, options, parse_with_out, table, write_figures
 
 from xmcl.retrieval.inference import embed_checkpoint
 
@@ -52,7 +52,7 @@ def margin_report(scores: torch.Tensor, positive: torch.Tensor, gamma: float) ->
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options (``argv``, default the command line), ``out`` resolved."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = options(__doc__)
     parser.add_argument("checkpoints", type=Path, nargs="+")
     parser.add_argument("--split", default="val")
     parser.add_argument("--gamma", type=float, default=None, help="margin to test against (default: each run's)")
@@ -67,11 +67,25 @@ def run_name(checkpoint: Path) -> str:
     return f"{folder.parent.name}/{folder.name}" if folder.name.startswith("seed") else folder.name
 
 
+def render(d: dict) -> str:
+    """The block of docs/results.md: one row per run and direction."""
+    f = d["figures"]
+    rows = []
+    for name, run in f["runs"].items():
+        for direction in ("i2t", "t2i"):
+            r = run[direction]
+            rows.append([name, run["loss"], direction, f"{r['positive_mean']:.3f}", f"{r['wrong_mean']:.3f}",
+                         *(f"{r[k]:.1f}%" for k in ("positives_below_gamma", "rank1_failures", "failures_quiet",
+                                                   "failures_band", "failures_above"))])
+    gamma = next(iter(f["runs"].values()))["gamma"]
+    q = f["quiet_below"]
+    return (f"{command_lines(d)}\n\nShapes {f['split']}, γ = {gamma}:\n\n"
+            + table(["run", "loss", "dir", "best positive (mean)", "best wrong (mean)", "positives < γ",
+                     "R@1 failures", f"winner < γ−{q}", f"winner in [γ−{q}, γ)", "winner ≥ γ"], rows))
+
+
 def main() -> None:
     args = parse_args()
-
-    print(f"{'checkpoint':36s} {'dir':>3s} {'gamma':>5s} {'pos':>6s} {'wrong':>6s} {'pos<g %':>7s} {'R@1 fail %':>10s}"
-          f" | winner of failures: {'<g-.05':>6s} {'band':>6s} {'>=g':>6s} (%)")
     runs = {}
     for checkpoint in args.checkpoints:
         images, texts, split, cfg = embed_checkpoint(checkpoint, None, args.split, args.device)
@@ -81,13 +95,9 @@ def main() -> None:
         gamma = args.gamma if args.gamma is not None else cfg.loss.gamma
         run = runs.setdefault(run_name(checkpoint), {"checkpoint": checkpoint, "gamma": gamma, "loss": cfg.loss.name})
         for direction, s, positive in (("i2t", scores, own), ("t2i", scores.T, own.T)):
-            r = run[direction] = margin_report(s, positive, gamma)
-            print(f"{str(checkpoint):36s} {direction:>3s} {gamma:5.2f} {r['positive_mean']:6.3f} "
-                  f"{r['wrong_mean']:6.3f} "
-                  f"{r['positives_below_gamma']:7.1f} {r['rank1_failures']:10.1f} |                     "
-                  f"{r['failures_quiet']:6.1f} {r['failures_band']:6.1f} {r['failures_above']:6.1f}")
-
-    write_figures(args.out, "uto_margins", args, {"split": args.split, "quiet_below": QUIET_BELOW, "runs": runs})
+            run[direction] = margin_report(s, positive, gamma)
+    write_figures(args.out, "uto_margins", args, {"split": args.split, "quiet_below": QUIET_BELOW, "runs": runs},
+                  show=render)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,13 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import distill_probe  # noqa: E402
+import eval_speed  # noqa: E402
 import figures  # noqa: E402
 import report  # noqa: E402
+import retrieval_quality  # noqa: E402
+import rq_converged  # noqa: E402
+import train_throughput  # noqa: E402
 
 
 def record(key: str, figures_: dict, config: dict | None = None, date: str = "2026-12-01T10:00:00+00:00") -> dict:
@@ -27,7 +32,7 @@ def record(key: str, figures_: dict, config: dict | None = None, date: str = "20
 
 def metrics(base: float) -> dict:
     """R@K figures whose six recalls add to rSum."""
-    values = {k: base + i for i, k in enumerate(report.RECALLS)}
+    values = {k: base + i for i, k in enumerate(figures.RECALLS)}
     return {**values, "rsum": sum(values.values())}
 
 
@@ -66,7 +71,7 @@ def tables_of(markdown: str) -> list[list[list[str]]]:
 
 
 def test_eval_speed_table_holds_the_files_numbers():
-    text = report.eval_speed(record("eval_speed", EVAL_SPEED, {"dim": 1024}))
+    text = eval_speed.render(record("eval_speed", EVAL_SPEED, {"dim": 1024}))
     rows = {row[0]: row[1] for row in rows_of(text)}
     assert rows["bare GEMM"] == "2.500 s" and rows["ranking alone, ours"] == "0.250 s"
     assert rows["ranking alone, classic per-query argsort loop"] == "8.000 s"
@@ -77,12 +82,12 @@ def test_eval_speed_table_holds_the_files_numbers():
 
 def test_quality_table_rows_differences_and_curves_come_from_the_file():
     data = record("rq_shapes", quality_figures(), QUALITY_CONFIG)
-    text = report.quality(data)
+    text = retrieval_quality.render(data)
     recalls, curves = tables_of(text)
     by_name = {row[0]: row for row in recalls}
     for name, run in data["figures"]["variants"].items():
-        row = by_name[report.LABELS.get(name, name)]
-        expected = [f"{run['metrics'][k]:.2f}" for k in report.RECALLS] + [f"{run['metrics']['rsum']:.2f}"]
+        row = by_name[retrieval_quality.LABELS.get(name, name)]
+        expected = [f"{run['metrics'][k]:.2f}" for k in figures.RECALLS] + [f"{run['metrics']['rsum']:.2f}"]
         assert [cell.strip("*") for cell in row[1:8]] == expected
     assert by_name["user_cge (queues, CGE, no SGE)"][7] == "**255.00**"  # the best rSum, in bold
     assert by_name["infonce"][7] == "15.00"
@@ -132,8 +137,6 @@ def test_collect_finds_figures_files_by_their_documented_command(tmp_path):
 
 def test_benchmark_writes_its_configuration_machine_and_documented_command(tmp_path, monkeypatch):
     monkeypatch.setenv(figures.RUNS_ENV, str(tmp_path / "fresh"))
-    import eval_speed
-
     args = eval_speed.parse_args(["--images", "10", "--seed", "3"])
     assert args.out.parent == tmp_path / "fresh" / "bench" / "eval_speed"  # default: under the moved runs root
     path = figures.write_figures(args.out, "eval_speed", args, {"x": 1.5},
@@ -183,14 +186,14 @@ def converged_figures() -> dict:
             "user/seed1": {"metrics": metrics(20.0), "best_epoch": 17, "val_rsum_per_epoch": {}, "config": config,
                            "threads": 1}}
     summary = {"infonce": {"stalled_seeds": [], "rsum": {"mean": 87.0, "std": 8.49, "n": 2},
-                           **{k: {"mean": 11.0 + i, "std": 1.41, "n": 2} for i, k in enumerate(report.RECALLS)}},
+                           **{k: {"mean": 11.0 + i, "std": 1.41, "n": 2} for i, k in enumerate(figures.RECALLS)}},
                "user": {"stalled_seeds": [0], "rsum": {"mean": 135.0, "std": 0.0, "n": 1},
-                        **{k: {"mean": 20.0 + i, "std": 0.0, "n": 1} for i, k in enumerate(report.RECALLS)}}}
+                        **{k: {"mean": 20.0 + i, "std": 0.0, "n": 1} for i, k in enumerate(figures.RECALLS)}}}
     return {"split": "val", "sweep": False, "runs": runs, "summary": summary, "kept_curves": "curves_seeds0-1.png"}
 
 
 def test_converged_table_gives_mean_and_spread_per_variant_and_every_seed():
-    text = report.converged(record("rq_converged", converged_figures(), {"seeds": [0, 1]}))
+    text = rq_converged.render(record("rq_converged", converged_figures(), {"seeds": [0, 1]}))
     (rows,) = tables_of(text)
     by_name = {row[0]: row for row in rows}
     assert by_name["InfoNCE"][1:] == ["2", "11.0 ± 1.4", "12.0 ± 1.4", "13.0 ± 1.4", "14.0 ± 1.4", "15.0 ± 1.4",
@@ -201,20 +204,18 @@ def test_converged_table_gives_mean_and_spread_per_variant_and_every_seed():
     assert "a frozen 1280 → 256 PCA" in text and "20 epochs, lr 0.0005 × 0.1 at epoch 10" in text
     assert "![curves](figures/rq_converged_runs/curves_seeds0-1.png)" in text
     unkept = {**converged_figures(), "kept_curves": None}  # a run without --keep links no curves
-    assert "![curves]" not in report.converged(record("rq_converged", unkept, {"seeds": [0, 1]}))
+    assert "![curves]" not in rq_converged.render(record("rq_converged", unkept, {"seeds": [0, 1]}))
     # the best variant (user, one seed finished) against InfoNCE, paired on seed 1 only: 135 - 87
     assert "- against InfoNCE: seed 1 +48.0 (mean +48.0, positive on 1 of 1 seeds; std over seeds 0.0 and 8.5)" in text
     assert "Its mean R@1: i2t 20.0 (target ≥ 33: not met), t2i 23.0 (target ≥ 24: not met)." in text
-    line = report.converged_summary(record("rq_converged", converged_figures(), {"seeds": [0, 1]}))
+    line = rq_converged.summary(record("rq_converged", converged_figures(), {"seeds": [0, 1]}))
     assert "seeds 0-1" in line and "InfoNCE 87.0 ± 8.5, USER (SGE, UTO, queues) 135.0;" in line
     assert "the best, USER (SGE, UTO, queues), has R@1 20.0 / 23.0." in line
-    retuned = report.converged_summary(record("rq_converged", converged_figures(), {"seeds": [0, 1], "retune": True}))
+    retuned = rq_converged.summary(record("rq_converged", converged_figures(), {"seeds": [0, 1], "retune": True}))
     assert retuned.startswith("- `benchmarks/rq_converged.py --retune` (") and not line.startswith(retuned[:40])
 
 
 def test_converged_retune_runs_the_sweeps_best_beside_the_baselines(tmp_path):
-    import rq_converged
-
     for (gamma, mu), rsum in zip(rq_converged.SWEEP, (280.0, 285.0, 301.5, 290.0, 299.0, 287.0)):
         path = tmp_path / f"user_g{gamma}_mu{mu:g}" / "seed0.json"
         path.parent.mkdir()
@@ -225,8 +226,8 @@ def test_converged_retune_runs_the_sweeps_best_beside_the_baselines(tmp_path):
                     for seed in (0, 1)]
     tolerant = rq_converged.runs_to_do(args)[-1][2]
     assert tolerant[-2:] == ["loss.gamma=0.3", "loss.mu=30.0"] and "loss.tolerance=quantile" in tolerant
-    assert report.converged_label("user_g0.3_mu30") == "USER, UTO γ 0.3, μ 30"
-    assert report.converged_label("user_tolerant_g0.3_mu30") == "USER + tolerant queues, UTO γ 0.3, μ 30"
+    assert rq_converged.label("user_g0.3_mu30") == "USER, UTO γ 0.3, μ 30"
+    assert rq_converged.label("user_tolerant_g0.3_mu30") == "USER + tolerant queues, UTO γ 0.3, μ 30"
     # the point at the config's own gamma and mu is kept as user's seed 0, not under its sweep name
     (tmp_path / "user_g0.5_mu90" / "seed0.json").unlink()
     _, overrides = rq_converged.sweep_point(0.5, 90.0)
@@ -240,8 +241,6 @@ def test_converged_retune_runs_the_sweeps_best_beside_the_baselines(tmp_path):
 
 
 def test_a_sweep_of_named_points_runs_them_and_keeps_its_own_curves():
-    import rq_converged
-
     args = rq_converged.parse_args(["--data", "feats", "--sweep", "--points", "0.5:30", "0.7:30", "0.5:15"])
     runs = rq_converged.runs_to_do(args)
     assert [(name, seed) for name, seed, _ in runs] == [("user_g0.5_mu30", 0), ("user_g0.7_mu30", 0),
@@ -257,8 +256,6 @@ def test_a_sweep_of_named_points_runs_them_and_keeps_its_own_curves():
 
 
 def test_a_kept_run_of_the_same_configuration_is_found_under_another_name(tmp_path):
-    import rq_converged
-
     base = {"loss": {"gamma": 0.5, "mu": 90.0}, "run": {"seed": 0, "amp": "none"}, "data": {"path": "feats"}}
     kept = {"loss": {"gamma": 0.5, "mu": 90.0}, "run": {"seed": 0}, "data": {"path": "../feats"}}  # before "amp"
     (tmp_path / "user").mkdir()
@@ -274,7 +271,7 @@ def test_converged_estimate_rows_are_the_files_step_times_and_bounds():
         return {"estimate": {"gemm_gflops": 100.0, "threads": 2,
                              "user": {"seconds_per_step": 0.2 * scale, "steps": 4680, "run_minutes": 15.6 * scale,
                                       "step_gflop": 10.0 * scale, "flop_bound_seconds": 0.1 * scale}}}
-    text = report.converged_estimate(record("rq_converged_estimate", estimate(1)),
+    text = rq_converged.render_estimate(record("rq_converged_estimate", estimate(1)),
                                      record("rq_converged_estimate_1280", estimate(8)))
     (rows,) = tables_of(text)
     assert rows[2] == ["256-d (PCA)", "USER (SGE, UTO, queues)", "10.0", "0.100 s", "0.200 s", "2.0x", "16 min"]
@@ -292,7 +289,7 @@ def test_flickr8k_throughput_rows_hold_step_times_flops_and_both_ratios():
     config = {"batch_size": 128, "regions": 49, "region_dim": 1280, "queue_size": 2048, "embed_dim": 1024}
     two, one = record("throughput_f8k", figures_(1.0), config), record("throughput_f8k_1thread", figures_(1.5), config)
     one["machine"]["torch_threads"] = 1
-    text = report.throughput_f8k(two, one)
+    text = train_throughput.render_flickr8k(two, one)
     (rows,) = tables_of(text)
     assert rows[2] == ["2", "400 ms (190 GFLOP)", "500 ms (188 GFLOP)", "900 ms (349 GFLOP)", "1.80x", "1.86x"]
     assert rows[3][0] == "1" and rows[3][3] == "1350 ms (349 GFLOP)"
@@ -310,9 +307,6 @@ def test_lanes_split_the_units_into_disjoint_interleaved_shares():
 
 
 def test_a_lane_works_in_the_folder_of_the_whole_command():
-    import distill_probe
-    import rq_converged
-
     argv = ["--data", "runs/f8k_feats", "--seeds", "0", "1", "2", "--keep", "kept"]
     assert rq_converged.parse_args(argv + ["--lane", "2/2"]).out == rq_converged.parse_args(argv).out
     assert rq_converged.parse_args(argv).out != rq_converged.parse_args(argv[:-2]).out
@@ -323,8 +317,6 @@ def test_a_lane_works_in_the_folder_of_the_whole_command():
 def test_distill_probe_lanes_share_the_runs_and_keep_reads_them_back(tmp_path, monkeypatch):
     """Two lanes run disjoint (seed, method) units; the collecting command then runs nothing and reads every
     result, from the kept copies alone once the output folder is gone."""
-    import distill_probe
-
     calls = []
 
     def fake_pretrain(cfg, run_dir, resume):
@@ -377,7 +369,7 @@ def test_probe_block_gives_each_probe_its_table_and_the_paired_difference():
     data = record("distill_probe", {"seeds": [0, 1, 2], "budget": budget,
                                     "probes": {"ours": methods, "authors": {"st_slidr": methods["st_slidr"]}}},
                   {"distill_config": distill_config})
-    text = report.probe(data)
+    text = distill_probe.render(data)
     ours, ours_classes, authors, authors_classes = tables_of(text)
     assert ours[2] == ["SLidR", "51.0", "0.5", "50.0 / 52.0 / 51.0"]
     assert authors[2][0] == "ST-SLidR (tolerant + balancing)" and len(authors) == 3
@@ -386,14 +378,13 @@ def test_probe_block_gives_each_probe_its_table_and_the_paired_difference():
     assert "ST-SLidR − SLidR, paired by seed: +1.5 / -1.0 / +2.0 (mean +0.8 ± 1.6, positive on 2 of 3 seeds)." in text
     assert text.count("paired by seed") == 1  # the authors' probe ran one method only
     assert "q = 0.01 (remove), cylindrical voxels" in text and "efficientnet_lite0 with imagenet weights" in text
-    line = report.probe_summary(data)
+    line = distill_probe.summary(data)
     assert "ours probe SLidR 51.0, ST-SLidR (tolerant + balancing) 51.8; authors probe" in line
 
 
 def test_harness_keeps_a_runs_own_wall_time_for_the_collecting_command(tmp_path, monkeypatch):
     """A run trained start to end stores its wall time; a later call (the collecting command, the run already
     finished) reports that time, not its own near-zero one; a run resumed across processes says so."""
-    import retrieval_quality
     from xmcl.metrics.retrieval import Metrics
 
     clock = iter([100.0, 160.0, 200.0, 201.0, 300.0, 330.0])
@@ -418,8 +409,8 @@ def test_harness_keeps_a_runs_own_wall_time_for_the_collecting_command(tmp_path,
     _, part = retrieval_quality.train_and_score(None, resumed, tmp_path, "val")
     assert part["train_seconds_this_session"] == 30.0 and "train_seconds" not in part
     assert first["val_rsum_per_epoch"] == {1: 12.5}
-    assert report.train_minutes(first) == "1.0 min"
-    assert report.train_minutes(part) == "0.5 min in its last process (resumed)"
+    assert retrieval_quality.train_minutes(first) == "1.0 min"
+    assert retrieval_quality.train_minutes(part) == "0.5 min in its last process (resumed)"
 
 
 def test_changed_paths_keep_their_first_letter_whatever_the_status_columns():
@@ -430,8 +421,6 @@ def test_changed_paths_keep_their_first_letter_whatever_the_status_columns():
 def test_the_shipped_best_flickr8k_config_is_the_kept_best_runs_configuration():
     """configs/flickr8k_locked_tolerant.yaml, offered as the winner of the converged comparison, is the very
     configuration its kept runs trained with (the seed aside), and what the benchmark would run."""
-    import rq_converged
-
     from xmcl.config import load_config
     from xmcl.retrieval.config import RetrievalTrainConfig
 
