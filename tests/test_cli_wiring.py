@@ -222,7 +222,7 @@ def test_distill_pretrain_then_probe(tmp_path: Path) -> None:
     result = invoke("distill", "pretrain", "--config", config, "--set", "optim.steps=3", "--out", run)
     assert result.stdout.strip().splitlines()[-1] == f"wrote {run / 'last.pt'}"
     state = read_checkpoint(run / "last.pt")
-    assert state["step"] == 3 and state["config"]["voxel"]["widths"] == [4, 8]
+    assert state["global_step"] == 3 and state["config"]["voxel"]["widths"] == [4, 8]
 
     probe = tmp_path / "probe"
     result = invoke("distill", "probe", "--config", config, "--checkpoint", run / "last.pt", "--mode", "linear",

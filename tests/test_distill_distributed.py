@@ -54,7 +54,7 @@ def test_two_ranks_with_the_global_gather_take_the_one_process_steps(tmp_path: P
     mp.start_processes(_rank, args=([free_port(), free_port()], str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     expected, got = read_checkpoint(one / "last.pt"), read_checkpoint(tmp_path / "global" / "last.pt")
-    assert got["world_size"] == 2 and got["step"] == expected["step"] == 2
+    assert got["world_size"] == 2 and got["global_step"] == expected["global_step"] == 2
     assert _losses(tmp_path / "global") == pytest.approx(_losses(one), rel=1e-5)
     for part in ("voxel_net", "image_head"):
         for name, weights in expected[part].items():

@@ -87,7 +87,7 @@ def test_resume_reproduces_the_uninterrupted_run_and_probe_reads_it(tmp_path: Pa
     monkeypatch.setattr(trainer, "distillation_loss", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         trainer.pretrain_distill(cfg, tmp_path / "resumed")
-    assert read_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 2
+    assert read_checkpoint(tmp_path / "resumed" / "last.pt")["global_step"] == 2
     monkeypatch.setattr(trainer, "distillation_loss", real_loss)
     resumed = trainer.pretrain_distill(cfg, tmp_path / "resumed", resume=True)
 

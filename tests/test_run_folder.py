@@ -100,7 +100,8 @@ def test_no_resume_into_a_run_needs_overwrite(corpus: Path, tmp_path: Path) -> N
 def test_resume_refuses_changed_settings_and_config_yaml_tells_the_truth(corpus: Path, tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
-    train_retrieval(retrieval_config(corpus, "optim.epochs=1"), run, progress=False)
+    first = train_retrieval(retrieval_config(corpus, "optim.epochs=1"), run, progress=False)
+    first_seconds = read_checkpoint(run / "last.pt")["train_seconds"]
     with pytest.raises(CheckpointError, match=r"optim\.lr: 0\.001 -> 0\.002; run\.seed: 0 -> 4\); only .*"
                                               r"optim\.epochs.* may change on resume"):
         train_retrieval(retrieval_config(corpus, "optim.epochs=1", "optim.lr=2e-3", "run.seed=4"), run, progress=False)
@@ -114,9 +115,15 @@ def test_resume_refuses_changed_settings_and_config_yaml_tells_the_truth(corpus:
 
     last, log = (run / "last.pt").read_bytes(), (run / "log.jsonl").read_bytes()
     summary = train_retrieval(retrieval_config(corpus, "optim.epochs=2"), run)
-    assert f"{run} already finished: 2 of 2 epochs done" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{run} already finished: 2 of 2 epochs done" in err and "Set a larger optim.epochs to train longer" in err
     assert (run / "last.pt").read_bytes() == last and (run / "log.jsonl").read_bytes() == log
     assert summary["best_rsum"] == read_checkpoint(run / "last.pt")["best_rsum"]
+    logged = [r for r in read_jsonl(run / "log.jsonl") if "val_rsum" in r]
+    assert summary["val_rsum_by_epoch"] == {r["epoch"]: r["val_rsum"] for r in logged} and len(logged) == 2
+    assert first["val_rsum_by_epoch"] == {1: logged[0]["val_rsum"]}
+    assert 0 < first_seconds <= first["train_seconds"]  # the loop's time goes on after its last checkpoint
+    assert first_seconds < summary["train_seconds"] == read_checkpoint(run / "last.pt")["train_seconds"]
 
 
 @pytest.mark.slow

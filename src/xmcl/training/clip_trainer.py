@@ -21,7 +21,6 @@ size and a resume with another is refused.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -55,12 +54,14 @@ from xmcl.training.run import (
     RunFolder,
     StepLogger,
     StopSignals,
-    announce,
+    announce_finished,
+    announce_resume,
     capture_states,
     check_finite,
     restore_states,
-    run_held,
+    run_loop,
 )
+from xmcl.training.progress import TrainingProgress
 from xmcl.training.schedule import warmup_cosine
 
 CLIP_RUN_CHECKPOINT = ("xmcl.clip.train", 2)  # kind and version of train-clip's last.pt (2: safe to load)
@@ -93,16 +94,16 @@ def _evaluate(model, pixels: torch.Tensor, tokenizer: ClipTokenizer, split: Capt
     return evaluate_embeddings(img, txt, split.caption_image, protocols=("all",))["all"]
 
 
-def train_clip(cfg: ClipTrainConfig, out: Path | str, resume: bool = True, progress: bool = True,
-               overwrite: bool = False) -> dict:
-    """Train a small CLIP on ``cfg.data`` and save the best (validation rSum) into ``out`` (held locked for the
+def train_clip(cfg: ClipTrainConfig, out_dir: Path | str, *, resume: bool = True, overwrite: bool = False,
+               progress: bool = True) -> dict:
+    """Train a small CLIP on ``cfg.data`` and save the best (validation rSum) into ``out_dir`` (held locked for the
     run). ``resume`` / ``overwrite`` / ``progress`` as for ``train_retrieval``; SIGINT / SIGTERM save a
     checkpoint and raise ``RunInterrupted``.
 
     Returns ``{"best_rsum", "best_epoch", "metrics" (the best epoch's Metrics), "out"}``.
     """
-    folder = RunFolder(out, outputs=CLIP_FILES)
-    return run_held(folder, cfg.run.device, progress,
+    folder = RunFolder(out_dir, outputs=CLIP_FILES)
+    return run_loop(folder, cfg.run.device, progress,
                     lambda verbose, stop, world: _train(cfg, folder, resume, overwrite, verbose, stop, world))
 
 
@@ -135,32 +136,25 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
     warmup = max(1, int(cfg.optim.warmup_fraction * total))
     scheduler = warmup_cosine(optimizer, warmup, total)
     model_stream = TorchStream(derived_seed(cfg.run.seed, MODEL_STREAM), device)
-    epoch = step_in_epoch = global_step = 0
-    best_rsum, best_epoch, best_metrics = -math.inf, 0, None
-    loss_sum, loss_count = 0.0, 0  # over the epoch's steps so far (a resumed epoch's mean covers them all)
+    progress = TrainingProgress()
     if state is not None:
         restore_states(state, folder.last, model=model, loss=loss_fn, optimizer=optimizer, scheduler=scheduler,
                        model_stream=model_stream)
         precision.load_state_dict(state.get("grad_scaler"))
-        epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        best_rsum, best_epoch = state["best_rsum"], state["best_epoch"]
-        best_metrics = Metrics(**state["best_metrics"]) if state["best_metrics"] else None
-        loss_sum, loss_count = state["epoch_loss_sum"], state["epoch_loss_count"]
-        if epoch >= cfg.optim.epochs:
-            announce(f"{folder.root} already finished: {epoch} of {cfg.optim.epochs} epochs done (best val rSum "
-                     f"{best_rsum:.2f} at epoch {best_epoch}); nothing to do. Pass --no-resume --overwrite to "
-                     f"start over", verbose)
-            return {"best_rsum": best_rsum, "best_epoch": best_epoch, "metrics": best_metrics, "out": folder.root}
-        announce(f"resuming {folder.last} from epoch {epoch + 1}, step {step_in_epoch} (global step "
-                 f"{global_step})", verbose)
-        if world.is_main and step_in_epoch == 0 and best_epoch == epoch and epoch > 0:
+        progress.load_state_dict(state, folder.last)
+        if progress.epoch >= cfg.optim.epochs:
+            announce_finished(checkpointer, f"{progress.epoch} of {cfg.optim.epochs} epochs done (best val rSum "
+                              f"{progress.best_rsum:.2f} at epoch {progress.best_epoch})", "optim.epochs", verbose)
+            return _summary(folder, progress)
+        announce_resume(folder, progress.position(), verbose)
+        if world.is_main and progress.step_in_epoch == 0 and progress.best_epoch == progress.epoch > 0:
             save_clip(model, vocab, merges, folder.root)  # a stop between last.pt and the best model's files
     train_pixels = _pixels(train, cfg.model.image_size)
     val_pixels = _pixels(val, cfg.model.image_size) if world.is_main else None
     if world.is_main:
         folder.write_config(cfg)
     logger = StepLogger(folder, verbose and cfg.run.progress, state["log_bytes"] if state else 0,
-                        writes=world.is_main, report_to=cfg.run.report_to, resumed_step=global_step)
+                        writes=world.is_main, report_to=cfg.run.report_to, resumed_step=progress.global_step)
     caption_image = torch.as_tensor(train.caption_image)
 
     def checkpoint() -> None:
@@ -170,17 +164,16 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
             "vocab": vocab, "merges": [list(pair) for pair in merges],
             **capture_states(model=model, loss=loss_fn, optimizer=optimizer, scheduler=scheduler,
                              model_stream=model_stream),
-            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-            "best_rsum": best_rsum, "best_epoch": best_epoch,
-            "best_metrics": None if best_metrics is None else best_metrics.as_dict(),
-            "epoch_loss_sum": loss_sum, "epoch_loss_count": loss_count, "log_bytes": logger.size(),
-            "world_size": world.size, "grad_scaler": precision.state_dict()})
+            **progress.state_dict(), "log_bytes": logger.size(), "world_size": world.size,
+            "grad_scaler": precision.state_dict()})
 
-    while epoch < cfg.optim.epochs:
+    progress.start_clock()
+    while progress.epoch < cfg.optim.epochs:
+        epoch = progress.epoch
         model.train()
         order = one_caption_per_image(train.caption_image, np.random.default_rng([cfg.run.seed, epoch]))
         tic = time.perf_counter()
-        bar = logger.bar(range(step_in_epoch, steps_per_epoch), steps_per_epoch, step_in_epoch,
+        bar = logger.bar(range(progress.step_in_epoch, steps_per_epoch), steps_per_epoch, progress.step_in_epoch,
                          f"train-clip {epoch + 1}/{cfg.optim.epochs}", "batch")
         for step in bar:
             start = step * global_batch + world.rank * per_rank  # this rank's slice of the global batch
@@ -204,37 +197,38 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             precision.step(optimizer)
             scheduler.step()
-            step_in_epoch, global_step = step + 1, global_step + 1
-            loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+            progress.add_step(loss_value)
             bar.set_postfix(loss=f"{loss_value:.3f}")
-            if global_step % cfg.run.log_every == 0:
-                logger.log({"step": global_step, "epoch": epoch + 1, "loss": loss_value,
+            if progress.global_step % cfg.run.log_every == 0:
+                logger.log({"step": progress.global_step, "epoch": epoch + 1, "loss": loss_value,
                             "lr": scheduler.get_last_lr()[0]})
-            if cfg.run.checkpoint_every and global_step % cfg.run.checkpoint_every == 0:
+            if cfg.run.checkpoint_every and progress.global_step % cfg.run.checkpoint_every == 0:
                 checkpoint()
-            if mean_over_ranks(float(bool(stop.requested)), world, device) > 0:  # a signal on any rank
+            if stop.agreed(world, device):
                 bar.close()
                 checkpoint()
-                raise stop.interrupted(f"epoch {epoch + 1}, step {step_in_epoch}", folder)
+                raise stop.interrupted(f"epoch {epoch + 1}, step {progress.step_in_epoch}", folder)
         bar.close()
         metrics = _evaluate(model, val_pixels, tokenizer, val, device) if world.is_main else None
         rsum = broadcast_from_main(metrics.rsum if metrics else 0.0, world, device)  # every rank agrees on the best
-        epoch, step_in_epoch = epoch + 1, 0
-        improved = rsum > best_rsum
+        loss_mean, improved = progress.end_epoch(rsum, metrics.as_dict() if metrics else None)
         if improved:
             with torch.no_grad():
                 model.logit_scale.copy_(loss_fn.log_scale.detach().clamp(max=loss_fn.max_log_scale))
-            best_rsum, best_epoch, best_metrics = rsum, epoch, metrics
         if metrics is not None:
-            logger.log({"step": global_step, "epoch": epoch,
-                        "train_loss_mean": loss_sum / loss_count if loss_count else None,
+            logger.log({"step": progress.global_step, "epoch": progress.epoch, "train_loss_mean": loss_mean,
                         "seconds": time.perf_counter() - tic, **{f"val_{k}": v for k, v in metrics.as_dict().items()}})
-        loss_sum, loss_count = 0.0, 0
         checkpoint()  # then the best model: a stop between the two is healed on resume (see above)
         if improved and world.is_main:
             save_clip(model, vocab, merges, folder.root)
         logger.plot()
-        logger.note(f"epoch {epoch}: val rSum {rsum:.1f}")
-        if mean_over_ranks(float(bool(stop.requested)), world, device) > 0:
-            raise stop.interrupted(f"the end of epoch {epoch}", folder)
-    return {"best_rsum": best_rsum, "best_epoch": best_epoch, "metrics": best_metrics, "out": folder.root}
+        logger.note(f"epoch {progress.epoch}: val rSum {rsum:.1f}")
+        if stop.agreed(world, device):
+            raise stop.interrupted(f"the end of epoch {progress.epoch}", folder)
+    return _summary(folder, progress)
+
+
+def _summary(folder: RunFolder, progress: TrainingProgress) -> dict:
+    metrics = None if progress.best_metrics is None else Metrics(**progress.best_metrics)
+    return {"best_rsum": progress.best_rsum, "best_epoch": progress.best_epoch, "metrics": metrics,
+            "out": folder.root}

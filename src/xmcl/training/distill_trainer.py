@@ -1,7 +1,7 @@
 """The ST-SLidR pretraining loop, written out: distil a frozen 2D backbone into the sparse-voxel 3D network by
 superpixel contrast (the objective: ``xmcl.distill.objective``; the data: ``xmcl.distill.preparation``).
 
-Run folder: ``last.pt`` (3D network, 2D head, optimiser, scheduler, RNG, step; written atomically every
+Run folder: ``last.pt`` (3D network, 2D head, optimiser, scheduler, RNG, progress record; written atomically every
 ``run.checkpoint_every`` steps and at the end), ``config.yaml``, ``log.jsonl``, ``curves.png``. Resuming restarts
 from ``last.pt`` and reproduces the uninterrupted run exactly on the same device, wherever it stopped (even by
 ``kill -9``): the scene order and augmentation of step ``s`` are drawn from generators seeded by
@@ -46,13 +46,15 @@ from xmcl.training.run import (
     RunFolder,
     StepLogger,
     StopSignals,
-    announce,
+    announce_finished,
+    announce_resume,
     capture_states,
     check_finite,
     restore_states,
-    run_held,
+    run_loop,
 )
 from xmcl.training.schedule import build_optimizer
+from xmcl.training.progress import TrainingProgress
 from xmcl.training.sharding import rank_batches
 
 # May change when a run resumes: the probe's settings and scene counts, and where superpixels are cached.
@@ -60,13 +62,13 @@ RESUMABLE = ("probe.", "data.probe_train_scenes", "data.eval_scenes", "superpixe
 MODEL_STREAM = 3  # purpose of the 3D network's random stream drawn from run.seed (0, 1: augmentation, scene order)
 
 
-def pretrain_distill(cfg: DistillConfig, out_dir: Path, resume: bool = True, overwrite: bool = False,
+def pretrain_distill(cfg: DistillConfig, out_dir: Path, *, resume: bool = True, overwrite: bool = False,
                      progress: bool = True) -> Path:
     """Pretrain the 3D network of ``cfg`` into ``out_dir`` (held locked for the run); returns the final checkpoint
     (``out_dir/last.pt``). ``resume`` / ``overwrite`` as for ``train_retrieval``; ``progress=False`` silences the
     run. SIGINT / SIGTERM save a checkpoint and raise ``RunInterrupted``."""
     folder = RunFolder(out_dir)
-    return run_held(folder, cfg.run.device, progress,
+    return run_loop(folder, cfg.run.device, progress,
                     lambda verbose, stop, world: _pretrain(cfg, folder, resume, overwrite, verbose, stop, world))
 
 
@@ -83,28 +85,29 @@ def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bo
     trainable = list(net.parameters()) + list(head.head.parameters())
     optimizer, scheduler = build_optimizer(trainable, cfg.optim)
     model_stream = TorchStream(derived_seed(cfg.run.seed, MODEL_STREAM), device)
-    start = 0
+    progress = TrainingProgress()
     state = checkpointer.start_together(cfg, resume, overwrite, world)  # a refusal ends every rank at once
     if state is not None:
         restore_states(state, folder.last, voxel_net=net, image_head=head.head, optimizer=optimizer,
                        scheduler=scheduler, model_stream=model_stream)
         precision.load_state_dict(state.get("grad_scaler"))
-        start = int(state["step"])
-        if start >= cfg.optim.steps:
-            announce(f"{folder.root} already finished: {start} of {cfg.optim.steps} steps done; nothing to do. Set "
-                     f"a larger optim.steps to train longer, or pass --no-resume --overwrite to start over", verbose)
+        progress.load_state_dict(state, folder.last)
+        if progress.global_step >= cfg.optim.steps:
+            announce_finished(checkpointer, f"{progress.global_step} of {cfg.optim.steps} steps done", "optim.steps",
+                              verbose)
             return folder.last
-        announce(f"resuming {folder.last} from step {start} of {cfg.optim.steps}", verbose)
+        announce_resume(folder, f"step {progress.global_step} of {cfg.optim.steps}", verbose)
+    start = progress.global_step
     if world.is_main:
         folder.write_config(cfg)
     logger = StepLogger(folder, verbose and cfg.run.progress, state["log_bytes"] if state else 0,
                         writes=world.is_main, report_to=cfg.run.report_to, resumed_step=start)
 
-    def save(step: int, last_loss: float) -> None:
+    def save(last_loss: float) -> None:
         if not world.is_main:
             return
         checkpointer.save(folder.last, cfg, {
-            "step": step, "loss": last_loss, "log_bytes": logger.size(), "world_size": world.size,
+            **progress.state_dict(), "loss": last_loss, "log_bytes": logger.size(), "world_size": world.size,
             "grad_scaler": precision.state_dict(),
             **capture_states(voxel_net=net, image_head=head.head, optimizer=optimizer, scheduler=scheduler,
                              model_stream=model_stream)})
@@ -124,6 +127,7 @@ def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bo
     net.train()
     head.train()
     bar = logger.bar(range(start, cfg.optim.steps), cfg.optim.steps, start, "pretrain")
+    progress.start_clock()
     for step in bar:
         began = time.perf_counter()
         generator = seeded_generator(cfg.run.seed, 0, step, *([world.rank] if world.rank else []))
@@ -141,15 +145,16 @@ def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bo
         scheduler.step()
         scenes_per_s = len(batch) * world.size / (time.perf_counter() - began)
         num_superpixels = round(mean_over_ranks(float(num_superpixels), world, device) * world.size)
-        stopping = mean_over_ranks(float(bool(stop.requested)), world, device) > 0  # a signal on any rank
+        stopping = stop.agreed(world, device)
         bar.set_postfix(loss=f"{loss_value:.4f}", scenes_per_s=f"{scenes_per_s:.2f}")
-        done = step + 1
+        progress.add_step(loss_value)
+        done = progress.global_step
         if done % cfg.run.log_every == 0 or done == cfg.optim.steps:
             logger.log({"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                         "superpixels": num_superpixels, "scenes_per_s": scenes_per_s})
         if (cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0) or done == cfg.optim.steps \
                 or stopping:
-            save(done, loss_value)
+            save(loss_value)
         if stopping and done < cfg.optim.steps:
             bar.close()
             raise stop.interrupted(f"step {done} of {cfg.optim.steps}", folder)

@@ -62,6 +62,7 @@ from xmcl.runtime.distributed import (
     mean_over_ranks,
 )
 from xmcl.runtime.files import atomic_write_bytes
+from xmcl.runtime.log import read_jsonl
 from xmcl.runtime.precision import Precision, cuda_layout
 from xmcl.runtime.rng import TorchStream, derived_seed, seeded_generator
 from xmcl.runtime.run_config import start_run
@@ -71,11 +72,14 @@ from xmcl.training.run import (
     StepLogger,
     StopSignals,
     announce,
+    announce_finished,
+    announce_resume,
     capture_states,
     check_finite,
     restore_states,
-    run_held,
+    run_loop,
 )
+from xmcl.training.progress import TrainingProgress
 from xmcl.training.sharding import rank_batches
 
 RESUMABLE = ("optim.epochs", "data.num_workers")  # may change when a run resumes
@@ -113,15 +117,25 @@ def project_regions(split: CaptionSplit, reduction: torch.nn.Module, images_per_
     return dataclasses.replace(split, region_features=out)
 
 
-def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, resume: bool = True, progress: bool = True,
-                    overwrite: bool = False) -> dict:
-    """Train per ``cfg`` into ``out_dir`` (held locked for the run); returns ``{"best_rsum", "best_epoch", "last",
-    "best"}``. ``resume``: continue from ``out_dir/last.pt`` when it exists; ``overwrite``: delete the run already
-    there and start over (without it, starting over where a run exists is refused). ``progress=False`` silences
-    the run whatever ``run.progress`` says. SIGINT / SIGTERM save a checkpoint and raise ``RunInterrupted``."""
+def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, *, resume: bool = True, overwrite: bool = False,
+                    progress: bool = True) -> dict:
+    """Train per ``cfg`` into ``out_dir`` (held locked for the run). ``resume``: continue from ``out_dir/last.pt``
+    when it exists; ``overwrite``: delete the run already there and start over (without it, starting over where a
+    run exists is refused). ``progress=False`` silences the run whatever ``run.progress`` says. SIGINT / SIGTERM
+    save a checkpoint and raise ``RunInterrupted``.
+
+    Returns ``{"best_rsum", "best_epoch", "last", "best", "val_rsum_by_epoch" (the validation curve, from the log),
+    "train_seconds" (the loop's wall time over every session; None for a run whose checkpoint predates it)}``."""
     folder = RunFolder(out_dir)
-    return run_held(folder, cfg.run.device, progress,
+    return run_loop(folder, cfg.run.device, progress,
                     lambda verbose, stop, world: _train(cfg, folder, resume, overwrite, verbose, stop, world))
+
+
+def _summary(folder: RunFolder, progress: TrainingProgress) -> dict:
+    curve = {int(r["epoch"]): float(r["val_rsum"]) for r in read_jsonl(folder.log) if "val_rsum" in r} \
+        if folder.log.is_file() else {}
+    return {"best_rsum": progress.best_rsum, "best_epoch": progress.best_epoch, "last": folder.last,
+            "best": folder.best, "val_rsum_by_epoch": curve, "train_seconds": None if math.isnan(progress.seconds()) else progress.seconds()}
 
 
 def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite: bool, verbose: bool,
@@ -157,9 +171,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
                                                          cfg.optim.decay_all_parameters))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.optim.lr_decay_epochs, cfg.optim.lr_decay_factor)
     model_stream = TorchStream(derived_seed(cfg.run.seed, MODEL_STREAM), device)
-    epoch = step_in_epoch = global_step = 0
-    best_rsum, best_epoch = -math.inf, 0
-    loss_sum, loss_count = 0.0, 0  # over the epoch's steps so far (a resumed epoch's mean covers them all)
+    progress = TrainingProgress()
     if state is None and cfg.model.region_pca_dim is not None:  # a resumed run restores the fitted projection
         announce(f"fitting the {cfg.model.region_dim} -> {cfg.model.region_pca_dim} PCA of the region features on "
                  f"{train_split.num_images} training images", verbose)
@@ -168,17 +180,13 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
         restore_states(state, folder.last, model=model, optimizer=optimizer, scheduler=scheduler,
                        model_stream=model_stream)
         precision.load_state_dict(state.get("grad_scaler"))
-        epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        best_rsum, best_epoch = state["best_rsum"], state["best_epoch"]
-        loss_sum, loss_count = state["epoch_loss_sum"], state["epoch_loss_count"]
-        if epoch >= cfg.optim.epochs:
-            announce(f"{folder.root} already finished: {epoch} of {cfg.optim.epochs} epochs done (best val rSum "
-                     f"{best_rsum:.2f} at epoch {best_epoch}); nothing to do. Set a larger optim.epochs to train "
-                     f"longer, or pass --no-resume --overwrite to start over", verbose)
-            return {"best_rsum": best_rsum, "best_epoch": best_epoch, "last": folder.last, "best": folder.best}
-        announce(f"resuming {folder.last} from epoch {epoch + 1}, step {step_in_epoch} (global step "
-                 f"{global_step})", verbose)
-        if world.is_main and step_in_epoch == 0 and best_epoch == epoch and epoch > 0 and not (
+        progress.load_state_dict(state, folder.last)
+        if progress.epoch >= cfg.optim.epochs:
+            announce_finished(checkpointer, f"{progress.epoch} of {cfg.optim.epochs} epochs done (best val rSum "
+                              f"{progress.best_rsum:.2f} at epoch {progress.best_epoch})", "optim.epochs", verbose)
+            return _summary(folder, progress)
+        announce_resume(folder, progress.position(), verbose)
+        if world.is_main and progress.step_in_epoch == 0 and progress.best_epoch == progress.epoch > 0 and not (
                 folder.best.is_file() and filecmp.cmp(folder.last, folder.best, shallow=False)):
             # a stop between last.pt and best.pt: best.pt is this very state
             atomic_write_bytes(folder.best, lambda handle: handle.write(folder.last.read_bytes()))
@@ -190,7 +198,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     if world.is_main:
         folder.write_config(cfg)
     logger = StepLogger(folder, verbose and cfg.run.progress, state["log_bytes"] if state else 0,
-                        writes=world.is_main, report_to=cfg.run.report_to, resumed_step=global_step)
+                        writes=world.is_main, report_to=cfg.run.report_to, resumed_step=progress.global_step)
 
     dataset = CaptionPairs(train_split, tokenizer, image_transform(cfg.model, model, cfg.data.image_size,
                                                                    cfg.data.augment_images),
@@ -206,22 +214,22 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
         checkpointer.save(path, cfg, {
             "vocab": None if vocab is None else vocab.words,
             **capture_states(model=model, optimizer=optimizer, scheduler=scheduler, model_stream=model_stream),
-            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-            "best_rsum": best_rsum, "best_epoch": best_epoch, "clip_sha256": train_guides.sha256,
-            "epoch_loss_sum": loss_sum, "epoch_loss_count": loss_count, "log_bytes": logger.size(),
-            "inputs": inputs, "world_size": world.size, "grad_scaler": precision.state_dict()})
+            **progress.state_dict(), "clip_sha256": train_guides.sha256, "log_bytes": logger.size(), "inputs": inputs, "world_size": world.size, "grad_scaler": precision.state_dict()})
 
-    while epoch < cfg.optim.epochs:
+    progress.start_clock()
+    while progress.epoch < cfg.optim.epochs:
+        epoch = progress.epoch
         dataset.set_epoch(epoch)
         model.set_epoch(epoch)
         model.train()
         batches = rank_batches(epoch_batches(len(dataset), cfg.optim.batch_size * world.size, cfg.run.seed, epoch,
                                              cfg.optim.max_steps_per_epoch), world)
-        loader = DataLoader(dataset, batch_sampler=batches[step_in_epoch:], collate_fn=collate,
+        loader = DataLoader(dataset, batch_sampler=batches[progress.step_in_epoch:], collate_fn=collate,
                             num_workers=cfg.data.num_workers, persistent_workers=False,
                             pin_memory=device.type == "cuda",
                             generator=seeded_generator(cfg.run.seed, LOADER_STREAM, epoch))
-        bar = logger.bar(loader, len(batches), step_in_epoch, f"epoch {epoch + 1}/{cfg.optim.epochs}", "batch")
+        bar = logger.bar(loader, len(batches), progress.step_in_epoch, f"epoch {epoch + 1}/{cfg.optim.epochs}",
+                         "batch")
         tic, seen = time.perf_counter(), 0
         for batch in bar:
             batch = to_device(batch, device)
@@ -229,33 +237,32 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
                 losses = model(batch)
             loss = losses["loss"]
             loss_value = mean_over_ranks(loss.item(), world, device)  # every rank checks the same value
-            check_finite(loss_value, f"epoch {epoch + 1}, step {step_in_epoch + 1}", folder)
+            check_finite(loss_value, f"epoch {epoch + 1}, step {progress.step_in_epoch + 1}", folder)
             optimizer.zero_grad(set_to_none=True)
             precision.backward(loss)
             average_gradients(parameters, world)
             precision.unscale(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.optim.grad_clip)
-            if global_step == 0 and float(grad_norm) == 0.0:
+            if progress.global_step == 0 and float(grad_norm) == 0.0:
                 raise TrainingStalled(
                     f"the {cfg.loss.name} loss ({loss_value:.4g}) gives no gradient at the first step: with UTO "
                     f"this happens when every matching image-caption similarity starts <= 0; set "
                     f"loss.uto_warmup_epochs=1 (a VSE++ hinge warm-up) or another seed")
             precision.step(optimizer)
             model.momentum_step()
-            step_in_epoch, global_step = step_in_epoch + 1, global_step + 1
+            progress.add_step(loss_value)
             seen += batch["tokens"].shape[0] * world.size
-            loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
             bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{seen / max(time.perf_counter() - tic, 1e-9):.0f}")
-            if global_step % cfg.run.log_every == 0:
-                logger.log({"step": global_step, "epoch": epoch + 1, "loss": loss_value,
+            if progress.global_step % cfg.run.log_every == 0:
+                logger.log({"step": progress.global_step, "epoch": epoch + 1, "loss": loss_value,
                             "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
                             **{f"loss_{k}": v.item() for k, v in losses.items() if k != "loss"}})
-            if cfg.run.checkpoint_every and global_step % cfg.run.checkpoint_every == 0:
+            if cfg.run.checkpoint_every and progress.global_step % cfg.run.checkpoint_every == 0:
                 checkpoint(folder.last)
-            if mean_over_ranks(float(bool(stop.requested)), world, device) > 0:  # a signal on any rank stops them all
+            if stop.agreed(world, device):
                 bar.close()
                 checkpoint(folder.last)
-                raise stop.interrupted(f"epoch {epoch + 1}, step {step_in_epoch}", folder)
+                raise stop.interrupted(f"epoch {epoch + 1}, step {progress.step_in_epoch}", folder)
         bar.close()
 
         metrics = None
@@ -265,22 +272,17 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
             metrics = evaluate_embeddings(img, txt, val_split.caption_image, protocols=("all",))["all"]
         rsum = broadcast_from_main(metrics.rsum if metrics else 0.0, world, device)
         scheduler.step()
-        epoch, step_in_epoch = epoch + 1, 0
-        improved = rsum > best_rsum
-        if improved:
-            best_rsum, best_epoch = rsum, epoch
-        loss_mean = loss_sum / max(loss_count, 1)
-        loss_sum, loss_count = 0.0, 0
+        loss_mean, improved = progress.end_epoch(rsum, metrics.as_dict() if metrics else None)
         if metrics is not None:
-            logger.log({"step": global_step, "epoch": epoch, "train_loss_mean": loss_mean,
+            logger.log({"step": progress.global_step, "epoch": progress.epoch, "train_loss_mean": loss_mean,
                         "samples_per_s": seen / max(time.perf_counter() - tic, 1e-9),
                         **{f"val_{k}": v for k, v in metrics.as_dict().items()}})
-            logger.note(f"epoch {epoch}: val rSum {metrics.rsum:.2f} (R@1 i2t {metrics.i2t_r1:.1f}, "
+            logger.note(f"epoch {progress.epoch}: val rSum {metrics.rsum:.2f} (R@1 i2t {metrics.i2t_r1:.1f}, "
                         f"t2i {metrics.t2i_r1:.1f}){'  best' if improved else ''}")
         checkpoint(folder.last)  # then best.pt: a stop between the two is healed on resume (see above)
         if improved:
             checkpoint(folder.best)
         logger.plot()
-        if mean_over_ranks(float(bool(stop.requested)), world, device) > 0:
-            raise stop.interrupted(f"the end of epoch {epoch}", folder)
-    return {"best_rsum": best_rsum, "best_epoch": best_epoch, "last": folder.last, "best": folder.best}
+        if stop.agreed(world, device):
+            raise stop.interrupted(f"the end of epoch {progress.epoch}", folder)
+    return _summary(folder, progress)

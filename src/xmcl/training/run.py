@@ -6,8 +6,10 @@
 (``--no-resume`` into a folder that already holds a run, unless ``overwrite``). ``check_finite``: stop on a NaN/inf
 loss, keeping the last good checkpoint. ``StepLogger``: progress bar, JSONL log (cut back to a resumed checkpoint's
 length, so no step is logged twice) and PNG curves. ``StopSignals``: SIGINT / SIGTERM stop the loop at the next step
-boundary, after a checkpoint. ``capture_states`` / ``restore_states``: the state dicts of a loop's stateful objects
-(model, optimiser, scheduler, random streams, ...) and the global RNG, by name.
+boundary, after a checkpoint (``agreed``: every rank stops at the same step). ``capture_states`` /
+``restore_states``: the state dicts of a loop's stateful objects (model, optimiser, scheduler, random streams,
+...) and the global RNG, by name. ``run_loop``: a trainer's entry (process group, folder held,
+stop signals); ``announce_finished`` / ``announce_resume``: the notes every loop prints when it resumes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
+import torch
 import yaml
 from tqdm import tqdm
 
@@ -27,7 +30,7 @@ from xmcl.config import config_to_dict
 from xmcl.errors import CheckpointError, RunFolderError, RunInterrupted, TrainingDiverged, brief
 from xmcl.runtime.checkpoint import load_checkpoint, save_checkpoint
 from xmcl.runtime.device import resolve_device
-from xmcl.runtime.distributed import World, close_world, fail_together, init_world
+from xmcl.runtime.distributed import World, close_world, fail_together, init_world, mean_over_ranks
 from xmcl.runtime.files import atomic_write_text
 from xmcl.runtime.lock import RunLock, describe_holder
 from xmcl.runtime.log import JsonlLogger, plot_curves
@@ -117,6 +120,10 @@ class Checkpointer:
         self.folder, self.kind, self.version = folder, kind, version
         self.resumable = frozenset(resumable) | RESUMABLE_RUN_KEYS
 
+    def may_change(self, key: str) -> bool:
+        """Whether the dotted config ``key`` may differ when a run resumes."""
+        return _is_resumable(key, self.resumable)
+
     def save(self, path: Path, cfg: Any, payload: dict[str, Any]) -> None:
         """Write ``payload`` and the run's config under this checkpointer's header, atomically."""
         save_checkpoint(path, self.kind, self.version, {"config": config_to_dict(cfg), **payload})
@@ -162,7 +169,7 @@ class Checkpointer:
         state = load_checkpoint(self.folder.last, self.kind, self.version)
         saved, now = _flatten(state["config"]), _flatten(config_to_dict(cfg))
         changed = [key for key in sorted(set(saved) | set(now))
-                   if saved.get(key) != now.get(key) and not _is_resumable(key, self.resumable)]
+                   if saved.get(key) != now.get(key) and not self.may_change(key)]
         if changed:
             listed = "; ".join(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in changed[:6])
             more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
@@ -203,21 +210,21 @@ def check_finite(loss: float, where: str, folder: RunFolder) -> None:
                                f"{folder.last_good()}")
 
 
-def run_held(folder: RunFolder, device: str, progress: bool, body: Callable[[bool, "StopSignals", World], T]) -> T:
+def run_loop(folder: RunFolder, device: str, progress: bool, body: Callable[[bool, "StopSignals", World], T]) -> T:
     """A trainer's entry: start the process group for ``device`` (none for one process), hold ``folder``
-    (``held_run``) and return ``body(verbose, stop, world)``, ``verbose`` being ``progress`` on rank 0 only; the
+    (``hold_folder``) and return ``body(verbose, stop, world)``, ``verbose`` being ``progress`` on rank 0 only; the
     group is closed whatever happens."""
     world = init_world(resolve_device(device))
     verbose = progress and world.is_main
     try:
-        with held_run(folder, world, verbose) as stop:
+        with hold_folder(folder, world, verbose) as stop:
             return body(verbose, stop, world)
     finally:
         close_world(world)
 
 
 @contextmanager
-def held_run(folder: RunFolder, world: World, verbose: bool) -> Iterator["StopSignals"]:
+def hold_folder(folder: RunFolder, world: World, verbose: bool) -> Iterator["StopSignals"]:
     """A run's hold on its folder: the folder's lock, taken by rank 0 (a lock held elsewhere ends every rank at
     once with rank 0's message), and the stop signals (yielded), for the whole run."""
     with ExitStack() as held:
@@ -225,6 +232,20 @@ def held_run(folder: RunFolder, world: World, verbose: bool) -> Iterator["StopSi
             if world.is_main:
                 held.enter_context(folder.locked(verbose))
         yield held.enter_context(StopSignals(verbose))
+
+
+def announce_finished(checkpointer: Checkpointer, done: str, length_key: str, verbose: bool) -> None:
+    """The note of a resumed run with nothing left to do (``done``: e.g. "3 of 3 epochs done (best ...)"); it
+    suggests raising ``length_key`` only where the checkpointer lets that key change on resume."""
+    longer = (f"Set a larger {length_key} to train longer, or pass" if checkpointer.may_change(length_key)
+              else "Pass")
+    announce(f"{checkpointer.folder.root} already finished: {done}; nothing to do. {longer} --no-resume --overwrite "
+             f"to start over", verbose)
+
+
+def announce_resume(folder: RunFolder, position: str, verbose: bool) -> None:
+    """The note of a run resuming from ``folder/last.pt`` at ``position``."""
+    announce(f"resuming {folder.last} from {position}", verbose)
 
 
 class StopSignals:
@@ -256,6 +277,11 @@ class StopSignals:
         self.requested = signal.Signals(number).name
         announce(f"\n{self.requested} received: saving a checkpoint after this step, then stopping (send it again "
                  f"to stop at once, losing the steps since the last checkpoint)", self.verbose)
+
+    def agreed(self, world: World, device: torch.device) -> bool:
+        """Whether any rank of ``world`` received a stop signal (a collective: every rank calls it at the same
+        step, and all get the same answer, so they stop together)."""
+        return mean_over_ranks(float(self.requested is not None), world, device) > 0
 
     def interrupted(self, where: str, folder: RunFolder) -> RunInterrupted:
         """The error that ends a stopped run, saying where it stopped and how to resume."""

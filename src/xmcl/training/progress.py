@@ -1,0 +1,92 @@
+"""Where a run stands: one record of progress, saved whole in each checkpoint and restored whole on resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xmcl.errors import CheckpointError
+
+# Keys a checkpoint written before they existed may lack, and their value then: the best epoch's figures are
+# unknown, and so is the time of the sessions before (NaN stays NaN as later sessions add to it).
+_OPTIONAL = {"best_metrics": None, "train_seconds": math.nan}
+
+
+@dataclass
+class TrainingProgress:
+    """A loop's position and running sums. ``epoch``: epochs finished; ``step_in_epoch``: steps done in the current
+    epoch (a resume skips them); ``global_step``: steps done in all; ``best_rsum`` / ``best_epoch`` /
+    ``best_metrics``: the best validation score so far, its epoch and figures; ``epoch_loss_sum`` /
+    ``epoch_loss_count``: the current epoch's losses so far (so a resumed epoch's mean covers all its steps);
+    ``train_seconds``: wall time spent in the loop, summed over every session of the run (NaN when a session's time
+is unknown).
+
+    ``state_dict()`` is a flat mapping of these names, spread into a checkpoint; ``load_state_dict`` reads it back.
+    The step-based pretraining loop uses ``global_step`` and ``train_seconds`` only."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_rsum: float = -math.inf
+    best_epoch: int = 0
+    best_metrics: dict[str, float] | None = None
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
+    train_seconds: float = 0.0
+    _clock: float | None = field(default=None, repr=False, compare=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The record as plain values, ``train_seconds`` including the running session."""
+        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        state["train_seconds"] = self.seconds()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], where: Path | str = "the checkpoint") -> None:
+        """Take every field from ``state`` (a checkpoint); a missing one raises ``CheckpointError`` naming it, except
+        the ones added later (``_OPTIONAL``), which take their unknown value."""
+        for f in dataclasses.fields(self):
+            if f.name.startswith("_"):
+                continue
+            if f.name not in state and f.name in _OPTIONAL:
+                setattr(self, f.name, _OPTIONAL[f.name])
+                continue
+            if f.name not in state:
+                raise CheckpointError(f"checkpoint {where} has no '{f.name}' entry: it was written before this "
+                                      f"loop saved its progress record; retrain, or use the xmcl release that "
+                                      f"wrote it")
+            setattr(self, f.name, state[f.name])
+
+    def start_clock(self) -> None:
+        """Start counting this session's wall time into ``train_seconds``."""
+        self._clock = time.perf_counter()
+
+    def seconds(self) -> float:
+        """``train_seconds`` so far, this session's included."""
+        running = 0.0 if self._clock is None else time.perf_counter() - self._clock
+        return self.train_seconds + running
+
+    def add_step(self, loss: float) -> None:
+        """One optimiser step done, with its (rank-mean) loss."""
+        self.step_in_epoch += 1
+        self.global_step += 1
+        self.epoch_loss_sum += loss
+        self.epoch_loss_count += 1
+
+    def end_epoch(self, rsum: float, metrics: dict[str, float] | None = None) -> tuple[float | None, bool]:
+        """Close the epoch with its validation ``rsum`` (and figures): returns the epoch's mean loss (None without
+        steps) and whether ``rsum`` beat the best so far (which then becomes it)."""
+        loss_mean = self.epoch_loss_sum / self.epoch_loss_count if self.epoch_loss_count else None
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
+        improved = rsum > self.best_rsum
+        if improved:
+            self.best_rsum, self.best_epoch, self.best_metrics = rsum, self.epoch, metrics
+        return loss_mean, improved
+
+    def position(self) -> str:
+        """Where the next step starts, for messages: "epoch 3, step 5 (global step 29)"."""
+        return f"epoch {self.epoch + 1}, step {self.step_in_epoch} (global step {self.global_step})"

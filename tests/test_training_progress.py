@@ -1,0 +1,62 @@
+"""The progress record every loop saves whole and restores whole, and the notes a resumed run prints."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from xmcl.errors import CheckpointError
+from xmcl.training.progress import TrainingProgress
+from xmcl.training.run import Checkpointer, RunFolder, announce_finished
+
+
+def test_steps_and_epochs_keep_the_sums_and_the_best() -> None:
+    progress = TrainingProgress()
+    for loss in (3.0, 1.0):
+        progress.add_step(loss)
+    assert (progress.step_in_epoch, progress.global_step) == (2, 2)
+    assert progress.end_epoch(10.0, {"rsum": 10.0}) == (2.0, True)
+    progress.add_step(5.0)
+    assert progress.end_epoch(9.0) == (5.0, False)  # worse: the best stays epoch 1's
+    assert progress.end_epoch(9.5) == (None, False)  # an epoch without steps has no mean
+    assert (progress.epoch, progress.step_in_epoch, progress.global_step) == (3, 0, 3)
+    assert (progress.best_rsum, progress.best_epoch, progress.best_metrics) == (10.0, 1, {"rsum": 10.0})
+    assert progress.position() == "epoch 4, step 0 (global step 3)"
+
+
+def test_the_record_comes_back_whole_and_its_time_adds_up() -> None:
+    progress = TrainingProgress(epoch=2, step_in_epoch=3, global_step=13, best_rsum=50.0, best_epoch=1,
+                                epoch_loss_sum=1.5, epoch_loss_count=3, train_seconds=7.0)
+    progress.start_clock()
+    state = progress.state_dict()
+    assert state["train_seconds"] >= 7.0 and set(state) == {
+        "epoch", "step_in_epoch", "global_step", "best_rsum", "best_epoch", "best_metrics", "epoch_loss_sum",
+        "epoch_loss_count", "train_seconds"}
+    restored = TrainingProgress()
+    restored.load_state_dict(state)
+    assert restored == TrainingProgress(**{**state, "train_seconds": state["train_seconds"]})
+    assert restored.seconds() == state["train_seconds"]  # its clock has not started
+
+
+def test_an_older_checkpoint_lacks_the_time_and_a_broken_one_is_named(tmp_path: Path) -> None:
+    state = TrainingProgress(epoch=1, best_metrics={"rsum": 3.0}).state_dict()
+    older = {k: v for k, v in state.items() if k not in ("train_seconds", "best_metrics")}
+    progress = TrainingProgress()
+    progress.load_state_dict(older)
+    progress.start_clock()
+    assert progress.epoch == 1 and progress.best_metrics is None and math.isnan(progress.seconds())
+    broken = {k: v for k, v in state.items() if k != "global_step"}
+    with pytest.raises(CheckpointError, match=r"x/last\.pt has no 'global_step' entry"):
+        TrainingProgress().load_state_dict(broken, "x/last.pt")
+
+
+@pytest.mark.parametrize("resumable,hint", [(("optim.epochs",), "Set a larger optim.epochs to train longer, or pass"),
+                                            ((), "nothing to do. Pass --no-resume --overwrite")])
+def test_a_finished_run_suggests_a_longer_run_only_where_the_length_may_change(
+        tmp_path: Path, capsys: pytest.CaptureFixture, resumable: tuple[str, ...], hint: str) -> None:
+    checkpointer = Checkpointer(RunFolder(tmp_path), "test.kind", 1, resumable=resumable)
+    announce_finished(checkpointer, "2 of 2 epochs done", "optim.epochs", verbose=True)
+    err = capsys.readouterr().err
+    assert f"{tmp_path} already finished: 2 of 2 epochs done; nothing to do." in err and hint in err
