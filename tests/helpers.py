@@ -14,6 +14,7 @@ from xmcl.config import load_config
 from xmcl.distill.config import DistillConfig
 from xmcl.retrieval.clip.config import ClipTrainConfig
 from xmcl.retrieval.config import RetrievalModelConfig, RetrievalTrainConfig
+from xmcl.retrieval.inference import model_from_state, open_saved_model
 
 # ------------------------------------------------------------------------------------------------ retrieval runs
 CORPUS_WORDS = ["red", "blue", "green", "circle", "square", "star", "left", "right", "big", "small"]
@@ -129,3 +130,8 @@ def log_without_timing(folder: Path) -> list[dict]:
     """A run's ``log.jsonl`` records without their wall-clock fields (``TIMING``)."""
     records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     return [{k: v for k, v in record.items() if k not in TIMING} for record in records]
+
+
+def load_trained(checkpoint: Path, device: torch.device):
+    """The encoders (eval mode), tokenizer and config of a trained model (``model_from_state`` of its saved state)."""
+    return model_from_state(open_saved_model(checkpoint).state, str(checkpoint), device)

@@ -22,9 +22,11 @@ from xmcl.retrieval.clip.small import new_clip_model, save_clip
 from xmcl.retrieval.clip.teacher import load_clip_teacher
 from xmcl.retrieval.clip.tokenizer import train_bpe
 from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig, RetrievalTrainConfig
-from xmcl.retrieval.inference import encode_split, evaluate_checkpoint, load_trained
+from xmcl.retrieval.inference import encode_split, evaluate_checkpoint
 from xmcl.retrieval.model import USERModel
 from xmcl.training.retrieval_trainer import train_retrieval
+
+from helpers import load_trained
 
 EMBED, REGION_DIM, CLIP_DIM, VOCAB = 8, 6, 4, 20
 

@@ -21,11 +21,11 @@ from xmcl.demo import DEMO_RUNS
 from xmcl.metrics.retrieval import Metrics, evaluate_embeddings
 from xmcl.nn.backbones import build_image_backbone
 from xmcl.retrieval.clip.cache import split_guides
-from xmcl.retrieval.inference import encode_split, load_trained
+from xmcl.retrieval.inference import encode_split
 from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.training.retrieval_trainer import train_retrieval
 
-from helpers import DISTILL_TINY, retrieval_config, write_corpus
+from helpers import DISTILL_TINY, load_trained, retrieval_config, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr", "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr",

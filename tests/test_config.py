@@ -5,10 +5,13 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import yaml
 
-from xmcl.config import config_from_dict, config_to_dict, load_config, save_config
+from xmcl.config import config_from_dict, config_to_dict, load_config
+from xmcl.distill.config import DistillOptimConfig
 from xmcl.errors import ConfigError
-from xmcl.retrieval.config import RetrievalTrainConfig
+from xmcl.retrieval.clip.config import ClipOptimConfig
+from xmcl.retrieval.config import RetrievalOptimConfig, RetrievalTrainConfig
 
 
 @dataclass
@@ -37,7 +40,7 @@ def test_yaml_and_overrides_build_typed_config(tmp_path: Path) -> None:
 
 def test_round_trip_through_yaml(tmp_path: Path) -> None:
     cfg = Outer(name="y", limit=None, inner=Inner(steps=[1, 2, 3]))
-    save_config(cfg, tmp_path / "saved.yaml")
+    (tmp_path / "saved.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
     assert load_config(Outer, tmp_path / "saved.yaml") == cfg
     assert config_from_dict(Outer, config_to_dict(cfg)) == cfg
 
@@ -198,3 +201,12 @@ def test_an_error_names_the_base_file_that_set_the_key(tmp_path):
         load_config(RetrievalTrainConfig, child)
     with pytest.raises(ConfigError, match="'base' must name a config file"):
         load_config(RetrievalTrainConfig, _write(tmp_path, "bad.yaml", "base: 3\n"))
+
+
+@pytest.mark.parametrize("section", [RetrievalOptimConfig, ClipOptimConfig, DistillOptimConfig])
+@pytest.mark.parametrize("field_name,value,allowed", [
+    ("lr", 0.0, "> 0.0 and <= 10.0"), ("lr", 11.0, "> 0.0 and <= 10.0"), ("weight_decay", -0.1, ">= 0.0 and <= 1.0")])
+def test_every_optimiser_section_checks_the_shared_ranges(section: type, field_name: str, value: float,
+                                                          allowed: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{field_name}' = {value} is out of range: must be {allowed}"):
+        section(**{field_name: value})

@@ -12,11 +12,11 @@ from xmcl.config import load_config
 from xmcl.errors import ConfigError, DataError
 from xmcl.nn.pca import FrozenPCA
 from xmcl.retrieval.config import RetrievalTrainConfig
-from xmcl.retrieval.inference import evaluate_checkpoint, load_trained
+from xmcl.retrieval.inference import evaluate_checkpoint
 from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.training.retrieval_trainer import train_retrieval
 
-from helpers import retrieval_config, write_corpus
+from helpers import load_trained, retrieval_config, write_corpus
 
 
 def _numpy_pca(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

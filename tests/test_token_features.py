@@ -17,7 +17,7 @@ from xmcl.retrieval.token_features import (
     load_text_model,
 )
 
-from helpers import save_tiny_bert
+from helpers import load_trained, save_tiny_bert
 
 CAPTIONS = ["a dog runs", "the red ball", "a dog on the grass", "red grass", "the dog runs on a ball", "a ball",
             "dog", "the red dog runs on the grass"]
@@ -100,7 +100,7 @@ def test_a_locked_text_run_with_the_region_pca_trains_resumes_and_evaluates(corp
     from xmcl.config import load_config
     from xmcl.metrics.retrieval import evaluate_embeddings
     from xmcl.retrieval.config import RetrievalTrainConfig
-    from xmcl.retrieval.inference import encode_split, evaluate_checkpoint, load_trained
+    from xmcl.retrieval.inference import encode_split, evaluate_checkpoint
     from xmcl.training.retrieval_trainer import train_retrieval
 
     feats, bert = corpus

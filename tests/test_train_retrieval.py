@@ -11,12 +11,12 @@ import torch
 
 from xmcl.errors import CheckpointError, ConfigError, TrainingDiverged
 from xmcl.metrics.retrieval import evaluate_embeddings
-from xmcl.retrieval.inference import encode_split, evaluate_checkpoint, load_trained
+from xmcl.retrieval.inference import encode_split, evaluate_checkpoint
 from xmcl.retrieval.model import USERModel
 from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.training.retrieval_trainer import train_retrieval
 
-from helpers import retrieval_config, write_corpus
+from helpers import load_trained, retrieval_config, write_corpus
 
 @pytest.fixture()
 def corpus(tmp_path: Path) -> Path:

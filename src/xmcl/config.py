@@ -62,6 +62,20 @@ def require(cfg: Any, name: str, *, ge: float | None = None, gt: float | None = 
             raise FieldRangeError(name, value, _bounds_text(ge, gt, le, lt))
 
 
+# The ranges every optimiser section shares, checked by ``require_optimiser`` for the fields a section has.
+OPTIMISER_RANGES: dict[str, dict[str, float]] = {
+    "lr": {"gt": 0.0, "le": 10.0}, "weight_decay": {"ge": 0.0, "le": 1.0}, "momentum": {"ge": 0.0, "lt": 1.0},
+    "dampening": {"ge": 0.0, "lt": 1.0}, "grad_clip": {"gt": 0.0}, "epochs": {"ge": 1}, "steps": {"ge": 1},
+    "batch_size": {"ge": 2}}
+
+
+def require_optimiser(cfg: Any) -> None:
+    """``require`` each field of ``OPTIMISER_RANGES`` that the optimiser section ``cfg`` has, in its range."""
+    for name, bounds in OPTIMISER_RANGES.items():
+        if hasattr(cfg, name):
+            require(cfg, name, **bounds)
+
+
 def _describe(type_: Any) -> str:
     return getattr(type_, "__name__", None) or str(type_).replace("typing.", "")
 
@@ -288,8 +302,3 @@ def config_to_dict(cfg: Any) -> dict:
         return value
 
     return plain(dataclasses.asdict(cfg))
-
-
-def save_config(cfg: Any, path: Path) -> None:
-    """Write the config as YAML (the file a run can be reproduced from)."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -68,10 +68,6 @@ class CaptionSplit:
     def num_captions(self) -> int:
         return len(self.captions)
 
-    def captions_per_image(self) -> np.ndarray:
-        """(N,) number of captions of each image."""
-        return np.bincount(self.caption_image, minlength=self.num_images)
-
     def subset(self, image_indices: np.ndarray | list[int]) -> "CaptionSplit":
         """The split restricted to the given images (in that order) and their captions."""
         image_indices = np.asarray(image_indices, dtype=np.int64)

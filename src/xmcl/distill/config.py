@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from xmcl.config import require
+from xmcl.config import require, require_optimiser
 from xmcl.errors import ConfigError
 from xmcl.runtime.run_config import RunConfig
 
@@ -226,12 +226,8 @@ class DistillOptimConfig:
     batch_scenes: int = 2
 
     def __post_init__(self) -> None:
-        require(self, "lr", gt=0.0, le=10.0)
-        require(self, "weight_decay", ge=0.0, le=1.0)
-        require(self, "momentum", ge=0.0, lt=1.0)
-        require(self, "dampening", ge=0.0, lt=1.0)
+        require_optimiser(self)
         require(self, "warmup_steps", ge=0)
-        require(self, "steps", ge=1)
         require(self, "batch_scenes", ge=1)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from xmcl.config import require
+from xmcl.config import require, require_optimiser
 from xmcl.errors import ConfigError
 from xmcl.runtime.run_config import RunConfig
 
@@ -212,15 +212,11 @@ class RetrievalOptimConfig:
     decay_all_parameters: bool = False
 
     def __post_init__(self) -> None:
-        require(self, "epochs", ge=1)
-        require(self, "batch_size", ge=2)
-        require(self, "lr", gt=0.0, le=10.0)
+        require_optimiser(self)
         require(self, "text_lr_scale", ge=0.0, le=10.0)
         require(self, "backbone_lr_scale", ge=0.0, le=10.0)
-        require(self, "weight_decay", ge=0.0, le=1.0)
         require(self, "lr_decay_epochs", ge=1)
         require(self, "lr_decay_factor", gt=0.0, le=1.0)
-        require(self, "grad_clip", gt=0.0)
         require(self, "max_steps_per_epoch", ge=1)
 
 

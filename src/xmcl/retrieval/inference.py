@@ -194,11 +194,6 @@ def text_model_record(state: dict, cfg: RetrievalTrainConfig, where: str) -> dic
                               f"training corpus {cfg.data.path} has no text_features.json to tell it") from None
 
 
-def load_trained(checkpoint: Path, device: torch.device) -> tuple[DualEncoder, TextTokenizer, RetrievalTrainConfig]:
-    """The encoders (eval mode), tokenizer and config saved in a training checkpoint."""
-    return model_from_state(load_retrieval_checkpoint(checkpoint), str(checkpoint), device)
-
-
 def embed_checkpoint(checkpoint: Path, data_path: Path | None, split: str, device: str | torch.device = "auto",
                      allow_feature_mismatch: bool = False, runtime: str = "torch", threads: int = 1
                      ) -> tuple[torch.Tensor, torch.Tensor, CaptionSplit, RetrievalTrainConfig]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from xmcl.config import require
+from xmcl.config import require, require_optimiser
 from xmcl.errors import ConfigError
 from xmcl.runtime.run_config import RunConfig
 
@@ -61,12 +61,8 @@ class ClipOptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        require(self, "epochs", ge=1)
-        require(self, "batch_size", ge=2)
-        require(self, "lr", gt=0.0, le=10.0)
-        require(self, "weight_decay", ge=0.0, le=1.0)
+        require_optimiser(self)
         require(self, "warmup_fraction", ge=0.0, le=1.0)
-        require(self, "grad_clip", gt=0.0)
 
 
 @dataclass
