@@ -1,23 +1,14 @@
 """Retrieval quality of USER against its baselines, each trained with the same budget and seed.
 
-Variants (one harness, one table):
-  infonce       GPO encoders, symmetric InfoNCE (learnable temperature), no queue
-  vsepp         GPO encoders, VSE++ hinge (sum during warm-up, then hardest negative), no queue
-  user_noqueue  + SGE, UTO on in-batch negatives only
-  user_keep     + momentum encoders and queues, UTO; queued keys of the query's own image count as negatives
-                (the authors' code)
-  user          + momentum encoders and queues, UTO, the id mask keeps same-image keys out of the negatives
-  user_keys_train  as user, but the key encoders run in train mode (dropout on), as the authors' code leaves them
-                   (not run by default)
+Each variant is a shipped overlay, ``configs/variants/NAME.yaml`` (which says what it changes), written over the
+defaults and the options below (``variant_config``). One harness, one table:
 
-The enhancement ablation (``--variants user_plain user user_cge user_sge_cge``; CGE needs ``--clip-cache``):
-  user_plain    momentum encoders, queues, UTO, id mask, neither SGE nor CGE
-  user          + SGE (as above)
-  user_cge      + CGE on the image locals (guided by the cached CLIP image embeddings), no SGE
-  user_sge_cge  + SGE and CGE
-
-The loss ablation: ``user_uto_plain`` (UTO alone: no SGE, no queue) against ``vsepp`` isolates the loss.
-  user_uto_plain  GPO encoders, UTO on in-batch negatives, neither SGE nor queues (not run by default)
+* the comparison (the default): ``infonce``, ``vsepp`` (the baselines: GPO encoders, no SGE, no queue),
+  ``user_noqueue`` (+ SGE, UTO in-batch), ``user_keep`` (+ momentum encoders and queues; queued keys of the query's
+  own image count as negatives, as in the authors' code), ``user`` (the id mask keeps them out);
+* the enhancement ablation: ``--variants user_plain user user_cge user_sge_cge`` (CGE needs ``--clip-cache``);
+* the loss ablation: ``user_uto_plain`` (UTO alone: no SGE, no queue) against ``vsepp`` and ``infonce``;
+* ``user_keys_train``, ``user_tolerant``, ``user_cge_tolerant``, ...: any other shipped variant, by name.
 
 Usage (features from `xmcl features`):
   python benchmarks/retrieval_quality.py --data runs/shapes_feats --epochs 8 --out runs/rq_shapes
@@ -27,10 +18,11 @@ Usage (features from `xmcl features`):
 ``--lane K/N`` trains only every N-th variant, from the K-th, for N processes side by side in the same OUT; the
 command without it then collects (each run's wall time is kept in OUT/VARIANT/train_time.json).
 Each variant trains into OUT/VARIANT (resumed if interrupted); OUT defaults to
-runs/bench/retrieval_quality/<data folder>[-h<hash of the other options>]. Prints R@1/5/10 both directions and
-rSum of each variant's best-validation checkpoint on --split and writes them, with each variant's validation
-rSum per epoch, train time and full configuration, to OUT/figures.json. With --clip-cache, the CLIP teacher's own
-figures on --split (its cached embeddings ranked by the same protocol) are added.
+runs/bench/retrieval_quality/<data folder>[-h<hash of the other options>]. Prints the block of docs/results.md:
+R@1/5/10 both directions and rSum of each variant's best-validation checkpoint on --split, each variant's
+validation rSum per epoch and train time, written with the full configurations to OUT/figures.json. With
+--clip-cache, the CLIP teacher's own figures on --split (its cached embeddings ranked by the same protocol) are
+added.
 """
 
 from __future__ import annotations
@@ -43,7 +35,7 @@ from pathlib import Path
 from figures import (RECALL_HEADER, add_lane_option, command_lines, in_lane, options, parse_with_out, recall_rows,
                      signed, table, write_figures)
 
-from xmcl.config import load_config
+from xmcl.config import SHIPPED_CONFIGS, apply_overrides, compose, config_from_dict
 from xmcl.data.open import open_split
 from xmcl.metrics.retrieval import Metrics, evaluate_embeddings
 from xmcl.retrieval.clip.cache import ClipCache
@@ -52,28 +44,17 @@ from xmcl.retrieval.inference import evaluate_checkpoint
 from xmcl.runtime.files import atomic_write_json
 from xmcl.training.retrieval_trainer import train_retrieval
 
-VARIANTS: dict[str, list[str]] = {
-    "infonce": ["loss.name=infonce", "model.sge=false", "model.use_queue=false"],
-    "vsepp": ["loss.name=hinge", "model.sge=false", "model.use_queue=false"],
-    "user_noqueue": ["loss.name=uto", "model.sge=true", "model.use_queue=false"],
-    "user_keep": ["loss.name=uto", "model.sge=true", "model.use_queue=true", "loss.queue_false_negatives=keep"],
-    "user": ["loss.name=uto", "model.sge=true", "model.use_queue=true", "loss.queue_false_negatives=mask"],
-    "user_keys_train": ["loss.name=uto", "model.sge=true", "model.use_queue=true", "loss.queue_false_negatives=mask",
-                        "model.key_encoders_eval=false"],
-    "user_uto_plain": ["loss.name=uto", "model.sge=false", "model.use_queue=false"],
-}
-_QUEUED = ["loss.name=uto", "model.use_queue=true", "loss.queue_false_negatives=mask"]
-VARIANTS.update({
-    "user_plain": _QUEUED + ["model.sge=false", "model.cge=false"],
-    "user_cge": _QUEUED + ["model.sge=false", "model.cge=true"],
-    "user_sge_cge": _QUEUED + ["model.sge=true", "model.cge=true"],
-})
-TOLERANT = ["loss.tolerance=quantile", "loss.tolerance_q=0.01", "loss.balance=true"]  # semantically tolerant queues
-VARIANTS.update({
-    "user_tolerant": VARIANTS["user"] + TOLERANT + ["loss.semantic_source=regions"],
-    "user_cge_tolerant": VARIANTS["user_cge"] + TOLERANT + ["loss.semantic_source=clip"],
-})
+VARIANTS_DIR = SHIPPED_CONFIGS / "variants"
+VARIANTS = sorted(path.stem for path in VARIANTS_DIR.glob("*.yaml"))  # the shipped variants, by name
 DEFAULT_VARIANTS = ["infonce", "vsepp", "user_noqueue", "user_keep", "user"]
+
+
+def variant_config(base: Path | str | None, variant: str, overrides: list[str]) -> RetrievalTrainConfig:
+    """The config file ``base`` (a path or a shipped config's name; None: the defaults) with the shipped variant
+    ``variant`` written over it, then ``overrides``."""
+    data = compose(*([] if base is None else [base]), VARIANTS_DIR / f"{variant}.yaml")
+    return config_from_dict(RetrievalTrainConfig, apply_overrides(data, overrides),
+                            f"{base or 'the defaults'} with variant {variant}")
 
 
 def val_rsum_per_epoch(log: Path) -> dict[int, float]:
@@ -129,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, required=True, help="precomputed-feature folder (train + val splits)")
     parser.add_argument("--split", default="val", help="split to report")
     parser.add_argument("--val-split", default="val", help="split whose rSum picks each variant's best epoch")
-    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=VARIANTS)
     parser.add_argument("--epochs", type=int, default=8, help="budget: epochs per variant")
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="budget: steps per epoch")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -147,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="extra config override applied to every variant")
     add_lane_option(parser, "variant")
     args = parse_with_out(parser, "retrieval_quality", naming=["data"], argv=argv)
-    if not args.clip_cache and any("model.cge=true" in VARIANTS[name] for name in args.variants):
+    if not args.clip_cache and any(variant_config(None, name, []).model.cge for name in args.variants):
         parser.error("the CGE variants need --clip-cache")
     return args
 
@@ -227,10 +208,9 @@ def summary(d: dict) -> str:
     return f"- `benchmarks/retrieval_quality.py` on `{c['data']}` ({budget(c)}), {f['split']} rSum: {rsums}."
 
 
-def main() -> None:
-    args = parse_args()
-
-    region_dim = int(open_split(args.data, "train").region_features.shape[-1])
+def budget_overrides(args: argparse.Namespace, region_dim: int, clip_dim: int | None) -> list[str]:
+    """What every variant is trained with: the data, the options' budget and sizes (features of ``region_dim``; the
+    CLIP cache's embeddings of ``clip_dim``, when given), then ``--set``."""
     common = [
         f"data.path={args.data}", f"data.val_split={args.val_split}", f"run.seed={args.seed}",
         f"model.region_dim={region_dim}", f"model.embed_dim={args.embed_dim}",
@@ -240,18 +220,26 @@ def main() -> None:
     ]
     if args.text_model:
         common.append(f"model.text_model={args.text_model}")
-    if args.clip_cache:
-        common += [f"model.clip_cache={args.clip_cache}", f"model.clip_dim={ClipCache.open(args.clip_cache).dim}"]
+    if clip_dim is not None:
+        common += [f"model.clip_cache={args.clip_cache}", f"model.clip_dim={clip_dim}"]
     if args.max_steps_per_epoch:
         common.append(f"optim.max_steps_per_epoch={args.max_steps_per_epoch}")
+    return common + args.overrides
+
+
+def main() -> None:
+    args = parse_args()
+
+    region_dim = int(open_split(args.data, "train").region_features.shape[-1])
+    common = budget_overrides(args, region_dim, ClipCache.open(args.clip_cache).dim if args.clip_cache else None)
     results, seconds, runs, configs = {}, {}, {}, {}
     for index, name in enumerate(args.variants):
         if not in_lane(index, args.lane):
             continue
-        cfg = load_config(RetrievalTrainConfig, None, common + VARIANTS[name] + args.overrides)
+        cfg = variant_config(None, name, common)
         run_dir = args.out / name
         results[name], record = train_and_score(cfg, run_dir, args.data, args.split)
-        runs[name] = {**record, "overrides": VARIANTS[name], "checkpoint": run_dir / "best.pt"}
+        runs[name] = {**record, "checkpoint": run_dir / "best.pt"}
         seconds[name] = runs[name].get("train_seconds", runs[name].get("train_seconds_this_session"))
         configs[name] = cfg
         print(f"{name}: best epoch {runs[name]['best_epoch']}, {seconds[name]:.0f} s", flush=True)

@@ -1,16 +1,10 @@
 """The converged comparison of USER against its baselines: locked text, one tower size for all, seeds, the paper's
 schedule (20 epochs, lr x0.1 at epoch 10).
 
-Variants (on top of ``--config``, default ``flickr8k_locked``):
-  infonce        symmetric InfoNCE, no SGE, no queue
-  vsepp          VSE++ hinge, no SGE, no queue
-  user_noqueue   UTO + SGE, in-batch negatives only
-  user           UTO + SGE + momentum encoders and queues (id mask)
-  user_authors   as user, key encoders as the authors run them (image key train mode, text key eval), the MLP's
-                 default PyTorch init and weight decay on every parameter
-  user_tolerant  as user, with semantically tolerant batch and queue negatives (quantile q = 0.01) and
-                 class-agnostic balancing, on region-mean semantic vectors (our extension, not the paper's)
-  infonce_tolerant  as infonce, with the same tolerance and balancing
+Variants: the shipped overlays ``configs/variants/NAME.yaml`` (each says what it changes) written over ``--config``
+(default ``flickr8k_locked``): by default ``infonce``, ``vsepp``, ``user_noqueue``, ``user``, ``user_authors`` (the
+authors' key encoder modes, init and weight decay), ``user_tolerant`` and ``infonce_tolerant`` (semantically
+tolerant negatives and balancing: our extension, not the paper's).
 
 ``--sweep``: UTO's gamma in {0.2, 0.3, 0.5} x mu in {30, 90} for ``user`` on seed 0 only; ``--points G:M ...``
 sweeps those (gamma, mu) points instead (e.g. past the grid's best corner). ``--retune`` (with ``--keep``, after the
@@ -22,8 +16,9 @@ is skipped; with ``--keep DIR`` finished results are also copied to DIR/VARIANT/
 the comparison resumes in a fresh checkout, and a kept run of another name with the very same configuration is
 read too: the sweep's point at the config's own gamma and mu is user's seed 0). Each run's result.json:
 best-validation-checkpoint R@1/5/10 both ways and rSum on --split, best epoch, per-epoch val rSum, train seconds,
-the code commit, threads and the whole configuration. Prints mean +- std per variant, writes OUT/figures.json and OUT/curves.png (per-epoch val rSum, one line per run; with --keep also
-DIR/curves_seeds0-1-2.png).
+the code commit, threads and the whole configuration. Prints the block of docs/results.md (mean ± std per variant,
+every seed, the best variant against the baselines), writes OUT/figures.json and OUT/curves.png (per-epoch val rSum,
+one line per run; with --keep also DIR/curves_seeds0-1-2.png).
 
   python benchmarks/rq_converged.py --data runs/f8k_feats --seeds 0 1 2
   python benchmarks/rq_converged.py --data runs/f8k_feats --sweep --keep docs/figures/rq_converged_runs
@@ -44,11 +39,12 @@ import json
 import re
 import statistics
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from figures import (CODE_VERSION, RECALL_HEADER, RECALLS, add_lane_option, command_lines, in_lane, options,
                      parse_with_out, signed, table, write_figures)
-from retrieval_quality import TOLERANT, train_and_score
+from retrieval_quality import VARIANTS, train_and_score, variant_config
 from timing import gflop, repeat_seconds
 
 from xmcl.config import load_config
@@ -58,28 +54,26 @@ from xmcl.retrieval.model import USERModel
 from xmcl.runtime.files import atomic_write_json
 from xmcl.training.retrieval_trainer import train_retrieval
 
-_USER = ["loss.name=uto", "model.sge=true", "model.use_queue=true", "loss.queue_false_negatives=mask"]
-VARIANTS: dict[str, list[str]] = {
-    "infonce": ["loss.name=infonce", "model.sge=false", "model.use_queue=false"],
-    "vsepp": ["loss.name=hinge", "model.sge=false", "model.use_queue=false"],
-    "user_noqueue": ["loss.name=uto", "model.sge=true", "model.use_queue=false"],
-    "user": _USER,
-    "user_authors": _USER + ["model.key_modes=authors", "model.head_init=pytorch", "optim.decay_all_parameters=true"],
-    "user_tolerant": _USER + TOLERANT + ["loss.semantic_source=regions"],
-    "infonce_tolerant": ["loss.name=infonce", "model.sge=false", "model.use_queue=false"] + TOLERANT
-                        + ["loss.semantic_source=regions"],
-}
+DEFAULT_VARIANTS = ["infonce", "vsepp", "user_noqueue", "user", "user_authors", "user_tolerant", "infonce_tolerant"]
 SWEEP = [(gamma, mu) for gamma in (0.2, 0.3, 0.5) for mu in (30.0, 90.0)]
 RESULT = "result.json"
-
-
 RETUNE_BESIDE = ("infonce", "vsepp", "user")
 RETUNE_AT_BEST = ("user", "user_tolerant")  # run at the best point
 
 
-def sweep_point(gamma: float, mu: float, variant: str = "user") -> tuple[str, list[str]]:
-    """The run name (``user_g0.3_mu30``) and overrides of ``variant`` at UTO margin ``gamma`` and scale ``mu``."""
-    return f"{variant}_g{gamma}_mu{mu:g}", VARIANTS[variant] + [f"loss.gamma={gamma}", f"loss.mu={mu}"]
+class Run(NamedTuple):
+    """One training run: its name (the variant's, or a sweep point's), seed, shipped variant and the overrides written
+    over that variant."""
+
+    name: str
+    seed: int
+    variant: str
+    overrides: tuple[str, ...] = ()
+
+
+def sweep_point(gamma: float, mu: float, variant: str = "user", seed: int = 0) -> Run:
+    """``variant`` at UTO margin ``gamma`` and scale ``mu``, named ``user_g0.3_mu30``."""
+    return Run(f"{variant}_g{gamma}_mu{mu:g}", seed, variant, (f"loss.gamma={gamma}", f"loss.mu={mu}"))
 
 
 def best_sweep_point(args: argparse.Namespace) -> tuple[float, float]:
@@ -87,9 +81,9 @@ def best_sweep_point(args: argparse.Namespace) -> tuple[float, float]:
     name, or a twin's: ``kept_result``)."""
     scores = {}
     for gamma, mu in SWEEP:
-        name, overrides = sweep_point(gamma, mu)
-        path = args.keep / name / "seed0.json"
-        result = kept_result(args, run_config(args, 0, overrides), path)
+        run = sweep_point(gamma, mu)
+        path = args.keep / run.name / "seed0.json"
+        result = kept_result(args, run_config(args, run), path)
         if result is None:
             raise SystemExit(f"--retune: {path} is missing; run the sweep first (--sweep --keep {args.keep})")
         if "metrics" in result:
@@ -99,24 +93,25 @@ def best_sweep_point(args: argparse.Namespace) -> tuple[float, float]:
     return max(scores, key=scores.__getitem__)
 
 
-def runs_to_do(args: argparse.Namespace) -> list[tuple[str, int, list[str]]]:
-    """``(run name, seed, overrides)`` of every run the options ask for, in the order they run."""
+def runs_to_do(args: argparse.Namespace) -> list[Run]:
+    """Every run the options ask for, in the order they run."""
     if args.sweep:
-        points = args.points or SWEEP
-        return [(name, 0, overrides) for name, overrides in (sweep_point(gamma, mu) for gamma, mu in points)]
+        return [sweep_point(gamma, mu) for gamma, mu in args.points or SWEEP]
     if args.retune:
-        at_best = [sweep_point(*best_sweep_point(args), variant) for variant in RETUNE_AT_BEST]
-        return ([(variant, seed, VARIANTS[variant]) for variant in RETUNE_BESIDE for seed in args.seeds]
-                + [(name, seed, overrides) for name, overrides in at_best for seed in args.seeds])
-    return [(name, seed, VARIANTS[name]) for name in args.variants for seed in args.seeds]
+        best = best_sweep_point(args)
+        return ([Run(variant, seed, variant) for variant in RETUNE_BESIDE for seed in args.seeds]
+                + [sweep_point(*best, variant, seed) for variant in RETUNE_AT_BEST for seed in args.seeds])
+    return [Run(name, seed, name) for name in args.variants for seed in args.seeds]
 
 
-def run_config(args: argparse.Namespace, seed: int, overrides: list[str]) -> RetrievalTrainConfig:
-    common = [f"data.path={args.data}", f"run.seed={seed}", f"optim.epochs={args.epochs}",
+def run_config(args: argparse.Namespace, run: Run) -> RetrievalTrainConfig:
+    """``--config`` with ``run``'s variant written over it, then the options' budget, ``run``'s overrides and
+    ``--set``."""
+    common = [f"data.path={args.data}", f"run.seed={run.seed}", f"optim.epochs={args.epochs}",
               f"optim.lr_decay_epochs=[{args.decay_epoch}]"]
     if args.max_steps_per_epoch:
         common.append(f"optim.max_steps_per_epoch={args.max_steps_per_epoch}")
-    return load_config(RetrievalTrainConfig, args.config, common + overrides + args.overrides)
+    return variant_config(args.config, run.variant, common + list(run.overrides) + args.overrides)
 
 
 def kept_result(args: argparse.Namespace, cfg: RetrievalTrainConfig, kept: Path) -> dict | None:
@@ -216,9 +211,8 @@ def estimate(args: argparse.Namespace) -> dict:
     print(f"bare GEMM rate {rate:.1f} GFLOP/s on {torch.get_num_threads()} threads", flush=True)
     out = {"gemm_gflops": rate, "threads": torch.get_num_threads()}
     for name in args.variants:
-        cfg = run_config(args, 0, VARIANTS[name] + [f"optim.max_steps_per_epoch={args.estimate_steps}",
-                                                    "optim.epochs=1", "data.val_max_images=8",
-                                                    "run.checkpoint_every=0"])
+        cfg = run_config(args, Run(name, 0, name, (f"optim.max_steps_per_epoch={args.estimate_steps}", "optim.epochs=1",
+                                                   "data.val_max_images=8", "run.checkpoint_every=0")))
         train_retrieval(cfg, args.out / "estimate" / name, overwrite=True, resume=False, progress=False)
         per_step = loop_seconds_per_step(args.out / "estimate" / name / "log.jsonl", cfg.optim.batch_size)
         steps = args.estimate_captions // cfg.optim.batch_size * args.epochs
@@ -282,12 +276,12 @@ def plot_curves(results: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def summarise(results: dict[str, dict], runs: list[tuple[str, int, list[str]]]) -> dict[str, dict]:
+def summarise(results: dict[str, dict], runs: list[Run]) -> dict[str, dict]:
     """Mean and standard deviation (n - 1; 0 for one run) over seeds of each variant's figures, and the seeds whose
     run stalled at its first step (``stalled_seeds``, left out of the figures)."""
     table: dict[str, dict] = {}
-    for name in dict.fromkeys(name for name, _, _ in runs):
-        done = {seed: results[f"{name}/seed{seed}"] for n, seed, _ in runs if n == name}
+    for name in dict.fromkeys(run.name for run in runs):
+        done = {run.seed: results[f"{name}/seed{run.seed}"] for run in runs if run.name == name}
         metrics = [result["metrics"] for result in done.values() if "metrics" in result]
         table[name] = {"stalled_seeds": [seed for seed, result in done.items() if "stalled" in result]}
         for key in ("rsum", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
@@ -304,7 +298,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, required=True, help="features folder with grid and token features")
     parser.add_argument("--config", default="flickr8k_locked", help="shipped config name or YAML path")
     parser.add_argument("--split", default="val", help="split to report")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--sweep", action="store_true", help="the UTO gamma x mu sweep of user on seed 0")
     parser.add_argument("--points", nargs="+", type=uto_point, default=None, metavar="G:M",
@@ -471,12 +465,12 @@ def main() -> None:
         return
     runs = runs_to_do(args)
     results: dict[str, dict] = {}
-    for index, (name, seed, overrides) in enumerate(runs):
+    for index, run in enumerate(runs):
         if not in_lane(index, args.lane):
             continue
-        key = f"{name}/seed{seed}"
-        kept = args.keep / name / f"seed{seed}.json" if args.keep else None
-        results[key] = one_run(args, run_config(args, seed, overrides), args.out / name / f"seed{seed}", kept)
+        key = f"{run.name}/seed{run.seed}"
+        kept = args.keep / run.name / f"seed{run.seed}.json" if args.keep else None
+        results[key] = one_run(args, run_config(args, run), args.out / run.name / f"seed{run.seed}", kept)
         if "stalled" in results[key]:
             print(f"{key}: stalled at its first step ({results[key]['stalled']})", flush=True)
             continue

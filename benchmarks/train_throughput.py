@@ -1,7 +1,7 @@
 """Training-step throughput of USER against the VSE++ and InfoNCE baselines, each as the project configures it.
 
-The models are the variants ``vsepp``, ``infonce`` and ``user`` of ``benchmarks/retrieval_quality.py`` (the same
-overrides) on the same shapes: region features -> projection -> GPO, a text encoder, ``--embed-dim``. The baselines
+The models are the shipped variants ``vsepp``, ``infonce`` and ``user`` (``configs/variants/``, as
+``benchmarks/retrieval_quality.py`` trains them) on the same shapes: region features -> projection -> GPO, a text encoder, ``--embed-dim``. The baselines
 have neither SGE nor momentum encoders and queues (VSE++: hinge, hardest negative; InfoNCE: symmetric, learnable
 temperature); USER adds SGE on the image regions, the key encoders' forward passes, the queue terms (UTO, id
 mask), the momentum update and the enqueue. One step = forward, backward, gradient clipping, AdamW step, momentum
@@ -23,11 +23,9 @@ import time
 
 import torch
 from figures import command_lines, conditions, options, parse_with_out, table, write_figures
-from retrieval_quality import VARIANTS
+from retrieval_quality import variant_config
 from timing import gflop
 
-from xmcl.config import load_config
-from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.model import USERModel
 from xmcl.runtime.device import resolve_device
 
@@ -158,7 +156,7 @@ def main() -> None:
               f"model.text_encoder={args.text_encoder}", "model.word_dim=300", "model.pooling=gpo",
               f"model.queue_size={args.queue_size}"]
     vocab = 30522 if args.text_encoder == "bert" else 10000
-    configs = {name: load_config(RetrievalTrainConfig, None, shared + VARIANTS[name]) for name in MEASURED}
+    configs = {name: variant_config(None, name, shared) for name in MEASURED}
     batches = [make_batch(args.batch_size, args.regions, args.region_dim, args.tokens, vocab, device, s)
                for s in range(4)]
     steppers = {}
@@ -173,7 +171,7 @@ def main() -> None:
     for name, label in MEASURED.items():
         seconds = statistics.median(times[name])
         measured[name] = {"label": label, "samples_per_s": args.batch_size / seconds, "ms_per_step": 1000 * seconds,
-                          "ms_per_step_all": [1000 * t for t in times[name]], "overrides": VARIANTS[name],
+                          "ms_per_step_all": [1000 * t for t in times[name]],
                           "gflop_per_step": flops[name]}
     ratios = {base: measured["user"]["ms_per_step"] / measured[base]["ms_per_step"] for base in ("vsepp", "infonce")}
     flop_ratios = {base: flops["user"] / flops[base] for base in ("vsepp", "infonce")}

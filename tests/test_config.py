@@ -203,6 +203,23 @@ def test_an_error_names_the_base_file_that_set_the_key(tmp_path):
         load_config(RetrievalTrainConfig, _write(tmp_path, "bad.yaml", "base: 3\n"))
 
 
+def test_compose_writes_each_file_and_its_base_chain_over_the_ones_before(tmp_path):
+    from xmcl.config import compose
+
+    data = _write(tmp_path, "data.yaml", "model:\n  embed_dim: 64\n  sge: true\noptim:\n  lr_decay_epochs: [3, 6]\n")
+    _write(tmp_path, "queued.yaml", "model:\n  use_queue: true\n  sge: false\n")
+    variant = _write(tmp_path, "variant.yaml",
+                     "base: queued.yaml\nmodel:\n  cge: true\noptim:\n  lr_decay_epochs: [5]\n")
+    assert compose(data, variant) == {"model": {"embed_dim": 64, "sge": False, "use_queue": True, "cge": True},
+                                      "optim": {"lr_decay_epochs": [5]}}  # sections key by key, lists whole
+    assert compose(variant, data)["model"]["sge"] is True  # the last file wins
+    cfg = config_from_dict(RetrievalTrainConfig, compose("shapes_user", variant))  # a shipped config by its name
+    shipped = load_config(RetrievalTrainConfig, "shapes_user")
+    assert (cfg.model.cge, cfg.model.use_queue, cfg.model.sge, cfg.optim.lr_decay_epochs) == (True, True, False, [5])
+    assert cfg.data == shipped.data and cfg.model.embed_dim == shipped.model.embed_dim
+    assert config_from_dict(RetrievalTrainConfig, compose("shapes_user")) == shipped
+
+
 @pytest.mark.parametrize("section", [RetrievalOptimConfig, ClipOptimConfig, DistillOptimConfig])
 @pytest.mark.parametrize("field_name,value,allowed", [
     ("lr", 0.0, "> 0.0 and <= 10.0"), ("lr", 11.0, "> 0.0 and <= 10.0"), ("weight_decay", -0.1, ">= 0.0 and <= 1.0")])

@@ -221,17 +221,17 @@ def test_converged_retune_runs_the_sweeps_best_beside_the_baselines(tmp_path):
         path.parent.mkdir()
         path.write_text(json.dumps({"metrics": {"rsum": rsum}}), encoding="utf-8")
     args = rq_converged.parse_args(["--data", "feats", "--retune", "--keep", str(tmp_path), "--seeds", "0", "1"])
-    runs = [(name, seed) for name, seed, _ in rq_converged.runs_to_do(args)]
+    runs = [(run.name, run.seed) for run in rq_converged.runs_to_do(args)]
     assert runs == [(name, seed) for name in ("infonce", "vsepp", "user", "user_g0.3_mu30", "user_tolerant_g0.3_mu30")
                     for seed in (0, 1)]
-    tolerant = rq_converged.runs_to_do(args)[-1][2]
-    assert tolerant[-2:] == ["loss.gamma=0.3", "loss.mu=30.0"] and "loss.tolerance=quantile" in tolerant
+    tolerant = rq_converged.runs_to_do(args)[-1]
+    assert tolerant.variant == "user_tolerant" and tolerant.overrides == ("loss.gamma=0.3", "loss.mu=30.0")
     assert rq_converged.label("user_g0.3_mu30") == "USER, UTO γ 0.3, μ 30"
     assert rq_converged.label("user_tolerant_g0.3_mu30") == "USER + tolerant queues, UTO γ 0.3, μ 30"
     # the point at the config's own gamma and mu is kept as user's seed 0, not under its sweep name
     (tmp_path / "user_g0.5_mu90" / "seed0.json").unlink()
-    _, overrides = rq_converged.sweep_point(0.5, 90.0)
-    twin = {"config": dataclasses.asdict(rq_converged.run_config(args, 0, overrides)), "metrics": {"rsum": 310.0}}
+    point = rq_converged.sweep_point(0.5, 90.0)
+    twin = {"config": dataclasses.asdict(rq_converged.run_config(args, point)), "metrics": {"rsum": 310.0}}
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "seed0.json").write_text(json.dumps(twin), encoding="utf-8")
     assert rq_converged.best_sweep_point(args) == (0.5, 90.0)
@@ -243,9 +243,9 @@ def test_converged_retune_runs_the_sweeps_best_beside_the_baselines(tmp_path):
 def test_a_sweep_of_named_points_runs_them_and_keeps_its_own_curves():
     args = rq_converged.parse_args(["--data", "feats", "--sweep", "--points", "0.5:30", "0.7:30", "0.5:15"])
     runs = rq_converged.runs_to_do(args)
-    assert [(name, seed) for name, seed, _ in runs] == [("user_g0.5_mu30", 0), ("user_g0.7_mu30", 0),
-                                                       ("user_g0.5_mu15", 0)]
-    assert runs[1][2][-2:] == ["loss.gamma=0.7", "loss.mu=30.0"]
+    assert [(run.name, run.seed) for run in runs] == [("user_g0.5_mu30", 0), ("user_g0.7_mu30", 0),
+                                                     ("user_g0.5_mu15", 0)]
+    assert runs[1].overrides == ("loss.gamma=0.7", "loss.mu=30.0")
     assert rq_converged.curves_name(args) == "curves_sweep_g0.5mu30_g0.7mu30_g0.5mu15.png"
     grid = rq_converged.parse_args(["--data", "feats", "--sweep"])
     assert len(rq_converged.runs_to_do(grid)) == 6 and rq_converged.curves_name(grid) == "curves_sweep.png"
@@ -433,5 +433,5 @@ def test_the_shipped_best_flickr8k_config_is_the_kept_best_runs_configuration():
         ran["run"]["seed"] = shipped["run"]["seed"]
         assert ran == shipped
     args = rq_converged.parse_args(["--data", shipped["data"]["path"], "--variants", "user_tolerant"])
-    _, overrides = rq_converged.sweep_point(0.5, 30.0, "user_tolerant")
-    assert dataclasses.asdict(rq_converged.run_config(args, 0, overrides)) == shipped
+    point = rq_converged.sweep_point(0.5, 30.0, "user_tolerant")
+    assert dataclasses.asdict(rq_converged.run_config(args, point)) == shipped

@@ -256,6 +256,16 @@ def read_composed(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[
     return _merged(base_data, data), {**base_origins, **origins}
 
 
+def compose(*paths: Path | str) -> dict:
+    """The mapping of the config files ``paths`` in turn (each found by ``find_config`` and composed with its ``base:``
+    chain by ``read_composed``), each written over the ones before it (sections merged key by key, lists replaced
+    whole): a config with overlays on it, e.g. a data config and one of the shipped ``configs/variants/``."""
+    data: dict = {}
+    for path in paths:
+        data = _merged(data, read_composed(find_config(path))[0])
+    return data
+
+
 def _naming_the_file(error: ConfigError, origins: dict[str, Path], where: str) -> ConfigError:
     """``error`` with ``where`` replaced by the file that set the key it names, when a base file set it."""
     found = re.search(r"'([A-Za-z0-9_.]+)", str(error))
