@@ -151,8 +151,8 @@ def test_kitti_source_pretrains_on_the_argoverse_frames(tmp_path: Path) -> None:
     """``data.source`` "kitti": the frames of a KITTI-object-layout folder, as its reader reads them, pretrain two
     steps; the probe's splits are refused (the layout has no point labels)."""
     root = FRAMES / "argoverse_kitti_layout"
-    cfg = distill_config("optim.steps=2", "augmentation.crop_size=[64,112]", "augmentation.min_pairs=50")
-    cfg.data = replace(cfg.data, source="kitti", root=root)
+    cfg = distill_config("optim.steps=2", "augmentation.crop_size=[64,112]", "augmentation.min_pairs=50",
+                         "data.source=kitti", f"data.root={root}")
     scans, reader = open_scans(cfg.data, "pretrain"), KittiReader(root)
     assert len(scans) == 3 and scans.class_names == ()
     for index, frame in enumerate(reader.frame_ids()):

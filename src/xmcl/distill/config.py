@@ -21,8 +21,9 @@ class DistillDataConfig:
     """Where the scans come from and how they split.
 
     ``source``: "synthetic" (built-in driving scenes, ``xmcl.distill.synthetic``), "nuscenes" (a nuScenes release
-    with lidarseg under ``root``, tables in ``root/<version>``) or "semantickitti" (``root/sequences/NN``). The
-    three splits (``xmcl.distill.sources``):
+    with lidarseg under ``root``, tables in ``root/<version>``), "semantickitti" (``root/sequences/NN``) or "kitti"
+    (a folder in the KITTI object layout, ``root/velodyne``, ``image_2``, ``calib``: pretraining only, its frames
+    have no point labels). The three splits (``xmcl.distill.readers.sources``):
 
     * synthetic: pretraining uses scenes ``0..pretrain_scenes-1`` of the set drawn from ``seed``; the probe trains
       on the first ``probe_train_scenes`` of the same set (labels of scenes seen unlabelled in pretraining, as
@@ -37,7 +38,7 @@ class DistillDataConfig:
     ``augment``: the augmentations of the ``augmentation`` section, in pretraining and fine-tuning.
     """
 
-    source: Literal["synthetic", "nuscenes", "semantickitti"] = "synthetic"
+    source: Literal["synthetic", "nuscenes", "semantickitti", "kitti"] = "synthetic"
     root: Path | None = None
     version: str = "v1.0-trainval"
     splits: Literal["validate", "parametrize", "mini"] = "validate"
