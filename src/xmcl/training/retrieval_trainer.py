@@ -72,10 +72,9 @@ from xmcl.training.run import (
     StepLogger,
     StopSignals,
     announce,
-    announce_finished,
-    announce_resume,
     capture_states,
     check_finite,
+    epochs_all_done,
     restore_states,
     run_loop,
 )
@@ -181,11 +180,8 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
                        model_stream=model_stream)
         precision.load_state_dict(state.get("grad_scaler"))
         progress.load_state_dict(state, folder.last)
-        if progress.epoch >= cfg.optim.epochs:
-            announce_finished(checkpointer, f"{progress.epoch} of {cfg.optim.epochs} epochs done (best val rSum "
-                              f"{progress.best_rsum:.2f} at epoch {progress.best_epoch})", "optim.epochs", verbose)
+        if epochs_all_done(checkpointer, progress, cfg.optim.epochs, verbose):
             return _summary(folder, progress)
-        announce_resume(folder, progress.position(), verbose)
         if world.is_main and progress.step_in_epoch == 0 and progress.best_epoch == progress.epoch > 0 and not (
                 folder.best.is_file() and filecmp.cmp(folder.last, folder.best, shallow=False)):
             # a stop between last.pt and best.pt: best.pt is this very state

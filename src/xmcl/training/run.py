@@ -35,6 +35,7 @@ from xmcl.runtime.files import atomic_write_text
 from xmcl.runtime.lock import RunLock, describe_holder
 from xmcl.runtime.log import JsonlLogger, plot_curves
 from xmcl.runtime.rng import capture_rng_state, restore_rng_state
+from xmcl.training.progress import TrainingProgress
 from xmcl.training.sharding import check_world_size
 
 T = TypeVar("T")
@@ -246,6 +247,17 @@ def announce_finished(checkpointer: Checkpointer, done: str, length_key: str, ve
 def announce_resume(folder: RunFolder, position: str, verbose: bool) -> None:
     """The note of a run resuming from ``folder/last.pt`` at ``position``."""
     announce(f"resuming {folder.last} from {position}", verbose)
+
+
+def epochs_all_done(checkpointer: Checkpointer, progress: TrainingProgress, epochs: int, verbose: bool) -> bool:
+    """Whether a resumed epoch-based run has done all ``epochs`` (``optim.epochs``); says so, or says where it
+    resumes."""
+    if progress.epoch >= epochs:
+        announce_finished(checkpointer, f"{progress.epoch} of {epochs} epochs done (best val rSum "
+                          f"{progress.best_rsum:.2f} at epoch {progress.best_epoch})", "optim.epochs", verbose)
+        return True
+    announce_resume(checkpointer.folder, progress.position(), verbose)
+    return False
 
 
 class StopSignals:
