@@ -16,7 +16,7 @@ Usage (features from `xmcl features`):
   python benchmarks/retrieval_quality.py --data runs/shapes_feats --clip-cache runs/clip_shapes_cache \
       --variants user_plain user user_cge user_sge_cge
 ``--lane K/N`` trains only every N-th variant, from the K-th, for N processes side by side in the same OUT; the
-command without it then collects (each run's wall time is kept in OUT/VARIANT/train_time.json).
+command without it then collects (each run's checkpoint keeps its train time).
 Each variant trains into OUT/VARIANT (resumed if interrupted); OUT defaults to
 runs/bench/retrieval_quality/<data folder>[-h<hash of the other options>]. Prints the block of docs/results.md:
 R@1/5/10 both directions and rSum of each variant's best-validation checkpoint on --split, each variant's
@@ -28,8 +28,6 @@ added.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 from figures import (RECALL_HEADER, add_lane_option, command_lines, in_lane, options, parse_with_out, recall_rows,
@@ -37,11 +35,10 @@ from figures import (RECALL_HEADER, add_lane_option, command_lines, in_lane, opt
 
 from xmcl.config import SHIPPED_CONFIGS, apply_overrides, compose, config_from_dict
 from xmcl.data.open import open_split
-from xmcl.metrics.retrieval import Metrics, evaluate_embeddings
+from xmcl.metrics.retrieval import evaluate_embeddings
 from xmcl.retrieval.clip.cache import ClipCache
 from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.inference import evaluate_checkpoint
-from xmcl.runtime.files import atomic_write_json
 from xmcl.training.retrieval_trainer import train_retrieval
 
 VARIANTS_DIR = SHIPPED_CONFIGS / "variants"
@@ -57,16 +54,6 @@ def variant_config(base: Path | str | None, variant: str, overrides: list[str]) 
                             f"{base or 'the defaults'} with variant {variant}")
 
 
-def val_rsum_per_epoch(log: Path) -> dict[int, float]:
-    """Validation rSum by epoch from a run's ``log.jsonl`` (the last record of an epoch wins, as after a resume)."""
-    curve = {}
-    for line in log.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        if "val_rsum" in record:
-            curve[int(record["epoch"])] = float(record["val_rsum"])
-    return dict(sorted(curve.items()))
-
-
 def teacher_metrics(cache_dir: Path, data: Path, split: str) -> dict:
     """The CLIP teacher's own figures on ``split`` of ``data``: its cached image and caption embeddings, ranked
     (empty when the cache does not hold the whole split)."""
@@ -79,29 +66,14 @@ def teacher_metrics(cache_dir: Path, data: Path, split: str) -> dict:
     return {"checkpoint": cache.manifest["checkpoint"], **metrics.as_dict()}
 
 
-TRAIN_TIME = "train_time.json"  # in a run folder: the wall time of a run trained start to end by one process
-
-
-def train_and_score(cfg: RetrievalTrainConfig, run_dir: Path, data: Path, split: str) -> tuple[Metrics, dict]:
-    """Train (resuming) into ``run_dir``, then score its best-validation checkpoint on ``split`` of ``data``: the
-    metrics and the run's record ``{"metrics", "best_epoch", "val_rsum_per_epoch"}`` plus its wall time:
-    ``train_seconds`` when one process trained it from the start (now, or before: then read from the run folder's
-    ``train_time.json``), else ``train_seconds_this_session``, the part trained now."""
-    resumed = (run_dir / "last.pt").is_file()
-    tic = time.perf_counter()
+def train_and_score(cfg: RetrievalTrainConfig, run_dir: Path, data: Path, split: str) -> dict:
+    """Train (resuming) into ``run_dir``, then score its best-validation checkpoint on ``split`` of ``data``: the run's
+    record ``{"metrics", "best_epoch", "val_rsum_per_epoch", "train_seconds"}`` (the training loop's wall time over
+    every session; None for a run whose checkpoints predate that record)."""
     summary = train_retrieval(cfg, run_dir)
-    seconds = time.perf_counter() - tic
     metrics = evaluate_checkpoint(run_dir / "best.pt", data, split, ("all",))["all"]
-    record = {"metrics": metrics.as_dict(), "best_epoch": summary["best_epoch"],
-              "val_rsum_per_epoch": val_rsum_per_epoch(run_dir / "log.jsonl")}
-    if not resumed:
-        atomic_write_json(run_dir / TRAIN_TIME, {"train_seconds": seconds})
-        record["train_seconds"] = seconds
-    elif (run_dir / TRAIN_TIME).is_file():
-        record["train_seconds"] = json.loads((run_dir / TRAIN_TIME).read_text(encoding="utf-8"))["train_seconds"]
-    else:
-        record["train_seconds_this_session"] = seconds
-    return metrics, record
+    return {"metrics": metrics.as_dict(), "best_epoch": summary["best_epoch"],
+            "val_rsum_per_epoch": summary["val_rsum_by_epoch"], "train_seconds": summary["train_seconds"]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -159,10 +131,9 @@ DIFFERENCES = (  # what changes from the second variant to the first, one compon
 
 
 def train_minutes(run: dict) -> str:
-    """``12.5 min``, or for a run resumed across processes the part its last process trained."""
-    if "train_seconds" in run:
-        return f"{run['train_seconds'] / 60:.1f} min"
-    return f"{run['train_seconds_this_session'] / 60:.1f} min in its last process (resumed)"
+    """``12.5 min`` (not recorded for a run whose checkpoints predate the record of train time)."""
+    seconds = run["train_seconds"]
+    return "not recorded" if seconds is None else f"{seconds / 60:.1f} min"
 
 
 def budget(config: dict) -> str:
@@ -215,7 +186,7 @@ def budget_overrides(args: argparse.Namespace, region_dim: int, clip_dim: int | 
         f"data.path={args.data}", f"data.val_split={args.val_split}", f"run.seed={args.seed}",
         f"model.region_dim={region_dim}", f"model.embed_dim={args.embed_dim}",
         f"model.text_encoder={args.text_encoder}", f"model.queue_size={args.queue_size}",
-        f"loss.lambda_batch={args.lambda_batch}", f"optim.epochs={args.epochs}", f"optim.batch_size={args.batch_size}",
+        f"loss.batch_weight={args.lambda_batch}", f"optim.epochs={args.epochs}", f"optim.batch_size={args.batch_size}",
         f"optim.lr={args.lr}", f"optim.lr_decay_epochs=[{max(1, int(args.epochs * 0.75))}]",
     ]
     if args.text_model:
@@ -232,17 +203,14 @@ def main() -> None:
 
     region_dim = int(open_split(args.data, "train").region_features.shape[-1])
     common = budget_overrides(args, region_dim, ClipCache.open(args.clip_cache).dim if args.clip_cache else None)
-    results, seconds, runs, configs = {}, {}, {}, {}
+    runs, configs = {}, {}
     for index, name in enumerate(args.variants):
         if not in_lane(index, args.lane):
             continue
-        cfg = variant_config(None, name, common)
-        run_dir = args.out / name
-        results[name], record = train_and_score(cfg, run_dir, args.data, args.split)
-        runs[name] = {**record, "checkpoint": run_dir / "best.pt"}
-        seconds[name] = runs[name].get("train_seconds", runs[name].get("train_seconds_this_session"))
-        configs[name] = cfg
-        print(f"{name}: best epoch {runs[name]['best_epoch']}, {seconds[name]:.0f} s", flush=True)
+        configs[name] = variant_config(None, name, common)
+        runs[name] = {**train_and_score(configs[name], args.out / name, args.data, args.split),
+                      "checkpoint": args.out / name / "best.pt"}
+        print(f"{name}: best epoch {runs[name]['best_epoch']}, rSum {runs[name]['metrics']['rsum']:.2f}", flush=True)
     if args.lane:
         print(f"lane {args.lane[0]}/{args.lane[1]} done; rerun without --lane to collect the figures")
         return

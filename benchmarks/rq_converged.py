@@ -45,13 +45,14 @@ import torch
 from figures import (CODE_VERSION, RECALL_HEADER, RECALLS, add_lane_option, command_lines, in_lane, options,
                      parse_with_out, signed, table, write_figures)
 from retrieval_quality import VARIANTS, train_and_score, variant_config
-from timing import gflop, repeat_seconds
+from timing import gemm_gflops, gflop
 
 from xmcl.config import load_config
 from xmcl.errors import TrainingStalled
 from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.model import USERModel
 from xmcl.runtime.files import atomic_write_json
+from xmcl.runtime.log import read_jsonl
 from xmcl.training.retrieval_trainer import train_retrieval
 
 DEFAULT_VARIANTS = ["infonce", "vsepp", "user_noqueue", "user", "user_authors", "user_tolerant", "infonce_tolerant"]
@@ -135,7 +136,7 @@ def one_run(args: argparse.Namespace, cfg: RetrievalTrainConfig, run_dir: Path, 
         return found
     record = {"code": CODE_VERSION, "threads": torch.get_num_threads(), "config": dataclasses.asdict(cfg)}
     try:
-        _, scored = train_and_score(cfg, run_dir, args.data, args.split)
+        scored = train_and_score(cfg, run_dir, args.data, args.split)
     except TrainingStalled as error:  # UTO without a warm-up can fail to start from an init: reported per seed
         result = {"stalled": str(error), **record}
     else:
@@ -173,12 +174,6 @@ def kept_twin(keep: Path, config: dict, base: dict) -> dict | None:
     return None
 
 
-def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """This machine's bare GEMM rate (GFLOP/s) at torch's thread count: the median of ``size``-cube float32 products."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size ** 3 / statistics.median(repeat_seconds(lambda: a @ b, repeats)) / 1e9
-
-
 def step_gflop(cfg: RetrievalTrainConfig, cells: int, tokens: int) -> float:
     """GFLOP of one training step's forward and backward (``torch.utils.flop_counter``) on a batch of the run's
     shapes: ``optim.batch_size`` images of ``cells`` region rows (already through the frozen PCA where the run has
@@ -198,8 +193,7 @@ def step_gflop(cfg: RetrievalTrainConfig, cells: int, tokens: int) -> float:
 def loop_seconds_per_step(log: Path, batch_size: int) -> float:
     """Seconds per step inside a run's training loop (data, step and logging; no start-up, no validation): the batch
     over the ``samples_per_s`` of its (one) epoch record in ``log.jsonl``."""
-    records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
-    return batch_size / next(r["samples_per_s"] for r in records if "samples_per_s" in r)
+    return batch_size / next(r["samples_per_s"] for r in read_jsonl(log) if "samples_per_s" in r)
 
 
 def estimate(args: argparse.Namespace) -> dict:
@@ -207,7 +201,7 @@ def estimate(args: argparse.Namespace) -> dict:
     and the implied wall time of a full run of ``--estimate-captions`` // batch x epochs steps (validation not
     counted). Beside it the FLOP bound: the step's GFLOP (``step_gflop``, 49 cells and ``--estimate-tokens`` tokens)
     over the measured bare GEMM rate."""
-    rate = gemm_gflops()
+    rate = gemm_gflops(2048)
     print(f"bare GEMM rate {rate:.1f} GFLOP/s on {torch.get_num_threads()} threads", flush=True)
     out = {"gemm_gflops": rate, "threads": torch.get_num_threads()}
     for name in args.variants:

@@ -382,35 +382,23 @@ def test_probe_block_gives_each_probe_its_table_and_the_paired_difference():
     assert "ours probe SLidR 51.0, ST-SLidR (tolerant + balancing) 51.8; authors probe" in line
 
 
-def test_harness_keeps_a_runs_own_wall_time_for_the_collecting_command(tmp_path, monkeypatch):
-    """A run trained start to end stores its wall time; a later call (the collecting command, the run already
-    finished) reports that time, not its own near-zero one; a run resumed across processes says so."""
+def test_harness_records_the_trainers_curve_and_train_time_beside_the_best_figures(tmp_path, monkeypatch):
+    """The record of a variant holds the best checkpoint's figures and, from the trainer's summary, the validation
+    curve and the train time over every session (None for a run whose checkpoints predate it: not recorded)."""
     from xmcl.metrics.retrieval import Metrics
 
-    clock = iter([100.0, 160.0, 200.0, 201.0, 300.0, 330.0])
-    monkeypatch.setattr(retrieval_quality.time, "perf_counter", lambda: next(clock))
-
     def fake_train(cfg, run_dir):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "last.pt").write_bytes(b"")
-        (run_dir / "log.jsonl").write_text('{"epoch": 1, "val_rsum": 12.5}\n')
-        return {"best_epoch": 1}
+        return {"best_epoch": 2, "val_rsum_by_epoch": {1: 12.5, 2: 14.0}, "train_seconds": 90.0}
 
     monkeypatch.setattr(retrieval_quality, "train_retrieval", fake_train)
     monkeypatch.setattr(retrieval_quality, "evaluate_checkpoint",
-                        lambda *args: {"all": Metrics(1, 2, 3, 1, 1, 1, 2, 3, 1, 1, 12)})
-    fresh = tmp_path / "fresh"
-    _, first = retrieval_quality.train_and_score(None, fresh, tmp_path, "val")
-    _, again = retrieval_quality.train_and_score(None, fresh, tmp_path, "val")
-    assert first["train_seconds"] == again["train_seconds"] == 60.0 and "train_seconds_this_session" not in again
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    (resumed / "last.pt").write_bytes(b"")  # begun by an earlier process
-    _, part = retrieval_quality.train_and_score(None, resumed, tmp_path, "val")
-    assert part["train_seconds_this_session"] == 30.0 and "train_seconds" not in part
-    assert first["val_rsum_per_epoch"] == {1: 12.5}
-    assert retrieval_quality.train_minutes(first) == "1.0 min"
-    assert retrieval_quality.train_minutes(part) == "0.5 min in its last process (resumed)"
+                        lambda checkpoint, *args: {"all": Metrics(1, 2, 3, 1, 1, 1, 2, 3, 1, 1, 12)}
+                        if checkpoint == tmp_path / "run" / "best.pt" else None)
+    record = retrieval_quality.train_and_score(None, tmp_path / "run", tmp_path, "val")
+    assert record == {"metrics": Metrics(1, 2, 3, 1, 1, 1, 2, 3, 1, 1, 12).as_dict(), "best_epoch": 2,
+                      "val_rsum_per_epoch": {1: 12.5, 2: 14.0}, "train_seconds": 90.0}
+    assert retrieval_quality.train_minutes(record) == "1.5 min"
+    assert retrieval_quality.train_minutes({"train_seconds": None}) == "not recorded"
 
 
 def test_changed_paths_keep_their_first_letter_whatever_the_status_columns():
