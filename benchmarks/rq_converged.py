@@ -278,7 +278,7 @@ def summarise(results: dict[str, dict], runs: list[Run]) -> dict[str, dict]:
         done = {run.seed: results[f"{name}/seed{run.seed}"] for run in runs if run.name == name}
         metrics = [result["metrics"] for result in done.values() if "metrics" in result]
         table[name] = {"stalled_seeds": [seed for seed, result in done.items() if "stalled" in result]}
-        for key in ("rsum", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
+        for key in ("rsum", *RECALLS):
             values = [float(m[key]) for m in metrics if key in m]
             if values:
                 table[name][key] = {"mean": statistics.fmean(values),

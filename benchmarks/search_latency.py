@@ -33,14 +33,22 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 from figures import command_lines, conditions, gib, options, parse_with_out, table, write_figures
 from timing import quantiles_ms
-from untrained import untrained_checkpoint
 
+from xmcl.config import config_to_dict, load_config
+from xmcl.nn.backbones import build_image_backbone
+from xmcl.retrieval.config import RetrievalTrainConfig
+from xmcl.retrieval.grid_features import FeaturesManifest
 from xmcl.retrieval.index import vectors
 from xmcl.retrieval.index.build import INDEX_FORMAT, MANIFEST, REPORT
+from xmcl.retrieval.index.search import Searcher
 from xmcl.retrieval.index.store import MetadataStore
+from xmcl.retrieval.inference import RETRIEVAL_CHECKPOINT
+from xmcl.retrieval.model import USERModel
 from xmcl.retrieval.model_dir import file_sha256
+from xmcl.runtime.checkpoint import save_checkpoint
 from xmcl.runtime.files import atomic_save_npy, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +90,19 @@ def recall(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
     return float(np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth)]))
 
 
+def untrained_checkpoint(config: str, out: Path, image_size: int = 224, seed: int = 0) -> Path:
+    """``out``: a checkpoint of ``config`` (a shipped config name) with seeded random towers, recording the features
+    manifest of EfficientNet-Lite0 (ImageNet) at ``image_size`` as a model trained on ``xmcl features`` would (the
+    cost of inference does not depend on the weights)."""
+    torch.manual_seed(seed)
+    cfg = load_config(RetrievalTrainConfig, config, ["run.device=cpu"])
+    manifest = FeaturesManifest.of(build_image_backbone("efficientnet_lite0", "imagenet"), "imagenet", image_size)
+    save_checkpoint(out, *RETRIEVAL_CHECKPOINT, {
+        "config": config_to_dict(cfg), "model": USERModel(cfg.model, cfg.loss).state_dict(), "vocab": None,
+        "inputs": {"features": manifest.to_dict(), "clip": None}})
+    return out
+
+
 def write_index_folder(folder: Path, index: faiss.Index, report: dict, model: Path, sha256: str, dim: int) -> None:
     """An xmcl index folder around an already built vector index of the model at ``model`` (identity ``sha256``):
     manifest, a store of ``ntotal`` items, the index."""
@@ -102,10 +123,6 @@ def write_index_folder(folder: Path, index: faiss.Index, report: dict, model: Pa
 def in_process(folder: Path, texts: list[str], queries: int) -> dict[str, dict[str, float]]:
     """The same text queries through ``Searcher`` in this process (one torch and FAISS thread): encode alone, and
     encode + search + metadata, to tell the model's share of the HTTP latency from the server's."""
-    import torch
-
-    from xmcl.retrieval.index.search import Searcher
-
     torch.set_num_threads(1)
     vectors.set_search_threads(1)
     searcher = Searcher.open(folder, device="cpu")
