@@ -227,3 +227,35 @@ def test_every_optimiser_section_checks_the_shared_ranges(section: type, field_n
                                                           allowed: str) -> None:
     with pytest.raises(ConfigError, match=f"'{field_name}' = {value} is out of range: must be {allowed}"):
         section(**{field_name: value})
+
+
+def test_renamed_keys_still_load_with_a_note_naming_the_new_key(tmp_path: Path) -> None:
+    old = _write(tmp_path, "old.yaml", "loss:\n  lambda_batch: 20.0\n  temperature: 0.05\nmodel:\n"
+                                        "  key_modes: switch\n  key_encoders_eval: false\n")
+    with pytest.warns(FutureWarning) as notes:
+        cfg = load_config(RetrievalTrainConfig, old, ["loss.lambda_batch=3"])  # an override may use the old name
+    said = " ".join(str(note.message) for note in notes)
+    for old_key, new_key in (("loss.lambda_batch", "loss.batch_weight"), ("loss.temperature", "loss.init_temperature"),
+                             ("model.key_encoders_eval", "model.key_modes")):
+        assert f"'{old_key}' is now '{new_key}'" in said
+    assert (cfg.loss.batch_weight, cfg.loss.init_temperature, cfg.model.key_modes) == (3.0, 0.05, "follow")
+    new = _write(tmp_path, "new.yaml", "base: old.yaml\nloss:\n  batch_weight: 7.0\n")  # the overlay's new name wins
+    with pytest.warns(FutureWarning):
+        assert load_config(RetrievalTrainConfig, new).loss.batch_weight == 7.0
+
+
+@pytest.mark.parametrize("saved_model,modes", [({"key_modes": "switch"}, "eval"),
+                                               ({"key_modes": "switch", "key_encoders_eval": True}, "eval"),
+                                               ({"key_modes": "authors", "key_encoders_eval": False}, "authors"),
+                                               ({}, "eval")])
+def test_a_saved_config_reads_the_merged_key_modes(saved_model: dict, modes: str) -> None:
+    saved = {"model": saved_model, "loss": {"lambda_batch": 2.0}}
+    cfg = config_from_dict(RetrievalTrainConfig, saved, where="x/last.pt")
+    assert (cfg.model.key_modes, cfg.loss.batch_weight) == (modes, 2.0)
+
+
+def test_both_names_of_a_key_are_refused_naming_them(tmp_path: Path) -> None:
+    both = _write(tmp_path, "both.yaml", "loss:\n  lambda_batch: 1.0\n  batch_weight: 2.0\n")
+    with pytest.raises(ConfigError, match=r"both\.yaml: section 'loss': 'lambda_batch' and 'batch_weight' are both "
+                                          r"set"):
+        load_config(RetrievalTrainConfig, both)

@@ -41,7 +41,7 @@ loss:
   name: uto
   mu: {MU}
   gamma: {GAMMA}
-  lambda_batch: {{lambda_batch}}
+  batch_weight: {{batch_weight}}
   margin: {MARGIN}
   warmup_epochs: 0
   uto_warmup_epochs: {{uto_warmup}}
@@ -50,10 +50,10 @@ BATCH_IDS = [3, 3, 8]  # two captions of image 3: each other's positives, never 
 QUEUE_IDS = [8, 5, 3, 9]  # 4 of 6 slots filled; slots 0 and 2 hold keys of the batch's own images
 
 
-def retrieval_config(tmp_path: Path, lambda_batch: float, mode: str, uto_warmup: int = 0) -> RetrievalTrainConfig:
+def retrieval_config(tmp_path: Path, batch_weight: float, mode: str, uto_warmup: int = 0) -> RetrievalTrainConfig:
     """A config whose loss section is read from a YAML file and whose queue rule is a ``--set`` override."""
     path = tmp_path / "run.yaml"
-    path.write_text(LOSS_YAML.format(lambda_batch=lambda_batch, uto_warmup=uto_warmup))
+    path.write_text(LOSS_YAML.format(batch_weight=batch_weight, uto_warmup=uto_warmup))
     return load_config(RetrievalTrainConfig, path, MODEL_OVERRIDES + [f"loss.queue_false_negatives={mode}"])
 
 
@@ -103,8 +103,8 @@ def queue_negative(b: int, k: int, mode: str) -> bool:
     return k < len(QUEUE_IDS) and (mode == "keep" or QUEUE_IDS[k] != BATCH_IDS[b])
 
 
-def uto_by_hand(e: dict[str, np.ndarray], mu: float, gamma: float, lambda_batch: float, mode: str) -> float:
-    """USER's UTO: lambda_batch * batch + queue_i2t + queue_t2i (``retrieval_losses`` docstring)."""
+def uto_by_hand(e: dict[str, np.ndarray], mu: float, gamma: float, batch_weight: float, mode: str) -> float:
+    """USER's UTO: batch_weight * batch + queue_i2t + queue_t2i (``retrieval_losses`` docstring)."""
     img, txt, ids = e["img"], e["txt"], BATCH_IDS
     s = img @ txt.T
     b = len(ids)
@@ -119,12 +119,12 @@ def uto_by_hand(e: dict[str, np.ndarray], mu: float, gamma: float, lambda_batch:
             total += lse0(negatives) / mu - math.log(1 + max(query[q] @ paired_key[q], 0.0))
         return total / b
 
-    return (lambda_batch * (i2t + t2i - positive) + queue(img, e["txt_queue"], e["txt_key"])
+    return (batch_weight * (i2t + t2i - positive) + queue(img, e["txt_queue"], e["txt_key"])
             + queue(txt, e["img_queue"], e["img_key"]))
 
 
-def hinge_sum_by_hand(e: dict[str, np.ndarray], margin: float, lambda_batch: float, mode: str) -> float:
-    """VSE++ sum of violations, summed over queries: lambda_batch * batch + both queue directions."""
+def hinge_sum_by_hand(e: dict[str, np.ndarray], margin: float, batch_weight: float, mode: str) -> float:
+    """VSE++ sum of violations, summed over queries: batch_weight * batch + both queue directions."""
     img, txt, ids = e["img"], e["txt"], BATCH_IDS
     s = img @ txt.T
     b = len(ids)
@@ -135,7 +135,7 @@ def hinge_sum_by_hand(e: dict[str, np.ndarray], margin: float, lambda_batch: flo
         return sum(max(0.0, margin + query[q] @ keys[k] - query[q] @ paired_key[q])
                    for q in range(b) for k in range(QUEUE) if queue_negative(q, k, mode))
 
-    return lambda_batch * batch + queue(img, e["txt_queue"], e["txt_key"]) + queue(txt, e["img_queue"], e["img_key"])
+    return batch_weight * batch + queue(img, e["txt_queue"], e["txt_key"]) + queue(txt, e["img_queue"], e["img_key"])
 
 
 def model_loss(model: USERModel, batch: dict[str, torch.Tensor]) -> float:
@@ -143,28 +143,28 @@ def model_loss(model: USERModel, batch: dict[str, torch.Tensor]) -> float:
         return float(model(batch)["loss"])
 
 
-@pytest.mark.parametrize("lambda_batch, mode", [(2.5, "mask"), (1.0, "keep"), (2.5, "keep")])
-def test_uto_constants_from_yaml_reach_the_model_loss(tmp_path: Path, lambda_batch: float, mode: str) -> None:
-    cfg = retrieval_config(tmp_path, lambda_batch, mode)
+@pytest.mark.parametrize("batch_weight, mode", [(2.5, "mask"), (1.0, "keep"), (2.5, "keep")])
+def test_uto_constants_from_yaml_reach_the_model_loss(tmp_path: Path, batch_weight: float, mode: str) -> None:
+    cfg = retrieval_config(tmp_path, batch_weight, mode)
     model, batch = model_and_batch(cfg)
     e = embeddings(model, batch)
-    expected = uto_by_hand(e, MU, GAMMA, lambda_batch, mode)
+    expected = uto_by_hand(e, MU, GAMMA, batch_weight, mode)
     # the inputs separate the constants: any one of them at its default gives another value
     other_mode = "keep" if mode == "mask" else "mask"
-    for wrong in (uto_by_hand(e, 90.0, GAMMA, lambda_batch, mode), uto_by_hand(e, MU, 0.5, lambda_batch, mode),
-                  uto_by_hand(e, MU, GAMMA, lambda_batch + 1.0, mode),
-                  uto_by_hand(e, MU, GAMMA, lambda_batch, other_mode)):
+    for wrong in (uto_by_hand(e, 90.0, GAMMA, batch_weight, mode), uto_by_hand(e, MU, 0.5, batch_weight, mode),
+                  uto_by_hand(e, MU, GAMMA, batch_weight + 1.0, mode),
+                  uto_by_hand(e, MU, GAMMA, batch_weight, other_mode)):
         assert abs(wrong - expected) > 1e-3
     assert model_loss(model, batch) == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
 def test_uto_warmup_epochs_from_yaml_run_the_hinge_then_uto(tmp_path: Path) -> None:
-    lambda_batch, mode = 1.5, "keep"
-    cfg = retrieval_config(tmp_path, lambda_batch, mode, uto_warmup=WARMUP)
+    batch_weight, mode = 1.5, "keep"
+    cfg = retrieval_config(tmp_path, batch_weight, mode, uto_warmup=WARMUP)
     model, batch = model_and_batch(cfg)
     e = embeddings(model, batch)
-    hinge = hinge_sum_by_hand(e, MARGIN, lambda_batch, mode)
-    uto = uto_by_hand(e, MU, GAMMA, lambda_batch, mode)
+    hinge = hinge_sum_by_hand(e, MARGIN, batch_weight, mode)
+    uto = uto_by_hand(e, MU, GAMMA, batch_weight, mode)
     assert abs(hinge - uto) > 1e-3
     for epoch in range(WARMUP):  # the sum of violations throughout the warm-up (not hardest-negative)
         model.set_epoch(epoch)

@@ -25,7 +25,7 @@ CASES = {
     "infonce": (["loss.name=infonce"], 0),
     "hinge_sum": (["loss.name=hinge", "loss.warmup_epochs=1"], 0),
     "hinge_hardest": (["loss.name=hinge", "loss.warmup_epochs=1"], 1),
-    "uto": (["loss.name=uto", "loss.gamma=0.1", "loss.lambda_batch=2.0"], 0),
+    "uto": (["loss.name=uto", "loss.gamma=0.1", "loss.batch_weight=2.0"], 0),
     "uto_tolerant": (["loss.name=uto", "loss.gamma=0.1", "loss.tolerance=quantile", "loss.tolerance_q=0.2",
                       "loss.balance=true", "loss.balance_threshold=0.3"], 0),
     "infonce_soft": (["loss.name=infonce", "loss.tolerance=soft", "loss.balance=true"], 0),

@@ -160,7 +160,7 @@ def test_key_encoders_stay_in_eval_mode_unless_configured():
     model = USERModel(model_config(), RetrievalLossConfig(), vocab_size=VOCAB).train()
     assert model.image_encoder.training and not model.image_key_encoder.training
     assert not model.text_key_encoder.training
-    authors = USERModel(model_config(key_encoders_eval=False), RetrievalLossConfig(), vocab_size=VOCAB).train()
+    authors = USERModel(model_config(key_modes="follow"), RetrievalLossConfig(), vocab_size=VOCAB).train()
     assert authors.image_key_encoder.training and authors.text_key_encoder.training
 
 

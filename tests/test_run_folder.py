@@ -178,3 +178,19 @@ def test_an_out_folder_that_is_a_file_is_refused_before_any_work(corpus: Path, t
         train_retrieval(retrieval_config(corpus), blocker, progress=False)
     with pytest.raises(RunFolderError, match=rf"run folder {blocker / 'run'} cannot be created: {blocker} is a file"):
         train_retrieval(retrieval_config(corpus), blocker / "run", progress=False)
+
+
+def test_a_run_saved_under_old_key_names_resumes(corpus: Path, tmp_path: Path) -> None:
+    """A checkpoint whose config uses keys renamed since (``loss.lambda_batch``, ``model.key_encoders_eval``) resumes
+    under today's names: the saved config is read through the same renames before it is compared."""
+    run = tmp_path / "run"
+    train_retrieval(retrieval_config(corpus, "optim.epochs=1"), run, progress=False)
+    state = read_checkpoint(run / "last.pt")
+    state["config"]["loss"]["lambda_batch"] = state["config"]["loss"].pop("batch_weight")
+    state["config"]["model"].update(key_modes="switch", key_encoders_eval=True)
+    kind, version = state.pop("kind"), state.pop("version")
+    save_checkpoint(run / "last.pt", kind, version, state)
+    summary = train_retrieval(retrieval_config(corpus, "optim.epochs=2"), run, progress=False)
+    assert summary["best_epoch"] >= 1 and read_checkpoint(run / "last.pt")["epoch"] == 2
+    with pytest.raises(CheckpointError, match=r"loss\.batch_weight: 1\.0 -> 2\.0"):
+        train_retrieval(retrieval_config(corpus, "optim.epochs=2", "loss.batch_weight=2.0"), run, progress=False)

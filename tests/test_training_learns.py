@@ -301,7 +301,7 @@ def test_hinge_switches_from_summed_to_hardest_negative_after_its_warmup(tmp_pat
         assert len(mine) == 4
         assert [call.max_violation for call, _ in mine] == [hardest] * 4
         for call, step in mine:
-            expected = hand_hinge(call.inputs, cfg.loss.margin, hardest, cfg.loss.lambda_batch)
+            expected = hand_hinge(call.inputs, cfg.loss.margin, hardest, cfg.loss.batch_weight)
             assert step["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-4), (epoch, step["step"])
         # the two modes are told apart by these inputs
         assert any(abs(hand_hinge(call.inputs, cfg.loss.margin, not hardest) - step["loss"]) > 1e-2
@@ -322,10 +322,10 @@ def test_uto_warm_start_runs_the_hinge_then_uto(tmp_path: Path, monkeypatch: pyt
     assert [(c.kind, c.max_violation) for c, _ in first] == [("HingeLoss", False)] * 4
     assert [c.kind for c, _ in second] == ["UTOLoss"] * 4
     for call, step in first:
-        expected = hand_hinge(call.inputs, cfg.loss.margin, hardest=False, batch_weight=cfg.loss.lambda_batch)
+        expected = hand_hinge(call.inputs, cfg.loss.margin, hardest=False, batch_weight=cfg.loss.batch_weight)
         assert step["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-4), step["step"]
     for call, step in second:
-        expected = hand_uto(call.inputs, cfg.loss.mu, cfg.loss.gamma, cfg.loss.lambda_batch)
+        expected = hand_uto(call.inputs, cfg.loss.mu, cfg.loss.gamma, cfg.loss.batch_weight)
         assert step["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-4), step["step"]
         assert abs(hand_hinge(call.inputs, cfg.loss.margin, hardest=False) - step["loss"]) > 1e-2
 

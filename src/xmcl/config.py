@@ -4,7 +4,8 @@
 overrides (values parsed as YAML scalars), and builds the nested dataclasses; an unknown key or a value of the
 wrong type raises ``ConfigError`` naming the dotted key and the file. Each dataclass checks its ranges in
 ``__post_init__`` with ``require``; a value out of range is reported with its dotted key, the value and the
-allowed range.
+allowed range. A key renamed since is still read under its old name (the section's ``upgrade_keys``), with a
+``FutureWarning`` naming the new one when it comes from a file or an override.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import math
 import re
 import types
 import typing
+import warnings
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -142,6 +144,38 @@ def _coerce(value: Any, type_: Any, key: str, where: str) -> Any:
     raise ConfigError(f"{where}: '{key}' has an unsupported type {_describe(type_)}")
 
 
+def rename_keys(data: dict, renamed: dict[str, str]) -> list[tuple[str, str]]:
+    """Move each old key of ``renamed`` present in the section ``data`` to its new name (in place); returns the
+    ``(old, new)`` pairs moved. A section that sets both names is refused, naming them."""
+    moved = []
+    for old, new in renamed.items():
+        if old in data:
+            if new in data:
+                raise ConfigError(f"'{old}' and '{new}' are both set; '{old}' is the old name of '{new}': keep one")
+            data[new] = data.pop(old)
+            moved.append((old, new))
+    return moved
+
+
+def _upgraded(cls: type, data: dict, prefix: str, notes: list[str]) -> dict:
+    """A copy of ``data`` with the keys that ``cls`` (and its nested sections) renamed since under their names now:
+    a section class lists them in a static ``upgrade_keys(data) -> [(old, new), ...]`` that edits ``data`` in
+    place. Each move adds a note ("'loss.lambda_batch' is now 'loss.batch_weight'") to ``notes``."""
+    data = dict(data)
+    upgrade = getattr(cls, "upgrade_keys", None)
+    if upgrade is not None:
+        try:
+            moved = upgrade(data)
+        except ConfigError as error:
+            raise ConfigError(f"section '{prefix.rstrip('.')}': {error}" if prefix else str(error)) from None
+        notes.extend(f"'{prefix}{old}' is now '{prefix}{new}'" for old, new in moved)
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if isinstance(data.get(f.name), dict) and dataclasses.is_dataclass(hints[f.name]):
+            data[f.name] = _upgraded(hints[f.name], data[f.name], f"{prefix}{f.name}.", notes)
+    return data
+
+
 def _build(cls: type[T], data: dict, prefix: str, where: str) -> T:
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -234,13 +268,20 @@ def _leaf_keys(data: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def read_composed(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[str, Path]]:
+def read_composed(path: Path, chain: tuple[Path, ...] = (), upgrade: Callable[[dict], dict] | None = None
+                  ) -> tuple[dict, dict[str, Path]]:
     """The mapping of the config file ``path`` composed with its ``base:`` chain, and the file that set each leaf key
     (dotted). ``base: NAME_OR_PATH`` (a path relative to this file's folder, or a shipped config's name) is read
     first, composed the same way, and this file's keys are written over it (sections merged key by key, lists
-    replaced whole). A chain that comes back to a file is refused, naming the chain."""
+    replaced whole). A chain that comes back to a file is refused, naming the chain. ``upgrade`` turns each file's
+    mapping into today's key names before it is composed."""
     data = read_yaml(path)
     base = data.pop(BASE_KEY, None)
+    if upgrade is not None:
+        try:
+            data = upgrade(data)
+        except ConfigError as error:
+            raise ConfigError(f"config file {path}: {error}") from None
     origins = dict.fromkeys(_leaf_keys(data), path)
     if base is None:
         return data, origins
@@ -252,7 +293,7 @@ def read_composed(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[
     if base_path.resolve() in here:
         loop = " -> ".join(str(p) for p in (*here, base_path.resolve()))
         raise ConfigError(f"config file {path}: its '{BASE_KEY}' chain comes back to a file: {loop}")
-    base_data, base_origins = read_composed(base_path, here)
+    base_data, base_origins = read_composed(base_path, here, upgrade)
     return _merged(base_data, data), {**base_origins, **origins}
 
 
@@ -281,13 +322,21 @@ def load_config(cls: type[T], path: Path | str | None = None, overrides: typing.
     key it is about."""
     if path is not None:
         path = find_config(path)
-    data, origins = read_composed(path) if path is not None else ({}, {})
+    notes: list[str] = []
+
+    def upgrade(layer: dict) -> dict:
+        return _upgraded(cls, layer, "", notes)
+
+    data, origins = read_composed(path, upgrade=upgrade) if path is not None else ({}, {})
     overrides = list(overrides)
-    apply_overrides(data, overrides)
+    overridden = upgrade(apply_overrides({}, overrides))
+    data = _merged(data, overridden)
     where = str(path) if path is not None else "config"
     if overrides:
         where += " (with overrides)"
-        origins = {key: origin for key, origin in origins.items() if key not in {o.split("=", 1)[0] for o in overrides}}
+        origins = {key: origin for key, origin in origins.items() if key not in set(_leaf_keys(overridden))}
+    for note in dict.fromkeys(notes):
+        warnings.warn(f"{where}: {note}; the old name is still read, but rename it", FutureWarning, stacklevel=2)
     try:
         return _build(cls, data, "", where)
     except ConfigError as error:
@@ -295,8 +344,13 @@ def load_config(cls: type[T], path: Path | str | None = None, overrides: typing.
 
 
 def config_from_dict(cls: type[T], data: dict, where: str = "config") -> T:
-    """Build ``cls`` from a plain nested dict (e.g. one saved inside a checkpoint)."""
-    return _build(cls, data, "", where)
+    """Build ``cls`` from a plain nested dict (e.g. one saved inside a checkpoint), keys renamed since read under
+    their names now."""
+    try:
+        upgraded = _upgraded(cls, data, "", [])
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    return _build(cls, upgraded, "", where)
 
 
 def config_to_dict(cfg: Any) -> dict:

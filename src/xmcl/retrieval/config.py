@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from xmcl.config import require, require_optimiser
+from xmcl.config import rename_keys, require, require_optimiser
 from xmcl.errors import ConfigError
 from xmcl.runtime.run_config import RunConfig
 
@@ -37,10 +37,10 @@ class RetrievalModelConfig:
     ``clip_dim``-d embeddings of a frozen CLIP read from the ``clip_cache`` folder (``xmcl clip-cache``); the CLIP
     checkpoint ``clip_path`` (a transformers directory or an OpenAI ``.pt``) checks the cache is current and
     encodes images or captions the cache lacks at evaluation. ``use_queue`` adds momentum key encoders
-    (``momentum``) and image/text queues of ``queue_size`` keys. Key encoder modes: ``key_modes="switch"`` puts
-    both in eval mode when ``key_encoders_eval`` (else both follow the online towers' mode); ``"authors"`` runs
-    them as the USER authors do: the image key in train mode (dropout, batch-statistics BN), the text key in eval
-    (``key_encoders_eval`` is then unused). The projection head's MLP is ``head_hidden_dim`` wide (None =
+    (``momentum``) and image/text queues of ``queue_size`` keys. Key encoder modes (``key_modes``): ``"eval"``
+    keeps both in eval mode; ``"follow"``: both follow the online towers' mode; ``"authors"`` runs them as the USER
+    authors do: the image key in train mode (dropout, batch-statistics BN), the text key in eval. (Older configs'
+    ``key_modes: switch`` with ``key_encoders_eval`` true / false read as "eval" / "follow".) The projection head's MLP is ``head_hidden_dim`` wide (None =
     embed_dim // 2) with ``head_init`` ("xavier_kaiming", or "pytorch": the layers' default init, as the authors).
     """
 
@@ -71,12 +71,22 @@ class RetrievalModelConfig:
     clip_path: str | None = None
     clip_cache: str | None = None
     momentum: float = 0.999
-    key_encoders_eval: bool = True
-    key_modes: Literal["switch", "authors"] = "switch"
+    key_modes: Literal["eval", "follow", "authors"] = "eval"
     head_hidden_dim: int | None = None
     head_init: Literal["xavier_kaiming", "pytorch"] = "xavier_kaiming"
     queue_size: int = 4096
     use_queue: bool = True
+
+    @staticmethod
+    def upgrade_keys(data: dict) -> list[tuple[str, str]]:
+        """``key_modes: switch`` with ``key_encoders_eval`` (merged into ``key_modes``): true -> "eval", false ->
+        "follow"; beside ``key_modes: authors`` the flag was unused and is dropped."""
+        if "key_encoders_eval" not in data and data.get("key_modes") != "switch":
+            return []
+        keys_eval = data.pop("key_encoders_eval", True)
+        if data.get("key_modes", "switch") == "switch":
+            data["key_modes"] = "eval" if keys_eval else "follow"
+        return [("key_encoders_eval", "key_modes")]
 
     def __post_init__(self) -> None:
         for name in ("embed_dim", "region_dim", "word_dim", "gru_layers", "clip_dim", "queue_size", "head_hidden_dim",
@@ -102,7 +112,7 @@ class RetrievalLossConfig:
     """Which retrieval loss (``xmcl.contrast``) and its constants.
 
     ``uto``: ``mu`` (scale), ``gamma`` (margin); ``hinge``: ``margin``, ``warmup_epochs`` of summed violations
-    before hardest-negative; ``infonce``: initial ``temperature`` (learnable). ``lambda_batch`` weighs the
+    before hardest-negative; ``infonce``: ``init_temperature`` (learnable). ``batch_weight`` weighs the
     in-batch term against the queue terms; ``queue_false_negatives="mask"`` keeps queued keys of the query's
     own image out of its negatives (``"keep"`` counts them, as the USER authors do). ``uto_warmup_epochs``:
     epochs of the VSE++ sum-of-violations hinge before UTO takes over (0 = none, as in the paper; see
@@ -120,17 +130,23 @@ class RetrievalLossConfig:
     name: Literal["uto", "hinge", "infonce"] = "uto"
     mu: float = 90.0
     gamma: float = 0.5
-    lambda_batch: float = 1.0
+    batch_weight: float = 1.0
     margin: float = 0.2
     warmup_epochs: int = 1
     uto_warmup_epochs: int = 0
-    temperature: float = 0.07
+    init_temperature: float = 0.07
     queue_false_negatives: Literal["mask", "keep"] = "mask"
     tolerance: Literal["none", "quantile", "soft"] = "none"
     tolerance_q: float = 0.01
     balance: bool = False
     balance_threshold: float = 0.5
     semantic_source: Literal["regions", "clip"] = "regions"
+
+    @staticmethod
+    def upgrade_keys(data: dict) -> list[tuple[str, str]]:
+        """Keys renamed to the loss's own names: ``lambda_batch`` -> ``batch_weight``, ``temperature`` ->
+        ``init_temperature``."""
+        return rename_keys(data, {"lambda_batch": "batch_weight", "temperature": "init_temperature"})
 
     @property
     def tolerant(self) -> bool:
@@ -140,11 +156,11 @@ class RetrievalLossConfig:
     def __post_init__(self) -> None:
         require(self, "mu", gt=0.0)
         require(self, "gamma", ge=0.0, le=2.0)  # margins on cosine similarities
-        require(self, "lambda_batch", ge=0.0)
+        require(self, "batch_weight", ge=0.0)
         require(self, "margin", ge=0.0, le=2.0)
         require(self, "warmup_epochs", ge=0)
         require(self, "uto_warmup_epochs", ge=0)
-        require(self, "temperature", gt=0.0, le=10.0)
+        require(self, "init_temperature", gt=0.0, le=10.0)
         require(self, "tolerance_q", ge=0.0, lt=1.0)
         require(self, "balance_threshold", ge=-1.0, le=1.0)
         if self.name == "hinge" and self.tolerant:

@@ -44,9 +44,9 @@ def build_loss(cfg: RetrievalLossConfig) -> RetrievalLoss | WarmStartLoss:
     specific = {
         "uto": {"mu": cfg.mu, "gamma": cfg.gamma},
         "hinge": {"margin": cfg.margin, "warmup_epochs": cfg.warmup_epochs},
-        "infonce": {"init_temperature": cfg.temperature},
+        "infonce": {"init_temperature": cfg.init_temperature},
     }
-    common = {"batch_weight": cfg.lambda_batch, "queue_false_negatives": cfg.queue_false_negatives}
+    common = {"batch_weight": cfg.batch_weight, "queue_false_negatives": cfg.queue_false_negatives}
     tolerant = {"tolerance": cfg.tolerance, "tolerance_q": cfg.tolerance_q, "balance": cfg.balance,
                 "balance_threshold": cfg.balance_threshold} if cfg.tolerant else {}
     loss = build_retrieval_loss(cfg.name, **common, **tolerant, **specific.get(cfg.name, {}))
@@ -91,7 +91,7 @@ class USERModel(DualEncoder):
             self._set_key_modes()
 
     def train(self, mode: bool = True) -> "USERModel":
-        """As ``nn.Module.train``, except for the key encoders' modes (``cfg.key_modes``, ``cfg.key_encoders_eval``)."""
+        """As ``nn.Module.train``, except for the key encoders' modes (``cfg.key_modes``)."""
         super().train(mode)
         self._set_key_modes()
         return self
@@ -102,7 +102,7 @@ class USERModel(DualEncoder):
         if self.cfg.key_modes == "authors":
             self.image_key_encoder.train(self.training)
             self.text_key_encoder.eval()
-        elif self.cfg.key_encoders_eval:
+        elif self.cfg.key_modes == "eval":
             self.image_key_encoder.eval()
             self.text_key_encoder.eval()
 

@@ -26,7 +26,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from xmcl.config import config_to_dict
+from xmcl.config import config_from_dict, config_to_dict
 from xmcl.errors import CheckpointError, RunFolderError, RunInterrupted, TrainingDiverged, brief
 from xmcl.runtime.checkpoint import load_checkpoint, save_checkpoint
 from xmcl.runtime.device import resolve_device
@@ -168,7 +168,8 @@ class Checkpointer:
 
     def _resumable_state(self, cfg: Any) -> dict:
         state = load_checkpoint(self.folder.last, self.kind, self.version)
-        saved, now = _flatten(state["config"]), _flatten(config_to_dict(cfg))
+        saved_cfg = config_from_dict(type(cfg), state["config"], where=str(self.folder.last))  # keys renamed since
+        saved, now = _flatten(config_to_dict(saved_cfg)), _flatten(config_to_dict(cfg))
         changed = [key for key in sorted(set(saved) | set(now))
                    if saved.get(key) != now.get(key) and not self.may_change(key)]
         if changed:
