@@ -38,6 +38,7 @@ import dataclasses
 import json
 import re
 import statistics
+import typing
 from pathlib import Path
 from typing import NamedTuple
 
@@ -163,13 +164,25 @@ def same_config(kept: dict, config: dict, base: dict) -> bool:
     return True
 
 
+def upgraded(kept: dict) -> dict:
+    """A kept run's configuration with the keys renamed since under their names now (each section's
+    ``upgrade_keys``); the fields added since stay absent."""
+    sections = typing.get_type_hints(RetrievalTrainConfig)
+    out = {name: dict(section) for name, section in kept.items()}
+    for name, section in out.items():
+        getattr(sections.get(name), "upgrade_keys", lambda data: [])(section)
+    return out
+
+
 def kept_twin(keep: Path, config: dict, base: dict) -> dict | None:
-    """A finished result kept in ``keep`` (any ``VARIANT/seedS.json``) whose run had ``config`` (``same_config``),
-    ``data.path`` aside: a kept run may have reached the same features folder from another working directory."""
+    """A finished result kept in ``keep`` (any ``VARIANT/seedS.json``) whose run had ``config`` (``same_config``,
+    on the kept configuration ``upgraded``), ``data.path`` aside: a kept run may have reached the same features folder
+    from another working directory."""
     for path in sorted(keep.glob("*/seed*.json")):
         result = json.loads(path.read_text(encoding="utf-8"))
         kept = result.get("config")
-        if kept and same_config({**kept, "data": {**kept["data"], "path": config["data"]["path"]}}, config, base):
+        if kept and same_config(upgraded({**kept, "data": {**kept["data"], "path": config["data"]["path"]}}), config,
+                                base):
             return result
     return None
 

@@ -256,13 +256,15 @@ def test_a_sweep_of_named_points_runs_them_and_keeps_its_own_curves():
 
 
 def test_a_kept_run_of_the_same_configuration_is_found_under_another_name(tmp_path):
-    base = {"loss": {"gamma": 0.5, "mu": 90.0}, "run": {"seed": 0, "amp": "none"}, "data": {"path": "feats"}}
-    kept = {"loss": {"gamma": 0.5, "mu": 90.0}, "run": {"seed": 0}, "data": {"path": "../feats"}}  # before "amp"
+    base = {"loss": {"gamma": 0.5, "mu": 90.0, "batch_weight": 20.0}, "run": {"seed": 0, "amp": "none"},
+            "data": {"path": "feats"}}
+    kept = {"loss": {"gamma": 0.5, "mu": 90.0, "lambda_batch": 20.0}, "run": {"seed": 0},  # before "amp", and
+            "data": {"path": "../feats"}}                                                # batch_weight's old name
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "seed0.json").write_text(json.dumps({"config": kept, "metrics": {"rsum": 1.0}}))
     assert rq_converged.kept_twin(tmp_path, base, base) == {"config": kept, "metrics": {"rsum": 1.0}}
     amp = {**base, "run": {"seed": 0, "amp": "bf16"}}  # the added field away from the config file's value
-    gamma = {**base, "loss": {"gamma": 0.3, "mu": 90.0}}
+    gamma = {**base, "loss": {"gamma": 0.3, "mu": 90.0, "batch_weight": 20.0}}
     assert rq_converged.kept_twin(tmp_path, amp, base) is None and rq_converged.kept_twin(tmp_path, gamma, base) is None
 
 
@@ -416,7 +418,7 @@ def test_the_shipped_best_flickr8k_config_is_the_kept_best_runs_configuration():
     shipped = dataclasses.asdict(load_config(RetrievalTrainConfig, root / "configs/flickr8k_locked_tolerant.yaml", []))
     for seed in (0, 1, 2):
         kept = json.loads((root / f"docs/figures/rq_converged_runs/user_tolerant_g0.5_mu30/seed{seed}.json").read_text())
-        ran = kept["config"]
+        ran = rq_converged.upgraded(kept["config"])  # the keys renamed since, under their names now
         assert ran["run"]["seed"] == seed
         ran["run"]["seed"] = shipped["run"]["seed"]
         assert ran == shipped
