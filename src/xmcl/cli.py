@@ -409,7 +409,8 @@ def serve(indexes: tuple[str, ...], host: str, port: int, device: str, max_uploa
     hosts = list(allowed_hosts) or default_allowed_hosts(host)
     if hosts is None and api_key is None:
         click.echo(f"warning: serving {host} to every Host header and without an API key: anyone who reaches "
-                   f"this address can search the index and read its photos (see README, exposing the service)",
+                   f"this address can search the index and read its photos (see docs/serving.md, 'Exposing the "
+                   f"service')",
                    err=True)
     click.echo(f"serving {', '.join(searchers)} on http://{host}:{port}/")
     run_server(searchers, sock, int(max_upload_mb * (1 << 20)), threads, workers, hosts, api_key)
