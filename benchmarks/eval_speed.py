@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import torch
-from figures import command_lines, conditions, parse_with_out, table, write_figures
+from figures import command_lines, conditions, options, parse_with_out, table, write_figures
 
 from xmcl.metrics.retrieval import RECALL_KS, Ranks, evaluate_embeddings, retrieval_ranks
 
@@ -46,7 +46,7 @@ def classic_ranks(sim: np.ndarray, caption_image: np.ndarray) -> tuple[Ranks, fl
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options (``argv``, default the command line), ``out`` resolved."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = options(__doc__)
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--captions-per-image", type=int, default=5)
     parser.add_argument("--dim", type=int, default=1024)
