@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -26,18 +27,24 @@ def test_steps_and_epochs_keep_the_sums_and_the_best() -> None:
     assert progress.position() == "epoch 4, step 0 (global step 3)"
 
 
-def test_the_record_comes_back_whole_and_its_time_adds_up() -> None:
+def test_the_record_comes_back_whole_and_its_time_adds_up_at_each_lap() -> None:
     progress = TrainingProgress(epoch=2, step_in_epoch=3, global_step=13, best_rsum=50.0, best_epoch=1,
                                 epoch_loss_sum=1.5, epoch_loss_count=3, train_seconds=7.0)
+    progress.lap()  # no clock started: nothing to add
+    assert progress.train_seconds == 7.0
     progress.start_clock()
+    time.sleep(0.01)
+    progress.lap()
+    first = progress.train_seconds
+    time.sleep(0.01)
+    progress.lap()
+    assert 7.01 <= first < progress.train_seconds
     state = progress.state_dict()
-    assert state["train_seconds"] >= 7.0 and set(state) == {
-        "epoch", "step_in_epoch", "global_step", "best_rsum", "best_epoch", "best_metrics", "epoch_loss_sum",
-        "epoch_loss_count", "train_seconds"}
+    assert set(state) == {"epoch", "step_in_epoch", "global_step", "best_rsum", "best_epoch", "best_metrics",
+                          "epoch_loss_sum", "epoch_loss_count", "train_seconds"}
     restored = TrainingProgress()
     restored.load_state_dict(state)
-    assert restored == TrainingProgress(**{**state, "train_seconds": state["train_seconds"]})
-    assert restored.seconds() == state["train_seconds"]  # its clock has not started
+    assert restored == TrainingProgress(**state)
 
 
 def test_an_older_checkpoint_lacks_the_time_and_a_broken_one_is_named(tmp_path: Path) -> None:
@@ -46,7 +53,8 @@ def test_an_older_checkpoint_lacks_the_time_and_a_broken_one_is_named(tmp_path: 
     progress = TrainingProgress()
     progress.load_state_dict(older)
     progress.start_clock()
-    assert progress.epoch == 1 and progress.best_metrics is None and math.isnan(progress.seconds())
+    progress.lap()
+    assert progress.epoch == 1 and progress.best_metrics is None and math.isnan(progress.train_seconds)
     broken = {k: v for k, v in state.items() if k != "global_step"}
     with pytest.raises(CheckpointError, match=r"x/last\.pt has no 'global_step' entry"):
         TrainingProgress().load_state_dict(broken, "x/last.pt")

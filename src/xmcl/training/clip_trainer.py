@@ -154,6 +154,7 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
     caption_image = torch.as_tensor(train.caption_image)
 
     def checkpoint() -> None:
+        progress.lap()
         if not world.is_main:
             return
         checkpointer.save(folder.last, cfg, {

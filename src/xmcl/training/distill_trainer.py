@@ -104,6 +104,7 @@ def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bo
                         writes=world.is_main, report_to=cfg.run.report_to, resumed_step=start)
 
     def save(last_loss: float) -> None:
+        progress.lap()
         if not world.is_main:
             return
         checkpointer.save(folder.last, cfg, {

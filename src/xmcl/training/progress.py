@@ -22,8 +22,8 @@ class TrainingProgress:
     epoch (a resume skips them); ``global_step``: steps done in all; ``best_rsum`` / ``best_epoch`` /
     ``best_metrics``: the best validation score so far, its epoch and figures; ``epoch_loss_sum`` /
     ``epoch_loss_count``: the current epoch's losses so far (so a resumed epoch's mean covers all its steps);
-    ``train_seconds``: wall time spent in the loop, summed over every session of the run (NaN when a session's time
-is unknown).
+    ``train_seconds``: wall time spent in the loop up to the last checkpoint, summed over every session of the run
+(NaN when a session's time is unknown).
 
     ``state_dict()`` is a flat mapping of these names, spread into a checkpoint; ``load_state_dict`` reads it back.
     The step-based pretraining loop uses ``global_step`` and ``train_seconds`` only."""
@@ -40,10 +40,8 @@ is unknown).
     _clock: float | None = field(default=None, repr=False, compare=False)
 
     def state_dict(self) -> dict[str, Any]:
-        """The record as plain values, ``train_seconds`` including the running session."""
-        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
-        state["train_seconds"] = self.seconds()
-        return state
+        """The record as plain values."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
 
     def load_state_dict(self, state: dict[str, Any], where: Path | str = "the checkpoint") -> None:
         """Take every field from ``state`` (a checkpoint); a missing one raises ``CheckpointError`` naming it, except
@@ -61,13 +59,16 @@ is unknown).
             setattr(self, f.name, state[f.name])
 
     def start_clock(self) -> None:
-        """Start counting this session's wall time into ``train_seconds``."""
+        """Start counting this session's wall time (``lap`` adds it to ``train_seconds``)."""
         self._clock = time.perf_counter()
 
-    def seconds(self) -> float:
-        """``train_seconds`` so far, this session's included."""
-        running = 0.0 if self._clock is None else time.perf_counter() - self._clock
-        return self.train_seconds + running
+    def lap(self) -> None:
+        """Add the time since the clock started (or last lapped) to ``train_seconds``: called as a checkpoint is
+        written, so that the saved time, and a run's summary, count the loop up to its last checkpoint."""
+        if self._clock is not None:
+            now = time.perf_counter()
+            self.train_seconds += now - self._clock
+            self._clock = now
 
     def add_step(self, loss: float) -> None:
         """One optimiser step done, with its (rank-mean) loss."""

@@ -124,7 +124,8 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, *, resume: bool = 
     save a checkpoint and raise ``RunInterrupted``.
 
     Returns ``{"best_rsum", "best_epoch", "last", "best", "val_rsum_by_epoch" (the validation curve, from the log),
-    "train_seconds" (the loop's wall time over every session; None for a run whose checkpoint predates it)}``."""
+    "train_seconds" (the loop's wall time up to its last checkpoint, over every session; None for a run whose
+    checkpoints did not record it)}``."""
     folder = RunFolder(out_dir)
     return run_loop(folder, cfg.run.device, progress,
                     lambda verbose, stop, world: _train(cfg, folder, resume, overwrite, verbose, stop, world))
@@ -134,7 +135,7 @@ def _summary(folder: RunFolder, progress: TrainingProgress) -> dict:
     curve = {int(r["epoch"]): float(r["val_rsum"]) for r in read_jsonl(folder.log) if "val_rsum" in r} \
         if folder.log.is_file() else {}
     return {"best_rsum": progress.best_rsum, "best_epoch": progress.best_epoch, "last": folder.last,
-            "best": folder.best, "val_rsum_by_epoch": curve, "train_seconds": None if math.isnan(progress.seconds()) else progress.seconds()}
+            "best": folder.best, "val_rsum_by_epoch": curve, "train_seconds": None if math.isnan(progress.train_seconds) else progress.train_seconds}
 
 
 def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite: bool, verbose: bool,
@@ -205,6 +206,8 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
     def checkpoint(path: Path) -> None:
+        if path == folder.last:  # best.pt, written next, records the same time
+            progress.lap()
         if not world.is_main:
             return
         checkpointer.save(path, cfg, {
