@@ -40,7 +40,7 @@ def retrieval_config(data: Path, *extra: str) -> RetrievalTrainConfig:
     return load_config(RetrievalTrainConfig, None, [
         f"data.path={data}", "data.val_split=val", "model.embed_dim=16", "model.region_dim=12",
         "model.text_encoder=bigru", "model.word_dim=8", "model.queue_size=10", "model.sge_dropout=0.0",
-        "optim.epochs=2", "optim.batch_size=8", "optim.lr=1e-3", "optim.lr_decay_epochs=[1]", *extra])
+        "optim.epochs=2", "optim.batch_size=8", "optim.lr=1e-3", "optim.lr_decay_epochs=[1]", "run.threads=1", *extra])
 
 
 # ------------------------------------------------------------------------------------------ retrieval models

@@ -13,6 +13,7 @@ from xmcl.config import FieldRangeError, require
 from xmcl.errors import ConfigError
 from xmcl.runtime.device import resolve_device
 from xmcl.runtime.rng import seed_everything
+from xmcl.runtime.threads import ThreadBudget
 
 
 @dataclass
@@ -20,7 +21,9 @@ class RunConfig:
     """Run controls, the same for every system.
 
     ``seed`` seeds every random stream; ``device``: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...;
-    ``threads``: CPU threads for torch (0 = torch's default; use 1 when other jobs share the cores);
+    ``threads``: CPU threads for torch's operators; 0 (the default) = the cores this process may use minus those
+    other processes keep busy, re-checked every 30 s, so that a run beside other work slows in proportion to its
+    share of the cores (``xmcl.runtime.threads``);
     ``progress``: progress bars; ``checkpoint_every``: also write ``last.pt`` every N optimiser steps (0 = at
     epoch ends and at the end only); ``log_every``: one log line per N steps; ``amp``: mixed precision, "none",
     "bf16" (CUDA where supported, or CPU) or "fp16" (CUDA only, with a GradScaler; ``xmcl.runtime.precision``);
@@ -53,13 +56,13 @@ class RunConfig:
                               "in this environment: pip install tensorboard, or drop it from run.report_to")
 
 
-def start_run(run: RunConfig) -> torch.device:
-    """Apply ``run``: torch threads, every seed, and on CUDA cuDNN's autotuner (``cudnn.benchmark``: the fastest
-    kernels for the run's shapes); returns the resolved device."""
+def start_run(run: RunConfig) -> tuple[torch.device, ThreadBudget]:
+    """Apply ``run``: torch threads (``ThreadBudget``; a loop calls its ``update`` at every step), every seed, and on
+    CUDA cuDNN's autotuner (``cudnn.benchmark``: the fastest kernels for the run's shapes); returns the resolved
+    device and the thread budget."""
     device = resolve_device(run.device)
-    if run.threads:
-        torch.set_num_threads(run.threads)
+    threads = ThreadBudget(run.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     seed_everything(run.seed)
-    return device
+    return device, threads

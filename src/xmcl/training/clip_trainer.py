@@ -109,7 +109,7 @@ def train_clip(cfg: ClipTrainConfig, out_dir: Path | str, *, resume: bool = True
 def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: bool, verbose: bool,
            stop: StopSignals, world: World) -> dict:
     checkpointer = Checkpointer(folder, *CLIP_RUN_CHECKPOINT)
-    device = start_run(cfg.run)
+    device, threads = start_run(cfg.run)
     precision = Precision(cfg.run.amp, device)
     train = open_split(cfg.data.path, cfg.data.train_split, key="data.path")
     val = open_split(cfg.data.path, cfg.data.val_split, key="data.path")
@@ -173,6 +173,7 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
         bar = logger.bar(range(progress.step_in_epoch, steps_per_epoch), steps_per_epoch, progress.step_in_epoch,
                          f"train-clip {epoch + 1}/{cfg.optim.epochs}", "batch")
         for step in bar:
+            threads.update()  # fewer threads while other processes hold cores
             start = step * global_batch + world.rank * per_rank  # this rank's slice of the global batch
             rows = order[start: start + per_rank]
             images = caption_image[rows]

@@ -75,7 +75,7 @@ def pretrain_distill(cfg: DistillConfig, out_dir: Path, *, resume: bool = True, 
 def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bool, verbose: bool,
               stop: StopSignals, world: World) -> Path:
     checkpointer = Checkpointer(folder, *DISTILL_CHECKPOINT, resumable=RESUMABLE)
-    device = start_run(cfg.run)
+    device, threads = start_run(cfg.run)
     precision = Precision(cfg.run.amp, device)
     net = build_voxel_net(cfg.voxel).to(device)
     head = cuda_layout(build_image_head(cfg).to(device), device)
@@ -130,6 +130,7 @@ def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bo
     bar = logger.bar(range(start, cfg.optim.steps), cfg.optim.steps, start, "pretrain")
     progress.start_clock()
     for step in bar:
+        threads.update()  # fewer threads while other processes hold cores
         began = time.perf_counter()
         generator = seeded_generator(cfg.run.seed, 0, step, *([world.rank] if world.rank else []))
         scenes = rank_batches([batch_indices(len(inputs), global_scenes, cfg.run.seed, step)], world, min_share=1)

@@ -134,14 +134,15 @@ def train_retrieval(cfg: RetrievalTrainConfig, out_dir: Path, *, resume: bool = 
 def _summary(folder: RunFolder, progress: TrainingProgress) -> dict:
     curve = {int(r["epoch"]): float(r["val_rsum"]) for r in read_jsonl(folder.log) if "val_rsum" in r} \
         if folder.log.is_file() else {}
+    seconds = None if math.isnan(progress.train_seconds) else progress.train_seconds
     return {"best_rsum": progress.best_rsum, "best_epoch": progress.best_epoch, "last": folder.last,
-            "best": folder.best, "val_rsum_by_epoch": curve, "train_seconds": None if math.isnan(progress.train_seconds) else progress.train_seconds}
+            "best": folder.best, "val_rsum_by_epoch": curve, "train_seconds": seconds}
 
 
 def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite: bool, verbose: bool,
            stop: StopSignals, world: World) -> dict:
     checkpointer = Checkpointer(folder, *RETRIEVAL_CHECKPOINT, resumable=RESUMABLE)
-    device = start_run(cfg.run)
+    device, threads = start_run(cfg.run)
     precision = Precision(cfg.run.amp, device)
     train_split = open_split(cfg.data.path, cfg.data.train_split, key="data.path")
     val_split = open_split(cfg.data.path, cfg.data.val_split, key="data.path")
@@ -213,7 +214,8 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
         checkpointer.save(path, cfg, {
             "vocab": None if vocab is None else vocab.words,
             **capture_states(model=model, optimizer=optimizer, scheduler=scheduler, model_stream=model_stream),
-            **progress.state_dict(), "clip_sha256": train_guides.sha256, "log_bytes": logger.size(), "inputs": inputs, "world_size": world.size, "grad_scaler": precision.state_dict()})
+            **progress.state_dict(), "clip_sha256": train_guides.sha256, "log_bytes": logger.size(), "inputs": inputs,
+            "world_size": world.size, "grad_scaler": precision.state_dict()})
 
     progress.start_clock()
     while progress.epoch < cfg.optim.epochs:
@@ -231,6 +233,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
                          "batch")
         tic, seen = time.perf_counter(), 0
         for batch in bar:
+            threads.update()  # fewer threads while other processes hold cores
             batch = to_device(batch, device)
             with model_stream.active(), precision.autocast():
                 losses = model(batch)

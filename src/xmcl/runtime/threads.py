@@ -1,0 +1,82 @@
+"""How many CPU threads torch's operators use, chosen so that a run on shared cores slows in proportion to its share.
+
+torch's intra-op pool splits each operator over its threads and waits for the slowest at the operator's end. When
+another process holds one of the cores, a thread of the pool waits for that core at every operator, and a step
+costs several times what one thread alone would (measured in ``docs/results.md``, "threads"). ``ThreadBudget``
+therefore counts the cores this process may run on (``os.sched_getaffinity``) minus the cores other processes keep
+busy (tasks in the running state, read from ``/proc``), at the start and again every ``recheck_s`` seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+PROC = Path("/proc")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity; all cores where the platform has none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _running_elsewhere(own_pid: int) -> int:
+    """Tasks (threads) of other processes in the running state now (``R`` in ``/proc/PID/task/TID/stat``)."""
+    running = 0
+    for pid_dir in PROC.iterdir():
+        if not pid_dir.name.isdigit() or int(pid_dir.name) == own_pid:
+            continue
+        try:
+            for stat in (pid_dir / "task").glob("*/stat"):
+                fields = stat.read_text().rpartition(")")[2].split()  # the name may hold spaces and parentheses
+                running += bool(fields) and fields[0] == "R"
+        except OSError:  # the process ended while it was read
+            continue
+    return running
+
+
+def busy_cores_elsewhere(samples: int = 5, interval_s: float = 0.01) -> int:
+    """How many cores other processes keep busy: the median count of their running tasks over ``samples`` reads
+    ``interval_s`` apart (0 where ``/proc`` cannot be read)."""
+    if not PROC.is_dir():
+        return 0
+    counts = []
+    for sample in range(samples):
+        if sample:
+            time.sleep(interval_s)
+        counts.append(_running_elsewhere(os.getpid()))
+    return int(statistics.median(counts))
+
+
+class ThreadBudget:
+    """torch's intra-op threads for a run (``run.threads``): ``requested`` > 0 is used as given; 0 is automatic:
+    ``max(1, usable_cores() - busy_cores_elsewhere())``, chosen now and re-chosen by ``update`` (called at every
+    step; it reads ``/proc`` at most every ``recheck_s`` seconds)."""
+
+    def __init__(self, requested: int, recheck_s: float = 30.0) -> None:
+        self.requested, self.recheck_s = requested, recheck_s
+        self.threads = 0
+        self._checked = -float("inf")
+        self.update()
+
+    def update(self) -> int:
+        """Apply the budget (re-checking the load when due); returns the threads in use."""
+        now = time.monotonic()
+        if self.requested:
+            wanted = self.requested
+        elif now - self._checked >= self.recheck_s:
+            self._checked = now
+            wanted = max(1, usable_cores() - busy_cores_elsewhere())
+        else:
+            return self.threads
+        if wanted != self.threads:
+            torch.set_num_threads(wanted)
+            self.threads = wanted
+        return self.threads

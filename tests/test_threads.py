@@ -1,0 +1,67 @@
+"""The thread budget of a run: a fixed count as given, or the usable cores minus those other processes keep busy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from xmcl.runtime import threads as threads_module
+from xmcl.runtime.threads import ThreadBudget, busy_cores_elsewhere, usable_cores
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_requested_count_is_used_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(threads_module, "busy_cores_elsewhere", lambda: pytest.fail("a fixed count reads no load"))
+    assert ThreadBudget(3).update() == 3 and torch.get_num_threads() == 3
+
+
+def test_auto_takes_the_usable_cores_minus_the_busy_ones_and_rechecks_when_due(monkeypatch: pytest.MonkeyPatch) -> None:
+    busy = {"cores": 1, "reads": 0}
+
+    def fake_busy() -> int:
+        busy["reads"] += 1
+        return busy["cores"]
+
+    monkeypatch.setattr(threads_module, "usable_cores", lambda: 4)
+    monkeypatch.setattr(threads_module, "busy_cores_elsewhere", fake_busy)
+    budget = ThreadBudget(0, recheck_s=3600.0)
+    assert budget.threads == 3 == torch.get_num_threads() and busy["reads"] == 1
+    busy["cores"] = 9  # more busy cores than usable ones: still one thread
+    assert budget.update() == 3 and busy["reads"] == 1  # not due yet
+    budget.recheck_s = 0.0
+    assert budget.update() == 1 == torch.get_num_threads() and busy["reads"] == 2
+
+
+def test_a_busy_process_is_seen() -> None:
+    if not os.path.isdir("/proc"):
+        pytest.skip("no /proc on this platform")
+    spin = "import time\nend = time.time() + 20\nwhile time.time() < end: pass"  # stops by itself
+    spinner = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.5)
+        assert busy_cores_elsewhere(samples=7) >= 1
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert 1 <= usable_cores() <= (os.cpu_count() or 1)
+
+
+def test_the_command_line_shortens_openmp_spinning_before_torch_loads() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    code = "import sys, xmcl.cli, os; assert 'torch' not in sys.modules; print(os.environ['GOMP_SPINCOUNT'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "3000"
+    env["GOMP_SPINCOUNT"] = "777"  # a user's own setting wins
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "777"
