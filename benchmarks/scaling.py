@@ -7,15 +7,14 @@ time goes.
 The model is USER as ``configs/shapes_user.yaml`` configures it (SGE, GPO, BiGRU, momentum encoders, queues, UTO) on
 random batches shaped like the shapes world's cached features (4 x 4 grids of 1280-d, captions of ``--tokens``
 tokens); 2 ranks take the two halves of each global batch, gather the embeddings and keys (with gradient where the
-loss needs it) and average the gradients with one flattened all-reduce, as ``xmcl train`` under torchrun does. One
-step = forward, backward, gradient all-reduce, clipping, AdamW, momentum update. Every mode runs in fresh spawned
-processes, one mode after another; each figure is the median over the timed steps (rank 0's: the ranks wait for
-each other at every collective). Measured per 2-rank step: the gradient all-reduce as the step calls it (transfer +
-waiting for the slower rank), the same all-reduce alone right after a barrier (transfer only), and the rest
-(compute and the forward's gathers). Per mode, rank 0's CPU seconds per wall second of a step (at most its
-thread count): below that, its threads waited for a core or for each other, which on shared cores is what limits
-the threaded mode. Prints the block of docs/results.md: samples/s of each mode, the ratio 2x1 / 1x2, the split and
-the CPU shares.
+loss needs it) and train under DistributedDataParallel, which averages the gradients bucket by bucket during the
+backward, as ``xmcl train`` under torchrun does. One step = forward, backward (with the all-reduce), clipping,
+AdamW, momentum update. Every mode runs in fresh spawned processes, one mode after another; each figure is the
+median over the timed steps (rank 0's: the ranks wait for each other at every collective). Measured per step: the
+backward, and on 2 ranks the same all-reduce alone right after a barrier (transfer only). Per mode, rank 0's CPU
+seconds per wall second of a step (at most its thread count): below that, its threads waited for a core or for
+each other. Prints the block of docs/results.md: samples/s of each mode, the ratio 2x1 / 1x2, the backward and the
+all-reduce, the CPU shares.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from train_throughput import make_batch
 from xmcl.config import load_config
 from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.model import USERModel
-from xmcl.runtime.distributed import SINGLE_PROCESS, average_gradients, close_world, init_world
+from xmcl.runtime.distributed import SINGLE_PROCESS, close_world, data_parallel, init_world
 
 REGIONS, VOCAB = 16, 200  # the shapes world: 4 x 4 grid features; a small vocabulary
 MODES = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # processes x threads each
@@ -66,19 +65,19 @@ def _rank(rank: int, size: int, threads: int, port: int, args: argparse.Namespac
         model.set_world(world)
         optimizer = torch.optim.AdamW(model.parameter_groups(cfg.optim.lr))
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        train_step = data_parallel(model, world, torch.device("cpu"))  # as xmcl train under torchrun
         share = args.batch_size // size
         batches = [{k: v[rank * share: (rank + 1) * share] for k, v in
                     make_batch(args.batch_size, REGIONS, cfg.model.region_dim, args.tokens, VOCAB,
                                torch.device("cpu"), seed).items()} for seed in range(4)]
-        steps, allreduce, alone, cpu = [], [], [], []
+        steps, backward, alone, cpu = [], [], [], []
         for i in range(args.warmup + args.steps):
             began, cpu_began = time.perf_counter(), time.process_time()
-            loss = model(batches[i % len(batches)])["loss"]
+            loss = train_step(batches[i % len(batches)])["loss"]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            reducing = time.perf_counter()
-            average_gradients(params, world)
-            reduced = time.perf_counter()
+            backward_began = time.perf_counter()
+            loss.backward()  # on 2 ranks, DDP's all-reduce runs bucket by bucket inside it
+            backward_ended = time.perf_counter()
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             optimizer.step()
             model.momentum_step()
@@ -91,11 +90,11 @@ def _rank(rank: int, size: int, threads: int, port: int, args: argparse.Namespac
                 alone.append(time.perf_counter() - tic)
             if i >= args.warmup:
                 steps.append(ended - began)
-                allreduce.append(reduced - reducing)
+                backward.append(backward_ended - backward_began)
                 cpu.append((cpu_ended - cpu_began) / (ended - began))
         gradient_floats = sum(p.numel() for p in params if p.requires_grad)
         (Path(out) / f"rank{rank}.json").write_text(json.dumps({
-            "step_s": steps, "allreduce_s": allreduce, "allreduce_alone_s": alone[args.warmup:], "cpu_per_wall": cpu,
+            "step_s": steps, "backward_s": backward, "allreduce_alone_s": alone[args.warmup:], "cpu_per_wall": cpu,
             "gradient_floats": gradient_floats}))
     finally:
         close_world(world)
@@ -111,11 +110,10 @@ def run_mode(size: int, threads: int, args: argparse.Namespace) -> dict:
     figures = {"processes": size, "threads_each": threads, "samples_per_s": args.batch_size / step,
                "ms_per_step": 1000 * step, "ms_per_step_all": [1000 * t for t in result["step_s"]],
                "gradient_mb": result["gradient_floats"] * 4 / 2 ** 20,
-               "cpu_per_wall": statistics.median(result["cpu_per_wall"])}
+               "cpu_per_wall": statistics.median(result["cpu_per_wall"]),
+               "backward_ms": 1000 * statistics.median(result["backward_s"])}
     if size > 1:
-        figures["allreduce_ms"] = 1000 * statistics.median(result["allreduce_s"])
         figures["allreduce_alone_ms"] = 1000 * statistics.median(result["allreduce_alone_s"])
-        figures["rest_ms"] = figures["ms_per_step"] - figures["allreduce_ms"]
     return figures
 
 
@@ -141,10 +139,10 @@ def render(d: dict) -> str:
             f"features, global batch {d['config']['batch_size']}; 2 processes: gloo on 127.0.0.1, half the batch "
             f"each.\n\n" + table(["mode", "samples/s", "ms/step (median)", "CPU s per wall s (rank 0)"], rows)
             + f"\n\n2 processes × 1 thread / 1 process × 2 threads: **{f['ratio_2x1_over_1x2']:.2f}x**. Of a "
-            f"2-process step of {two['ms_per_step']:.0f} ms, the gradient all-reduce ({two['gradient_mb']:.1f} MB) "
-            f"takes {two['allreduce_ms']:.1f} ms: {two['allreduce_alone_ms']:.1f} ms of transfer (the same all-reduce "
-            f"alone after a barrier) and {f['allreduce_waiting_ms']:.1f} ms waiting for the other rank; the rest "
-            f"({two['rest_ms']:.0f} ms) is compute and the forward's gathers.")
+            f"2-process step of {two['ms_per_step']:.0f} ms, the backward takes {two['backward_ms']:.0f} ms (1 process "
+            f"× 1 thread on the whole batch: {modes['1x1']['backward_ms']:.0f} ms); DistributedDataParallel averages "
+            f"the gradients ({two['gradient_mb']:.1f} MB) inside it, bucket by bucket; the same all-reduce alone "
+            f"after a barrier takes {two['allreduce_alone_ms']:.1f} ms.")
 
 
 def summary(d: dict) -> str:
@@ -153,8 +151,8 @@ def summary(d: dict) -> str:
     modes = f["modes"]
     return (f"- `{d['command']}`: for one global batch, 2 processes × 1 thread train "
             f"{modes['2x1']['samples_per_s']:.1f} samples/s, 1 process × 2 threads {modes['1x2']['samples_per_s']:.1f} "
-            f"({f['ratio_2x1_over_1x2']:.2f}x), 1 × 1 {modes['1x1']['samples_per_s']:.1f}; the gradient all-reduce is "
-            f"{modes['2x1']['allreduce_ms']:.0f} ms of a {modes['2x1']['ms_per_step']:.0f} ms step "
+            f"({f['ratio_2x1_over_1x2']:.2f}x), 1 × 1 {modes['1x1']['samples_per_s']:.1f}; DDP's gradient all-reduce "
+            f"alone is {modes['2x1']['allreduce_alone_ms']:.0f} ms of a {modes['2x1']['ms_per_step']:.0f} ms step "
             f"({conditions(d)}).")
 
 
@@ -164,7 +162,6 @@ def main() -> None:
     two = modes["2x1"]
     write_figures(args.out, "scaling", args, {
         "modes": modes, "ratio_2x1_over_1x2": two["samples_per_s"] / modes["1x2"]["samples_per_s"],
-        "allreduce_waiting_ms": two["allreduce_ms"] - two["allreduce_alone_ms"],
         "load_average_end": os.getloadavg()[0]}, show=render)
 
 

@@ -1,4 +1,4 @@
-"""Data parallel on gloo: one step of a 2-process run with B pairs per rank equals a 1-process step with the 2B
+"""Data parallel on gloo (DistributedDataParallel): one step of a 2-process run with B pairs per rank equals a 1-process step with the 2B
 pairs (loss, parameter update, queues), for InfoNCE, the hinge (both modes) and UTO, all with momentum queues, and
 for semantically tolerant UTO and InfoNCE (semantic vectors gathered, the semantic queue).
 
@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from xmcl.config import load_config
 from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.model import USERModel
-from xmcl.runtime.distributed import SINGLE_PROCESS, average_gradients, close_world, init_world
+from xmcl.runtime.distributed import SINGLE_PROCESS, close_world, data_parallel, init_world
 
 PAIRS, REGIONS, DIM, TOKENS, VOCAB = 8, 5, 12, 6, 30
 CASES = {
@@ -63,12 +63,13 @@ def _model(case: str) -> USERModel:
 
 
 def _step(model: USERModel, batch: dict[str, torch.Tensor], world) -> dict:
-    """One SGD step (plain SGD: the update is proportional to the gradient, so a scale error shows)."""
+    """One SGD step (plain SGD: the update is proportional to the gradient, so a scale error shows), the forward
+    through ``data_parallel`` as the trainer's (DistributedDataParallel on 2 ranks)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.5)
-    losses = model(batch)
+    train_step = data_parallel(model, world, torch.device("cpu"))  # held: its reducer averages in the backward
+    losses = train_step(batch)
     losses["loss"].backward()
-    average_gradients(params, world)
     optimizer.step()
     model.momentum_step()
     return {"loss": losses["loss"].item(), "state": model.state_dict()}

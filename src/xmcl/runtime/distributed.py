@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from xmcl import errors
 from xmcl.errors import ConfigError, XmclError
@@ -122,22 +123,18 @@ def mean_over_ranks(value: float, world: World, device: torch.device | str = "cp
     return float(tensor) / world.size
 
 
-@torch.no_grad()
-def average_gradients(parameters: list[torch.nn.Parameter], world: World) -> None:
-    """Replace each gradient by its mean over the ranks (one flattened all-reduce), as data-parallel training
-    does after the backward pass; parameters without a gradient are skipped on every rank alike."""
+def data_parallel(module: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
+    """``module`` under ``DistributedDataParallel`` in ``world``; ``module`` itself in one process. Call the
+    returned module for the training forward: its backward averages the gradients over the ranks in buckets, each
+    sent while the rest of the backward runs. Keep the returned module alive through the backward (its reducer
+    does the averaging). Parameters without ``requires_grad`` (a MoCo key encoder, a frozen backbone) are left out
+    and follow their own rule; buffers are synchronised from rank 0 once, at the wrap, and not at each forward (each
+    rank keeps the BatchNorm statistics and queues its loop gives it, identical where the loop gathers). The
+    wrapper holds no state of its own: checkpoint ``module``."""
     if not world.distributed:
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world.size
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
+        return module
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   forward_sync_buffers=False)
 
 
 def barrier(world: World) -> None:

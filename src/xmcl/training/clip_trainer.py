@@ -13,7 +13,7 @@ Data-parallel (``torchrun --nproc_per_node N -m xmcl train-clip ...``): ``optim.
 every rank draws the same epoch order from ``(run.seed, epoch)``, cuts it into global batches of ``N *
 batch_size`` and takes its slice, so N ranks see exactly the samples of one process with the N-fold batch. InfoNCE
 runs over the global batch (embeddings gathered with gradient; each rank's queries against every rank's
-candidates) and gradients are averaged: the step of that one process. Rank 0 holds the folder lock, writes
+candidates) and DistributedDataParallel averages the gradients (``Objective``): the step of that one process. Rank 0 holds the folder lock, writes
 ``last.pt``, the best model, the log and the curves, and validates; its rSum is broadcast. A refusal at the start
 ends every rank at once with its message; a stop signal on any rank stops them all; ``last.pt`` records the world
 size and a resume with another is refused.
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from xmcl.contrast import build_retrieval_loss
 from xmcl.contrast.retrieval_losses import GlobalBatch
@@ -40,8 +41,8 @@ from xmcl.retrieval.clip.teacher import clip_image_features, clip_text_features
 from xmcl.retrieval.clip.tokenizer import ClipTokenizer, train_bpe
 from xmcl.runtime.distributed import (
     World,
-    average_gradients,
     broadcast_from_main,
+    data_parallel,
     gather_no_grad,
     gather_with_grad,
     mean_over_ranks,
@@ -66,6 +67,25 @@ from xmcl.training.schedule import warmup_cosine
 CLIP_RUN_CHECKPOINT = ("xmcl.clip.train", 2)  # kind and version of train-clip's last.pt (2: safe to load)
 CLIP_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")  # the best model, as save_clip writes
 MODEL_STREAM = 1  # purpose of the model's random stream drawn from run.seed
+
+
+class Objective(nn.Module):
+    """The InfoNCE loss of a batch as one module over the CLIP model and the loss's learnable temperature, the
+    forward that data-parallel training wraps (``data_parallel``); in ``world``, over the global batch."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, world: World) -> None:
+        super().__init__()
+        self.model, self.loss_fn, self.world = model, loss_fn, world
+
+    def forward(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                image_ids: torch.Tensor) -> torch.Tensor:
+        img = clip_image_features(self.model, pixels)
+        txt = clip_text_features(self.model, ids, mask)
+        everyone = None if not self.world.distributed else GlobalBatch(
+            gather_with_grad(img, self.world), gather_with_grad(txt, self.world),
+            gather_no_grad(image_ids, self.world), offset=self.world.rank * len(image_ids),
+            world_size=self.world.size)
+        return self.loss_fn(img, txt, image_ids, global_batch=everyone)["loss"]
 
 
 def _pixels(split: CaptionSplit, size: int) -> torch.Tensor:
@@ -120,6 +140,7 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
         vocab, merges = train_bpe(train.captions, cfg.model.bpe_vocab_size)
     tokenizer = ClipTokenizer(vocab, merges, cfg.model.context_length, source=f"BPE of {train.source}")
     model = new_clip_model(cfg.model, len(vocab)).to(device)
+    model.logit_scale.requires_grad_(False)  # the loss's temperature trains; the best epoch copies it in
     loss_fn = build_retrieval_loss("infonce", init_temperature=cfg.model.temperature).to(device)
     params = list(model.parameters()) + list(loss_fn.parameters())
     matrices, vectors = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
@@ -164,6 +185,7 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
             **progress.state_dict(), "log_bytes": logger.size(), "world_size": world.size,
             "grad_scaler": precision.state_dict()})
 
+    train_step = data_parallel(Objective(model, loss_fn, world), world, device)  # its backward averages gradients
     progress.start_clock()
     while progress.epoch < cfg.optim.epochs:
         epoch = progress.epoch
@@ -180,17 +202,11 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
             image_ids = images.to(device)
             ids, mask = tokenizer.batch([train.captions[m] for m in rows])
             with model_stream.active(), precision.autocast():
-                img = clip_image_features(model, train_pixels[images].to(device))
-                txt = clip_text_features(model, ids.to(device), mask.to(device))
-                everyone = None if not world.distributed else GlobalBatch(
-                    gather_with_grad(img, world), gather_with_grad(txt, world), gather_no_grad(image_ids, world),
-                    offset=world.rank * per_rank, world_size=world.size)
-                loss = loss_fn(img, txt, image_ids, global_batch=everyone)["loss"]
+                loss = train_step(train_pixels[images].to(device), ids.to(device), mask.to(device), image_ids)
             loss_value = mean_over_ranks(loss.item(), world, device)  # the one-process loss; checked alike
             check_finite(loss_value, f"epoch {epoch + 1}, step {step + 1}", folder)
             optimizer.zero_grad(set_to_none=True)
             precision.backward(loss)
-            average_gradients(params, world)
             precision.unscale(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             precision.step(optimizer)

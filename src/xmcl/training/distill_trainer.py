@@ -10,8 +10,8 @@ from ``last.pt`` and reproduces the uninterrupted run exactly on the same device
 
 Data-parallel (``torchrun --nproc_per_node N -m xmcl distill pretrain ...``): ``optim.batch_scenes`` is one rank's
 batch; every rank draws the same global batch of ``N * batch_scenes`` scenes from ``(run.seed, step)`` and takes
-its slice (``training.sharding.rank_batches``); gradients are averaged over the ranks. ``loss.gather`` says whose
-superpixels a rank contrasts: its own ("local", the default, as the authors' per-GPU loss) or every rank's
+its slice (``training.sharding.rank_batches``); DistributedDataParallel averages the gradients (``Objective``).
+``loss.gather`` says whose superpixels a rank contrasts: its own ("local", the default, as the authors' per-GPU loss) or every rank's
 ("global": gathered with gradient, BatchNorm over every rank's sites; the step of one process with the global
 batch). A rank > 0 augments from a stream of its own. Rank 0 holds the folder lock and writes the checkpoint,
 config, log and curves (the logged loss is the mean over the ranks); a refusal at the start ends every rank at
@@ -24,18 +24,24 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from xmcl.distill.config import DistillConfig
+import torch
+from torch import nn
+
+from xmcl.contrast import STSlidrLoss
+from xmcl.distill.config import DistillConfig, VoxelConfig
+from xmcl.distill.image_head import ImageFeatureHead
 from xmcl.distill.networks import DISTILL_CHECKPOINT, build_image_head, build_voxel_net
 from xmcl.distill.objective import build_distill_loss, distillation_loss
-from xmcl.distill.preparation import DistillInputs, batch_indices
+from xmcl.distill.preparation import DistillInputs, PreparedScene, batch_indices
 from xmcl.distill.readers.sources import open_scans
 from xmcl.distill.superpixels import SuperpixelCache
+from xmcl.distill.voxel_net import SparseUNet
 from xmcl.errors import ConfigError
 from xmcl.nn.global_batchnorm import set_world
 from xmcl.runtime.distributed import (
     SINGLE_PROCESS,
     World,
-    average_gradients,
+    data_parallel,
     mean_over_ranks,
 )
 from xmcl.runtime.precision import Precision, cuda_layout
@@ -53,13 +59,26 @@ from xmcl.training.run import (
     restore_states,
     run_loop,
 )
-from xmcl.training.schedule import build_optimizer
 from xmcl.training.progress import TrainingProgress
+from xmcl.training.schedule import build_optimizer
 from xmcl.training.sharding import rank_batches
 
 # May change when a run resumes: the probe's settings and scene counts, and where superpixels are cached.
 RESUMABLE = ("probe.", "data.probe_train_scenes", "data.eval_scenes", "superpixels.cache_dir")
 MODEL_STREAM = 3  # purpose of the 3D network's random stream drawn from run.seed (0, 1: augmentation, scene order)
+
+
+class Objective(nn.Module):
+    """``distillation_loss`` of a batch as one module over the 3D network and the image head, the forward that
+    data-parallel training wraps (``data_parallel``: the backward averages their gradients over the ranks)."""
+
+    def __init__(self, net: SparseUNet, head: ImageFeatureHead, loss_fn: STSlidrLoss, voxel: VoxelConfig,
+                 gather: World) -> None:
+        super().__init__()
+        self.net, self.head, self.loss_fn, self.voxel, self.gather = net, head, loss_fn, voxel, gather
+
+    def forward(self, batch: list[PreparedScene], generator: torch.Generator | None) -> tuple[torch.Tensor, int]:
+        return distillation_loss(self.net, self.head, self.loss_fn, batch, self.voxel, generator, self.gather)
 
 
 def pretrain_distill(cfg: DistillConfig, out_dir: Path, *, resume: bool = True, overwrite: bool = False,
@@ -127,6 +146,7 @@ def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bo
     inputs.warm(verbose and cfg.run.progress)  # every rank its own (superpixel cache files are written atomically)
     net.train()
     head.train()
+    train_step = data_parallel(Objective(net, head, loss_fn, cfg.voxel, gather), world, device)  # grads averaged
     bar = logger.bar(range(start, cfg.optim.steps), cfg.optim.steps, start, "pretrain")
     progress.start_clock()
     for step in bar:
@@ -136,13 +156,11 @@ def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bo
         scenes = rank_batches([batch_indices(len(inputs), global_scenes, cfg.run.seed, step)], world, min_share=1)
         batch = inputs.batch(scenes[0], step, world.rank)
         with model_stream.active(), precision.autocast():
-            loss, num_superpixels = distillation_loss(net, head, loss_fn, batch, cfg.voxel,
-                                                      generator if cfg.data.augment else None, gather)
+            loss, num_superpixels = train_step(batch, generator if cfg.data.augment else None)
         loss_value = mean_over_ranks(loss.item(), world, device)  # every rank checks the same value
         check_finite(loss_value, f"step {step}", folder)
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)
-        average_gradients(trainable, world)
         precision.step(optimizer)
         scheduler.step()
         scenes_per_s = len(batch) * world.size / (time.perf_counter() - began)

@@ -14,8 +14,10 @@ saved in each checkpoint. The log records written after the resumed checkpoint a
 
 Data-parallel (``torchrun --nproc_per_node N -m xmcl train ...``): ``optim.batch_size`` is the batch of one rank;
 every rank cuts the same global batches of ``N * batch_size`` and takes its slice (``training.sharding``), so N ranks
-train on exactly the samples of one process with the N-fold batch. Gradients are averaged over the ranks before the
-clip; the key encoders follow the (identical) online weights by EMA and the queues take every rank's keys. Rank 0
+train on exactly the samples of one process with the N-fold batch. The model trains under DistributedDataParallel
+(``runtime.distributed.data_parallel``): its backward averages the online towers' gradients over the ranks, bucket by
+bucket while the rest of the backward runs, before the clip; the key encoders (no gradient) stay outside it and
+follow the (identical) online weights by EMA, as MoCo's; the queues take every rank's keys. Rank 0
 alone holds the folder lock, writes checkpoints, the log and the curves, and runs validation on the whole val split;
 its rSum is broadcast so every rank agrees on the best epoch. The logged loss is the mean over the ranks; a stop
 signal on any rank stops every rank at the same step. A checkpoint records the world size; a resume with another
@@ -57,8 +59,8 @@ from xmcl.retrieval.model import USERModel
 from xmcl.retrieval.token_features import attach_token_features
 from xmcl.runtime.distributed import (
     World,
-    average_gradients,
     broadcast_from_main,
+    data_parallel,
     mean_over_ranks,
 )
 from xmcl.runtime.files import atomic_write_bytes
@@ -167,6 +169,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     tokenizer = build_tokenizer(cfg.model, cfg.data.max_caption_tokens, vocab)
     model = cuda_layout(USERModel(cfg.model, cfg.loss, vocab_size=tokenizer.vocab_size).to(device), device)
     model.set_world(world)
+    train_step = data_parallel(model, world, device)  # the training forward; its backward averages the gradients
     optimizer = torch.optim.AdamW(model.parameter_groups(cfg.optim.lr, cfg.optim.text_lr_scale,
                                                          cfg.optim.weight_decay, cfg.optim.backbone_lr_scale,
                                                          cfg.optim.decay_all_parameters))
@@ -236,13 +239,12 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
             threads.update()  # fewer threads while other processes hold cores
             batch = to_device(batch, device)
             with model_stream.active(), precision.autocast():
-                losses = model(batch)
+                losses = train_step(batch)
             loss = losses["loss"]
             loss_value = mean_over_ranks(loss.item(), world, device)  # every rank checks the same value
             check_finite(loss_value, f"epoch {epoch + 1}, step {progress.step_in_epoch + 1}", folder)
             optimizer.zero_grad(set_to_none=True)
             precision.backward(loss)
-            average_gradients(parameters, world)
             precision.unscale(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.optim.grad_clip)
             if progress.global_step == 0 and float(grad_norm) == 0.0:
