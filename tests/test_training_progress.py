@@ -7,19 +7,28 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from xmcl.errors import CheckpointError
-from xmcl.training.progress import TrainingProgress
+from xmcl.runtime.checkpoint import read_checkpoint
+from xmcl.runtime.distributed import SINGLE_PROCESS
+from xmcl.runtime.log import read_jsonl
+from xmcl.training.progress import PendingLosses, TrainingProgress
+from xmcl.training.retrieval_trainer import train_retrieval
 from xmcl.training.run import Checkpointer, RunFolder, announce_finished
+
+from helpers import retrieval_config, write_corpus
 
 
 def test_steps_and_epochs_keep_the_sums_and_the_best() -> None:
     progress = TrainingProgress()
     for loss in (3.0, 1.0):
-        progress.add_step(loss)
+        progress.add_step()
+        progress.add_losses(loss, 1)
     assert (progress.step_in_epoch, progress.global_step) == (2, 2)
     assert progress.end_epoch(10.0, {"rsum": 10.0}) == (2.0, True)
-    progress.add_step(5.0)
+    progress.add_step()
+    progress.add_losses(5.0, 1)
     assert progress.end_epoch(9.0) == (5.0, False)  # worse: the best stays epoch 1's
     assert progress.end_epoch(9.5) == (None, False)  # an epoch without steps has no mean
     assert (progress.epoch, progress.step_in_epoch, progress.global_step) == (3, 0, 3)
@@ -68,3 +77,34 @@ def test_a_finished_run_suggests_a_longer_run_only_where_the_length_may_change(
     announce_finished(checkpointer, "2 of 2 epochs done", "optim.epochs", verbose=True)
     err = capsys.readouterr().err
     assert f"{tmp_path} already finished: 2 of 2 epochs done; nothing to do." in err and hint in err
+
+
+def test_pending_losses_sum_on_the_device_and_read_once() -> None:
+    pending = PendingLosses(SINGLE_PROCESS, torch.device("cpu"))
+    values = [torch.tensor(0.1, dtype=torch.float32), torch.tensor(2.5), torch.tensor(-0.3)]
+    for value in values:
+        pending.add(value * 1)
+    last, total, count = pending.read()
+    assert (last, count) == (float(values[-1]), 3)
+    assert total == sum(float(v) for v in values)  # float64 sums of the float32 losses, as the host did
+    assert pending.read() == (0.0, 0.0, 0)
+
+
+def test_the_log_cadence_changes_what_is_read_not_what_is_trained(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_corpus(corpus, {"train": 24, "val": 6})
+    every = train_retrieval(retrieval_config(corpus, "optim.epochs=1", "run.log_every=1"), tmp_path / "every",
+                            progress=False)
+    sparse = train_retrieval(retrieval_config(corpus, "optim.epochs=1", "run.log_every=2"), tmp_path / "sparse",
+                             progress=False)
+    steps = [r for r in read_jsonl(tmp_path / "every" / "log.jsonl") if "loss" in r]
+    logged = [r for r in read_jsonl(tmp_path / "sparse" / "log.jsonl") if "loss" in r]
+    assert len(steps) >= 4 and [r["step"] for r in logged] == [r["step"] for r in steps if r["step"] % 2 == 0]
+    assert [r["loss"] for r in logged] == [r["loss"] for r in steps if r["step"] % 2 == 0]
+    means = [[r["train_loss_mean"] for r in read_jsonl(tmp_path / name / "log.jsonl") if "train_loss_mean" in r]
+             for name in ("every", "sparse")]
+    assert means[0] == [pytest.approx(sum(r["loss"] for r in steps) / len(steps), rel=1e-12)]
+    assert means[1] == [pytest.approx(means[0][0], rel=1e-12)]
+    a, b = read_checkpoint(every["last"])["model"], read_checkpoint(sparse["last"])["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

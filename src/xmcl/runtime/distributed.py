@@ -123,6 +123,15 @@ def mean_over_ranks(value: float, world: World, device: torch.device | str = "cp
     return float(tensor) / world.size
 
 
+def tensor_mean_over_ranks(tensor: Tensor, world: World) -> Tensor:
+    """The element-wise mean of ``tensor`` over the ranks (one all-reduce on its device; itself in one process)."""
+    if not world.distributed:
+        return tensor
+    summed = tensor.clone()
+    dist.all_reduce(summed)
+    return summed / world.size
+
+
 def data_parallel(module: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
     """``module`` under ``DistributedDataParallel`` in ``world``; ``module`` itself in one process. Call the
     returned module for the training forward: its backward averages the gradients over the ranks in buckets, each

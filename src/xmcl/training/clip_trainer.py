@@ -9,14 +9,14 @@ rSum; the best model is saved into the run folder in the transformers CLIP forma
 reads. ``last.pt`` (model, temperature, optimiser, scheduler, RNG, the model's random stream, tokenizer, epoch
 and step) resumes exactly from any step, even after ``kill -9``; log records after it are dropped on resume.
 
-Data-parallel (``torchrun --nproc_per_node N -m xmcl train-clip ...``): ``optim.batch_size`` is one rank's batch;
-every rank draws the same epoch order from ``(run.seed, epoch)``, cuts it into global batches of ``N *
-batch_size`` and takes its slice, so N ranks see exactly the samples of one process with the N-fold batch. InfoNCE
-runs over the global batch (embeddings gathered with gradient; each rank's queries against every rank's
-candidates) and DistributedDataParallel averages the gradients (``Objective``): the step of that one process. Rank 0 holds the folder lock, writes
-``last.pt``, the best model, the log and the curves, and validates; its rSum is broadcast. A refusal at the start
-ends every rank at once with its message; a stop signal on any rank stops them all; ``last.pt`` records the world
-size and a resume with another is refused.
+Data-parallel (``torchrun --nproc_per_node N -m xmcl train-clip ...``): ``optim.batch_size`` is one rank's batch; every
+rank draws the same epoch order from ``(run.seed, epoch)``, cuts it into global batches of ``N * batch_size`` and takes
+its slice, so N ranks see exactly the samples of one process with the N-fold batch. InfoNCE runs over the global batch
+(embeddings gathered with gradient; each rank's queries against every rank's candidates) and DistributedDataParallel
+averages the gradients (``Objective``): the step of that one process. Rank 0 holds the folder lock, writes ``last.pt``,
+the best model, the log and the curves, and validates; its rSum is broadcast. A refusal at the start ends every rank at
+once with its message; a stop signal on any rank stops them all; ``last.pt`` records the world size and a resume with
+another is refused.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from xmcl.runtime.distributed import (
     data_parallel,
     gather_no_grad,
     gather_with_grad,
-    mean_over_ranks,
 )
 from xmcl.runtime.precision import Precision
 from xmcl.runtime.rng import TorchStream, derived_seed
@@ -61,7 +60,7 @@ from xmcl.training.run import (
     restore_states,
     run_loop,
 )
-from xmcl.training.progress import TrainingProgress
+from xmcl.training.progress import PendingLosses, TrainingProgress
 from xmcl.training.schedule import warmup_cosine
 
 CLIP_RUN_CHECKPOINT = ("xmcl.clip.train", 2)  # kind and version of train-clip's last.pt (2: safe to load)
@@ -186,6 +185,7 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
             "grad_scaler": precision.state_dict()})
 
     train_step = data_parallel(Objective(model, loss_fn, world), world, device)  # its backward averages gradients
+    pending = PendingLosses(world, device)
     progress.start_clock()
     while progress.epoch < cfg.optim.epochs:
         epoch = progress.epoch
@@ -203,20 +203,26 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
             ids, mask = tokenizer.batch([train.captions[m] for m in rows])
             with model_stream.active(), precision.autocast():
                 loss = train_step(train_pixels[images].to(device), ids.to(device), mask.to(device), image_ids)
-            loss_value = mean_over_ranks(loss.item(), world, device)  # the one-process loss; checked alike
-            check_finite(loss_value, f"epoch {epoch + 1}, step {step + 1}", folder)
             optimizer.zero_grad(set_to_none=True)
             precision.backward(loss)
             precision.unscale(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             precision.step(optimizer)
             scheduler.step()
-            progress.add_step(loss_value)
+            progress.add_step()
+            pending.add(loss)
+            logging = progress.global_step % cfg.run.log_every == 0
+            saving = bool(cfg.run.checkpoint_every) and progress.global_step % cfg.run.checkpoint_every == 0
+            if not (logging or saving or progress.step_in_epoch == steps_per_epoch):
+                continue  # between sync points a step reads nothing back from the device
+            loss_value, loss_total, steps_read = pending.read()  # the one-process losses; checked alike
+            check_finite(loss_total, f"epoch {epoch + 1}, step {progress.step_in_epoch}", folder)
+            progress.add_losses(loss_total, steps_read)
             bar.set_postfix(loss=f"{loss_value:.3f}")
-            if progress.global_step % cfg.run.log_every == 0:
+            if logging:
                 logger.log({"step": progress.global_step, "epoch": epoch + 1, "loss": loss_value,
                             "lr": scheduler.get_last_lr()[0]})
-            if cfg.run.checkpoint_every and progress.global_step % cfg.run.checkpoint_every == 0:
+            if saving:
                 checkpoint()
             if stop.agreed(world, device):
                 bar.close()

@@ -9,14 +9,14 @@ from ``last.pt`` and reproduces the uninterrupted run exactly on the same device
 ``TorchStream`` (saved in ``last.pt``), and log records written after the resumed checkpoint are dropped.
 
 Data-parallel (``torchrun --nproc_per_node N -m xmcl distill pretrain ...``): ``optim.batch_scenes`` is one rank's
-batch; every rank draws the same global batch of ``N * batch_scenes`` scenes from ``(run.seed, step)`` and takes
-its slice (``training.sharding.rank_batches``); DistributedDataParallel averages the gradients (``Objective``).
-``loss.gather`` says whose superpixels a rank contrasts: its own ("local", the default, as the authors' per-GPU loss) or every rank's
-("global": gathered with gradient, BatchNorm over every rank's sites; the step of one process with the global
-batch). A rank > 0 augments from a stream of its own. Rank 0 holds the folder lock and writes the checkpoint,
-config, log and curves (the logged loss is the mean over the ranks); a refusal at the start ends every rank at
-once with its message; a stop signal on any rank stops them all at the same step; ``last.pt`` records the world
-size and a resume with another is refused.
+batch; every rank draws the same global batch of ``N * batch_scenes`` scenes from ``(run.seed, step)`` and takes its
+slice (``training.sharding.rank_batches``); DistributedDataParallel averages the gradients (``Objective``).
+``loss.gather`` says whose superpixels a rank contrasts: its own ("local", the default, as the authors' per-GPU loss) or
+every rank's ("global": gathered with gradient, BatchNorm over every rank's sites; the step of one process with the
+global batch). A rank > 0 augments from a stream of its own. Rank 0 holds the folder lock and writes the checkpoint,
+config, log and curves (the logged loss is the mean over the ranks); a refusal at the start ends every rank at once with
+its message; a stop signal on any rank stops them all at the same sync point (a log step or a checkpoint, where the
+losses are also read and checked); ``last.pt`` records the world size and a resume with another is refused.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from xmcl.training.run import (
     restore_states,
     run_loop,
 )
-from xmcl.training.progress import TrainingProgress
+from xmcl.training.progress import PendingLosses, TrainingProgress
 from xmcl.training.schedule import build_optimizer
 from xmcl.training.sharding import rank_batches
 
@@ -148,6 +148,7 @@ def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bo
     head.train()
     train_step = data_parallel(Objective(net, head, loss_fn, cfg.voxel, gather), world, device)  # grads averaged
     bar = logger.bar(range(start, cfg.optim.steps), cfg.optim.steps, start, "pretrain")
+    pending = PendingLosses(world, device)
     progress.start_clock()
     for step in bar:
         threads.update()  # fewer threads while other processes hold cores
@@ -157,23 +158,29 @@ def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bo
         batch = inputs.batch(scenes[0], step, world.rank)
         with model_stream.active(), precision.autocast():
             loss, num_superpixels = train_step(batch, generator if cfg.data.augment else None)
-        loss_value = mean_over_ranks(loss.item(), world, device)  # every rank checks the same value
-        check_finite(loss_value, f"step {step}", folder)
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)
         precision.step(optimizer)
         scheduler.step()
-        scenes_per_s = len(batch) * world.size / (time.perf_counter() - began)
-        num_superpixels = round(mean_over_ranks(float(num_superpixels), world, device) * world.size)
-        stopping = stop.agreed(world, device)
-        bar.set_postfix(loss=f"{loss_value:.4f}", scenes_per_s=f"{scenes_per_s:.2f}")
-        progress.add_step(loss_value)
+        progress.add_step()
+        pending.add(loss)
         done = progress.global_step
-        if done % cfg.run.log_every == 0 or done == cfg.optim.steps:
+        logging = done % cfg.run.log_every == 0 or done == cfg.optim.steps
+        saving = bool(cfg.run.checkpoint_every) and done % cfg.run.checkpoint_every == 0
+        if not (logging or saving):
+            continue  # between sync points a step reads nothing back from the device
+        loss_value, loss_total, steps_read = pending.read()  # every rank checks the same values
+        check_finite(loss_total, f"step {done}" if steps_read == 1 else f"steps {done - steps_read + 1}-{done}",
+                     folder)
+        progress.add_losses(loss_total, steps_read)
+        stopping = stop.agreed(world, device)
+        scenes_per_s = len(batch) * world.size / (time.perf_counter() - began)
+        bar.set_postfix(loss=f"{loss_value:.4f}", scenes_per_s=f"{scenes_per_s:.2f}")
+        if logging:
+            num_superpixels = round(mean_over_ranks(float(num_superpixels), world, device) * world.size)
             logger.log({"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                         "superpixels": num_superpixels, "scenes_per_s": scenes_per_s})
-        if (cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0) or done == cfg.optim.steps \
-                or stopping:
+        if saving or done == cfg.optim.steps or stopping:
             save(loss_value)
         if stopping and done < cfg.optim.steps:
             bar.close()

@@ -9,7 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from xmcl.errors import CheckpointError
+from xmcl.runtime.distributed import World, tensor_mean_over_ranks
 
 # Keys a checkpoint written before they existed may lack, and their value then: the best epoch's figures are
 # unknown, and so is the time of the sessions before (NaN stays NaN as later sessions add to it).
@@ -70,12 +74,15 @@ class TrainingProgress:
             self.train_seconds += now - self._clock
             self._clock = now
 
-    def add_step(self, loss: float) -> None:
-        """One optimiser step done, with its (rank-mean) loss."""
+    def add_step(self) -> None:
+        """One optimiser step done."""
         self.step_in_epoch += 1
         self.global_step += 1
-        self.epoch_loss_sum += loss
-        self.epoch_loss_count += 1
+
+    def add_losses(self, total: float, count: int) -> None:
+        """The (rank-mean) losses of ``count`` steps, summing to ``total``, read at a sync point (``PendingLosses``)."""
+        self.epoch_loss_sum += total
+        self.epoch_loss_count += count
 
     def end_epoch(self, rsum: float, metrics: dict[str, float] | None = None) -> tuple[float | None, bool]:
         """Close the epoch with its validation ``rsum`` (and figures): returns the epoch's mean loss (None without
@@ -91,3 +98,32 @@ class TrainingProgress:
     def position(self) -> str:
         """Where the next step starts, for messages: "epoch 3, step 5 (global step 29)"."""
         return f"epoch {self.epoch + 1}, step {self.step_in_epoch} (global step {self.global_step})"
+
+
+class PendingLosses:
+    """The step losses not yet read on the host, summed where they were computed (float64, on the loss's device),
+    so that a step needs no host synchronisation: ``read`` brings them over, as means over the ranks of ``world``
+    with one all-reduce, at the loop's sync points (log steps, checkpoints, an epoch's last step)."""
+
+    def __init__(self, world: World, device: torch.device) -> None:
+        self.world, self.device = world, device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.count = 0
+        self.last = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.total = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def add(self, loss: Tensor) -> None:
+        """One step's loss (a scalar tensor)."""
+        self.last = loss.detach().to(torch.float64)
+        self.total = self.total + self.last
+        self.count += 1
+
+    def read(self) -> tuple[float, float, int]:
+        """``(last, total, count)``: the last step's loss and the sum over the unread steps (each the mean over the
+        ranks) and how many steps that sum covers; the pending sum starts again."""
+        last, total = tensor_mean_over_ranks(torch.stack([self.last, self.total]), self.world).tolist()
+        count = self.count
+        self._reset()
+        return last, total, count

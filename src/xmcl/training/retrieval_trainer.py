@@ -1,7 +1,10 @@
 """The retrieval training loop (USER or a baseline), written out.
 
-Per step: loss -> finite check -> backward -> clip (``optim.grad_clip``) -> AdamW step -> momentum update of the key
-encoders (the queues were filled inside the forward, after the loss). Per epoch: validation rSum, ``last.pt``
+Per step: loss -> backward -> clip (``optim.grad_clip``) -> AdamW step -> momentum update of the key encoders (the
+queues were filled inside the forward, after the loss). The loss stays on the device until a sync point (a log step,
+a checkpoint, the epoch's last step; ``PendingLosses``), where the losses since the last one are read, checked
+finite (a NaN or inf stops the run before anything is saved) and the stop signals agreed on, so that a step on a
+GPU waits for nothing on the host. Per epoch: validation rSum, ``last.pt``
 (and ``best.pt`` when rSum improves) written atomically, a JSONL log and a PNG of the curves. A checkpoint holds
 everything an exact resume needs: model (key encoders and queues included), optimiser, scheduler, RNG states,
 epoch and step within the epoch (batches are a seeded permutation per epoch, so a resume skips the done ones).
@@ -20,7 +23,7 @@ bucket while the rest of the backward runs, before the clip; the key encoders (n
 follow the (identical) online weights by EMA, as MoCo's; the queues take every rank's keys. Rank 0
 alone holds the folder lock, writes checkpoints, the log and the curves, and runs validation on the whole val split;
 its rSum is broadcast so every rank agrees on the best epoch. The logged loss is the mean over the ranks; a stop
-signal on any rank stops every rank at the same step. A checkpoint records the world size; a resume with another
+signal on any rank stops every rank at the same sync point. A checkpoint records the world size; a resume with another
 is refused. A refusal at the start (the folder locked, ``--no-resume`` into a used folder,
 a changed config) ends every rank at once with rank 0's message (``Checkpointer.start_together``).
 """
@@ -61,7 +64,6 @@ from xmcl.runtime.distributed import (
     World,
     broadcast_from_main,
     data_parallel,
-    mean_over_ranks,
 )
 from xmcl.runtime.files import atomic_write_bytes
 from xmcl.runtime.log import read_jsonl
@@ -80,7 +82,7 @@ from xmcl.training.run import (
     restore_states,
     run_loop,
 )
-from xmcl.training.progress import TrainingProgress
+from xmcl.training.progress import PendingLosses, TrainingProgress
 from xmcl.training.sharding import rank_batches
 
 RESUMABLE = ("optim.epochs", "data.num_workers")  # may change when a run resumes
@@ -220,6 +222,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
             **progress.state_dict(), "clip_sha256": train_guides.sha256, "log_bytes": logger.size(), "inputs": inputs,
             "world_size": world.size, "grad_scaler": precision.state_dict()})
 
+    pending = PendingLosses(world, device)
     progress.start_clock()
     while progress.epoch < cfg.optim.epochs:
         epoch = progress.epoch
@@ -241,27 +244,33 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
             with model_stream.active(), precision.autocast():
                 losses = train_step(batch)
             loss = losses["loss"]
-            loss_value = mean_over_ranks(loss.item(), world, device)  # every rank checks the same value
-            check_finite(loss_value, f"epoch {epoch + 1}, step {progress.step_in_epoch + 1}", folder)
             optimizer.zero_grad(set_to_none=True)
             precision.backward(loss)
             precision.unscale(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.optim.grad_clip)
             if progress.global_step == 0 and float(grad_norm) == 0.0:
                 raise TrainingStalled(
-                    f"the {cfg.loss.name} loss ({loss_value:.4g}) gives no gradient at the first step: with UTO "
+                    f"the {cfg.loss.name} loss ({float(loss):.4g}) gives no gradient at the first step: with UTO "
                     f"this happens when every matching image-caption similarity starts <= 0; set "
                     f"loss.uto_warmup_epochs=1 (a VSE++ hinge warm-up) or another seed")
             precision.step(optimizer)
             model.momentum_step()
-            progress.add_step(loss_value)
+            progress.add_step()
+            pending.add(loss)
             seen += batch["tokens"].shape[0] * world.size
+            logging = progress.global_step % cfg.run.log_every == 0
+            saving = bool(cfg.run.checkpoint_every) and progress.global_step % cfg.run.checkpoint_every == 0
+            if not (logging or saving or progress.step_in_epoch == len(batches)):
+                continue  # between sync points a step reads nothing back from the device
+            loss_value, loss_total, steps_read = pending.read()  # every rank checks the same values
+            check_finite(loss_total, f"epoch {epoch + 1}, step {progress.step_in_epoch}", folder)
+            progress.add_losses(loss_total, steps_read)
             bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{seen / max(time.perf_counter() - tic, 1e-9):.0f}")
-            if progress.global_step % cfg.run.log_every == 0:
+            if logging:
                 logger.log({"step": progress.global_step, "epoch": epoch + 1, "loss": loss_value,
                             "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
                             **{f"loss_{k}": v.item() for k, v in losses.items() if k != "loss"}})
-            if cfg.run.checkpoint_every and progress.global_step % cfg.run.checkpoint_every == 0:
+            if saving:
                 checkpoint(folder.last)
             if stop.agreed(world, device):
                 bar.close()

@@ -1,15 +1,15 @@
 """Pieces every training loop shares (not a framework: each loop stays written out).
 
 ``RunFolder``: the files of a run folder, held under an exclusive lock (``xmcl.runtime.lock``) for the whole run.
-``Checkpointer``: saves checkpoints of one kind and version, and decides how a run starts: resume ``last.pt``
-(every config key must match the saved one, except the keys the loop declares resumable), start afresh, or refuse
+``Checkpointer``: saves checkpoints of one kind and version, and decides how a run starts: resume ``last.pt`` (every
+config key must match the saved one, except the keys the loop declares resumable), start afresh, or refuse
 (``--no-resume`` into a folder that already holds a run, unless ``overwrite``). ``check_finite``: stop on a NaN/inf
 loss, keeping the last good checkpoint. ``StepLogger``: progress bar, JSONL log (cut back to a resumed checkpoint's
 length, so no step is logged twice) and PNG curves. ``StopSignals``: SIGINT / SIGTERM stop the loop at the next step
-boundary, after a checkpoint (``agreed``: every rank stops at the same step). ``capture_states`` /
-``restore_states``: the state dicts of a loop's stateful objects (model, optimiser, scheduler, random streams,
-...) and the global RNG, by name. ``run_loop``: a trainer's entry (process group, folder held,
-stop signals); ``announce_finished`` / ``announce_resume``: the notes every loop prints when it resumes.
+boundary where the loop syncs (a log step), after a checkpoint (``agreed``: every rank stops at the same one).
+``capture_states`` / ``restore_states``: the state dicts of a loop's stateful objects (model, optimiser, scheduler,
+random streams, ...) and the global RNG, by name. ``run_loop``: a trainer's entry (process group, folder held, stop
+signals); ``announce_finished`` / ``announce_resume``: the notes every loop prints when it resumes.
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ def epochs_all_done(checkpointer: Checkpointer, progress: TrainingProgress, epoc
 
 class StopSignals:
     """While active (``with StopSignals() as stop:``), SIGINT and SIGTERM do not kill the loop: the first sets
-    ``requested`` (the signal's name), and the loop checkpoints at the next step boundary and raises
+    ``requested`` (the signal's name), and the loop checkpoints at its next sync point (a log step) and raises
     ``stop.interrupted(...)``; a second signal stops at once (``KeyboardInterrupt``). Outside the main thread,
     where handlers cannot be installed, signals keep their usual effect."""
 
