@@ -116,7 +116,7 @@ def distill_config(*extra: str) -> DistillConfig:
 
 # ------------------------------------------------------------------------------------------------ processes, logs
 PER_RANK = 4  # the per-rank batch of the data-parallel tests
-TIMING = {"seconds", "samples_per_s", "scenes_per_s"}  # wall-clock figures differ between any two runs
+TIMING = {"seconds", "samples_per_s", "scenes_per_s", "peak_memory_mib"}  # they differ between any two runs
 
 
 def free_port() -> int:

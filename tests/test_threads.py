@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from xmcl.runtime import threads as threads_module
-from xmcl.runtime.threads import ThreadBudget, busy_cores_elsewhere, usable_cores
+from xmcl.runtime.device import usable_cores
+from xmcl.runtime.threads import ThreadBudget, busy_cores_elsewhere
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +27,8 @@ def test_a_requested_count_is_used_as_given(monkeypatch: pytest.MonkeyPatch) -> 
     assert ThreadBudget(3).update() == 3 and torch.get_num_threads() == 3
 
 
-def test_auto_takes_the_usable_cores_minus_the_busy_ones_and_rechecks_when_due(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_takes_the_usable_cores_minus_the_busy_ones_and_rechecks_when_due(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     busy = {"cores": 1, "reads": 0}
 
     def fake_busy() -> int:

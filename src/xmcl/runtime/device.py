@@ -1,4 +1,4 @@
-"""Choosing the torch device from a config string, and the CPU cores a process may use."""
+"""Choosing the torch device from a config string, the CPU cores a process may use, and its peak memory."""
 
 from __future__ import annotations
 
@@ -35,3 +35,13 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """The most memory this process has held so far, in MiB: on CUDA the tensors allocated on ``device``
+    (``torch.cuda.max_memory_allocated``), on CPU the process's peak resident set (``ru_maxrss``)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -16,15 +16,9 @@ from pathlib import Path
 
 import torch
 
+from xmcl.runtime.device import usable_cores
+
 PROC = Path("/proc")
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity; all cores where the platform has none)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _running_elsewhere(own_pid: int) -> int:

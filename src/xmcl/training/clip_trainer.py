@@ -46,6 +46,7 @@ from xmcl.runtime.distributed import (
     gather_no_grad,
     gather_with_grad,
 )
+from xmcl.runtime.device import peak_memory_mib
 from xmcl.runtime.precision import Precision
 from xmcl.runtime.rng import TorchStream, derived_seed
 from xmcl.runtime.run_config import start_run
@@ -237,7 +238,8 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
                 model.logit_scale.copy_(loss_fn.log_scale.detach().clamp(max=loss_fn.max_log_scale))
         if metrics is not None:
             logger.log({"step": progress.global_step, "epoch": progress.epoch, "train_loss_mean": loss_mean,
-                        "seconds": time.perf_counter() - tic, **{f"val_{k}": v for k, v in metrics.as_dict().items()}})
+                        "seconds": time.perf_counter() - tic, "peak_memory_mib": peak_memory_mib(device),
+                        **{f"val_{k}": v for k, v in metrics.as_dict().items()}})
         checkpoint()  # then the best model: a stop between the two is healed on resume (see above)
         if improved and world.is_main:
             save_clip(model, vocab, merges, folder.root)

@@ -44,6 +44,7 @@ from xmcl.runtime.distributed import (
     data_parallel,
     mean_over_ranks,
 )
+from xmcl.runtime.device import peak_memory_mib
 from xmcl.runtime.precision import Precision, cuda_layout
 from xmcl.runtime.rng import TorchStream, derived_seed, seeded_generator
 from xmcl.runtime.run_config import start_run
@@ -179,7 +180,8 @@ def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bo
         if logging:
             num_superpixels = round(mean_over_ranks(float(num_superpixels), world, device) * world.size)
             logger.log({"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                        "superpixels": num_superpixels, "scenes_per_s": scenes_per_s})
+                        "superpixels": num_superpixels, "scenes_per_s": scenes_per_s,
+                        "peak_memory_mib": peak_memory_mib(device)})
         if saving or done == cfg.optim.steps or stopping:
             save(loss_value)
         if stopping and done < cfg.optim.steps:

@@ -67,6 +67,7 @@ from xmcl.runtime.distributed import (
 )
 from xmcl.runtime.files import atomic_write_bytes
 from xmcl.runtime.log import read_jsonl
+from xmcl.runtime.device import peak_memory_mib
 from xmcl.runtime.precision import Precision, cuda_layout
 from xmcl.runtime.rng import TorchStream, derived_seed, seeded_generator
 from xmcl.runtime.run_config import start_run
@@ -289,6 +290,7 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
         if metrics is not None:
             logger.log({"step": progress.global_step, "epoch": progress.epoch, "train_loss_mean": loss_mean,
                         "samples_per_s": seen / max(time.perf_counter() - tic, 1e-9),
+                        "peak_memory_mib": peak_memory_mib(device),
                         **{f"val_{k}": v for k, v in metrics.as_dict().items()}})
             logger.note(f"epoch {progress.epoch}: val rSum {metrics.rsum:.2f} (R@1 i2t {metrics.i2t_r1:.1f}, "
                         f"t2i {metrics.t2i_r1:.1f}){'  best' if improved else ''}")
