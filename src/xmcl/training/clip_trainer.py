@@ -192,7 +192,7 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
         epoch = progress.epoch
         model.train()
         order = one_caption_per_image(train.caption_image, np.random.default_rng([cfg.run.seed, epoch]))
-        tic = time.perf_counter()
+        tic, seen = time.perf_counter(), 0
         bar = logger.bar(range(progress.step_in_epoch, steps_per_epoch), steps_per_epoch, progress.step_in_epoch,
                          f"train-clip {epoch + 1}/{cfg.optim.epochs}", "batch")
         for step in bar:
@@ -211,6 +211,7 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
             precision.step(optimizer)
             scheduler.step()
             progress.add_step()
+            seen += global_batch
             pending.add(loss)
             logging = progress.global_step % cfg.run.log_every == 0
             saving = bool(cfg.run.checkpoint_every) and progress.global_step % cfg.run.checkpoint_every == 0
@@ -238,7 +239,8 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
                 model.logit_scale.copy_(loss_fn.log_scale.detach().clamp(max=loss_fn.max_log_scale))
         if metrics is not None:
             logger.log({"step": progress.global_step, "epoch": progress.epoch, "train_loss_mean": loss_mean,
-                        "seconds": time.perf_counter() - tic, "peak_memory_mib": peak_memory_mib(device),
+                        "seconds": time.perf_counter() - tic, "samples_per_s": seen / (time.perf_counter() - tic),
+                        "peak_memory_mib": peak_memory_mib(device),
                         **{f"val_{k}": v for k, v in metrics.as_dict().items()}})
         checkpoint()  # then the best model: a stop between the two is healed on resume (see above)
         if improved and world.is_main:
