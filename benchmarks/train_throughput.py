@@ -13,23 +13,45 @@ median of its steps, so that other work on shared cores weighs on all three alik
   python benchmarks/train_throughput.py --text-encoder bert   # the installed MiniLM
 Figures in OUT/figures.json; prints their block of docs/results.md (USER's step time over each baseline's: target
 <= 1.6x).
+
+  python benchmarks/train_throughput.py --locked              # the locked-text Flickr8K regime, against the hardware
+``--locked``: the variants of the shipped model's regime (``configs/flickr8k_locked.yaml``: 128 images of 7 x 7 cells
+through the frozen 256-d PCA, cached 384-d MiniLM token states): USER, USER with tolerant queues
+(``flickr8k_locked_tolerant``) and InfoNCE (``variants/infonce`` over it). For each: the median step on 2 threads
+and on 1, the FLOP bound (its GFLOP over the GEMM rate measured on the same threads) and the step's ratio to it,
+the 2-thread over 1-thread speed-up, and the throughput beside one busy-looping process (the threads chosen as
+``run.threads: 0`` does, with the command line's OpenMP spin) over the idle 2-thread throughput. Targets: USER's
+step <= 2x its bound; 2 threads >= 1.7x one; beside a busy process >= 0.45x of idle.
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
+import os
 
-import torch
-from figures import command_lines, conditions, options, parse_with_out, table, write_figures
-from retrieval_quality import variant_config
-from timing import gflop
+os.environ.setdefault("GOMP_SPINCOUNT", "3000")  # as the command line sets it, before torch loads OpenMP
 
-from xmcl.retrieval.model import USERModel
-from xmcl.runtime.device import resolve_device
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+from figures import command_lines, conditions, options, parse_with_out, table, write_figures  # noqa: E402
+from retrieval_quality import variant_config  # noqa: E402
+from timing import gemm_gflops, gflop  # noqa: E402
+
+from xmcl.config import load_config  # noqa: E402
+from xmcl.retrieval.config import RetrievalTrainConfig  # noqa: E402
+from xmcl.retrieval.model import USERModel  # noqa: E402
+from xmcl.runtime.device import resolve_device  # noqa: E402
+from xmcl.runtime.threads import ThreadBudget  # noqa: E402
 
 MEASURED = {"vsepp": "VSE++ baseline (hinge)", "infonce": "InfoNCE baseline", "user": "USER (SGE, queues, UTO)"}
+LOCKED = {"user": ("flickr8k_locked", None, "USER"),  # name: (config, variant over it, label)
+          "user_tolerant": ("flickr8k_locked_tolerant", None, "USER, tolerant queues"),
+          "infonce": ("flickr8k_locked", "infonce", "InfoNCE")}
+CELLS, TOKENS = 49, 14  # a 7 x 7 grid; a caption's cached token states
 TEXT_ENCODERS = {"bigru": "BiGRU", "bert": "MiniLM"}
 
 
@@ -95,7 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    return parse_with_out(parser, "train_throughput", naming=["text_encoder"], argv=argv)
+    parser.add_argument("--locked", action="store_true", help="the locked-text regime against the hardware")
+    return parse_with_out(parser, "train_throughput", naming=["text_encoder", "locked"], argv=argv)
 
 
 def render(*datas: dict) -> str:
@@ -146,8 +169,92 @@ def render_flickr8k(two: dict, one: dict) -> str:
             + f"\n\n2 threads over 1 (speed-up): {speedups}.")
 
 
+def locked_config(name: str) -> RetrievalTrainConfig:
+    """The config of a ``LOCKED`` variant."""
+    base, variant, _ = LOCKED[name]
+    return load_config(RetrievalTrainConfig, base) if variant is None else variant_config(base, variant, [])
+
+
+def locked_batch(cfg: RetrievalTrainConfig, seed: int) -> dict[str, torch.Tensor]:
+    """A random batch shaped as the trainer hands it over: cells already through the PCA, cached token states."""
+    g = torch.Generator().manual_seed(seed)
+    batch = cfg.optim.batch_size
+    return {"regions": torch.randn(batch, CELLS, cfg.model.region_pca_dim, generator=g),
+            "region_lengths": torch.full((batch,), CELLS),
+            "token_features": torch.randn(batch, TOKENS, cfg.model.text_feature_dim, generator=g),
+            "token_lengths": torch.randint(TOKENS // 2, TOKENS + 1, (batch,), generator=g),
+            "image_ids": torch.arange(batch) // 5 + seed * batch}
+
+
+def busy_loop(seconds: float) -> subprocess.Popen:
+    """Another process that keeps one core busy for at most ``seconds``."""
+    spin = f"import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass"
+    return subprocess.Popen([sys.executable, "-c", spin])
+
+
+def measure_locked(args: argparse.Namespace) -> None:
+    """Each ``LOCKED`` variant's step on 2 threads and 1, against its FLOP bound, and beside a busy process."""
+    steppers, batches, flops = {}, {}, {}
+    for name in LOCKED:
+        cfg = locked_config(name)
+        torch.manual_seed(0)
+        model = USERModel(cfg.model, cfg.loss)
+        model.fit_region_reduction(iter([torch.randn(4096, cfg.model.region_dim)]))
+        steppers[name] = Stepper(model)
+        batches[name] = [locked_batch(cfg, seed) for seed in range(4)]
+        flops[name] = gflop(lambda: steppers[name].model(batches[name][0])["loss"].backward())
+    medians, rates = {}, {}
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        rates[threads] = gemm_gflops()
+        medians[threads] = {name: statistics.median(step_seconds({name: stepper}, batches[name], args.steps,
+                                                                 args.warmup, torch.device("cpu"))[name])
+                            for name, stepper in steppers.items()}
+    spinner = busy_loop(600)
+    try:
+        time.sleep(0.5)
+        budget = ThreadBudget(0)
+        busy_threads = budget.threads
+        busy = {name: statistics.median(step_seconds({name: stepper}, batches[name], args.steps, args.warmup,
+                                                     torch.device("cpu"))[name])
+                for name, stepper in steppers.items()}
+    finally:
+        spinner.kill()
+        spinner.wait()
+    variants = {}
+    for name, (_, _, label) in LOCKED.items():
+        bound = flops[name] / rates[2]
+        variants[name] = {"label": label, "gflop_per_step": flops[name], "ms_2_threads": 1000 * medians[2][name],
+                          "ms_1_thread": 1000 * medians[1][name], "bound_ms": 1000 * bound,
+                          "step_over_bound": medians[2][name] / bound,
+                          "speedup_2_over_1": medians[1][name] / medians[2][name],
+                          "ms_beside_busy": 1000 * busy[name], "busy_over_idle": medians[2][name] / busy[name]}
+    write_figures(args.out, "train_throughput", args, {
+        "variants": variants, "gemm_gflops": rates, "threads_beside_busy": busy_threads},
+        config={name: {"model": locked_config(name).model, "loss": locked_config(name).loss} for name in LOCKED},
+        show=render_locked)
+
+
+def render_locked(d: dict) -> str:
+    """The locked-text regime's block: each variant's step against the hardware."""
+    f = d["figures"]
+    rows = [[v["label"], f"{v['ms_2_threads']:.0f}", f"{v['bound_ms']:.0f} ({v['gflop_per_step']:.1f} GFLOP)",
+             f"**{v['step_over_bound']:.2f}x**", f"{v['ms_1_thread']:.0f}", f"{v['speedup_2_over_1']:.2f}x",
+             f"{v['ms_beside_busy']:.0f}", f"{v['busy_over_idle']:.2f}x"] for v in f["variants"].values()]
+    rates = f["gemm_gflops"]
+    return (f"{command_lines(d)}\n\nMedian ms per step of 128 pairs; the bound is the step's GFLOP at the GEMM rate "
+            f"of the same 2 threads ({rates['2']:.0f} GFLOP/s; 1 thread: {rates['1']:.0f}); beside one busy-looping "
+            f"process the run took {f['threads_beside_busy']} thread(s), as `run.threads: 0` chooses. Targets: USER ≤ "
+            f"2x its bound, 2 threads ≥ 1.7x one, beside a busy process ≥ 0.45x of idle.\n\n"
+            + table(["variant", "ms, 2 threads", "bound ms", "step / bound", "ms, 1 thread", "2 / 1 threads",
+                     "ms beside a busy process", "busy / idle"], rows))
+
+
 def main() -> None:
     args = parse_args()
+    if args.locked:
+        measure_locked(args)
+        return
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -46,3 +46,17 @@ def test_masks_follow_the_global_seed_and_eval_is_the_identity():
 def test_the_probability_is_checked():
     with pytest.raises(ConfigError, match="1.0"):
         Dropout(1.0)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.4, 0.9])
+def test_the_cpu_mask_keeps_each_lane_at_the_rate_asked(p: float) -> None:
+    """Every one of the four 16-bit lanes of a 64-bit draw keeps at 1 - p (five standard errors), so no lane is
+    biased by how the words are cut."""
+    from xmcl.nn.dropout import cpu_keep_mask
+
+    torch.manual_seed(4)
+    mask = cpu_keep_mask(torch.Size([4 * 250_000]), p)
+    tolerance = 5 * (p * (1 - p) / 250_000) ** 0.5
+    for lane in range(4):
+        assert float(mask[lane::4].float().mean()) == pytest.approx(1 - p, abs=tolerance), lane
+    assert cpu_keep_mask(torch.Size([3, 5]), p).shape == (3, 5)  # a count that is not a multiple of 4

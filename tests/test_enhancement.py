@@ -139,3 +139,30 @@ def test_sge_without_padding_equals_the_masked_path_in_training():
     torch.testing.assert_close(sge(local, lengths), twin(padded, lengths)[:, :4])
     torch.testing.assert_close(sge.local_branch[1].running_mean, twin.local_branch[1].running_mean)
     torch.testing.assert_close(sge.local_branch[1].running_var, twin.local_branch[1].running_var)
+
+
+def _attention_as_first_written(sge, local, lengths):
+    """SGE's training-mode attention over complete sets as first written: ``torch.tanh``, and the scorer applied to
+    the (B, R, d) product ``h * gate``."""
+    linear, norm = sge.local_branch[0], sge.local_branch[1]
+    gate = torch.tanh(sge.global_branch[1](sge.global_branch[0](local.mean(dim=1))))
+    hidden = torch.tanh(norm(linear(local.reshape(-1, local.size(-1))))).view_as(local)
+    return torch.softmax(sge.scorer(hidden * gate.unsqueeze(1)).squeeze(-1), dim=1)
+
+
+def test_sge_attention_and_its_gradients_equal_the_first_written_form_in_training():
+    torch.manual_seed(7)
+    sge = SGE(16, dropout=0.0).train()
+    reference = SGE(16, dropout=0.0).train()
+    reference.load_state_dict(sge.state_dict())
+    local = torch.randn(6, 9, 16)
+    lengths = torch.full((6,), 9)
+    mine, theirs = local.clone().requires_grad_(True), local.clone().requires_grad_(True)
+    weights = torch.randn(6, 9)
+    got, expected = sge.attention(mine, lengths), _attention_as_first_written(reference, theirs, lengths)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    (got * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-6)
+    for (name, p), q in zip(sge.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)

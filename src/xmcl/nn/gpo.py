@@ -32,18 +32,16 @@ def positional_encoding(length: int, dim: int, device: torch.device | None = Non
 
 
 def descending_order(values: Tensor) -> Tensor:
-    """``(B, L, D)`` indices that sort ``values (B, L, D)`` in descending order along dim 1 (no gradient flows).
+    """Indices that sort ``values (..., L)`` in descending order along its last dimension (no gradient flows).
 
-    On CPU float32/float64 it is numpy's vectorised argsort of a ``(B, D, L)`` copy: for the short rows pooling
-    sorts (49 cells, ~15 tokens) several times faster than ``torch.sort``, which also copies its input, values and
-    index grid across the strided dimension. Elsewhere (CUDA, half precision) it is ``torch.argsort``. The two
-    may order equal values differently, which changes no sorted value.
+    On CPU float32/float64 it is numpy's vectorised argsort: for the short rows pooling sorts (49 cells, ~15
+    tokens) several times faster than ``torch.sort``. Elsewhere (CUDA, half precision) it is ``torch.argsort``. The
+    two may order equal values differently, which changes no sorted value.
     """
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
-        keys = values.detach().transpose(1, 2).clone(memory_format=torch.contiguous_format).numpy()
-        np.negative(keys, out=keys)  # ascending on -x: the -inf pads go last
-        return torch.from_numpy(np.argsort(keys, axis=-1)).transpose(1, 2)
-    return torch.argsort(values.detach(), dim=1, descending=True)
+        keys = -values.detach().numpy()  # ascending on -x: the -inf pads go last
+        return torch.from_numpy(np.argsort(keys, axis=-1))
+    return torch.argsort(values.detach(), dim=-1, descending=True)
 
 
 class MeanPooling(nn.Module):
@@ -98,14 +96,17 @@ class GPO(nn.Module):
 
     def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
         max_len = features.size(1)
-        mask = length_mask(lengths.to(features.device), max_len).unsqueeze(-1)
-        weights = self.pool_weights(lengths, max_len).to(features.dtype)
+        mask = length_mask(lengths.to(features.device), max_len).unsqueeze(1)  # (B, 1, L)
+        weights = self.pool_weights(lengths, max_len).to(features.dtype).unsqueeze(1)  # (B, 1, L)
+        # each dimension's values as a contiguous row (B, D, L): the sort, the gather and its backward's scatter
+        # then run along contiguous memory
+        columns = features.transpose(1, 2).contiguous()
         if all_valid(mask):  # nothing padded (grid cells): no masking
-            return (features.gather(1, descending_order(features)) * weights.unsqueeze(-1)).sum(dim=1)
-        keys = features.detach().masked_fill(~mask, float("-inf"))
-        ranked = features.gather(1, descending_order(keys))
+            return (columns.gather(2, descending_order(columns)) * weights).sum(dim=2)
+        keys = columns.detach().masked_fill(~mask, float("-inf"))
+        ranked = columns.gather(2, descending_order(keys))
         ranked = ranked.masked_fill(~mask, 0)  # the valid values occupy ranks 0..n-1; a pad's weight is 0 anyway
-        return (ranked * weights.unsqueeze(-1)).sum(dim=1)
+        return (ranked * weights).sum(dim=2)
 
 
 class TabulatedGPO(nn.Module):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xmcl.nn.activations import FastTanh
 from xmcl.nn.dropout import Dropout
 from xmcl.nn.global_batchnorm import GlobalBatchNorm1d
 from xmcl.nn.gpo import MeanPooling
@@ -45,8 +46,8 @@ class SGE(nn.Module):
     def __init__(self, dim: int, lam: float = 1.0, dropout: float = 0.4) -> None:
         super().__init__()
         self.lam = lam
-        self.local_branch = nn.Sequential(nn.Linear(dim, dim), GlobalBatchNorm1d(dim), nn.Tanh(), Dropout(dropout))
-        self.global_branch = nn.Sequential(nn.Linear(dim, dim), GlobalBatchNorm1d(dim), nn.Tanh(), Dropout(dropout))
+        self.local_branch = nn.Sequential(nn.Linear(dim, dim), GlobalBatchNorm1d(dim), FastTanh(), Dropout(dropout))
+        self.global_branch = nn.Sequential(nn.Linear(dim, dim), GlobalBatchNorm1d(dim), FastTanh(), Dropout(dropout))
         self.scorer = nn.Linear(dim, 1)
         for layer in (self.local_branch[0], self.global_branch[0], self.scorer):
             nn.init.xavier_uniform_(layer.weight)
@@ -56,11 +57,13 @@ class SGE(nn.Module):
         """``(B, R)`` weights ``w`` over the locals (0 at padded positions)."""
         mask = length_mask(lengths.to(local.device), local.size(1))
         gate = self.global_branch(MeanPooling()(local, lengths))  # (B, d)
+        # w_c . (h_i * gate) + b = h_i . (gate * w_c) + b: the (B, R, d) product is never formed
+        scorer = gate * self.scorer.weight.squeeze(0)  # (B, d)
         if all_valid(mask):  # nothing padded: every (b, i) is valid, no gather and scatter
             hidden = self.local_branch(local.reshape(-1, local.size(-1))).view_as(local)  # BN over (B * R, d)
-            return torch.softmax(self.scorer(hidden * gate.unsqueeze(1)).squeeze(-1), dim=1)
+            return torch.softmax(torch.bmm(hidden, scorer.unsqueeze(-1)).squeeze(-1) + self.scorer.bias, dim=1)
         rows = mask.nonzero(as_tuple=True)  # the valid (b, i) pairs: BN sees only these
-        scores_valid = self.scorer(self.local_branch(local[rows]) * gate[rows[0]]).squeeze(-1)
+        scores_valid = (self.local_branch(local[rows]) * scorer[rows[0]]).sum(-1) + self.scorer.bias
         scores = scores_valid.new_full(mask.shape, float("-inf"))
         scores[rows] = scores_valid
         return torch.softmax(scores, dim=1)
