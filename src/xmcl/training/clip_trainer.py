@@ -39,6 +39,7 @@ from xmcl.retrieval.clip.preprocess import ClipImagePreprocess
 from xmcl.retrieval.clip.small import new_clip_model, save_clip
 from xmcl.retrieval.clip.teacher import clip_image_features, clip_text_features
 from xmcl.retrieval.clip.tokenizer import ClipTokenizer, train_bpe
+from xmcl.runtime.device import peak_memory_mib
 from xmcl.runtime.distributed import (
     World,
     broadcast_from_main,
@@ -46,10 +47,10 @@ from xmcl.runtime.distributed import (
     gather_no_grad,
     gather_with_grad,
 )
-from xmcl.runtime.device import peak_memory_mib
 from xmcl.runtime.precision import Precision
 from xmcl.runtime.rng import TorchStream, derived_seed
 from xmcl.runtime.run_config import start_run
+from xmcl.training.progress import PendingLosses, TrainingProgress
 from xmcl.training.run import (
     Checkpointer,
     RunFolder,
@@ -61,7 +62,6 @@ from xmcl.training.run import (
     restore_states,
     run_loop,
 )
-from xmcl.training.progress import PendingLosses, TrainingProgress
 from xmcl.training.schedule import warmup_cosine
 
 CLIP_RUN_CHECKPOINT = ("xmcl.clip.train", 2)  # kind and version of train-clip's last.pt (2: safe to load)

@@ -38,16 +38,17 @@ from xmcl.distill.superpixels import SuperpixelCache
 from xmcl.distill.voxel_net import SparseUNet
 from xmcl.errors import ConfigError
 from xmcl.nn.global_batchnorm import set_world
+from xmcl.runtime.device import peak_memory_mib
 from xmcl.runtime.distributed import (
     SINGLE_PROCESS,
     World,
     data_parallel,
     mean_over_ranks,
 )
-from xmcl.runtime.device import peak_memory_mib
 from xmcl.runtime.precision import Precision, cuda_layout
 from xmcl.runtime.rng import TorchStream, derived_seed, seeded_generator
 from xmcl.runtime.run_config import start_run
+from xmcl.training.progress import PendingLosses, TrainingProgress
 from xmcl.training.run import (
     Checkpointer,
     RunFolder,
@@ -60,7 +61,6 @@ from xmcl.training.run import (
     restore_states,
     run_loop,
 )
-from xmcl.training.progress import PendingLosses, TrainingProgress
 from xmcl.training.schedule import build_optimizer
 from xmcl.training.sharding import rank_batches
 

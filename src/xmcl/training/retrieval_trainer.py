@@ -1,13 +1,13 @@
 """The retrieval training loop (USER or a baseline), written out.
 
 Per step: loss -> backward -> clip (``optim.grad_clip``) -> AdamW step -> momentum update of the key encoders (the
-queues were filled inside the forward, after the loss). The loss stays on the device until a sync point (a log step,
-a checkpoint, the epoch's last step; ``PendingLosses``), where the losses since the last one are read, checked
-finite (a NaN or inf stops the run before anything is saved) and the stop signals agreed on, so that a step on a
-GPU waits for nothing on the host. Per epoch: validation rSum, ``last.pt``
-(and ``best.pt`` when rSum improves) written atomically, a JSONL log and a PNG of the curves. A checkpoint holds
-everything an exact resume needs: model (key encoders and queues included), optimiser, scheduler, RNG states,
-epoch and step within the epoch (batches are a seeded permutation per epoch, so a resume skips the done ones).
+queues were filled inside the forward, after the loss). The loss stays on the device until a sync point (a log step, a
+checkpoint, the epoch's last step; ``PendingLosses``), where the losses since the last one are read, checked finite (a
+NaN or inf stops the run before anything is saved) and the stop signals agreed on, so that a step on a GPU waits for
+nothing on the host. Per epoch: validation rSum, ``last.pt`` (and ``best.pt`` when rSum improves) written atomically, a
+JSONL log and a PNG of the curves. A checkpoint holds everything an exact resume needs: model (key encoders and queues
+included), optimiser, scheduler, RNG states, epoch and step within the epoch (batches are a seeded permutation per
+epoch, so a resume skips the done ones).
 
 Every random stream is explicit and restored on resume, so a run stopped at any step (even by ``kill -9``) and
 resumed ends bit for bit where the uninterrupted run does on the same device: the batch order is drawn from
@@ -15,17 +15,17 @@ resumed ends bit for bit where the uninterrupted run does on the same device: th
 seeds from ``(run.seed, LOADER_STREAM, epoch)``, and dropout / grid drop run on the model's own ``TorchStream``,
 saved in each checkpoint. The log records written after the resumed checkpoint are dropped (``log_bytes``).
 
-Data-parallel (``torchrun --nproc_per_node N -m xmcl train ...``): ``optim.batch_size`` is the batch of one rank;
-every rank cuts the same global batches of ``N * batch_size`` and takes its slice (``training.sharding``), so N ranks
-train on exactly the samples of one process with the N-fold batch. The model trains under DistributedDataParallel
+Data-parallel (``torchrun --nproc_per_node N -m xmcl train ...``): ``optim.batch_size`` is the batch of one rank; every
+rank cuts the same global batches of ``N * batch_size`` and takes its slice (``training.sharding``), so N ranks train on
+exactly the samples of one process with the N-fold batch. The model trains under DistributedDataParallel
 (``runtime.distributed.data_parallel``): its backward averages the online towers' gradients over the ranks, bucket by
-bucket while the rest of the backward runs, before the clip; the key encoders (no gradient) stay outside it and
-follow the (identical) online weights by EMA, as MoCo's; the queues take every rank's keys. Rank 0
-alone holds the folder lock, writes checkpoints, the log and the curves, and runs validation on the whole val split;
-its rSum is broadcast so every rank agrees on the best epoch. The logged loss is the mean over the ranks; a stop
-signal on any rank stops every rank at the same sync point. A checkpoint records the world size; a resume with another
-is refused. A refusal at the start (the folder locked, ``--no-resume`` into a used folder,
-a changed config) ends every rank at once with rank 0's message (``Checkpointer.start_together``).
+bucket while the rest of the backward runs, before the clip; the key encoders (no gradient) stay outside it and follow
+the (identical) online weights by EMA, as MoCo's; the queues take every rank's keys. Rank 0 alone holds the folder lock,
+writes checkpoints, the log and the curves, and runs validation on the whole val split; its rSum is broadcast so every
+rank agrees on the best epoch. The logged loss is the mean over the ranks; a stop signal on any rank stops every rank at
+the same sync point. A checkpoint records the world size; a resume with another is refused. A refusal at the start (the
+folder locked, ``--no-resume`` into a used folder, a changed config) ends every rank at once with rank 0's message
+(``Checkpointer.start_together``).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ from xmcl.retrieval.inference import (
 )
 from xmcl.retrieval.model import USERModel
 from xmcl.retrieval.token_features import attach_token_features
+from xmcl.runtime.device import peak_memory_mib
 from xmcl.runtime.distributed import (
     World,
     broadcast_from_main,
@@ -67,10 +68,10 @@ from xmcl.runtime.distributed import (
 )
 from xmcl.runtime.files import atomic_write_bytes
 from xmcl.runtime.log import read_jsonl
-from xmcl.runtime.device import peak_memory_mib
 from xmcl.runtime.precision import Precision, cuda_layout
 from xmcl.runtime.rng import TorchStream, derived_seed, seeded_generator
 from xmcl.runtime.run_config import start_run
+from xmcl.training.progress import PendingLosses, TrainingProgress
 from xmcl.training.run import (
     Checkpointer,
     RunFolder,
@@ -83,7 +84,6 @@ from xmcl.training.run import (
     restore_states,
     run_loop,
 )
-from xmcl.training.progress import PendingLosses, TrainingProgress
 from xmcl.training.sharding import rank_batches
 
 RESUMABLE = ("optim.epochs", "data.num_workers")  # may change when a run resumes
