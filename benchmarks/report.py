@@ -92,6 +92,8 @@ PLAN: tuple[Step, ...] = (
          "--region-dim 1280 --queue-size 2048", "throughput_f8k"),
     Step("training throughput, Flickr8K shape, 1 thread", "python benchmarks/train_throughput.py --text-encoder bert "
          "--regions 49 --region-dim 1280 --queue-size 2048 --threads 1", "throughput_f8k_1thread"),
+    Step("training steps against the hardware, locked text", "python benchmarks/train_throughput.py --locked",
+         "throughput_locked"),
     Step("shapes retrieval quality",
          f"python benchmarks/retrieval_quality.py --data runs/shapes_feats --clip-cache runs/clip_shapes_cache "
          f"--variants {SHAPES_VARIANTS} --epochs 8 --embed-dim 256 --queue-size 1024 --set model.momentum=0.99 "
@@ -167,6 +169,7 @@ BLOCKS = (
     Block("demo", ("demo",), demo_run.render),
     Block("throughput", ("throughput_bigru", "throughput_bert"), train_throughput.render),
     Block("throughput_f8k", ("throughput_f8k", "throughput_f8k_1thread"), train_throughput.render_flickr8k),
+    Block("throughput_locked", ("throughput_locked",), train_throughput.render_locked),
     Block("rq_shapes", ("rq_shapes",), retrieval_quality.render),
     Block("uto_margins", ("uto_margins",), uto_margins.render),
     Block("rq_f8k", ("rq_f8k",), retrieval_quality.render),
