@@ -1,13 +1,13 @@
 """Training-step throughput of USER against the VSE++ and InfoNCE baselines, each as the project configures it.
 
 The models are the shipped variants ``vsepp``, ``infonce`` and ``user`` (``configs/variants/``, as
-``benchmarks/retrieval_quality.py`` trains them) on the same shapes: region features -> projection -> GPO, a text encoder, ``--embed-dim``. The baselines
-have neither SGE nor momentum encoders and queues (VSE++: hinge, hardest negative; InfoNCE: symmetric, learnable
-temperature); USER adds SGE on the image regions, the key encoders' forward passes, the queue terms (UTO, id
-mask), the momentum update and the enqueue. One step = forward, backward, gradient clipping, AdamW step, momentum
-update (a no-op without queues), on random batches; the losses are timed past their warm-up epochs. The three
-models take turns step by step (``--warmup`` untimed rounds, then ``--steps`` timed ones) and each figure is the
-median of its steps, so that other work on shared cores weighs on all three alike.
+``benchmarks/retrieval_quality.py`` trains them) on the same shapes: region features -> projection -> GPO, a text
+encoder, ``--embed-dim``. The baselines have neither SGE nor momentum encoders and queues (VSE++: hinge, hardest
+negative; InfoNCE: symmetric, learnable temperature); USER adds SGE on the image regions, the key encoders' forward
+passes, the queue terms (UTO, id mask), the momentum update and the enqueue. One step = forward, backward, gradient
+clipping, AdamW step, momentum update (a no-op without queues), on random batches; the losses are timed past their
+warm-up epochs. The three models take turns step by step (``--warmup`` untimed rounds, then ``--steps`` timed ones)
+and each figure is the median of its steps, so that other work on shared cores weighs on all three alike.
 
   python benchmarks/train_throughput.py                       # BiGRU text encoder, 36 x 2048 regions
   python benchmarks/train_throughput.py --text-encoder bert   # the installed MiniLM
@@ -244,8 +244,8 @@ def render_locked(d: dict) -> str:
     rates = f["gemm_gflops"]
     return (f"{command_lines(d)}\n\nMedian ms per step of 128 pairs; the bound is the step's GFLOP at the GEMM rate "
             f"of the same 2 threads ({rates['2']:.0f} GFLOP/s; 1 thread: {rates['1']:.0f}); beside one busy-looping "
-            f"process the run took {f['threads_beside_busy']} thread(s), as `run.threads: 0` chooses. Targets: USER ≤ "
-            f"2x its bound, 2 threads ≥ 1.7x one, beside a busy process ≥ 0.45x of idle.\n\n"
+            f"process the run took {f['threads_beside_busy']} thread(s), as `run.threads: 0` chooses. Targets: "
+            f"USER ≤ 2x its bound, 2 threads ≥ 1.7x one, beside a busy process ≥ 0.45x of idle.\n\n"
             + table(["variant", "ms, 2 threads", "bound ms", "step / bound", "ms, 1 thread", "2 / 1 threads",
                      "ms beside a busy process", "busy / idle"], rows))
 

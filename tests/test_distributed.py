@@ -1,6 +1,6 @@
-"""Data parallel on gloo (DistributedDataParallel): one step of a 2-process run with B pairs per rank equals a 1-process step with the 2B
-pairs (loss, parameter update, queues), for InfoNCE, the hinge (both modes) and UTO, all with momentum queues, and
-for semantically tolerant UTO and InfoNCE (semantic vectors gathered, the semantic queue).
+"""Data parallel on gloo (DistributedDataParallel): one step of a 2-process run with B pairs per rank equals a
+1-process step with the 2B pairs (loss, parameter update, queues), for InfoNCE, the hinge (both modes) and UTO, all
+with momentum queues, and for semantically tolerant UTO and InfoNCE (semantic vectors gathered, the semantic queue).
 
 Workers run in fresh processes (``torch.multiprocessing`` spawn) on 127.0.0.1 with a 60 s collective timeout.
 """

