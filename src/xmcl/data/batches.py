@@ -100,14 +100,16 @@ class CaptionPairs(Dataset):
             return [self[int(m)] for m in captions]
         captions = np.asarray(captions, dtype=np.int64)
         images = self.split.caption_image[captions]
-        regions = torch.from_numpy(np.array(self.split.region_features[images], dtype=np.float32))
-        states = None
-        if self.split.token_features is not None:
-            states = torch.from_numpy(np.array(self.split.token_features[captions], dtype=np.float32))
-        items = []
-        for row, (caption, image) in enumerate(zip(captions.tolist(), images.tolist())):
+        regions = torch.from_numpy(np.asarray(self.split.region_features[images], dtype=np.float32))  # one copy
+        for caption in captions.tolist():
             if caption not in self._tokens:  # captions as written: their ids never change
                 self._tokens[caption] = self.tokenizer.encode(self.split.captions[caption], None)
+        states = None
+        if self.split.token_features is not None:  # only the batch's longest caption's positions are converted
+            longest = max(len(self._tokens[caption]) for caption in captions.tolist())
+            states = torch.from_numpy(np.asarray(self.split.token_features[captions][:, :longest], dtype=np.float32))
+        items = []
+        for row, (caption, image) in enumerate(zip(captions.tolist(), images.tolist())):
             item = {"regions": regions[row], "tokens": list(self._tokens[caption])}
             if states is not None:
                 item["token_features"] = states[row, :len(item["tokens"])]
@@ -151,6 +153,8 @@ class SplitCaptions(Dataset):
 def pad_regions(regions: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """Stack (R_i, D) region sets into (B, R_max, D) zero-padded, with lengths (B,)."""
     lengths = torch.tensor([r.shape[0] for r in regions], dtype=torch.long)
+    if bool((lengths == lengths[0]).all()):  # complete grids: one stack, no padding
+        return torch.stack(list(regions)), lengths
     out = regions[0].new_zeros((len(regions), int(lengths.max()), regions[0].shape[1]))
     for row, r in enumerate(regions):
         out[row, : r.shape[0]] = r
