@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from figures import options, parse_with_out, table, write_figures
+from timing import free_port
 
 import torch
 
@@ -132,15 +133,6 @@ def check_resume(plan: Plan, size: dict) -> None:
     difference = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
     tolerance = 0.0 if plan.device == "cpu" else 1e-3
     plan.results["resume"].update(largest_weight_difference=difference, ok=difference <= tolerance)
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def check_serving(plan: Plan) -> None:

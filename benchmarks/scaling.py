@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -32,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from figures import command_lines, conditions, options, parse_with_out, table, write_figures
+from timing import free_port
 from train_throughput import make_batch
 
 from xmcl.config import load_config
@@ -42,12 +42,6 @@ from xmcl.runtime.distributed import SINGLE_PROCESS, close_world, data_parallel,
 REGIONS, VOCAB = 16, 200  # the shapes world: 4 x 4 grid features; a small vocabulary
 MODES = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # processes x threads each
 MODE_LABELS = {"1x1": "1 process × 1 thread", "1x2": "1 process × 2 threads", "2x1": "2 processes × 1 thread"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank(rank: int, size: int, threads: int, port: int, args: argparse.Namespace, out: str) -> None:
@@ -103,7 +97,7 @@ def _rank(rank: int, size: int, threads: int, port: int, args: argparse.Namespac
 def run_mode(size: int, threads: int, args: argparse.Namespace) -> dict:
     """``size`` spawned processes of ``threads`` threads each; rank 0's figures (medians, in ms)."""
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_rank, args=(size, threads, _free_port(), args, out), nprocs=size, join=True,
+        mp.start_processes(_rank, args=(size, threads, free_port(), args, out), nprocs=size, join=True,
                            start_method="spawn")
         result = json.loads((Path(out) / "rank0.json").read_text())
     step = statistics.median(result["step_s"])

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import faiss
 import numpy as np
 import torch
 from figures import command_lines, conditions, gib, options, parse_with_out, table, write_figures
-from timing import quantiles_ms
+from timing import free_port, quantiles_ms
 
 from xmcl.config import config_to_dict, load_config
 from xmcl.nn.backbones import build_image_backbone
@@ -143,9 +142,7 @@ def in_process(folder: Path, texts: list[str], queries: int) -> dict[str, dict[s
 def start_serve(folder: Path, *options: str) -> tuple[subprocess.Popen, str]:
     """``xmcl serve FOLDER --device cpu OPTIONS`` on a free port of 127.0.0.1, once its /healthz answers (at most
     600 s): the process and its address."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "xmcl", "serve", str(folder), "--port", str(port),
                                "--device", "cpu", *options], env={**os.environ, "PYTHONPATH": str(REPO / "src")},
                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

@@ -1,14 +1,16 @@
-"""Wall-clock timing, compute rates and memory shared by the benchmark scripts (imported as ``timing``: scripts run
-from ``benchmarks/``)."""
+"""Wall-clock timing, compute rates, memory and a free local port, shared by the benchmark scripts (imported as
+``timing``: scripts run from ``benchmarks/``)."""
 
 from __future__ import annotations
 
-import resource
+import socket
 import time
 from typing import Callable
 
 import numpy as np
 import torch
+
+from xmcl.runtime.device import peak_memory_mib
 
 
 def repeat_seconds(fn: Callable[[], object], repeats: int) -> list[float]:
@@ -59,5 +61,12 @@ def quantiles_ms(seconds: list[float]) -> dict[str, float]:
 
 
 def peak_rss_mib() -> float:
-    """The process's peak resident set size so far (``resource.getrusage``; Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The process's peak resident set size so far, in MiB (``runtime.device.peak_memory_mib`` on the CPU)."""
+    return peak_memory_mib(torch.device("cpu"))
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -8,7 +8,6 @@ Workers run in fresh processes (``torch.multiprocessing`` spawn) on 127.0.0.1 wi
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,8 @@ from xmcl.config import load_config
 from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.model import USERModel
 from xmcl.runtime.distributed import SINGLE_PROCESS, close_world, data_parallel, init_world
+
+from helpers import free_port
 
 PAIRS, REGIONS, DIM, TOKENS, VOCAB = 8, 5, 12, 6, 30
 CASES = {
@@ -91,17 +92,11 @@ def _worker(rank: int, port: int, out: str) -> None:
         close_world(world)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every case's step on 2 spawned ranks (one launch for all cases)."""
     out = tmp_path_factory.mktemp("ranks")
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
     return out
 
 

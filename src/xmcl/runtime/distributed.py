@@ -118,9 +118,7 @@ def mean_over_ranks(value: float, world: World, device: torch.device | str = "cp
     """The mean of a number over the ranks (``device``: where the backend reduces: CUDA for nccl)."""
     if not world.distributed:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return float(tensor) / world.size
+    return float(tensor_mean_over_ranks(torch.tensor([value], dtype=torch.float64, device=device), world))
 
 
 def tensor_mean_over_ranks(tensor: Tensor, world: World) -> Tensor:
