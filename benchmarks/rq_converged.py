@@ -38,7 +38,6 @@ import dataclasses
 import json
 import re
 import statistics
-import typing
 from pathlib import Path
 from typing import NamedTuple
 
@@ -48,7 +47,7 @@ from figures import (CODE_VERSION, RECALL_HEADER, RECALLS, add_lane_option, comm
 from retrieval_quality import VARIANTS, train_and_score, variant_config
 from timing import gemm_gflops, gflop
 
-from xmcl.config import load_config
+from xmcl.config import current_names, load_config
 from xmcl.errors import TrainingStalled
 from xmcl.retrieval.config import RetrievalTrainConfig
 from xmcl.retrieval.model import USERModel
@@ -164,25 +163,17 @@ def same_config(kept: dict, config: dict, base: dict) -> bool:
     return True
 
 
-def upgraded(kept: dict) -> dict:
-    """A kept run's configuration with the keys renamed since under their names now (each section's
-    ``upgrade_keys``); the fields added since stay absent."""
-    sections = typing.get_type_hints(RetrievalTrainConfig)
-    out = {name: dict(section) for name, section in kept.items()}
-    for name, section in out.items():
-        getattr(sections.get(name), "upgrade_keys", lambda data: [])(section)
-    return out
-
-
 def kept_twin(keep: Path, config: dict, base: dict) -> dict | None:
-    """A finished result kept in ``keep`` (any ``VARIANT/seedS.json``) whose run had ``config`` (``same_config``,
-    on the kept configuration ``upgraded``), ``data.path`` aside: a kept run may have reached the same features folder
-    from another working directory."""
+    """A finished result kept in ``keep`` (any ``VARIANT/seedS.json``) whose run had ``config`` (``same_config``, on
+    the kept configuration under today's key names, ``config.current_names``), ``data.path`` aside: a kept run may
+    have reached the same features folder from another working directory."""
     for path in sorted(keep.glob("*/seed*.json")):
         result = json.loads(path.read_text(encoding="utf-8"))
         kept = result.get("config")
-        if kept and same_config(upgraded({**kept, "data": {**kept["data"], "path": config["data"]["path"]}}), config,
-                                base):
+        if not kept:
+            continue
+        kept = current_names(RetrievalTrainConfig, {**kept, "data": {**kept["data"], "path": config["data"]["path"]}})
+        if same_config(kept, config, base):
             return result
     return None
 

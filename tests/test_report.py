@@ -411,14 +411,14 @@ def test_changed_paths_keep_their_first_letter_whatever_the_status_columns():
 def test_the_shipped_best_flickr8k_config_is_the_kept_best_runs_configuration():
     """configs/flickr8k_locked_tolerant.yaml, offered as the winner of the converged comparison, is the very
     configuration its kept runs trained with (the seed aside), and what the benchmark would run."""
-    from xmcl.config import load_config
+    from xmcl.config import current_names, load_config
     from xmcl.retrieval.config import RetrievalTrainConfig
 
     root = BENCHMARKS.parent
     shipped = dataclasses.asdict(load_config(RetrievalTrainConfig, root / "configs/flickr8k_locked_tolerant.yaml", []))
     for seed in (0, 1, 2):
         kept = json.loads((root / f"docs/figures/rq_converged_runs/user_tolerant_g0.5_mu30/seed{seed}.json").read_text())
-        ran = rq_converged.upgraded(kept["config"])  # the keys renamed since, under their names now
+        ran = current_names(RetrievalTrainConfig, kept["config"])  # the keys renamed since, under their names now
         assert ran["run"]["seed"] == seed
         ran["run"]["seed"] = shipped["run"]["seed"]
         assert ran == shipped

@@ -343,11 +343,17 @@ def load_config(cls: type[T], path: Path | str | None = None, overrides: typing.
         raise _naming_the_file(error, origins, where) from None
 
 
+def current_names(cls: type, data: dict) -> dict:
+    """A copy of ``data`` (a plain nested mapping of ``cls``: saved in a checkpoint or kept in a results file) with
+    the keys renamed since under their names now; keys added since stay absent."""
+    return _upgraded(cls, data, "", [])
+
+
 def config_from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     """Build ``cls`` from a plain nested dict (e.g. one saved inside a checkpoint), keys renamed since read under
     their names now."""
     try:
-        upgraded = _upgraded(cls, data, "", [])
+        upgraded = current_names(cls, data)
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
     return _build(cls, upgraded, "", where)
