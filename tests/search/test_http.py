@@ -369,13 +369,36 @@ def test_admission_runs_at_most_workers_and_refuses_past_the_queue() -> None:
     assert asyncio.run(scenario()) == [None, None, None] and peak[0] == 2
 
 
+def whole_response(client: socket.socket) -> bytes:
+    """Read one HTTP response: its head, then as many body bytes as its Content-Length says.
+
+    The head and the body may arrive in separate segments, so one recv is not enough.
+    """
+    answer = b""
+    while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < body_length(answer):
+        chunk = client.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    return answer
+
+
+def body_length(answer: bytes) -> int:
+    """The Content-Length a response head declares (0 when it declares none)."""
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
 def test_a_body_that_does_not_arrive_in_time_is_408(built_index: Path, retriever: Retriever) -> None:
     app = create_app({"shapes": Searcher(CollectionIndex.open(built_index), retriever)}, body_timeout=1.0)
     with running(app) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as client:
         client.sendall(b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                        b"Content-Length: 100\r\n\r\n{")  # and nothing more
         began = time.monotonic()
-        answer = client.recv(4096)
+        answer = whole_response(client)
     assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in answer
     assert 0.8 < time.monotonic() - began < 8
 
