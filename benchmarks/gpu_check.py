@@ -9,7 +9,9 @@ the end of its output and the plan goes on. The plan:
   train-*     ``xmcl train`` (USER, shapes) for each precision: float32, bf16 and fp16 (fp16 and its GradScaler on
               CUDA only)
   clip-*      ``xmcl train-clip`` for each precision
-  distill-*   ``xmcl distill pretrain`` (synthetic scenes) for each precision
+  distill-*   ``xmcl distill pretrain`` (synthetic scenes) for each precision, on the sparse kernels
+              ``voxel.sparse_backend: auto`` picks there, then in float32 on the other kernels (torch on CUDA;
+              spconv on CPU when installed)
   torchrun    ``torchrun --standalone --nproc_per_node 1 -m xmcl train`` (NCCL on CUDA, gloo on CPU)
   resume      2 epochs straight against 1 epoch then resumed to 2: the final weights' largest difference
   serve       ``xmcl export``, ``xmcl index``, ``xmcl search`` and ``xmcl serve`` (one HTTP query) on the device
@@ -32,6 +34,7 @@ from timing import free_port
 
 import torch
 
+from xmcl.nn.spconv_map import resolve_sparse_backend, spconv_importable
 from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.runtime.log import read_jsonl
 
@@ -108,13 +111,22 @@ def check_training(plan: Plan, size: dict) -> None:
         if plan.run(f"clip-{amp}", [*XMCL, "train-clip", "--data", str(plan.work / "shapes"),
                                     *(arg for s in sets for arg in ("--set", s)), "--out", str(out)]):
             plan.train_figures(f"clip-{amp}", out, "samples_per_s")
-        out = plan.work / f"distill-{amp}"
-        sets = [f"run.device={plan.device}", f"run.amp={amp}", f"optim.steps={size['distill_steps']}",
-                "run.log_every=1", "run.progress=false", "run.threads=1",
-                f"superpixels.cache_dir={plan.work / 'superpixels'}", *size["distill"]]
-        if plan.run(f"distill-{amp}", [*XMCL, "distill", "pretrain", "--config", "distill_synthetic",
-                                       *(arg for s in sets for arg in ("--set", s)), "--out", str(out)]):
-            plan.train_figures(f"distill-{amp}", out, "scenes_per_s")
+        check_distill(plan, size, f"distill-{amp}", [f"run.amp={amp}"])
+    auto = resolve_sparse_backend("auto", torch.device(plan.device))
+    other = "torch" if auto == "spconv" else "spconv"
+    if other == "torch" or spconv_importable():
+        check_distill(plan, size, f"distill-{other}-kernels", [f"voxel.sparse_backend={other}"])
+
+
+def check_distill(plan: Plan, size: dict, name: str, sets: list[str]) -> None:
+    """``xmcl distill pretrain`` for a few steps with the settings ``sets``."""
+    out = plan.work / name
+    sets = [f"run.device={plan.device}", f"optim.steps={size['distill_steps']}", "run.log_every=1",
+            "run.progress=false", "run.threads=1", f"superpixels.cache_dir={plan.work / 'superpixels'}",
+            *size["distill"], *sets]
+    if plan.run(name, [*XMCL, "distill", "pretrain", "--config", "distill_synthetic",
+                       *(arg for s in sets for arg in ("--set", s)), "--out", str(out)]):
+        plan.train_figures(name, out, "scenes_per_s")
 
 
 def check_resume(plan: Plan, size: dict) -> None:

@@ -121,6 +121,9 @@ class VoxelConfig:
     residual blocks at each) or "res16unet" (``xmcl.distill.res16unet.Res16UNet``, the authors' MinkUNet layout:
     a stem of ``init_dim`` channels, then ``planes`` / ``layers`` for its four encoder and four decoder stages; the
     defaults are Res16UNet34C). ``bn_momentum``: of every BatchNorm (the authors pretrain with 0.05).
+    ``sparse_backend``: the sparse convolutions' kernels, "torch" (plain PyTorch), "spconv" (``pip install
+    xmcl[spconv]``) or "auto" (spconv on CUDA when installed, else torch); the same weights and function for all
+    three (``xmcl.nn.spconv_map``), so it may change when a run resumes or a pretrained network is probed.
     """
 
     voxel_size: float = 0.1
@@ -134,6 +137,7 @@ class VoxelConfig:
     layers: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 2, 2, 2, 2])
     bn_momentum: float = 0.1
     out_dim: int = 64
+    sparse_backend: Literal["auto", "torch", "spconv"] = "auto"
 
     def __post_init__(self) -> None:
         require(self, "voxel_size", gt=0.0, le=100.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from xmcl.distill.res16unet import Res16UNet
 from xmcl.distill.voxel_net import VoxelUNet
 from xmcl.errors import CheckpointError, brief
 from xmcl.nn.backbones import build_image_backbone
+from xmcl.nn.spconv_map import SparseBackend
 from xmcl.runtime.checkpoint import load_checkpoint
 
 DISTILL_CHECKPOINT = ("xmcl.distill.pretrain", 3)  # kind and version of the pretraining checkpoints (3: safe)
@@ -23,8 +25,9 @@ def build_voxel_net(cfg: VoxelConfig) -> PointNet:
     """The 3D network of ``cfg`` (one input channel: intensity)."""
     if cfg.architecture == "res16unet":
         return Res16UNet(1, planes=cfg.planes, layers=cfg.layers, init_dim=cfg.init_dim, out_dim=cfg.out_dim,
-                         bn_momentum=cfg.bn_momentum)
-    return VoxelUNet(1, widths=cfg.widths, blocks=cfg.blocks, out_dim=cfg.out_dim, bn_momentum=cfg.bn_momentum)
+                         bn_momentum=cfg.bn_momentum, sparse_backend=cfg.sparse_backend)
+    return VoxelUNet(1, widths=cfg.widths, blocks=cfg.blocks, out_dim=cfg.out_dim, bn_momentum=cfg.bn_momentum,
+                     sparse_backend=cfg.sparse_backend)
 
 
 def build_image_head(cfg: DistillConfig) -> ImageFeatureHead:
@@ -34,13 +37,16 @@ def build_image_head(cfg: DistillConfig) -> ImageFeatureHead:
     return ImageFeatureHead(backbone, cfg.voxel.out_dim, cfg.image.input_scale)
 
 
-def load_pretrained_backbone(checkpoint: Path, device: torch.device) -> tuple[PointNet, VoxelConfig]:
-    """The 3D network stored by distillation pretraining and the voxel config it was trained with."""
+def load_pretrained_backbone(checkpoint: Path, device: torch.device,
+                             sparse_backend: SparseBackend = "auto") -> tuple[PointNet, VoxelConfig]:
+    """The 3D network stored by distillation pretraining and the voxel config it was trained with, running on
+    ``sparse_backend`` (the caller's choice: the weights do not depend on it)."""
     state = load_checkpoint(checkpoint, *DISTILL_CHECKPOINT, map_location=device)
     missing = [key for key in ("config", "voxel_net") if key not in state]
     if missing:
         raise CheckpointError(f"{checkpoint}: the checkpoint has no {' or '.join(repr(k) for k in missing)} entry")
-    voxel_cfg = config_from_dict(DistillConfig, state["config"], where=str(checkpoint)).voxel
+    voxel_cfg = dataclasses.replace(config_from_dict(DistillConfig, state["config"], where=str(checkpoint)).voxel,
+                                    sparse_backend=sparse_backend)
     net = build_voxel_net(voxel_cfg)
     try:
         net.load_state_dict(state["voxel_net"])

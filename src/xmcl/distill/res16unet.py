@@ -35,6 +35,7 @@ from xmcl.nn.sparse_conv import (
     TransposedConv3d,
     residual_blocks,
 )
+from xmcl.nn.spconv_map import SparseBackend
 
 RES16UNET34C_PLANES = (32, 64, 128, 256, 256, 128, 96, 96)
 RES16UNET34_LAYERS = (2, 3, 4, 6, 2, 2, 2, 2)
@@ -45,8 +46,9 @@ class Res16UNet(SparseUNet):
 
     def __init__(self, in_channels: int, planes: Sequence[int] = RES16UNET34C_PLANES,
                  layers: Sequence[int] = RES16UNET34_LAYERS, init_dim: int = 32, out_dim: int = 64,
-                 bn_momentum: float = 0.1) -> None:
+                 bn_momentum: float = 0.1, sparse_backend: SparseBackend = "auto") -> None:
         super().__init__()
+        self.sparse_backend = sparse_backend
         planes, layers = list(planes), list(layers)
         if len(planes) != 8 or len(layers) != 8 or min(planes + layers) < 1 or init_dim < 1 or out_dim < 1:
             raise ConfigError(f"Res16UNet: need 8 positive planes and 8 positive layer counts, a positive init_dim "

@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from xmcl.errors import ConfigError, DataError
 from xmcl.nn.sparse_conv import (
     BatchNormReLU,
-    CoordinateMap,
     SparseTensor,
     StridedConv3d,
     SubmanifoldConv3d,
@@ -24,6 +23,7 @@ from xmcl.nn.sparse_conv import (
     residual_blocks,
     voxelize,
 )
+from xmcl.nn.spconv_map import SparseBackend, level_zero_map, resolve_sparse_backend
 
 
 def _blocks(blocks: nn.ModuleList, x: SparseTensor) -> SparseTensor:
@@ -41,9 +41,11 @@ class SparseUNet(nn.Module):
     upsamples onto the next finer level's sites, concatenates that level's encoder output and runs its blocks.
     ``head`` is the final 1x1x1 layer: ``features`` = last decoder output per point (``head.in_features``-d, what the
     probes read), ``forward`` = the head's output, L2-normalised per point (what the distillation reads).
+    ``sparse_backend`` picks the convolutions' kernels (``xmcl.nn.spconv_map``); the weights are the same for all.
     """
 
     in_channels: int
+    sparse_backend: SparseBackend = "auto"
     down: nn.ModuleList
     down_norm: nn.ModuleList
     enc_blocks: nn.ModuleList
@@ -66,7 +68,8 @@ class SparseUNet(nn.Module):
         if batch.features.shape[1] != self.in_channels:
             raise DataError(f"{type(self).__name__} expects {self.in_channels} input features per point, "
                             f"got {batch.features.shape[1]}")
-        x = self._level0(SparseTensor(batch.features, CoordinateMap(batch.coords)))
+        backend = resolve_sparse_backend(self.sparse_backend, batch.coords.device)
+        x = self._level0(SparseTensor(batch.features, level_zero_map(batch.coords, backend)))
         skips = [x]
         for down, norm, blocks in zip(self.down, self.down_norm, self.enc_blocks):
             x = _blocks(blocks, norm(down(x)))
@@ -95,8 +98,9 @@ class VoxelUNet(SparseUNet):
     """
 
     def __init__(self, in_channels: int, widths: Sequence[int] = (16, 32, 64, 128), blocks: int = 1,
-                 out_dim: int = 64, bn_momentum: float = 0.1) -> None:
+                 out_dim: int = 64, bn_momentum: float = 0.1, sparse_backend: SparseBackend = "auto") -> None:
         super().__init__()
+        self.sparse_backend = sparse_backend
         widths = list(widths)
         if len(widths) < 1 or any(w <= 0 for w in widths) or blocks < 1 or in_channels < 1 or out_dim < 1:
             raise ConfigError(f"VoxelUNet: need positive in_channels, widths, blocks and out_dim, got in_channels="

@@ -16,6 +16,8 @@ Convolutions (weights stored per kernel offset, ``(n_offsets, C_in, C_out)``)
   W_{x - 2p}^T in[x]`` (= dense ``conv3d(kernel=2, stride=2)``);
 * transposed 2x2x2, stride 2 (upsampling onto the finer level's known sites): ``out[x] = W_{x - 2p}^T in[p]``.
 The neighbour and parent maps of each level are computed once per batch (``CoordinateMap``) and shared by layers.
+The layers ask their input's map for the convolution (``KernelMap``), so the same layers and weights also run on
+spconv's kernels (``xmcl.nn.spconv_map``).
 
 BatchNorm is ``GlobalBatchNorm1d`` (``nn.BatchNorm1d`` in one process): given a data-parallel world
 (``xmcl.nn.global_batchnorm.set_world``), its training statistics span every rank's active sites.
@@ -26,7 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -172,13 +174,51 @@ class CoordinateMap:
             self._coarser = (CoordinateMap(unhash_keys(keys)), parent, order, sizes)
         return self._coarser
 
+    def submanifold_conv(self, features: Tensor, weight: Tensor) -> Tensor:
+        """3x3x3 submanifold convolution of ``features`` (N, C_in) on these sites, ``weight`` (27, C_in, C_out)."""
+        src, dst, sizes = self.neighbours()
+        out = features @ weight[len(OFFSETS_3X3X3) // 2]
+        if src.numel():
+            out = out.index_add(0, dst, _per_offset_matmul(features.index_select(0, src), sizes, weight))
+        return out
+
+    def strided_conv(self, features: Tensor, weight: Tensor) -> tuple[Tensor, "CoordinateMap"]:
+        """2x2x2 stride-2 convolution onto the coarser level, ``weight`` (8, C_in, C_out): (its features, its map)."""
+        coarse, parent, order, sizes = self.coarser()
+        contributions = _per_offset_matmul(features.index_select(0, order), sizes, weight)
+        out = features.new_zeros(coarse.num_sites, weight.shape[2]).index_add(0, parent[order], contributions)
+        return out, coarse
+
+    def transposed_conv(self, coarse_features: Tensor, coarse: "CoordinateMap", weight: Tensor) -> Tensor:
+        """2x2x2 stride-2 transposed convolution from ``coarse`` (this map's coarser level) onto these sites."""
+        level, parent, order, sizes = self.coarser()
+        if level is not coarse:
+            raise ValueError("TransposedConv3d: the input does not live on the coarser level of the target map")
+        ordered = _per_offset_matmul(coarse_features.index_select(0, parent[order]), sizes, weight)
+        return torch.empty_like(ordered).index_copy(0, order, ordered)
+
+
+class KernelMap(Protocol):
+    """The active sites of one resolution level and the convolutions on them, with weights as the layers store them
+    (``(n_offsets, C_in, C_out)``): ``CoordinateMap`` in plain PyTorch, ``xmcl.nn.spconv_map.SpconvMap`` through
+    spconv. The two compute the same function; the site order of coarser levels may differ between them."""
+
+    @property
+    def num_sites(self) -> int: ...
+
+    def submanifold_conv(self, features: Tensor, weight: Tensor) -> Tensor: ...
+
+    def strided_conv(self, features: Tensor, weight: Tensor) -> tuple[Tensor, "KernelMap"]: ...
+
+    def transposed_conv(self, coarse_features: Tensor, coarse: "KernelMap", weight: Tensor) -> Tensor: ...
+
 
 @dataclass
 class SparseTensor:
     """Features (N, C) on the active sites of ``cmap``."""
 
     features: Tensor
-    cmap: CoordinateMap
+    cmap: KernelMap
 
     def with_features(self, features: Tensor) -> "SparseTensor":
         return SparseTensor(features, self.cmap)
@@ -212,11 +252,7 @@ class SubmanifoldConv3d(_OffsetConv3d):
     OFFSETS = OFFSETS_3X3X3
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        src, dst, sizes = x.cmap.neighbours()
-        out = x.features @ self.weight[len(OFFSETS_3X3X3) // 2]
-        if src.numel():
-            out = out.index_add(0, dst, _per_offset_matmul(x.features.index_select(0, src), sizes, self.weight))
-        return x.with_features(self._with_bias(out))
+        return x.with_features(self._with_bias(x.cmap.submanifold_conv(x.features, self.weight)))
 
 
 class StridedConv3d(_OffsetConv3d):
@@ -225,9 +261,7 @@ class StridedConv3d(_OffsetConv3d):
     OFFSETS = OFFSETS_2X2X2
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        coarse, parent, order, sizes = x.cmap.coarser()
-        contributions = _per_offset_matmul(x.features.index_select(0, order), sizes, self.weight)
-        out = x.features.new_zeros(coarse.num_sites, self.weight.shape[2]).index_add(0, parent[order], contributions)
+        out, coarse = x.cmap.strided_conv(x.features, self.weight)
         return SparseTensor(self._with_bias(out), coarse)
 
 
@@ -236,13 +270,8 @@ class TransposedConv3d(_OffsetConv3d):
 
     OFFSETS = OFFSETS_2X2X2
 
-    def forward(self, x: SparseTensor, fine: CoordinateMap) -> SparseTensor:
-        coarse, parent, order, sizes = fine.coarser()
-        if coarse is not x.cmap:
-            raise ValueError("TransposedConv3d: the input does not live on the coarser level of the target map")
-        ordered = _per_offset_matmul(x.features.index_select(0, parent[order]), sizes, self.weight)
-        out = torch.empty_like(ordered).index_copy(0, order, ordered)
-        return SparseTensor(self._with_bias(out), fine)
+    def forward(self, x: SparseTensor, fine: KernelMap) -> SparseTensor:
+        return SparseTensor(self._with_bias(fine.transposed_conv(x.features, x.cmap, self.weight)), fine)
 
 
 class BatchNormReLU(nn.Module):

@@ -38,6 +38,7 @@ from xmcl.distill.superpixels import SuperpixelCache
 from xmcl.distill.voxel_net import SparseUNet
 from xmcl.errors import ConfigError
 from xmcl.nn.global_batchnorm import set_world
+from xmcl.nn.spconv_map import resolve_sparse_backend
 from xmcl.runtime.device import peak_memory_mib
 from xmcl.runtime.distributed import (
     SINGLE_PROCESS,
@@ -65,7 +66,8 @@ from xmcl.training.schedule import build_optimizer
 from xmcl.training.sharding import rank_batches
 
 # May change when a run resumes: the probe's settings and scene counts, and where superpixels are cached.
-RESUMABLE = ("probe.", "data.probe_train_scenes", "data.eval_scenes", "superpixels.cache_dir")
+RESUMABLE = ("probe.", "data.probe_train_scenes", "data.eval_scenes", "superpixels.cache_dir",
+             "voxel.sparse_backend")
 MODEL_STREAM = 3  # purpose of the 3D network's random stream drawn from run.seed (0, 1: augmentation, scene order)
 
 
@@ -97,6 +99,7 @@ def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bo
     checkpointer = Checkpointer(folder, *DISTILL_CHECKPOINT, resumable=RESUMABLE)
     device, threads = start_run(cfg.run)
     precision = Precision(cfg.run.amp, device)
+    resolve_sparse_backend(cfg.voxel.sparse_backend, device)  # refuse "spconv" without spconv before any work
     net = build_voxel_net(cfg.voxel).to(device)
     head = cuda_layout(build_image_head(cfg).to(device), device)
     loss_fn = build_distill_loss(cfg)

@@ -42,6 +42,7 @@ from xmcl.distill.scene import Scene
 from xmcl.distill.segmentation_loss import cross_entropy_lovasz
 from xmcl.errors import ConfigError, DataError
 from xmcl.metrics.segmentation import segmentation_scores
+from xmcl.nn.spconv_map import resolve_sparse_backend
 from xmcl.runtime.device import resolve_device
 from xmcl.runtime.files import atomic_write_text, check_output_dir
 from xmcl.runtime.rng import seed_everything, seeded_generator
@@ -146,9 +147,10 @@ def run_probe(cfg: DistillConfig, checkpoint: Path | None, out_dir: Path, mode: 
         raise ConfigError(f"label fraction must be in (0, 1], got {label_fraction}")
     check_output_dir(Path(out_dir), "--out")  # before the training, not after it
     device = resolve_device(cfg.run.device)
+    resolve_sparse_backend(cfg.voxel.sparse_backend, device)  # refuse "spconv" without spconv before any work
     seed_everything(cfg.probe.seed)
     if checkpoint is not None:
-        net, voxel_cfg = load_pretrained_backbone(Path(checkpoint), device)
+        net, voxel_cfg = load_pretrained_backbone(Path(checkpoint), device, cfg.voxel.sparse_backend)
     else:
         voxel_cfg = cfg.voxel
         net = build_voxel_net(voxel_cfg).to(device)
