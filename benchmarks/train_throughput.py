@@ -44,6 +44,7 @@ from timing import gemm_gflops, gflop  # noqa: E402
 from xmcl.config import load_config  # noqa: E402
 from xmcl.retrieval.config import RetrievalTrainConfig  # noqa: E402
 from xmcl.retrieval.model import USERModel  # noqa: E402
+from xmcl.runtime.allocator import keep_freed_memory  # noqa: E402
 from xmcl.runtime.device import resolve_device  # noqa: E402
 from xmcl.runtime.threads import ThreadBudget  # noqa: E402
 
@@ -252,6 +253,7 @@ def render_locked(d: dict) -> str:
 
 def main() -> None:
     args = parse_args()
+    keep_freed_memory()  # as every training loop does (start_run)
     if args.locked:
         measure_locked(args)
         return

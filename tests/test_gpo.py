@@ -105,6 +105,24 @@ def test_descending_order_sorts_like_torch_sort_ties_included(dtype):
     assert torch.equal(x.gather(2, order), x.sort(dim=2, descending=True).values)
 
 
+def test_descending_order_of_float32_keys_every_magnitude_over_threads():
+    """The packed float64 keys of float32 rows: signed zeros, subnormals, huge values, infinities, ties; rows split
+    over two threads."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(257, 49, generator=gen) * torch.logspace(-44, 38, 49)[torch.randperm(49, generator=gen)]
+    x[::3, :7] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3.4e38, float("inf"), float("-inf")])
+    x[1::3, 10:20] = 2.5  # ties
+    x[2::3, 40:] = float("-inf")  # pads
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        order = descending_order(x)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(order.sort(dim=1).values, torch.arange(49).expand(257, 49))  # a permutation of each row
+    assert torch.equal(x.gather(1, order), x.sort(dim=1, descending=True).values)
+
+
 @pytest.mark.parametrize("lengths", [LENGTHS, [7, 7, 7, 7]])
 def test_gpo_gradient_is_each_values_rank_weight(lengths):
     """d/dx_bid of sum_d c_d * GPO(x)_bd is c_d * theta_b[rank of x_bid among the valid x_b.d], 0 on pads."""

@@ -7,12 +7,14 @@ influence the result, so the output does not depend on how much padding a batch 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from xmcl.errors import ConfigError
+from xmcl.nn.gru_scan import bidirectional_gru_mean
 from xmcl.nn.sequence import BiGRU, all_valid, length_mask
 
 
@@ -34,14 +36,68 @@ def positional_encoding(length: int, dim: int, device: torch.device | None = Non
 def descending_order(values: Tensor) -> Tensor:
     """Indices that sort ``values (..., L)`` in descending order along its last dimension (no gradient flows).
 
-    On CPU float32/float64 it is numpy's vectorised argsort: for the short rows pooling sorts (49 cells, ~15
-    tokens) several times faster than ``torch.sort``. Elsewhere (CUDA, half precision) it is ``torch.argsort``. The
-    two may order equal values differently, which changes no sorted value.
+    On CPU float32/float64 it is numpy's sort, large inputs split over torch's threads (numpy sorts without the GIL):
+    for the short rows pooling sorts (49 cells, ~15 tokens) several times faster than ``torch.sort``. Elsewhere
+    (CUDA, half precision) it is ``torch.argsort``. The two may order equal values differently, which changes no
+    sorted value. Values are not NaN.
     """
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
-        keys = -values.detach().numpy()  # ascending on -x: the -inf pads go last
-        return torch.from_numpy(np.argsort(keys, axis=-1))
+        rows = values.detach().reshape(-1, values.shape[-1]).numpy()
+        order = np.empty(rows.shape, dtype=np.int64)
+        sort = _descending_float32 if rows.dtype == np.float32 and rows.shape[1] < 1 << _INDEX_BITS \
+            else _descending_argsort
+        parts = max(1, min(torch.get_num_threads(), rows.size // _SPLIT_ELEMENTS + 1, rows.shape[0]))
+        bounds = np.linspace(0, rows.shape[0], parts + 1).astype(int)
+        spans = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
+
+        def sort_span(span: slice) -> None:
+            order[span] = sort(rows[span])
+
+        if parts == 1:
+            sort_span(spans[0])
+        else:
+            list(_sorting_pool(parts).map(sort_span, spans))
+        return torch.from_numpy(order).view(values.shape)
     return torch.argsort(values.detach(), dim=-1, descending=True)
+
+
+_INDEX_BITS = 29  # a float32 widened to float64 has its 29 lowest mantissa bits zero
+_BEYOND_FLOAT32 = 2.0 ** 1000
+_SPLIT_ELEMENTS = 1 << 15  # rows are split over threads in parts of at least this many values
+_pool: ThreadPoolExecutor | None = None
+
+
+def _sorting_pool(workers: int) -> ThreadPoolExecutor:
+    """The threads ``descending_order`` splits its rows over (made once, grown when more are asked for)."""
+    global _pool
+    if _pool is None or _pool._max_workers < workers:
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xmcl-sort")
+    return _pool
+
+
+def _descending_argsort(rows: np.ndarray) -> np.ndarray:
+    """``np.argsort`` of ``-rows``: descending, the -inf pads last."""
+    return np.argsort(-rows, axis=-1)
+
+
+def _descending_float32(rows: np.ndarray) -> np.ndarray:
+    """Descending order of float32 rows ``(n, L)`` by one sort of float64 keys that carry their column.
+
+    Each value is widened to float64 and its column index written into the 29 low mantissa bits, which widening
+    leaves zero: that moves a key by less than the gap to the next float32, so keys order as their values do
+    (equal values by column). Sorting the negated keys ascending (numpy's vectorised sort of plain values, about
+    twice as fast as its argsort) is the descending order; the columns are read back from the low bits. Infinities
+    (the -inf pads) become +-2^1000 first, beyond every float32 and with a zero mantissa: an infinity's low bits
+    would make it a NaN, whose bits the sort does not keep.
+    """
+    keys = rows.astype(np.float64)
+    np.clip(keys, -_BEYOND_FLOAT32, _BEYOND_FLOAT32, out=keys)
+    bits = keys.view(np.int64)
+    bits |= np.arange(rows.shape[1], dtype=np.int64)
+    np.negative(keys, out=keys)
+    keys.sort(axis=-1)
+    bits &= (1 << _INDEX_BITS) - 1
+    return bits
 
 
 class MeanPooling(nn.Module):
@@ -83,14 +139,18 @@ class GPO(nn.Module):
         """``(B, max_len)`` weights over ranks: softmax over the first ``lengths[b]`` ranks, 0 beyond.
 
         The weights depend on ``n`` alone, so the BiGRU runs once per distinct length (a batch of 49-cell grids
-        is one sequence, not B) and each row takes the weights of its length.
+        is one sequence, not B) and each row takes the weights of its length. On the CPU it runs as
+        ``xmcl.nn.gru_scan`` (the same function: a few short sequences cost per operator there, and that scan has
+        fewer); on CUDA as ``nn.GRU`` (cuDNN).
         """
         device = self.scorer.weight.device
         distinct, row_of = torch.unique(lengths.to(device), return_inverse=True)
         mask = length_mask(distinct, max_len)
         pe = positional_encoding(max_len, self.d_pe, device=device)
         pe = pe.to(self.scorer.weight.dtype).expand(distinct.size(0), max_len, self.d_pe)
-        scores = self.scorer(self.gru(pe, distinct)).squeeze(-1)
+        states = (bidirectional_gru_mean(pe, distinct, self.gru.gru) if device.type == "cpu"
+                  else self.gru(pe, distinct))
+        scores = self.scorer(states).squeeze(-1)
         scores = scores.masked_fill(~mask, float("-inf"))
         return torch.softmax(scores / self.temperature, dim=1)[row_of]
 

@@ -11,6 +11,7 @@ import torch
 
 from xmcl.config import FieldRangeError, require
 from xmcl.errors import ConfigError
+from xmcl.runtime.allocator import keep_freed_memory
 from xmcl.runtime.device import resolve_device
 from xmcl.runtime.rng import seed_everything
 from xmcl.runtime.threads import ThreadBudget
@@ -57,9 +58,10 @@ class RunConfig:
 
 
 def start_run(run: RunConfig) -> tuple[torch.device, ThreadBudget]:
-    """Apply ``run``: torch threads (``ThreadBudget``; a loop calls its ``update`` at every step), every seed, and on
-    CUDA cuDNN's autotuner (``cudnn.benchmark``: the fastest kernels for the run's shapes); returns the resolved
-    device and the thread budget."""
+    """Apply ``run``: torch threads (``ThreadBudget``; a loop calls its ``update`` at every step), every seed, freed
+    memory kept for the next step (``xmcl.runtime.allocator``), and on CUDA cuDNN's autotuner (``cudnn.benchmark``:
+    the fastest kernels for the run's shapes); returns the resolved device and the thread budget."""
+    keep_freed_memory()
     device = resolve_device(run.device)
     threads = ThreadBudget(run.threads)
     if device.type == "cuda":
