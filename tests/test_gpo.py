@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from xmcl.errors import ConfigError, DataError
-from xmcl.nn.gpo import GPO, MaxPooling, MeanPooling, build_pooling, descending_order, positional_encoding
+from xmcl.nn.gpo import (
+    GPO,
+    MaxPooling,
+    MeanPooling,
+    build_pooling,
+    descending_order,
+    descending_values,
+    positional_encoding,
+)
 from xmcl.nn.sequence import BiGRU, length_mask
 
 LENGTHS = [5, 2, 7, 1]
@@ -121,6 +129,26 @@ def test_descending_order_of_float32_keys_every_magnitude_over_threads():
         torch.set_num_threads(previous)
     assert torch.equal(order.sort(dim=1).values, torch.arange(49).expand(257, 49))  # a permutation of each row
     assert torch.equal(x.gather(1, order), x.sort(dim=1, descending=True).values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_descending_values_equal_torch_sort(dtype):
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randint(-3, 4, (300, 49), generator=gen).to(dtype) * torch.rand(300, 49, generator=gen, dtype=dtype)
+    x[::2, 30:] = float("-inf")
+    assert torch.equal(descending_values(x), x.sort(dim=1, descending=True).values)
+
+
+@pytest.mark.parametrize("lengths", [LENGTHS, [7, 7, 7, 7]])
+def test_gpo_without_gradients_pools_as_with_them(lengths):
+    """The no-grad path (sorted values alone) against the gather of the permutation."""
+    torch.manual_seed(8)
+    gpo = GPO()
+    x, lengths_t = padded_batch(lengths, pad_to=7, seed=9)
+    with_grad = gpo(x.clone().requires_grad_(True), lengths_t)
+    with torch.no_grad():
+        without = gpo(x, lengths_t)
+    torch.testing.assert_close(without, with_grad.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("lengths", [LENGTHS, [7, 7, 7, 7]])

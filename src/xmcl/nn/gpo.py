@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,37 +43,50 @@ def descending_order(values: Tensor) -> Tensor:
     sorted value. Values are not NaN.
     """
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
-        rows = values.detach().reshape(-1, values.shape[-1]).numpy()
-        order = np.empty(rows.shape, dtype=np.int64)
-        sort = _descending_float32 if rows.dtype == np.float32 and rows.shape[1] < 1 << _INDEX_BITS \
-            else _descending_argsort
-        parts = max(1, min(torch.get_num_threads(), rows.size // _SPLIT_ELEMENTS + 1, rows.shape[0]))
-        bounds = np.linspace(0, rows.shape[0], parts + 1).astype(int)
-        spans = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
-
-        def sort_span(span: slice) -> None:
-            order[span] = sort(rows[span])
-
-        if parts == 1:
-            sort_span(spans[0])
-        else:
-            list(_sorting_pool(parts).map(sort_span, spans))
-        return torch.from_numpy(order).view(values.shape)
+        long_rows = values.shape[-1] >= 1 << _INDEX_BITS
+        return _by_rows(values, _descending_float32 if values.dtype == torch.float32 and not long_rows
+                        else _descending_argsort, np.int64)
     return torch.argsort(values.detach(), dim=-1, descending=True)
+
+
+def descending_values(values: Tensor) -> Tensor:
+    """``values (..., L)`` sorted in descending order along the last dimension, without the permutation (no
+    gradient): on CPU float32/float64 numpy's sort, as ``descending_order``; elsewhere ``torch.sort``."""
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        return _by_rows(values, lambda rows: -np.sort(-rows, axis=-1), rows_dtype=None)
+    return torch.sort(values.detach(), dim=-1, descending=True).values
+
+
+def _by_rows(values: Tensor, sort: Callable[[np.ndarray], np.ndarray], rows_dtype: type | None) -> Tensor:
+    """``sort`` applied to the rows of ``values (..., L)`` (CPU), in parts over torch's threads when it is large;
+    the result has ``values``' shape and ``rows_dtype`` (None: ``values``' dtype)."""
+    rows = values.detach().reshape(-1, values.shape[-1]).numpy()
+    out = np.empty(rows.shape, dtype=rows.dtype if rows_dtype is None else rows_dtype)
+    parts = max(1, min(torch.get_num_threads(), rows.size // _SPLIT_ELEMENTS + 1, rows.shape[0]))
+    bounds = np.linspace(0, rows.shape[0], parts + 1).astype(int)
+    spans = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
+
+    def sort_span(span: slice) -> None:
+        out[span] = sort(rows[span])
+
+    if parts == 1:
+        sort_span(spans[0])
+    else:
+        list(_sorting_pool(parts).map(sort_span, spans))
+    return torch.from_numpy(out).view(values.shape)
 
 
 _INDEX_BITS = 29  # a float32 widened to float64 has its 29 lowest mantissa bits zero
 _BEYOND_FLOAT32 = 2.0 ** 1000
 _SPLIT_ELEMENTS = 1 << 15  # rows are split over threads in parts of at least this many values
-_pool: ThreadPoolExecutor | None = None
+_pools: dict[int, ThreadPoolExecutor] = {}
 
 
 def _sorting_pool(workers: int) -> ThreadPoolExecutor:
-    """The threads ``descending_order`` splits its rows over (made once, grown when more are asked for)."""
-    global _pool
-    if _pool is None or _pool._max_workers < workers:
-        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xmcl-sort")
-    return _pool
+    """The ``workers`` threads ``descending_order`` splits its rows over (made once per count)."""
+    if workers not in _pools:
+        _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xmcl-sort")
+    return _pools[workers]
 
 
 def _descending_argsort(rows: np.ndarray) -> np.ndarray:
@@ -161,11 +175,14 @@ class GPO(nn.Module):
         # each dimension's values as a contiguous row (B, D, L): the sort, the gather and its backward's scatter
         # then run along contiguous memory
         columns = features.transpose(1, 2).contiguous()
-        if all_valid(mask):  # nothing padded (grid cells): no masking
-            return (columns.gather(2, descending_order(columns)) * weights).sum(dim=2)
-        keys = columns.detach().masked_fill(~mask, float("-inf"))
-        ranked = columns.gather(2, descending_order(keys))
-        ranked = ranked.masked_fill(~mask, 0)  # the valid values occupy ranks 0..n-1; a pad's weight is 0 anyway
+        padded = not all_valid(mask)  # grid cells: nothing padded, no masking
+        keys = columns.detach().masked_fill(~mask, float("-inf")) if padded else columns.detach()
+        if torch.is_grad_enabled() and columns.requires_grad:
+            ranked = columns.gather(2, descending_order(keys))
+        else:  # nothing to differentiate (a key encoder, inference): the sorted values, without the permutation
+            ranked = descending_values(keys)
+        if padded:  # the valid values occupy ranks 0..n-1; a pad's weight is 0 anyway
+            ranked = ranked.masked_fill(~mask, 0)
         return (ranked * weights).sum(dim=2)
 
 
