@@ -18,10 +18,11 @@ Figures in OUT/figures.json; prints their block of docs/results.md (USER's step 
 ``--locked``: the variants of the shipped model's regime (``configs/flickr8k_locked.yaml``: 128 images of 7 x 7 cells
 through the frozen 256-d PCA, cached 384-d MiniLM token states): USER, USER with tolerant queues
 (``flickr8k_locked_tolerant``) and InfoNCE (``variants/infonce`` over it). For each: the median step on 2 threads
-and on 1, the FLOP bound (its GFLOP over the GEMM rate measured on the same threads) and the step's ratio to it,
-the 2-thread over 1-thread speed-up, and the throughput beside one busy-looping process (the threads chosen as
-``run.threads: 0`` does, with the command line's OpenMP spin) over the idle 2-thread throughput. Targets: USER's
-step <= 2x its bound; 2 threads >= 1.7x one; beside a busy process >= 0.45x of idle.
+and on 1, the FLOP bound (its GFLOP over the GEMM rate on the same threads, the best of its measurements before
+and after each variant) and the step's ratio to it, the 2-thread over 1-thread speed-up, and the throughput beside
+one busy-looping process (the threads chosen as ``run.threads: 0`` does, with the command line's OpenMP spin) over
+the idle 2-thread throughput. Targets: USER's step <= 2x its bound; 2 threads >= 1.7x one; beside a busy process
+>= 0.45x of idle.
 """
 
 from __future__ import annotations
@@ -207,10 +208,12 @@ def measure_locked(args: argparse.Namespace) -> None:
     medians, rates = {}, {}
     for threads in (2, 1):
         torch.set_num_threads(threads)
-        rates[threads] = gemm_gflops()
-        medians[threads] = {name: statistics.median(step_seconds({name: stepper}, batches[name], args.steps,
-                                                                 args.warmup, torch.device("cpu"))[name])
-                            for name, stepper in steppers.items()}
+        rate_samples, medians[threads] = [gemm_gflops()], {}
+        for name, stepper in steppers.items():
+            medians[threads][name] = statistics.median(step_seconds({name: stepper}, batches[name], args.steps,
+                                                                    args.warmup, torch.device("cpu"))[name])
+            rate_samples.append(gemm_gflops())
+        rates[threads] = max(rate_samples)  # the hardware's rate: shared cores only ever lower a measurement
     spinner = busy_loop(600)
     try:
         time.sleep(0.5)
