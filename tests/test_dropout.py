@@ -60,3 +60,14 @@ def test_the_cpu_mask_keeps_each_lane_at_the_rate_asked(p: float) -> None:
     for lane in range(4):
         assert float(mask[lane::4].float().mean()) == pytest.approx(1 - p, abs=tolerance), lane
     assert cpu_keep_mask(torch.Size([3, 5]), p).shape == (3, 5)  # a count that is not a multiple of 4
+
+
+def test_the_cpu_output_is_the_input_times_its_scaled_mask() -> None:
+    """The select form equals the product with the float mask (the earlier form), value for value."""
+    from xmcl.nn.dropout import cpu_keep_mask
+
+    x = torch.randn(128, 49, 32)
+    torch.manual_seed(6)
+    mask = cpu_keep_mask(x.shape, 0.4)
+    torch.manual_seed(6)
+    assert torch.equal(Dropout(0.4).train()(x), x * (mask.to(x.dtype) * (1.0 / 0.6)))
