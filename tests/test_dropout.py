@@ -63,7 +63,7 @@ def test_the_cpu_mask_keeps_each_lane_at_the_rate_asked(p: float) -> None:
 
 
 def test_the_cpu_output_is_the_input_times_its_scaled_mask() -> None:
-    """The select form equals the product with the float mask (the earlier form), value for value."""
+    """The CPU output is ``x`` times the mask of ``cpu_keep_mask`` drawn from the global generator, scaled."""
     from xmcl.nn.dropout import cpu_keep_mask
 
     x = torch.randn(128, 49, 32)
