@@ -19,7 +19,7 @@ docs/results.md is printed.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
+import importlib
 import statistics
 from pathlib import Path
 from typing import Callable
@@ -55,8 +55,7 @@ def max_diff(a: Tensor, b: Tensor) -> float:
 
 def site_order(cmap: KernelMap) -> Tensor:
     """The rows of ``cmap``'s sites in sorted-key order (the torch backend's order)."""
-    coords = cmap.coords if isinstance(cmap, CoordinateMap) else cmap.coordinates()
-    return torch.argsort(hash_coordinates(coords))
+    return torch.argsort(hash_coordinates(cmap.coords))
 
 
 def compare(kind: str, channels: int, coords: Tensor, repeats: int) -> dict:
@@ -139,7 +138,7 @@ def main() -> None:
             layers.append(layer)
     write_figures(args.out, "sparse_conv_backends", args, {
         "points": scene.num_points, "voxels": int(coords.shape[0]), "coarse_voxels": int(coarse),
-        "spconv": importlib.metadata.version("spconv-cu126") if spconv_importable() else None, "layers": layers},
+        "spconv": importlib.import_module("spconv").__version__ if spconv_importable() else None, "layers": layers},
         show=render)
 
 

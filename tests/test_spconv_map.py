@@ -52,7 +52,7 @@ def test_each_convolution_and_its_gradients_equal_the_torch_backend() -> None:
         coarse = down(x)
         out = up(coarse, x.cmap)
         params = [features, subm.weight, down.weight, up.weight]
-        coarse_coords = coarse.cmap.coords if isinstance(coarse.cmap, CoordinateMap) else coarse.cmap.coordinates()
+        coarse_coords = coarse.cmap.coords
         by_site = torch.argsort(hash_coordinates(coarse_coords))  # the torch backend's order: sorted keys
         results.append((x.features, coarse_coords[by_site], coarse.features[by_site], out.features,
                          _grads(out.features, params, 1)))

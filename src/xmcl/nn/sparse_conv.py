@@ -203,6 +203,8 @@ class KernelMap(Protocol):
     (``(n_offsets, C_in, C_out)``): ``CoordinateMap`` in plain PyTorch, ``xmcl.nn.spconv_map.SpconvMap`` through
     spconv. The two compute the same function; the site order of coarser levels may differ between them."""
 
+    coords: Tensor  # (N, 4) int64 (b, i, j, k) of the sites, in this map's order
+
     @property
     def num_sites(self) -> int: ...
 

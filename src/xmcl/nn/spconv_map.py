@@ -100,7 +100,8 @@ class SpconvMap:
     def num_sites(self) -> int:
         return int(self.indices.shape[0])
 
-    def coordinates(self) -> Tensor:
+    @property
+    def coords(self) -> Tensor:
         """(N, 4) int64 ``(b, i, j, k)`` of the sites in this level's voxel units, in spconv's order."""
         coords = self.indices.long()
         return torch.cat([coords[:, :1], coords[:, 1:] + self.shift], dim=1)
