@@ -113,11 +113,17 @@ def test_descending_order_sorts_like_torch_sort_ties_included(dtype):
     assert torch.equal(x.gather(2, order), x.sort(dim=2, descending=True).values)
 
 
-def test_descending_order_of_float32_keys_every_magnitude_over_threads():
+def test_descending_order_of_float32_keys_every_magnitude_over_threads(monkeypatch):
     """The packed float64 keys of float32 rows: signed zeros, subnormals, huge values, infinities, ties; rows split
     over two threads."""
+    from xmcl.nn import gpo
+
+    rows = 2 * gpo._SPLIT_ELEMENTS // 49 + 1  # enough values for two parts
+    pools = []
+    real_pool = gpo._sorting_pool
+    monkeypatch.setattr(gpo, "_sorting_pool", lambda workers: pools.append(workers) or real_pool(workers))
     gen = torch.Generator().manual_seed(11)
-    x = torch.randn(257, 49, generator=gen) * torch.logspace(-44, 38, 49)[torch.randperm(49, generator=gen)]
+    x = torch.randn(rows, 49, generator=gen) * torch.logspace(-44, 38, 49)[torch.randperm(49, generator=gen)]
     x[::3, :7] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3.4e38, float("inf"), float("-inf")])
     x[1::3, 10:20] = 2.5  # ties
     x[2::3, 40:] = float("-inf")  # pads
@@ -127,7 +133,8 @@ def test_descending_order_of_float32_keys_every_magnitude_over_threads():
         order = descending_order(x)
     finally:
         torch.set_num_threads(previous)
-    assert torch.equal(order.sort(dim=1).values, torch.arange(49).expand(257, 49))  # a permutation of each row
+    assert pools == [2]
+    assert torch.equal(order.sort(dim=1).values, torch.arange(49).expand(rows, 49))  # a permutation of each row
     assert torch.equal(x.gather(1, order), x.sort(dim=1, descending=True).values)
 
 
