@@ -53,7 +53,7 @@ def descending_values(values: Tensor) -> Tensor:
     """``values (..., L)`` sorted in descending order along the last dimension, without the permutation (no
     gradient): on CPU float32/float64 numpy's sort, as ``descending_order``; elsewhere ``torch.sort``."""
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
-        return _by_rows(values, lambda rows: -np.sort(-rows, axis=-1), rows_dtype=None)
+        return _by_rows(values, lambda rows: np.sort(rows, axis=-1)[:, ::-1], rows_dtype=None)
     return torch.sort(values.detach(), dim=-1, descending=True).values
 
 
