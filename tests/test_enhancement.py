@@ -25,10 +25,10 @@ def repad(x, pad_to, pad_value):
     return out
 
 
-def loop_guided(local, guide, lam):
+def loop_guided(local, guide, lam, lengths=LENGTHS):
     """v_i + a_i g with a = softmax(lam <g, v_i>) / ||softmax||_2, written out with Python floats."""
     out = local.clone()
-    for b, n in enumerate(LENGTHS):
+    for b, n in enumerate(lengths):
         g = guide[b].tolist()
         scores = [lam * sum(gi * vi for gi, vi in zip(g, local[b, i].tolist())) for i in range(n)]
         top = max(scores)
@@ -65,7 +65,7 @@ def test_guided_enhancement_ignores_pads():
         assert torch.all(noisy_out[b, n:] == 1e4)  # pads pass through unchanged
 
 
-def loop_sge(sge, local):
+def loop_sge(sge, local, lengths=LENGTHS):
     """SGE in eval mode, per sample: g0 = mean, w = softmax(w_c . tanh(BN W_l v_i) * tanh(BN W_g g0))."""
 
     def branch(seq, x):
@@ -75,14 +75,14 @@ def loop_sge(sge, local):
         return torch.tanh(y)
 
     guides = torch.zeros(local.shape[0], local.shape[2])
-    for b, n in enumerate(LENGTHS):
+    for b, n in enumerate(lengths):
         v = local[b, :n]
         gate = branch(sge.global_branch, v.mean(0))
         scores = [sge.scorer(branch(sge.local_branch, v[i]) * gate).item() for i in range(n)]
         weights = [math.exp(s - max(scores)) for s in scores]
         pooled = sum(w * v[i] for i, w in enumerate(weights)) / sum(weights)
         guides[b] = pooled / pooled.norm()
-    return guides, loop_guided(local, guides, sge.lam)
+    return guides, loop_guided(local, guides, sge.lam, lengths)
 
 
 def test_sge_matches_a_loop_in_eval_mode():
@@ -97,6 +97,23 @@ def test_sge_matches_a_loop_in_eval_mode():
     with torch.no_grad():
         torch.testing.assert_close(sge.guide(local, lengths), guides, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(sge(local, lengths), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sge_over_complete_sets_in_eval_mode_matches_a_loop():
+    """Nothing padded: the eval path folds BN and tanh's doubling into one product (``SGE.local_scores``)."""
+    torch.manual_seed(4)
+    sge = SGE(5, lam=1.5)
+    for norm in (sge.local_branch[1], sge.global_branch[1]):
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.data.uniform_(0.5, 1.5)
+        norm.bias.data.uniform_(-0.3, 0.3)
+    sge.eval()
+    local, lengths = torch.randn(3, 6, 5), [6, 6, 6]
+    guides, expected = loop_sge(sge, local, lengths)
+    with torch.no_grad():
+        torch.testing.assert_close(sge.guide(local, torch.tensor(lengths)), guides, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sge(local, torch.tensor(lengths)), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_sge_in_training_ignores_pads_even_in_its_batch_statistics():

@@ -7,6 +7,7 @@ import torch
 
 from xmcl.contrast import build_retrieval_loss
 from xmcl.errors import ConfigError, DataError
+from xmcl.nn.global_batchnorm import fold_batchnorm
 from xmcl.nn.heads import ProjectionHead
 from xmcl.retrieval.config import RetrievalLossConfig
 from xmcl.retrieval.encoders import HFTextModel, build_text_encoder, drop_grid_cells
@@ -44,6 +45,51 @@ def test_projection_head_normalises_over_valid_locals_only():
     assert head(torch.randn(5, 6)).shape == (5, 4)  # no lengths: every row is a location
     full, one_pad = torch.full((3,), 3), torch.cat([x, torch.full((3, 1, 6), 50.0)], dim=1)
     torch.testing.assert_close(head(x, full), head(one_pad, full)[:, :3])  # unpadded path = masked path
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fold_batchnorm_is_the_layer_and_its_eval_norm_in_one_product(affine, bias):
+    torch.manual_seed(5)
+    linear, norm = torch.nn.Linear(7, 4, bias=bias), torch.nn.BatchNorm1d(4, affine=affine).eval()
+    norm.running_mean.uniform_(-1.0, 1.0)
+    norm.running_var.uniform_(0.2, 3.0)
+    if affine:
+        norm.weight.data.uniform_(0.5, 1.5)
+        norm.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(9, 7)
+    weight, shift = fold_batchnorm(linear, norm, scale=2.0)
+    torch.testing.assert_close(x @ weight.t() + shift, 2.0 * norm(linear(x)), rtol=1e-5, atol=1e-6)
+
+
+def test_projection_head_equals_its_layers_in_training_and_in_eval_with_gradients():
+    """``project`` accumulates fc's and the MLP's products in one buffer and, in eval mode, folds BN into W_1: the
+    same values and gradients as ``fc(x) + mlp(x)`` through the layers' own forward."""
+    torch.manual_seed(3)
+    head = ProjectionHead(12, 10, hidden_dim=6)
+    norm = head.mlp[1]
+    norm.running_mean.uniform_(-0.5, 0.5)
+    norm.running_var.uniform_(0.5, 2.0)
+    norm.weight.data.uniform_(0.5, 1.5)
+    norm.bias.data.uniform_(-0.3, 0.3)
+    for layer in (head.fc, head.mlp[0], head.mlp[3]):
+        layer.bias.data.uniform_(-0.2, 0.2)
+    twin = ProjectionHead(12, 10, hidden_dim=6)
+    twin.load_state_dict(head.state_dict())
+    x, weights = torch.randn(4, 5, 12), torch.randn(4, 5, 10)
+    for training in (True, False):
+        head.train(training), twin.train(training)
+        mine, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        got = head(mine, torch.full((4,), 5))
+        expected = (twin.fc(theirs) + twin.mlp(theirs.reshape(-1, 12)).view(4, 5, 10))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        (got * weights).sum().backward()
+        (expected * weights).sum().backward()
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-6)
+        for (name, p), q in zip(head.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=f"{name} (training={training})")
+            p.grad, q.grad = None, None
+    torch.testing.assert_close(head.mlp[1].running_mean, twin.mlp[1].running_mean)
 
 
 # ---------------------------------------------------------------- encoders

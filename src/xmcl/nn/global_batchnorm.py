@@ -41,6 +41,18 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         return normalised * self.weight + self.bias if self.affine else normalised
 
 
+def fold_batchnorm(linear: nn.Linear, norm: nn.BatchNorm1d, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``(W', b')`` with ``x W'^T + b' = scale * norm(linear(x))`` for ``norm`` in eval mode (running statistics):
+    with ``r = gamma / sqrt(running_var + eps)``, ``W' = scale * r W`` (row-wise) and
+    ``b' = scale * (r (b - running_mean) + beta)``. One product then does the work of the layer and its norm."""
+    rate = torch.rsqrt(norm.running_var + norm.eps)
+    shift = -norm.running_mean if linear.bias is None else linear.bias - norm.running_mean
+    if norm.affine:
+        rate = rate * norm.weight
+    bias = rate * shift + norm.bias if norm.affine else rate * shift
+    return linear.weight * (scale * rate).unsqueeze(1), scale * bias
+
+
 def set_world(module: nn.Module, world: World) -> None:
     """Give every ``GlobalBatchNorm1d`` inside ``module`` the data-parallel ``world``."""
     for sub in module.modules():

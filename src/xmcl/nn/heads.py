@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from xmcl.errors import ConfigError
-from xmcl.nn.global_batchnorm import GlobalBatchNorm1d
+from xmcl.nn.global_batchnorm import GlobalBatchNorm1d, fold_batchnorm
 from xmcl.nn.sequence import all_valid, length_mask
 
 HEAD_INITS = ("xavier_kaiming", "pytorch")
@@ -50,10 +51,21 @@ class ProjectionHead(nn.Module):
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         mask = None if lengths is None else length_mask(lengths.to(x.device), x.size(1))
         if mask is None or all_valid(mask):  # nothing padded: no gather and scatter
-            flat = x.reshape(-1, x.size(-1))
-            return (self.fc(flat) + self.mlp(flat)).reshape(*x.shape[:-1], self.out_dim)
-        valid = x[mask]  # (N_valid, D_in): the only rows the normalisation sees
-        projected = self.fc(valid) + self.mlp(valid)
+            return self.project(x.reshape(-1, x.size(-1))).reshape(*x.shape[:-1], self.out_dim)
+        projected = self.project(x[mask])  # the valid rows (N_valid, D_in): the only ones the normalisation sees
         out = projected.new_zeros(*mask.shape, self.out_dim)
         out[mask] = projected
         return out
+
+    def project(self, rows: Tensor) -> Tensor:
+        """``fc(x) + mlp(x)`` of ``rows (N, D_in)``: the two output products accumulate into one buffer that starts
+        from both biases (no separate sum); in eval mode the BN is folded into ``W_1`` (``fold_batchnorm``)."""
+        first, norm, _, last = self.mlp
+        if norm.training:
+            hidden = norm(first(rows)).relu_()
+        else:
+            weight, bias = fold_batchnorm(first, norm)
+            hidden = torch.addmm(bias, rows, weight.t()).relu_()
+        out = torch.addmm(self.fc.bias + last.bias, rows, self.fc.weight.t())
+        # in-place products escape autocast: the second takes the first's dtype (the same one outside autocast)
+        return out.addmm_(hidden.to(out.dtype), last.weight.t().to(out.dtype))

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from xmcl.nn.activations import FastTanh
 from xmcl.nn.dropout import Dropout
-from xmcl.nn.global_batchnorm import GlobalBatchNorm1d
+from xmcl.nn.global_batchnorm import GlobalBatchNorm1d, fold_batchnorm
 from xmcl.nn.gpo import MeanPooling
 from xmcl.nn.sequence import all_valid, length_mask
 
@@ -28,10 +28,10 @@ def guided_enhancement(local: Tensor, lengths: Tensor, guide: Tensor, lam: float
     ``local (B, R, d)``, ``lengths (B,)``, ``guide (B, d)`` -> ``(B, R, d)``.
     """
     mask = length_mask(lengths.to(local.device), local.size(1))
-    scores = torch.einsum("brd,bd->br", local, guide) * lam
+    scores = (local * guide.unsqueeze(1)).sum(-1) * lam  # on CPU a product and a sum outrun a batched mat-vec
     attention = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=1)
     attention = F.normalize(attention, p=2, dim=1)
-    return local + attention.unsqueeze(-1) * guide.unsqueeze(1)
+    return torch.baddbmm(local, attention.unsqueeze(-1), guide.unsqueeze(1))
 
 
 class SGE(nn.Module):
@@ -59,21 +59,32 @@ class SGE(nn.Module):
         gate = self.global_branch(MeanPooling()(local, lengths))  # (B, d)
         # w_c . (h_i * gate) + b = h_i . (gate * w_c) + b: the (B, R, d) product is never formed
         scorer = gate * self.scorer.weight.squeeze(0)  # (B, d)
-        if all_valid(mask):  # nothing padded: every (b, i) is valid, no gather and scatter
-            hidden = self.local_branch(local.reshape(-1, local.size(-1))).view_as(local)  # BN over (B * R, d)
-            return torch.softmax(torch.bmm(hidden, scorer.unsqueeze(-1)).squeeze(-1) + self.scorer.bias, dim=1)
+        if all_valid(mask):  # nothing padded: every (b, i) is valid, no gather and scatter; BN over (B * R, d)
+            return torch.softmax(self.local_scores(local, scorer.unsqueeze(1)) + self.scorer.bias, dim=1)
         rows = mask.nonzero(as_tuple=True)  # the valid (b, i) pairs: BN sees only these
-        scores_valid = (self.local_branch(local[rows]) * scorer[rows[0]]).sum(-1) + self.scorer.bias
+        scores_valid = self.local_scores(local[rows], scorer[rows[0]]) + self.scorer.bias
         scores = scores_valid.new_full(mask.shape, float("-inf"))
         scores[rows] = scores_valid
         return torch.softmax(scores, dim=1)
+
+    def local_scores(self, local: Tensor, scorer: Tensor) -> Tensor:
+        """``h_i . s`` for the locals ``local (..., d)`` and ``scorer`` broadcast to them, ``h_i`` the local branch's
+        output. In eval mode (dropout off, BN on running statistics) ``h = tanh(z) = 2 sigmoid(2z) - 1`` with
+        ``2z = x W'^T + b'`` one product (``fold_batchnorm``), so ``h . s = 2 sigmoid(2z) . s - sum(s)``."""
+        flat = local.reshape(-1, local.size(-1))
+        linear, norm = self.local_branch[0], self.local_branch[1]
+        if self.local_branch.training:
+            return (self.local_branch(flat).view_as(local) * scorer).sum(-1)
+        weight, bias = fold_batchnorm(linear, norm, scale=2.0)
+        halves = torch.addmm(bias, flat, weight.t()).sigmoid_().view_as(local)
+        return (halves * (2 * scorer)).sum(-1) - scorer.sum(-1)
 
     def guide(self, local: Tensor, lengths: Tensor) -> Tensor:
         """``(B, d)`` L2-normalised self-guide ``g``."""
         mask = length_mask(lengths.to(local.device), local.size(1))
         weights = self.attention(local, lengths)
         valid = local if all_valid(mask) else local.masked_fill(~mask.unsqueeze(-1), 0)
-        pooled = torch.einsum("br,brd->bd", weights, valid)
+        pooled = (weights.unsqueeze(-1) * valid).sum(1)
         return F.normalize(pooled, p=2, dim=-1)
 
     def forward(self, local: Tensor, lengths: Tensor) -> Tensor:
