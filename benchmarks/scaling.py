@@ -57,7 +57,7 @@ def _rank(rank: int, size: int, threads: int, port: int, args: argparse.Namespac
         torch.manual_seed(0)
         model = USERModel(cfg.model, cfg.loss, VOCAB).train()
         model.set_world(world)
-        optimizer = torch.optim.AdamW(model.parameter_groups(cfg.optim.lr))
+        optimizer = torch.optim.AdamW(model.parameter_groups(cfg.optim.lr), fused=True)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         train_step = data_parallel(model, world, torch.device("cpu"))  # as xmcl train under torchrun
         share = args.batch_size // size

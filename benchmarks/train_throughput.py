@@ -75,7 +75,7 @@ class Stepper:
 
     def __init__(self, model: USERModel) -> None:
         self.model = model.train()
-        self.optimizer = torch.optim.AdamW(model.parameter_groups(2e-4))
+        self.optimizer = torch.optim.AdamW(model.parameter_groups(2e-4), fused=True)  # as the trainer
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def __call__(self, batch: dict) -> None:

@@ -145,7 +145,7 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
     params = list(model.parameters()) + list(loss_fn.parameters())
     matrices, vectors = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.optim.weight_decay},
-                                   {"params": vectors, "weight_decay": 0.0}], lr=cfg.optim.lr)
+                                   {"params": vectors, "weight_decay": 0.0}], lr=cfg.optim.lr, fused=True)
     per_rank, global_batch = cfg.optim.batch_size, cfg.optim.batch_size * world.size
     if world.distributed and global_batch > train.num_images:
         raise DataError(f"optim.batch_size={per_rank} per rank x {world.size} ranks = {global_batch} images a "

@@ -29,7 +29,8 @@ def build_optimizer(params: list[nn.Parameter], cfg: DistillOptimConfig) -> tupl
     """AdamW or SGD (momentum, dampening, weight decay), with ``cfg.warmup_steps`` of warm-up and a cosine decay
     over the remaining ``cfg.steps``."""
     if cfg.optimizer == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                                    fused=True)
     else:
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening,
                                     weight_decay=cfg.weight_decay)
