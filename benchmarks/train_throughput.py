@@ -17,7 +17,8 @@ Figures in OUT/figures.json; prints their block of docs/results.md (USER's step 
   python benchmarks/train_throughput.py --locked              # the locked-text Flickr8K regime, against the hardware
 ``--locked``: the variants of the shipped model's regime (``configs/flickr8k_locked.yaml``: 128 images of 7 x 7 cells
 through the frozen 256-d PCA, cached 384-d MiniLM token states): USER, USER with tolerant queues
-(``flickr8k_locked_tolerant``) and InfoNCE (``variants/infonce`` over it). For each: the median step on 2 threads
+(``flickr8k_locked_tolerant``), InfoNCE (``variants/infonce`` over it) and USER with its towers compiled
+(``run.compile: true``; its untimed warm-up steps compile). For each: the median step on 2 threads
 and on 1, the FLOP bound (its GFLOP over the GEMM rate on the same threads, the best of its measurements before
 and after each variant) and the step's ratio to it, the 2-thread over 1-thread speed-up, and the throughput beside
 one busy-looping process (the threads chosen as ``run.threads: 0`` does, with the command line's OpenMP spin) over
@@ -50,9 +51,10 @@ from xmcl.runtime.device import resolve_device  # noqa: E402
 from xmcl.runtime.threads import ThreadBudget  # noqa: E402
 
 MEASURED = {"vsepp": "VSE++ baseline (hinge)", "infonce": "InfoNCE baseline", "user": "USER (SGE, queues, UTO)"}
-LOCKED = {"user": ("flickr8k_locked", None, "USER"),  # name: (config, variant over it, label)
-          "user_tolerant": ("flickr8k_locked_tolerant", None, "USER, tolerant queues"),
-          "infonce": ("flickr8k_locked", "infonce", "InfoNCE")}
+LOCKED = {"user": ("flickr8k_locked", None, "USER", []),  # name: (config, variant over it, label, overrides)
+          "user_tolerant": ("flickr8k_locked_tolerant", None, "USER, tolerant queues", []),
+          "infonce": ("flickr8k_locked", "infonce", "InfoNCE", []),
+          "user_compiled": ("flickr8k_locked", None, "USER, towers compiled (`run.compile`)", ["run.compile=true"])}
 CELLS, TOKENS = 49, 14  # a 7 x 7 grid; a caption's cached token states
 TEXT_ENCODERS = {"bigru": "BiGRU", "bert": "MiniLM"}
 
@@ -173,8 +175,9 @@ def render_flickr8k(two: dict, one: dict) -> str:
 
 def locked_config(name: str) -> RetrievalTrainConfig:
     """The config of a ``LOCKED`` variant."""
-    base, variant, _ = LOCKED[name]
-    return load_config(RetrievalTrainConfig, base) if variant is None else variant_config(base, variant, [])
+    base, variant, _, overrides = LOCKED[name]
+    return (load_config(RetrievalTrainConfig, base, overrides) if variant is None
+            else variant_config(base, variant, overrides))
 
 
 def locked_batch(cfg: RetrievalTrainConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -202,9 +205,11 @@ def measure_locked(args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         model = USERModel(cfg.model, cfg.loss)
         model.fit_region_reduction(iter([torch.randn(4096, cfg.model.region_dim)]))
-        steppers[name] = Stepper(model)
         batches[name] = [locked_batch(cfg, seed) for seed in range(4)]
-        flops[name] = gflop(lambda: steppers[name].model(batches[name][0])["loss"].backward())
+        flops[name] = gflop(lambda: model(batches[name][0])["loss"].backward())
+        if cfg.run.compile:  # as the trainer does; the warm-up steps compile
+            model.compile_towers()
+        steppers[name] = Stepper(model)
     medians, rates = {}, {}
     for threads in (2, 1):
         torch.set_num_threads(threads)
@@ -226,7 +231,7 @@ def measure_locked(args: argparse.Namespace) -> None:
         spinner.kill()
         spinner.wait()
     variants = {}
-    for name, (_, _, label) in LOCKED.items():
+    for name, (_, _, label, _) in LOCKED.items():
         bound = flops[name] / rates[2]
         variants[name] = {"label": label, "gflop_per_step": flops[name], "ms_2_threads": 1000 * medians[2][name],
                           "ms_1_thread": 1000 * medians[1][name], "bound_ms": 1000 * bound,

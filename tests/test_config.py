@@ -259,3 +259,12 @@ def test_both_names_of_a_key_are_refused_naming_them(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"both\.yaml: section 'loss': 'lambda_batch' and 'batch_weight' are both "
                                           r"set"):
         load_config(RetrievalTrainConfig, both)
+
+
+def test_run_compile_is_refused_by_st_slidr_and_taken_by_retrieval():
+    from xmcl.distill.config import DistillConfig
+
+    with pytest.raises(ConfigError, match=r"'run.compile' = True .*sparse 3D networks"):
+        load_config(DistillConfig, None, ["run.compile=true"])
+    assert load_config(RetrievalTrainConfig, None, ["run.compile=true"]).run.compile
+    assert not load_config(DistillConfig, None, []).run.compile

@@ -421,7 +421,8 @@ def test_the_shipped_best_flickr8k_config_is_the_kept_best_runs_configuration():
         ran = current_names(RetrievalTrainConfig, kept["config"])  # the keys renamed since, under their names now
         assert ran["run"]["seed"] == seed
         ran["run"]["seed"] = shipped["run"]["seed"]
-        assert ran == shipped
+        assert rq_converged.same_config(ran, shipped, shipped)  # keys added since at the file's values
+        assert all(ran[section].keys() <= shipped[section].keys() for section in shipped)
     args = rq_converged.parse_args(["--data", shipped["data"]["path"], "--variants", "user_tolerant"])
     point = rq_converged.sweep_point(0.5, 30.0, "user_tolerant")
     assert dataclasses.asdict(rq_converged.run_config(args, point)) == shipped

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from xmcl.config import require, require_optimiser
+from xmcl.config import FieldRangeError, require, require_optimiser
 from xmcl.errors import ConfigError
 from xmcl.runtime.run_config import RunConfig
 
@@ -302,3 +302,8 @@ class DistillConfig:
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
     optim: DistillOptimConfig = field(default_factory=DistillOptimConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    def __post_init__(self) -> None:
+        if self.run.compile:
+            raise FieldRangeError("run.compile", True, "false for ST-SLidR: its sparse 3D networks change shape with "
+                                  "every sweep, so a compiled graph would be rebuilt at every step")

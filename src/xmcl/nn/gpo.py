@@ -57,6 +57,7 @@ def descending_values(values: Tensor) -> Tensor:
     return torch.sort(values.detach(), dim=-1, descending=True).values
 
 
+@torch.compiler.disable  # numpy work: a compiled caller runs it as it is, outside its graph
 def _by_rows(values: Tensor, sort: Callable[[np.ndarray], np.ndarray], rows_dtype: type | None) -> Tensor:
     """``sort`` applied to the rows of ``values (..., L)`` (CPU), in parts over torch's threads when it is large;
     the result has ``values``' shape and ``rows_dtype`` (None: ``values``' dtype)."""

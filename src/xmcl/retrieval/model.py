@@ -90,6 +90,13 @@ class USERModel(DualEncoder):
                 self.semantic_queue = MomentumQueue(cfg.queue_size, dim)
             self._set_key_modes()
 
+    def compile_towers(self) -> None:
+        """``torch.compile`` each tower's forward in place (online and key; ``nn.Module.compile``, so parameter names,
+        checkpoint keys and the momentum update are unchanged); a graph breaks where a set's padding picks a path."""
+        for tower in (self.image_encoder, self.text_encoder, self.image_key_encoder, self.text_key_encoder):
+            if tower is not None:
+                tower.compile()
+
     def train(self, mode: bool = True) -> "USERModel":
         """As ``nn.Module.train``, except for the key encoders' modes (``cfg.key_modes``)."""
         super().train(mode)

@@ -29,7 +29,11 @@ class RunConfig:
     epoch ends and at the end only); ``log_every``: one log line per N steps; ``amp``: mixed precision, "none",
     "bf16" (CUDA where supported, or CPU) or "fp16" (CUDA only, with a GradScaler; ``xmcl.runtime.precision``);
     ``report_to``: where else the log records go: ``[tensorboard]`` = also as TensorBoard scalars in
-    ``OUT/tensorboard`` (rank 0; needs the ``tensorboard`` package, refused when it is not importable).
+    ``OUT/tensorboard`` (rank 0; needs the ``tensorboard`` package, refused when it is not importable);
+    ``compile``: ``torch.compile`` the model's towers (``nn.Module.compile``: the same parameters and checkpoint keys;
+    retrieval and CLIP training, refused by ST-SLidR, whose sparse networks change shape with every sweep). Off by
+    default: on CPU the compiled locked USER step measured slower than the eager one (docs/results.md, "Training steps
+    against the hardware"), and compiling costs tens of seconds to minutes at the start of a run.
     """
 
     seed: int = 0
@@ -40,6 +44,7 @@ class RunConfig:
     log_every: int = 1
     amp: Literal["none", "bf16", "fp16"] = "none"
     report_to: list[Literal["tensorboard"]] = field(default_factory=list)
+    compile: bool = False
 
     def __post_init__(self) -> None:
         require(self, "seed", ge=0)

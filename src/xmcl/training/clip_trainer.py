@@ -140,6 +140,8 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
         vocab, merges = train_bpe(train.captions, cfg.model.bpe_vocab_size)
     tokenizer = ClipTokenizer(vocab, merges, cfg.model.context_length, source=f"BPE of {train.source}")
     model = new_clip_model(cfg.model, len(vocab)).to(device)
+    if cfg.run.compile:
+        model.compile()  # in place: the same parameter names and checkpoint keys
     model.logit_scale.requires_grad_(False)  # the loss's temperature trains; the best epoch copies it in
     loss_fn = build_retrieval_loss("infonce", init_temperature=cfg.model.temperature).to(device)
     params = list(model.parameters()) + list(loss_fn.parameters())

@@ -172,6 +172,8 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
     tokenizer = build_tokenizer(cfg.model, cfg.data.max_caption_tokens, vocab)
     model = cuda_layout(USERModel(cfg.model, cfg.loss, vocab_size=tokenizer.vocab_size).to(device), device)
     model.set_world(world)
+    if cfg.run.compile:
+        model.compile_towers()
     train_step = data_parallel(model, world, device)  # the training forward; its backward averages the gradients
     optimizer = torch.optim.AdamW(model.parameter_groups(cfg.optim.lr, cfg.optim.text_lr_scale,
                                                          cfg.optim.weight_decay, cfg.optim.backbone_lr_scale,

@@ -42,7 +42,7 @@ T = TypeVar("T")
 
 # Run controls that may change when a run resumes (the seed may not: it fixes every random stream).
 RESUMABLE_RUN_KEYS = frozenset({"run.device", "run.threads", "run.progress", "run.checkpoint_every", "run.log_every",
-                                "run.amp", "run.report_to"})
+                                "run.amp", "run.report_to", "run.compile"})
 
 
 def announce(message: str, enabled: bool = True) -> None:
