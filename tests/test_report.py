@@ -426,3 +426,18 @@ def test_the_shipped_best_flickr8k_config_is_the_kept_best_runs_configuration():
     args = rq_converged.parse_args(["--data", shipped["data"]["path"], "--variants", "user_tolerant"])
     point = rq_converged.sweep_point(0.5, 30.0, "user_tolerant")
     assert dataclasses.asdict(rq_converged.run_config(args, point)) == shipped
+
+
+def test_the_step_flop_count_takes_the_heads_accumulated_product():
+    """``ProjectionHead.project`` adds its second product in place (``addmm_``), which torch's counter does not list:
+    ``timing.gflop`` counts it as ``addmm``, so a head costs its three products, forward, by hand."""
+    import torch
+
+    from timing import gflop
+    from xmcl.nn.heads import ProjectionHead
+
+    head = ProjectionHead(12, 10, hidden_dim=6).eval()
+    rows = torch.randn(7, 12)
+    expected = 2 * 7 * (12 * 10 + 12 * 6 + 6 * 10)  # fc, W_1 (BN folded in), W_2
+    with torch.no_grad():
+        assert gflop(lambda: head.project(rows)) * 1e9 == pytest.approx(expected)
