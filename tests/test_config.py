@@ -268,3 +268,12 @@ def test_run_compile_is_refused_by_st_slidr_and_taken_by_retrieval():
         load_config(DistillConfig, None, ["run.compile=true"])
     assert load_config(RetrievalTrainConfig, None, ["run.compile=true"]).run.compile
     assert not load_config(DistillConfig, None, []).run.compile
+
+
+def test_run_compile_on_cpu_without_a_cpp_compiler_is_refused_at_the_start(monkeypatch: pytest.MonkeyPatch):
+    from xmcl.runtime.run_config import RunConfig, start_run
+
+    monkeypatch.setenv("CXX", "no-such-compiler-xmcl")
+    with pytest.raises(ConfigError, match="run.compile: true needs a C\\+\\+ compiler .*no-such-compiler-xmcl"):
+        start_run(RunConfig(device="cpu", compile=True))
+    start_run(RunConfig(device="cpu", compile=False))  # without compile the compiler does not matter

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -68,8 +70,20 @@ def start_run(run: RunConfig) -> tuple[torch.device, ThreadBudget]:
     the fastest kernels for the run's shapes); returns the resolved device and the thread budget."""
     keep_freed_memory()
     device = resolve_device(run.device)
+    if run.compile and device.type == "cpu":
+        require_cpu_compiler()
     threads = ThreadBudget(run.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     seed_everything(run.seed)
     return device, threads
+
+
+def require_cpu_compiler() -> None:
+    """``torch.compile`` builds its CPU kernels with a C++ compiler (``$CXX``, else ``g++``): refuse ``run.compile``
+    at the start of a run where there is none, rather than at the first step inside the compiler."""
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise ConfigError(f"run.compile: true needs a C++ compiler on CPU (torch.compile builds its kernels with "
+                          f"{compiler}, which is not on PATH): install one (Debian: apt-get install g++), point $CXX "
+                          f"at it, or set run.compile: false")
