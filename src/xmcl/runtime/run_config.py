@@ -34,8 +34,8 @@ class RunConfig:
     ``OUT/tensorboard`` (rank 0; needs the ``tensorboard`` package, refused when it is not importable);
     ``compile``: ``torch.compile`` the model's towers (``nn.Module.compile``: the same parameters and checkpoint keys;
     retrieval and CLIP training, refused by ST-SLidR, whose sparse networks change shape with every sweep). Off by
-    default: on CPU the compiled locked USER step measured slower than the eager one (docs/results.md, "Training steps
-    against the hardware"), and compiling costs tens of seconds to minutes at the start of a run.
+    default: on CPU the compiled locked USER step measured no faster than the eager one (docs/results.md, "Training
+    steps against the hardware"), and compiling costs tens of seconds to minutes at the start of a run.
     """
 
     seed: int = 0
@@ -66,8 +66,9 @@ class RunConfig:
 
 def start_run(run: RunConfig) -> tuple[torch.device, ThreadBudget]:
     """Apply ``run``: torch threads (``ThreadBudget``; a loop calls its ``update`` at every step), every seed, freed
-    memory kept for the next step (``xmcl.runtime.allocator``), and on CUDA cuDNN's autotuner (``cudnn.benchmark``:
-    the fastest kernels for the run's shapes); returns the resolved device and the thread budget."""
+    memory kept for the next step (``xmcl.runtime.allocator``), a C++ compiler where ``compile`` needs one on CPU,
+    and on CUDA cuDNN's autotuner (``cudnn.benchmark``: the fastest kernels for the run's shapes); returns the
+    resolved device and the thread budget."""
     keep_freed_memory()
     device = resolve_device(run.device)
     if run.compile and device.type == "cpu":
