@@ -84,7 +84,7 @@ _pools: dict[int, ThreadPoolExecutor] = {}
 
 
 def _sorting_pool(workers: int) -> ThreadPoolExecutor:
-    """The ``workers`` threads ``descending_order`` splits its rows over (made once per count)."""
+    """The ``workers`` threads ``_by_rows`` splits its rows over (made once per count)."""
     if workers not in _pools:
         _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xmcl-sort")
     return _pools[workers]
