@@ -71,3 +71,28 @@ def test_the_cpu_output_is_the_input_times_its_scaled_mask() -> None:
     mask = cpu_keep_mask(x.shape, 0.4)
     torch.manual_seed(6)
     assert torch.equal(Dropout(0.4).train()(x), x * (mask.to(x.dtype) * (1.0 / 0.6)))
+
+
+def test_the_cpu_mask_does_not_depend_on_the_threads_that_draw_it(monkeypatch) -> None:
+    """Chunks drawn over two threads and over one give the same mask, for a count that ends inside a chunk; the
+    chunks are not copies of each other."""
+    from xmcl.nn import dropout
+    from xmcl.runtime import threads
+
+    parts = []
+    real_pool = threads._pool
+    monkeypatch.setattr(threads, "_pool", lambda workers: parts.append(workers) or real_pool(workers))
+    shape = torch.Size([3, dropout._CHUNK + 1001])
+    previous = torch.get_num_threads()
+    try:
+        masks = []
+        for count in (2, 1):
+            torch.set_num_threads(count)
+            torch.manual_seed(7)
+            masks.append(dropout.cpu_keep_mask(shape, 0.3))
+    finally:
+        torch.set_num_threads(previous)
+    assert parts == [2]
+    assert torch.equal(masks[0], masks[1])
+    flat = masks[0].flatten()
+    assert not torch.equal(flat[: dropout._CHUNK], flat[dropout._CHUNK: 2 * dropout._CHUNK])

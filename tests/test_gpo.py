@@ -11,9 +11,8 @@ from xmcl.nn.gpo import (
     MaxPooling,
     MeanPooling,
     build_pooling,
-    descending_order,
-    descending_values,
     positional_encoding,
+    sorted_columns,
 )
 from xmcl.nn.sequence import BiGRU, length_mask
 
@@ -100,50 +99,78 @@ def test_gpo_is_a_weighted_sum_of_per_dimension_sorted_features():
             assert pooled[b, d].item() == pytest.approx(expected, abs=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_descending_order_sorts_like_torch_sort_ties_included(dtype):
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randint(-3, 4, (3, 9, 5), generator=gen).to(dtype)  # few distinct values: many ties
-    x[0, :, 4:] = float("-inf")
-    order = descending_order(x)
-    assert order.shape == x.shape
-    for b in range(3):
-        for d in range(9):
-            assert sorted(order[b, d].tolist()) == list(range(5))  # a permutation of each row
-    assert torch.equal(x.gather(2, order), x.sort(dim=2, descending=True).values)
+def _sorted_by_torch(features, lengths):
+    """``sorted_columns``' values by ``torch.sort`` of each valid column, 0 beyond it."""
+    columns = features.transpose(1, 2)
+    expected = torch.zeros_like(columns)
+    for b, n in enumerate(lengths.tolist()):
+        expected[b, :, :n] = columns[b, :, :n].sort(dim=1, descending=True).values
+    return expected
 
 
-def test_descending_order_of_float32_keys_every_magnitude_over_threads(monkeypatch):
-    """The packed float64 keys of float32 rows: signed zeros, subnormals, huge values, infinities, ties; rows split
-    over two threads."""
+@pytest.mark.parametrize("with_index", [True, False])
+def test_sorted_columns_of_every_magnitude_over_threads(monkeypatch, with_index):
+    """Signed zeros, subnormals, huge values, infinities, ties and pads (of any value, NaN included), the batch split
+    over two threads: the values equal torch's sort of each valid column, and the flat positions are a permutation of
+    each set's positions that reads those values back (the pads' positions at the pads' ranks)."""
     from xmcl.nn import gpo
+    from xmcl.runtime import threads
 
-    rows = 2 * gpo._SPLIT_ELEMENTS // 49 + 1  # enough values for two parts
+    batch, steps, dims = 2 * gpo._SPLIT_ELEMENTS // (49 * 3) + 1, 49, 3  # enough values for two parts
     pools = []
-    real_pool = gpo._sorting_pool
-    monkeypatch.setattr(gpo, "_sorting_pool", lambda workers: pools.append(workers) or real_pool(workers))
+    real_pool = threads._pool
+    monkeypatch.setattr(threads, "_pool", lambda workers: pools.append(workers) or real_pool(workers))
     gen = torch.Generator().manual_seed(11)
-    x = torch.randn(rows, 49, generator=gen) * torch.logspace(-44, 38, 49)[torch.randperm(49, generator=gen)]
-    x[::3, :7] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3.4e38, float("inf"), float("-inf")])
+    scale = torch.logspace(-44, 38, steps)[torch.randperm(steps, generator=gen)]
+    x = torch.randn(batch, steps, dims, generator=gen) * scale[:, None]
+    x[::3, :7, 0] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3.4e38, float("inf"), float("-inf")])
     x[1::3, 10:20] = 2.5  # ties
-    x[2::3, 40:] = float("-inf")  # pads
+    lengths = torch.full((batch,), steps)
+    lengths[2::3] = 40
+    x[2::3, 40:] = torch.tensor([float("nan"), float("inf"), 7.0])  # pads, never read
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        order = descending_order(x)
+        values, index = sorted_columns(x, lengths, with_index=with_index)
     finally:
         torch.set_num_threads(previous)
     assert pools == [2]
-    assert torch.equal(order.sort(dim=1).values, torch.arange(49).expand(rows, 49))  # a permutation of each row
-    assert torch.equal(x.gather(1, order), x.sort(dim=1, descending=True).values)
+    assert torch.equal(values, _sorted_by_torch(x, lengths))
+    if not with_index:
+        assert index is None
+        return
+    flat = x.reshape(batch, -1)
+    assert torch.equal(index.reshape(batch, -1).sort(dim=1).values, torch.arange(steps * dims).expand(batch, -1))
+    read_back = flat.gather(1, index.reshape(batch, -1)).view_as(values)
+    valid = torch.arange(steps) < lengths[:, None, None]
+    assert torch.equal(read_back[valid.expand_as(values)], values[valid.expand_as(values)])
+    assert torch.equal(index % dims, torch.arange(dims).view(1, dims, 1).expand_as(index))  # each stays in its column
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_descending_values_equal_torch_sort(dtype):
-    gen = torch.Generator().manual_seed(12)
-    x = torch.randint(-3, 4, (300, 49), generator=gen).to(dtype) * torch.rand(300, 49, generator=gen, dtype=dtype)
-    x[::2, 30:] = float("-inf")
-    assert torch.equal(descending_values(x), x.sort(dim=1, descending=True).values)
+def test_gpo_on_the_cpu_path_equals_the_torch_path(monkeypatch):
+    """The float32 CPU pooling (numpy's sort, the hand-written backward) against torch's sort and gather (the path
+    every other device and dtype takes), output and gradients of the features and of the GPO's parameters."""
+    from xmcl.nn import gpo as gpo_module
+
+    torch.manual_seed(13)
+    pool = GPO()
+    x, lengths = padded_batch(LENGTHS + [7, 3], dim=5, pad_to=7, seed=14)
+    coefficients = torch.randn(len(LENGTHS) + 2, 5)
+
+    def run():
+        features = x.clone().requires_grad_(True)
+        pool.zero_grad()
+        out = pool(features, lengths)
+        (out * coefficients).sum().backward()
+        return out.detach(), features.grad, [p.grad.clone() for p in pool.parameters()]
+
+    fast = run()
+    monkeypatch.setattr(gpo_module, "_LOW_BITS", 0)  # no set fits: every call takes the torch path
+    slow = run()
+    torch.testing.assert_close(fast[0], slow[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast[1], slow[1], rtol=0, atol=0)
+    for fast_grad, slow_grad in zip(fast[2], slow[2]):
+        torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("lengths", [LENGTHS, [7, 7, 7, 7]])

@@ -7,7 +7,7 @@ import torch
 
 from xmcl.contrast import build_retrieval_loss
 from xmcl.errors import ConfigError, DataError
-from xmcl.nn.global_batchnorm import fold_batchnorm
+from xmcl.nn.global_batchnorm import batchnorm_of_linear, fold_batchnorm
 from xmcl.nn.heads import ProjectionHead
 from xmcl.retrieval.config import RetrievalLossConfig
 from xmcl.retrieval.encoders import HFTextModel, build_text_encoder, drop_grid_cells
@@ -62,9 +62,41 @@ def test_fold_batchnorm_is_the_layer_and_its_eval_norm_in_one_product(affine, bi
     torch.testing.assert_close(x @ weight.t() + shift, 2.0 * norm(linear(x)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_of_linear_is_the_norm_of_the_layer_without_its_bias_in_training(momentum):
+    """The output, the input and weight gradients and the running statistics (over three steps, the cumulative
+    average included) equal ``norm(linear(x))``; the bias, which the norm cancels, gets no gradient; eval mode and a
+    norm without running statistics work too."""
+    torch.manual_seed(8)
+    linear, norm = torch.nn.Linear(7, 4), torch.nn.BatchNorm1d(4, momentum=momentum)
+    linear.bias.data.uniform_(-2.0, 2.0)
+    twin_linear, twin_norm = copy.deepcopy(linear), copy.deepcopy(norm)
+    for step in range(3):
+        mine = torch.randn(9, 7).requires_grad_(True)
+        theirs = mine.detach().clone().requires_grad_(True)
+        got, expected = batchnorm_of_linear(linear, norm, mine), twin_norm(twin_linear(theirs))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        weights = torch.randn(9, 4)
+        (got * weights).sum().backward()
+        (expected * weights).sum().backward()
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(linear.weight.grad, twin_linear.weight.grad, rtol=1e-4, atol=1e-5)
+        assert linear.bias.grad is None and twin_linear.bias.grad.abs().max() < 1e-5
+        torch.testing.assert_close(norm.running_mean, twin_norm.running_mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(norm.running_var, twin_norm.running_var)
+        linear.zero_grad(), twin_linear.zero_grad()
+    assert int(norm.num_batches_tracked) == 3
+    norm.eval(), twin_norm.eval()
+    x = torch.randn(5, 7)
+    torch.testing.assert_close(batchnorm_of_linear(linear, norm, x), twin_norm(twin_linear(x)))
+    stateless = torch.nn.BatchNorm1d(4, track_running_stats=False)
+    torch.testing.assert_close(batchnorm_of_linear(linear, stateless, x), stateless(linear(x)), rtol=1e-5, atol=1e-5)
+
+
 def test_projection_head_equals_its_layers_in_training_and_in_eval_with_gradients():
-    """``project`` accumulates fc's and the MLP's products in one buffer and, in eval mode, folds BN into W_1: the
-    same values and gradients as ``fc(x) + mlp(x)`` through the layers' own forward."""
+    """``project`` accumulates fc's and the MLP's products in one buffer, leaves out W_1's bias in training and, in
+    eval mode, folds BN into W_1: the same values and gradients as ``fc(x) + mlp(x)`` through the layers' own forward
+    (where W_1's bias, which BN cancels, gets none in training: rounding noise in the layers')."""
     torch.manual_seed(3)
     head = ProjectionHead(12, 10, hidden_dim=6)
     norm = head.mlp[1]
@@ -87,7 +119,10 @@ def test_projection_head_equals_its_layers_in_training_and_in_eval_with_gradient
         (expected * weights).sum().backward()
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-6)
         for (name, p), q in zip(head.named_parameters(), twin.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=f"{name} (training={training})")
+            if training and name == "mlp.0.bias":
+                assert p.grad is None and q.grad.abs().max() < 1e-5
+            else:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=f"{name} (training={training})")
             p.grad, q.grad = None, None
     torch.testing.assert_close(head.mlp[1].running_mean, twin.mlp[1].running_mean)
 

@@ -10,6 +10,7 @@ One process, or eval mode, is exactly ``nn.BatchNorm1d``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmcl.runtime.distributed import SINGLE_PROCESS, World, gather_with_grad
@@ -39,6 +40,25 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
                 self.num_batches_tracked.add_(1)
         normalised = (x - mean) * torch.rsqrt(var + self.eps)
         return normalised * self.weight + self.bias if self.affine else normalised
+
+
+def batchnorm_of_linear(linear: nn.Linear, norm: nn.BatchNorm1d, x: Tensor) -> Tensor:
+    """``norm(linear(x))``; with ``norm`` in training mode, the product is taken without ``linear``'s bias ``b``: the
+    batch mean the norm subtracts cancels it, so it changes no output and has no gradient (it gets none, where
+    ``b`` would get rounding noise). The running mean, which must follow the mean of ``linear(x)`` for eval mode,
+    gets ``b`` by a shift around the update: ``(r - b)(1 - m) + m mean(x W^T) + b = (1 - m) r + m mean(x W^T + b)``."""
+    if linear.bias is None or not norm.training:
+        return norm(linear(x))
+    if norm.running_mean is None:
+        return norm(F.linear(x, linear.weight))
+    # the norm runs on a shifted copy of its running mean: the autograd graph may keep the one it was given
+    running_mean, bias = norm.running_mean, linear.bias.detach()
+    norm.running_mean = running_mean - bias
+    try:
+        return norm(F.linear(x, linear.weight))
+    finally:
+        shifted, norm.running_mean = norm.running_mean, running_mean
+        running_mean.copy_(shifted + bias)
 
 
 def fold_batchnorm(linear: nn.Linear, norm: nn.BatchNorm1d, scale: float = 1.0) -> tuple[Tensor, Tensor]:

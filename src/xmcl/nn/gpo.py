@@ -7,16 +7,15 @@ influence the result, so the output does not depend on how much padding a batch 
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
-
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from xmcl.errors import ConfigError
 from xmcl.nn.gru_scan import bidirectional_gru_mean
 from xmcl.nn.sequence import BiGRU, all_valid, length_mask
+from xmcl.runtime.threads import run_in_parts
 
 
 def positional_encoding(length: int, dim: int, device: torch.device | None = None) -> Tensor:
@@ -34,85 +33,85 @@ def positional_encoding(length: int, dim: int, device: torch.device | None = Non
     return pe
 
 
-def descending_order(values: Tensor) -> Tensor:
-    """Indices that sort ``values (..., L)`` in descending order along its last dimension (no gradient flows).
-
-    On CPU float32/float64 it is numpy's sort, large inputs split over torch's threads (numpy sorts without the GIL):
-    for the short rows pooling sorts (49 cells, ~15 tokens) several times faster than ``torch.sort``. Elsewhere
-    (CUDA, half precision) it is ``torch.argsort``. The two may order equal values differently, which changes no
-    sorted value. Values are not NaN.
-    """
-    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
-        long_rows = values.shape[-1] >= 1 << _INDEX_BITS
-        return _by_rows(values, _descending_float32 if values.dtype == torch.float32 and not long_rows
-                        else _descending_argsort, np.int64)
-    return torch.argsort(values.detach(), dim=-1, descending=True)
-
-
-def descending_values(values: Tensor) -> Tensor:
-    """``values (..., L)`` sorted in descending order along the last dimension, without the permutation (no
-    gradient): on CPU float32/float64 numpy's sort, as ``descending_order``; elsewhere ``torch.sort``."""
-    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
-        return _by_rows(values, lambda rows: np.sort(rows, axis=-1)[:, ::-1], rows_dtype=None)
-    return torch.sort(values.detach(), dim=-1, descending=True).values
+_INDEX_BITS = 29  # a float32 widened to float64 has its 29 lowest mantissa bits zero
+_LOW_BITS = (1 << _INDEX_BITS) - 1
+_BEYOND_FLOAT32 = 2.0 ** 1000  # beyond every float32, with a zero mantissa
+_SPLIT_ELEMENTS = 1 << 15  # the batch is split over threads in parts of at least this many values
 
 
 @torch.compiler.disable  # numpy work: a compiled caller runs it as it is, outside its graph
-def _by_rows(values: Tensor, sort: Callable[[np.ndarray], np.ndarray], rows_dtype: type | None) -> Tensor:
-    """``sort`` applied to the rows of ``values (..., L)`` (CPU), in parts over torch's threads when it is large;
-    the result has ``values``' shape and ``rows_dtype`` (None: ``values``' dtype)."""
-    rows = values.detach().reshape(-1, values.shape[-1]).numpy()
-    out = np.empty(rows.shape, dtype=rows.dtype if rows_dtype is None else rows_dtype)
-    parts = max(1, min(torch.get_num_threads(), rows.size // _SPLIT_ELEMENTS + 1, rows.shape[0]))
-    bounds = np.linspace(0, rows.shape[0], parts + 1).astype(int)
-    spans = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
+def sorted_columns(features: Tensor, lengths: Tensor, with_index: bool) -> tuple[Tensor, Tensor | None]:
+    """Each column of the sets ``features (B, L, D)`` (CPU float32, ``L * D < 2^29``) sorted in descending order over
+    its first ``lengths[b]`` positions: ``values (B, D, L)``, ``values[b, d, k]`` the k-th largest of
+    ``features[b, :n_b, d]`` and 0 for ``k >= n_b``; with ``with_index``, also ``index (B, D, L)``, the flat position
+    ``l * D + d`` in ``features[b]`` of that value (each position once: the pads take the ranks ``k >= n_b``).
 
-    def sort_span(span: slice) -> None:
-        out[span] = sort(rows[span])
-
-    if parts == 1:
-        sort_span(spans[0])
-    else:
-        list(_sorting_pool(parts).map(sort_span, spans))
-    return torch.from_numpy(out).view(values.shape)
-
-
-_INDEX_BITS = 29  # a float32 widened to float64 has its 29 lowest mantissa bits zero
-_BEYOND_FLOAT32 = 2.0 ** 1000
-_SPLIT_ELEMENTS = 1 << 15  # rows are split over threads in parts of at least this many values
-_pools: dict[int, ThreadPoolExecutor] = {}
-
-
-def _sorting_pool(workers: int) -> ThreadPoolExecutor:
-    """The ``workers`` threads ``_by_rows`` splits its rows over (made once per count)."""
-    if workers not in _pools:
-        _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xmcl-sort")
-    return _pools[workers]
-
-
-def _descending_argsort(rows: np.ndarray) -> np.ndarray:
-    """``np.argsort`` of ``-rows``: descending, the -inf pads last."""
-    return np.argsort(-rows, axis=-1)
-
-
-def _descending_float32(rows: np.ndarray) -> np.ndarray:
-    """Descending order of float32 rows ``(n, L)`` by one sort of float64 keys that carry their column.
-
-    Each value is widened to float64 and its column index written into the 29 low mantissa bits, which widening
-    leaves zero: that moves a key by less than the gap to the next float32, so keys order as their values do
-    (equal values by column). Sorting the negated keys ascending (numpy's vectorised sort of plain values, about
-    twice as fast as its argsort) is the descending order; the columns are read back from the low bits. Infinities
-    (the -inf pads) become +-2^1000 first, beyond every float32 and with a zero mantissa: an infinity's low bits
-    would make it a NaN, whose bits the sort does not keep.
+    numpy sorts without the GIL, so the batch is split over torch's threads (``run_in_parts``). With the index: each value is widened to
+    float64 and its flat position written into the 29 low mantissa bits, which widening leaves zero; that moves a key
+    by less than the gap to the next float32, so one sort of plain float64 keys (numpy's vectorised sort, about twice
+    as fast as its argsort) orders the values and carries their positions. Infinities become +-2^1000 first (an
+    infinity's low bits would make it a NaN) and pads -2^1000; the values are read back with the low bits cleared.
     """
-    keys = rows.astype(np.float64)
-    np.clip(keys, -_BEYOND_FLOAT32, _BEYOND_FLOAT32, out=keys)
-    bits = keys.view(np.int64)
-    bits |= np.arange(rows.shape[1], dtype=np.int64)
-    np.negative(keys, out=keys)
-    keys.sort(axis=-1)
-    bits &= (1 << _INDEX_BITS) - 1
-    return bits
+    batch, steps, dims = features.shape
+    source = features.detach().numpy()
+    pad = np.arange(steps) >= lengths.cpu().numpy()[:, None]  # (B, L): pads, and in rank order the ranks k >= n_b
+    padded = bool(pad.any())
+    values = np.empty((batch, dims, steps), dtype=np.float32)
+    index = np.empty((batch, dims, steps), dtype=np.int64) if with_index else None
+    position = np.arange(steps, dtype=np.int64) * dims + np.arange(dims, dtype=np.int64)[:, None]  # (D, L)
+
+    def sort_part(part: slice) -> None:
+        rank_pads = pad[part, None, :]
+        if with_index:
+            keys = source[part].transpose(0, 2, 1).astype(np.float64, order="C")
+            np.clip(keys, -_BEYOND_FLOAT32, _BEYOND_FLOAT32, out=keys)
+        else:
+            keys = source[part].transpose(0, 2, 1).copy()
+        if padded:
+            np.copyto(keys, -np.inf if keys.dtype == np.float32 else -_BEYOND_FLOAT32, where=rank_pads)
+        if with_index:
+            bits = keys.view(np.int64)
+            bits |= position
+        np.negative(keys, out=keys)  # ascending of the negated: descending (numpy is slow on reversed views)
+        keys.sort(axis=-1)
+        if with_index:
+            np.bitwise_and(bits, _LOW_BITS, out=index[part])
+            bits &= ~_LOW_BITS
+        np.negative(keys, out=keys)
+        with np.errstate(over="ignore"):  # +-2^1000 back to +-inf
+            np.copyto(values[part], keys, casting="same_kind")
+        if padded:
+            np.copyto(values[part], 0.0, where=rank_pads)
+
+    run_in_parts(sort_part, batch, min_part=_SPLIT_ELEMENTS // max(steps * dims, 1))
+    return torch.from_numpy(values), None if index is None else torch.from_numpy(index)
+
+
+class _RankedPooling(torch.autograd.Function):
+    """``out[b, d] = sum_k w[b, k] sorted_k(features[b, :n_b, d])`` (``sorted_columns``), with
+    ``d features[b, l, d] = w[b, rank of (l, d)] g[b, d]`` (one scatter of the flat positions, in the features' own
+    layout) and ``d w[b, k] = sum_d g[b, d] sorted_k[b, d]`` (one product)."""
+
+    @staticmethod
+    def forward(ctx, features: Tensor, weights: Tensor, lengths: Tensor, with_grad: bool) -> Tensor:  # type: ignore[override]
+        values, index = sorted_columns(features, lengths, with_index=with_grad)
+        if with_grad:
+            ctx.save_for_backward(values, index, weights)
+        return (values * weights.unsqueeze(1)).sum(dim=2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+        values, index, weights = ctx.saved_tensors
+        batch, dims, steps = values.shape
+        grad_features = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            spread = (grad.unsqueeze(2) * weights.unsqueeze(1)).view(batch, -1)  # (B, D * L), in rank order
+            grad_features = spread.new_empty(batch, steps * dims).scatter_(1, index.view(batch, -1), spread)
+            grad_features = grad_features.view(batch, steps, dims)
+        if ctx.needs_input_grad[1]:
+            grad_weights = torch.bmm(grad.unsqueeze(1), values).squeeze(1)
+        return grad_features, grad_weights, None, None
 
 
 class MeanPooling(nn.Module):
@@ -138,7 +137,8 @@ class GPO(nn.Module):
     For a set of ``n`` features, each dimension is sorted in descending order and pooled with weights
     ``theta_k`` (k = rank) that depend only on ``n``: a BiGRU reads the sinusoidal encodings of ranks
     0..n-1, a linear scorer gives ``s_k``, and ``theta = softmax_k(s_k / temperature)`` over the n valid
-    ranks. Output: ``sum_k theta_k * sorted_k(x)``.
+    ranks. Output: ``sum_k theta_k * sorted_k(x)``. On the CPU in float32 the sort, the weighted sum and their
+    backward are ``_RankedPooling`` (numpy's sort, the features never transposed); elsewhere torch's sort and gather.
     """
 
     def __init__(self, d_pe: int = 32, d_hidden: int = 32, temperature: float = 0.1) -> None:
@@ -171,20 +171,21 @@ class GPO(nn.Module):
 
     def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
         max_len = features.size(1)
+        weights = self.pool_weights(lengths, max_len).to(features.dtype)  # (B, L)
+        if features.device.type == "cpu" and features.dtype == torch.float32 and features[0].numel() <= _LOW_BITS:
+            with_grad = torch.is_grad_enabled() and (features.requires_grad or weights.requires_grad)
+            return _RankedPooling.apply(features, weights, lengths, with_grad)
         mask = length_mask(lengths.to(features.device), max_len).unsqueeze(1)  # (B, 1, L)
-        weights = self.pool_weights(lengths, max_len).to(features.dtype).unsqueeze(1)  # (B, 1, L)
-        # each dimension's values as a contiguous row (B, D, L): the sort, the gather and its backward's scatter
-        # then run along contiguous memory
-        columns = features.transpose(1, 2).contiguous()
-        padded = not all_valid(mask)  # grid cells: nothing padded, no masking
+        columns = features.transpose(1, 2)  # (B, D, L)
+        padded = not all_valid(mask)
         keys = columns.detach().masked_fill(~mask, float("-inf")) if padded else columns.detach()
         if torch.is_grad_enabled() and columns.requires_grad:
-            ranked = columns.gather(2, descending_order(keys))
+            ranked = columns.gather(2, torch.argsort(keys, dim=2, descending=True))
         else:  # nothing to differentiate (a key encoder, inference): the sorted values, without the permutation
-            ranked = descending_values(keys)
+            ranked = torch.sort(keys, dim=2, descending=True).values
         if padded:  # the valid values occupy ranks 0..n-1; a pad's weight is 0 anyway
             ranked = ranked.masked_fill(~mask, 0)
-        return (ranked * weights).sum(dim=2)
+        return (ranked * weights.unsqueeze(1)).sum(dim=2)
 
 
 class TabulatedGPO(nn.Module):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from xmcl.errors import ConfigError
-from xmcl.nn.global_batchnorm import GlobalBatchNorm1d, fold_batchnorm
+from xmcl.nn.global_batchnorm import GlobalBatchNorm1d, batchnorm_of_linear, fold_batchnorm
 from xmcl.nn.sequence import all_valid, length_mask
 
 HEAD_INITS = ("xavier_kaiming", "pytorch")
@@ -59,10 +59,11 @@ class ProjectionHead(nn.Module):
 
     def project(self, rows: Tensor) -> Tensor:
         """``fc(x) + mlp(x)`` of ``rows (N, D_in)``: the two output products accumulate into one buffer that starts
-        from both biases (no separate sum); in eval mode the BN is folded into ``W_1`` (``fold_batchnorm``)."""
+        from both biases (no separate sum); in training ``W_1``'s bias, which the BN cancels, is left out
+        (``batchnorm_of_linear``); in eval mode the BN is folded into ``W_1`` (``fold_batchnorm``)."""
         first, norm, _, last = self.mlp
         if norm.training:
-            hidden = norm(first(rows)).relu_()
+            hidden = batchnorm_of_linear(first, norm, rows).relu_()
         else:
             weight, bias = fold_batchnorm(first, norm)
             hidden = torch.addmm(bias, rows, weight.t()).relu_()

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from xmcl.nn.activations import FastTanh
 from xmcl.nn.dropout import Dropout
-from xmcl.nn.global_batchnorm import GlobalBatchNorm1d, fold_batchnorm
+from xmcl.nn.global_batchnorm import GlobalBatchNorm1d, batchnorm_of_linear, fold_batchnorm
 from xmcl.nn.gpo import MeanPooling
 from xmcl.nn.sequence import all_valid, length_mask
 
@@ -73,8 +73,10 @@ class SGE(nn.Module):
         ``2z = x W'^T + b'`` one product (``fold_batchnorm``), so ``h . s = 2 sigmoid(2z) . s - sum(s)``."""
         flat = local.reshape(-1, local.size(-1))
         linear, norm = self.local_branch[0], self.local_branch[1]
-        if self.local_branch.training:
-            return (self.local_branch(flat).view_as(local) * scorer).sum(-1)
+        if self.local_branch.training:  # the linear's bias, which the BN cancels, left out (``batchnorm_of_linear``)
+            tanh, dropout = self.local_branch[2], self.local_branch[3]
+            hidden = dropout(tanh(batchnorm_of_linear(linear, norm, flat)))
+            return (hidden.view_as(local) * scorer).sum(-1)
         weight, bias = fold_batchnorm(linear, norm, scale=2.0)
         halves = torch.addmm(bias, flat, weight.t()).sigmoid_().view_as(local)
         return (halves * (2 * scorer)).sum(-1) - scorer.sum(-1)

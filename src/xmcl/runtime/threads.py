@@ -12,13 +12,16 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from xmcl.runtime.device import usable_cores
 
 PROC = Path("/proc")
+_pools: dict[int, ThreadPoolExecutor] = {}
 
 
 def _running_elsewhere(own_pid: int) -> int:
@@ -74,3 +77,24 @@ class ThreadBudget:
             torch.set_num_threads(wanted)
             self.threads = wanted
         return self.threads
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """The ``workers`` threads ``run_in_parts`` splits work over (made once per count)."""
+    if workers not in _pools:
+        _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xmcl-part")
+    return _pools[workers]
+
+
+def run_in_parts(work: Callable[[slice], None], count: int, min_part: int) -> None:
+    """``work(part)`` for consecutive slices ``part`` covering ``range(count)``: one per torch intra-op thread, each of
+    at least ``min_part`` items (one slice, on this thread, where there is too little), side by side on a shared pool.
+    For numpy work, which releases the GIL in its loops (sorts, ufuncs, bit generators) where torch's pool cannot
+    run it."""
+    parts = max(1, min(torch.get_num_threads(), count // max(min_part, 1)))
+    bounds = [count * i // parts for i in range(parts + 1)]
+    spans = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
+    if parts == 1:
+        work(spans[0])
+    else:
+        list(_pool(parts).map(work, spans))
