@@ -187,3 +187,21 @@ def test_sge_attention_and_its_gradients_equal_the_first_written_form_in_trainin
         else:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
     torch.testing.assert_close(sge.local_branch[1].running_mean, reference.local_branch[1].running_mean)
+
+
+def test_row_dot_and_its_gradients_equal_the_product_and_sum():
+    """``row_dot``'s hand-written backward against autograd through ``(x * v).sum(-1)``, for the (B, R, d) x (B, 1, d)
+    case it takes and a shape it leaves to the plain form."""
+    from xmcl.retrieval.enhancement import row_dot
+
+    torch.manual_seed(21)
+    for x_shape, v_shape in (((3, 5, 4), (3, 1, 4)), ((6, 4), (6, 4))):
+        x, v = torch.randn(x_shape, requires_grad=True), torch.randn(v_shape, requires_grad=True)
+        x2, v2 = x.detach().clone().requires_grad_(True), v.detach().clone().requires_grad_(True)
+        weights = torch.randn(x_shape[:-1])
+        got, expected = row_dot(x, v), (x2 * v2).sum(-1)
+        torch.testing.assert_close(got, expected)
+        (got * weights).sum().backward()
+        (expected * weights).sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad)
+        torch.testing.assert_close(v.grad, v2.grad)

@@ -5,7 +5,8 @@ backward.
 operators per time step and direction, each one an autograd node. Here the two directions run side by side as one
 batch of 2 (the backward direction reads each sequence reversed within its length, so that its padding comes
 last and never reaches a valid state), the input products of all steps are one ``bmm``, and a step is six
-operators writing into preallocated buffers. The backward pass is linear in the state gradient ``dh`` with
+operators writing into preallocated buffers, on one thread (``one_thread``: splitting products this small over
+threads costs more than it saves). The backward pass is linear in the state gradient ``dh`` with
 coefficients that depend on the saved forward values alone, so those are computed for all steps at once and a
 backward step is four operators. With ``r, z, n`` the gates of ``nn.GRU`` (rows ``[r; z; n]`` of its weights)::
 
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from xmcl.nn.sequence import length_mask
+from xmcl.runtime.threads import one_thread
 
 
 class _DirectionsScan(torch.autograd.Function):
@@ -51,11 +53,12 @@ class _DirectionsScan(torch.autograd.Function):
         gh_rz, gh_n = (part.unbind(0) for part in gh.split([2 * hidden, hidden], dim=-1))
         r, z = (part.unbind(0) for part in rz.split([hidden, hidden], dim=-1))
         gh_t, rz_t, n_t, h = gh.unbind(0), rz.unbind(0), n.unbind(0), states.unbind(0)
-        for t in range(steps):
-            torch.baddbmm(b_hh, h[t], w_hh_t, out=gh_t[t])
-            torch.sigmoid(gi_rz[t] + gh_rz[t], out=rz_t[t])
-            torch.tanh(torch.addcmul(gi_n[t], r[t], gh_n[t]), out=n_t[t])
-            torch.lerp(n_t[t], h[t], z[t], out=h[t + 1])
+        with one_thread():
+            for t in range(steps):
+                torch.baddbmm(b_hh, h[t], w_hh_t, out=gh_t[t])
+                torch.sigmoid(gi_rz[t] + gh_rz[t], out=rz_t[t])
+                torch.tanh(torch.addcmul(gi_n[t], r[t], gh_n[t]), out=n_t[t])
+                torch.lerp(n_t[t], h[t], z[t], out=h[t + 1])
         ctx.save_for_backward(x, w_ih, w_hh, states, gh, rz, n)
         return states[1:]
 
@@ -76,10 +79,11 @@ class _DirectionsScan(torch.autograd.Function):
         d_out_t, grad_t, z_t = d_out.unbind(0), grad_states.unbind(0), z.unbind(0)
         coefficients_t = coefficients.unbind(0)
         d_h = grad_states.new_zeros(2, batch, hidden)
-        for t in range(steps - 1, -1, -1):
-            torch.add(d_h, grad_t[t], out=d_out_t[t])
-            torch.mul(d_out_t[t].unsqueeze(2), coefficients_t[t], out=d_gh_t[t])
-            d_h = torch.baddbmm(d_out_t[t] * z_t[t], d_gh_t[t].view(2, batch, 3 * hidden), w_hh)
+        with one_thread():
+            for t in range(steps - 1, -1, -1):
+                torch.add(d_h, grad_t[t], out=d_out_t[t])
+                torch.mul(d_out_t[t].unsqueeze(2), coefficients_t[t], out=d_gh_t[t])
+                d_h = torch.baddbmm(d_out_t[t] * z_t[t], d_gh_t[t].view(2, batch, 3 * hidden), w_hh)
         d_gi = d_gh.clone()
         d_gi[..., 2 * hidden:] = d_out * d_new
         flat_gi = d_gi.transpose(0, 1).reshape(2, steps * batch, 3 * hidden)

@@ -18,6 +18,31 @@ from xmcl.nn.gpo import MeanPooling
 from xmcl.nn.sequence import all_valid, length_mask
 
 
+class _RowDot(torch.autograd.Function):
+    """``(x * v).sum(-1)`` for ``x (B, R, d)`` and ``v (B, 1, d)`` -> ``(B, R)``; backward ``dx = g v`` and
+    ``dv = g^T x``, one batched product (autograd's form writes and reads a (B, R, d) temporary for it)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, v: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, v)
+        return (x * v).sum(-1)  # on CPU a product and a sum outrun a batched mat-vec
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        x, v = ctx.saved_tensors
+        grad_x = (grad.unsqueeze(-1) * v).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_v = torch.bmm(grad.unsqueeze(1).to(x.dtype), x).to(v.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_v
+
+
+def row_dot(x: Tensor, v: Tensor) -> Tensor:
+    """``(x * v).sum(-1)``: each local's dot product with its sample's vector, ``x (B, R, d)``, ``v (B, 1, d)``
+    (``_RowDot``); other shapes as written."""
+    if x.dim() == 3 and v.dim() == 3 and v.size(1) == 1 and x.size(0) == v.size(0):
+        return _RowDot.apply(x, v)
+    return (x * v).sum(-1)
+
+
 def guided_enhancement(local: Tensor, lengths: Tensor, guide: Tensor, lam: float = 1.0) -> Tensor:
     """Add the guide to each local in proportion to how much the local attends to it.
 
@@ -28,7 +53,7 @@ def guided_enhancement(local: Tensor, lengths: Tensor, guide: Tensor, lam: float
     ``local (B, R, d)``, ``lengths (B,)``, ``guide (B, d)`` -> ``(B, R, d)``.
     """
     mask = length_mask(lengths.to(local.device), local.size(1))
-    scores = (local * guide.unsqueeze(1)).sum(-1) * lam  # on CPU a product and a sum outrun a batched mat-vec
+    scores = row_dot(local, guide.unsqueeze(1)) * lam
     attention = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=1)
     attention = F.normalize(attention, p=2, dim=1)
     return torch.baddbmm(local, attention.unsqueeze(-1), guide.unsqueeze(1))
@@ -76,17 +101,17 @@ class SGE(nn.Module):
         if self.local_branch.training:  # the linear's bias, which the BN cancels, left out (``batchnorm_of_linear``)
             tanh, dropout = self.local_branch[2], self.local_branch[3]
             hidden = dropout(tanh(batchnorm_of_linear(linear, norm, flat)))
-            return (hidden.view_as(local) * scorer).sum(-1)
+            return row_dot(hidden.view_as(local), scorer)
         weight, bias = fold_batchnorm(linear, norm, scale=2.0)
         halves = torch.addmm(bias, flat, weight.t()).sigmoid_().view_as(local)
-        return (halves * (2 * scorer)).sum(-1) - scorer.sum(-1)
+        return row_dot(halves, 2 * scorer) - scorer.sum(-1)
 
     def guide(self, local: Tensor, lengths: Tensor) -> Tensor:
         """``(B, d)`` L2-normalised self-guide ``g``."""
         mask = length_mask(lengths.to(local.device), local.size(1))
         weights = self.attention(local, lengths)
         valid = local if all_valid(mask) else local.masked_fill(~mask.unsqueeze(-1), 0)
-        pooled = (weights.unsqueeze(-1) * valid).sum(1)
+        pooled = torch.bmm(weights.unsqueeze(1).to(valid.dtype), valid).squeeze(1)  # sum_i w_i v_i
         return F.normalize(pooled, p=2, dim=-1)
 
     def forward(self, local: Tensor, lengths: Tensor) -> Tensor:

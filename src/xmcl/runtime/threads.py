@@ -13,8 +13,9 @@ import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -98,3 +99,19 @@ def run_in_parts(work: Callable[[slice], None], count: int, min_part: int) -> No
         work(spans[0])
     else:
         list(_pool(parts).map(work, spans))
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's intra-op threads set to one inside, restored after: for a run of tiny operators (a recurrence's steps),
+    where a product split over threads costs about twice its time on one, and more where another process holds a
+    core the split must wait for."""
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
