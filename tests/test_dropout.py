@@ -70,7 +70,12 @@ def test_the_cpu_output_is_the_input_times_its_scaled_mask() -> None:
     torch.manual_seed(6)
     mask = cpu_keep_mask(x.shape, 0.4)
     torch.manual_seed(6)
-    assert torch.equal(Dropout(0.4).train()(x), x * (mask.to(x.dtype) * (1.0 / 0.6)))
+    torch.manual_seed(6)
+    scaled = cpu_keep_mask(x.shape, 0.4, keep_value=1.0 / 0.6)
+    assert scaled.dtype == torch.float32
+    assert torch.equal(scaled, mask.to(torch.float32) * (1.0 / 0.6))
+    torch.manual_seed(6)
+    assert torch.equal(Dropout(0.4).train()(x), x * scaled)
 
 
 def test_the_cpu_mask_does_not_depend_on_the_threads_that_draw_it(monkeypatch) -> None:

@@ -14,26 +14,31 @@ _LEVELS = 1 << 16  # a CPU mask compares 16-bit uniform integers: probabilities 
 _CHUNK = 1 << 17  # mask elements per generator: the mask does not depend on how many threads draw it
 
 
-def cpu_keep_mask(shape: torch.Size, p: float) -> Tensor:
+def cpu_keep_mask(shape: torch.Size, p: float, keep_value: float | None = None) -> Tensor:
     """A boolean mask, each element True with probability ``1 - round(p * 65536) / 65536`` (within 7.7e-6 of
-    ``1 - p``). One seed is drawn from torch's global generator (so ``torch.manual_seed`` and a ``TorchStream`` govern
-    the mask); chunk ``c`` of ``_CHUNK`` elements comes from numpy's ``SFC64(SeedSequence([seed, c]))``, whose 64-bit
-    words are cut into four 16-bit integers ``u ~ U{-32768, ..., 32767}``, kept where
-    ``u >= round(p * 65536) - 32768``. The chunks are drawn side by side over torch's threads (``run_in_parts``); one
-    thread draws a 64-bit word in about a third of the time of torch's generator."""
+    ``1 - p``); with ``keep_value``, the float32 mask ``keep_value`` where True and 0 elsewhere. One seed is drawn
+    from torch's global generator (so ``torch.manual_seed`` and a ``TorchStream`` govern the mask); chunk ``c`` of
+    ``_CHUNK`` elements comes from numpy's ``SFC64(SeedSequence([seed, c]))``, whose 64-bit words are cut into four
+    16-bit integers ``u ~ U{-32768, ..., 32767}``, kept where ``u >= round(p * 65536) - 32768``. The chunks are drawn
+    side by side over torch's threads (``run_in_parts``); one thread draws a 64-bit word in about a third of the time
+    of torch's generator."""
     count = shape.numel()
     seed = int(torch.randint(0, 1 << 62, (1,)).item())
     threshold = round(p * _LEVELS) - _LEVELS // 2
     keep = np.empty(count, dtype=np.bool_)
+    scaled = None if keep_value is None else np.empty(count, dtype=np.float32)
 
     def draw(chunks: slice) -> None:
         for chunk in range(chunks.start, chunks.stop):
-            start, stop = chunk * _CHUNK, min(count, (chunk + 1) * _CHUNK)
-            words = np.random.SFC64(np.random.SeedSequence([seed, chunk])).random_raw((stop - start + 3) // 4)
-            np.greater_equal(words.view(np.int16)[: stop - start], threshold, out=keep[start:stop])
+            part = slice(chunk * _CHUNK, min(count, (chunk + 1) * _CHUNK))
+            words = np.random.SFC64(np.random.SeedSequence([seed, chunk])).random_raw((part.stop - part.start + 3) // 4)
+            np.greater_equal(words.view(np.int16)[: part.stop - part.start], threshold, out=keep[part])
+            if scaled is not None:  # while the chunk is in cache
+                scaled[part] = keep[part]
+                scaled[part] *= np.float32(keep_value)
 
     run_in_parts(draw, (count + _CHUNK - 1) // _CHUNK, min_part=1)
-    return torch.from_numpy(keep).view(shape)
+    return torch.from_numpy(keep if scaled is None else scaled).view(shape)
 
 
 class Dropout(nn.Module):
@@ -57,8 +62,7 @@ class Dropout(nn.Module):
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
-        scaled_mask = cpu_keep_mask(x.shape, self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
-        return x * scaled_mask
+        return x * cpu_keep_mask(x.shape, self.p, keep_value=1.0 / (1.0 - self.p)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

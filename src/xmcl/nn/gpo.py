@@ -46,11 +46,12 @@ def sorted_columns(features: Tensor, lengths: Tensor, with_index: bool) -> tuple
     ``features[b, :n_b, d]`` and 0 for ``k >= n_b``; with ``with_index``, also ``index (B, D, L)``, the flat position
     ``l * D + d`` in ``features[b]`` of that value (each position once: the pads take the ranks ``k >= n_b``).
 
-    numpy sorts without the GIL, so the batch is split over torch's threads (``run_in_parts``). With the index: each value is widened to
-    float64 and its flat position written into the 29 low mantissa bits, which widening leaves zero; that moves a key
-    by less than the gap to the next float32, so one sort of plain float64 keys (numpy's vectorised sort, about twice
-    as fast as its argsort) orders the values and carries their positions. Infinities become +-2^1000 first (an
-    infinity's low bits would make it a NaN) and pads -2^1000; the values are read back with the low bits cleared.
+    numpy sorts without the GIL, so the batch is split over torch's threads (``run_in_parts``). With the index: each
+    value is widened to float64 and its flat position written into the 29 low mantissa bits, which widening leaves
+    zero; that moves a key by less than the gap to the next float32, so one sort of plain float64 keys (numpy's
+    vectorised sort, about twice as fast as its argsort) orders the values and carries their positions. Infinities
+    become +-2^1000 first (an infinity's low bits would make it a NaN) and pads -2^1000; the values are read back
+    with the low bits cleared.
     """
     batch, steps, dims = features.shape
     source = features.detach().numpy()
@@ -93,7 +94,8 @@ class _RankedPooling(torch.autograd.Function):
     layout) and ``d w[b, k] = sum_d g[b, d] sorted_k[b, d]`` (one product)."""
 
     @staticmethod
-    def forward(ctx, features: Tensor, weights: Tensor, lengths: Tensor, with_grad: bool) -> Tensor:  # type: ignore[override]
+    def forward(ctx, features: Tensor, weights: Tensor, lengths: Tensor,  # type: ignore[override]
+                with_grad: bool) -> Tensor:
         values, index = sorted_columns(features, lengths, with_index=with_grad)
         if with_grad:
             ctx.save_for_backward(values, index, weights)
