@@ -65,7 +65,7 @@ def test_fold_batchnorm_is_the_layer_and_its_eval_norm_in_one_product(affine, bi
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_batchnorm_of_linear_is_the_norm_of_the_layer_without_its_bias_in_training(momentum):
     """The output, the input and weight gradients and the running statistics (over three steps, the cumulative
-    average included) equal ``norm(linear(x))``; the bias, which the norm cancels, gets no gradient; eval mode and a
+    average included) equal ``norm(linear(x))``; the bias, which the norm cancels, gets an exact 0 gradient; eval mode and a
     norm without running statistics work too."""
     torch.manual_seed(8)
     linear, norm = torch.nn.Linear(7, 4), torch.nn.BatchNorm1d(4, momentum=momentum)
@@ -81,7 +81,7 @@ def test_batchnorm_of_linear_is_the_norm_of_the_layer_without_its_bias_in_traini
         (expected * weights).sum().backward()
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(linear.weight.grad, twin_linear.weight.grad, rtol=1e-4, atol=1e-5)
-        assert linear.bias.grad is None and twin_linear.bias.grad.abs().max() < 1e-5
+        assert torch.equal(linear.bias.grad, torch.zeros(4)) and twin_linear.bias.grad.abs().max() < 1e-5
         torch.testing.assert_close(norm.running_mean, twin_norm.running_mean, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(norm.running_var, twin_norm.running_var)
         linear.zero_grad(), twin_linear.zero_grad()
@@ -96,7 +96,7 @@ def test_batchnorm_of_linear_is_the_norm_of_the_layer_without_its_bias_in_traini
 def test_projection_head_equals_its_layers_in_training_and_in_eval_with_gradients():
     """``project`` accumulates fc's and the MLP's products in one buffer, leaves out W_1's bias in training and, in
     eval mode, folds BN into W_1: the same values and gradients as ``fc(x) + mlp(x)`` through the layers' own forward
-    (where W_1's bias, which BN cancels, gets none in training: rounding noise in the layers')."""
+    (where W_1's bias, which BN cancels, gets an exact 0 in training: rounding noise in the layers')."""
     torch.manual_seed(3)
     head = ProjectionHead(12, 10, hidden_dim=6)
     norm = head.mlp[1]
@@ -120,7 +120,7 @@ def test_projection_head_equals_its_layers_in_training_and_in_eval_with_gradient
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-6)
         for (name, p), q in zip(head.named_parameters(), twin.parameters()):
             if training and name == "mlp.0.bias":
-                assert p.grad is None and q.grad.abs().max() < 1e-5
+                assert not p.grad.any() and q.grad.abs().max() < 1e-5
             else:
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=f"{name} (training={training})")
             p.grad, q.grad = None, None

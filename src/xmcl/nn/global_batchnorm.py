@@ -44,18 +44,20 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
 def batchnorm_of_linear(linear: nn.Linear, norm: nn.BatchNorm1d, x: Tensor) -> Tensor:
     """``norm(linear(x))``; with ``norm`` in training mode, the product is taken without ``linear``'s bias ``b``: the
-    batch mean the norm subtracts cancels it, so it changes no output and has no gradient (it gets none, where
-    ``b`` would get rounding noise). The running mean, which must follow the mean of ``linear(x)`` for eval mode,
-    gets ``b`` by a shift around the update: ``(r - b)(1 - m) + m mean(x W^T) + b = (1 - m) r + m mean(x W^T + b)``."""
+    batch mean the norm subtracts cancels it, so it changes no output and its gradient is 0 (here exactly: it enters
+    the graph as ``W + 0 b``, so that data-parallel training sees every parameter used; the layers' own form gives it
+    rounding noise). The running mean, which must follow the mean of ``linear(x)`` for eval mode, gets ``b`` by a
+    shift around the update: ``(r - b)(1 - m) + m mean(x W^T) + b = (1 - m) r + m mean(x W^T + b)``."""
     if linear.bias is None or not norm.training:
         return norm(linear(x))
+    weight = linear.weight + (linear.bias * 0).unsqueeze(1)
     if norm.running_mean is None:
-        return norm(F.linear(x, linear.weight))
+        return norm(F.linear(x, weight))
     # the norm runs on a shifted copy of its running mean: the autograd graph may keep the one it was given
     running_mean, bias = norm.running_mean, linear.bias.detach()
     norm.running_mean = running_mean - bias
     try:
-        return norm(F.linear(x, linear.weight))
+        return norm(F.linear(x, weight))
     finally:
         shifted, norm.running_mean = norm.running_mean, running_mean
         running_mean.copy_(shifted + bias)

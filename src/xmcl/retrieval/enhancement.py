@@ -59,6 +59,13 @@ def guided_enhancement(local: Tensor, lengths: Tensor, guide: Tensor, lam: float
     return torch.baddbmm(local, attention.unsqueeze(-1), guide.unsqueeze(1))
 
 
+def _run_branch(branch: nn.Sequential, x: Tensor) -> Tensor:
+    """An SGE branch ``dropout(tanh(BN(W x + b)))`` on rows ``x (N, d)``, the product through
+    ``batchnorm_of_linear`` (in training without ``b``, which the BN cancels)."""
+    linear, norm, tanh, dropout = branch
+    return dropout(tanh(batchnorm_of_linear(linear, norm, x)))
+
+
 class SGE(nn.Module):
     """Self-guided global-representation enhancement.
 
@@ -81,7 +88,7 @@ class SGE(nn.Module):
     def attention(self, local: Tensor, lengths: Tensor) -> Tensor:
         """``(B, R)`` weights ``w`` over the locals (0 at padded positions)."""
         mask = length_mask(lengths.to(local.device), local.size(1))
-        gate = self.global_branch(MeanPooling()(local, lengths))  # (B, d)
+        gate = _run_branch(self.global_branch, MeanPooling()(local, lengths))  # (B, d)
         # w_c . (h_i * gate) + b = h_i . (gate * w_c) + b: the (B, R, d) product is never formed
         scorer = gate * self.scorer.weight.squeeze(0)  # (B, d)
         if all_valid(mask):  # nothing padded: every (b, i) is valid, no gather and scatter; BN over (B * R, d)
@@ -98,10 +105,8 @@ class SGE(nn.Module):
         ``2z = x W'^T + b'`` one product (``fold_batchnorm``), so ``h . s = 2 sigmoid(2z) . s - sum(s)``."""
         flat = local.reshape(-1, local.size(-1))
         linear, norm = self.local_branch[0], self.local_branch[1]
-        if self.local_branch.training:  # the linear's bias, which the BN cancels, left out (``batchnorm_of_linear``)
-            tanh, dropout = self.local_branch[2], self.local_branch[3]
-            hidden = dropout(tanh(batchnorm_of_linear(linear, norm, flat)))
-            return row_dot(hidden.view_as(local), scorer)
+        if self.local_branch.training:
+            return row_dot(_run_branch(self.local_branch, flat).view_as(local), scorer)
         weight, bias = fold_batchnorm(linear, norm, scale=2.0)
         halves = torch.addmm(bias, flat, weight.t()).sigmoid_().view_as(local)
         return row_dot(halves, 2 * scorer) - scorer.sum(-1)
