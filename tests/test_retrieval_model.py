@@ -65,8 +65,8 @@ def test_fold_batchnorm_is_the_layer_and_its_eval_norm_in_one_product(affine, bi
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_batchnorm_of_linear_is_the_norm_of_the_layer_without_its_bias_in_training(momentum):
     """The output, the input and weight gradients and the running statistics (over three steps, the cumulative
-    average included) equal ``norm(linear(x))``; the bias, which the norm cancels, gets an exact 0 gradient; eval mode and a
-    norm without running statistics work too."""
+    average included) equal ``norm(linear(x))``; the bias, which the norm cancels, gets an exact 0 gradient; eval
+    mode and a norm without running statistics work too."""
     torch.manual_seed(8)
     linear, norm = torch.nn.Linear(7, 4), torch.nn.BatchNorm1d(4, momentum=momentum)
     linear.bias.data.uniform_(-2.0, 2.0)

@@ -14,6 +14,7 @@ _LEVELS = 1 << 16  # a CPU mask compares 16-bit uniform integers: probabilities 
 _CHUNK = 1 << 17  # mask elements per generator: the mask does not depend on how many threads draw it
 
 
+@torch.compiler.disable  # numpy work: a compiled caller runs it as it is, outside its graph
 def cpu_keep_mask(shape: torch.Size, p: float, keep_value: float | None = None) -> Tensor:
     """A boolean mask, each element True with probability ``1 - round(p * 65536) / 65536`` (within 7.7e-6 of
     ``1 - p``); with ``keep_value``, the float32 mask ``keep_value`` where True and 0 elsewhere. One seed is drawn
@@ -31,8 +32,9 @@ def cpu_keep_mask(shape: torch.Size, p: float, keep_value: float | None = None) 
     def draw(chunks: slice) -> None:
         for chunk in range(chunks.start, chunks.stop):
             part = slice(chunk * _CHUNK, min(count, (chunk + 1) * _CHUNK))
-            words = np.random.SFC64(np.random.SeedSequence([seed, chunk])).random_raw((part.stop - part.start + 3) // 4)
-            np.greater_equal(words.view(np.int16)[: part.stop - part.start], threshold, out=keep[part])
+            size = part.stop - part.start
+            words = np.random.SFC64(np.random.SeedSequence([seed, chunk])).random_raw((size + 3) // 4)
+            np.greater_equal(words.view(np.int16)[:size], threshold, out=keep[part])
             if scaled is not None:  # while the chunk is in cache
                 scaled[part] = keep[part]
                 scaled[part] *= np.float32(keep_value)

@@ -5,6 +5,8 @@ another process holds one of the cores, a thread of the pool waits for that core
 costs several times what one thread alone would (measured in ``docs/results.md``, "threads"). ``ThreadBudget``
 therefore counts the cores this process may run on (``os.sched_getaffinity``) minus the cores other processes keep
 busy (tasks in the running state, read from ``/proc``), at the start and again every ``recheck_s`` seconds.
+Two helpers place work the intra-op pool does not: ``run_in_parts`` splits numpy work (which releases the GIL) over
+as many threads, and ``one_thread`` keeps a run of tiny operators on one.
 """
 
 from __future__ import annotations
