@@ -174,7 +174,8 @@ class GPO(nn.Module):
     def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
         max_len = features.size(1)
         weights = self.pool_weights(lengths, max_len).to(features.dtype)  # (B, L)
-        if features.device.type == "cpu" and features.dtype == torch.float32 and features[0].numel() <= _LOW_BITS:
+        cpu_float32 = features.device.type == "cpu" and features.dtype == torch.float32
+        if cpu_float32 and features.shape[1] * features.shape[2] <= _LOW_BITS:
             with_grad = torch.is_grad_enabled() and (features.requires_grad or weights.requires_grad)
             return _RankedPooling.apply(features, weights, lengths, with_grad)
         mask = length_mask(lengths.to(features.device), max_len).unsqueeze(1)  # (B, 1, L)
