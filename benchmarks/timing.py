@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import time
 from typing import Callable
@@ -43,20 +44,35 @@ def _accumulated_product_flop(self_shape, mat1_shape, mat2_shape, *args, out_sha
     return 2 * mat1_shape[0] * mat1_shape[1] * mat2_shape[1]
 
 
+def _onednn_linear_flop(x_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOP of ``mkldnn::_linear_pointwise`` (``xmcl.nn.dense``), the product's alone in either overload (the
+    fused residual or activation not counted): ``2 k`` per output element, ``k`` the input's last dimension."""
+    return 2 * math.prod(out_shape) * x_shape[-1]
+
+
 def gflop(fn: Callable[[], object]) -> float:
     """GFLOP of one call of ``fn`` (matrix products and convolutions, forward and backward, as
-    ``torch.utils.flop_counter`` counts them; the in-place ``addmm_``, which it does not list, as ``addmm``)."""
+    ``torch.utils.flop_counter`` counts them; the in-place ``addmm_`` and oneDNN's products (``xmcl.nn.dense``),
+    which it does not list, as ``addmm``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _accumulated_product_flop}) as counter:
+    mapping = {torch.ops.aten.addmm_: _accumulated_product_flop}
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        mapping[torch.ops.mkldnn._linear_pointwise] = _onednn_linear_flop
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return counter.get_total_flops() / 1e9
 
 
 def gemm_gflops(size: int = 1024, repeats: int = 5) -> float:
-    """GFLOP/s of a ``size``^3 float32 matrix product on the current torch threads (the best of ``repeats``)."""
+    """GFLOP/s of a ``size``^3 float32 matrix product on the current torch threads: the best of ``repeats`` runs of
+    each library torch carries (MKL's, behind ``a @ b``, and oneDNN's, which ``xmcl.nn.dense`` uses)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size ** 3 / min(repeat_seconds(lambda: a @ b, repeats)) / 1e9
+    products = [lambda: a @ b]
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available():
+        b_rows = b.t().contiguous()  # oneDNN's form: x @ w^T
+        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b_rows, None, "none", [], ""))
+    return 2 * size ** 3 / min(min(repeat_seconds(product, repeats)) for product in products) / 1e9
 
 
 def quantiles_ms(seconds: list[float]) -> dict[str, float]:

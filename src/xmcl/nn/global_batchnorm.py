@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xmcl.nn import dense
 from xmcl.runtime.distributed import SINGLE_PROCESS, World, gather_with_grad
 
 
@@ -52,12 +53,12 @@ def batchnorm_of_linear(linear: nn.Linear, norm: nn.BatchNorm1d, x: Tensor) -> T
         return norm(linear(x))
     weight = linear.weight + (linear.bias * 0).unsqueeze(1)
     if norm.running_mean is None:
-        return norm(F.linear(x, weight))
+        return norm(dense.linear(x, weight))
     # the norm runs on a shifted copy of its running mean: the autograd graph may keep the one it was given
     running_mean, bias = norm.running_mean, linear.bias.detach()
     norm.running_mean = running_mean - bias
     try:
-        return norm(F.linear(x, weight))
+        return norm(dense.linear(x, weight))
     finally:
         shifted, norm.running_mean = norm.running_mean, running_mean
         running_mean.copy_(shifted + bias)

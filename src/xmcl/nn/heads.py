@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from xmcl.errors import ConfigError
+from xmcl.nn.dense import linear, linear_activation
 from xmcl.nn.global_batchnorm import GlobalBatchNorm1d, batchnorm_of_linear, fold_batchnorm
 from xmcl.nn.sequence import all_valid, length_mask
 
@@ -58,15 +59,15 @@ class ProjectionHead(nn.Module):
         return out
 
     def project(self, rows: Tensor) -> Tensor:
-        """``fc(x) + mlp(x)`` of ``rows (N, D_in)``: the two output products accumulate into one buffer that starts
-        from both biases (no separate sum); in training ``W_1``'s bias, which the BN cancels, is left out
-        (``batchnorm_of_linear``); in eval mode the BN is folded into ``W_1`` (``fold_batchnorm``)."""
+        """``fc(x) + mlp(x)`` of ``rows (N, D_in)``: the last product adds the fc branch as it is written (a fused
+        residual, ``nn.dense.linear``), and the fc product carries both biases; in training ``W_1``'s bias, which the
+        BN cancels, is left out (``batchnorm_of_linear``); in eval mode the BN is folded into ``W_1``
+        (``fold_batchnorm``) and the ReLU into its product."""
         first, norm, _, last = self.mlp
         if norm.training:
             hidden = batchnorm_of_linear(first, norm, rows).relu_()
         else:
             weight, bias = fold_batchnorm(first, norm)
-            hidden = torch.addmm(bias, rows, weight.t()).relu_()
-        out = torch.addmm(self.fc.bias + last.bias, rows, self.fc.weight.t())
-        # in-place products escape autocast: the second takes the first's dtype (the same one outside autocast)
-        return out.addmm_(hidden.to(out.dtype), last.weight.t().to(out.dtype))
+            hidden = linear_activation(rows, weight, bias, "relu")
+        out = linear(rows, self.fc.weight, self.fc.bias + last.bias)
+        return linear(hidden, last.weight, residual=out)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from xmcl.data.text import resolve_text_model_dir
 from xmcl.errors import CheckpointError, ConfigError, DataError
+from xmcl.nn import dense
 from xmcl.nn.backbones import build_image_backbone, set_trainable
 from xmcl.nn.gpo import build_pooling
 from xmcl.nn.heads import ProjectionHead
@@ -197,7 +198,7 @@ class TextEncoder(nn.Module):
         if not project and sequence.hidden_dim != embed_dim:
             raise ConfigError(f"text states are {sequence.hidden_dim}-d but the joint space is {embed_dim}-d: "
                               "a projection is needed")
-        self.projection = nn.Linear(sequence.hidden_dim, embed_dim) if project else nn.Identity()
+        self.projection = dense.Linear(sequence.hidden_dim, embed_dim) if project else nn.Identity()
         self.sge = sge
         self.pooling = build_pooling(pooling)
         self.cge = cge

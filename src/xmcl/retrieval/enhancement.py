@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmcl.nn.activations import FastTanh
+from xmcl.nn.dense import linear_activation
 from xmcl.nn.dropout import Dropout
 from xmcl.nn.global_batchnorm import GlobalBatchNorm1d, batchnorm_of_linear, fold_batchnorm
 from xmcl.nn.gpo import MeanPooling
@@ -108,7 +109,7 @@ class SGE(nn.Module):
         if self.local_branch.training:
             return row_dot(_run_branch(self.local_branch, flat).view_as(local), scorer)
         weight, bias = fold_batchnorm(linear, norm, scale=2.0)
-        halves = torch.addmm(bias, flat, weight.t()).sigmoid_().view_as(local)
+        halves = linear_activation(flat, weight, bias, "sigmoid").view_as(local)
         return row_dot(halves, 2 * scorer) - scorer.sum(-1)
 
     def guide(self, local: Tensor, lengths: Tensor) -> Tensor:
