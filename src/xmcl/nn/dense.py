@@ -5,8 +5,9 @@ rows by a 256-wide weight) oneDNN's kernels, which torch ships for its compiler 
 ran 15-35% faster on this project's machines, and they fuse a bias, an activation or a residual into the product.
 ``linear`` takes them for the forward product ``y = x W^T + b`` and the input's gradient ``dx = dy W``; the
 weight's gradient ``dW = dy^T x``, a long reduction over the rows, stays with MKL, which was the faster there.
-Elsewhere (other devices and dtypes, CPU autocast, inside ``torch.compile``, a torch without the operator) it is
-``F.linear``. The products round as ``F.linear``'s do up to float32 accumulation order.
+Elsewhere (other devices and dtypes, CPU autocast, inside ``torch.compile``, ``torch.export`` or the ONNX tracer,
+a torch without the operator) it is ``F.linear``. The products round as ``F.linear``'s do, up to the order of the
+float32 accumulation.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ _AVAILABLE = _kernel_available()
 def _takes_kernel(x: Tensor, weight: Tensor) -> bool:
     return (_AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.dim() >= 2 and weight.dim() == 2 and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling())
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
 
 
 def _product(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str = "none") -> Tensor:
