@@ -1,5 +1,8 @@
 """nn.dense: oneDNN's products against the same affine maps computed in float64 by torch, with their gradients."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,6 +52,9 @@ def test_linear_on_a_strided_input_and_only_the_weight_learning():
     dense.linear(x, weight).backward(grad)
     torch.testing.assert_close(weight.grad.double(), grad.double().t() @ x.double(), rtol=1e-5, atol=1e-4)
     assert x.grad is None
+    weight.grad = None
+    dense.linear(x, weight).sum().backward()  # a gradient that is one value broadcast (stride 0)
+    torch.testing.assert_close(weight.grad.double(), x.double().sum(0).expand(8, 24), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("activation", ["none", "relu", "sigmoid"])
@@ -80,3 +86,14 @@ def test_linear_module_keeps_nn_linears_state():
     x = torch.randn(9, 10)
     torch.testing.assert_close(layer(x), reference(x), rtol=1e-6, atol=1e-6)
     assert list(layer.state_dict()) == ["weight", "bias"]
+
+
+def test_the_products_benchmark_times_the_same_product_in_each_library():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import dense_products
+
+    torch.manual_seed(4)
+    for form, (flop, impls) in dense_products.forms(40, 24, 16).items():
+        mkl, onednn = impls["mkl"](), impls["onednn"]()
+        assert flop == 2 * 40 * 24 * 16
+        torch.testing.assert_close(onednn, mkl, rtol=1e-5, atol=1e-4, msg=form)
