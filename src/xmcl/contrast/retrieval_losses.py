@@ -65,6 +65,7 @@ from xmcl.contrast.semantic_weights import (
     soft_negative_weights,
 )
 from xmcl.errors import ConfigError, DataError
+from xmcl.nn.dense import linear
 
 QUEUE_FALSE_NEGATIVE_MODES = ("mask", "keep")
 TOLERANCES = ("none", "quantile", "soft")
@@ -183,9 +184,10 @@ class RetrievalLoss(nn.Module):
                 tolerant = self._tolerant(s, rows, negatives, queue_valid)
                 negatives = tolerant.pop("negatives")
             img_key, txt_key = img_key.detach(), txt_key.detach()
-            out["queue_i2t"] = self.directional(img @ txt_queue.detach().T, (img * txt_key).sum(1), negatives,
+            # against the queue (K, d) as a weight: x Q^T through nn.dense (oneDNN on the CPU)
+            out["queue_i2t"] = self.directional(linear(img, txt_queue.detach()), (img * txt_key).sum(1), negatives,
                                                 **tolerant)
-            out["queue_t2i"] = self.directional(txt @ img_queue.detach().T, (txt * img_key).sum(1), negatives,
+            out["queue_t2i"] = self.directional(linear(txt, img_queue.detach()), (txt * img_key).sum(1), negatives,
                                                 **tolerant)
             loss = loss + out["queue_i2t"] + out["queue_t2i"]
         out["loss"] = loss
