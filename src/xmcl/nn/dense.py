@@ -20,11 +20,7 @@ from torch import Tensor, nn
 _ACTIVATIONS = ("none", "relu", "sigmoid")
 
 
-def _kernel_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-_AVAILABLE = _kernel_available()
+_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _takes_kernel(x: Tensor, weight: Tensor) -> bool:
