@@ -25,11 +25,9 @@ import torch  # noqa: E402
 from figures import options, parse_with_out, write_figures  # noqa: E402
 from timing import interleaved_seconds  # noqa: E402
 
+from xmcl.nn.dense import KERNEL_AVAILABLE, onednn_product  # noqa: E402
+
 SHAPES = [(6272, 256, 256), (6272, 256, 128), (6272, 128, 256), (1024, 1024, 1024)]  # (rows, k, n)
-
-
-def onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def forms(rows: int, k: int, n: int) -> dict[str, tuple[int, dict]]:
@@ -37,9 +35,11 @@ def forms(rows: int, k: int, n: int) -> dict[str, tuple[int, dict]]:
     x, weight, bias, grad = torch.randn(rows, k), torch.randn(n, k), torch.randn(n), torch.randn(rows, n)
     flop = 2 * rows * k * n
     return {"forward": (flop, {"mkl": lambda: torch.addmm(bias, x, weight.t()),
-                               "onednn": lambda: onednn(x, weight, bias)}),
-            "input_gradient": (flop, {"mkl": lambda: grad.mm(weight), "onednn": lambda: onednn(grad, weight.t(), None)}),
-            "weight_gradient": (flop, {"mkl": lambda: grad.t().mm(x), "onednn": lambda: onednn(grad.t(), x.t(), None)})}
+                               "onednn": lambda: onednn_product(x, weight, bias)}),
+            "input_gradient": (flop, {"mkl": lambda: grad.mm(weight),
+                                      "onednn": lambda: onednn_product(grad, weight.t(), None)}),
+            "weight_gradient": (flop, {"mkl": lambda: grad.t().mm(x),
+                                       "onednn": lambda: onednn_product(grad.t(), x.t(), None)})}
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
     args = parse_with_out(parser, "dense_products", naming=["threads"])
-    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    if not KERNEL_AVAILABLE:
         raise SystemExit("this torch has no oneDNN linear kernel (mkldnn::_linear_pointwise)")
     torch.set_num_threads(args.threads)
     figures = {}

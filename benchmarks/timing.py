@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from xmcl.nn import dense
 from xmcl.runtime.device import peak_memory_mib
 
 
@@ -57,7 +58,7 @@ def gflop(fn: Callable[[], object]) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     mapping = {torch.ops.aten.addmm_: _accumulated_product_flop}
-    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    if dense.KERNEL_AVAILABLE:
         mapping[torch.ops.mkldnn._linear_pointwise] = _onednn_linear_flop
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
@@ -69,9 +70,9 @@ def gemm_gflops(size: int = 1024, repeats: int = 5) -> float:
     each library torch carries (MKL's, behind ``a @ b``, and oneDNN's, which ``xmcl.nn.dense`` uses)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     products = [lambda: a @ b]
-    if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available():
+    if dense.KERNEL_AVAILABLE:
         b_rows = b.t().contiguous()  # oneDNN's form: x @ w^T
-        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b_rows, None, "none", [], ""))
+        products.append(lambda: dense.onednn_product(a, b_rows, None))
     return 2 * size ** 3 / min(min(repeat_seconds(product, repeats)) for product in products) / 1e9
 
 

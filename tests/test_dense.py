@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from xmcl.nn import dense
 
-pytestmark = pytest.mark.skipif(not dense._AVAILABLE, reason="this torch has no oneDNN linear kernel")
+pytestmark = pytest.mark.skipif(not dense.KERNEL_AVAILABLE, reason="this torch has no oneDNN linear kernel")
 
 
 def float64_reference(x, weight, bias, residual, grad):

@@ -17,19 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_ACTIVATIONS = ("none", "relu", "sigmoid")
-
-
-_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ACTIVATIONS = {"none": lambda out: out, "relu": torch.relu, "sigmoid": torch.sigmoid}
+KERNEL_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _takes_kernel(x: Tensor, weight: Tensor) -> bool:
-    return (_AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.dim() >= 2 and weight.dim() == 2 and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+    return (KERNEL_AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and x.dim() >= 2 and weight.dim() == 2
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing())
 
 
-def _product(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str = "none") -> Tensor:
+def onednn_product(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str = "none") -> Tensor:
+    """oneDNN's ``activation(x W^T + b)`` for CPU float32 ``x (..., k)``, ``weight (n, k)`` (any strides), without
+    autograd; only where ``KERNEL_AVAILABLE``."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "")
 
 
@@ -42,14 +43,14 @@ class _Linear(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         if residual is None:
-            return _product(x, weight, bias)
+            return onednn_product(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         grad_rows = grad.reshape(-1, grad.size(-1))
-        grad_x = _product(grad, weight.t(), None) if ctx.needs_input_grad[0] else None
+        grad_x = onednn_product(grad, weight.t(), None) if ctx.needs_input_grad[0] else None
         grad_weight = grad_rows.t().mm(x.reshape(-1, x.size(-1))) if ctx.needs_input_grad[1] else None
         grad_bias = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         grad_residual = grad if ctx.needs_input_grad[3] else None
@@ -70,11 +71,10 @@ def linear_activation(x: Tensor, weight: Tensor, bias: Tensor | None, activation
     """``activation(F.linear(x, weight, bias))`` for ``activation`` ``"none"``, ``"relu"`` or ``"sigmoid"``: one
     fused oneDNN product where nothing needs its gradient (eval-mode towers, the key towers), else as written."""
     if activation not in _ACTIVATIONS:
-        raise ValueError(f"linear_activation supports {_ACTIVATIONS}, got '{activation}'")
+        raise ValueError(f"linear_activation supports {tuple(_ACTIVATIONS)}, got '{activation}'")
     if _takes_kernel(x, weight) and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        return _product(x, weight, bias, activation)
-    out = F.linear(x, weight, bias)
-    return {"none": out, "relu": out.relu(), "sigmoid": out.sigmoid()}[activation]
+        return onednn_product(x, weight, bias, activation)
+    return _ACTIVATIONS[activation](F.linear(x, weight, bias))
 
 
 class Linear(nn.Linear):
