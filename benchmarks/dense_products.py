@@ -27,6 +27,7 @@ from timing import interleaved_seconds  # noqa: E402
 
 from xmcl.nn.dense import KERNEL_AVAILABLE, onednn_product  # noqa: E402
 
+SETTLING = 3  # calls of each product left out of its median, after the warm-up round
 SHAPES = [(6272, 256, 256), (6272, 256, 128), (6272, 128, 256), (1024, 1024, 1024)]  # (rows, k, n)
 
 
@@ -47,6 +48,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
     args = parse_with_out(parser, "dense_products", naming=["threads"])
+    if args.repeats <= SETTLING:
+        parser.error(f"--repeats must exceed the {SETTLING} settling calls left out of the medians")
     if not KERNEL_AVAILABLE:
         raise SystemExit("this torch has no oneDNN linear kernel (mkldnn::_linear_pointwise)")
     torch.set_num_threads(args.threads)
@@ -55,7 +58,7 @@ def main() -> None:
         for form, (flop, impls) in forms(rows, k, n).items():
             names = list(impls)
             spent = interleaved_seconds([impls[name] for name in names], args.repeats)
-            medians = {name: statistics.median(seconds[3:]) for name, seconds in zip(names, spent)}
+            medians = {name: statistics.median(seconds[SETTLING:]) for name, seconds in zip(names, spent)}
             figures[f"{rows}x{k}x{n} {form}"] = {
                 **{f"{name}_ms": 1000 * medians[name] for name in names},
                 **{f"{name}_gflops": flop / medians[name] / 1e9 for name in names}}
