@@ -105,7 +105,7 @@ DISTILL_TINY = [
     "data.image_size=[32,64]", "voxel.widths=[4,8]", "voxel.out_dim=8", "voxel.voxel_size=0.2",
     "image.backbone=resnet18", "image.weights=null", "image.resnet_width=8", "superpixels.n_segments=12",
     "optim.steps=4", "optim.batch_scenes=2", "run.checkpoint_every=2", "run.log_every=1",
-    "run.progress=false", "run.device=cpu", "probe.linear_steps=20", "probe.finetune_steps=2",
+    "run.progress=false", "run.device=cpu", "run.threads=1", "probe.linear_steps=20", "probe.finetune_steps=2",
 ]
 
 
