@@ -108,3 +108,37 @@ def test_the_log_cadence_changes_what_is_read_not_what_is_trained(tmp_path: Path
     assert means[1] == [pytest.approx(means[0][0], rel=1e-12)]
     a, b = read_checkpoint(every["last"])["model"], read_checkpoint(sparse["last"])["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_curves_are_redrawn_within_their_share_of_the_run_and_always_at_the_end(tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    import xmcl.training.run as run
+
+    clock = {"now": 1000.0}
+    drawn: list[float] = []
+
+    def draw(log: Path, png: Path) -> None:  # each drawing takes 2 s of the fake clock
+        drawn.append(clock["now"])
+        clock["now"] += 2.0
+
+    monkeypatch.setattr(run.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(run, "plot_curves", draw)
+    logger = run.StepLogger(RunFolder(tmp_path), progress=False)
+    for _ in range(12):  # twelve 45 s epochs, each ending with a plot
+        clock["now"] += 45.0
+        logger.plot()
+    logger.plot(final=True)
+    # a drawing happens while (time drawn so far + 2 s) <= 2% of the time since the start, and always the first
+    expected, spent, now = [], None, 1000.0
+    for _ in range(12):
+        now += 45.0
+        if spent is None or spent + 2.0 <= run.PLOT_SHARE * (now - 1000.0):
+            expected.append(now)
+            spent = (spent or 0.0) + 2.0
+            now += 2.0
+    assert drawn[:-1] == expected and [round((t - 1000.0) // 45) for t in expected] == [1, 5, 7, 9, 11]
+    assert drawn[-1] == now  # the final drawing, however recent the last
+    skipped = RunFolder(tmp_path / "other")
+    quiet = run.StepLogger(skipped, progress=False, writes=False)
+    quiet.plot(final=True)
+    assert len(drawn) == len(expected) + 1  # a rank that does not write draws nothing

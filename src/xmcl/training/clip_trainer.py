@@ -247,9 +247,10 @@ def _train(cfg: ClipTrainConfig, folder: RunFolder, resume: bool, overwrite: boo
         checkpoint()  # then the best model: a stop between the two is healed on resume (see above)
         if improved and world.is_main:
             save_clip(model, vocab, merges, folder.root)
-        logger.plot()
+        stopping = stop.agreed(world, device)
+        logger.plot(final=stopping or progress.epoch == cfg.optim.epochs)
         logger.note(f"epoch {progress.epoch}: val rSum {rsum:.1f}")
-        if stop.agreed(world, device):
+        if stopping:
             raise stop.interrupted(f"the end of epoch {progress.epoch}", folder)
     return _summary(folder, progress)
 

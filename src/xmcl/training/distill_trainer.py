@@ -190,5 +190,5 @@ def _pretrain(cfg: DistillConfig, folder: RunFolder, resume: bool, overwrite: bo
         if stopping and done < cfg.optim.steps:
             bar.close()
             raise stop.interrupted(f"step {done} of {cfg.optim.steps}", folder)
-    logger.plot()
+    logger.plot(final=True)
     return folder.last

@@ -302,7 +302,8 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
         checkpoint(folder.last)  # then best.pt: a stop between the two is healed on resume (see above)
         if improved:
             checkpoint(folder.best)
-        logger.plot()
-        if stop.agreed(world, device):
+        stopping = stop.agreed(world, device)
+        logger.plot(final=stopping or progress.epoch == cfg.optim.epochs)
+        if stopping:
             raise stop.interrupted(f"the end of epoch {progress.epoch}", folder)
     return _summary(folder, progress)

@@ -5,7 +5,7 @@
 config key must match the saved one, except the keys the loop declares resumable), start afresh, or refuse
 (``--no-resume`` into a folder that already holds a run, unless ``overwrite``). ``check_finite``: stop on a NaN/inf
 loss, keeping the last good checkpoint. ``StepLogger``: progress bar, JSONL log (cut back to a resumed checkpoint's
-length, so no step is logged twice) and PNG curves. ``StopSignals``: SIGINT / SIGTERM stop the loop at the next step
+length, so no step is logged twice) and PNG curves (redrawn within a share of the run's time). ``StopSignals``: SIGINT / SIGTERM stop the loop at the next step
 boundary where the loop syncs (a log step), after a checkpoint (``agreed``: every rank stops at the same one).
 ``capture_states`` / ``restore_states``: the state dicts of a loop's stateful objects (model, optimiser, scheduler,
 random streams, ...) and the global RNG, by name. ``run_loop``: a trainer's entry (process group, folder held, stop
@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
@@ -39,6 +40,7 @@ from xmcl.training.progress import TrainingProgress
 from xmcl.training.sharding import check_world_size
 
 T = TypeVar("T")
+PLOT_SHARE = 0.02  # the most of a run's wall time that redrawing curves.png may take before the final drawing
 
 # Run controls that may change when a run resumes (the seed may not: it fixes every random stream).
 RESUMABLE_RUN_KEYS = frozenset({"run.device", "run.threads", "run.progress", "run.checkpoint_every", "run.log_every",
@@ -309,7 +311,12 @@ class StepLogger:
 
     ``report_to`` containing "tensorboard": each record's numbers also go to TensorBoard scalars in
     ``folder.tensorboard`` at the record's ``step`` (flushed at each ``plot``); a resume from step ``resumed_step``
-    purges the events after it, as the log drops its records."""
+    purges the events after it, as the log drops its records.
+
+    ``plot`` redraws ``curves.png`` (2-3 s for a retrieval run's 20-odd panels) only while the time spent drawing,
+    this drawing included (estimated by the last one), stays within ``PLOT_SHARE`` of the time since the logger
+    started; the first and the ``final`` drawing always happen. With epochs of 45 s and drawings of 2.5 s that is every third epoch,
+    against 5% of the run when every epoch redrew."""
 
     def __init__(self, folder: RunFolder, progress: bool, keep_bytes: int = 0, writes: bool = True,
                  report_to: Iterable[str] = (), resumed_step: int = 0) -> None:
@@ -323,6 +330,9 @@ class StepLogger:
 
                 self.board = SummaryWriter(str(folder.tensorboard), purge_step=resumed_step + 1 if resumed_step
                                            else None)
+        self._started = time.monotonic()
+        self._drawing_s: float | None = None  # seconds spent drawing so far (None: nothing drawn yet)
+        self._last_drawing_s = 0.0
 
     def bar(self, iterable: Iterable, total: int, initial: int, desc: str, unit: str = "step") -> tqdm:
         """A progress bar over ``iterable`` (hidden when the run has no progress output)."""
@@ -347,9 +357,14 @@ class StepLogger:
         if self.progress:
             tqdm.write(message)
 
-    def plot(self) -> None:
-        """Redraw ``curves.png`` from the log (and flush the TensorBoard events)."""
-        if self.writes:
+    def plot(self, final: bool = False) -> None:
+        """Redraw ``curves.png`` from the log within the time share (always when ``final``), and flush the
+        TensorBoard events."""
+        if self.writes and (final or self._drawing_s is None or self._drawing_s + self._last_drawing_s
+                            <= PLOT_SHARE * (time.monotonic() - self._started)):
+            began = time.monotonic()
             plot_curves(self.folder.log, self.folder.curves)
+            self._last_drawing_s = time.monotonic() - began
+            self._drawing_s = (self._drawing_s or 0.0) + self._last_drawing_s
         if self.board is not None:
             self.board.flush()
