@@ -10,7 +10,6 @@ One process, or eval mode, is exactly ``nn.BatchNorm1d``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmcl.nn import dense
