@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from xmcl.data.batches import pad_regions
 from xmcl.data.text import (
     SPECIAL_TOKENS,
     HFTokenizer,
@@ -145,6 +146,23 @@ def test_collate_tokens_pads_right():
         collate_tokens([])
     with pytest.raises(DataError, match="position 1"):
         collate_tokens([[1], []])
+    rng = np.random.default_rng(0)  # a larger batch against a row-by-row padding, with a pad id of 3
+    sequences = [rng.integers(4, 1000, rng.integers(1, 30)).tolist() for _ in range(64)]
+    ids, lengths = collate_tokens(sequences, pad_id=3)
+    width = max(map(len, sequences))
+    assert ids.tolist() == [s + [3] * (width - len(s)) for s in sequences]
+    assert lengths.tolist() == [len(s) for s in sequences]
+
+
+def test_pad_regions_zero_pads_sets_of_different_sizes_and_stacks_complete_ones():
+    rng = np.random.default_rng(1)
+    sets = [torch.from_numpy(rng.standard_normal((n, 5)).astype(np.float32)) for n in (3, 7, 1, 7)]
+    padded, lengths = pad_regions(sets)
+    assert padded.shape == (4, 7, 5) and lengths.tolist() == [3, 7, 1, 7]
+    for row, values in enumerate(sets):
+        assert torch.equal(padded[row, :len(values)], values) and not padded[row, len(values):].any()
+    stacked, lengths = pad_regions(sets[1::2])
+    assert torch.equal(stacked, torch.stack(sets[1::2])) and lengths.tolist() == [7, 7]
 
 
 def test_default_text_model_is_the_installed_minilm():

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from xmcl.data.batches import CaptionPairs, Collate
+from xmcl.data import text
+from xmcl.data.batches import CaptionPairs, Collate, SplitCaptions, SplitImages
 from xmcl.data.precomputed import PrecomputedWriter, read_precomputed
 from xmcl.errors import CheckpointError, DataError
 from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig
@@ -126,16 +127,21 @@ def test_a_locked_text_run_with_the_region_pca_trains_resumes_and_evaluates(corp
     assert got.rsum == pytest.approx(want.rsum) and got.rsum == pytest.approx(straight["best_rsum"])
 
 
-def test_a_batch_read_at_once_equals_its_items_read_one_by_one(corpus):
+@pytest.mark.parametrize("dataset", ["pairs", "captions", "images"])
+def test_a_batch_read_at_once_equals_its_items_read_one_by_one(corpus, dataset: str):
     feats, bert = corpus
     extract_corpus_token_features(feats, ("train",), str(bert), feats, batch_size=3, device="cpu")
     (split,) = attach_token_features([read_precomputed(feats, "train")], feats, str(bert))
     _, _, tokenizer, _ = load_text_model(str(bert))
-    guides = np.random.default_rng(1).standard_normal((4, 5)).astype(np.float32)
-    pairs = CaptionPairs(split, tokenizer, clip_image=guides)
-    order = [5, 0, 7, 2, 2, 6]
-    for _ in range(2):  # the second read takes the ids from the cache
-        batched, single = pairs.__getitems__(order), [pairs[m] for m in order]
+    rng = np.random.default_rng(1)
+    image_guides = rng.standard_normal((split.num_images, 5)).astype(np.float32)
+    text_guides = rng.standard_normal((split.num_captions, 5)).astype(np.float32)
+    data = {"pairs": lambda: CaptionPairs(split, tokenizer, clip_image=image_guides),
+            "captions": lambda: SplitCaptions(split, tokenizer, clip_text=text_guides),
+            "images": lambda: SplitImages(split, clip_image=image_guides)}[dataset]()
+    order = [3, 0, 1, 2, 2] if dataset == "images" else [5, 0, 7, 2, 2, 6]
+    for _ in range(2):  # the second read takes the ids from the tokenizer's cache
+        batched, single = data.__getitems__(order), [data[m] for m in order]
         assert len(batched) == len(single)
         for got, want in zip(batched, single):
             assert got.keys() == want.keys()
@@ -145,5 +151,25 @@ def test_a_batch_read_at_once_equals_its_items_read_one_by_one(corpus):
                 else:
                     assert got[key] == want[key], key
     collate = Collate(tokenizer.pad_id)
-    for key, value in collate(pairs.__getitems__(order)).items():
-        assert torch.equal(value, collate([pairs[m] for m in order])[key]), key
+    for key, value in collate(data.__getitems__(order)).items():
+        assert torch.equal(value, collate([data[m] for m in order])[key]), key
+
+
+def test_the_tokenizer_keeps_captions_as_written_and_hands_out_copies(corpus, monkeypatch):
+    _, bert = corpus
+    _, _, tokenizer, _ = load_text_model(str(bert))
+    captions = ["a dog runs on the beach", "two children play in the snow", "a man rides a bike"]
+    by_hand = [tokenizer.wrap([i for word in tokenizer.word_pieces(c) for i in word]) for c in captions]
+    monkeypatch.setattr(text, "WRITTEN_CAPTIONS_KEPT", 2)
+    for _ in range(2):
+        for caption, want in zip(captions, by_hand):
+            got = tokenizer.encode(caption)
+            assert got == want
+            got.append(-1)  # a caller's change never reaches the kept ids
+            assert tokenizer.encode(caption) == want
+    assert len(tokenizer._written) <= 2  # the kept set starts over when full
+    long_caption = " ".join(["dog"] * 40)  # augmentation draws anew each time, past the kept ids
+    drawn = text.augment_words(tokenizer.word_pieces(long_caption), tokenizer.mask_id, tokenizer.ordinary_ids(),
+                               np.random.default_rng(0))
+    assert tokenizer.encode(long_caption, np.random.default_rng(0)) == tokenizer.wrap(drawn[:tokenizer.max_length - 2])
+    assert tokenizer.encode(long_caption, np.random.default_rng(0)) != tokenizer.encode(long_caption)

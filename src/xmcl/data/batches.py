@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from xmcl.data.corpus import CaptionSplit
@@ -42,6 +43,18 @@ def _text_item(split: CaptionSplit, caption: int, tokenizer: TextTokenizer,
                             f"written; switch caption augmentation off (data.augment_captions=false)")
         item["token_features"] = float_rows(np.array(split.token_features[caption, :len(tokens)]))
     return item
+
+
+def _text_items(split: CaptionSplit, tokenizer: TextTokenizer, captions: np.ndarray) -> list[dict[str, Any]]:
+    """``_text_item(split, m, tokenizer, None)`` for each caption m of ``captions`` (int64), the cached token
+    features read with one gather for the batch (converted up to its longest caption) instead of one read each."""
+    items: list[dict[str, Any]] = [{"tokens": tokenizer.encode(split.captions[m], None)} for m in captions.tolist()]
+    if split.token_features is not None:
+        longest = max(len(item["tokens"]) for item in items)
+        states = float_rows(split.token_features[captions, :longest])
+        for row, item in enumerate(items):
+            item["token_features"] = states[row, :len(item["tokens"])]
+    return items
 
 
 def float_rows(rows: np.ndarray) -> Tensor:
@@ -76,7 +89,6 @@ class CaptionPairs(Dataset):
                  clip_text: np.ndarray | None = None) -> None:
         self.split, self.tokenizer, self.transform = split, tokenizer, image_transform
         self.augment_captions, self.seed, self.epoch = augment_captions, seed, 0
-        self._tokens: dict[int, list[int]] = {}  # caption -> ids, filled by ``__getitems__``
         self.clip_image = _guide_rows(clip_image, split.num_images, "image", split)
         self.clip_text = _guide_rows(clip_text, split.num_captions, "caption", split)
 
@@ -107,20 +119,11 @@ class CaptionPairs(Dataset):
         captions = np.asarray(captions, dtype=np.int64)
         images = self.split.caption_image[captions]
         regions = float_rows(self.split.region_features[images])  # one gather
-        for caption in captions.tolist():
-            if caption not in self._tokens:  # captions as written: their ids never change
-                self._tokens[caption] = self.tokenizer.encode(self.split.captions[caption], None)
-        states = None
-        if self.split.token_features is not None:  # only the batch's longest caption's positions are converted
-            longest = max(len(self._tokens[caption]) for caption in captions.tolist())
-            states = float_rows(self.split.token_features[captions, :longest])
-        items = []
-        for row, (caption, image) in enumerate(zip(captions.tolist(), images.tolist())):
-            item = {"regions": regions[row], "tokens": list(self._tokens[caption])}
-            if states is not None:
-                item["token_features"] = states[row, :len(item["tokens"])]
+        items = _text_items(self.split, self.tokenizer, captions)
+        for row, (item, caption, image) in enumerate(zip(items, captions.tolist(), images.tolist())):
+            item["regions"] = regions[row]
             item["image_id"] = image
-            items.append(_add_guides(item, self.clip_image, image, self.clip_text, caption))
+            _add_guides(item, self.clip_image, image, self.clip_text, caption)
         return items
 
 
@@ -139,6 +142,13 @@ class SplitImages(Dataset):
     def __getitem__(self, image: int) -> dict[str, Any]:
         return _add_guides(_image_item(self.split, image, self.transform, None), self.clip_image, image)
 
+    def __getitems__(self, images: Sequence[int]) -> list[dict[str, Any]]:
+        """The items of ``images``, equal to ``[self[n] for n in images]`` (region features read with one gather)."""
+        if self.split.region_features is None:
+            return [self[int(n)] for n in images]
+        regions = float_rows(self.split.region_features[np.asarray(images, dtype=np.int64)])
+        return [_add_guides({"regions": rows}, self.clip_image, int(n)) for rows, n in zip(regions, images)]
+
 
 class SplitCaptions(Dataset):
     """Item m: caption m's tokens (no augmentation), for encoding a split's captions; its CLIP embedding too
@@ -155,16 +165,20 @@ class SplitCaptions(Dataset):
         item = _text_item(self.split, caption, self.tokenizer, None)
         return _add_guides(item, None, 0, self.clip_text, caption)
 
+    def __getitems__(self, captions: Sequence[int]) -> list[dict[str, Any]]:
+        """The items of ``captions``, equal to ``[self[m] for m in captions]`` (token features read with one gather)."""
+        captions = np.asarray(captions, dtype=np.int64)
+        items = _text_items(self.split, self.tokenizer, captions)
+        return [_add_guides(item, None, 0, self.clip_text, caption) for item, caption in zip(items, captions.tolist())]
+
 
 def pad_regions(regions: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """Stack (R_i, D) region sets into (B, R_max, D) zero-padded, with lengths (B,)."""
-    lengths = torch.tensor([r.shape[0] for r in regions], dtype=torch.long)
-    if bool((lengths == lengths[0]).all()):  # complete grids: one stack, no padding
+    counts = [r.shape[0] for r in regions]
+    lengths = torch.tensor(counts, dtype=torch.long)
+    if min(counts) == max(counts):  # complete grids: one stack, no padding
         return torch.stack(list(regions)), lengths
-    out = regions[0].new_zeros((len(regions), int(lengths.max()), regions[0].shape[1]))
-    for row, r in enumerate(regions):
-        out[row, : r.shape[0]] = r
-    return out, lengths
+    return pad_sequence(list(regions), batch_first=True), lengths  # zero-padded, the row loop in C++
 
 
 class Collate:

@@ -113,7 +113,7 @@ def region_rows(split: CaptionSplit, images_per_block: int = 256) -> Iterator[to
 @torch.no_grad()
 def project_regions(split: CaptionSplit, reduction: torch.nn.Module, images_per_block: int = 256) -> CaptionSplit:
     """``split`` with its region features replaced by their frozen projection (float32, in memory), computed once so
-    that no training step pays for it (the image tower takes projected features as they are)."""
+    that no training step or validation pays for it (the image tower takes projected features as they are)."""
     features = split.region_features
     out = np.empty((*features.shape[:2], reduction.out_dim), dtype=np.float32)
     device = reduction.mean.device
@@ -199,8 +199,9 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
                 folder.best.is_file() and filecmp.cmp(folder.last, folder.best, shallow=False)):
             # a stop between last.pt and best.pt: best.pt is this very state
             atomic_write_bytes(folder.best, lambda handle: handle.write(folder.last.read_bytes()))
-    if cfg.model.region_pca_dim is not None:
-        train_split = project_regions(train_split, model.image_encoder.reduction)
+    if cfg.model.region_pca_dim is not None:  # both splits once, rather than the validation cells every epoch
+        train_split, val_split = (project_regions(split, model.image_encoder.reduction)
+                                  for split in (train_split, val_split))
     if cfg.loss.name == "uto":
         announce("note: the UTO loss goes below zero as training succeeds (its positive term is "
                  "-log(1 + similarity)); lower is better", verbose and state is None)
