@@ -8,18 +8,12 @@ catches (Ctrl-C in another command, or a second Ctrl-C during a run) is click's 
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import click
 
 from xmcl.errors import XmclError
-
-# OpenMP threads that wait for work spin before they sleep; torch's libgomp reads how long when torch is first
-# imported, which the commands do later. A short spin costs nothing on idle cores and keeps a run from burning a
-# core that another process needs (docs/training.md, threads).
-os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 PathArg = click.Path(path_type=Path)
 Positive = click.IntRange(min=1)
