@@ -35,6 +35,7 @@ import distill_step
 import eval_speed
 import index_throughput
 import inference_cost
+import loop_overheads
 import query_latency
 import retrieval_quality
 import rq_converged
@@ -119,6 +120,8 @@ PLAN: tuple[Step, ...] = (
     Step("sparse-conv backends", "python benchmarks/sparse_conv_backends.py", "sparse_conv"),
     Step("Flickr8K features", "xmcl features --data ../shared/data/flickr8k --split train --split val --text "
                               "--out runs/f8k_feats", long=True),
+    Step("what a locked run spends outside its steps", "python benchmarks/loop_overheads.py --data runs/f8k_feats",
+         "loop_overheads"),
     Step("Flickr8K retrieval quality",
          "python benchmarks/retrieval_quality.py --data runs/f8k_feats --text-encoder bert --epochs 4 "
          "--max-steps-per-epoch 50 --lambda-batch 20 --queue-size 2048 --set run.threads=1 --set model.momentum=0.99 "
@@ -170,6 +173,7 @@ BLOCKS = (
     Block("throughput", ("throughput_bigru", "throughput_bert"), train_throughput.render),
     Block("throughput_f8k", ("throughput_f8k", "throughput_f8k_1thread"), train_throughput.render_flickr8k),
     Block("throughput_locked", ("throughput_locked",), train_throughput.render_locked),
+    Block("loop_overheads", ("loop_overheads",), loop_overheads.render),
     Block("rq_shapes", ("rq_shapes",), retrieval_quality.render),
     Block("uto_margins", ("uto_margins",), uto_margins.render),
     Block("rq_f8k", ("rq_f8k",), retrieval_quality.render),

@@ -21,9 +21,8 @@ from typing import Any
 
 # OpenMP threads that wait for work spin before they sleep, for as long as libgomp read from the environment when
 # torch was first imported (so this takes effect where xmcl is imported first, as the command line does). A short
-# spin costs nothing on idle cores, keeps a run from burning a core that another process needs, and leaves the cores
-# to the numpy work that runs beside torch's threads: with libgomp's default spin a locked USER step took 196 ms
-# against 153 (GPO's sorts twice as long; docs/training.md, threads).
+# spin costs nothing on idle cores and keeps a run from burning a core that another process needs, or that the
+# numpy work beside torch's threads needs (docs/training.md, threads).
 os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 __version__ = "0.1.0"
