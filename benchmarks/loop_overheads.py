@@ -6,9 +6,10 @@ Flickr8K features (``runs/f8k_feats``: see the config's header for the command t
   tokenizer already holds, as from the second epoch on;
 - ``validation``: one validation (``encode_split`` and ``evaluate_embeddings`` over the val split, as at each
   epoch's end) on cells projected by the PCA beforehand, as the trainer now does, and on the raw 1280-d cells, which
-  the tower projects batch by batch (median of ``--repeats``; the first, which tokenises the captions, left out);
+  the tower projects batch by batch (median of ``--repeats`` after an untimed one, which tokenises the captions);
 - ``curves drawing``: one ``plot_curves`` of a 20-epoch run's log (235 steps an epoch, each logged with the
-  trainer's keys, and each epoch's validation record; the values drawn at random), median of ``--repeats``.
+  trainer's keys, and each epoch's validation record; the values drawn at random), median of ``--repeats`` after
+  an untimed one.
 
 The PCA is fitted on the first 100 training images (the times do not depend on its values) and the model is
 freshly initialised.
@@ -31,6 +32,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from figures import command_lines, options, parse_with_out, runs_root, table, write_figures  # noqa: E402
+from timing import repeat_seconds  # noqa: E402
 
 from xmcl.config import load_config  # noqa: E402
 from xmcl.data.batches import CaptionPairs, Collate  # noqa: E402
@@ -64,18 +66,6 @@ def write_run_log(path: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return len(records)
-
-
-def median_seconds(work, repeats: int, skip: int = 0) -> float:
-    """The median wall time of ``work()`` over ``repeats`` calls after ``skip`` untimed ones."""
-    for _ in range(skip):
-        work()
-    spent = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        work()
-        spent.append(time.perf_counter() - began)
-    return statistics.median(spent)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,9 +109,10 @@ def main() -> None:
     records = write_run_log(log)
     figures = {
         "batch_data_ms": 1000 * statistics.median(data_s),
-        "validation_projected_s": median_seconds(lambda: validation(projected), args.repeats, skip=1),
-        "validation_raw_cells_s": median_seconds(lambda: validation(val), args.repeats, skip=1),
-        "curves_drawing_s": median_seconds(lambda: plot_curves(log, args.out / "curves.png"), args.repeats),
+        "validation_projected_s": statistics.median(repeat_seconds(lambda: validation(projected), args.repeats)),
+        "validation_raw_cells_s": statistics.median(repeat_seconds(lambda: validation(val), args.repeats)),
+        "curves_drawing_s": statistics.median(repeat_seconds(lambda: plot_curves(log, args.out / "curves.png"),
+                                                             args.repeats)),
         "log_records": records,
     }
     write_figures(args.out, "loop_overheads", args, figures, show=render)
