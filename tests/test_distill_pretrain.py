@@ -17,7 +17,7 @@ from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.runtime.log import read_jsonl
 from xmcl.training.probe_trainer import run_probe
 
-from helpers import distill_config
+from helpers import assert_resumed_weights, distill_config
 
 def test_batches_cover_each_scene_once_per_epoch() -> None:
     seen = [i for step in range(3) for i in preparation.batch_indices(7, 2, seed=5, step=step)]
@@ -91,10 +91,7 @@ def test_resume_reproduces_the_uninterrupted_run_and_probe_reads_it(tmp_path: Pa
     monkeypatch.setattr(trainer, "distillation_loss", real_loss)
     resumed = trainer.pretrain_distill(cfg, tmp_path / "resumed", resume=True)
 
-    a, b = _weights(straight), _weights(resumed)
-    assert a.keys() == b.keys()
-    differing = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if not torch.equal(a[k], b[k])}
-    assert not differing, f"resumed weights differ from the uninterrupted run's (max |difference|): {differing}"
+    assert_resumed_weights(_weights(straight), _weights(resumed))
     steps = [r["step"] for r in read_jsonl(tmp_path / "resumed" / "log.jsonl")]
     assert steps == [1, 2, 3, 4]
     assert (tmp_path / "straight" / "curves.png").is_file()

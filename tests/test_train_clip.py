@@ -17,7 +17,7 @@ from xmcl.retrieval.clip.tokenizer import ClipTokenizer, train_bpe
 from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.training.clip_trainer import train_clip
 
-from helpers import TINY_CLIP_MODEL
+from helpers import TINY_CLIP_MODEL, assert_resumed_weights
 
 
 
@@ -94,9 +94,8 @@ def test_interrupted_run_resumes_to_the_same_weights(shapes, tmp_path, monkeypat
     monkeypatch.setattr(clip_trainer, "_evaluate", evaluate)
     assert read_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
     resumed = train_clip(cfg, tmp_path / "resumed", progress=False)
-    a = read_checkpoint(tmp_path / "straight" / "last.pt")["model"]
-    b = read_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumed_weights(read_checkpoint(tmp_path / "straight" / "last.pt")["model"],
+                           read_checkpoint(tmp_path / "resumed" / "last.pt")["model"])
     assert resumed["best_rsum"] == straight["best_rsum"] and resumed["best_epoch"] == straight["best_epoch"]
 
 
