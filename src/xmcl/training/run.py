@@ -5,8 +5,9 @@
 config key must match the saved one, except the keys the loop declares resumable), start afresh, or refuse
 (``--no-resume`` into a folder that already holds a run, unless ``overwrite``). ``check_finite``: stop on a NaN/inf
 loss, keeping the last good checkpoint. ``StepLogger``: progress bar, JSONL log (cut back to a resumed checkpoint's
-length, so no step is logged twice) and PNG curves (redrawn within a share of the run's time). ``StopSignals``: SIGINT / SIGTERM stop the loop at the next step
-boundary where the loop syncs (a log step), after a checkpoint (``agreed``: every rank stops at the same one).
+length, so no step is logged twice) and PNG curves (redrawn within a share of the run's time). ``StopSignals``:
+SIGINT / SIGTERM stop the loop at the next step boundary where the loop syncs (a log step), after a checkpoint
+(``agreed``: every rank stops at the same one).
 ``capture_states`` / ``restore_states``: the state dicts of a loop's stateful objects (model, optimiser, scheduler,
 random streams, ...) and the global RNG, by name. ``run_loop``: a trainer's entry (process group, folder held, stop
 signals); ``announce_finished`` / ``announce_resume``: the notes every loop prints when it resumes.
@@ -315,8 +316,8 @@ class StepLogger:
 
     ``plot`` redraws ``curves.png`` (2-3 s for a retrieval run's 20-odd panels) only while the time spent drawing,
     this drawing included (estimated by the last one), stays within ``PLOT_SHARE`` of the time since the logger
-    started; the first and the ``final`` drawing always happen. With epochs of 45 s and drawings of 2.5 s that is every third epoch,
-    against 5% of the run when every epoch redrew."""
+    started (so the first drawing always happens), and always when ``final``. With epochs of 45 s and drawings of
+    2.5 s that is every third epoch, against 5% of the run when every epoch redrew."""
 
     def __init__(self, folder: RunFolder, progress: bool, keep_bytes: int = 0, writes: bool = True,
                  report_to: Iterable[str] = (), resumed_step: int = 0) -> None:
@@ -331,7 +332,7 @@ class StepLogger:
                 self.board = SummaryWriter(str(folder.tensorboard), purge_step=resumed_step + 1 if resumed_step
                                            else None)
         self._started = time.monotonic()
-        self._drawing_s: float | None = None  # seconds spent drawing so far (None: nothing drawn yet)
+        self._drawing_s = 0.0  # seconds spent drawing so far
         self._last_drawing_s = 0.0
 
     def bar(self, iterable: Iterable, total: int, initial: int, desc: str, unit: str = "step") -> tqdm:
@@ -360,11 +361,11 @@ class StepLogger:
     def plot(self, final: bool = False) -> None:
         """Redraw ``curves.png`` from the log within the time share (always when ``final``), and flush the
         TensorBoard events."""
-        if self.writes and (final or self._drawing_s is None or self._drawing_s + self._last_drawing_s
+        if self.writes and (final or self._drawing_s + self._last_drawing_s
                             <= PLOT_SHARE * (time.monotonic() - self._started)):
             began = time.monotonic()
             plot_curves(self.folder.log, self.folder.curves)
             self._last_drawing_s = time.monotonic() - began
-            self._drawing_s = (self._drawing_s or 0.0) + self._last_drawing_s
+            self._drawing_s += self._last_drawing_s
         if self.board is not None:
             self.board.flush()
