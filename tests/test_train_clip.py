@@ -17,14 +17,7 @@ from xmcl.retrieval.clip.tokenizer import ClipTokenizer, train_bpe
 from xmcl.runtime.checkpoint import read_checkpoint
 from xmcl.training.clip_trainer import train_clip
 
-from helpers import TINY_CLIP_MODEL, assert_resumed_weights
-
-
-
-def tiny_config(data: Path, epochs: int) -> ClipTrainConfig:
-    return load_config(ClipTrainConfig, None, [f"data.path={data}", f"optim.epochs={epochs}", "optim.batch_size=16",
-                                               "optim.lr=2e-3", "optim.warmup_fraction=0.0", "run.device=cpu",
-                                               *(f"model.{k}={v}" for k, v in TINY_CLIP_MODEL.items())])
+from helpers import TINY_CLIP_MODEL, assert_resumed_weights, clip_config
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +42,7 @@ def test_bpe_makes_frequent_words_single_tokens():
 @pytest.mark.slow
 def test_trained_clip_is_saved_in_the_format_the_teacher_loads(shapes, tmp_path):
     out = tmp_path / "clip"
-    summary = train_clip(tiny_config(shapes, 3), out, progress=False)
+    summary = train_clip(clip_config(shapes, 16, 3), out, progress=False)
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "vocab.json", "merges.txt"}
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     log = [r for r in log if "val_rsum" in r]
@@ -78,7 +71,7 @@ def test_interrupted_run_resumes_to_the_same_weights(shapes, tmp_path, monkeypat
     """A run stopped after its first epoch's checkpoint and resumed ends with the uninterrupted run's weights."""
     import xmcl.training.clip_trainer as clip_trainer
 
-    cfg = tiny_config(shapes, 2)
+    cfg = clip_config(shapes, 16, 2)
     straight = train_clip(cfg, tmp_path / "straight", progress=False)
     evaluate, calls = clip_trainer._evaluate, {"n": 0}
 
@@ -100,7 +93,7 @@ def test_interrupted_run_resumes_to_the_same_weights(shapes, tmp_path, monkeypat
 
 
 def test_resume_with_another_model_is_refused(shapes, tmp_path):
-    train_clip(tiny_config(shapes, 1), tmp_path / "run", progress=False)
+    train_clip(clip_config(shapes, 16, 1), tmp_path / "run", progress=False)
     with pytest.raises(CheckpointError, match=r"model.width: 64 -> 32"):
         train_clip(load_config(ClipTrainConfig, None, [f"data.path={shapes}", "model.width=32", "model.heads=1",
                                                        "run.device=cpu"]), tmp_path / "run", progress=False)
