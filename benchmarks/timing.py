@@ -13,6 +13,7 @@ import torch
 
 from xmcl.nn import dense
 from xmcl.runtime.device import peak_memory_mib
+from xmcl.runtime.threads import one_thread
 
 
 def repeat_seconds(fn: Callable[[], object], repeats: int) -> list[float]:
@@ -54,13 +55,14 @@ def _onednn_linear_flop(x_shape, *args, out_shape=None, **kwargs) -> int:
 def gflop(fn: Callable[[], object]) -> float:
     """GFLOP of one call of ``fn`` (matrix products and convolutions, forward and backward, as
     ``torch.utils.flop_counter`` counts them; the in-place ``addmm_`` and oneDNN's products (``xmcl.nn.dense``),
-    which it does not list, as ``addmm``)."""
+    which it does not list, as ``addmm``). ``fn`` runs on one thread: a dispatch mode sees its own thread's operators
+    only, and on more threads a USER step runs its key towers on a side thread (``runtime.threads.alongside``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     mapping = {torch.ops.aten.addmm_: _accumulated_product_flop}
     if dense.KERNEL_AVAILABLE:
         mapping[torch.ops.mkldnn._linear_pointwise] = _onednn_linear_flop
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+    with one_thread(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return counter.get_total_flops() / 1e9
 

@@ -441,3 +441,26 @@ def test_the_step_flop_count_takes_the_heads_accumulated_product():
     expected = 2 * 7 * (12 * 10 + 12 * 6 + 6 * 10)  # fc, W_1 (BN folded in), W_2
     with torch.no_grad():
         assert gflop(lambda: head.project(rows)) * 1e9 == pytest.approx(expected)
+
+
+def test_the_step_flop_count_sees_the_key_towers_on_any_thread_count():
+    """On 2 threads a USER step runs its key towers on a side thread, which a dispatch mode does not see; the count
+    runs the step on one thread, so it is the same on 1 thread and on 2."""
+    import torch
+
+    from timing import gflop
+    from xmcl.retrieval.config import RetrievalLossConfig
+    from xmcl.retrieval.model import USERModel
+
+    from helpers import VOCAB, model_config, region_batch
+
+    model, batch, before = USERModel(model_config(), RetrievalLossConfig(), vocab_size=VOCAB).train(), region_batch(), \
+        torch.get_num_threads()
+    counts = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            counts.append(gflop(lambda: model(batch)["loss"].backward()))
+    finally:
+        torch.set_num_threads(before)
+    assert counts[0] == counts[1] > 0

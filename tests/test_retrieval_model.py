@@ -1,6 +1,7 @@
 """The projection head, both encoders and the USER model: shapes, masking, momentum, queues, state."""
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -214,6 +215,46 @@ def test_first_step_uses_the_empty_queue_then_queues_this_steps_keys():
     model.eval()
     model(region_batch(num=3, seed=4))
     assert int(model.image_queue.filled) == 3  # evaluation never writes the queue
+
+
+def _step_on(threads, config, batch, monkeypatch, where):
+    """A training-mode forward on ``threads`` threads from seed 6: its losses, queued keys and next random draw;
+    ``where`` gets the thread that ran the image key tower."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(6)
+    model = USERModel(config, RetrievalLossConfig(), vocab_size=VOCAB).train()
+    tower = model.image_key_encoder.forward
+    monkeypatch.setattr(model.image_key_encoder, "forward",
+                        lambda *a: where.append(threading.current_thread().name) or tower(*a))
+    losses = model(batch)
+    return losses, model.image_queue.keys.clone(), model.text_queue.keys.clone(), torch.rand(3)
+
+
+def test_the_key_towers_run_beside_the_online_ones_with_the_losses_of_one_thread(monkeypatch):
+    """On 2 threads the eval-mode key towers run on a side thread, each part on one thread: the losses, queued keys and
+    random stream equal a 1-thread step's bit for bit."""
+    config = model_config(sge_dropout=0.3, text_sge=True, embed_dim=64)
+    batch, where, before = region_batch(num=16, regions=49, tokens_len=12, seed=5), [], torch.get_num_threads()
+    try:
+        one, two = _step_on(1, config, batch, monkeypatch, where), _step_on(2, config, batch, monkeypatch, where)
+    finally:
+        torch.set_num_threads(before)
+    assert where[0] == threading.current_thread().name != where[1]
+    assert one[0].keys() == two[0].keys()
+    for key in one[0]:
+        assert torch.equal(one[0][key], two[0][key]), key
+    for a, b in zip(one[1:], two[1:]):
+        assert torch.equal(a, b)
+
+
+def test_key_towers_in_training_mode_stay_on_the_callers_thread(monkeypatch):
+    """Their dropout draws from the stream the online towers draw from, so they run after them, on this thread."""
+    where, before = [], torch.get_num_threads()
+    try:
+        _step_on(2, model_config(key_modes="follow", sge_dropout=0.3), region_batch(), monkeypatch, where)
+    finally:
+        torch.set_num_threads(before)
+    assert where == [threading.current_thread().name]
 
 
 def test_momentum_step_follows_the_formula_exactly():

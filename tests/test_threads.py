@@ -1,10 +1,12 @@
-"""The thread budget of a run: a fixed count as given, or the usable cores minus those other processes keep busy."""
+"""The thread budget of a run (a fixed count as given, or the usable cores minus those other processes keep busy), and
+work run beside a block on a share of the threads."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -12,7 +14,7 @@ import torch
 
 from xmcl.runtime import threads as threads_module
 from xmcl.runtime.device import usable_cores
-from xmcl.runtime.threads import ThreadBudget, busy_cores_elsewhere
+from xmcl.runtime.threads import ThreadBudget, _side_thread, alongside, busy_cores_elsewhere
 
 
 @pytest.fixture(autouse=True)
@@ -75,3 +77,56 @@ def test_importing_xmcl_shortens_openmp_spinning_before_torch_loads(entry: str) 
     env["GOMP_SPINCOUNT"] = "777"  # a user's own setting wins
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["777", loads_torch]
+
+
+def _where() -> tuple[str, int]:
+    return threading.current_thread().name, torch.get_num_threads()
+
+
+@pytest.mark.parametrize(("threads", "side", "block"), [(2, 1, 1), (4, 2, 2), (3, 1, 2)])
+def test_alongside_splits_the_threads_between_the_work_and_the_block(threads: int, side: int, block: int) -> None:
+    torch.set_num_threads(threads)
+    with alongside(_where) as result:
+        inside = _where()
+    name, side_threads = result()
+    assert name != threading.current_thread().name and name.startswith("xmcl-side")
+    assert side_threads == side and inside == (threading.current_thread().name, block)
+    assert torch.get_num_threads() == threads  # restored after the block
+    assert _side_thread(side).submit(torch.get_num_threads).result() == side  # the side thread keeps its count
+
+
+@pytest.mark.parametrize(("threads", "enabled"), [(1, True), (2, False)])
+def test_without_threads_to_split_the_work_runs_here_once_when_its_result_is_asked(threads: int,
+                                                                                   enabled: bool) -> None:
+    torch.set_num_threads(threads)
+    calls = []
+
+    def work() -> tuple[str, int]:
+        calls.append(1)
+        return _where()
+
+    with alongside(work, enabled) as result:
+        assert not calls and _where()[1] == threads  # nothing ran yet; the block keeps every thread
+    assert result() == (threading.current_thread().name, threads) and result() == result() and len(calls) == 1
+
+
+def test_an_error_in_the_work_reaches_the_caller_and_one_in_the_block_waits_for_the_work() -> None:
+    torch.set_num_threads(2)
+
+    def failing() -> None:
+        raise ValueError("from the side")
+
+    with alongside(failing) as result:
+        pass
+    with pytest.raises(ValueError, match="from the side"):
+        result()
+    finished = threading.Event()
+
+    def slow() -> None:
+        time.sleep(0.3)
+        finished.set()
+
+    with pytest.raises(KeyError):
+        with alongside(slow):
+            raise KeyError("in the block")
+    assert finished.is_set()  # the work ended before the block's error left the context

@@ -36,6 +36,7 @@ from xmcl.nn.gpo import MeanPooling
 from xmcl.retrieval.config import RetrievalLossConfig, RetrievalModelConfig, check_semantic_source
 from xmcl.retrieval.dual_encoder import DualEncoder
 from xmcl.runtime.distributed import SINGLE_PROCESS, World, gather_no_grad, gather_with_grad
+from xmcl.runtime.threads import alongside
 
 
 def build_loss(cfg: RetrievalLossConfig) -> RetrievalLoss | WarmStartLoss:
@@ -78,6 +79,7 @@ class USERModel(DualEncoder):
         self.image_queue: MomentumQueue | None = None
         self.text_queue: MomentumQueue | None = None
         self.semantic_queue: MomentumQueue | None = None
+        self.compiled = False
         check_semantic_source(cfg, loss_cfg)
         self.semantic_source = loss_cfg.semantic_source if loss_cfg.tolerant else None
         if cfg.use_queue:
@@ -96,6 +98,7 @@ class USERModel(DualEncoder):
         for tower in (self.image_encoder, self.text_encoder, self.image_key_encoder, self.text_key_encoder):
             if tower is not None:
                 tower.compile()
+        self.compiled = True
 
     def train(self, mode: bool = True) -> "USERModel":
         """As ``nn.Module.train``, except for the key encoders' modes (``cfg.key_modes``)."""
@@ -119,16 +122,21 @@ class USERModel(DualEncoder):
         image_inputs = self.image_encoder.reduce(image_inputs)  # the frozen PCA, once for the online and key towers
         tokens, token_lengths = self.text_inputs(batch), _require(batch, "token_lengths")
         clip_image, clip_text = batch.get("clip_image"), batch.get("clip_text")
-        img = self.image_encoder(image_inputs, region_lengths, clip_image)
-        txt = self.text_encoder(tokens, token_lengths, clip_text)
+
+        @torch.no_grad()
+        def keys() -> tuple[Tensor, Tensor]:
+            return (self.image_key_encoder(image_inputs, region_lengths, clip_image),
+                    self.text_key_encoder(tokens, token_lengths, clip_text))
+
+        with alongside(keys, self._keys_alongside(image_inputs)) as key_embeddings:
+            img = self.image_encoder(image_inputs, region_lengths, clip_image)
+            txt = self.text_encoder(tokens, token_lengths, clip_text)
         image_ids = _require(batch, "image_ids").to(img.device)
         semantic = None if self.semantic_source is None else self.semantic_vectors(batch).to(img.device)
         global_batch = self._global_batch(img, txt, image_ids, semantic)
         if not self.cfg.use_queue:
             return self.loss(img, txt, image_ids, global_batch=global_batch, semantic=semantic)
-        with torch.no_grad():
-            img_key = self.image_key_encoder(image_inputs, region_lengths, clip_image)
-            txt_key = self.text_key_encoder(tokens, token_lengths, clip_text)
+        img_key, txt_key = key_embeddings()
         # copies: the backward pass needs the queue as it was, and the queue is written before backward runs
         losses = self.loss(img, txt, image_ids, img_key=img_key, txt_key=txt_key,
                            img_queue=self.image_queue.keys.clone(), txt_queue=self.text_queue.keys.clone(),
@@ -142,6 +150,15 @@ class USERModel(DualEncoder):
             if self.semantic_queue is not None:
                 self.semantic_queue.enqueue(semantic if global_batch is None else global_batch.semantic, queued_ids)
         return losses
+
+    def _keys_alongside(self, image_inputs: Tensor) -> bool:
+        """Whether the key towers (if any) run beside the online ones (``runtime.threads.alongside``): on the CPU, where
+        an intra-op pool splits the towers' many small and memory-bound operators poorly, and only where the key towers
+        draw no random numbers (eval mode), run eagerly (``torch.compile`` is not thread-safe) and without autocast
+        (its state is per thread)."""
+        return (self.cfg.use_queue and image_inputs.device.type == "cpu" and not self.image_key_encoder.training
+                and not self.text_key_encoder.training and not self.compiled
+                and not torch.is_autocast_enabled("cpu"))
 
     @torch.no_grad()
     def fit_region_reduction(self, blocks: Iterable[Tensor]) -> None:

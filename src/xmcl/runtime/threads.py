@@ -5,19 +5,22 @@ another process holds one of the cores, a thread of the pool waits for that core
 costs several times what one thread alone would (measured in ``docs/results.md``, "threads"). ``ThreadBudget``
 therefore counts the cores this process may run on (``os.sched_getaffinity``) minus the cores other processes keep
 busy (tasks in the running state, read from ``/proc``), at the start and again every ``recheck_s`` seconds.
-Two helpers place work the intra-op pool does not: ``run_in_parts`` splits numpy work (which releases the GIL) over
-as many threads, and ``one_thread`` keeps a run of tiny operators on one.
+Three helpers place work the intra-op pool does not: ``run_in_parts`` splits numpy work (which releases the GIL) over
+as many threads, ``one_thread`` keeps a run of tiny operators on one, and ``alongside`` runs two independent parts of
+a step side by side, each on its share of the threads (a part of many operators and memory-bound passes keeps two
+threads busier that way than splitting each operator over both).
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -25,6 +28,9 @@ from xmcl.runtime.device import usable_cores
 
 PROC = Path("/proc")
 _pools: dict[int, ThreadPoolExecutor] = {}
+_side_threads: dict[int, ThreadPoolExecutor] = {}
+_side_lock = threading.Lock()
+T = TypeVar("T")
 
 
 def _running_elsewhere(own_pid: int) -> int:
@@ -104,16 +110,66 @@ def run_in_parts(work: Callable[[slice], None], count: int, min_part: int) -> No
 
 
 @contextmanager
-def one_thread() -> Iterator[None]:
-    """torch's intra-op threads set to one inside, restored after: for a run of tiny operators (a recurrence's steps),
-    where a product split over threads costs about twice its time on one, and more where another process holds a
-    core the split must wait for."""
+def intra_op_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads of this thread set to ``count`` inside, restored after."""
     previous = torch.get_num_threads()
-    if previous == 1:
+    if previous == count:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def one_thread() -> AbstractContextManager[None]:
+    """``intra_op_threads(1)``: for a run of tiny operators (a recurrence's steps), where a product split over threads
+    costs about twice its time on one, and more where another process holds a core the split must wait for."""
+    return intra_op_threads(1)
+
+
+def _side_thread(threads: int) -> ThreadPoolExecutor:
+    """A worker thread whose torch operators split over ``threads`` intra-op threads, made once per count.
+    torch keeps a count per thread (OpenMP's, set by ``set_num_threads`` in that thread and read once more at its
+    first parallel operator from the process-wide one), so the worker sets and reads its count while the caller
+    waits, and the caller's own count is restored after."""
+    with _side_lock:
+        if threads not in _side_threads:
+            previous = torch.get_num_threads()
+            worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"xmcl-side{threads}")
+
+            def settle() -> int:
+                torch.set_num_threads(threads)
+                return torch.get_num_threads()
+
+            worker.submit(settle).result()
+            torch.set_num_threads(previous)
+            _side_threads[threads] = worker
+    return _side_threads[threads]
+
+
+@contextmanager
+def alongside(work: Callable[[], T], enabled: bool = True) -> Iterator[Callable[[], T]]:
+    """Run ``work`` side by side with the caller's block; yields ``result()``, which returns ``work``'s result (or
+    raises its exception). With ``n >= 2`` intra-op threads and ``enabled``, ``work`` runs at once on a side thread
+    with ``n // 2`` of them while the block runs on the other ``n - n // 2``; leaving the block waits for ``work``, so
+    nothing it reads changes under it. Otherwise ``work`` runs on this thread at the first ``result()`` (called after
+    the block, the order of serial code). ``work`` must not draw from a random generator the block draws from."""
+    threads = torch.get_num_threads()
+    if not enabled or threads < 2:
+        done: list[T] = []
+
+        def run_here() -> T:
+            if not done:
+                done.append(work())
+            return done[0]
+
+        yield run_here
+        return
+    pending = _side_thread(threads // 2).submit(work)
+    try:
+        with intra_op_threads(threads - threads // 2):
+            yield pending.result
+    finally:
+        wait([pending])
