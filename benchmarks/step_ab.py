@@ -8,6 +8,11 @@ is the median of the paired ratios (this tree's step over the base's).
 
   python benchmarks/step_ab.py --base 84af0d9                      # USER, 2 threads, 40 steps each
   python benchmarks/step_ab.py --base HEAD~3 --variant infonce --threads 1
+  python benchmarks/step_ab.py --base HEAD --data runs/f8k_feats    # on real Flickr8K batches
+
+The batches are random ones shaped as ``train_throughput --locked`` makes them (captions of 7-14 tokens) or, with
+``--data``, the first 8 of an epoch over 1,000 Flickr8K training images (``train_throughput.flickr8k_batches``:
+captions of 14 tokens on average, each batch padded to its longest, 24-38).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from figures import options, parse_with_out, write_figures  # noqa: E402
-from train_throughput import LOCKED, Stepper, locked_batch, locked_config, step_seconds  # noqa: E402
+from train_throughput import LOCKED, Stepper, flickr8k_batches, locked_batch, locked_config, step_seconds  # noqa: E402
 
 from xmcl.runtime.allocator import keep_freed_memory  # noqa: E402
 
@@ -65,6 +70,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--data", type=Path, default=None, help="Flickr8K features: real batches instead of random")
     args = parse_with_out(parser, "step_ab", naming=["variant", "threads"])
     keep_freed_memory()
     torch.set_num_threads(args.threads)
@@ -78,14 +84,16 @@ def main() -> None:
         for name, module in trees.items():
             torch.manual_seed(0)
             steppers[name] = Stepper(module.USERModel(cfg.model, cfg.loss))
-        batches = [locked_batch(cfg, seed) for seed in range(4)]
+        batches = (flickr8k_batches(cfg, args.data, 8) if args.data
+                   else [locked_batch(cfg, seed) for seed in range(4)])
         times = step_seconds(steppers, batches, args.steps, args.warmup, torch.device("cpu"))
     ratios = [this / base for base, this in zip(times["base"], times["this"])]
     figures = {name: {"ms_median": 1000 * statistics.median(spent), "ms_min": 1000 * min(spent)}
                for name, spent in times.items()}
     figures["paired_ratio_median"] = statistics.median(ratios)
     write_figures(args.out, "step_ab", args, figures, show=lambda record: (
-        f"{LOCKED[args.variant][2]}, {args.threads} thread(s), {args.steps} steps each: this tree "
+        f"{LOCKED[args.variant][2]}, {args.threads} thread(s), {args.steps} steps each"
+        f"{' on Flickr8K batches' if args.data else ''}: this tree "
         f"{figures['this']['ms_median']:.1f} ms, base {args.base} {figures['base']['ms_median']:.1f} ms (medians); "
         f"paired ratio {figures['paired_ratio_median']:.3f}x"))
 

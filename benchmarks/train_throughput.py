@@ -37,7 +37,9 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from figures import command_lines, conditions, options, parse_with_out, table, write_figures  # noqa: E402
 from retrieval_quality import variant_config  # noqa: E402
@@ -189,6 +191,27 @@ def locked_batch(cfg: RetrievalTrainConfig, seed: int) -> dict[str, torch.Tensor
             "token_features": torch.randn(batch, TOKENS, cfg.model.text_feature_dim, generator=g),
             "token_lengths": torch.randint(TOKENS // 2, TOKENS + 1, (batch,), generator=g),
             "image_ids": torch.arange(batch) // 5 + seed * batch}
+
+
+def flickr8k_batches(cfg: RetrievalTrainConfig, data: Path, count: int, images: int = 1000) -> list[dict]:
+    """The first ``count`` batches of an epoch over the first ``images`` training images of the Flickr8K features in
+    ``data`` (``runs/f8k_feats``), as the trainer's loader hands them over: cells through a PCA fitted on those
+    images, cached token states padded to each batch's longest caption (about twice the mean length)."""
+    from xmcl.data.batches import CaptionPairs, Collate
+    from xmcl.data.open import open_split
+    from xmcl.retrieval.inference import build_tokenizer
+    from xmcl.retrieval.token_features import attach_token_features
+    from xmcl.training.retrieval_trainer import epoch_batches, project_regions, region_rows
+
+    train, = attach_token_features([open_split(data, cfg.data.train_split)], data, cfg.model.text_model)
+    train = train.subset(np.arange(min(images, train.num_images)))
+    model = USERModel(cfg.model, cfg.loss)
+    model.fit_region_reduction(region_rows(train))
+    tokenizer = build_tokenizer(cfg.model, cfg.data.max_caption_tokens, None)
+    dataset = CaptionPairs(project_regions(train, model.image_encoder.reduction), tokenizer)
+    collate = Collate(tokenizer.pad_id)
+    return [collate(dataset.__getitems__(indices))
+            for indices in epoch_batches(len(dataset), cfg.optim.batch_size, cfg.run.seed, 0, count)]
 
 
 def busy_loop(seconds: float) -> subprocess.Popen:

@@ -11,7 +11,7 @@ from xmcl.errors import ConfigError, DataError
 from xmcl.nn.global_batchnorm import batchnorm_of_linear, fold_batchnorm
 from xmcl.nn.heads import ProjectionHead
 from xmcl.retrieval.config import RetrievalLossConfig
-from xmcl.retrieval.encoders import HFTextModel, build_text_encoder, drop_grid_cells
+from xmcl.retrieval.encoders import HFTextModel, build_text_encoder, drop_grid_cells, project_valid_positions
 from xmcl.retrieval.model import USERModel
 
 from helpers import EMBED, VOCAB, model_config, region_batch, save_tiny_bert
@@ -153,6 +153,26 @@ def test_bert_text_encoder_loads_a_local_model_and_ignores_padding(tiny_bert_dir
     assert both.shape == (2, EMBED)
     torch.testing.assert_close(both.norm(dim=1), torch.ones(2))
     torch.testing.assert_close(both[1], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_the_text_projection_of_valid_positions_equals_the_projection_of_all_of_them():
+    """Values and gradients at the valid positions as the projection of every position gives them; 0 at the pads."""
+    torch.manual_seed(8)
+    projection = torch.nn.Linear(12, 6)
+    states, lengths = torch.randn(4, 7, 12, requires_grad=True), torch.tensor([7, 2, 5, 1])
+    valid = torch.arange(7)[None, :] < lengths[:, None]
+    weights = torch.randn(4, 7, 6) * valid.unsqueeze(-1)  # a loss that reads the valid positions only
+    packed = project_valid_positions(projection, states, lengths)
+    grads = torch.autograd.grad((packed * weights).sum(), [states, projection.weight, projection.bias])
+    every = projection(states)
+    expected = torch.autograd.grad((every * weights).sum(), [states, projection.weight, projection.bias])
+    torch.testing.assert_close(packed[valid], every[valid])
+    assert torch.all(packed[~valid] == 0)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+    full = torch.full((4,), 7)
+    assert torch.equal(project_valid_positions(projection, states, full), every)  # no pads: one product
+    assert project_valid_positions(torch.nn.Identity(), states, lengths) is states
 
 
 def test_text_model_directory_without_config_is_a_config_error(tmp_path):

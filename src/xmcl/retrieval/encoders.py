@@ -23,7 +23,7 @@ from xmcl.nn.backbones import build_image_backbone, set_trainable
 from xmcl.nn.gpo import build_pooling
 from xmcl.nn.heads import ProjectionHead
 from xmcl.nn.pca import FrozenPCA
-from xmcl.nn.sequence import BiGRU, length_mask
+from xmcl.nn.sequence import BiGRU, all_valid, length_mask
 from xmcl.retrieval.cge import CGE
 from xmcl.retrieval.config import RetrievalModelConfig
 from xmcl.retrieval.enhancement import SGE
@@ -46,6 +46,22 @@ def drop_grid_cells(features: Tensor, rate: float) -> tuple[Tensor, Tensor]:
     lengths = keep.sum(dim=1)
     compact = features.gather(1, order.unsqueeze(-1).expand_as(features))
     return compact[:, : int(lengths.max())], lengths
+
+
+def project_valid_positions(projection: nn.Module, states: Tensor, lengths: Tensor) -> Tensor:
+    """``projection`` (a per-position map) of the first ``lengths[b]`` positions of ``states (B, L, H)``, 0 at the
+    pads, which nothing downstream reads: a batch padded to its longest caption is about half pads, and their
+    products and gradients are skipped. Without pads, under ``torch.compile`` / ``export`` and the tracer (a shape
+    that depends on the data), every position is projected."""
+    if isinstance(projection, nn.Identity) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return projection(states)
+    mask = length_mask(lengths, states.size(1))
+    if all_valid(mask):
+        return projection(states)
+    positions = mask.flatten().nonzero().squeeze(1)
+    projected = projection(states.flatten(0, 1).index_select(0, positions))
+    out = projected.new_zeros(mask.numel(), projected.size(-1)).index_copy(0, positions, projected)
+    return out.view(*mask.shape, -1)
 
 
 def _need_guide(clip: Tensor | None, key: str, switch: str) -> Tensor:
@@ -187,7 +203,7 @@ class TextEncoder(nn.Module):
     states (B, L, H) when ``sequence`` is ``CachedTextStates``).
 
     ``sequence`` maps ids to per-token states of size ``sequence.hidden_dim``; with ``project`` a linear layer
-    maps them to the joint space (BERT), without it they must already be ``embed_dim``-d (BiGRU); then
+    maps them to the joint space (BERT; the valid positions only, ``project_valid_positions``), without it they must already be ``embed_dim``-d (BiGRU); then
     optional SGE, optional CGE guided by ``clip (B, clip_dim)``, pooling and L2.
     """
 
@@ -209,7 +225,7 @@ class TextEncoder(nn.Module):
             expected = "token ids (B, L)" if rank == 2 else "token features (B, L, H)"
             raise DataError(f"the text encoder expects {expected}, got shape {tuple(ids.shape)}")
         lengths = lengths.to(ids.device)
-        local = self.projection(self.sequence(ids, lengths))
+        local = project_valid_positions(self.projection, self.sequence(ids, lengths), lengths)
         if self.sge is not None:
             local = self.sge(local, lengths)
         if self.cge is not None:
