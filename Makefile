@@ -22,12 +22,17 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 
 install: $(STAMP)
 
+# The suite runs on two worker processes (pytest-xdist), a test file to a worker (its module fixtures built once):
+# most tests run one thread, so two workers use both cores of a 2-core machine. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # Quick feedback while working: everything but the tests marked slow (CI runs `make test`, all of them).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 demo: $(STAMP)
 	$(VENV)/bin/xmcl demo --out runs/demo
