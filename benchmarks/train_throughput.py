@@ -193,23 +193,30 @@ def locked_batch(cfg: RetrievalTrainConfig, seed: int) -> dict[str, torch.Tensor
             "image_ids": torch.arange(batch) // 5 + seed * batch}
 
 
-def flickr8k_batches(cfg: RetrievalTrainConfig, data: Path, count: int, images: int = 1000) -> list[dict]:
-    """The first ``count`` batches of an epoch over the first ``images`` training images of the Flickr8K features in
-    ``data`` (``runs/f8k_feats``), as the trainer's loader hands them over: cells through a PCA fitted on those
-    images, cached token states padded to each batch's longest caption (about twice the mean length)."""
+def flickr8k_pairs(cfg: RetrievalTrainConfig, data: Path, images: int = 1000):
+    """The trainer's dataset and collation over the first ``images`` training images of the Flickr8K features in
+    ``data`` (``runs/f8k_feats``): cells through a PCA fitted on those images, cached token states; returns
+    ``(CaptionPairs, Collate)``."""
     from xmcl.data.batches import CaptionPairs, Collate
     from xmcl.data.open import open_split
     from xmcl.retrieval.inference import build_tokenizer
     from xmcl.retrieval.token_features import attach_token_features
-    from xmcl.training.retrieval_trainer import epoch_batches, project_regions, region_rows
+    from xmcl.training.retrieval_trainer import project_regions, region_rows
 
     train, = attach_token_features([open_split(data, cfg.data.train_split)], data, cfg.model.text_model)
     train = train.subset(np.arange(min(images, train.num_images)))
     model = USERModel(cfg.model, cfg.loss)
     model.fit_region_reduction(region_rows(train))
     tokenizer = build_tokenizer(cfg.model, cfg.data.max_caption_tokens, None)
-    dataset = CaptionPairs(project_regions(train, model.image_encoder.reduction), tokenizer)
-    collate = Collate(tokenizer.pad_id)
+    return CaptionPairs(project_regions(train, model.image_encoder.reduction), tokenizer), Collate(tokenizer.pad_id)
+
+
+def flickr8k_batches(cfg: RetrievalTrainConfig, data: Path, count: int, images: int = 1000) -> list[dict]:
+    """The first ``count`` batches of an epoch over ``flickr8k_pairs``, as the trainer's loader hands them over: each
+    padded to its longest caption (about twice the mean length)."""
+    from xmcl.training.retrieval_trainer import epoch_batches
+
+    dataset, collate = flickr8k_pairs(cfg, data, images)
     return [collate(dataset.__getitems__(indices))
             for indices in epoch_batches(len(dataset), cfg.optim.batch_size, cfg.run.seed, 0, count)]
 

@@ -14,7 +14,7 @@ import torch
 
 from xmcl.runtime import threads as threads_module
 from xmcl.runtime.device import usable_cores
-from xmcl.runtime.threads import ThreadBudget, _side_thread, alongside, busy_cores_elsewhere
+from xmcl.runtime.threads import ThreadBudget, _side_thread, alongside, busy_cores_elsewhere, fetched_ahead
 
 
 @pytest.fixture(autouse=True)
@@ -130,3 +130,60 @@ def test_an_error_in_the_work_reaches_the_caller_and_one_in_the_block_waits_for_
         with alongside(slow):
             raise KeyError("in the block")
     assert finished.is_set()  # the work ended before the block's error left the context
+
+
+def test_fetched_ahead_reads_the_next_item_on_a_side_thread_while_the_caller_works() -> None:
+    torch.set_num_threads(2)
+    reads, second_read = [], threading.Event()
+
+    def items():
+        for i in range(4):
+            reads.append(threading.current_thread().name)
+            if i == 1:
+                second_read.set()
+            yield i
+
+    got = []
+    for item in fetched_ahead(items()):
+        if item == 0:  # item 1 is read while the caller holds item 0 (plain iteration would wait here in vain)
+            assert second_read.wait(5)
+        got.append(item)
+    assert got == [0, 1, 2, 3] and len(reads) == 4
+    assert all(name.startswith("xmcl-side") for name in reads)
+
+
+@pytest.mark.parametrize(("threads", "enabled"), [(1, True), (2, False)])
+def test_fetched_ahead_is_plain_iteration_without_threads_to_spare(threads: int, enabled: bool) -> None:
+    torch.set_num_threads(threads)
+    here = threading.current_thread().name
+    seen = []
+
+    def items():
+        for i in range(3):
+            seen.append(threading.current_thread().name)
+            yield i
+
+    assert list(fetched_ahead(items(), enabled)) == [0, 1, 2] and seen == [here] * 3
+
+
+def test_a_read_error_reaches_the_caller_and_closing_early_waits_for_the_read_in_flight() -> None:
+    torch.set_num_threads(2)
+
+    def failing():
+        yield 0
+        raise ValueError("item 1 is unreadable")
+
+    with pytest.raises(ValueError, match="item 1 is unreadable"):
+        list(fetched_ahead(failing()))
+    finished = threading.Event()
+
+    def slow():
+        yield 0
+        time.sleep(0.3)
+        finished.set()
+        yield 1
+
+    ahead = fetched_ahead(slow())
+    assert next(ahead) == 0
+    ahead.close()  # item 1 is being read
+    assert finished.is_set()

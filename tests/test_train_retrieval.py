@@ -221,3 +221,26 @@ def test_crash_mid_epoch_with_dropout_then_resume_reproduces_uninterrupted_run(
     assert (state["epoch"], state["step_in_epoch"]) == (0, 2)
     resumed = train_retrieval(cfg, tmp_path / "crashed", progress=False)
     _assert_same_weights(straight, resumed["last"])
+
+
+def test_on_two_threads_reading_batches_ahead_trains_what_reading_them_in_turn_does(
+        dropout_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 2 threads each next batch is read on a side thread during the step (``fetched_ahead``) and the key towers
+    run beside the online ones: the same weights as with the batches read in turn, dropout and augmentation on."""
+    import xmcl.training.retrieval_trainer as trainer
+
+    corpus, _ = dropout_run
+    cfg = retrieval_config(corpus, *RANDOM_TRAINING, "run.threads=2")
+    reads = []
+    real = trainer.fetched_ahead
+
+    def counted(items, enabled):
+        reads.append(enabled)
+        return real(items, enabled)
+
+    monkeypatch.setattr(trainer, "fetched_ahead", counted)
+    ahead = train_retrieval(cfg, tmp_path / "ahead", progress=False)["last"]
+    assert reads == [True, True]  # one epoch each
+    monkeypatch.setattr(trainer, "fetched_ahead", lambda items, enabled: iter(items))
+    in_turn = train_retrieval(cfg, tmp_path / "in_turn", progress=False)["last"]
+    _assert_same_weights(ahead, in_turn)

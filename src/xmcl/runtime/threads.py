@@ -5,10 +5,11 @@ another process holds one of the cores, a thread of the pool waits for that core
 costs several times what one thread alone would (measured in ``docs/results.md``, "threads"). ``ThreadBudget``
 therefore counts the cores this process may run on (``os.sched_getaffinity``) minus the cores other processes keep
 busy (tasks in the running state, read from ``/proc``), at the start and again every ``recheck_s`` seconds.
-Three helpers place work the intra-op pool does not: ``run_in_parts`` splits numpy work (which releases the GIL) over
-as many threads, ``one_thread`` keeps a run of tiny operators on one, and ``alongside`` runs two independent parts of
-a step side by side, each on its share of the threads (a part of many operators and memory-bound passes keeps two
-threads busier that way than splitting each operator over both).
+Helpers place work the intra-op pool does not: ``run_in_parts`` splits numpy work (which releases the GIL) over as
+many threads, ``one_thread`` keeps a run of tiny operators on one, ``alongside`` runs two independent parts of a step
+side by side, each on its share of the threads (a part of many operators and memory-bound passes keeps two threads
+busier that way than splitting each operator over both), and ``fetched_ahead`` reads the next batch on a side
+thread while the caller trains on the current one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
@@ -31,6 +32,7 @@ _pools: dict[int, ThreadPoolExecutor] = {}
 _side_threads: dict[int, ThreadPoolExecutor] = {}
 _side_lock = threading.Lock()
 T = TypeVar("T")
+_END = object()
 
 
 def _running_elsewhere(own_pid: int) -> int:
@@ -171,5 +173,24 @@ def alongside(work: Callable[[], T], enabled: bool = True) -> Iterator[Callable[
     try:
         with intra_op_threads(threads - threads // 2):
             yield pending.result
+    finally:
+        wait([pending])
+
+
+def fetched_ahead(items: Iterable[T], enabled: bool = True) -> Iterator[T]:
+    """The items of ``items`` in their order, each next one read on a side thread (one intra-op thread) while the
+    caller works on the current one; with ``n >= 2`` threads that is the thread ``alongside`` gives ``n // 2 = 1``
+    threads, so with 2 the read queues beside the key towers. Plain iteration where not ``enabled`` or with one thread.
+    Closing the iterator early waits for a read in flight. ``items`` must draw from no random generator the caller
+    draws from."""
+    if not enabled or torch.get_num_threads() < 2:
+        yield from items
+        return
+    worker, iterator = _side_thread(1), iter(items)
+    pending = worker.submit(next, iterator, _END)
+    try:
+        while (item := pending.result()) is not _END:
+            pending = worker.submit(next, iterator, _END)
+            yield item
     finally:
         wait([pending])

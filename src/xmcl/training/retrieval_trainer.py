@@ -70,6 +70,7 @@ from xmcl.runtime.files import atomic_write_bytes
 from xmcl.runtime.log import read_jsonl
 from xmcl.runtime.precision import Precision, cuda_layout
 from xmcl.runtime.rng import TorchStream, derived_seed, seeded_generator
+from xmcl.runtime.threads import fetched_ahead
 from xmcl.runtime.run_config import start_run
 from xmcl.training.progress import PendingLosses, TrainingProgress
 from xmcl.training.run import (
@@ -242,8 +243,9 @@ def _train(cfg: RetrievalTrainConfig, folder: RunFolder, resume: bool, overwrite
                             num_workers=cfg.data.num_workers, persistent_workers=False,
                             pin_memory=device.type == "cuda",
                             generator=seeded_generator(cfg.run.seed, LOADER_STREAM, epoch))
-        bar = logger.bar(loader, len(batches), progress.step_in_epoch, f"epoch {epoch + 1}/{cfg.optim.epochs}",
-                         "batch")
+        # without loader workers, each next batch is read on a side thread during the step (CPU)
+        bar = logger.bar(fetched_ahead(loader, cfg.data.num_workers == 0 and device.type == "cpu"), len(batches),
+                         progress.step_in_epoch, f"epoch {epoch + 1}/{cfg.optim.epochs}", "batch")
         tic, seen = time.perf_counter(), 0
         for batch in bar:
             threads.update()  # fewer threads while other processes hold cores
