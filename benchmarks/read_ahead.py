@@ -60,7 +60,8 @@ def main() -> None:
     write_figures(args.out, "read_ahead", args, figures, show=lambda record: (
         f"{args.threads} thread(s), {args.rounds} rounds of {args.steps} batches: read ahead "
         f"{figures['ahead']['ms_per_batch_median']:.1f} ms a batch, in turn "
-        f"{figures['in_turn']['ms_per_batch_median']:.1f} (medians); paired ratio {figures['paired_ratio_median']:.3f}x"))
+        f"{figures['in_turn']['ms_per_batch_median']:.1f} (medians); "
+        f"paired ratio {figures['paired_ratio_median']:.3f}x"))
 
 
 if __name__ == "__main__":

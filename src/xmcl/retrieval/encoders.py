@@ -203,8 +203,9 @@ class TextEncoder(nn.Module):
     states (B, L, H) when ``sequence`` is ``CachedTextStates``).
 
     ``sequence`` maps ids to per-token states of size ``sequence.hidden_dim``; with ``project`` a linear layer
-    maps them to the joint space (BERT; the valid positions only, ``project_valid_positions``), without it they must already be ``embed_dim``-d (BiGRU); then
-    optional SGE, optional CGE guided by ``clip (B, clip_dim)``, pooling and L2.
+    maps them to the joint space (BERT; the valid positions only, ``project_valid_positions``), without it they must
+    already be ``embed_dim``-d (BiGRU); then optional SGE, optional CGE guided by ``clip (B, clip_dim)``, pooling
+    and L2.
     """
 
     def __init__(self, sequence: nn.Module, embed_dim: int, project: bool = True, pooling: str = "gpo",

@@ -178,11 +178,10 @@ def alongside(work: Callable[[], T], enabled: bool = True) -> Iterator[Callable[
 
 
 def fetched_ahead(items: Iterable[T], enabled: bool = True) -> Iterator[T]:
-    """The items of ``items`` in their order, each next one read on a side thread (one intra-op thread) while the
-    caller works on the current one; with ``n >= 2`` threads that is the thread ``alongside`` gives ``n // 2 = 1``
-    threads, so with 2 the read queues beside the key towers. Plain iteration where not ``enabled`` or with one thread.
-    Closing the iterator early waits for a read in flight. ``items`` must draw from no random generator the caller
-    draws from."""
+    """The items of ``items`` in their order, each next one read on a side thread of one intra-op thread while the
+    caller works on the current one (with 2 threads, the one ``alongside`` also uses: a read queues beside its work).
+    Plain iteration where not ``enabled`` or with one thread. Closing the iterator early waits for a read in flight.
+    ``items`` must draw from no random generator the caller draws from."""
     if not enabled or torch.get_num_threads() < 2:
         yield from items
         return

@@ -70,8 +70,8 @@ from xmcl.runtime.files import atomic_write_bytes
 from xmcl.runtime.log import read_jsonl
 from xmcl.runtime.precision import Precision, cuda_layout
 from xmcl.runtime.rng import TorchStream, derived_seed, seeded_generator
-from xmcl.runtime.threads import fetched_ahead
 from xmcl.runtime.run_config import start_run
+from xmcl.runtime.threads import fetched_ahead
 from xmcl.training.progress import PendingLosses, TrainingProgress
 from xmcl.training.run import (
     Checkpointer,
