@@ -14,6 +14,7 @@ thread while the caller trains on the current one.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import threading
@@ -160,14 +161,7 @@ def alongside(work: Callable[[], T], enabled: bool = True) -> Iterator[Callable[
     the block, the order of serial code). ``work`` must not draw from a random generator the block draws from."""
     threads = torch.get_num_threads()
     if not enabled or threads < 2:
-        done: list[T] = []
-
-        def run_here() -> T:
-            if not done:
-                done.append(work())
-            return done[0]
-
-        yield run_here
+        yield functools.cache(work)  # runs here, once, at the first call
         return
     pending = _side_thread(threads // 2).submit(work)
     try:
